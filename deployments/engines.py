@@ -1,0 +1,249 @@
+"""Inference engines (no Ray): ONNX Runtime with the best provider present, or Ultralytics
+for `.pt` files, behind one `detect(images, params)` call; and `ModelSlot`, the loading
+state machine that `/health` reports without ever triggering a load."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import enum
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from deployments.exceptions import InferenceError, ModelLoadError, ModelNotReadyError
+from deployments.vision import DetectParams, decode_batch, to_model_input
+
+logger = logging.getLogger(__name__)
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class Engine(Protocol):
+    names: dict[int, str]
+    imgsz: int
+    providers: list[str]
+
+    def detect(self, images: np.ndarray, params: Sequence[DetectParams]) -> list[np.ndarray]:
+        """BxHxWx3 uint8 letterboxed BGR → per image (K, 6) x1 y1 x2 y2 conf cls."""
+        ...
+
+
+def gpu_present() -> bool:
+    """True when an NVIDIA device node exists (cheap; no CUDA initialisation)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+def choose_providers(available: Sequence[str], gpu: bool, trt_cache_dir: Path | None,
+                     fp16: bool = True) -> list[str | tuple[str, dict[str, Any]]]:
+    """TensorRT (engine cache) → CUDA → CPU, keeping only what is present; GPU providers
+    only when a GPU is (onnxruntime-gpu lists them on CPU-only machines too)."""
+    chosen: list[str | tuple[str, dict[str, Any]]] = []
+    if gpu and TENSORRT in available and trt_cache_dir is not None:
+        chosen.append((TENSORRT, {"trt_engine_cache_enable": True,
+                                  "trt_engine_cache_path": str(trt_cache_dir),
+                                  "trt_timing_cache_enable": True,
+                                  "trt_timing_cache_path": str(trt_cache_dir),
+                                  "trt_fp16_enable": fp16}))
+    if gpu and CUDA in available:
+        chosen.append(CUDA)
+    chosen.append(CPU)
+    return chosen
+
+
+def parse_names(raw: str | None, nc: int) -> dict[int, str]:
+    """Class names from Ultralytics' ONNX metadata (a dict literal), else numbered."""
+    if raw:
+        try:
+            names = ast.literal_eval(raw)
+            if isinstance(names, dict):
+                return {int(k): str(v) for k, v in names.items()}
+        except (ValueError, SyntaxError):
+            logger.warning("ignoring unreadable class names metadata %r", raw[:80])
+    return {i: f"class{i}" for i in range(nc)}
+
+
+class OnnxEngine:
+    """A YOLOv8/YOLO11 detection model in ONNX Runtime."""
+
+    def __init__(self, path: Path, imgsz: int, intra_op_threads: int = 1,
+                 providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None) -> None:
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, intra_op_threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if providers is None:
+            providers = choose_providers(ort.get_available_providers(), gpu_present(), None)
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+        self.providers = self._session.get_providers()
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise ModelLoadError(f"{path.name}: expected one NCHW image input")
+        self._input = inputs[0].name
+        batch_dim, channels, h, w = inputs[0].shape
+        if channels not in (3, "3") and isinstance(channels, int):
+            raise ModelLoadError(f"{path.name}: expected 3 input channels, got {channels}")
+        for dim in (h, w):
+            if isinstance(dim, int) and dim != imgsz:
+                raise ModelLoadError(f"{path.name}: input is {h}x{w}, configured imgsz {imgsz}")
+        self._fixed_batch = batch_dim if isinstance(batch_dim, int) else None
+        self._output = outputs[0].name
+        nc_dim = outputs[0].shape[1] if len(outputs[0].shape) == 3 else None
+        meta = self._session.get_modelmeta().custom_metadata_map
+        nc = nc_dim - 4 if isinstance(nc_dim, int) else 0
+        self.names = parse_names(meta.get("names"), nc)
+        self.imgsz = imgsz
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        """Raw model output (B, 4 + nc, N) for a BxHxWx3 uint8 batch."""
+        tensor = to_model_input(images)
+        if self._fixed_batch is not None and tensor.shape[0] != self._fixed_batch:
+            parts = [self._session.run([self._output], {self._input: tensor[i:i + 1]})[0]
+                     for i in range(tensor.shape[0])]
+            return np.concatenate(parts, axis=0)
+        return self._session.run([self._output], {self._input: tensor})[0]
+
+    def detect(self, images: np.ndarray, params: Sequence[DetectParams]) -> list[np.ndarray]:
+        raw = self.infer(images)
+        try:
+            return decode_batch(raw, params)
+        except ValueError as exc:
+            raise InferenceError(str(exc)) from exc
+
+
+class UltralyticsEngine:
+    """A `.pt` model served through `ultralytics.YOLO` (trusted local files only)."""
+
+    def __init__(self, path: Path, imgsz: int, device: str | None = None) -> None:
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        from ultralytics import YOLO
+
+        try:
+            self._model = YOLO(str(path), task="detect")
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+        self._device = device or ("0" if gpu_present() else "cpu")
+        self.names = {int(k): str(v) for k, v in self._model.names.items()}
+        self.imgsz = imgsz
+        self.providers = [f"ultralytics:{self._device}"]
+
+    def detect(self, images: np.ndarray, params: Sequence[DetectParams]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(params)
+        groups: dict[DetectParams, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p, []).append(i)
+        for p, idx in groups.items():  # one predict call per distinct parameter set
+            results = self._model.predict(
+                [images[i] for i in idx], imgsz=self.imgsz, conf=p.conf, iou=p.iou,
+                classes=list(p.classes) if p.classes is not None else None, max_det=p.max_det,
+                device=self._device, verbose=False, rect=False)
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r.boxes.data.cpu().numpy().astype(np.float32).reshape(-1, 6)
+        return [o if o is not None else np.zeros((0, 6), np.float32) for o in out]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    imgsz: int = 640
+    intra_op_threads: int = 1
+    trt_cache_dir: Path | None = None
+    fp16: bool = True
+
+
+def trt_engine_cached(trt_cache_dir: Path | None) -> bool:
+    return trt_cache_dir is not None and any(trt_cache_dir.glob("*.engine"))
+
+
+def load_engine(path: Path, options: EngineOptions,
+                on_converting: Callable[[], None] | None = None) -> Engine:
+    """Build the engine a model file calls for; reports `converting` when TensorRT will
+    build an engine that is not cached yet (minutes on first start)."""
+    if path.suffix == ".pt":
+        return UltralyticsEngine(path, options.imgsz)
+    if path.suffix != ".onnx":
+        raise ModelLoadError(f"unsupported model format {path.suffix!r} (use .onnx or .pt)")
+    import onnxruntime as ort
+
+    providers = choose_providers(ort.get_available_providers(), gpu_present(),
+                                 options.trt_cache_dir, options.fp16)
+    uses_trt = any(isinstance(p, tuple) and p[0] == TENSORRT for p in providers)
+    if uses_trt and options.trt_cache_dir is not None:
+        options.trt_cache_dir.mkdir(parents=True, exist_ok=True)
+        if not trt_engine_cached(options.trt_cache_dir) and on_converting:
+            on_converting()
+    return OnnxEngine(path, options.imgsz, options.intra_op_threads, providers)
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "loading"
+    CONVERTING = "converting"
+    ENABLED = "enabled"
+    ERROR = "error"
+
+
+class ModelSlot:
+    """Holds one model's engine and its availability; loads in a background thread."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self._lock = threading.Lock()
+        self._state = ModelState.LOADING
+        self._error: str | None = None
+        self._engine: Engine | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, loader: Callable[[Callable[[], None]], Engine]) -> None:
+        """Run `loader(mark_converting)` in a daemon thread; state follows its outcome."""
+        self._thread = threading.Thread(target=self._load, args=(loader,), daemon=True,
+                                        name=f"load-{self.model_id}")
+        self._thread.start()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _set(self, state: ModelState, error: str | None = None,
+             engine: Engine | None = None) -> None:
+        with self._lock:
+            self._state, self._error, self._engine = state, error, engine
+
+    def _load(self, loader: Callable[[Callable[[], None]], Engine]) -> None:
+        try:
+            engine = loader(lambda: self._set(ModelState.CONVERTING))
+        except Exception as exc:
+            logger.exception("model %s failed to load", self.model_id)
+            self._set(ModelState.ERROR, f"{type(exc).__name__}: {exc}")
+            return
+        self._set(ModelState.ENABLED, engine=engine)
+        logger.info("model %s enabled on %s", self.model_id, engine.providers)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            engine = self._engine
+            status: dict[str, Any] = {"state": self._state.value, "error": self._error}
+        if engine is not None:
+            status.update(providers=list(engine.providers), imgsz=engine.imgsz,
+                          classes=engine.names)
+        return status
+
+    def engine(self) -> Engine:
+        """The engine, or `ModelNotReadyError` carrying the current state."""
+        with self._lock:
+            if self._engine is None:
+                raise ModelNotReadyError(self.model_id, self._state.value, self._error)
+            return self._engine

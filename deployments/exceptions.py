@@ -1,0 +1,41 @@
+"""camgraph's error hierarchy. Core code raises these; only the ingress maps them to HTTP.
+
+Each error keeps its fields in `args` so it survives pickling across Ray processes.
+"""
+
+from __future__ import annotations
+
+
+class CamgraphError(Exception):
+    """Base of every error camgraph raises on purpose."""
+
+
+class ModelNotReadyError(CamgraphError):
+    """The model exists but cannot serve yet (loading, converting) or failed to load."""
+
+    def __init__(self, model_id: str, state: str, message: str | None = None) -> None:
+        super().__init__(model_id, state, message)
+        self.model_id, self.state, self.message = model_id, state, message
+
+    def __str__(self) -> str:
+        tail = f": {self.message}" if self.message else ""
+        return f"model {self.model_id!r} is {self.state}{tail}"
+
+
+class UnknownModelError(CamgraphError):
+    """No model with this id is configured."""
+
+    def __init__(self, model_id: str, known: tuple[str, ...]) -> None:
+        super().__init__(model_id, known)
+        self.model_id, self.known = model_id, known
+
+    def __str__(self) -> str:
+        return f"unknown model {self.model_id!r}; configured: {', '.join(self.known) or 'none'}"
+
+
+class ModelLoadError(CamgraphError):
+    """A model file could not be turned into an engine (missing, corrupt, wrong shape)."""
+
+
+class InferenceError(CamgraphError):
+    """The engine ran but its output could not be used."""

@@ -1,0 +1,173 @@
+"""Ingress deployment (FastAPI): validates, routes to detectors, maps errors to HTTP.
+
+It holds no per-camera state. Images are decoded and letterboxed here, so the detector
+receives only the model-sized input.
+"""
+
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import cv2
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from deployments.detector import DetectRequest
+from deployments.exceptions import InferenceError, ModelNotReadyError, UnknownModelError
+from deployments.schemas import MODEL_ID_PATTERN, DetectConfig, Detection, IngressSettings
+from deployments.vision import letterbox, unletterbox_boxes
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(
+    title="camgraph",
+    description="Camera-scale object detection on a Ray Serve deployment graph.",
+    version="0.1.0",
+)
+
+_DETECT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {
+                "file": {"type": "string", "format": "binary", "description": "JPEG/PNG/..."},
+                "config": {"type": "string",
+                           "description": 'JSON, e.g. {"conf": 0.4, "iou": 0.5, '
+                                          '"classes": [0], "max_det": 100}'},
+            }}}},
+    }
+}
+
+
+def error(status: int, message: str, **fields: Any) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"detail": {"message": message, **fields}}, status, headers=headers)
+
+
+def decode_image(data: bytes) -> np.ndarray | None:
+    """BGR image from encoded bytes, or None when OpenCV cannot decode them."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return image if image is not None and image.size else None
+
+
+def to_detections(rows: np.ndarray, names: dict[int, str]) -> list[dict[str, Any]]:
+    return [
+        Detection(class_id=int(c), label=names.get(int(c), str(int(c))), confidence=float(s),
+                  box={"x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2)}
+                  ).model_dump()
+        for x1, y1, x2, y2, s, c in rows.tolist()
+    ]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, detectors: dict[str, DeploymentHandle], model_sizes: dict[str, int],
+                 settings: dict[str, Any]) -> None:
+        self._detectors = detectors
+        self._sizes = model_sizes
+        self._settings = IngressSettings.model_validate(settings)
+        self._default = self._settings.default_model or next(iter(detectors))
+        self._names: dict[str, dict[int, str]] = {}
+
+    async def _model_health(self, model_id: str) -> dict[str, Any]:
+        handle = self._detectors[model_id]
+        try:
+            status = await asyncio.wait_for(handle.health.remote(),
+                                            self._settings.health_timeout_s)
+        except TimeoutError:
+            return {"model": model_id, "state": "loading",
+                    "error": f"no replica answered within {self._settings.health_timeout_s}s"}
+        except Exception as exc:  # a replica that died reports as an error, not a 500
+            return {"model": model_id, "state": "error", "error": f"{type(exc).__name__}: {exc}"}
+        if status.get("state") == "enabled" and status.get("classes"):
+            self._names[model_id] = {int(k): v for k, v in status["classes"].items()}
+        return status
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        """Overall status and each model's availability; never triggers a model load."""
+        states = await asyncio.gather(*(self._model_health(m) for m in self._detectors))
+        models = {s["model"]: {k: v for k, v in s.items() if k != "model"} for s in states}
+        ready = all(s["state"] == "enabled" for s in states)
+        return {"status": "ok" if ready else "degraded", "default_model": self._default,
+                "models": models}
+
+    def _resolve(self, model: str | None) -> str:
+        model_id = model or self._default
+        if model_id not in self._detectors:
+            raise UnknownModelError(model_id, tuple(self._detectors))
+        return model_id
+
+    @app.post("/detect", openapi_extra=_DETECT_BODY)
+    async def detect(self, request: Request,
+                     model: str | None = Query(None, pattern=MODEL_ID_PATTERN)) -> Any:
+        """Detect objects in one uploaded image; boxes in the image's own pixels."""
+        try:
+            model_id = self._resolve(model)
+        except UnknownModelError as exc:
+            return error(404, str(exc), model=exc.model_id, known=list(exc.known))
+        limit = self._settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+            return error(413, f"upload larger than {limit} bytes", limit_bytes=limit)
+        try:
+            async with request.form(max_files=1, max_fields=4) as form:
+                upload, raw_config = form.get("file"), form.get("config")
+                if not isinstance(upload, UploadFile):
+                    return JSONResponse({"detail": [{"loc": ["body", "file"], "type": "missing",
+                                                     "msg": "a multipart file field is required"}]},
+                                        422)
+                data = await upload.read(limit + 1)
+        except MultiPartException as exc:
+            return error(400, f"malformed multipart body: {exc.message}")
+        if not data:
+            return error(400, "empty upload")
+        if len(data) > limit:
+            return error(413, f"upload larger than {limit} bytes", limit_bytes=limit)
+        try:
+            config = DetectConfig.model_validate_json(raw_config) if isinstance(
+                raw_config, str) and raw_config.strip() else DetectConfig()
+        except ValidationError as exc:
+            details = [{"loc": ["body", "config", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                       for e in exc.errors(include_url=False, include_input=False)]
+            return JSONResponse({"detail": details}, 422)
+        image = await asyncio.to_thread(decode_image, data)
+        if image is None:
+            return error(400, "the upload is not a decodable image")
+        boxed, lb = letterbox(image, self._sizes[model_id])
+        try:
+            rows = await asyncio.wait_for(
+                self._detectors[model_id].detect.remote(DetectRequest(boxed, config.params())),
+                self._settings.detect_timeout_s)
+        except ModelNotReadyError as exc:
+            # Ray re-raises it as a subclass whose str() is the remote traceback.
+            message = ModelNotReadyError.__str__(exc)
+            return error(503, message, model=exc.model_id, state=exc.state, error=exc.message)
+        except BackPressureError as exc:
+            return error(503, "detector overloaded, retry shortly", model=model_id,
+                         state="overloaded", queued=getattr(exc, "num_queued_requests", None))
+        except TimeoutError:
+            return error(504, f"detection took longer than {self._settings.detect_timeout_s}s",
+                         model=model_id)
+        except Exception as exc:
+            error_id = uuid.uuid4().hex[:12]
+            kind = "inference" if isinstance(exc, InferenceError) else type(exc).__name__
+            logger.exception("detect failed error_id=%s model=%s kind=%s", error_id, model_id,
+                             kind)
+            return error(500, "inference failed", error_id=error_id, model=model_id)
+        if model_id not in self._names:
+            await self._model_health(model_id)
+        rows = np.array(rows, np.float32).reshape(-1, 6)  # replies are read-only views
+        rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
+        return to_detections(rows, self._names.get(model_id, {}))

@@ -1,0 +1,79 @@
+"""Pydantic models at camgraph's boundaries: HTTP bodies, deployment config, health."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deployments.vision import DetectParams
+
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DetectConfig(StrictModel):
+    """Optional per-request settings of `/detect` (JSON in the `config` form field)."""
+
+    conf: float = Field(0.25, gt=0.0, le=1.0, description="minimum confidence")
+    iou: float = Field(0.7, ge=0.0, le=1.0, description="NMS IoU threshold")
+    classes: list[int] | None = Field(None, max_length=1000,
+                                      description="keep only these class ids")
+    max_det: int = Field(300, ge=1, le=3000, description="most detections returned")
+
+    @field_validator("classes")
+    @classmethod
+    def _non_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(c < 0 for c in value):
+            raise ValueError("class ids must be >= 0")
+        return value
+
+    def params(self) -> DetectParams:
+        classes = tuple(sorted(set(self.classes))) if self.classes is not None else None
+        return DetectParams(self.conf, self.iou, classes, self.max_det)
+
+
+class Box(StrictModel):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Detection(StrictModel):
+    class_id: int
+    label: str
+    confidence: float
+    box: Box
+
+
+class ModelSpec(StrictModel):
+    """One detector model; each gets its own Detector deployment `Detector_<id>`."""
+
+    id: str = Field(pattern=MODEL_ID_PATTERN, description="model id used by /detect?model=")
+    path: Path = Field(description=".onnx or .pt file; relative paths resolve against base_dir")
+    imgsz: int = Field(640, ge=32, le=4096, multiple_of=32, description="square input size px")
+    intra_op_threads: int | Literal["auto"] = Field(
+        "auto", description="ONNX Runtime threads; auto = the replica's CPU share (>= 1)")
+    trt_cache_dir: Path | None = Field(
+        None, description="TensorRT engine cache; TensorRT is used only when this is set")
+    fp16: bool = Field(True, description="TensorRT FP16 kernels")
+
+
+class DetectorUserConfig(StrictModel):
+    """`user_config` of a Detector deployment; applied by `reconfigure` without restart."""
+
+    max_batch_size: int = Field(4, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
+
+
+class IngressSettings(StrictModel):
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="413 above this")
+    health_timeout_s: float = Field(2.0, gt=0, le=60)
+    detect_timeout_s: float = Field(30.0, gt=0, le=600)
+    default_model: str | None = Field(None, pattern=MODEL_ID_PATTERN,
+                                      description="model of /detect without ?model=")

@@ -1,0 +1,148 @@
+"""Pure pre/post-processing for YOLO detectors: letterbox, output decoding, NMS.
+
+The arithmetic follows Ultralytics (LetterBox, non_max_suppression, scale_boxes) so that
+camgraph's boxes match `ultralytics.YOLO(...).predict` for the same model and image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114
+CLASS_OFFSET_PX = 7680.0  # Ultralytics' max_wh: separates classes for class-aware NMS
+MAX_NMS_CANDIDATES = 30_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Letterbox:
+    """How an image was fitted into the model input: per-axis gain and top-left padding."""
+
+    orig_h: int
+    orig_w: int
+    gain_x: float
+    gain_y: float
+    pad_left: int
+    pad_top: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectParams:
+    """Per-request decoding parameters (Ultralytics' predict defaults)."""
+
+    conf: float = 0.25
+    iou: float = 0.7
+    classes: tuple[int, ...] | None = None
+    max_det: int = 300
+
+
+def letterbox(image: np.ndarray, size: int | tuple[int, int] = 640) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping aspect ratio and pad to `size` (h, w) with grey, centred."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    new_h, new_w = (size, size) if isinstance(size, int) else size
+    h, w = image.shape[:2]
+    r = min(new_h / h, new_w / w)
+    unpad_w, unpad_h = max(round(w * r), 1), max(round(h * r), 1)
+    dw, dh = (new_w - unpad_w) / 2, (new_h - unpad_h) / 2
+    if (w, h) != (unpad_w, unpad_h):
+        image = cv2.resize(image, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    out = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                             value=(PAD_VALUE,) * 3)
+    return out, Letterbox(h, w, unpad_w / w, unpad_h / h, left, top)
+
+
+def unletterbox_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """Map xyxy boxes from model-input pixels back to original pixels, clipped to the image."""
+    out = np.array(boxes, dtype=np.float32, copy=True).reshape(-1, 4)
+    out[:, [0, 2]] = (out[:, [0, 2]] - lb.pad_left) / lb.gain_x
+    out[:, [1, 3]] = (out[:, [1, 3]] - lb.pad_top) / lb.gain_y
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, lb.orig_w)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, lb.orig_h)
+    return out
+
+
+def letterbox_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """The inverse of `unletterbox_boxes` (without clipping): original → model-input pixels."""
+    out = np.array(boxes, dtype=np.float32, copy=True).reshape(-1, 4)
+    out[:, [0, 2]] = out[:, [0, 2]] * lb.gain_x + lb.pad_left
+    out[:, [1, 3]] = out[:, [1, 3]] * lb.gain_y + lb.pad_top
+    return out
+
+
+def to_model_input(batch: np.ndarray) -> np.ndarray:
+    """BxHxWx3 uint8 BGR → Bx3xHxW float32 RGB in [0, 1], contiguous."""
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
+        raise ValueError(f"expected a BxHxWx3 uint8 batch, got {batch.dtype} {batch.shape}")
+    chw = batch[..., ::-1].transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(chw, dtype=np.float32) * np.float32(1 / 255)
+
+
+def xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
+    out = np.empty_like(xywh)
+    half_w, half_h = xywh[:, 2] / 2, xywh[:, 3] / 2
+    out[:, 0], out[:, 1] = xywh[:, 0] - half_w, xywh[:, 1] - half_h
+    out[:, 2], out[:, 3] = xywh[:, 0] + half_w, xywh[:, 1] + half_h
+    return out
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box against many (torchvision's definition: no +1)."""
+    ix1 = np.maximum(box[0], boxes[:, 0])
+    iy1 = np.maximum(box[1], boxes[:, 1])
+    ix2 = np.minimum(box[2], boxes[:, 2])
+    iy2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, np.finfo(np.float32).tiny)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS: indices of kept boxes, highest score first (as torchvision.ops.nms)."""
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        best = int(order[0])
+        keep.append(best)
+        if order.size == 1:
+            break
+        rest = order[1:]
+        order = rest[box_iou(boxes[best], boxes[rest]) <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def decode_yolo(raw: np.ndarray, params: DetectParams) -> np.ndarray:
+    """Decode one image's YOLOv8/YOLO11 output (4 + nc, N) into (K, 6) rows of
+    x1, y1, x2, y2, confidence, class_id, best first, in model-input pixels."""
+    if raw.ndim != 2 or raw.shape[0] < 5:
+        raise ValueError(f"expected a (4 + classes, N) YOLO output, got shape {raw.shape}")
+    class_scores = raw[4:]
+    cls = class_scores.argmax(0)
+    conf = class_scores[cls, np.arange(raw.shape[1])]
+    keep = conf > params.conf
+    if params.classes is not None:
+        keep &= np.isin(cls, params.classes)
+    idx = np.nonzero(keep)[0]
+    if idx.size == 0:
+        return np.zeros((0, 6), np.float32)
+    if idx.size > MAX_NMS_CANDIDATES:
+        idx = idx[np.argsort(-conf[idx], kind="stable")[:MAX_NMS_CANDIDATES]]
+    boxes = xywh_to_xyxy(raw[:4, idx].T.astype(np.float32))
+    scores, labels = conf[idx].astype(np.float32), cls[idx]
+    kept = nms(boxes + labels[:, None].astype(np.float32) * CLASS_OFFSET_PX, scores, params.iou)
+    kept = kept[: params.max_det]
+    return np.concatenate([boxes[kept], scores[kept, None], labels[kept, None].astype(np.float32)],
+                          axis=1)
+
+
+def decode_batch(raw: np.ndarray, params: Sequence[DetectParams]) -> list[np.ndarray]:
+    """Decode a (B, 4 + nc, N) batch output with each image's own parameters."""
+    if raw.ndim != 3 or raw.shape[0] != len(params):
+        raise ValueError(f"output shape {raw.shape} does not fit a batch of {len(params)}")
+    return [decode_yolo(raw[i], p) for i, p in enumerate(params)]
