@@ -1,0 +1,73 @@
+# camgraph — the two commands: `make run` and `make test`. Everything else is optional.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export RAY_AUTH_MODE ?= token
+export YOLO_OFFLINE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+HTTP_PORT ?= 8000
+DASHBOARD_PORT ?= 8265
+RAY_CPUS ?= 2
+
+.PHONY: install run stop status test test-unit test-integration lint format bench-detect demo-models clean
+
+install: $(STAMP)
+
+# Re-install whenever pyproject.toml changes; the venv is made with Python >= 3.11.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) scripts/fix_opencv.py
+	@touch $(STAMP)
+
+models/demo-detector.onnx:
+	@echo "models/demo-detector.onnx is missing: run 'make demo-models' (trains) or restore it from git" && exit 1
+
+run: install models/demo-detector.onnx
+	@$(VENV)/bin/ray status >/dev/null 2>&1 || $(VENV)/bin/ray start --head --num-cpus=$(RAY_CPUS) \
+		--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
+		--disable-usage-stats
+	$(VENV)/bin/serve deploy serve_config.yaml
+	@$(PY) scripts/wait_ready.py --url http://127.0.0.1:$(HTTP_PORT) --timeout-s 240
+	@echo "camgraph HTTP:  http://127.0.0.1:$(HTTP_PORT)   (API docs: /docs, health: /health)"
+	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)   (Serve tab: replicas and scaling)"
+	@echo "Stop with:      make stop"
+
+status: install
+	$(VENV)/bin/serve status
+
+stop:
+	-@test -x $(VENV)/bin/serve && $(VENV)/bin/serve shutdown -y 2>/dev/null
+	-@test -x $(VENV)/bin/ray && $(VENV)/bin/ray stop
+
+test: install
+	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/unit -q
+	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/integration -q
+
+test-unit: install
+	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/unit -q
+
+test-integration: install
+	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/integration -q
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy deployments graph demo benchmarks
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench-detect: install
+	$(PY) -m benchmarks.detect --model models/demo-detector.onnx
+
+# Trains the demo models from generated scenes (long on a CPU; see models/MODEL_CARD.md).
+demo-models: install
+	$(PY) -m demo.build_models --out models
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

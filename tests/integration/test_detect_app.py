@@ -1,0 +1,183 @@
+"""The deployed graph on a real local Ray cluster, through real HTTP."""
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from ray import serve
+
+from demo.datasets import HELD_OUT_SEED_START
+from demo.scenes import Scene
+from deployments.detector import Detector
+from deployments.ingress import Ingress
+from graph.app import build_graph
+from graph.config import PROJECT_ROOT, AppConfig
+from tests.onnx_models import faulty_detector
+
+pytestmark = pytest.mark.integration
+APP = "camgraph-detect-test"
+MODEL = PROJECT_ROOT / "models" / "demo-detector.onnx"
+UPLOAD_LIMIT = 1024 * 1024
+
+
+def deploy(tmp: Path, user_config: dict[str, Any]) -> None:
+    """Imperative deploy (serve.run); config deploys are in test_serve_deploy.py."""
+    config = AppConfig.model_validate({
+        "models": [
+            {"id": "demo", "path": str(MODEL), "intra_op_threads": 1},
+            {"id": "broken", "path": str(tmp / "missing.onnx")},
+            {"id": "faulty", "path": str(faulty_detector(tmp / "faulty.onnx")), "imgsz": 64},
+        ],
+        "ingress": {"max_upload_bytes": UPLOAD_LIMIT, "default_model": "demo"},
+    })
+    detector = Detector.options(num_replicas=1, user_config=user_config, max_ongoing_requests=64,
+                                ray_actor_options={"num_cpus": 0.5})
+    serve.run(build_graph(config, detector=detector, ingress=Ingress.options(num_replicas=1)),
+              name=APP, route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def client(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    tmp = tmp_path_factory.mktemp("models")
+    deploy(tmp, {"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+    with httpx.Client(base_url=cluster["http_url"], timeout=60) as c:
+        yield c
+    serve.delete(APP)
+
+
+def wait_for_states(client: httpx.Client, expected: dict[str, str], timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = client.get("/health").json()
+        states = {k: v["state"] for k, v in body["models"].items()}
+        if states == expected or time.monotonic() > deadline:
+            return body
+        time.sleep(0.2)
+
+
+def jpeg(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return data.tobytes()
+
+
+def detector_stats() -> dict[str, Any]:
+    handle = serve.get_deployment_handle("Detector_demo", app_name=APP)
+    return handle.stats.remote().result(timeout_s=30)
+
+
+def iou(a: list[float], b: tuple[int, int, int, int]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_health_reports_every_model_without_loading_it(client: httpx.Client) -> None:
+    body = wait_for_states(client, {"demo": "enabled", "broken": "error", "faulty": "enabled"})
+    assert body["status"] == "degraded"
+    assert body["models"]["demo"]["providers"] == ["CPUExecutionProvider"]
+    assert body["models"]["demo"]["classes"] == {"0": "vehicle", "1": "person"}
+    assert "missing.onnx" in body["models"]["broken"]["error"]
+
+
+def test_detect_finds_the_vehicles_of_a_held_out_scene(client: httpx.Client) -> None:
+    image, truths, _ = Scene(HELD_OUT_SEED_START + 7, n_frames=1).render(0)
+    response = client.post("/detect", files={"file": ("scene.jpg", jpeg(image), "image/jpeg")},
+                           data={"config": json.dumps({"conf": 0.3})})
+    assert response.status_code == 200, response.text
+    detections = response.json()
+    vehicles = [t for t in truths if t.cls == "vehicle" and t.visible_fraction > 0.6]
+    found = [v for v in vehicles if any(
+        d["label"] == "vehicle" and iou([d["box"][k] for k in ("x1", "y1", "x2", "y2")], v.box)
+        >= 0.5 for d in detections)]
+    assert len(found) >= 0.9 * len(vehicles)
+    assert all(0 <= d["box"]["x2"] <= 1280 and 0 <= d["box"]["y2"] <= 720 for d in detections)
+
+
+def test_classes_filter_and_max_det_are_applied(client: httpx.Client) -> None:
+    image, _, _ = Scene(HELD_OUT_SEED_START + 8, n_frames=1).render(0)
+    files = {"file": ("scene.jpg", jpeg(image), "image/jpeg")}
+    only_people = client.post("/detect", files=files, data={"config": '{"classes": [1]}'}).json()
+    assert all(d["class_id"] == 1 for d in only_people)
+    one = client.post("/detect", files=files, data={"config": '{"max_det": 1}'}).json()
+    assert len(one) == 1
+
+
+def test_concurrent_requests_are_all_answered_in_batches(client: httpx.Client) -> None:
+    before = detector_stats()["batch_sizes"]
+    images = [jpeg(Scene(HELD_OUT_SEED_START + i, n_frames=1).render(0)[0]) for i in range(4)]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=120) as ac:
+            return await asyncio.gather(*(
+                ac.post("/detect", files={"file": ("f.jpg", images[i % 4], "image/jpeg")})
+                for i in range(32)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 32
+    after = detector_stats()["batch_sizes"]
+    new = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert sum(size * n for size, n in new.items()) == 32
+    assert max(size for size, n in new.items() if n > 0) > 1
+
+
+def test_bad_requests_get_clear_statuses(client: httpx.Client) -> None:
+    good = jpeg(np.full((64, 64, 3), 90, np.uint8))
+    r = client.post("/detect", files={"file": ("e.jpg", b"", "image/jpeg")})
+    assert r.status_code == 400 and "empty" in r.json()["detail"]["message"]
+    r = client.post("/detect", files={"file": ("x.jpg", b"not an image at all", "image/jpeg")})
+    assert r.status_code == 400 and "decodable" in r.json()["detail"]["message"]
+    noise = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    big = cv2.imencode(".png", noise)[1].tobytes()
+    assert len(big) > UPLOAD_LIMIT
+    r = client.post("/detect", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and r.json()["detail"]["limit_bytes"] == UPLOAD_LIMIT
+    r = client.post("/detect", files={"file": ("g.jpg", good)}, data={"config": '{"iou": 3}'})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "iou"]
+    r = client.post("/detect", files={"file": ("g.jpg", good)}, data={"config": '{"conff": 1}'})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "conff"
+    r = client.post("/detect", files={"file": ("g.jpg", good)}, data={"config": "{nope"})
+    assert r.status_code == 422
+    r = client.post("/detect", data={"config": "{}"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "file"]
+    r = client.post("/detect?model=nosuch", files={"file": ("g.jpg", good)})
+    assert r.status_code == 404 and "demo" in r.json()["detail"]["known"]
+
+
+def test_model_not_ready_is_503_with_its_state(client: httpx.Client) -> None:
+    r = client.post("/detect?model=broken",
+                    files={"file": ("g.jpg", jpeg(np.zeros((32, 32, 3), np.uint8)))})
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    detail = r.json()["detail"]
+    assert detail["state"] == "error" and "missing.onnx" in detail["error"]
+
+
+def test_inference_failure_is_500_with_a_logged_error_id(client: httpx.Client) -> None:
+    r = client.post("/detect?model=faulty",
+                    files={"file": ("g.jpg", jpeg(np.zeros((32, 32, 3), np.uint8)))})
+    assert r.status_code == 500
+    error_id = r.json()["detail"]["error_id"]
+    assert len(error_id) == 12
+    logs = Path("/tmp/ray/session_latest/logs/serve")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(error_id in p.read_text(errors="ignore") for p in logs.glob("replica_*Ingress*")):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"error id {error_id} was not logged by the ingress")
+
+
+def test_openapi_docs_are_served(client: httpx.Client) -> None:
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "multipart/form-data" in paths["/detect"]["post"]["requestBody"]["content"]

@@ -1,0 +1,96 @@
+"""serve_config.yaml deployed the operators' way: `serve deploy` against the cluster."""
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+import yaml
+from ray import serve
+
+from graph.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+APP = "camgraph-deploy-test"
+PREFIX = "/deploy-test"
+
+
+def config_for(cluster: dict[str, Any], user_config: dict[str, Any]) -> dict[str, Any]:
+    """The project's serve_config.yaml, renamed and pinned to one small replica."""
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": cluster["http_port"]}
+    (app,) = config["applications"]
+    app.update(name=APP, route_prefix=PREFIX)
+    for deployment in app["deployments"]:
+        if deployment["name"].startswith("Detector_"):
+            deployment.pop("autoscaling_config", None)
+            deployment.update(num_replicas=1, user_config=user_config,
+                              ray_actor_options={"num_cpus": 0.5, "num_gpus": 0})
+    return config
+
+
+def serve_deploy(cluster: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = Path(sys.executable).with_name("serve")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run([str(serve_cli), "deploy", str(path), "--address", cluster["dashboard_url"]],
+                   check=True, env=env, timeout=120, capture_output=True)
+
+
+def detector_stats() -> dict[str, Any]:
+    handle = serve.get_deployment_handle("Detector_demo", app_name=APP)
+    return handle.stats.remote().result(timeout_s=30)
+
+
+def wait_until(predicate: Any, timeout_s: float = 120, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:  # not deployed yet
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[tuple[dict[str, Any], Path]]:
+    path = tmp_path_factory.mktemp("deploy") / "serve_config.yaml"
+    serve_deploy(cluster, config_for(cluster, {"max_batch_size": 4,
+                                               "batch_wait_timeout_s": 0.01}), path)
+    url = cluster["http_url"] + PREFIX
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok",
+               what="the config-deployed app to be healthy")
+    yield cluster, path
+    serve.delete(APP)
+
+
+def test_config_deploy_serves_detect(deployed: tuple[dict[str, Any], Path]) -> None:
+    cluster, _ = deployed
+    image = cv2.imencode(".jpg", np.full((120, 160, 3), 80, np.uint8))[1].tobytes()
+    r = httpx.post(cluster["http_url"] + PREFIX + "/detect", files={"file": ("a.jpg", image)},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_user_config_change_applies_without_restarting_the_replica(
+        deployed: tuple[dict[str, Any], Path]) -> None:
+    cluster, path = deployed
+    before = detector_stats()
+    assert before["config"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
+    serve_deploy(cluster, config_for(cluster, {"max_batch_size": 2,
+                                               "batch_wait_timeout_s": 0.02}), path)
+    after = wait_until(lambda: (s := detector_stats())["config"]["max_batch_size"] == 2 and s,
+                       what="the new user_config to reach the replica")
+    assert after["config"] == {"max_batch_size": 2, "batch_wait_timeout_s": 0.02}
+    assert (after["pid"], after["replica"]) == (before["pid"], before["replica"])

@@ -1,0 +1,131 @@
+"""ONNX engine and ModelSlot on real (tiny) ONNX models in ONNX Runtime."""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deployments.engines import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    EngineOptions,
+    ModelSlot,
+    OnnxEngine,
+    choose_providers,
+    load_engine,
+    parse_names,
+)
+from deployments.exceptions import InferenceError, ModelLoadError, ModelNotReadyError
+from deployments.vision import DetectParams
+from tests.onnx_models import constant_detector, faulty_detector, yolo_raw
+
+RAW = yolo_raw([(100, 100, 40, 40), (300, 300, 60, 20)], [[0.9, 0.05], [0.1, 0.7]])
+
+
+def batch(n: int, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_engine_decodes_each_image_with_its_own_params(tmp_path: Path) -> None:
+    path = constant_detector(tmp_path / "m.onnx", RAW, names={0: "vehicle", 1: "person"})
+    engine = OnnxEngine(path, imgsz=64)
+    assert engine.names == {0: "vehicle", 1: "person"}
+    assert engine.providers == [CPU]
+    out = engine.detect(batch(3), [DetectParams(), DetectParams(conf=0.8), DetectParams(classes=(1,))])
+    assert [len(o) for o in out] == [2, 1, 1]
+    assert out[1][0, 5] == 0 and out[2][0, 5] == 1
+    np.testing.assert_allclose(out[0][0, :4], [80, 80, 120, 120])
+
+
+def test_engine_loops_over_a_fixed_batch_one_model(tmp_path: Path) -> None:
+    path = constant_detector(tmp_path / "b1.onnx", RAW, batch=1, size=64)
+    out = OnnxEngine(path, imgsz=64).detect(batch(4), [DetectParams()] * 4)
+    assert [len(o) for o in out] == [2, 2, 2, 2]
+
+
+def test_names_fall_back_to_numbers_without_metadata(tmp_path: Path) -> None:
+    engine = OnnxEngine(constant_detector(tmp_path / "m.onnx", RAW), imgsz=64)
+    assert parse_names("not a dict", 2) == {0: "class0", 1: "class1"}
+    assert engine.names == {} or engine.names == {0: "class0", 1: "class1"}
+
+
+def test_load_errors_are_typed_and_say_why(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        OnnxEngine(tmp_path / "missing.onnx", 640)
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x00not an onnx model")
+    with pytest.raises(ModelLoadError, match="cannot load corrupt.onnx"):
+        OnnxEngine(corrupt, 640)
+    fixed = constant_detector(tmp_path / "fixed.onnx", RAW, size=320)
+    with pytest.raises(ModelLoadError, match="configured imgsz 640"):
+        OnnxEngine(fixed, 640)
+    with pytest.raises(ModelLoadError, match="unsupported model format"):
+        load_engine(tmp_path / "model.tflite", EngineOptions())
+
+
+def test_unusable_output_is_an_inference_error(tmp_path: Path) -> None:
+    engine = OnnxEngine(faulty_detector(tmp_path / "faulty.onnx"), 64)
+    with pytest.raises(InferenceError):
+        engine.detect(batch(2), [DetectParams()] * 2)
+
+
+def test_providers_prefer_tensorrt_then_cuda_only_with_a_gpu(tmp_path: Path) -> None:
+    everything = [TENSORRT, CUDA, CPU]
+    assert choose_providers(everything, gpu=False, trt_cache_dir=tmp_path) == [CPU]
+    with_gpu = choose_providers(everything, gpu=True, trt_cache_dir=tmp_path)
+    assert [p if isinstance(p, str) else p[0] for p in with_gpu] == everything
+    assert with_gpu[0][1]["trt_engine_cache_path"] == str(tmp_path)  # type: ignore[index]
+    assert choose_providers(everything, gpu=True, trt_cache_dir=None) == [CUDA, CPU]
+    assert choose_providers([CPU], gpu=True, trt_cache_dir=tmp_path) == [CPU]
+
+
+def test_slot_reports_loading_then_enabled(tmp_path: Path) -> None:
+    path = constant_detector(tmp_path / "m.onnx", RAW)
+    release = threading.Event()
+
+    def loader(converting: object) -> OnnxEngine:
+        release.wait(10)
+        return OnnxEngine(path, 64)
+
+    slot = ModelSlot("demo")
+    slot.start(loader)
+    assert slot.status()["state"] == "loading"
+    with pytest.raises(ModelNotReadyError) as info:
+        slot.engine()
+    assert (info.value.model_id, info.value.state) == ("demo", "loading")
+    release.set()
+    slot.join(10)
+    assert slot.status()["state"] == "enabled"
+    assert slot.status()["providers"] == [CPU]
+    assert len(slot.engine().detect(batch(1), [DetectParams()])[0]) == 2
+
+
+def test_slot_reports_converting_and_errors_with_their_message() -> None:
+    seen = []
+    release = threading.Event()
+
+    def loader(converting):  # type: ignore[no-untyped-def]
+        converting()
+        seen.append(True)
+        release.wait(10)
+        raise ModelLoadError("engine build failed")
+
+    slot = ModelSlot("trt")
+    slot.start(loader)
+    while not seen:
+        threading.Event().wait(0.01)
+    assert slot.status()["state"] == "converting"
+    release.set()
+    slot.join(10)
+    assert slot.status() == {"state": "error", "error": "ModelLoadError: engine build failed"}
+    with pytest.raises(ModelNotReadyError, match="engine build failed"):
+        slot.engine()
+
+
+def test_not_ready_error_survives_pickling() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ModelNotReadyError("m", "error", "boom")))
+    assert (err.model_id, err.state, err.message) == ("m", "error", "boom")
