@@ -1,0 +1,88 @@
+"""Golden test: camgraph's engine against Ultralytics' own predictions, same ONNX file,
+same images, same imgsz/conf/iou (a reference no one here wrote)."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import ultralytics
+from ultralytics import YOLO
+
+from demo.datasets import HELD_OUT_SEED_START
+from demo.scenes import Scene
+from deployments.engines import EngineOptions, OnnxEngine, load_engine
+from deployments.vision import DetectParams, letterbox, unletterbox_boxes
+from graph.config import PROJECT_ROOT
+
+MODEL = PROJECT_ROOT / "models" / "demo-detector.onnx"
+ASSETS = Path(ultralytics.__file__).parent / "assets"
+
+
+def images() -> dict[str, np.ndarray]:
+    out = {name: cv2.imread(str(ASSETS / name)) for name in ("bus.jpg", "zidane.jpg")}
+    for k in range(4):
+        scene = Scene(HELD_OUT_SEED_START + 50 + k, n_frames=30)
+        out[f"scene{k}"] = scene.render(10 * k)[0]
+    out["scene-portrait"] = np.ascontiguousarray(out["scene0"][:, 300:700])
+    return out
+
+
+IMAGES = images()
+
+
+@pytest.fixture(scope="module")
+def engine() -> OnnxEngine:
+    return OnnxEngine(MODEL, imgsz=640, intra_op_threads=2)
+
+
+@pytest.fixture(scope="module")
+def reference() -> YOLO:
+    return YOLO(str(MODEL), task="detect")
+
+
+def ours(engine: OnnxEngine, image: np.ndarray, params: DetectParams) -> np.ndarray:
+    boxed, lb = letterbox(image, 640)
+    rows = engine.detect(boxed[None], [params])[0]
+    rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
+    return rows
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+@pytest.mark.parametrize("conf, iou", [(0.25, 0.7), (0.05, 0.45)])
+def test_engine_matches_ultralytics_predict(engine: OnnxEngine, reference: YOLO, name: str,
+                                            conf: float, iou: float) -> None:
+    image = IMAGES[name]
+    got = ours(engine, image, DetectParams(conf=conf, iou=iou))
+    result = reference.predict(image, imgsz=640, conf=conf, iou=iou, rect=False, verbose=False,
+                               device="cpu")[0]
+    want = result.boxes.data.numpy()
+    assert len(got) == len(want)
+    if name.startswith("scene"):
+        assert len(want) > 0, "the trained detector must see the synthetic scene"
+    order_got, order_want = np.lexsort(got[:, :4].T), np.lexsort(want[:, :4].T)
+    got, want = got[order_got], want[order_want]
+    np.testing.assert_array_equal(got[:, 5], want[:, 5])
+    np.testing.assert_allclose(got[:, :4], want[:, :4], atol=1.0)
+    np.testing.assert_allclose(got[:, 4], want[:, 4], atol=1e-3)
+
+
+def test_batched_inference_equals_one_by_one(engine: OnnxEngine) -> None:
+    scenes = [IMAGES[f"scene{k}"] for k in range(4)]
+    batch = np.stack([letterbox(im, 640)[0] for im in scenes])
+    together = engine.detect(batch, [DetectParams()] * 4)
+    for k in range(4):
+        alone = engine.detect(batch[k:k + 1], [DetectParams()])[0]
+        np.testing.assert_allclose(together[k], alone, atol=1e-3)
+
+
+def test_pt_model_is_served_by_ultralytics_and_agrees_with_its_onnx_export(
+        engine: OnnxEngine) -> None:
+    pt_engine = load_engine(PROJECT_ROOT / "models" / "demo-detector.pt", EngineOptions())
+    assert pt_engine.names == {0: "vehicle", 1: "person"}
+    boxed, _ = letterbox(IMAGES["scene1"], 640)
+    from_pt = pt_engine.detect(boxed[None], [DetectParams()])[0]
+    from_onnx = engine.detect(boxed[None], [DetectParams()])[0]
+    assert len(from_pt) == len(from_onnx) > 0
+    key_pt, key_onnx = np.lexsort(from_pt[:, :4].T), np.lexsort(from_onnx[:, :4].T)
+    np.testing.assert_allclose(from_pt[key_pt, :4], from_onnx[key_onnx, :4], atol=1.0)
