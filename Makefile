@@ -10,6 +10,8 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 HTTP_PORT ?= 8000
 DASHBOARD_PORT ?= 8265
 RAY_CPUS ?= 2
+# Ray's default GCS port 6379 is Redis's port.
+RAY_PORT ?= 6380
 
 .PHONY: install run stop status test test-unit test-integration lint format bench-detect demo-models clean
 
@@ -27,20 +29,20 @@ models/demo-detector.onnx:
 	@echo "models/demo-detector.onnx is missing: run 'make demo-models' (trains) or restore it from git" && exit 1
 
 run: install models/demo-detector.onnx
-	@$(VENV)/bin/ray status >/dev/null 2>&1 || $(VENV)/bin/ray start --head --num-cpus=$(RAY_CPUS) \
+	@$(VENV)/bin/ray status >/dev/null 2>&1 || $(VENV)/bin/ray start --head --port=$(RAY_PORT) --num-cpus=$(RAY_CPUS) \
 		--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
 		--disable-usage-stats
-	$(VENV)/bin/serve deploy serve_config.yaml
+	$(VENV)/bin/serve deploy serve_config.yaml --address http://127.0.0.1:$(DASHBOARD_PORT)
 	@$(PY) scripts/wait_ready.py --url http://127.0.0.1:$(HTTP_PORT) --timeout-s 240
 	@echo "camgraph HTTP:  http://127.0.0.1:$(HTTP_PORT)   (API docs: /docs, health: /health)"
 	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)   (Serve tab: replicas and scaling)"
 	@echo "Stop with:      make stop"
 
 status: install
-	$(VENV)/bin/serve status
+	$(VENV)/bin/serve status --address http://127.0.0.1:$(DASHBOARD_PORT)
 
 stop:
-	-@test -x $(VENV)/bin/serve && $(VENV)/bin/serve shutdown -y 2>/dev/null
+	-@test -x $(VENV)/bin/serve && $(VENV)/bin/serve shutdown -y --address http://127.0.0.1:$(DASHBOARD_PORT) 2>/dev/null
 	-@test -x $(VENV)/bin/ray && $(VENV)/bin/ray stop
 
 test: install
@@ -62,8 +64,8 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench-detect: install
-	$(PY) -m benchmarks.detect --model models/demo-detector.onnx
+bench-detect: run
+	$(PY) -m benchmarks.detect --model models/demo-detector.onnx --url http://127.0.0.1:$(HTTP_PORT)
 
 # Trains the demo models from generated scenes (long on a CPU; see models/MODEL_CARD.md).
 demo-models: install

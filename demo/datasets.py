@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,8 +25,12 @@ CROP_SIZE = 160
 FRAME_STEP = 23
 
 
-def square_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int = CROP_SIZE,
-                pad_fraction: float = 0.04) -> np.ndarray:
+def square_crop(
+    image: np.ndarray,
+    box: tuple[int, int, int, int],
+    size: int = CROP_SIZE,
+    pad_fraction: float = 0.04,
+) -> np.ndarray:
     """Crop `box` (with a little context) and letterbox it into a `size` square (grey pad)."""
     h, w = image.shape[:2]
     x1, y1, x2, y2 = box
@@ -33,12 +38,14 @@ def square_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int = C
     x1, y1, x2, y2 = max(0, x1 - px), max(0, y1 - py), min(w, x2 + px), min(h, y2 + py)
     crop = image[y1:y2, x1:x2]
     scale = size / max(crop.shape[:2])
-    resized = cv2.resize(crop, (max(1, round(crop.shape[1] * scale)),
-                                max(1, round(crop.shape[0] * scale))),
-                         interpolation=cv2.INTER_AREA)
+    resized = cv2.resize(
+        crop,
+        (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))),
+        interpolation=cv2.INTER_AREA,
+    )
     out = np.full((size, size, 3), 114, np.uint8)
     oy, ox = (size - resized.shape[0]) // 2, (size - resized.shape[1]) // 2
-    out[oy:oy + resized.shape[0], ox:ox + resized.shape[1]] = resized
+    out[oy : oy + resized.shape[0], ox : ox + resized.shape[1]] = resized
     return out
 
 
@@ -63,22 +70,37 @@ def _write_scene(args: tuple[int, Path, str, int, float]) -> int:
         image, truths, _ = scene.render(t)
         name = f"s{seed}_t{t}"
         small = cv2.resize(image, None, fx=det_scale, fy=det_scale, interpolation=cv2.INTER_AREA)
-        cv2.imwrite(str(root / "detect" / "images" / split / f"{name}.jpg"), small,
-                    [cv2.IMWRITE_JPEG_QUALITY, 90])
+        cv2.imwrite(
+            str(root / "detect" / "images" / split / f"{name}.jpg"),
+            small,
+            [cv2.IMWRITE_JPEG_QUALITY, 90],
+        )
         (root / "detect" / "labels" / split / f"{name}.txt").write_text(
-            "\n".join(yolo_label_lines(truths, image.shape[1], image.shape[0])) + "\n")
+            "\n".join(yolo_label_lines(truths, image.shape[1], image.shape[0])) + "\n"
+        )
         for obj in truths:
             if obj.cls != "vehicle" or obj.truncated or obj.visible_fraction < CLASSIFY_MIN_VISIBLE:
                 continue
             crop = square_crop(image, obj.box)
-            cv2.imwrite(str(root / "classify" / split / str(obj.body_type) /
-                            f"{name}_o{obj.object_id}.jpg"), crop, [cv2.IMWRITE_JPEG_QUALITY, 92])
+            cv2.imwrite(
+                str(
+                    root / "classify" / split / str(obj.body_type) / f"{name}_o{obj.object_id}.jpg"
+                ),
+                crop,
+                [cv2.IMWRITE_JPEG_QUALITY, 92],
+            )
         written += 1
     return written
 
 
-def write_datasets(root: Path, train_scenes: int, val_scenes: int, frames_per_scene: int = 4,
-                   det_scale: float = 0.5, workers: int = 8) -> Path:
+def write_datasets(
+    root: Path,
+    train_scenes: int,
+    val_scenes: int,
+    frames_per_scene: int = 4,
+    det_scale: float = 0.5,
+    workers: int = 8,
+) -> Path:
     """Write the YOLO detection dataset and the body-type crop dataset; return data.yaml."""
     for split in ("train", "val"):
         (root / "detect" / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -86,20 +108,25 @@ def write_datasets(root: Path, train_scenes: int, val_scenes: int, frames_per_sc
         for body in BODY_TYPES:
             (root / "classify" / split / body).mkdir(parents=True, exist_ok=True)
     jobs = [(s, root, "train", frames_per_scene, det_scale) for s in range(train_scenes)]
-    jobs += [(HELD_OUT_SEED_START + s, root, "val", frames_per_scene, det_scale)
-             for s in range(val_scenes)]
+    jobs += [
+        (HELD_OUT_SEED_START + s, root, "val", frames_per_scene, det_scale)
+        for s in range(val_scenes)
+    ]
     with ProcessPoolExecutor(workers) as pool:
         total = sum(pool.map(_write_scene, jobs, chunksize=4))
     data_yaml = root / "detect" / "data.yaml"
     names = "\n".join(f"  {i}: {n}" for i, n in enumerate(DETECT_CLASSES))
-    data_yaml.write_text(f"path: {(root / 'detect').resolve()}\ntrain: images/train\n"
-                         f"val: images/val\nnames:\n{names}\n")
+    data_yaml.write_text(
+        f"path: {(root / 'detect').resolve()}\ntrain: images/train\n"
+        f"val: images/val\nnames:\n{names}\n"
+    )
     print(f"wrote {total} frames under {root}")
     return data_yaml
 
 
-def write_clip(seed: int, n_frames: int, video_path: Path, fps: int = 10,
-               scale: float = 1.0) -> Path:
+def write_clip(
+    seed: int, n_frames: int, video_path: Path, fps: int = 10, scale: float = 1.0
+) -> Path:
     """Write an H.264 MP4 (no B-frames, keyframe every second) and its ground-truth JSON."""
     import av  # only where clips are written; the generator itself needs no PyAV
 
@@ -118,17 +145,23 @@ def write_clip(seed: int, n_frames: int, video_path: Path, fps: int = 10,
             container.mux(stream.encode(frame))
             truth_frames.append({"index": t, "objects": [_scaled(o, scale) for o in truths]})
         container.mux(stream.encode())
-    truth = {"seed": seed, "fps": fps, "width": w, "height": h, "classes": list(DETECT_CLASSES),
-             "frames": truth_frames}
+    truth = {
+        "seed": seed,
+        "fps": fps,
+        "width": w,
+        "height": h,
+        "classes": list(DETECT_CLASSES),
+        "frames": truth_frames,
+    }
     video_path.with_suffix(".json").write_text(json.dumps(truth))
     return video_path
 
 
 def _scaled(obj: ObjectTruth, scale: float) -> dict[str, object]:
-    data = obj.to_json()
+    data: dict[str, Any] = obj.to_json()
     for key in ("box", "plate_box"):
         if data[key] is not None:
-            data[key] = [round(v * scale) for v in data[key]]  # type: ignore[union-attr]
+            data[key] = [round(v * scale) for v in data[key]]
     return data
 
 
@@ -140,8 +173,9 @@ def main() -> None:
     parser.add_argument("--frames-per-scene", type=int, default=4)
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args()
-    write_datasets(args.root, args.train_scenes, args.val_scenes, args.frames_per_scene,
-                   workers=args.workers)
+    write_datasets(
+        args.root, args.train_scenes, args.val_scenes, args.frames_per_scene, workers=args.workers
+    )
 
 
 if __name__ == "__main__":

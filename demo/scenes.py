@@ -8,7 +8,8 @@ seed and frame index always give the same pixels and the same truth.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -92,6 +93,10 @@ class _Mover:
         return self.x0 + self.speed * t
 
 
+def _rgb(values: np.ndarray) -> tuple[int, int, int]:
+    return (int(values[0]), int(values[1]), int(values[2]))
+
+
 def random_plate(rng: np.random.Generator) -> str:
     """Seven characters: two letters, three digits, two letters (e.g. KX482TP)."""
     pick = lambda alphabet, n: "".join(rng.choice(list(alphabet), size=n))  # noqa: E731
@@ -102,8 +107,9 @@ def _shade(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
     return tuple(int(np.clip(c * factor, 0, 255)) for c in colour)  # type: ignore[return-value]
 
 
-def draw_vehicle(body_type: str, colour: tuple[int, int, int], length: int, plate: str,
-                 facing_right: bool) -> Sprite:
+def draw_vehicle(
+    body_type: str, colour: tuple[int, int, int], length: int, plate: str, facing_right: bool
+) -> Sprite:
     """Side view of a vehicle with its plate on the rear bumper, text never mirrored."""
     L = int(length)
     H = int(L * {"bus": 0.55, "truck": 0.5, "van": 0.48}.get(body_type, 0.42))
@@ -115,7 +121,7 @@ def draw_vehicle(body_type: str, colour: tuple[int, int, int], length: int, plat
     window = (92, 72, 58)
     dark = _shade(colour, 0.7)
 
-    def poly(points: list[tuple[float, float]], fill: tuple[int, int, int]) -> None:
+    def poly(points: Sequence[tuple[float, float]], fill: tuple[int, int, int]) -> None:
         pts = np.array([[int(x * (L - 1)), int(y)] for x, y in points], np.int32)
         cv2.fillPoly(img, [pts], fill, lineType=cv2.LINE_8)
         cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8)
@@ -131,28 +137,62 @@ def draw_vehicle(body_type: str, colour: tuple[int, int, int], length: int, plat
             cabin = [(0.02, belt), (0.06, roof), (0.58, roof), (0.74, belt)]
         poly(cabin, colour)
         inset = 0.03
-        win = [(cabin[0][0] + inset * 1.5, belt - 2), (cabin[1][0] + inset, roof + 0.03 * L),
-               (cabin[2][0] - inset * 0.5, roof + 0.03 * L), (cabin[3][0] - inset * 1.5, belt - 2)]
+        win = [
+            (cabin[0][0] + inset * 1.5, belt - 2),
+            (cabin[1][0] + inset, roof + 0.03 * L),
+            (cabin[2][0] - inset * 0.5, roof + 0.03 * L),
+            (cabin[3][0] - inset * 1.5, belt - 2),
+        ]
         poly(win, window)
         pillar_x = int(0.5 * (win[1][0] + win[2][0]) * (L - 1))
         cv2.line(img, (pillar_x, roof), (pillar_x, belt), colour, max(2, L // 60))
         wheels = (0.2, 0.8)
     elif body_type == "van":
         roof = body_bottom - int(0.42 * L)
-        poly([(0.0, roof), (0.78, roof), (1.0, body_bottom - 0.2 * L), (1.0, body_bottom),
-              (0.0, body_bottom)], colour)
-        poly([(0.08, roof + 0.05 * L), (0.76, roof + 0.05 * L), (0.9, roof + 0.17 * L),
-              (0.08, roof + 0.17 * L)], window)
+        poly(
+            [
+                (0.0, roof),
+                (0.78, roof),
+                (1.0, body_bottom - 0.2 * L),
+                (1.0, body_bottom),
+                (0.0, body_bottom),
+            ],
+            colour,
+        )
+        poly(
+            [
+                (0.08, roof + 0.05 * L),
+                (0.76, roof + 0.05 * L),
+                (0.9, roof + 0.17 * L),
+                (0.08, roof + 0.17 * L),
+            ],
+            window,
+        )
         wheels = (0.18, 0.82)
     elif body_type == "truck":
         roof = body_bottom - int(0.46 * L)
         poly([(0.0, roof), (0.7, roof), (0.7, body_bottom), (0.0, body_bottom)], dark)
         cab_top = body_bottom - int(0.36 * L)
-        poly([(0.72, cab_top), (0.9, cab_top), (1.0, body_bottom - 0.15 * L), (1.0, body_bottom),
-              (0.72, body_bottom)], colour)
-        poly([(0.8, cab_top + 0.04 * L), (0.9, cab_top + 0.04 * L),
-              (0.97, body_bottom - 0.17 * L), (0.8, body_bottom - 0.17 * L)], window)
-        wheels = (0.14, 0.3, 0.85)
+        poly(
+            [
+                (0.72, cab_top),
+                (0.9, cab_top),
+                (1.0, body_bottom - 0.15 * L),
+                (1.0, body_bottom),
+                (0.72, body_bottom),
+            ],
+            colour,
+        )
+        poly(
+            [
+                (0.8, cab_top + 0.04 * L),
+                (0.9, cab_top + 0.04 * L),
+                (0.97, body_bottom - 0.17 * L),
+                (0.8, body_bottom - 0.17 * L),
+            ],
+            window,
+        )
+        wheels = (0.14, 0.3, 0.85)  # type: ignore[assignment]
     elif body_type == "bus":
         roof = body_bottom - int(0.5 * L)
         poly([(0.0, roof), (1.0, roof), (1.0, body_bottom), (0.0, body_bottom)], colour)
@@ -160,8 +200,15 @@ def draw_vehicle(body_type: str, colour: tuple[int, int, int], length: int, plat
         for k in range(8):
             x1 = 0.04 + k * 0.115
             poly([(x1, top), (x1 + 0.095, top), (x1 + 0.095, bottom), (x1, bottom)], window)
-        poly([(0.96, top), (1.0, top), (1.0, body_bottom - 0.06 * L), (0.96, body_bottom - 0.06 * L)],
-             window)
+        poly(
+            [
+                (0.96, top),
+                (1.0, top),
+                (1.0, body_bottom - 0.06 * L),
+                (0.96, body_bottom - 0.06 * L),
+            ],
+            window,
+        )
         wheels = (0.14, 0.82)
     else:
         raise ValueError(f"unknown body type {body_type!r}")
@@ -182,11 +229,11 @@ def draw_vehicle(body_type: str, colour: tuple[int, int, int], length: int, plat
     thickness = max(1, plate_h // 9)
     (tw, th), _ = cv2.getTextSize(plate, font, 1.0, thickness)
     font_scale = 0.6 * plate_h / th
-    (tw, th), base = cv2.getTextSize(plate, font, font_scale, thickness)
+    (tw, th), _ = cv2.getTextSize(plate, font, font_scale, thickness)
     plate_w = min(int(tw + 0.5 * plate_h), int(0.45 * L))
     if tw > plate_w - 4:  # narrow vehicle: shrink the text to fit
         font_scale *= (plate_w - 4) / tw
-        (tw, th), base = cv2.getTextSize(plate, font, font_scale, thickness)
+        (tw, th), _base = cv2.getTextSize(plate, font, font_scale, thickness)
     py2 = body_bottom - 2
     py1 = py2 - plate_h
     px1 = 2 if facing_right else L - 2 - plate_w
@@ -194,7 +241,7 @@ def draw_vehicle(body_type: str, colour: tuple[int, int, int], length: int, plat
     cv2.rectangle(img, (px1, py1), (px1 + plate_w - 1, py2 - 1), (20, 20, 20), 1)
     org = (px1 + (plate_w - tw) // 2, py1 + (plate_h + th) // 2)
     cv2.putText(img, plate, org, font, font_scale, (15, 15, 15), thickness, cv2.LINE_AA)
-    mask[py1:py2, px1:px1 + plate_w] = 1
+    mask[py1:py2, px1 : px1 + plate_w] = 1
     return Sprite(img, mask.astype(bool), (px1, py1, px1 + plate_w, py2))
 
 
@@ -212,11 +259,21 @@ def draw_person(height: int, phase: float, colours: tuple[tuple[int, int, int], 
     legs = [((cx, hip), (int(cx + swing), H - 1)), ((cx, hip), (int(cx - swing), H - 1))]
     leg_w = max(2, int(0.09 * H))
     for target in (img, mask):
-        for (a, b) in legs:
-            cv2.line(target, a, (int(np.clip(b[0], 0, W - 1)), b[1]),
-                     trousers if target is img else 1, leg_w)
-        cv2.rectangle(target, (cx - int(0.13 * H), torso_top), (cx + int(0.13 * H), hip),
-                      shirt if target is img else 1, -1)
+        for a, b in legs:
+            cv2.line(
+                target,
+                a,
+                (int(np.clip(b[0], 0, W - 1)), b[1]),
+                trousers if target is img else 1,
+                leg_w,
+            )
+        cv2.rectangle(
+            target,
+            (cx - int(0.13 * H), torso_top),
+            (cx + int(0.13 * H), hip),
+            shirt if target is img else 1,
+            -1,
+        )
         cv2.circle(target, (cx, head_r), head_r, skin if target is img else 1, -1)
     return Sprite(img, mask.astype(bool))
 
@@ -224,14 +281,19 @@ def draw_person(height: int, phase: float, colours: tuple[tuple[int, int, int], 
 class Scene:
     """A camera view with vehicles and pedestrians moving through it, fixed by `seed`."""
 
-    def __init__(self, seed: int, n_frames: int = 300, config: SceneConfig | None = None,
-                 prefill: bool = True) -> None:
+    def __init__(
+        self,
+        seed: int,
+        n_frames: int = 300,
+        config: SceneConfig | None = None,
+        prefill: bool = True,
+    ) -> None:
         self.seed = seed
         self.n_frames = n_frames
         self.config = cfg = config or SceneConfig()
         rng = np.random.default_rng(seed)
         self._background = self._draw_background(rng)
-        self._style = {
+        self._style: dict[str, Any] = {
             "gain": float(rng.uniform(0.7, 1.25)),
             "bias": float(rng.uniform(-25, 20)),
             "tint": rng.uniform(0.9, 1.1, size=3),
@@ -248,8 +310,11 @@ class Scene:
             # Place vehicles along the lane's whole trajectory, spaced so none overlap;
             # with `prefill` the lane is already busy at frame 0.
             travel = abs(speed) * n_frames + 2 * cfg.base_length_px
-            cursor = (cfg.width if prefill else 0.0) if direction > 0 else (
-                0.0 if prefill else float(cfg.width))
+            cursor = (
+                (cfg.width if prefill else 0.0)
+                if direction > 0
+                else (0.0 if prefill else float(cfg.width))
+            )
             while (cursor > -travel) if direction > 0 else (cursor < cfg.width + travel):
                 mover = self._make_vehicle(rng, next_id, lane_index, ground_y, base, speed)
                 length = mover.sprite.image.shape[1]  # type: ignore[union-attr]
@@ -266,24 +331,50 @@ class Scene:
             for _ in range(int(rng.integers(*cfg.pedestrians_per_sidewalk, endpoint=True))):
                 speed = float(rng.choice([-1, 1]) * rng.uniform(1.0, 2.5) * scale)
                 height = int(0.55 * cfg.base_length_px * scale * rng.uniform(0.85, 1.1))
-                colours = (tuple(int(c) for c in rng.integers(90, 230, 3)) for _ in range(3))
-                self._movers.append(_Mover(
-                    object_id=next_id, cls="person", z=walk_index,
-                    ground_y=ground_y, x0=float(rng.uniform(0, cfg.width)), speed=speed,
-                    sprite=None, height_px=height,
-                    person_colours=tuple(colours)))  # type: ignore[arg-type]
+                x0 = float(rng.uniform(0, cfg.width))  # drawn before the colours: seeds
+                colours = tuple(_rgb(rng.integers(90, 230, 3)) for _ in range(3))  # stay stable
+                self._movers.append(
+                    _Mover(
+                        object_id=next_id,
+                        cls="person",
+                        z=walk_index,
+                        ground_y=ground_y,
+                        x0=x0,
+                        speed=speed,
+                        sprite=None,
+                        height_px=height,
+                        person_colours=colours,
+                    )
+                )
                 next_id += 1
         self._movers.sort(key=lambda m: (m.ground_y, m.z))
 
-    def _make_vehicle(self, rng: np.random.Generator, object_id: int, lane: int, ground_y: int,
-                      base: float, speed: float) -> _Mover:
+    def _make_vehicle(
+        self,
+        rng: np.random.Generator,
+        object_id: int,
+        lane: int,
+        ground_y: int,
+        base: float,
+        speed: float,
+    ) -> _Mover:
         body = str(rng.choice(BODY_TYPES))
         colour = str(rng.choice(list(COLOURS)))
         plate = random_plate(rng)
         length = int(base * _BODY_LENGTH[body] * rng.uniform(0.92, 1.08))
         sprite = draw_vehicle(body, COLOURS[colour], length, plate, facing_right=speed > 0)
-        return _Mover(object_id=object_id, cls="vehicle", z=lane * 10, ground_y=ground_y, x0=0.0,
-                      speed=speed, sprite=sprite, body_type=body, colour=colour, plate=plate)
+        return _Mover(
+            object_id=object_id,
+            cls="vehicle",
+            z=lane * 10,
+            ground_y=ground_y,
+            x0=0.0,
+            speed=speed,
+            sprite=sprite,
+            body_type=body,
+            colour=colour,
+            plate=plate,
+        )
 
     def _draw_background(self, rng: np.random.Generator) -> np.ndarray:
         cfg = self.config
@@ -298,12 +389,12 @@ class Scene:
         road_bottom = int(cfg.sidewalks[1][0] * h) - int(0.1 * h)
         grey = float(rng.uniform(70, 115))
         img[road_top:road_bottom] = grey
-        img[int(0.3 * h):road_top] = grey + 45  # far pavement
+        img[int(0.3 * h) : road_top] = grey + 45  # far pavement
         img[road_bottom:] = grey + 50  # near pavement
         for ground_frac, _ in cfg.lanes[:-1]:
             y = int(ground_frac * h) + int(0.03 * h)
             for x in range(0, w, 80):
-                img[y:y + 4, x:x + 44] = 225
+                img[y : y + 4, x : x + 44] = 225
         texture = rng.normal(0, 4, (h, w, 1)).astype(np.float32)
         return np.clip(img + texture, 0, 255).astype(np.uint8)
 
@@ -323,17 +414,25 @@ class Scene:
         for mover in self._movers:
             sprite = self._sprite_at(mover, t)
             sh, sw = sprite.mask.shape
-            x = int(round(mover.left(t))) if mover.sprite is not None else int(
-                round((mover.left(t) % (cfg.width + sw)) - sw))
+            x = (
+                round(mover.left(t))
+                if mover.sprite is not None
+                else round((mover.left(t) % (cfg.width + sw)) - sw)
+            )
             y = mover.ground_y - sh + 1
-            fx1, fy1, fx2, fy2 = max(x, 0), max(y, 0), min(x + sw, cfg.width), min(y + sh, cfg.height)
+            fx1, fy1, fx2, fy2 = (
+                max(x, 0),
+                max(y, 0),
+                min(x + sw, cfg.width),
+                min(y + sh, cfg.height),
+            )
             if fx1 >= fx2 or fy1 >= fy2:
                 continue
-            sub_mask = sprite.mask[fy1 - y:fy2 - y, fx1 - x:fx2 - x]
+            sub_mask = sprite.mask[fy1 - y : fy2 - y, fx1 - x : fx2 - x]
             if not sub_mask.any():
                 continue
             region = frame[fy1:fy2, fx1:fx2]
-            region[sub_mask] = sprite.image[fy1 - y:fy2 - y, fx1 - x:fx2 - x][sub_mask]
+            region[sub_mask] = sprite.image[fy1 - y : fy2 - y, fx1 - x : fx2 - x][sub_mask]
             labels[fy1:fy2, fx1:fx2][sub_mask] = mover.object_id
             placed.append((mover, sprite, x, y, sub_mask))
 
@@ -341,21 +440,34 @@ class Scene:
         for mover, sprite, x, y, sub_mask in placed:
             ys, xs = np.nonzero(sub_mask)
             ox, oy = max(x, 0), max(y, 0)
-            box = (int(ox + xs.min()), int(oy + ys.min()), int(ox + xs.max() + 1),
-                   int(oy + ys.max() + 1))
+            box = (
+                int(ox + xs.min()),
+                int(oy + ys.min()),
+                int(ox + xs.max() + 1),
+                int(oy + ys.max() + 1),
+            )
             in_view = int(sub_mask.sum())
-            visible = int((labels[box[1]:box[3], box[0]:box[2]] == mover.object_id).sum())
+            visible = int((labels[box[1] : box[3], box[0] : box[2]] == mover.object_id).sum())
             plate_box = None
             if sprite.plate_box is not None:
                 px1, py1, px2, py2 = sprite.plate_box
                 pb = (px1 + x, py1 + y, px2 + x, py2 + y)
                 if pb[0] >= 0 and pb[1] >= 0 and pb[2] <= cfg.width and pb[3] <= cfg.height:
                     plate_box = pb
-            truths.append(ObjectTruth(
-                object_id=mover.object_id, cls=mover.cls, box=box, body_type=mover.body_type,
-                colour=mover.colour, plate=mover.plate, plate_box=plate_box,
-                visible_fraction=round(visible / in_view, 4), occluded=visible < in_view,
-                truncated=in_view < int(sprite.mask.sum())))
+            truths.append(
+                ObjectTruth(
+                    object_id=mover.object_id,
+                    cls=mover.cls,
+                    box=box,
+                    body_type=mover.body_type,
+                    colour=mover.colour,
+                    plate=mover.plate,
+                    plate_box=plate_box,
+                    visible_fraction=round(visible / in_view, 4),
+                    occluded=visible < in_view,
+                    truncated=in_view < int(sprite.mask.sum()),
+                )
+            )
         return self._photometric(frame, t), truths, labels
 
     def _photometric(self, frame: np.ndarray, t: int) -> np.ndarray:

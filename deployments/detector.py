@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from deployments.vision import DetectParams
 
 logger = logging.getLogger("ray.serve")
 
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+BATCH_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class DetectRequest:
     """A letterboxed uint8 BGR image at the model's input size and its decoding params."""
 
     image: np.ndarray
-    params: DetectParams = DetectParams()
+    params: DetectParams = dataclasses.field(default_factory=DetectParams)
 
 
 def replica_cpu_share() -> float:
@@ -55,8 +56,9 @@ class Detector:
         threads = self._spec.intra_op_threads
         if threads == "auto":
             threads = max(1, round(replica_cpu_share()))
-        options = EngineOptions(self._spec.imgsz, int(threads), self._spec.trt_cache_dir,
-                                self._spec.fp16)
+        options = EngineOptions(
+            self._spec.imgsz, int(threads), self._spec.trt_cache_dir, self._spec.fp16
+        )
         self._slot = ModelSlot(self._spec.id)
         path = Path(self._spec.path)
         self._slot.start(lambda converting: load_engine(path, options, converting))
@@ -64,19 +66,25 @@ class Detector:
         self._batch_sizes: Counter[int] = Counter()
         self._started = time.time()
         # Serve tags every metric with its deployment (Detector_<model id>) and replica.
-        self._m_batch = metrics.Histogram("camgraph_detector_batch_size",
-                                          description="images per detector batch",
-                                          boundaries=BATCH_BUCKETS)
-        self._m_latency = metrics.Histogram("camgraph_detector_batch_latency_ms",
-                                            description="engine time per batch",
-                                            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000])
-        self._m_images = metrics.Counter("camgraph_detector_images_total",
-                                         description="images detected")
+        self._m_batch = metrics.Histogram(
+            "camgraph_detector_batch_size",
+            description="images per detector batch",
+            boundaries=BATCH_BUCKETS,
+        )
+        self._m_latency = metrics.Histogram(
+            "camgraph_detector_batch_latency_ms",
+            description="engine time per batch",
+            boundaries=[5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+        )
+        self._m_images = metrics.Counter(
+            "camgraph_detector_images_total", description="images detected"
+        )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._config = DetectorUserConfig.model_validate(user_config)
-        self.detect.set_max_batch_size(self._config.max_batch_size)
-        self.detect.set_batch_wait_timeout_s(self._config.batch_wait_timeout_s)
+        batched: Any = self.detect  # @serve.batch adds these setters at runtime
+        batched.set_max_batch_size(self._config.max_batch_size)
+        batched.set_batch_wait_timeout_s(self._config.batch_wait_timeout_s)
         logger.info("detector %s reconfigured: %s", self._spec.id, self._config)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
@@ -102,10 +110,14 @@ class Detector:
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters (for tests and the benchmark; metrics go to Prometheus)."""
-        return {"model": self._spec.id, "pid": os.getpid(),
-                "replica": serve.get_replica_context().replica_id.unique_id,
-                "started": self._started, "config": self._config.model_dump(),
-                "batch_sizes": dict(self._batch_sizes)}
+        return {
+            "model": self._spec.id,
+            "pid": os.getpid(),
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "started": self._started,
+            "config": self._config.model_dump(),
+            "batch_sizes": dict(self._batch_sizes),
+        }
 
     async def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

@@ -41,17 +41,25 @@ def gpu_present() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
-def choose_providers(available: Sequence[str], gpu: bool, trt_cache_dir: Path | None,
-                     fp16: bool = True) -> list[str | tuple[str, dict[str, Any]]]:
+def choose_providers(
+    available: Sequence[str], gpu: bool, trt_cache_dir: Path | None, fp16: bool = True
+) -> list[str | tuple[str, dict[str, Any]]]:
     """TensorRT (engine cache) → CUDA → CPU, keeping only what is present; GPU providers
     only when a GPU is (onnxruntime-gpu lists them on CPU-only machines too)."""
     chosen: list[str | tuple[str, dict[str, Any]]] = []
     if gpu and TENSORRT in available and trt_cache_dir is not None:
-        chosen.append((TENSORRT, {"trt_engine_cache_enable": True,
-                                  "trt_engine_cache_path": str(trt_cache_dir),
-                                  "trt_timing_cache_enable": True,
-                                  "trt_timing_cache_path": str(trt_cache_dir),
-                                  "trt_fp16_enable": fp16}))
+        chosen.append(
+            (
+                TENSORRT,
+                {
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(trt_cache_dir),
+                    "trt_timing_cache_enable": True,
+                    "trt_timing_cache_path": str(trt_cache_dir),
+                    "trt_fp16_enable": fp16,
+                },
+            )
+        )
     if gpu and CUDA in available:
         chosen.append(CUDA)
     chosen.append(CPU)
@@ -73,8 +81,13 @@ def parse_names(raw: str | None, nc: int) -> dict[int, str]:
 class OnnxEngine:
     """A YOLOv8/YOLO11 detection model in ONNX Runtime."""
 
-    def __init__(self, path: Path, imgsz: int, intra_op_threads: int = 1,
-                 providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        imgsz: int,
+        intra_op_threads: int = 1,
+        providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         if not path.is_file():
@@ -112,8 +125,10 @@ class OnnxEngine:
         """Raw model output (B, 4 + nc, N) for a BxHxWx3 uint8 batch."""
         tensor = to_model_input(images)
         if self._fixed_batch is not None and tensor.shape[0] != self._fixed_batch:
-            parts = [self._session.run([self._output], {self._input: tensor[i:i + 1]})[0]
-                     for i in range(tensor.shape[0])]
+            parts = [
+                self._session.run([self._output], {self._input: tensor[i : i + 1]})[0]
+                for i in range(tensor.shape[0])
+            ]
             return np.concatenate(parts, axis=0)
         return self._session.run([self._output], {self._input: tensor})[0]
 
@@ -149,11 +164,19 @@ class UltralyticsEngine:
             groups.setdefault(p, []).append(i)
         for p, idx in groups.items():  # one predict call per distinct parameter set
             results = self._model.predict(
-                [images[i] for i in idx], imgsz=self.imgsz, conf=p.conf, iou=p.iou,
-                classes=list(p.classes) if p.classes is not None else None, max_det=p.max_det,
-                device=self._device, verbose=False, rect=False)
+                [images[i] for i in idx],
+                imgsz=self.imgsz,
+                conf=p.conf,
+                iou=p.iou,
+                classes=list(p.classes) if p.classes is not None else None,
+                max_det=p.max_det,
+                device=self._device,
+                verbose=False,
+                rect=False,
+            )
             for i, r in zip(idx, results, strict=True):
-                out[i] = r.boxes.data.cpu().numpy().astype(np.float32).reshape(-1, 6)
+                boxes: Any = r.boxes  # type: ignore[union-attr]  # ultralytics.engine.results.Boxes
+                out[i] = boxes.data.cpu().numpy().astype(np.float32).reshape(-1, 6)
         return [o if o is not None else np.zeros((0, 6), np.float32) for o in out]
 
 
@@ -169,8 +192,9 @@ def trt_engine_cached(trt_cache_dir: Path | None) -> bool:
     return trt_cache_dir is not None and any(trt_cache_dir.glob("*.engine"))
 
 
-def load_engine(path: Path, options: EngineOptions,
-                on_converting: Callable[[], None] | None = None) -> Engine:
+def load_engine(
+    path: Path, options: EngineOptions, on_converting: Callable[[], None] | None = None
+) -> Engine:
     """Build the engine a model file calls for; reports `converting` when TensorRT will
     build an engine that is not cached yet (minutes on first start)."""
     if path.suffix == ".pt":
@@ -179,8 +203,9 @@ def load_engine(path: Path, options: EngineOptions,
         raise ModelLoadError(f"unsupported model format {path.suffix!r} (use .onnx or .pt)")
     import onnxruntime as ort
 
-    providers = choose_providers(ort.get_available_providers(), gpu_present(),
-                                 options.trt_cache_dir, options.fp16)
+    providers = choose_providers(
+        ort.get_available_providers(), gpu_present(), options.trt_cache_dir, options.fp16
+    )
     uses_trt = any(isinstance(p, tuple) and p[0] == TENSORRT for p in providers)
     if uses_trt and options.trt_cache_dir is not None:
         options.trt_cache_dir.mkdir(parents=True, exist_ok=True)
@@ -209,16 +234,18 @@ class ModelSlot:
 
     def start(self, loader: Callable[[Callable[[], None]], Engine]) -> None:
         """Run `loader(mark_converting)` in a daemon thread; state follows its outcome."""
-        self._thread = threading.Thread(target=self._load, args=(loader,), daemon=True,
-                                        name=f"load-{self.model_id}")
+        self._thread = threading.Thread(
+            target=self._load, args=(loader,), daemon=True, name=f"load-{self.model_id}"
+        )
         self._thread.start()
 
     def join(self, timeout_s: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def _set(self, state: ModelState, error: str | None = None,
-             engine: Engine | None = None) -> None:
+    def _set(
+        self, state: ModelState, error: str | None = None, engine: Engine | None = None
+    ) -> None:
         with self._lock:
             self._state, self._error, self._engine = state, error, engine
 
@@ -237,8 +264,9 @@ class ModelSlot:
             engine = self._engine
             status: dict[str, Any] = {"state": self._state.value, "error": self._error}
         if engine is not None:
-            status.update(providers=list(engine.providers), imgsz=engine.imgsz,
-                          classes=engine.names)
+            status.update(
+                providers=list(engine.providers), imgsz=engine.imgsz, classes=engine.names
+            )
         return status
 
     def engine(self) -> Engine:

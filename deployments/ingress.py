@@ -4,7 +4,6 @@ It holds no per-camera state. Images are decoded and letterboxed here, so the de
 receives only the model-sized input.
 """
 
-
 import asyncio
 import logging
 import uuid
@@ -37,14 +36,26 @@ app = FastAPI(
 _DETECT_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["file"],
-            "properties": {
-                "file": {"type": "string", "format": "binary", "description": "JPEG/PNG/..."},
-                "config": {"type": "string",
-                           "description": 'JSON, e.g. {"conf": 0.4, "iou": 0.5, '
-                                          '"classes": [0], "max_det": 100}'},
-            }}}},
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JPEG/PNG/...",
+                        },
+                        "config": {
+                            "type": "string",
+                            "description": 'JSON, e.g. {"conf": 0.4, "iou": 0.5, '
+                            '"classes": [0], "max_det": 100}',
+                        },
+                    },
+                }
+            }
+        },
     }
 }
 
@@ -62,9 +73,12 @@ def decode_image(data: bytes) -> np.ndarray | None:
 
 def to_detections(rows: np.ndarray, names: dict[int, str]) -> list[dict[str, Any]]:
     return [
-        Detection(class_id=int(c), label=names.get(int(c), str(int(c))), confidence=float(s),
-                  box={"x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2)}
-                  ).model_dump()
+        Detection(
+            class_id=int(c),
+            label=names.get(int(c), str(int(c))),
+            confidence=float(s),
+            box={"x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2)},
+        ).model_dump()
         for x1, y1, x2, y2, s, c in rows.tolist()
     ]
 
@@ -72,8 +86,12 @@ def to_detections(rows: np.ndarray, names: dict[int, str]) -> list[dict[str, Any
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, detectors: dict[str, DeploymentHandle], model_sizes: dict[str, int],
-                 settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        detectors: dict[str, DeploymentHandle],
+        model_sizes: dict[str, int],
+        settings: dict[str, Any],
+    ) -> None:
         self._detectors = detectors
         self._sizes = model_sizes
         self._settings = IngressSettings.model_validate(settings)
@@ -83,11 +101,13 @@ class Ingress:
     async def _model_health(self, model_id: str) -> dict[str, Any]:
         handle = self._detectors[model_id]
         try:
-            status = await asyncio.wait_for(handle.health.remote(),
-                                            self._settings.health_timeout_s)
+            status = await asyncio.wait_for(handle.health.remote(), self._settings.health_timeout_s)
         except TimeoutError:
-            return {"model": model_id, "state": "loading",
-                    "error": f"no replica answered within {self._settings.health_timeout_s}s"}
+            return {
+                "model": model_id,
+                "state": "loading",
+                "error": f"no replica answered within {self._settings.health_timeout_s}s",
+            }
         except Exception as exc:  # a replica that died reports as an error, not a 500
             return {"model": model_id, "state": "error", "error": f"{type(exc).__name__}: {exc}"}
         if status.get("state") == "enabled" and status.get("classes"):
@@ -100,8 +120,11 @@ class Ingress:
         states = await asyncio.gather(*(self._model_health(m) for m in self._detectors))
         models = {s["model"]: {k: v for k, v in s.items() if k != "model"} for s in states}
         ready = all(s["state"] == "enabled" for s in states)
-        return {"status": "ok" if ready else "degraded", "default_model": self._default,
-                "models": models}
+        return {
+            "status": "ok" if ready else "degraded",
+            "default_model": self._default,
+            "models": models,
+        }
 
     def _resolve(self, model: str | None) -> str:
         model_id = model or self._default
@@ -110,8 +133,9 @@ class Ingress:
         return model_id
 
     @app.post("/detect", openapi_extra=_DETECT_BODY)
-    async def detect(self, request: Request,
-                     model: str | None = Query(None, pattern=MODEL_ID_PATTERN)) -> Any:
+    async def detect(
+        self, request: Request, model: str | None = Query(None, pattern=MODEL_ID_PATTERN)
+    ) -> Any:
         """Detect objects in one uploaded image; boxes in the image's own pixels."""
         try:
             model_id = self._resolve(model)
@@ -125,9 +149,18 @@ class Ingress:
             async with request.form(max_files=1, max_fields=4) as form:
                 upload, raw_config = form.get("file"), form.get("config")
                 if not isinstance(upload, UploadFile):
-                    return JSONResponse({"detail": [{"loc": ["body", "file"], "type": "missing",
-                                                     "msg": "a multipart file field is required"}]},
-                                        422)
+                    return JSONResponse(
+                        {
+                            "detail": [
+                                {
+                                    "loc": ["body", "file"],
+                                    "type": "missing",
+                                    "msg": "a multipart file field is required",
+                                }
+                            ]
+                        },
+                        422,
+                    )
                 data = await upload.read(limit + 1)
         except MultiPartException as exc:
             return error(400, f"malformed multipart body: {exc.message}")
@@ -136,11 +169,16 @@ class Ingress:
         if len(data) > limit:
             return error(413, f"upload larger than {limit} bytes", limit_bytes=limit)
         try:
-            config = DetectConfig.model_validate_json(raw_config) if isinstance(
-                raw_config, str) and raw_config.strip() else DetectConfig()
+            config = (
+                DetectConfig.model_validate_json(raw_config)
+                if isinstance(raw_config, str) and raw_config.strip()
+                else DetectConfig()
+            )
         except ValidationError as exc:
-            details = [{"loc": ["body", "config", *e["loc"]], "msg": e["msg"], "type": e["type"]}
-                       for e in exc.errors(include_url=False, include_input=False)]
+            details = [
+                {"loc": ["body", "config", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
             return JSONResponse({"detail": details}, 422)
         image = await asyncio.to_thread(decode_image, data)
         if image is None:
@@ -149,22 +187,30 @@ class Ingress:
         try:
             rows = await asyncio.wait_for(
                 self._detectors[model_id].detect.remote(DetectRequest(boxed, config.params())),
-                self._settings.detect_timeout_s)
+                self._settings.detect_timeout_s,
+            )
         except ModelNotReadyError as exc:
             # Ray re-raises it as a subclass whose str() is the remote traceback.
             message = ModelNotReadyError.__str__(exc)
             return error(503, message, model=exc.model_id, state=exc.state, error=exc.message)
         except BackPressureError as exc:
-            return error(503, "detector overloaded, retry shortly", model=model_id,
-                         state="overloaded", queued=getattr(exc, "num_queued_requests", None))
+            return error(
+                503,
+                "detector overloaded, retry shortly",
+                model=model_id,
+                state="overloaded",
+                queued=getattr(exc, "num_queued_requests", None),
+            )
         except TimeoutError:
-            return error(504, f"detection took longer than {self._settings.detect_timeout_s}s",
-                         model=model_id)
+            return error(
+                504,
+                f"detection took longer than {self._settings.detect_timeout_s}s",
+                model=model_id,
+            )
         except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             kind = "inference" if isinstance(exc, InferenceError) else type(exc).__name__
-            logger.exception("detect failed error_id=%s model=%s kind=%s", error_id, model_id,
-                             kind)
+            logger.exception("detect failed error_id=%s model=%s kind=%s", error_id, model_id, kind)
             return error(500, "inference failed", error_id=error_id, model=model_id)
         if model_id not in self._names:
             await self._model_health(model_id)

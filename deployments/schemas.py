@@ -21,8 +21,9 @@ class DetectConfig(StrictModel):
 
     conf: float = Field(0.25, gt=0.0, le=1.0, description="minimum confidence")
     iou: float = Field(0.7, ge=0.0, le=1.0, description="NMS IoU threshold")
-    classes: list[int] | None = Field(None, max_length=1000,
-                                      description="keep only these class ids")
+    classes: list[int] | None = Field(
+        None, max_length=1000, description="keep only these class ids"
+    )
     max_det: int = Field(300, ge=1, le=3000, description="most detections returned")
 
     @field_validator("classes")
@@ -58,9 +59,11 @@ class ModelSpec(StrictModel):
     path: Path = Field(description=".onnx or .pt file; relative paths resolve against base_dir")
     imgsz: int = Field(640, ge=32, le=4096, multiple_of=32, description="square input size px")
     intra_op_threads: int | Literal["auto"] = Field(
-        "auto", description="ONNX Runtime threads; auto = the replica's CPU share (>= 1)")
+        "auto", description="ONNX Runtime threads; auto = the replica's CPU share (>= 1)"
+    )
     trt_cache_dir: Path | None = Field(
-        None, description="TensorRT engine cache; TensorRT is used only when this is set")
+        None, description="TensorRT engine cache; TensorRT is used only when this is set"
+    )
     fp16: bool = Field(True, description="TensorRT FP16 kernels")
 
 
@@ -75,5 +78,6 @@ class IngressSettings(StrictModel):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="413 above this")
     health_timeout_s: float = Field(2.0, gt=0, le=60)
     detect_timeout_s: float = Field(30.0, gt=0, le=600)
-    default_model: str | None = Field(None, pattern=MODEL_ID_PATTERN,
-                                      description="model of /detect without ?model=")
+    default_model: str | None = Field(
+        None, pattern=MODEL_ID_PATTERN, description="model of /detect without ?model="
+    )

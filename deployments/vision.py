@@ -52,8 +52,9 @@ def letterbox(image: np.ndarray, size: int | tuple[int, int] = 640) -> tuple[np.
         image = cv2.resize(image, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
     top, bottom = round(dh - 0.1), round(dh + 0.1)
     left, right = round(dw - 0.1), round(dw + 0.1)
-    out = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT,
-                             value=(PAD_VALUE,) * 3)
+    out = cv2.copyMakeBorder(
+        image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3
+    )
     return out, Letterbox(h, w, unpad_w / w, unpad_h / h, left, top)
 
 
@@ -137,8 +138,9 @@ def decode_yolo(raw: np.ndarray, params: DetectParams) -> np.ndarray:
     scores, labels = conf[idx].astype(np.float32), cls[idx]
     kept = nms(boxes + labels[:, None].astype(np.float32) * CLASS_OFFSET_PX, scores, params.iou)
     kept = kept[: params.max_det]
-    return np.concatenate([boxes[kept], scores[kept, None], labels[kept, None].astype(np.float32)],
-                          axis=1)
+    return np.concatenate(
+        [boxes[kept], scores[kept, None], labels[kept, None].astype(np.float32)], axis=1
+    )
 
 
 def decode_batch(raw: np.ndarray, params: Sequence[DetectParams]) -> list[np.ndarray]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ray.serve import Application
 from ray.serve.deployment import Deployment
@@ -17,11 +17,14 @@ def build_graph(config: AppConfig, *, detector: Deployment, ingress: Deployment)
     a cluster and see exactly what was bound.
     """
     models = config.resolved_models()
-    detectors = {m.id: detector.options(name=detector_name(m.id)).bind(m.model_dump(mode="json"))
-                 for m in models}
+    detectors = {
+        m.id: detector.options(name=detector_name(m.id)).bind(m.model_dump(mode="json"))
+        for m in models
+    }
     sizes = {m.id: m.imgsz for m in models}
-    return ingress.options(name="Ingress").bind(detectors, sizes,
-                                                config.ingress.model_dump(mode="json"))
+    return ingress.options(name="Ingress").bind(
+        detectors, sizes, config.ingress.model_dump(mode="json")
+    )
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -29,4 +32,9 @@ def build_app(args: dict[str, Any]) -> Application:
     from deployments.detector import Detector
     from deployments.ingress import Ingress
 
-    return build_graph(AppConfig.model_validate(args), detector=Detector, ingress=Ingress)
+    # @serve.deployment turns the classes into Deployments; mypy sees the classes.
+    return build_graph(
+        AppConfig.model_validate(args),
+        detector=cast(Deployment, Detector),
+        ingress=cast(Deployment, Ingress),
+    )

@@ -9,5 +9,15 @@ try:
     import cv2  # noqa: F401
 except ImportError as exc:
     print(f"cv2 import failed ({exc}); reinstalling opencv-python-headless", file=sys.stderr)
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--force-reinstall",
-                           "--no-deps", "opencv-python-headless"])
+    subprocess.check_call(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--force-reinstall",
+            "--no-deps",
+            "opencv-python-headless",
+        ]
+    )

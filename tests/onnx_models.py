@@ -16,8 +16,13 @@ def _image_input(batch: int | str = "batch", size: int | str = "size") -> onnx.V
     return helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, size, size])
 
 
-def constant_detector(path: Path, raw: np.ndarray, names: dict[int, str] | None = None,
-                      batch: int | str = "batch", size: int | str = "size") -> Path:
+def constant_detector(
+    path: Path,
+    raw: np.ndarray,
+    names: dict[int, str] | None = None,
+    batch: int | str = "batch",
+    size: int | str = "size",
+) -> Path:
     """A 'detector' whose output is `raw` (4 + nc, N) for every image of the batch, plus
     0 x the image mean, so the output's batch dimension follows the input's."""
     rows, n = raw.shape
@@ -27,12 +32,13 @@ def constant_detector(path: Path, raw: np.ndarray, names: dict[int, str] | None 
         helper.make_node("Mul", ["mean3", "zero"], ["zeros"]),
         helper.make_node("Add", ["zeros", "raw"], ["output0"]),
     ]
-    inits = [numpy_helper.from_array(raw[None].astype(np.float32), "raw"),
-             numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
-             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    inits = [
+        numpy_helper.from_array(raw[None].astype(np.float32), "raw"),
+        numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ]
     out = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [batch, rows, n])
-    graph = helper.make_graph(nodes, "constant_detector", [_image_input(batch, size)], [out],
-                              inits)
+    graph = helper.make_graph(nodes, "constant_detector", [_image_input(batch, size)], [out], inits)
     model = helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
     if names is not None:
         helper.set_model_props(model, {"names": repr(names)})
@@ -49,8 +55,9 @@ def faulty_detector(path: Path) -> Path:
     return path
 
 
-def yolo_raw(boxes_xywh: list[tuple[float, float, float, float]],
-             class_scores: list[list[float]]) -> np.ndarray:
+def yolo_raw(
+    boxes_xywh: list[tuple[float, float, float, float]], class_scores: list[list[float]]
+) -> np.ndarray:
     """Hand-made YOLO output (4 + nc, N) from candidate boxes and their class scores."""
     xywh = np.asarray(boxes_xywh, np.float32).T
     scores = np.asarray(class_scores, np.float32).T

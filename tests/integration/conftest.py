@@ -21,10 +21,19 @@ def cluster() -> Iterator[dict[str, Any]]:
     http_port, dashboard_port = free_port(), free_port()
     # Logical CPUs above the 2 physical ones: replicas ask for fractions and mostly wait.
     # The dashboard is on because `serve deploy` (the operators' path) talks to it.
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=dashboard_port, log_to_driver=False, namespace="camgraph-tests")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        log_to_driver=False,
+        namespace="camgraph-tests",
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    yield {"http_port": http_port, "http_url": f"http://127.0.0.1:{http_port}",
-           "dashboard_url": f"http://127.0.0.1:{dashboard_port}"}
+    yield {
+        "http_port": http_port,
+        "http_url": f"http://127.0.0.1:{http_port}",
+        "dashboard_url": f"http://127.0.0.1:{dashboard_port}",
+    }
     serve.shutdown()
     ray.shutdown()

@@ -29,22 +29,33 @@ UPLOAD_LIMIT = 1024 * 1024
 
 def deploy(tmp: Path, user_config: dict[str, Any]) -> None:
     """Imperative deploy (serve.run); config deploys are in test_serve_deploy.py."""
-    config = AppConfig.model_validate({
-        "models": [
-            {"id": "demo", "path": str(MODEL), "intra_op_threads": 1},
-            {"id": "broken", "path": str(tmp / "missing.onnx")},
-            {"id": "faulty", "path": str(faulty_detector(tmp / "faulty.onnx")), "imgsz": 64},
-        ],
-        "ingress": {"max_upload_bytes": UPLOAD_LIMIT, "default_model": "demo"},
-    })
-    detector = Detector.options(num_replicas=1, user_config=user_config, max_ongoing_requests=64,
-                                ray_actor_options={"num_cpus": 0.5})
-    serve.run(build_graph(config, detector=detector, ingress=Ingress.options(num_replicas=1)),
-              name=APP, route_prefix="/")
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {"id": "demo", "path": str(MODEL), "intra_op_threads": 1},
+                {"id": "broken", "path": str(tmp / "missing.onnx")},
+                {"id": "faulty", "path": str(faulty_detector(tmp / "faulty.onnx")), "imgsz": 64},
+            ],
+            "ingress": {"max_upload_bytes": UPLOAD_LIMIT, "default_model": "demo"},
+        }
+    )
+    detector = Detector.options(
+        num_replicas=1,
+        user_config=user_config,
+        max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": 0.5},
+    )
+    serve.run(
+        build_graph(config, detector=detector, ingress=Ingress.options(num_replicas=1)),
+        name=APP,
+        route_prefix="/",
+    )
 
 
 @pytest.fixture(scope="module")
-def client(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def client(
+    cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
     tmp = tmp_path_factory.mktemp("models")
     deploy(tmp, {"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
     with httpx.Client(base_url=cluster["http_url"], timeout=60) as c:
@@ -90,14 +101,23 @@ def test_health_reports_every_model_without_loading_it(client: httpx.Client) -> 
 
 def test_detect_finds_the_vehicles_of_a_held_out_scene(client: httpx.Client) -> None:
     image, truths, _ = Scene(HELD_OUT_SEED_START + 7, n_frames=1).render(0)
-    response = client.post("/detect", files={"file": ("scene.jpg", jpeg(image), "image/jpeg")},
-                           data={"config": json.dumps({"conf": 0.3})})
+    response = client.post(
+        "/detect",
+        files={"file": ("scene.jpg", jpeg(image), "image/jpeg")},
+        data={"config": json.dumps({"conf": 0.3})},
+    )
     assert response.status_code == 200, response.text
     detections = response.json()
     vehicles = [t for t in truths if t.cls == "vehicle" and t.visible_fraction > 0.6]
-    found = [v for v in vehicles if any(
-        d["label"] == "vehicle" and iou([d["box"][k] for k in ("x1", "y1", "x2", "y2")], v.box)
-        >= 0.5 for d in detections)]
+    found = [
+        v
+        for v in vehicles
+        if any(
+            d["label"] == "vehicle"
+            and iou([d["box"][k] for k in ("x1", "y1", "x2", "y2")], v.box) >= 0.5
+            for d in detections
+        )
+    ]
     assert len(found) >= 0.9 * len(vehicles)
     assert all(0 <= d["box"]["x2"] <= 1280 and 0 <= d["box"]["y2"] <= 720 for d in detections)
 
@@ -117,9 +137,12 @@ def test_concurrent_requests_are_all_answered_in_batches(client: httpx.Client) -
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=str(client.base_url), timeout=120) as ac:
-            return await asyncio.gather(*(
-                ac.post("/detect", files={"file": ("f.jpg", images[i % 4], "image/jpeg")})
-                for i in range(32)))
+            return await asyncio.gather(
+                *(
+                    ac.post("/detect", files={"file": ("f.jpg", images[i % 4], "image/jpeg")})
+                    for i in range(32)
+                )
+            )
 
     responses = asyncio.run(burst())
     assert [r.status_code for r in responses] == [200] * 32
@@ -153,8 +176,9 @@ def test_bad_requests_get_clear_statuses(client: httpx.Client) -> None:
 
 
 def test_model_not_ready_is_503_with_its_state(client: httpx.Client) -> None:
-    r = client.post("/detect?model=broken",
-                    files={"file": ("g.jpg", jpeg(np.zeros((32, 32, 3), np.uint8)))})
+    r = client.post(
+        "/detect?model=broken", files={"file": ("g.jpg", jpeg(np.zeros((32, 32, 3), np.uint8)))}
+    )
     assert r.status_code == 503
     assert r.headers["retry-after"] == "1"
     detail = r.json()["detail"]
@@ -162,8 +186,9 @@ def test_model_not_ready_is_503_with_its_state(client: httpx.Client) -> None:
 
 
 def test_inference_failure_is_500_with_a_logged_error_id(client: httpx.Client) -> None:
-    r = client.post("/detect?model=faulty",
-                    files={"file": ("g.jpg", jpeg(np.zeros((32, 32, 3), np.uint8)))})
+    r = client.post(
+        "/detect?model=faulty", files={"file": ("g.jpg", jpeg(np.zeros((32, 32, 3), np.uint8)))}
+    )
     assert r.status_code == 500
     error_id = r.json()["detail"]["error_id"]
     assert len(error_id) == 12

@@ -31,8 +31,11 @@ def config_for(cluster: dict[str, Any], user_config: dict[str, Any]) -> dict[str
     for deployment in app["deployments"]:
         if deployment["name"].startswith("Detector_"):
             deployment.pop("autoscaling_config", None)
-            deployment.update(num_replicas=1, user_config=user_config,
-                              ray_actor_options={"num_cpus": 0.5, "num_gpus": 0})
+            deployment.update(
+                num_replicas=1,
+                user_config=user_config,
+                ray_actor_options={"num_cpus": 0.5, "num_gpus": 0},
+            )
     return config
 
 
@@ -40,8 +43,13 @@ def serve_deploy(cluster: dict[str, Any], config: dict[str, Any], path: Path) ->
     path.write_text(yaml.safe_dump(config))
     serve_cli = Path(sys.executable).with_name("serve")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    subprocess.run([str(serve_cli), "deploy", str(path), "--address", cluster["dashboard_url"]],
-                   check=True, env=env, timeout=120, capture_output=True)
+    subprocess.run(
+        [str(serve_cli), "deploy", str(path), "--address", cluster["dashboard_url"]],
+        check=True,
+        env=env,
+        timeout=120,
+        capture_output=True,
+    )
 
 
 def detector_stats() -> dict[str, Any]:
@@ -63,14 +71,18 @@ def wait_until(predicate: Any, timeout_s: float = 120, what: str = "condition") 
 
 
 @pytest.fixture(scope="module")
-def deployed(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[tuple[dict[str, Any], Path]]:
+def deployed(
+    cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict[str, Any], Path]]:
     path = tmp_path_factory.mktemp("deploy") / "serve_config.yaml"
-    serve_deploy(cluster, config_for(cluster, {"max_batch_size": 4,
-                                               "batch_wait_timeout_s": 0.01}), path)
+    serve_deploy(
+        cluster, config_for(cluster, {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}), path
+    )
     url = cluster["http_url"] + PREFIX
-    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok",
-               what="the config-deployed app to be healthy")
+    wait_until(
+        lambda: httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok",
+        what="the config-deployed app to be healthy",
+    )
     yield cluster, path
     serve.delete(APP)
 
@@ -78,19 +90,24 @@ def deployed(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 def test_config_deploy_serves_detect(deployed: tuple[dict[str, Any], Path]) -> None:
     cluster, _ = deployed
     image = cv2.imencode(".jpg", np.full((120, 160, 3), 80, np.uint8))[1].tobytes()
-    r = httpx.post(cluster["http_url"] + PREFIX + "/detect", files={"file": ("a.jpg", image)},
-                   timeout=60)
+    r = httpx.post(
+        cluster["http_url"] + PREFIX + "/detect", files={"file": ("a.jpg", image)}, timeout=60
+    )
     assert r.status_code == 200, r.text
 
 
 def test_user_config_change_applies_without_restarting_the_replica(
-        deployed: tuple[dict[str, Any], Path]) -> None:
+    deployed: tuple[dict[str, Any], Path],
+) -> None:
     cluster, path = deployed
     before = detector_stats()
     assert before["config"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
-    serve_deploy(cluster, config_for(cluster, {"max_batch_size": 2,
-                                               "batch_wait_timeout_s": 0.02}), path)
-    after = wait_until(lambda: (s := detector_stats())["config"]["max_batch_size"] == 2 and s,
-                       what="the new user_config to reach the replica")
+    serve_deploy(
+        cluster, config_for(cluster, {"max_batch_size": 2, "batch_wait_timeout_s": 0.02}), path
+    )
+    after = wait_until(
+        lambda: (s := detector_stats())["config"]["max_batch_size"] == 2 and s,
+        what="the new user_config to reach the replica",
+    )
     assert after["config"] == {"max_batch_size": 2, "batch_wait_timeout_s": 0.02}
     assert (after["pid"], after["replica"]) == (before["pid"], before["replica"])

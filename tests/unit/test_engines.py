@@ -33,7 +33,9 @@ def test_engine_decodes_each_image_with_its_own_params(tmp_path: Path) -> None:
     engine = OnnxEngine(path, imgsz=64)
     assert engine.names == {0: "vehicle", 1: "person"}
     assert engine.providers == [CPU]
-    out = engine.detect(batch(3), [DetectParams(), DetectParams(conf=0.8), DetectParams(classes=(1,))])
+    out = engine.detect(
+        batch(3), [DetectParams(), DetectParams(conf=0.8), DetectParams(classes=(1,))]
+    )
     assert [len(o) for o in out] == [2, 1, 1]
     assert out[1][0, 5] == 0 and out[2][0, 5] == 1
     np.testing.assert_allclose(out[0][0, :4], [80, 80, 120, 120])
@@ -56,7 +58,7 @@ def test_load_errors_are_typed_and_say_why(tmp_path: Path) -> None:
         OnnxEngine(tmp_path / "missing.onnx", 640)
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x00not an onnx model")
-    with pytest.raises(ModelLoadError, match="cannot load corrupt.onnx"):
+    with pytest.raises(ModelLoadError, match=r"cannot load corrupt\.onnx"):
         OnnxEngine(corrupt, 640)
     fixed = constant_detector(tmp_path / "fixed.onnx", RAW, size=320)
     with pytest.raises(ModelLoadError, match="configured imgsz 640"):

@@ -50,12 +50,14 @@ def ours(engine: OnnxEngine, image: np.ndarray, params: DetectParams) -> np.ndar
 
 @pytest.mark.parametrize("name", list(IMAGES))
 @pytest.mark.parametrize("conf, iou", [(0.25, 0.7), (0.05, 0.45)])
-def test_engine_matches_ultralytics_predict(engine: OnnxEngine, reference: YOLO, name: str,
-                                            conf: float, iou: float) -> None:
+def test_engine_matches_ultralytics_predict(
+    engine: OnnxEngine, reference: YOLO, name: str, conf: float, iou: float
+) -> None:
     image = IMAGES[name]
     got = ours(engine, image, DetectParams(conf=conf, iou=iou))
-    result = reference.predict(image, imgsz=640, conf=conf, iou=iou, rect=False, verbose=False,
-                               device="cpu")[0]
+    result = reference.predict(
+        image, imgsz=640, conf=conf, iou=iou, rect=False, verbose=False, device="cpu"
+    )[0]
     want = result.boxes.data.numpy()
     assert len(got) == len(want)
     if name.startswith("scene"):
@@ -72,12 +74,13 @@ def test_batched_inference_equals_one_by_one(engine: OnnxEngine) -> None:
     batch = np.stack([letterbox(im, 640)[0] for im in scenes])
     together = engine.detect(batch, [DetectParams()] * 4)
     for k in range(4):
-        alone = engine.detect(batch[k:k + 1], [DetectParams()])[0]
+        alone = engine.detect(batch[k : k + 1], [DetectParams()])[0]
         np.testing.assert_allclose(together[k], alone, atol=1e-3)
 
 
 def test_pt_model_is_served_by_ultralytics_and_agrees_with_its_onnx_export(
-        engine: OnnxEngine) -> None:
+    engine: OnnxEngine,
+) -> None:
     pt_engine = load_engine(PROJECT_ROOT / "models" / "demo-detector.pt", EngineOptions())
     assert pt_engine.names == {0: "vehicle", 1: "person"}
     boxed, _ = letterbox(IMAGES["scene1"], 640)

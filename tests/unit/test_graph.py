@@ -31,8 +31,14 @@ class RecordingDeployment:
 
 def test_one_detector_per_model_and_an_ingress_routing_to_them() -> None:
     detector, ingress = RecordingDeployment("Detector"), RecordingDeployment("Ingress")
-    config = AppConfig.model_validate({"models": [
-        {"id": "a", "path": "models/a.onnx"}, {"id": "b", "path": "/abs/b.pt", "imgsz": 320}]})
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {"id": "a", "path": "models/a.onnx"},
+                {"id": "b", "path": "/abs/b.pt", "imgsz": 320},
+            ]
+        }
+    )
     app = build_graph(config, detector=detector, ingress=ingress)  # type: ignore[arg-type]
     names = [name for name, _ in detector.bound]
     assert names == ["Detector_a", "Detector_b"]
@@ -45,14 +51,17 @@ def test_one_detector_per_model_and_an_ingress_routing_to_them() -> None:
     assert settings["max_upload_bytes"] > 0
 
 
-@pytest.mark.parametrize("args, problem", [
-    ({"models": []}, "at least 1"),
-    ({"models": [{"id": "a", "path": "x"}, {"id": "a", "path": "y"}]}, "unique"),
-    ({"models": [{"id": "bad id!", "path": "x"}]}, "pattern"),
-    ({"models": [{"id": "a", "path": "x", "imgsz": 100}]}, "multiple of 32"),
-    ({"models": [{"id": "a", "path": "x"}], "ingress": {"default_model": "b"}}, "not one of"),
-    ({"models": [{"id": "a", "path": "x", "colour": "red"}]}, "Extra inputs"),
-])
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        ({"models": []}, "at least 1"),
+        ({"models": [{"id": "a", "path": "x"}, {"id": "a", "path": "y"}]}, "unique"),
+        ({"models": [{"id": "bad id!", "path": "x"}]}, "pattern"),
+        ({"models": [{"id": "a", "path": "x", "imgsz": 100}]}, "multiple of 32"),
+        ({"models": [{"id": "a", "path": "x"}], "ingress": {"default_model": "b"}}, "not one of"),
+        ({"models": [{"id": "a", "path": "x", "colour": "red"}]}, "Extra inputs"),
+    ],
+)
 def test_bad_app_args_are_rejected_with_the_reason(args: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValidationError, match=problem):
         AppConfig.model_validate(args)

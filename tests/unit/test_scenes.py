@@ -91,9 +91,12 @@ def test_clip_has_no_b_frames_a_keyframe_a_second_and_truth_per_frame(tmp_path: 
             if packet.size and packet.is_keyframe:
                 keyframes.append(packet.pts)
             for frame in packet.decode():
-                pict_types.add(frame.pict_type.name if hasattr(frame.pict_type, "name")
-                               else str(frame.pict_type))
+                pict_types.add(
+                    frame.pict_type.name
+                    if hasattr(frame.pict_type, "name")
+                    else str(frame.pict_type)
+                )
                 frames += 1
     assert frames == 25
-    assert not any("B" == p for p in pict_types)
+    assert not any(p == "B" for p in pict_types)
     assert len(keyframes) >= 3

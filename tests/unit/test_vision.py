@@ -47,8 +47,9 @@ def test_letterbox_round_trip_restores_boxes(shape: tuple[int, int]) -> None:
     h, w = shape
     boxes = np.array([[0, 0, w, h], [w * 0.25, h * 0.1, w * 0.5, h * 0.9]], np.float32)
     _, lb = letterbox(np.zeros((h, w, 3), np.uint8), 640)
-    np.testing.assert_allclose(unletterbox_boxes(letterbox_boxes(boxes, lb), lb), boxes,
-                               atol=1e-3 * max(h, w))
+    np.testing.assert_allclose(
+        unletterbox_boxes(letterbox_boxes(boxes, lb), lb), boxes, atol=1e-3 * max(h, w)
+    )
 
 
 def test_letterbox_pads_with_grey_and_keeps_content_centred() -> None:
@@ -75,8 +76,10 @@ def test_model_input_is_rgb_chw_unit_range() -> None:
 
 
 def test_decode_keeps_best_of_overlapping_same_class_boxes() -> None:
-    raw = yolo_raw([(100, 100, 50, 50), (102, 101, 50, 50), (400, 400, 30, 30)],
-                   [[0.9, 0.0], [0.8, 0.0], [0.0, 0.6]])
+    raw = yolo_raw(
+        [(100, 100, 50, 50), (102, 101, 50, 50), (400, 400, 30, 30)],
+        [[0.9, 0.0], [0.8, 0.0], [0.0, 0.6]],
+    )
     rows = decode_yolo(raw, DetectParams(conf=0.25, iou=0.5))
     assert rows.shape == (2, 6)
     np.testing.assert_allclose(rows[0], [75, 75, 125, 125, 0.9, 0], atol=1e-5)
@@ -90,8 +93,10 @@ def test_decode_nms_is_class_aware() -> None:
 
 
 def test_decode_applies_conf_classes_and_max_det() -> None:
-    raw = yolo_raw([(50 * i + 20, 50, 10, 10) for i in range(6)],
-                   [[0.9, 0.0], [0.0, 0.85], [0.3, 0.0], [0.2, 0.0], [0.0, 0.7], [0.95, 0.0]])
+    raw = yolo_raw(
+        [(50 * i + 20, 50, 10, 10) for i in range(6)],
+        [[0.9, 0.0], [0.0, 0.85], [0.3, 0.0], [0.2, 0.0], [0.0, 0.7], [0.95, 0.0]],
+    )
     assert len(decode_yolo(raw, DetectParams(conf=0.25))) == 5
     assert decode_yolo(raw, DetectParams(conf=0.25, classes=(1,)))[:, 5].tolist() == [1.0, 1.0]
     top2 = decode_yolo(raw, DetectParams(conf=0.25, max_det=2))
@@ -126,7 +131,11 @@ def test_decode_matches_ultralytics_non_max_suppression(params: DetectParams) ->
     raw = np.concatenate([xy, wh, scores]).astype(np.float32)
     ours = decode_yolo(raw, params)
     reference = ul_nms.non_max_suppression(
-        torch.from_numpy(raw[None]), params.conf, params.iou,
-        classes=list(params.classes) if params.classes else None, max_det=params.max_det)[0]
+        torch.from_numpy(raw[None]),
+        params.conf,
+        params.iou,
+        classes=list(params.classes) if params.classes else None,
+        max_det=params.max_det,
+    )[0]
     assert ours.shape == tuple(reference.shape)
     np.testing.assert_allclose(ours, reference.numpy(), atol=1e-3)
