@@ -13,7 +13,11 @@ RAY_CPUS ?= 2
 # Ray's default GCS port 6379 is Redis's port.
 RAY_PORT ?= 6380
 
-.PHONY: install run stop status test test-unit test-integration lint format bench-detect demo-models clean
+# Evaluate the committed demo models against their quality bars (held-out scenes).
+evaluate: install
+	$(PY) -m demo.evaluate
+
+.PHONY: evaluate install run stop status test test-unit test-integration lint format bench-detect demo-models clean
 
 install: $(STAMP)
 
@@ -22,13 +26,18 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps 'rapidocr-onnxruntime==1.4.4'
 	@$(PY) scripts/fix_opencv.py
 	@touch $(STAMP)
 
 models/demo-detector.onnx:
 	@echo "models/demo-detector.onnx is missing: run 'make demo-models' (trains) or restore it from git" && exit 1
 
-run: install models/demo-detector.onnx
+# The pipeline archive is packed (deterministically) from committed files, never trained here.
+models/demo.mpta: models/demo-pipeline.json models/demo-detector.onnx models/body-type.onnx | install
+	$(PY) -m demo.build_models pack --out models
+
+run: install models/demo-detector.onnx models/demo.mpta
 	@$(VENV)/bin/ray status >/dev/null 2>&1 || $(VENV)/bin/ray start --head --port=$(RAY_PORT) --num-cpus=$(RAY_CPUS) \
 		--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
 		--disable-usage-stats
@@ -45,7 +54,7 @@ stop:
 	-@test -x $(VENV)/bin/serve && $(VENV)/bin/serve shutdown -y --address http://127.0.0.1:$(DASHBOARD_PORT) 2>/dev/null
 	-@test -x $(VENV)/bin/ray && $(VENV)/bin/ray stop
 
-test: install
+test: install models/demo.mpta
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/unit -q
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/integration -q
 
@@ -69,7 +78,7 @@ bench-detect: run
 
 # Trains the demo models from generated scenes (long on a CPU; see models/MODEL_CARD.md).
 demo-models: install
-	$(PY) -m demo.build_models --out models
+	$(PY) -m demo.build_models all --out models $(if $(DEVICE),--device $(DEVICE),)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -17,8 +17,10 @@ import cv2
 import numpy as np
 
 from demo.scenes import BODY_TYPES, DETECT_CLASSES, ObjectTruth, Scene
+from deployments.vision import crop_square
 
-HELD_OUT_SEED_START = 100_000
+HELD_OUT_SEED_START = 100_000  # validation during training (model selection) and tests
+EVAL_SEED_START = 200_000  # quality bars: never seen by training or model selection
 DETECT_MIN_VISIBLE = 0.3  # fainter objects are left unlabelled rather than taught as boxes
 CLASSIFY_MIN_VISIBLE = 0.75
 CROP_SIZE = 160
@@ -31,22 +33,8 @@ def square_crop(
     size: int = CROP_SIZE,
     pad_fraction: float = 0.04,
 ) -> np.ndarray:
-    """Crop `box` (with a little context) and letterbox it into a `size` square (grey pad)."""
-    h, w = image.shape[:2]
-    x1, y1, x2, y2 = box
-    px, py = int((x2 - x1) * pad_fraction), int((y2 - y1) * pad_fraction)
-    x1, y1, x2, y2 = max(0, x1 - px), max(0, y1 - py), min(w, x2 + px), min(h, y2 + py)
-    crop = image[y1:y2, x1:x2]
-    scale = size / max(crop.shape[:2])
-    resized = cv2.resize(
-        crop,
-        (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))),
-        interpolation=cv2.INTER_AREA,
-    )
-    out = np.full((size, size, 3), 114, np.uint8)
-    oy, ox = (size - resized.shape[0]) // 2, (size - resized.shape[1]) // 2
-    out[oy : oy + resized.shape[0], ox : ox + resized.shape[1]] = resized
-    return out
+    """The classifier's crop (deployments.vision.crop_square) at the dataset's size."""
+    return crop_square(image, box, size, pad_fraction)
 
 
 def yolo_label_lines(truths: Iterable[ObjectTruth], width: int, height: int) -> list[str]:

@@ -76,6 +76,27 @@ def letterbox_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     return out
 
 
+def crop_square(
+    image: np.ndarray, box: tuple[int, int, int, int], size: int, pad_fraction: float = 0.04
+) -> np.ndarray:
+    """Crop `box` with a little context and letterbox it into a `size` square (grey pad):
+    the classifier input, so long vehicles (buses) are never cut by a centre crop."""
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = (int(v) for v in box)
+    px, py = int((x2 - x1) * pad_fraction), int((y2 - y1) * pad_fraction)
+    x1, y1, x2, y2 = max(0, x1 - px), max(0, y1 - py), min(w, x2 + px), min(h, y2 + py)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"empty crop box {box} in a {w}x{h} image")
+    crop = image[y1:y2, x1:x2]
+    scale = size / max(crop.shape[:2])
+    new_w, new_h = max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))
+    resized = cv2.resize(crop, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    out = np.full((size, size, 3), PAD_VALUE, np.uint8)
+    oy, ox = (size - new_h) // 2, (size - new_w) // 2
+    out[oy : oy + new_h, ox : ox + new_w] = resized
+    return out
+
+
 def to_model_input(batch: np.ndarray) -> np.ndarray:
     """BxHxWx3 uint8 BGR → Bx3xHxW float32 RGB in [0, 1], contiguous."""
     if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:

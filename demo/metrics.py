@@ -1,0 +1,64 @@
+"""Detection metrics (pure numpy): IoU matching and VOC-style all-point AP."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes (N, 4) x (M, 4)."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), np.float64)
+    ix1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
+
+
+def match_image(
+    pred: np.ndarray,
+    scores: np.ndarray,
+    gt: np.ndarray,
+    ignore: np.ndarray,
+    iou_threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy match by score. Returns per prediction: 1 = true positive, 0 = false
+    positive, -1 = matched an ignored (barely visible) object and so counts as neither."""
+    order = np.argsort(-scores, kind="stable")
+    outcome = np.zeros(len(pred), np.int8)
+    taken = np.zeros(len(gt), bool)
+    ious = iou_matrix(pred, gt)
+    for i in order:
+        if len(gt) == 0:
+            break
+        candidates = np.where(~taken, ious[i], -1.0)
+        j = int(candidates.argmax())
+        if candidates[j] >= iou_threshold:
+            taken[j] = True
+            outcome[i] = -1 if ignore[j] else 1
+        elif (ious[i][ignore] >= iou_threshold).any():
+            outcome[i] = -1
+    return outcome, taken
+
+
+def average_precision(scores: Sequence[float], outcomes: Sequence[int], n_gt: int) -> float:
+    """All-point interpolated AP over the pooled predictions of a whole dataset."""
+    if n_gt == 0:
+        return float("nan")
+    s, o = np.asarray(scores, np.float64), np.asarray(outcomes, np.int8)
+    keep = o >= 0
+    s, o = s[keep], o[keep]
+    order = np.argsort(-s, kind="stable")
+    tp = np.cumsum(o[order] == 1)
+    fp = np.cumsum(o[order] == 0)
+    recall = np.concatenate([[0.0], tp / n_gt, [1.0]])
+    precision = np.concatenate([[1.0], tp / np.maximum(tp + fp, 1), [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.nonzero(recall[1:] != recall[:-1])[0]
+    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))

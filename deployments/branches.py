@@ -1,0 +1,91 @@
+"""Branch engines (no Ray): a YOLO classification model in ONNX Runtime, and a licence
+plate reader on RapidOCR's pretrained PP-OCR models (shipped inside its wheel)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deployments.engines import choose_providers, gpu_present, parse_names
+from deployments.exceptions import InferenceError, ModelLoadError
+from deployments.vision import to_model_input
+
+PLATE_PATTERN = re.compile(r"^[A-Z0-9]{4,10}$")
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    confidence: float
+
+
+class ClassifierEngine:
+    """YOLO-cls ONNX model: square BGR crops (see vision.crop_square) in, top-1 out."""
+
+    def __init__(self, path: Path, intra_op_threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, intra_op_threads)
+        options.inter_op_num_threads = 1
+        providers = choose_providers(ort.get_available_providers(), gpu_present(), None)
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+        (inp,) = self._session.get_inputs()
+        self._input = inp.name
+        meta = self._session.get_modelmeta().custom_metadata_map
+        size = inp.shape[2] if isinstance(inp.shape[2], int) else meta.get("imgsz", "[224]")
+        self.imgsz = (
+            int(size) if isinstance(size, int) else int(str(size).strip("[]").split(",")[0])
+        )
+        nc = self._session.get_outputs()[0].shape[1]
+        self.names = parse_names(meta.get("names"), nc if isinstance(nc, int) else 0)
+        self.providers = self._session.get_providers()
+
+    def classify(self, crops: np.ndarray) -> list[Label]:
+        """BxSxSx3 uint8 crops at `imgsz` → the best label of each."""
+        if crops.ndim != 4 or crops.shape[1:3] != (self.imgsz, self.imgsz):
+            raise InferenceError(f"expected Bx{self.imgsz}x{self.imgsz}x3 crops, got {crops.shape}")
+        probs = self._session.run(None, {self._input: to_model_input(crops)})[0]
+        best = probs.argmax(1)
+        return [
+            Label(self.names.get(int(k), str(int(k))), float(probs[i, k]))
+            for i, k in enumerate(best)
+        ]
+
+
+def normalise_plate(text: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", text.upper())
+
+
+class PlateReader:
+    """Finds and reads the most plate-like text line in a vehicle crop."""
+
+    def __init__(self) -> None:
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError as exc:
+            raise ModelLoadError("rapidocr-onnxruntime is not installed (make install)") from exc
+        self._ocr: Any = RapidOCR()
+
+    def read(self, crop: np.ndarray) -> Label | None:
+        """The plate text and its recognition confidence, or None if no plate-like text."""
+        result, _ = self._ocr(crop)
+        candidates: list[Label] = []
+        for _box, text, score in result or []:
+            plate = normalise_plate(str(text))
+            if PLATE_PATTERN.match(plate):
+                candidates.append(Label(plate, float(score)))
+        return max(candidates, key=lambda c: (len(c.label) >= 6, c.confidence), default=None)
+
+    def read_many(self, crops: Sequence[np.ndarray]) -> list[Label | None]:
+        return [self.read(c) for c in crops]
