@@ -11,10 +11,29 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
+
+# Per model kind: architecture, run name, weights file, and the augmentations that differ
+# (no flips for the detector: plates must stay readable; mosaic off for the last epochs).
+KINDS: dict[str, dict[str, Any]] = {
+    "detector": {
+        "yaml": "yolo11n.yaml",
+        "run": "detect",
+        "weights": "detector.pt",
+        "train": {"mosaic": 1.0, "close_mosaic": 3, "fliplr": 0.0, "deterministic": False},
+    },
+    "classifier": {
+        "yaml": "yolo11n-cls.yaml",
+        "run": "classify",
+        "weights": "body_type.pt",
+        "train": {"fliplr": 0.5},
+    },
+}
 
 
-def train_detector(
-    data_yaml: Path,
+def train(
+    what: str,
+    data: Path,
     out: Path,
     device: str,
     epochs: int,
@@ -23,100 +42,52 @@ def train_detector(
     batch: int,
     workers: int,
 ) -> dict[str, object]:
+    """Train one model from random init; copy its best weights to `out`; validate them."""
     from ultralytics import YOLO
 
+    kind = KINDS[what]
     start = time.time()
-    model = YOLO("yolo11n.yaml")
     extra = {"time": hours} if hours else {}
-    model.train(
-        data=str(data_yaml),
+    YOLO(kind["yaml"]).train(
+        data=str(data),
         epochs=epochs,
         imgsz=imgsz,
         batch=batch,
         device=device,
         workers=workers,
         project=str(out / "runs"),
-        name="detect",
+        name=kind["run"],
         exist_ok=True,
         pretrained=False,
         amp=False,
         plots=False,
         seed=0,
-        deterministic=False,
-        mosaic=1.0,
-        close_mosaic=3,
-        fliplr=0.0,
         verbose=False,
+        **kind["train"],
         **extra,
     )
-    best = out / "runs" / "detect" / "weights" / "best.pt"
-    shutil.copy(best, out / "detector.pt")
+    best = out / "runs" / kind["run"] / "weights" / "best.pt"
+    shutil.copy(best, out / kind["weights"])
     metrics = YOLO(str(best)).val(
-        data=str(data_yaml),
+        data=str(data),
         imgsz=imgsz,
         device=device,
         plots=False,
         project=str(out / "runs"),
-        name="detect-val",
+        name=f"{kind['run']}-val",
         exist_ok=True,
     )
-    per_class = {
-        name: float(metrics.box.ap50[i])
-        for i, name in metrics.names.items()
-        if i < len(metrics.box.ap50)
-    }
-    return {
-        "seconds": round(time.time() - start, 1),
-        "map50": float(metrics.box.map50),
-        "ap50_per_class": per_class,
-    }
-
-
-def train_classifier(
-    data_dir: Path,
-    out: Path,
-    device: str,
-    epochs: int,
-    hours: float | None,
-    imgsz: int,
-    batch: int,
-    workers: int,
-) -> dict[str, object]:
-    from ultralytics import YOLO
-
-    start = time.time()
-    model = YOLO("yolo11n-cls.yaml")
-    extra = {"time": hours} if hours else {}
-    model.train(
-        data=str(data_dir),
-        epochs=epochs,
-        imgsz=imgsz,
-        batch=batch,
-        device=device,
-        workers=workers,
-        project=str(out / "runs"),
-        name="classify",
-        exist_ok=True,
-        pretrained=False,
-        amp=False,
-        plots=False,
-        seed=0,
-        fliplr=0.5,
-        verbose=False,
-        **extra,
-    )
-    best = out / "runs" / "classify" / "weights" / "best.pt"
-    shutil.copy(best, out / "body_type.pt")
-    metrics = YOLO(str(best)).val(
-        data=str(data_dir),
-        imgsz=imgsz,
-        device=device,
-        plots=False,
-        project=str(out / "runs"),
-        name="classify-val",
-        exist_ok=True,
-    )
-    return {"seconds": round(time.time() - start, 1), "top1": float(metrics.top1)}
+    result: dict[str, object] = {"seconds": round(time.time() - start, 1)}
+    if what == "classifier":
+        result["top1"] = float(metrics.top1)
+    else:
+        result["map50"] = float(metrics.box.map50)
+        result["ap50_per_class"] = {
+            name: float(metrics.box.ap50[i])
+            for i, name in metrics.names.items()
+            if i < len(metrics.box.ap50)
+        }
+    return result
 
 
 def main() -> None:
@@ -132,8 +103,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    fn = train_detector if args.what == "detector" else train_classifier
-    result = fn(
+    result = train(
+        args.what,
         args.data,
         args.out,
         args.device,
