@@ -10,6 +10,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -231,6 +232,7 @@ class ModelSlot:
         self._error: str | None = None
         self._engine: Engine | None = None
         self._thread: threading.Thread | None = None
+        self._load_s: float | None = None
 
     def start(self, loader: Callable[[Callable[[], None]], Engine]) -> None:
         """Run `loader(mark_converting)` in a daemon thread; state follows its outcome."""
@@ -250,8 +252,10 @@ class ModelSlot:
             self._state, self._error, self._engine = state, error, engine
 
     def _load(self, loader: Callable[[Callable[[], None]], Engine]) -> None:
+        start = time.monotonic()
         try:
             engine = loader(lambda: self._set(ModelState.CONVERTING))
+            self._load_s = round(time.monotonic() - start, 3)
         except Exception as exc:
             logger.exception("model %s failed to load", self.model_id)
             self._set(ModelState.ERROR, f"{type(exc).__name__}: {exc}")
@@ -265,7 +269,10 @@ class ModelSlot:
             status: dict[str, Any] = {"state": self._state.value, "error": self._error}
         if engine is not None:
             status.update(
-                providers=list(engine.providers), imgsz=engine.imgsz, classes=engine.names
+                providers=list(engine.providers),
+                imgsz=engine.imgsz,
+                classes=engine.names,
+                load_s=self._load_s,
             )
         return status
 

@@ -35,6 +35,7 @@ def deploy(tmp: Path, user_config: dict[str, Any]) -> None:
                 {"id": "demo", "path": str(MODEL), "intra_op_threads": 1},
                 {"id": "broken", "path": str(tmp / "missing.onnx")},
                 {"id": "faulty", "path": str(faulty_detector(tmp / "faulty.onnx")), "imgsz": 64},
+                {"id": "pt", "path": str(PROJECT_ROOT / "models" / "demo-detector.pt")},
             ],
             "ingress": {"max_upload_bytes": UPLOAD_LIMIT, "default_model": "demo"},
         }
@@ -91,12 +92,42 @@ def iou(a: list[float], b: tuple[int, int, int, int]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def test_health_reports_every_model_without_loading_it(client: httpx.Client) -> None:
-    body = wait_for_states(client, {"demo": "enabled", "broken": "error", "faulty": "enabled"})
+def test_health_answers_while_models_load_and_reports_every_model(client: httpx.Client) -> None:
+    # Polled from right after deployment: the .pt model imports torch and Ultralytics in
+    # its replica (seconds), so /health must answer meanwhile, with only these states.
+    seen: set[str] = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = client.get("/health").json()["models"]["pt"]["state"]
+        seen.add(state)
+        if state == "enabled":
+            break
+        time.sleep(0.05)
+    assert seen <= {"loading", "enabled"} and "enabled" in seen
+    expected = {"demo": "enabled", "broken": "error", "faulty": "enabled", "pt": "enabled"}
+    body = wait_for_states(client, expected)
     assert body["status"] == "degraded"
     assert body["models"]["demo"]["providers"] == ["CPUExecutionProvider"]
     assert body["models"]["demo"]["classes"] == {"0": "vehicle", "1": "person"}
     assert "missing.onnx" in body["models"]["broken"]["error"]
+
+
+def test_pt_model_through_the_graph_agrees_with_its_onnx_export(client: httpx.Client) -> None:
+    body = client.get("/health").json()["models"]
+    assert body["pt"]["providers"] == ["ultralytics:cpu"] and body["demo"]["load_s"] > 0
+    image, _, _ = Scene(HELD_OUT_SEED_START + 9, n_frames=1).render(0)
+    files = {"file": ("scene.jpg", jpeg(image), "image/jpeg")}
+    onnx = client.post("/detect?model=demo", files=files).json()
+    pt = client.post("/detect?model=pt", files=files).json()
+    assert len(pt) == len(onnx) > 0
+
+    def key(d: dict[str, Any]) -> tuple[int, int]:
+        return d["class_id"], round(d["box"]["x1"])
+
+    for a, b in zip(sorted(pt, key=key), sorted(onnx, key=key), strict=True):
+        assert a["label"] == b["label"]
+        assert all(abs(a["box"][k] - b["box"][k]) <= 1.5 for k in ("x1", "y1", "x2", "y2"))
+        assert abs(a["confidence"] - b["confidence"]) <= 0.01
 
 
 def test_detect_finds_the_vehicles_of_a_held_out_scene(client: httpx.Client) -> None:
