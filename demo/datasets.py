@@ -155,15 +155,30 @@ def _scaled(obj: ObjectTruth, scale: float) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("root", type=Path)
-    parser.add_argument("--train-scenes", type=int, default=600)
-    parser.add_argument("--val-scenes", type=int, default=60)
-    parser.add_argument("--frames-per-scene", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=8)
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("datasets", help="YOLO detection + body-type crop datasets")
+    data.add_argument("root", type=Path)
+    data.add_argument("--train-scenes", type=int, default=600)
+    data.add_argument("--val-scenes", type=int, default=60)
+    data.add_argument("--frames-per-scene", type=int, default=4)
+    data.add_argument("--workers", type=int, default=8)
+    clip = sub.add_parser("clip", help="an H.264 MP4 (no B-frames) + ground-truth JSON")
+    clip.add_argument("video", type=Path, help="output .mp4; the .json is written beside it")
+    clip.add_argument("--seed", type=int, default=EVAL_SEED_START)
+    clip.add_argument("--frames", type=int, default=300)
+    clip.add_argument("--fps", type=int, default=10)
+    clip.add_argument("--scale", type=float, default=1.0)
     args = parser.parse_args()
-    write_datasets(
-        args.root, args.train_scenes, args.val_scenes, args.frames_per_scene, workers=args.workers
-    )
+    if args.command == "clip":
+        print(write_clip(args.seed, args.frames, args.video, args.fps, args.scale))
+    else:
+        write_datasets(
+            args.root,
+            args.train_scenes,
+            args.val_scenes,
+            args.frames_per_scene,
+            workers=args.workers,
+        )
 
 
 if __name__ == "__main__":

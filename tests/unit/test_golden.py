@@ -89,3 +89,21 @@ def test_pt_model_is_served_by_ultralytics_and_agrees_with_its_onnx_export(
     assert len(from_pt) == len(from_onnx) > 0
     key_pt, key_onnx = np.lexsort(from_pt[:, :4].T), np.lexsort(from_onnx[:, :4].T)
     np.testing.assert_allclose(from_pt[key_pt, :4], from_onnx[key_onnx, :4], atol=1.0)
+
+
+def test_served_detector_finds_nine_in_ten_vehicles_in_unseen_frames(engine: OnnxEngine) -> None:
+    from demo.datasets import EVAL_SEED_START
+    from demo.metrics import iou_matrix
+
+    found = total = 0
+    for k in range(8):
+        image, truths, _ = Scene(EVAL_SEED_START + 300 + k, n_frames=1).render(0)
+        gt = np.array(
+            [t.box for t in truths if t.cls == "vehicle" and t.visible_fraction >= 0.5], float
+        ).reshape(-1, 4)
+        rows = ours(engine, image, DetectParams(conf=0.25))
+        vehicles = rows[rows[:, 5] == 0, :4]
+        total += len(gt)
+        found += int((iou_matrix(gt, vehicles) >= 0.5).any(axis=1).sum())
+    assert total > 40
+    assert found / total >= 0.9
