@@ -67,7 +67,7 @@ test-integration: install
 lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy deployments graph demo benchmarks
+	$(VENV)/bin/mypy deployments graph demo benchmarks stream_actors
 
 format: install
 	$(VENV)/bin/ruff format .

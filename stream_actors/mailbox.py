@@ -1,0 +1,84 @@
+"""Latest-frame mailbox: a reader thread overwrites one slot, the consumer takes the
+newest frame; every frame that is never processed is counted with its reason."""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DropReason(enum.StrEnum):
+    SUPERSEDED = "superseded"  # a newer frame arrived before this one was taken
+    TOO_OLD = "too_old"  # taken, but older than the freshness limit
+    BACK_PRESSURE = "back_pressure"  # the detector refused it (queue full)
+
+
+@dataclass(frozen=True)
+class Frame:
+    image: np.ndarray
+    seq: int  # per source, increasing by one for every frame read
+    captured_at: float  # wall clock (time.time()) when the frame was read
+    captured_mono: float  # time.monotonic() at the same moment, for ages
+
+
+class LatestFrameMailbox:
+    """Thread-safe single slot. `put` never blocks; `take` waits up to `timeout_s`."""
+
+    def __init__(self, max_age_s: float | None = None) -> None:
+        self._max_age_s = max_age_s
+        self._cond = threading.Condition()
+        self._frame: Frame | None = None
+        self._seq = 0
+        self.received = 0
+        self.delivered = 0
+        self.drops: Counter[DropReason] = Counter()
+
+    def put(self, image: np.ndarray, captured_at: float | None = None) -> Frame:
+        now_mono = time.monotonic()
+        with self._cond:
+            self._seq += 1
+            frame = Frame(
+                image, self._seq, captured_at if captured_at is not None else time.time(), now_mono
+            )
+            if self._frame is not None:
+                self.drops[DropReason.SUPERSEDED] += 1
+            self._frame = frame
+            self.received += 1
+            self._cond.notify_all()
+            return frame
+
+    def take(self, timeout_s: float = 0.0) -> Frame | None:
+        """The newest unseen frame, or None when none arrived in time or it is too old."""
+        with self._cond:
+            if self._frame is None and timeout_s > 0:
+                self._cond.wait_for(lambda: self._frame is not None, timeout_s)
+            frame, self._frame = self._frame, None
+            if frame is None:
+                return None
+            if (
+                self._max_age_s is not None
+                and time.monotonic() - frame.captured_mono > self._max_age_s
+            ):
+                self.drops[DropReason.TOO_OLD] += 1
+                return None
+            self.delivered += 1
+            return frame
+
+    def record_drop(self, reason: DropReason) -> None:
+        """Count a frame that was taken but could not be processed (e.g. back-pressure)."""
+        with self._cond:
+            self.drops[reason] += 1
+
+    def stats(self) -> dict[str, object]:
+        with self._cond:
+            return {
+                "received": self.received,
+                "delivered": self.delivered,
+                "pending": int(self._frame is not None),
+                "drops": {r.value: self.drops[r] for r in DropReason},
+            }

@@ -1,0 +1,125 @@
+"""Stability of tracked objects (per camera and pipeline): a track becomes a stable object
+after N consecutive hits with confidence >= c and size jitter <= j, and is lost after M
+frames without a hit. Emits object lifecycle events: new, updated (a clearly better view:
+more confident or larger), lost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field
+
+from deployments.schemas import StrictModel
+
+
+class StabilityRules(StrictModel):
+    min_hits: int = Field(3, ge=1, le=100, description="consecutive qualifying hits")
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    max_size_jitter: float = Field(
+        0.25, gt=0, le=10, description="max relative change of box width/height"
+    )
+    max_misses: int = Field(5, ge=1, le=1000, description="frames without a hit → lost")
+    better_confidence: float = Field(0.05, ge=0, le=1, description="'updated' when conf rises by")
+    better_area: float = Field(0.2, ge=0, le=10, description="'updated' when area grows by")
+
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Observation:
+    track_id: int
+    cls: int
+    box: Box
+    confidence: float
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    kind: Literal["new", "updated", "lost"]
+    track_id: int
+    cls: int
+    box: Box
+    confidence: float
+    frame_seq: int
+
+
+@dataclass
+class _Track:
+    cls: int
+    box: Box
+    confidence: float
+    run: int = 0
+    misses: int = 0
+    stable: bool = False
+    best_confidence: float = 0.0
+    best_area: float = 0.0
+    history: list[int] = field(default_factory=list)
+
+
+def _size_jitter(a: Box, b: Box) -> float:
+    wa, ha, wb, hb = a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1]
+    return max(abs(wb - wa) / max(wa, 1e-6), abs(hb - ha) / max(ha, 1e-6))
+
+
+def _area(b: Box) -> float:
+    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+
+
+class StabilityValidator:
+    def __init__(self, rules: StabilityRules) -> None:
+        self.rules = rules
+        self._tracks: dict[int, _Track] = {}
+
+    def update(self, observations: list[Observation], frame_seq: int) -> list[ObjectEvent]:
+        """Feed one frame's tracker output; returns the lifecycle events it causes."""
+        r, events = self.rules, []
+        seen = set()
+        for ob in observations:
+            seen.add(ob.track_id)
+            t = self._tracks.get(ob.track_id)
+            if t is None:
+                t = self._tracks[ob.track_id] = _Track(ob.cls, ob.box, ob.confidence)
+            qualifies = ob.confidence >= r.min_confidence
+            if not qualifies:
+                t.run = 0
+            elif t.run and _size_jitter(t.box, ob.box) > r.max_size_jitter:
+                t.run = 1  # a jump in size starts a new run
+            else:
+                t.run += 1
+            t.misses, t.box, t.confidence, t.cls = 0, ob.box, ob.confidence, ob.cls
+            if not t.stable and t.run >= r.min_hits:
+                t.stable, t.best_confidence, t.best_area = True, ob.confidence, _area(ob.box)
+                events.append(
+                    ObjectEvent("new", ob.track_id, ob.cls, ob.box, ob.confidence, frame_seq)
+                )
+            elif (
+                t.stable
+                and qualifies
+                and (
+                    ob.confidence >= t.best_confidence + r.better_confidence
+                    or _area(ob.box) >= t.best_area * (1 + r.better_area)
+                )
+            ):
+                t.best_confidence = max(t.best_confidence, ob.confidence)
+                t.best_area = max(t.best_area, _area(ob.box))
+                events.append(
+                    ObjectEvent("updated", ob.track_id, ob.cls, ob.box, ob.confidence, frame_seq)
+                )
+        for track_id in list(self._tracks):
+            if track_id in seen:
+                continue
+            t = self._tracks[track_id]
+            t.misses += 1
+            t.run = 0
+            if t.misses >= r.max_misses:
+                del self._tracks[track_id]
+                if t.stable:
+                    events.append(
+                        ObjectEvent("lost", track_id, t.cls, t.box, t.confidence, frame_seq)
+                    )
+        return events
+
+    def stable_ids(self) -> set[int]:
+        return {k for k, t in self._tracks.items() if t.stable}

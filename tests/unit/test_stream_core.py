@@ -1,0 +1,143 @@
+"""Pure stream logic: mailbox, reconnect policy, stability (no Ray, no sockets)."""
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from stream_actors.mailbox import DropReason, LatestFrameMailbox
+from stream_actors.reconnect import Backoff, BreakerState, CircuitBreaker, TokenBucket
+from stream_actors.stability import Observation, StabilityRules, StabilityValidator
+
+IMG = np.zeros((2, 2, 3), np.uint8)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_mailbox_keeps_only_the_newest_and_counts_every_superseded_frame() -> None:
+    box = LatestFrameMailbox()
+    for _ in range(5):
+        box.put(IMG)
+    frame = box.take()
+    assert frame is not None and frame.seq == 5
+    assert box.take() is None
+    stats = box.stats()
+    assert stats["received"] == 5 and stats["delivered"] == 1
+    assert stats["drops"]["superseded"] == 4
+    box.record_drop(DropReason.BACK_PRESSURE)
+    assert box.stats()["drops"]["back_pressure"] == 1
+
+
+def test_mailbox_drops_frames_older_than_the_limit() -> None:
+    box = LatestFrameMailbox(max_age_s=0.0)
+    box.put(IMG)
+    threading.Event().wait(0.01)
+    assert box.take() is None
+    assert box.stats()["drops"]["too_old"] == 1
+
+
+def test_mailbox_take_wakes_when_a_frame_arrives_from_another_thread() -> None:
+    box = LatestFrameMailbox()
+    threading.Timer(0.05, lambda: box.put(IMG)).start()
+    frame = box.take(timeout_s=5)
+    assert frame is not None and frame.seq == 1
+    assert box.take(timeout_s=0.01) is None
+
+
+def test_every_frame_is_accounted_under_a_concurrent_producer() -> None:
+    box = LatestFrameMailbox()
+    done = threading.Event()
+
+    def produce() -> None:
+        for _ in range(2000):
+            box.put(IMG)
+        done.set()
+
+    threading.Thread(target=produce).start()
+    taken = 0
+    while not done.is_set() or box.stats()["pending"]:
+        if box.take(timeout_s=0.001) is not None:
+            taken += 1
+    stats = box.stats()
+    assert stats["received"] == 2000
+    assert taken + stats["drops"]["superseded"] == 2000
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
+    b = Backoff(base_s=1, factor=2, cap_s=10, jitter=0.5, rng=random.Random(0))
+    delays = [b.next_delay_s() for _ in range(8)]
+    ceilings = [1, 2, 4, 8, 10, 10, 10, 10]
+    assert all(c * 0.5 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    assert len(set(delays)) == len(delays)  # jittered: no two cameras retry in lockstep
+    b.reset()
+    assert b.next_delay_s() <= 1
+
+
+def test_breaker_opens_after_failures_then_allows_one_trial() -> None:
+    clock = FakeClock()
+    br = CircuitBreaker(failure_threshold=3, open_s=30, clock=clock)
+    for _ in range(2):
+        br.record_failure()
+    assert br.state is BreakerState.CLOSED and br.allow()
+    br.record_failure()
+    assert br.state is BreakerState.OPEN and not br.allow()
+    assert br.retry_in_s() == pytest.approx(30)
+    clock.now += 30
+    assert br.state is BreakerState.HALF_OPEN and br.allow()
+    br.record_failure()  # the trial failed: open again for a full period
+    assert br.state is BreakerState.OPEN
+    clock.now += 30
+    br.record_success()
+    assert br.state is BreakerState.CLOSED and br.failures == 0
+
+
+def test_token_bucket_caps_the_rate_and_says_how_long_to_wait() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate_per_s=5, burst=3, clock=clock)
+    assert [bucket.try_acquire() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.try_acquire() == pytest.approx(0.2)
+    clock.now += 1.0
+    granted = sum(bucket.try_acquire() == 0.0 for _ in range(10))
+    assert granted == 3  # refills at 5/s but never above the burst
+    with pytest.raises(ValueError):
+        TokenBucket(0, 1)
+
+
+def obs(track: int, x: float, conf: float = 0.9, w: float = 100, h: float = 50) -> Observation:
+    return Observation(track, 0, (x, 10, x + w, 10 + h), conf)
+
+
+def test_track_becomes_stable_after_n_good_hits_and_is_lost_after_m_misses() -> None:
+    v = StabilityValidator(StabilityRules(min_hits=3, max_misses=2))
+    assert v.update([obs(1, 0)], 1) == []
+    assert v.update([obs(1, 5)], 2) == []
+    events = v.update([obs(1, 10)], 3)
+    assert [(e.kind, e.track_id) for e in events] == [("new", 1)]
+    assert v.update([obs(1, 15)], 4) == []  # same view: no update event
+    assert v.update([], 5) == []
+    events = v.update([], 6)
+    assert [(e.kind, e.track_id, e.frame_seq) for e in events] == [("lost", 1, 6)]
+    assert v.stable_ids() == set()
+
+
+def test_low_confidence_and_size_jumps_reset_the_run() -> None:
+    v = StabilityValidator(StabilityRules(min_hits=3, min_confidence=0.5, max_size_jitter=0.2))
+    seq = [obs(1, 0), obs(1, 1, conf=0.3), obs(1, 2), obs(1, 3, w=200), obs(1, 4, w=200)]
+    assert all(v.update([o], i) == [] for i, o in enumerate(seq))
+    assert [e.kind for e in v.update([obs(1, 5, w=205)], 9)] == ["new"]
+
+
+def test_a_clearly_better_view_emits_updated_and_unstable_tracks_vanish_silently() -> None:
+    v = StabilityValidator(StabilityRules(min_hits=1, max_misses=1))
+    assert [e.kind for e in v.update([obs(1, 0, conf=0.6), obs(2, 300, conf=0.2)], 1)] == ["new"]
+    assert v.update([obs(1, 1, conf=0.62)], 2) == []
+    assert [e.kind for e in v.update([obs(1, 2, conf=0.7)], 3)] == ["updated"]
+    assert [e.kind for e in v.update([obs(1, 3, conf=0.7, w=130, h=60)], 4)] == ["updated"]
+    assert [e.kind for e in v.update([], 5)] == ["lost"]  # track 2 never stable: no event
