@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from deployments.engines import choose_providers, gpu_present, parse_names
+from deployments.engines import make_session, parse_names
 from deployments.exceptions import InferenceError, ModelLoadError
 from deployments.vision import to_model_input
 
@@ -28,18 +28,7 @@ class ClassifierEngine:
     """YOLO-cls ONNX model: square BGR crops (see vision.crop_square) in, top-1 out."""
 
     def __init__(self, path: Path, intra_op_threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, intra_op_threads)
-        options.inter_op_num_threads = 1
-        providers = choose_providers(ort.get_available_providers(), gpu_present(), None)
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+        self._session = make_session(path, intra_op_threads)
         (inp,) = self._session.get_inputs()
         self._input = inp.name
         meta = self._session.get_modelmeta().custom_metadata_map

@@ -79,6 +79,28 @@ def parse_names(raw: str | None, nc: int) -> dict[int, str]:
     return {i: f"class{i}" for i in range(nc)}
 
 
+def make_session(
+    path: Path,
+    intra_op_threads: int,
+    providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+) -> Any:
+    """An ONNX Runtime session with camgraph's threading; load failures → ModelLoadError."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, intra_op_threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if providers is None:
+        providers = choose_providers(ort.get_available_providers(), gpu_present(), None)
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+
+
 class OnnxEngine:
     """A YOLOv8/YOLO11 detection model in ONNX Runtime."""
 
@@ -89,20 +111,7 @@ class OnnxEngine:
         intra_op_threads: int = 1,
         providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
     ) -> None:
-        import onnxruntime as ort
-
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, intra_op_threads)
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if providers is None:
-            providers = choose_providers(ort.get_available_providers(), gpu_present(), None)
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=list(providers))
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+        self._session = make_session(path, intra_op_threads, providers)
         self.providers = self._session.get_providers()
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
@@ -114,6 +123,10 @@ class OnnxEngine:
         for dim in (h, w):
             if isinstance(dim, int) and dim != imgsz:
                 raise ModelLoadError(f"{path.name}: input is {h}x{w}, configured imgsz {imgsz}")
+        if isinstance(batch_dim, int) and batch_dim != 1:
+            raise ModelLoadError(
+                f"{path.name}: fixed batch size {batch_dim}; export with a dynamic batch or 1"
+            )
         self._fixed_batch = batch_dim if isinstance(batch_dim, int) else None
         self._output = outputs[0].name
         nc_dim = outputs[0].shape[1] if len(outputs[0].shape) == 3 else None
@@ -187,6 +200,7 @@ class EngineOptions:
     intra_op_threads: int = 1
     trt_cache_dir: Path | None = None
     fp16: bool = True
+    gpu: bool | None = None  # None: any GPU present; replicas pass what Ray assigned them
 
 
 def trt_engine_cached(trt_cache_dir: Path | None) -> bool:
@@ -199,13 +213,17 @@ def load_engine(
     """Build the engine a model file calls for; reports `converting` when TensorRT will
     build an engine that is not cached yet (minutes on first start)."""
     if path.suffix == ".pt":
-        return UltralyticsEngine(path, options.imgsz)
+        gpu = gpu_present() if options.gpu is None else options.gpu
+        return UltralyticsEngine(path, options.imgsz, device="0" if gpu else "cpu")
     if path.suffix != ".onnx":
         raise ModelLoadError(f"unsupported model format {path.suffix!r} (use .onnx or .pt)")
     import onnxruntime as ort
 
     providers = choose_providers(
-        ort.get_available_providers(), gpu_present(), options.trt_cache_dir, options.fp16
+        ort.get_available_providers(),
+        gpu_present() if options.gpu is None else options.gpu,
+        options.trt_cache_dir,
+        options.fp16,
     )
     uses_trt = any(isinstance(p, tuple) and p[0] == TENSORRT for p in providers)
     if uses_trt and options.trt_cache_dir is not None:

@@ -5,6 +5,7 @@ receives only the model-sized input.
 """
 
 import asyncio
+import io
 import logging
 import uuid
 from typing import Any
@@ -18,12 +19,13 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from deployments.detector import DetectRequest
 from deployments.exceptions import InferenceError, ModelNotReadyError, UnknownModelError
 from deployments.schemas import MODEL_ID_PATTERN, DetectConfig, Detection, IngressSettings
-from deployments.vision import letterbox, unletterbox_boxes
+from deployments.vision import Letterbox, letterbox, unletterbox_boxes
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,10 +67,38 @@ def error(status: int, message: str, **fields: Any) -> JSONResponse:
     return JSONResponse({"detail": {"message": message, **fields}}, status, headers=headers)
 
 
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the image header alone (no decode), or None if unknown."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.width) * int(image.height)
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
 def decode_image(data: bytes) -> np.ndarray | None:
     """BGR image from encoded bytes, or None when OpenCV cannot decode them."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:  # e.g. over OpenCV's own pixel limit
+        return None
     return image if image is not None and image.size else None
+
+
+def prepare(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, Letterbox] | str:
+    """Decode and letterbox in one worker-thread hop, or say why not. A small file that
+    would decode to gigapixels is refused from its header, before any decoding."""
+    pixels = header_pixels(data)
+    if pixels is not None and pixels > max_pixels:
+        return f"the image has {pixels} pixels, more than the limit of {max_pixels}"
+    image = decode_image(data)
+    if image is None:
+        return "the upload is not a decodable image"
+    if image.shape[0] * image.shape[1] > max_pixels:
+        return f"the image has more pixels than the limit of {max_pixels}"
+    return letterbox(image, size)
 
 
 def to_detections(rows: np.ndarray, names: dict[int, str]) -> list[dict[str, Any]]:
@@ -96,7 +126,6 @@ class Ingress:
         self._sizes = model_sizes
         self._settings = IngressSettings.model_validate(settings)
         self._default = self._settings.default_model or next(iter(detectors))
-        self._names: dict[str, dict[int, str]] = {}
 
     async def _model_health(self, model_id: str) -> dict[str, Any]:
         handle = self._detectors[model_id]
@@ -110,8 +139,6 @@ class Ingress:
             }
         except Exception as exc:  # a replica that died reports as an error, not a 500
             return {"model": model_id, "state": "error", "error": f"{type(exc).__name__}: {exc}"}
-        if status.get("state") == "enabled" and status.get("classes"):
-            self._names[model_id] = {int(k): v for k, v in status["classes"].items()}
         return status
 
     @app.get("/health")
@@ -164,6 +191,8 @@ class Ingress:
                 data = await upload.read(limit + 1)
         except MultiPartException as exc:
             return error(400, f"malformed multipart body: {exc.message}")
+        except StarletteHTTPException as exc:  # Starlette maps multipart errors itself
+            return error(400, f"malformed multipart body: {exc.detail}")
         if not data:
             return error(400, "empty upload")
         if len(data) > limit:
@@ -180,12 +209,14 @@ class Ingress:
                 for e in exc.errors(include_url=False, include_input=False)
             ]
             return JSONResponse({"detail": details}, 422)
-        image = await asyncio.to_thread(decode_image, data)
-        if image is None:
-            return error(400, "the upload is not a decodable image")
-        boxed, lb = letterbox(image, self._sizes[model_id])
+        prepared = await asyncio.to_thread(
+            prepare, data, self._sizes[model_id], self._settings.max_image_pixels
+        )
+        if isinstance(prepared, str):
+            return error(400, prepared)
+        boxed, lb = prepared
         try:
-            rows = await asyncio.wait_for(
+            result = await asyncio.wait_for(
                 self._detectors[model_id].detect.remote(DetectRequest(boxed, config.params())),
                 self._settings.detect_timeout_s,
             )
@@ -212,8 +243,6 @@ class Ingress:
             kind = "inference" if isinstance(exc, InferenceError) else type(exc).__name__
             logger.exception("detect failed error_id=%s model=%s kind=%s", error_id, model_id, kind)
             return error(500, "inference failed", error_id=error_id, model=model_id)
-        if model_id not in self._names:
-            await self._model_health(model_id)
-        rows = np.array(rows, np.float32).reshape(-1, 6)  # replies are read-only views
+        rows = np.array(result.rows, np.float32).reshape(-1, 6)  # replies are read-only views
         rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
-        return to_detections(rows, self._names.get(model_id, {}))
+        return to_detections(rows, result.names)

@@ -76,6 +76,9 @@ class DetectorUserConfig(StrictModel):
 
 class IngressSettings(StrictModel):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="413 above this")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1024, description="decoded images above this are refused (400)"
+    )
     health_timeout_s: float = Field(2.0, gt=0, le=60)
     detect_timeout_s: float = Field(30.0, gt=0, le=600)
     default_model: str | None = Field(

@@ -1,6 +1,8 @@
 """One local Ray cluster for the whole integration session (as Ray's cluster tests)."""
 
+import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +21,12 @@ def cluster() -> Iterator[dict[str, Any]]:
     from ray import serve
 
     http_port, dashboard_port = free_port(), free_port()
+    # Always a fresh local cluster: never attach to one left by `make run`.
+    os.environ.pop("RAY_ADDRESS", None)
     # Logical CPUs above the 2 physical ones: replicas ask for fractions and mostly wait.
     # The dashboard is on because `serve deploy` (the operators' path) talks to it.
     ray.init(
+        address="local",
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -37,3 +42,25 @@ def cluster() -> Iterator[dict[str, Any]]:
     }
     serve.shutdown()
     ray.shutdown()
+
+
+def detector_stats(app: str, model_id: str = "demo") -> dict[str, Any]:
+    """The counters of the (single) replica of Detector_<model_id> in `app`."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"Detector_{model_id}", app_name=app)
+    return handle.stats.remote().result(timeout_s=30)
+
+
+def wait_until(predicate: Any, timeout_s: float = 120, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy (exceptions count as not yet)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:  # e.g. the app is not deployed yet
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")

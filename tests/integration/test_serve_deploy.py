@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import yaml
 from ray import serve
 
 from graph.config import PROJECT_ROOT
+from tests.integration.conftest import detector_stats, wait_until
 
 pytestmark = pytest.mark.integration
 APP = "camgraph-deploy-test"
@@ -52,24 +52,6 @@ def serve_deploy(cluster: dict[str, Any], config: dict[str, Any], path: Path) ->
     )
 
 
-def detector_stats() -> dict[str, Any]:
-    handle = serve.get_deployment_handle("Detector_demo", app_name=APP)
-    return handle.stats.remote().result(timeout_s=30)
-
-
-def wait_until(predicate: Any, timeout_s: float = 120, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception:  # not deployed yet
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def deployed(
     cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
@@ -100,13 +82,13 @@ def test_user_config_change_applies_without_restarting_the_replica(
     deployed: tuple[dict[str, Any], Path],
 ) -> None:
     cluster, path = deployed
-    before = detector_stats()
+    before = detector_stats(APP)
     assert before["config"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
     serve_deploy(
         cluster, config_for(cluster, {"max_batch_size": 2, "batch_wait_timeout_s": 0.02}), path
     )
     after = wait_until(
-        lambda: (s := detector_stats())["config"]["max_batch_size"] == 2 and s,
+        lambda: (s := detector_stats(APP))["config"]["max_batch_size"] == 2 and s,
         what="the new user_config to reach the replica",
     )
     assert after["config"] == {"max_batch_size": 2, "batch_wait_timeout_s": 0.02}

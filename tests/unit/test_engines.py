@@ -47,10 +47,22 @@ def test_engine_loops_over_a_fixed_batch_one_model(tmp_path: Path) -> None:
     assert [len(o) for o in out] == [2, 2, 2, 2]
 
 
+def test_a_fixed_batch_other_than_one_is_refused_at_load(tmp_path: Path) -> None:
+    path = constant_detector(tmp_path / "b4.onnx", RAW, batch=4, size=64)
+    with pytest.raises(ModelLoadError, match="fixed batch size 4"):
+        OnnxEngine(path, imgsz=64)
+
+
+def test_load_engine_follows_the_gpu_assignment_it_is_given(tmp_path: Path) -> None:
+    path = constant_detector(tmp_path / "m.onnx", RAW)
+    engine = load_engine(path, EngineOptions(imgsz=64, gpu=False))
+    assert engine.providers == [CPU]
+
+
 def test_names_fall_back_to_numbers_without_metadata(tmp_path: Path) -> None:
     engine = OnnxEngine(constant_detector(tmp_path / "m.onnx", RAW), imgsz=64)
     assert parse_names("not a dict", 2) == {0: "class0", 1: "class1"}
-    assert engine.names == {} or engine.names == {0: "class0", 1: "class1"}
+    assert engine.names == {0: "class0", 1: "class1"}
 
 
 def test_load_errors_are_typed_and_say_why(tmp_path: Path) -> None:
@@ -116,7 +128,9 @@ def test_slot_reports_converting_and_errors_with_their_message() -> None:
 
     slot = ModelSlot("trt")
     slot.start(loader)
-    while not seen:
+    for _ in range(1000):
+        if seen:
+            break
         threading.Event().wait(0.01)
     assert slot.status()["state"] == "converting"
     release.set()
