@@ -7,23 +7,33 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= token
 export YOLO_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
-HTTP_PORT ?= 8000
+# The HTTP port is serve_config.yaml's http_options.port; read here to wait and print.
+HTTP_PORT := $(shell awk '/^http_options:/{f=1} f&&/port:/{print $$2; exit}' serve_config.yaml)
 DASHBOARD_PORT ?= 8265
 RAY_CPUS ?= 2
 # Ray's default GCS port 6379 is Redis's port.
 RAY_PORT ?= 6380
 
-# Evaluate the committed demo models against their quality bars (held-out scenes).
-evaluate: install
-	$(PY) -m demo.evaluate
+help:
+	@echo "make run | stop | status | test | lint | bench-detect | evaluate | demo-models"
+	@echo "README.md explains each; 'make run' and 'make test' are the two that matter."
 
-.PHONY: evaluate install run stop status test test-unit test-integration lint format bench-detect demo-models clean
+# Evaluate the committed demo models against their quality bars (held-out scenes);
+# writes data/evaluation.json (models/evaluation.json is the model card's record).
+evaluate: install
+	@mkdir -p data
+	$(PY) -m demo.evaluate --out data/evaluation.json
+
+.DEFAULT_GOAL := help
+.PHONY: help evaluate install run stop status test test-unit test-integration lint format bench-detect demo-models clean
 
 install: $(STAMP)
 
 # Re-install whenever pyproject.toml changes; the venv is made with Python >= 3.11.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "$(VENV) has Python < 3.11: remove it and set PYTHON=python3.11 (or newer)"; exit 1; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps 'rapidocr-onnxruntime==1.4.4'
