@@ -1,0 +1,111 @@
+"""Camera sources against real peers: an H.264 clip on disk and a real HTTP server."""
+
+import functools
+import http.server
+import threading
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from demo.datasets import write_clip
+from stream_actors.sources import (
+    PyAVSource,
+    SnapshotSource,
+    SourceConnectionError,
+    SourceReadError,
+)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_clip(
+        3, n_frames=12, video_path=tmp_path_factory.mktemp("clip") / "c.mp4", fps=10, scale=0.25
+    )
+
+
+def test_file_is_read_once_in_full(clip: Path) -> None:
+    frames = list(PyAVSource(str(clip)).frames())
+    assert len(frames) == 12
+    assert frames[0].image.shape == (180, 320, 3) and frames[0].image.dtype == np.uint8
+
+
+class FakeTime:
+    """A clock that moves only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 100.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_looping_file_keeps_going_and_pacing_follows_its_frame_rate(clip: Path) -> None:
+    fake = FakeTime()
+    source = PyAVSource(str(clip), loop=True, pace=True, sleep=fake.sleep, clock=fake.clock)
+    slept = fake.slept
+    frames = list(islice(source.frames(), 30))
+    assert len(frames) == 30  # more than the clip holds: it looped
+    # paced at 10 fps: the requested sleeps add up to about 29 frame periods
+    assert sum(slept) == pytest.approx(2.9, abs=0.5)
+
+
+def test_missing_and_corrupt_files_are_connection_errors(tmp_path: Path) -> None:
+    with pytest.raises(SourceConnectionError, match=r"missing\.mp4"):
+        next(PyAVSource(str(tmp_path / "missing.mp4")).frames())
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 4096)
+    with pytest.raises(SourceConnectionError):
+        next(PyAVSource(str(junk)).frames())
+
+
+def test_refused_rtsp_is_a_connection_error() -> None:
+    with pytest.raises(SourceConnectionError, match=r"rtsp://127\.0\.0\.1:9"):
+        next(PyAVSource("rtsp://127.0.0.1:9/none", open_timeout_s=1, read_timeout_s=1).frames())
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def http_dir(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    handler = functools.partial(_Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
+    server.shutdown()
+    server.server_close()
+
+
+def test_snapshot_source_polls_at_its_interval(http_dir: tuple[str, Path]) -> None:
+    base, root = http_dir
+    cv2.imwrite(str(root / "cam.jpg"), np.full((48, 64, 3), 200, np.uint8))
+    fake = FakeTime()
+    source = SnapshotSource(f"{base}/cam.jpg", interval_s=0.5, sleep=fake.sleep, clock=fake.clock)
+    frames = list(islice(source.frames(), 3))
+    slept = fake.slept
+    assert [f.image.shape for f in frames] == [(48, 64, 3)] * 3
+    assert slept == [pytest.approx(0.5), pytest.approx(0.5)]
+
+
+def test_snapshot_failures_are_typed(http_dir: tuple[str, Path]) -> None:
+    base, root = http_dir
+    with pytest.raises(SourceReadError, match="HTTP 404"):
+        SnapshotSource(f"{base}/nope.jpg").grab()
+    (root / "half.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(SourceReadError, match="undecodable"):
+        SnapshotSource(f"{base}/half.jpg").grab()
+    with pytest.raises(SourceConnectionError):
+        SnapshotSource("http://127.0.0.1:9/cam.jpg", timeout_s=1).grab()
+    with pytest.raises(SourceConnectionError, match="http"):
+        SnapshotSource("file:///etc/passwd")
