@@ -4,7 +4,6 @@ plate reader on RapidOCR's pretrained PP-OCR models (shipped inside its wheel)."
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +74,3 @@ class PlateReader:
             if PLATE_PATTERN.match(plate):
                 candidates.append(Label(plate, float(score)))
         return max(candidates, key=lambda c: (len(c.label) >= 6, c.confidence), default=None)
-
-    def read_many(self, crops: Sequence[np.ndarray]) -> list[Label | None]:
-        return [self.read(c) for c in crops]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -138,11 +137,3 @@ class Detector:
             "config": self._config.model_dump(),
             "batch_sizes": dict(self._batch_sizes),
         }
-
-    async def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while self._slot.status()["state"] in ("loading", "converting"):
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        return self.health()

@@ -5,7 +5,7 @@ more confident or larger), lost."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
@@ -55,7 +55,6 @@ class _Track:
     stable: bool = False
     best_confidence: float = 0.0
     best_area: float = 0.0
-    history: list[int] = field(default_factory=list)
 
 
 def _size_jitter(a: Box, b: Box) -> float:
