@@ -8,7 +8,7 @@ import numpy as np
 
 from deployments.vision import iou_matrix
 
-__all__ = ["average_precision", "iou_matrix", "match_image"]
+__all__ = ["average_precision", "id_switches", "iou_matrix", "match_image"]
 
 
 def match_image(
@@ -52,3 +52,41 @@ def average_precision(scores: Sequence[float], outcomes: Sequence[int], n_gt: in
     precision = np.maximum.accumulate(precision[::-1])[::-1]
     steps = np.nonzero(recall[1:] != recall[:-1])[0]
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+def id_switches(
+    truth_frames: Sequence[Sequence[tuple[int, tuple[float, float, float, float]]]],
+    track_frames: Sequence[Sequence[tuple[int, tuple[float, float, float, float]]]],
+    iou_threshold: float = 0.5,
+) -> tuple[int, int]:
+    """ID switches of a tracker against ground truth, as in CLEAR-MOT: per frame each
+    truth object is matched (greedy by IoU) to a track; a switch is counted whenever an
+    object's matched track differs from the one it last matched. Returns (switches,
+    number of distinct truth objects that were ever matched)."""
+    last: dict[int, int] = {}
+    switches = 0
+    for truths, tracks in zip(truth_frames, track_frames, strict=True):
+        if not truths or not tracks:
+            continue
+        ious = iou_matrix(
+            np.array([b for _, b in truths], np.float32).reshape(-1, 4),
+            np.array([b for _, b in tracks], np.float32).reshape(-1, 4),
+        )
+        pairs = sorted(
+            ((ious[i, j], i, j) for i in range(len(truths)) for j in range(len(tracks))),
+            reverse=True,
+        )
+        used_t: set[int] = set()
+        used_k: set[int] = set()
+        for iou, i, j in pairs:
+            if iou < iou_threshold:
+                break
+            if i in used_t or j in used_k:
+                continue
+            used_t.add(i)
+            used_k.add(j)
+            obj, track = truths[i][0], tracks[j][0]
+            if obj in last and last[obj] != track:
+                switches += 1
+            last[obj] = track
+    return switches, len(last)

@@ -12,8 +12,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+import ray
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -26,6 +27,11 @@ from deployments.detector import DetectRequest
 from deployments.exceptions import InferenceError, ModelNotReadyError, UnknownModelError
 from deployments.schemas import MODEL_ID_PATTERN, DetectConfig, Detection, IngressSettings
 from deployments.vision import Letterbox, letterbox, unletterbox_boxes
+from stream_actors.actors import StreamRegistry, StreamSettings, registry_name
+from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
+
+# Camera and registry actors live in one namespace, whatever namespace Serve runs in.
+STREAMS_NAMESPACE = "camgraph"
 
 logger = logging.getLogger("ray.serve")
 
@@ -121,11 +127,40 @@ class Ingress:
         detectors: dict[str, DeploymentHandle],
         model_sizes: dict[str, int],
         settings: dict[str, Any],
+        streams: dict[str, Any] | None = None,
     ) -> None:
         self._detectors = detectors
         self._sizes = model_sizes
         self._settings = IngressSettings.model_validate(settings)
         self._default = self._settings.default_model or next(iter(detectors))
+        self._stream_settings = StreamSettings.model_validate(streams or {})
+        self._app_name = serve.get_replica_context().app_name
+        # The registry outlives ingress replicas (detached, restartable): streams keep
+        # running through an ingress restart or a redeploy of the app.
+        self._registry = StreamRegistry.options(  # type: ignore[attr-defined]
+            name=registry_name(self._app_name),
+            namespace=STREAMS_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=256,
+        ).remote(
+            self._app_name,
+            self._model_sizes_default_first(),
+            self._detector_names(),
+            self._stream_settings.model_dump(mode="json"),
+            STREAMS_NAMESPACE,
+        )
+        self._registry.configure.remote(self._model_sizes_default_first(), self._detector_names())
+
+    def _model_sizes_default_first(self) -> dict[str, int]:
+        """Model sizes with the default model first (subscriptions without modelId)."""
+        return {self._default: self._sizes[self._default], **self._sizes}
+
+    def _detector_names(self) -> dict[str, str]:
+        from graph.config import detector_name
+
+        return {m: detector_name(m) for m in self._detectors}
 
     async def _model_health(self, model_id: str) -> dict[str, Any]:
         handle = self._detectors[model_id]
@@ -246,3 +281,64 @@ class Ingress:
         rows = np.array(result.rows, np.float32).reshape(-1, 6)  # replies are read-only views
         rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
         return to_detections(rows, result.names)
+
+    # ---- camera streams -------------------------------------------------------------
+    @app.post("/streams", status_code=201)
+    async def subscribe(self, sub: Subscription) -> Any:
+        """Subscribe a camera (the detector-worker `subscribe` payload). Several
+        subscriptions on one URL share one stream. An unreachable camera still makes a
+        subscription: its state and last error show in `GET /streams`."""
+        if sub.modelId is not None and sub.modelId not in self._detectors:
+            detail = [
+                {
+                    "loc": ["body", "modelId"],
+                    "type": "unknown_model",
+                    "msg": f"unknown model {sub.modelId!r}; known: {sorted(self._detectors)}",
+                }
+            ]
+            return JSONResponse({"detail": detail}, 422)
+        try:
+            return await self._registry.subscribe.remote(sub.model_dump(mode="json"))
+        except ray.exceptions.RayError as exc:
+            return error(503, f"stream registry unavailable: {type(exc).__name__}")
+
+    @app.delete(
+        "/streams/{subscription_id}", status_code=204, response_class=Response, response_model=None
+    )
+    async def unsubscribe(
+        self, subscription_id: str = Path(pattern=SUBSCRIPTION_ID_PATTERN)
+    ) -> Any:
+        """Remove a subscription; the last one on a URL stops its stream."""
+        if not await self._registry.unsubscribe.remote(subscription_id):
+            return error(404, f"no subscription {subscription_id!r}")
+        return Response(status_code=204)
+
+    @app.get("/streams")
+    async def streams(self) -> Any:
+        """Each stream: state, last error, fps in/processed, drops by reason, age of the
+        last frame, reconnects; and each camera actor's pid, CPU time and memory."""
+        return await self._registry.list_streams.remote()
+
+    @app.get("/streams/{subscription_id}/events")
+    async def stream_events(
+        self,
+        subscription_id: str = Path(pattern=SUBSCRIPTION_ID_PATTERN),
+        after: int = Query(0, ge=0, description="only events with a larger id"),
+    ) -> Any:
+        """The newest events of a subscription (detections per frame, object new /
+        updated / lost), oldest first, with increasing ids to poll from."""
+        try:
+            return await self._registry.events.remote(subscription_id, after)
+        except KeyError:
+            return error(404, f"no subscription {subscription_id!r}")
+
+    @app.get("/cameras/{camera_id}/image", response_class=Response)
+    async def camera_image(self, camera_id: str = Path(pattern=r"^[^;/\s]{1,128}$")) -> Any:
+        """The newest frame of a subscribed camera as JPEG."""
+        try:
+            data = await self._registry.latest_jpeg.remote(camera_id)
+        except KeyError:
+            return error(404, f"no subscribed camera {camera_id!r}")
+        if data is None:
+            return error(503, f"camera {camera_id!r} has no frame yet")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})

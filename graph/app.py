@@ -23,7 +23,10 @@ def build_graph(config: AppConfig, *, detector: Deployment, ingress: Deployment)
     }
     sizes = {m.id: m.imgsz for m in models}
     return ingress.options(name="Ingress").bind(
-        detectors, sizes, config.ingress.model_dump(mode="json")
+        detectors,
+        sizes,
+        config.ingress.model_dump(mode="json"),
+        config.resolved_streams().model_dump(mode="json"),
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from deployments.schemas import IngressSettings, ModelSpec, StrictModel
+from stream_actors.actors import StreamSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,6 +15,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class AppConfig(StrictModel):
     models: list[ModelSpec] = Field(min_length=1, description="detector models to serve")
     ingress: IngressSettings = IngressSettings()
+    streams: StreamSettings = StreamSettings()
     base_dir: Path = Field(PROJECT_ROOT, description="where relative model paths resolve")
 
     @model_validator(mode="after")
@@ -37,6 +39,13 @@ class AppConfig(StrictModel):
                 updates["trt_cache_dir"] = (self.base_dir / m.trt_cache_dir).resolve()
             out.append(m.model_copy(update=updates))
         return out
+
+    def resolved_streams(self) -> StreamSettings:
+        """Stream settings with the state file's path made absolute."""
+        path = self.streams.state_path
+        if path.is_absolute():
+            return self.streams
+        return self.streams.model_copy(update={"state_path": (self.base_dir / path).resolve()})
 
 
 def detector_name(model_id: str) -> str:

@@ -7,6 +7,7 @@ import enum
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ class DropReason(enum.StrEnum):
     SUPERSEDED = "superseded"  # a newer frame arrived before this one was taken
     TOO_OLD = "too_old"  # taken, but older than the freshness limit
     BACK_PRESSURE = "back_pressure"  # the detector refused it (queue full)
+    DETECTOR_ERROR = "detector_error"  # the detector failed or was unavailable
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,11 @@ class Frame:
 class LatestFrameMailbox:
     """Thread-safe single slot. `put` never blocks; `take` waits up to `timeout_s`."""
 
-    def __init__(self, max_age_s: float | None = None) -> None:
+    def __init__(
+        self, max_age_s: float | None = None, on_put: Callable[[], None] | None = None
+    ) -> None:
         self._max_age_s = max_age_s
+        self._on_put = on_put  # e.g. wakes an asyncio consumer (called outside the lock)
         self._cond = threading.Condition()
         self._frame: Frame | None = None
         self._seq = 0
@@ -50,7 +55,9 @@ class LatestFrameMailbox:
             self._frame = frame
             self.received += 1
             self._cond.notify_all()
-            return frame
+        if self._on_put is not None:
+            self._on_put()
+        return frame
 
     def take(self, timeout_s: float = 0.0) -> Frame | None:
         """The newest unseen frame, or None when none arrived in time or it is too old."""

@@ -46,9 +46,11 @@ def test_one_detector_per_model_and_an_ingress_routing_to_them() -> None:
     assert spec_a["path"] == str(PROJECT_ROOT / "models" / "a.onnx")
     assert detector.bound[1][1][0]["path"] == "/abs/b.pt"
     assert app[0] == "Ingress"
-    detectors, sizes, settings = app[1]
+    detectors, sizes, settings, streams = app[1]
     assert set(detectors) == {"a", "b"} and sizes == {"a": 640, "b": 320}
     assert settings["max_upload_bytes"] > 0
+    # The registry's state file resolves against the checkout, not the replica's cwd.
+    assert streams["state_path"] == str(PROJECT_ROOT / "data" / "streams.json")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,431 @@
+"""Ray shells: `CameraActor` hosts several streams (each a reader thread plus one
+processor per subscription) and `StreamRegistry` (a named actor) holds the desired
+subscriptions, persists them, packs streams onto camera actors and reconciles: every
+`reconcile_s` it compares each camera actor's streams with the desired state and fixes
+the difference, so a restarted camera actor or registry heals without a caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import psutil
+import ray
+from pydantic import Field
+
+from deployments.detector import DetectRequest, DetectResult
+from deployments.schemas import StrictModel
+from stream_actors.events import RingBufferSink
+from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
+from stream_actors.reader import ReaderPolicy, StreamReader
+from stream_actors.reconnect import TokenBucket
+from stream_actors.subscriptions import (
+    StreamSpec,
+    Subscription,
+    SubscriptionTable,
+    load_state,
+    save_state,
+    stream_key,
+)
+
+logger = logging.getLogger("camgraph.streams")
+ACTOR_CALL_TIMEOUT_S = 15.0
+
+
+class StreamSettings(StrictModel):
+    """`args.streams` in serve_config.yaml: camera actors, readers and per-frame flow."""
+
+    state_path: Path = Field(
+        Path("data/streams.json"), description="persisted subscriptions (relative: base_dir)"
+    )
+    streams_per_actor: int = Field(4, ge=1, le=256, description="streams packed per actor")
+    camera_actor_cpus: float = Field(0.05, ge=0, le=16, description="Ray CPUs per actor")
+    reconcile_s: float = Field(2.0, gt=0, le=60, description="registry's repair interval")
+    reconnects_per_s: float = Field(5.0, gt=0, le=1000, description="cluster-wide cap")
+    reconnect_burst: int = Field(10, ge=1, le=10_000)
+    events_per_subscription: int = Field(512, ge=16, le=100_000)
+    reader: ReaderPolicy = ReaderPolicy()
+    processing: ProcessingSettings = ProcessingSettings()
+
+
+def redact(url: str) -> str:
+    """The URL without a password (rtsp://user:secret@host → rtsp://user:***@host)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    creds, _, host = rest.partition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def registry_name(app_name: str) -> str:
+    return f"camgraph-registry-{app_name}"
+
+
+def camera_actor_name(app_name: str, index: int) -> str:
+    return f"camgraph-cameras-{app_name}-{index}"
+
+
+class _Stream:
+    def __init__(self, reader: StreamReader) -> None:
+        self.reader = reader
+        self.processors: dict[str, SubscriptionProcessor] = {}
+        self.subs: dict[str, Subscription] = {}
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class CameraActor:
+    """Owns its streams' threads and per-camera state; restartable (the registry
+    re-sends its streams). Async: one event loop drives all its subscriptions."""
+
+    def __init__(
+        self,
+        app_name: str,
+        model_sizes: dict[str, int],
+        detector_names: dict[str, str],
+        settings: dict[str, Any],
+        namespace: str,
+    ) -> None:
+        self._app, self._sizes, self._names = app_name, model_sizes, detector_names
+        self._settings = StreamSettings.model_validate(settings)
+        self._namespace = namespace
+        self._streams: dict[str, _Stream] = {}
+        self._handles: dict[str, Any] = {}
+        self._sink = RingBufferSink(self._settings.events_per_subscription)
+        self._local_bucket = TokenBucket(
+            self._settings.reconnects_per_s, self._settings.reconnect_burst
+        )
+        self._registry: Any = None
+        self._started = time.time()
+        self._lock = threading.Lock()
+        # Async actors run __init__ with their event loop set (checked on Ray 2.60).
+        self._watchdog = asyncio.get_event_loop().create_task(self._watch())
+
+    # ---- detector and reconnect budget --------------------------------------------
+    async def _detect(self, model_id: str, request: DetectRequest) -> DetectResult:
+        handle = self._handles.get(model_id)
+        if handle is None:
+            from ray import serve
+
+            handle = serve.get_deployment_handle(self._names[model_id], app_name=self._app)
+            self._handles[model_id] = handle
+        result: DetectResult = await handle.detect.remote(request)
+        return result
+
+    def _acquire_reconnect(self) -> float:
+        """Called from reader threads: the registry's cluster-wide token bucket, or a
+        local one while the registry is unreachable (e.g. restarting)."""
+        try:
+            if self._registry is None:
+                self._registry = ray.get_actor(registry_name(self._app), self._namespace)
+            return float(ray.get(self._registry.acquire_reconnect.remote(), timeout=2.0))
+        except Exception:
+            self._registry = None
+            with self._lock:
+                return self._local_bucket.try_acquire()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for stream in list(self._streams.values()):
+                stream.reader.check_watchdog()
+
+    # ---- desired state -------------------------------------------------------------
+    async def set_stream(self, spec: dict[str, Any], subs: list[dict[str, Any]]) -> None:
+        """Make this stream and its subscriptions exactly as given (idempotent)."""
+        want = StreamSpec.model_validate(spec)
+        wanted = {s.subscriptionIdentifier: s for s in map(Subscription.model_validate, subs)}
+        stream = self._streams.get(want.key)
+        if stream is not None and stream.reader.spec != want:
+            await self.remove_stream(want.key)  # the source itself changed: reopen
+            stream = None
+        if stream is None:
+            reader = StreamReader(want, self._settings.reader, self._acquire_reconnect)
+            stream = self._streams[want.key] = _Stream(reader)
+            reader.start()
+        for sub_id in [s for s in stream.subs if stream.subs[s] != wanted.get(s)]:
+            await self._stop_subscription(stream, sub_id)
+        for sub_id, sub in wanted.items():
+            if sub_id in stream.subs:
+                continue
+            model_id = sub.modelId or next(iter(self._sizes))
+            processor = SubscriptionProcessor(
+                sub,
+                model_id,
+                self._sizes[model_id],
+                self._detect,
+                self._sink,
+                self._settings.processing,
+            )
+            stream.subs[sub_id], stream.processors[sub_id] = sub, processor
+            stream.reader.attach(sub_id, processor.mailbox)
+            processor.start()
+
+    async def _stop_subscription(self, stream: _Stream, sub_id: str) -> None:
+        stream.reader.detach(sub_id)
+        stream.subs.pop(sub_id, None)
+        processor = stream.processors.pop(sub_id, None)
+        if processor is not None:
+            await processor.stop()
+        self._sink.forget(sub_id)
+
+    async def remove_stream(self, key: str) -> bool:
+        stream = self._streams.pop(key, None)
+        if stream is None:
+            return False
+        stream.reader.stop()
+        for sub_id in list(stream.subs):
+            await self._stop_subscription(stream, sub_id)
+        # The reader exits within its read timeout; never block the event loop on it.
+        await asyncio.to_thread(stream.reader.join, self._settings.reader.read_timeout_s + 1)
+        return True
+
+    async def streams(self) -> dict[str, list[str]]:
+        """Stream key → subscription ids, as running here (the registry reconciles)."""
+        return {k: sorted(s.subs) for k, s in self._streams.items()}
+
+    # ---- reporting -----------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        process = psutil.Process()
+        return {
+            "pid": os.getpid(),
+            "cpu_times_s": round(sum(process.cpu_times()[:2]), 3),
+            "rss_bytes": process.memory_info().rss,
+            "threads": threading.active_count(),
+            "started": self._started,
+            "streams": {
+                key: {
+                    "spec": {**s.reader.spec.model_dump(), "url": redact(s.reader.spec.url)},
+                    **s.reader.status(),
+                    "subscriptions": [p.status() for p in s.processors.values()],
+                }
+                for key, s in self._streams.items()
+            },
+        }
+
+    async def latest_jpeg(self, key: str, quality: int = 85) -> bytes | None:
+        stream = self._streams.get(key)
+        latest = stream.reader.latest if stream is not None else None
+        if latest is None:
+            return None
+        ok, data = await asyncio.to_thread(
+            cv2.imencode, ".jpg", latest.image, [cv2.IMWRITE_JPEG_QUALITY, quality]
+        )
+        return data.tobytes() if ok else None
+
+    async def events(self, sub_id: str, after_id: int = 0, limit: int = 1000) -> list[Any]:
+        return [e.to_json() for e in self._sink.after(sub_id, after_id, limit)]
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class StreamRegistry:
+    """The desired subscriptions of one app, persisted; reference-counted shared streams."""
+
+    def __init__(
+        self,
+        app_name: str,
+        model_sizes: dict[str, int],
+        detector_names: dict[str, str],
+        settings: dict[str, Any],
+        namespace: str,
+    ) -> None:
+        self._app, self._namespace = app_name, namespace
+        self._sizes, self._names = model_sizes, detector_names
+        self._settings = StreamSettings.model_validate(settings)
+        self._path = self._settings.state_path
+        self._table = SubscriptionTable(self._settings.streams_per_actor, load_state(self._path))
+        self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
+        self._actors: dict[int, Any] = {}
+        self._lock = asyncio.Lock()
+        self.last_reconcile_error: str | None = None
+        self._closed = False
+        # Restored state is applied by the repair loop, started right away (also after
+        # a restart of this actor, so streams come back without any caller).
+        self._reconciler = asyncio.get_event_loop().create_task(self._reconcile_forever())
+
+    def _ensure_reconciler(self) -> None:
+        if self._reconciler.done() and not self._closed:
+            self._reconciler = asyncio.create_task(self._reconcile_forever())
+
+    async def configure(self, model_sizes: dict[str, int], detector_names: dict[str, str]) -> int:
+        """Called by every ingress replica at start and periodically: keeps the registry
+        aware of the served models and its repair loop running. Returns subscriptions."""
+        self._sizes, self._names = model_sizes, detector_names
+        self._ensure_reconciler()
+        return len(self._table.subs)
+
+    async def acquire_reconnect(self) -> float:
+        return self._bucket.try_acquire()
+
+    def _actor(self, index: int) -> Any:
+        actor = self._actors.get(index)
+        if actor is None:
+            actor = CameraActor.options(  # type: ignore[attr-defined]
+                name=camera_actor_name(self._app, index),
+                namespace=self._namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=self._settings.camera_actor_cpus,
+                max_concurrency=1000,
+            ).remote(
+                self._app, self._sizes, self._names, self._settings.model_dump(), self._namespace
+            )
+            self._actors[index] = actor
+        return actor
+
+    async def _push(self, key: str) -> None:
+        actor = self._actor(self._table.placement[key])
+        subs = [s.model_dump(mode="json") for s in self._table.subscribers(key)]
+        spec = self._table.spec(key).model_dump(mode="json")
+        await asyncio.wait_for(actor.set_stream.remote(spec, subs), ACTOR_CALL_TIMEOUT_S)
+
+    async def _stop(self, key: str, index: int) -> None:
+        await asyncio.wait_for(self._actor(index).remove_stream.remote(key), ACTOR_CALL_TIMEOUT_S)
+
+    async def _apply(self, changed: set[str], stopped: dict[str, int]) -> str | None:
+        """Start/stop streams now; on failure the repair loop finishes the job later."""
+        try:
+            for key, index in stopped.items():
+                await self._stop(key, index)
+            for key in changed:
+                await self._push(key)
+        except Exception as exc:
+            logger.warning("registry: applying a change failed, will retry: %s", exc)
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def subscribe(self, sub: dict[str, Any]) -> dict[str, Any]:
+        """Add or replace a subscription; persisted before the stream is started."""
+        self._ensure_reconciler()
+        new = Subscription.model_validate(sub)
+        async with self._lock:
+            old_placement = dict(self._table.placement)
+            changed, stopped = self._table.add(new)
+            save_state(self._path, self._table.state())
+            pending = await self._apply(changed, {k: old_placement[k] for k in stopped})
+        return {
+            "subscriptionIdentifier": new.subscriptionIdentifier,
+            "stream": stream_key(new),
+            "pending_error": pending,
+        }
+
+    async def unsubscribe(self, subscription_id: str) -> bool:
+        async with self._lock:
+            if subscription_id not in self._table.subs:
+                return False
+            old_placement = dict(self._table.placement)
+            changed, stopped = self._table.remove(subscription_id)
+            save_state(self._path, self._table.state())
+            await self._apply(changed, {k: old_placement[k] for k in stopped})
+        return True
+
+    async def _reconcile_once(self) -> None:
+        async with self._lock:
+            wanted_by_actor: dict[int, dict[str, list[str]]] = {}
+            for key, index in self._table.placement.items():
+                subs = sorted(s.subscriptionIdentifier for s in self._table.subscribers(key))
+                wanted_by_actor.setdefault(index, {})[key] = subs
+            for index in set(wanted_by_actor) | set(self._actors):
+                wanted = wanted_by_actor.get(index, {})
+                running = await asyncio.wait_for(
+                    self._actor(index).streams.remote(), ACTOR_CALL_TIMEOUT_S
+                )
+                for key in set(running) - set(wanted):
+                    await self._stop(key, index)
+                for key, subs in wanted.items():
+                    if running.get(key) != subs:
+                        logger.info("registry: restoring stream %s on actor %d", key, index)
+                        await self._push(key)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            try:
+                await self._reconcile_once()
+                self.last_reconcile_error = None
+            except Exception as exc:  # an actor restarting: try again next round
+                self.last_reconcile_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("registry: reconcile failed: %s", self.last_reconcile_error)
+            await asyncio.sleep(self._settings.reconcile_s)
+
+    async def _statuses(self) -> dict[int, dict[str, Any]]:
+        indices = sorted(set(self._table.placement.values()))
+
+        async def one(index: int) -> dict[str, Any]:
+            try:
+                return dict(await asyncio.wait_for(self._actor(index).status.remote(), 5))
+            except Exception as exc:
+                return {"error": f"{type(exc).__name__}: {exc}", "streams": {}}
+
+        return dict(zip(indices, await asyncio.gather(*(one(i) for i in indices)), strict=True))
+
+    async def list_streams(self) -> dict[str, Any]:
+        """Every stream with its state and its subscriptions' figures."""
+        self._ensure_reconciler()
+        statuses = await self._statuses()
+        streams = []
+        for key in self._table.stream_keys():
+            index = self._table.placement[key]
+            actor = statuses.get(index, {})
+            running = actor.get("streams", {}).get(key)
+            spec = self._table.spec(key)
+            entry: dict[str, Any] = {
+                "key": key,
+                "kind": spec.kind,
+                "url": redact(spec.url),
+                "actor": camera_actor_name(self._app, index),
+                "subscription_ids": [
+                    s.subscriptionIdentifier for s in self._table.subscribers(key)
+                ],
+                "subscriptions": [],
+            }
+            if running is None:
+                entry["state"] = "starting"
+                entry["last_error"] = actor.get("error")
+            else:
+                entry.update({k: v for k, v in running.items() if k != "spec"})
+            streams.append(entry)
+        actors = {
+            camera_actor_name(self._app, i): {
+                k: s.get(k) for k in ("pid", "cpu_times_s", "rss_bytes", "threads", "error")
+            }
+            for i, s in statuses.items()
+        }
+        return {"streams": streams, "actors": actors, "reconcile_error": self.last_reconcile_error}
+
+    def _key_of_camera(self, camera_id: str) -> str | None:
+        keys = self._table.by_camera(camera_id)
+        return keys[0] if keys else None
+
+    async def latest_jpeg(self, camera_id: str) -> bytes | None:
+        """The newest frame of a camera as JPEG; KeyError when no subscription has it."""
+        key = self._key_of_camera(camera_id)
+        if key is None:
+            raise KeyError(camera_id)
+        data: bytes | None = await self._actor(self._table.placement[key]).latest_jpeg.remote(key)
+        return data
+
+    async def events(self, subscription_id: str, after_id: int = 0) -> list[Any]:
+        sub = self._table.subs.get(subscription_id)
+        if sub is None:
+            raise KeyError(subscription_id)
+        index = self._table.placement[stream_key(sub)]
+        events: list[Any] = await self._actor(index).events.remote(subscription_id, after_id)
+        return events
+
+    async def shutdown(self) -> None:
+        """Stop every stream and camera actor (tests, app deletion); forgets nothing."""
+        self._closed = True
+        self._reconciler.cancel()
+        indices = set(self._actors) | set(self._table.placement.values())
+        for index in indices:
+            with contextlib.suppress(ValueError):  # ValueError: not running
+                ray.kill(ray.get_actor(camera_actor_name(self._app, index), self._namespace))
+        self._actors.clear()

@@ -1,0 +1,221 @@
+"""The per-frame flow of one subscription (no Ray): newest frame → crop → letterbox →
+detector (at most `max_in_flight` frames outstanding) → tracker → stability → events.
+
+The detector is an injected coroutine function, so the camera actor passes a Serve
+handle call and tests pass a real engine. Results are handled strictly in frame order
+(the tracker needs that) even when two frames are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+from ray.serve.exceptions import BackPressureError
+
+from deployments.detector import DetectRequest, DetectResult
+from deployments.schemas import StrictModel
+from deployments.vision import DetectParams, letterbox, unletterbox_boxes
+from stream_actors.events import EventSink, StreamEvent, TrackedDetection
+from stream_actors.mailbox import DropReason, Frame, LatestFrameMailbox
+from stream_actors.stability import StabilityRules, StabilityValidator
+from stream_actors.subscriptions import Subscription
+from stream_actors.tracking import Tracker, TrackerConfig
+
+logger = logging.getLogger("camgraph.streams")
+
+DetectFn = Callable[[str, DetectRequest], Coroutine[Any, Any, DetectResult]]
+
+
+class ProcessingSettings(StrictModel):
+    max_in_flight: int = Field(1, ge=1, le=2, description="frames at the detector per camera")
+    max_frame_age_s: float = Field(2.0, gt=0, le=60, description="older frames are dropped")
+    conf: float = Field(0.1, gt=0, le=1, description="detector threshold (ByteTrack uses lows)")
+    iou: float = Field(0.7, ge=0, le=1)
+    max_det: int = Field(300, ge=1, le=3000)
+    error_pause_s: float = Field(0.5, ge=0, le=30, description="pause after a detector error")
+    stability: StabilityRules = StabilityRules()
+    tracker: TrackerConfig = TrackerConfig()
+
+
+class SubscriptionProcessor:
+    def __init__(
+        self,
+        sub: Subscription,
+        model_id: str,
+        imgsz: int,
+        detect: DetectFn,
+        sink: EventSink,
+        settings: ProcessingSettings,
+    ) -> None:
+        self.sub, self.model_id, self.imgsz = sub, model_id, imgsz
+        self._detect, self._sink, self._settings = detect, sink, settings
+        self._wakeup = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # called from the reader thread
+            loop.call_soon_threadsafe(self._wakeup.set)
+
+        self.mailbox = LatestFrameMailbox(settings.max_frame_age_s, on_put=wake)
+        self._params = DetectParams(settings.conf, settings.iou, None, settings.max_det)
+        self._tracker = Tracker(settings.tracker)
+        self._stability = StabilityValidator(sub.stability or settings.stability)
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._pending: asyncio.Queue[tuple[Frame, Any, asyncio.Task[DetectResult]]] = (
+            asyncio.Queue()
+        )
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.processed = 0
+        self.last_error: str | None = None
+        self.latencies_ms: deque[float] = deque(maxlen=512)  # capture → detection
+        self._done_at: deque[float] = deque(maxlen=512)
+        self._started = time.monotonic()
+        self.stable_tracks = 0
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._produce(), name=f"produce-{self.sub.subscriptionIdentifier}"),
+            asyncio.create_task(self._consume(), name=f"consume-{self.sub.subscriptionIdentifier}"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while not self._pending.empty():
+            _, _, task = self._pending.get_nowait()
+            task.cancel()
+
+    async def _next_frame(self) -> Frame:
+        while True:
+            frame = self.mailbox.take()
+            if frame is not None:
+                return frame
+            self._wakeup.clear()
+            frame = self.mailbox.take()  # a put may have landed between take and clear
+            if frame is not None:
+                return frame
+            await self._wakeup.wait()
+
+    def _prepare(self, frame: Frame) -> tuple[np.ndarray, Any, tuple[int, int]]:
+        image, offset = frame.image, (0, 0)
+        crop = self.sub.crop
+        if crop is not None:
+            h, w = image.shape[:2]
+            x1, y1, x2, y2 = (
+                min(crop[0], w - 1),
+                min(crop[1], h - 1),
+                min(crop[2], w),
+                min(crop[3], h),
+            )
+            image, offset = image[y1:y2, x1:x2], (x1, y1)
+        boxed, lb = letterbox(image, self.imgsz)
+        return boxed, lb, offset
+
+    async def _produce(self) -> None:
+        period = 1.0 / self.sub.targetFps if self.sub.targetFps else 0.0
+        next_due = time.monotonic()
+        while True:
+            await self._slots.acquire()
+            if period:
+                delay = next_due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # frames arriving meanwhile are superseded
+                next_due = max(next_due + period, time.monotonic())
+            frame = await self._next_frame()
+            boxed, lb, offset = self._prepare(frame)
+            task = asyncio.ensure_future(
+                self._detect(self.model_id, DetectRequest(boxed, self._params))
+            )
+            await self._pending.put((frame, (lb, offset), task))
+
+    async def _consume(self) -> None:
+        while True:
+            frame, (lb, offset), task = await self._pending.get()
+            try:
+                result = await task
+            except BackPressureError:
+                self.mailbox.record_drop(DropReason.BACK_PRESSURE)
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.mailbox.record_drop(DropReason.DETECTOR_ERROR)
+                self.last_error = f"detector: {type(exc).__name__}: {str(exc)[:300]}"
+                logger.warning("%s: %s", self.sub.subscriptionIdentifier, self.last_error)
+                await asyncio.sleep(self._settings.error_pause_s)
+                continue
+            finally:
+                self._slots.release()
+            try:
+                self._handle(frame, lb, offset, result)
+            except Exception as exc:  # a bug must not kill the camera: report it
+                logger.exception("%s: processing failed", self.sub.subscriptionIdentifier)
+                self.last_error = f"processing: {type(exc).__name__}: {exc}"
+
+    def _handle(self, frame: Frame, lb: Any, offset: tuple[int, int], result: DetectResult) -> None:
+        detected_at = time.time()
+        rows = np.array(result.rows, np.float32).reshape(-1, 6)  # replies are read-only
+        rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
+        rows[:, [0, 2]] += offset[0]
+        rows[:, [1, 3]] += offset[1]
+        tracked = self._tracker.update(rows)
+        object_events = self._stability.update([o for _, o in tracked], frame.seq)
+        stable = self._stability.stable_ids()
+        self.stable_tracks = len(stable)
+        track_of = {index: ob.track_id for index, ob in tracked}
+        names = result.names
+        detections = tuple(
+            TrackedDetection(
+                track_of.get(i),
+                int(c),
+                names.get(int(c), str(int(c))),
+                round(float(s), 4),
+                (round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)),
+                track_of.get(i) in stable,
+            )
+            for i, (x1, y1, x2, y2, s, c) in enumerate(rows.tolist())
+        )
+        self.processed += 1
+        now = time.monotonic()
+        self._done_at.append(now)
+        self.latencies_ms.append((detected_at - frame.captured_at) * 1000)
+        self.last_error = None
+        common = {
+            "subscription_id": self.sub.subscriptionIdentifier,
+            "camera_id": self.sub.camera_id,
+            "model_id": self.model_id,
+            "frame_seq": frame.seq,
+            "captured_at": frame.captured_at,
+            "detected_at": detected_at,
+        }
+        events = [StreamEvent("detection", detections=detections, **common)]  # type: ignore[arg-type]
+        events += [StreamEvent(e.kind, obj=e, **common) for e in object_events]  # type: ignore[arg-type]
+        self._sink.publish(events)
+
+    def fps(self, window_s: float = 5.0) -> float:
+        now = time.monotonic()
+        recent = [t for t in list(self._done_at) if now - t <= window_s]
+        span = min(window_s, now - self._started)
+        return len(recent) / span if span > 0 else 0.0
+
+    def status(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+        return {
+            "subscription_id": self.sub.subscriptionIdentifier,
+            "camera_id": self.sub.camera_id,
+            "model_id": self.model_id,
+            "target_fps": self.sub.targetFps,
+            "fps_processed": round(self.fps(), 2),
+            "processed": self.processed,
+            "stable_tracks": self.stable_tracks,
+            "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
+            "last_error": self.last_error,
+            **{k: v for k, v in self.mailbox.stats().items() if k != "pending"},
+        }

@@ -1,0 +1,242 @@
+"""A self-healing stream reader (no Ray): one thread reads a source and fans each frame
+out to the latest-frame mailboxes of its subscriptions.
+
+Every failure (open refused, read error, end of a live stream, undecodable snapshot)
+becomes a reconnect after a jittered exponential backoff, gated by a per-camera circuit
+breaker and a cluster-wide reconnect budget (`acquire_reconnect`, seconds to wait). A
+watchdog (`check_watchdog`, called periodically by the owner) catches a source that
+stops delivering without failing (a frozen server): it abandons the stuck thread — it
+exits on its own once its read times out — and starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pydantic import Field
+
+from deployments.schemas import StrictModel
+from stream_actors.mailbox import LatestFrameMailbox
+from stream_actors.reconnect import Backoff, CircuitBreaker
+from stream_actors.sources import CapturedFrame, PyAVSource, SnapshotSource, SourceError
+from stream_actors.subscriptions import StreamSpec
+
+logger = logging.getLogger("camgraph.streams")
+
+
+class StreamState(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    CIRCUIT_OPEN = "circuit_open"
+    ENDED = "ended"  # a file played once to its end
+    STOPPED = "stopped"
+
+
+class ReaderPolicy(StrictModel):
+    open_timeout_s: float = Field(3.0, gt=0, le=60)
+    read_timeout_s: float = Field(3.0, gt=0, le=60)
+    watchdog_s: float = Field(5.0, gt=0, le=600, description="no frame for this long → reconnect")
+    backoff_base_s: float = Field(0.5, gt=0, le=60)
+    backoff_cap_s: float = Field(10.0, gt=0, le=600)
+    breaker_failures: int = Field(5, ge=1, le=1000, description="failures in a row → open")
+    breaker_open_s: float = Field(30.0, gt=0, le=3600, description="open circuit cool-down")
+    pace_files: bool = Field(True, description="play files at their frame rate")
+
+
+def open_source(spec: StreamSpec, policy: ReaderPolicy) -> Iterator[CapturedFrame]:
+    if spec.kind == "snapshot":
+        return SnapshotSource(
+            spec.url, interval_s=spec.snapshot_interval_s, timeout_s=policy.read_timeout_s
+        ).frames()
+    return PyAVSource(
+        spec.url,
+        open_timeout_s=policy.open_timeout_s,
+        read_timeout_s=policy.read_timeout_s,
+        pace=spec.kind == "file" and policy.pace_files,
+        loop=spec.kind == "file" and spec.loop,
+    ).frames()
+
+
+class StreamReader:
+    def __init__(
+        self,
+        spec: StreamSpec,
+        policy: ReaderPolicy,
+        acquire_reconnect: Callable[[], float] = lambda: 0.0,
+        source_factory: Callable[[StreamSpec, ReaderPolicy], Iterator[CapturedFrame]] = open_source,
+    ) -> None:
+        self.spec, self.policy = spec, policy
+        self._acquire = acquire_reconnect
+        self._open = source_factory
+        self._backoff = Backoff(base_s=policy.backoff_base_s, cap_s=policy.backoff_cap_s)
+        self._breaker = CircuitBreaker(policy.breaker_failures, policy.breaker_open_s)
+        self._lock = threading.Lock()
+        self._mailboxes: dict[str, LatestFrameMailbox] = {}
+        self._stop = threading.Event()
+        self._generation = 0
+        self._threads: list[threading.Thread] = []
+        self.state = StreamState.CONNECTING
+        self.latest: CapturedFrame | None = None
+        self.last_error: str | None = None
+        self.frames_read = 0
+        self.reconnects = 0  # connection attempts after a failure
+        self.watchdog_restarts = 0
+        self.outages_s: deque[float] = deque(maxlen=32)  # failure → first frame again
+        self._down_since: float | None = None
+        self._last_frame_mono: float | None = None
+        self._started_mono = time.monotonic()
+        self._recent: deque[float] = deque(maxlen=256)  # monotonic read times, for fps
+
+    # ---- subscriptions -------------------------------------------------------------
+    def attach(self, name: str, mailbox: LatestFrameMailbox) -> None:
+        with self._lock:
+            self._mailboxes[name] = mailbox
+
+    def detach(self, name: str) -> None:
+        with self._lock:
+            self._mailboxes.pop(name, None)
+
+    # ---- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        thread = threading.Thread(
+            target=self._run, args=(generation,), name=f"reader-{self.spec.key}", daemon=True
+        )
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._generation += 1
+        self.state = StreamState.STOPPED
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the reader threads to exit; True when none is left."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return self.threads_alive() == 0
+
+    def threads_alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+    def check_watchdog(self, now: float | None = None) -> bool:
+        """Restart the reader when a connected source went silent; True if it did."""
+        now = time.monotonic() if now is None else now
+        last = self._last_frame_mono
+        if self.state is not StreamState.CONNECTED or last is None:
+            return False
+        if now - last <= self.policy.watchdog_s:
+            return False
+        self.last_error = f"no frame for {now - last:.1f}s (watchdog)"
+        logger.warning("stream %s: %s", self.spec.key, self.last_error)
+        self.watchdog_restarts += 1
+        self._mark_down(now)
+        self.state = StreamState.RECONNECTING
+        self._last_frame_mono = None
+        self.start()  # the new generation makes the stuck thread exit when it wakes
+        return True
+
+    # ---- the reader thread ---------------------------------------------------------
+    def _current(self, generation: int) -> bool:
+        return not self._stop.is_set() and generation == self._generation
+
+    def _wait(self, seconds: float) -> None:
+        self._stop.wait(max(0.0, seconds))
+
+    def _mark_down(self, now: float) -> None:
+        if self._down_since is None:
+            self._down_since = now
+
+    def _run(self, generation: int) -> None:
+        first = True
+        while self._current(generation):
+            if not self._breaker.allow():
+                self.state = StreamState.CIRCUIT_OPEN
+                self._wait(min(1.0, self._breaker.retry_in_s()))
+                continue
+            wait_s = 0.0 if first else self._acquire()
+            if wait_s > 0:  # the cluster-wide reconnect budget is spent for now
+                self._wait(min(wait_s, 1.0))
+                continue
+            if not first:
+                self.reconnects += 1
+            first = False
+            try:
+                for captured in self._open(self.spec, self.policy):
+                    if not self._current(generation):
+                        return
+                    self._deliver(captured)
+                if self._current(generation):
+                    self.state = StreamState.ENDED  # a file played once
+                return
+            except SourceError as exc:
+                error = str(exc)
+            except Exception as exc:  # a bug or an unexpected library error: keep going
+                logger.exception("stream %s: unexpected reader error", self.spec.key)
+                error = f"{type(exc).__name__}: {exc}"
+            if not self._current(generation):
+                return
+            self.last_error = error
+            self._mark_down(time.monotonic())
+            self._breaker.record_failure()
+            self.state = (
+                StreamState.RECONNECTING if self._breaker.allow() else StreamState.CIRCUIT_OPEN
+            )
+            logger.warning("stream %s: %s (state %s)", self.spec.key, error, self.state)
+            self._wait(self._backoff.next_delay_s())
+
+    def _deliver(self, captured: CapturedFrame) -> None:
+        now = time.monotonic()
+        if self.state is not StreamState.CONNECTED:
+            self.state = StreamState.CONNECTED
+            self._breaker.record_success()
+            self._backoff.reset()
+            if self._down_since is not None:
+                self.outages_s.append(now - self._down_since)
+                self._down_since = None
+        self._last_frame_mono = now
+        self._recent.append(now)
+        self.frames_read += 1
+        self.latest = captured
+        with self._lock:
+            mailboxes = list(self._mailboxes.values())
+        for mailbox in mailboxes:
+            mailbox.put(captured.image, captured.captured_at)
+
+    # ---- reporting -----------------------------------------------------------------
+    def fps(self, window_s: float = 5.0) -> float:
+        now = time.monotonic()
+        recent = [t for t in list(self._recent) if now - t <= window_s]
+        span = min(window_s, now - self._started_mono)
+        return len(recent) / span if span > 0 else 0.0
+
+    def status(self) -> dict[str, Any]:
+        last = self._last_frame_mono
+        latest = self.latest
+        return {
+            "state": str(self.state),
+            "last_error": self.last_error,
+            "fps_in": round(self.fps(), 2),
+            "frames_read": self.frames_read,
+            "last_frame_age_s": (
+                round(time.time() - latest.captured_at, 3) if latest is not None else None
+            ),
+            "silent_s": round(time.monotonic() - last, 3) if last is not None else None,
+            "reconnects": self.reconnects,
+            "watchdog_restarts": self.watchdog_restarts,
+            "circuit": str(self._breaker.state),
+            "consecutive_failures": self._breaker.failures,
+            "outages_s": [round(s, 3) for s in self.outages_s],
+            "reader_threads": self.threads_alive(),
+        }
