@@ -25,7 +25,7 @@ evaluate: install
 	$(PY) -m demo.evaluate --out data/evaluation.json
 
 .DEFAULT_GOAL := help
-.PHONY: help evaluate install run stop status test test-unit test-integration lint format bench-detect demo-models clean
+.PHONY: help peers evaluate install run stop status test test-unit test-integration lint format bench-detect demo-models clean
 
 install: $(STAMP)
 
@@ -47,12 +47,29 @@ models/demo-detector.onnx:
 models/demo.mpta: models/demo-pipeline.json models/demo-detector.onnx models/body-type.onnx | install
 	$(PY) -m demo.build_models pack --out models
 
-run: install models/demo-detector.onnx models/demo.mpta
+# The demo camera of `make run`: a generated scene (held-out seed), looped by a file source.
+DEMO_CLIP := data/demo-scene.mp4
+$(DEMO_CLIP): | install
+	$(PY) -m demo.datasets clip $(DEMO_CLIP) --seed 100007 --frames 300 --fps 10 --scale 0.5
+
+# Real peers for the stream tests: Debian's GStreamer RTSP server (run by /usr/bin/python3).
+PEER_PACKAGES := ffmpeg gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad gstreamer1.0-libav gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 \
+	python3-gst-1.0 python3-gi
+peers:
+	@/usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import GstRtspServer' 2>/dev/null || { \
+		echo "installing the GStreamer RTSP server (Debian packages) for the stream tests"; \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(PEER_PACKAGES) >/dev/null; }
+
+run: install models/demo-detector.onnx models/demo.mpta $(DEMO_CLIP)
 	@$(VENV)/bin/ray status >/dev/null 2>&1 || $(VENV)/bin/ray start --head --port=$(RAY_PORT) --num-cpus=$(RAY_CPUS) \
 		--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
 		--disable-usage-stats
 	$(VENV)/bin/serve deploy serve_config.yaml --address http://127.0.0.1:$(DASHBOARD_PORT)
 	@$(PY) scripts/wait_ready.py --url http://127.0.0.1:$(HTTP_PORT) --timeout-s 240
+	@$(PY) scripts/demo_camera.py --url http://127.0.0.1:$(HTTP_PORT) --clip $(DEMO_CLIP)
+	@echo "Streams:        http://127.0.0.1:$(HTTP_PORT)/streams   (latest frame: /cameras/demo-camera/image)"
 	@echo "camgraph HTTP:  http://127.0.0.1:$(HTTP_PORT)   (API docs: /docs, health: /health)"
 	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)   (Serve tab: replicas and scaling)"
 	@echo "Stop with:      make stop"
@@ -64,14 +81,14 @@ stop:
 	-@test -x $(VENV)/bin/serve && $(VENV)/bin/serve shutdown -y --address http://127.0.0.1:$(DASHBOARD_PORT) 2>/dev/null
 	-@test -x $(VENV)/bin/ray && $(VENV)/bin/ray stop
 
-test: install models/demo.mpta
+test: install models/demo.mpta peers
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/unit -q
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/integration -q
 
 test-unit: install
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/unit -q
 
-test-integration: install
+test-integration: install peers
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/integration -q
 
 lint: install

@@ -1,0 +1,331 @@
+"""Subscriptions, the reader thread, tracking, the per-frame flow and events — no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from demo.datasets import HELD_OUT_SEED_START, write_clip
+from demo.metrics import id_switches
+from deployments.detector import DetectRequest, DetectResult
+from deployments.engines import EngineOptions, load_engine
+from graph.config import PROJECT_ROOT
+from stream_actors.actors import redact
+from stream_actors.events import RingBufferSink, StreamEvent
+from stream_actors.mailbox import LatestFrameMailbox
+from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
+from stream_actors.reader import ReaderPolicy, StreamReader, StreamState
+from stream_actors.sources import CapturedFrame, SourceConnectionError
+from stream_actors.subscriptions import (
+    RegistryState,
+    StreamSpec,
+    Subscription,
+    SubscriptionTable,
+    load_state,
+    save_state,
+    stream_key,
+)
+from stream_actors.tracking import Tracker
+
+
+def sub(sid: str, **kw: object) -> Subscription:
+    body: dict[str, object] = {"subscriptionIdentifier": sid, **kw}
+    if not any(k in kw for k in ("rtspUrl", "snapshotUrl", "fileUrl")):
+        body["rtspUrl"] = "rtsp://127.0.0.1/cam"
+    return Subscription.model_validate(body)
+
+
+# ---- subscriptions -------------------------------------------------------------------
+def test_the_detector_worker_payload_is_accepted_and_ids_are_split() -> None:
+    s = Subscription.model_validate(
+        {
+            "subscriptionIdentifier": "display-001;cam-001",
+            "snapshotUrl": "http://10.0.0.2/snap.jpg",
+            "snapshotInterval": 5000,
+            "modelUrl": "http://x/model.mpta",
+            "modelId": 101,
+            "modelName": "Vehicle Detection",
+            "cropX1": 100,
+            "cropY1": 200,
+            "cropX2": 300,
+            "cropY2": 400,
+        }
+    )
+    assert (s.display_id, s.camera_id, s.kind, s.modelId) == (
+        "display-001",
+        "cam-001",
+        "snapshot",
+        "101",
+    )
+    assert s.crop == (100, 200, 300, 400)
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"subscriptionIdentifier": "nocamera", "rtspUrl": "rtsp://h/"}, "subscriptionIdentifier"),
+        ({"subscriptionIdentifier": "d;c"}, "exactly one"),
+        ({"subscriptionIdentifier": "d;c", "rtspUrl": "http://h/"}, "rtspUrl"),
+        ({"subscriptionIdentifier": "d;c", "snapshotUrl": "ftp://h/"}, "snapshotUrl"),
+        ({"subscriptionIdentifier": "d;c", "fileUrl": "../etc/passwd"}, "fileUrl"),
+        ({"subscriptionIdentifier": "d;c", "rtspUrl": "rtsp://h/", "cropX1": 5}, "go together"),
+        (
+            {
+                "subscriptionIdentifier": "d;c",
+                "rtspUrl": "rtsp://h/",
+                "cropX1": 9,
+                "cropY1": 0,
+                "cropX2": 5,
+                "cropY2": 5,
+            },
+            "cropX2 > cropX1",
+        ),
+        ({"subscriptionIdentifier": "d;c", "rtspUrl": "rtsp://h/", "extra": 1}, "extra"),
+    ],
+)
+def test_bad_payloads_are_refused_naming_the_problem(body: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Subscription.model_validate(body)
+    assert field in str(info.value)
+
+
+def test_shared_streams_are_reference_counted_and_packed_onto_actors() -> None:
+    table = SubscriptionTable(streams_per_actor=2)
+    changed, stopped = table.add(sub("d1;a", rtspUrl="rtsp://h/a"))
+    key_a = stream_key(sub("x;y", rtspUrl="rtsp://h/a"))
+    assert changed == {key_a} and not stopped
+    table.add(sub("d2;a", rtspUrl="rtsp://h/a", snapshotInterval=200))
+    assert len(table.stream_keys()) == 1 and len(table.subscribers(key_a)) == 2
+    for i in range(3):
+        table.add(sub(f"d;cam{i}", rtspUrl=f"rtsp://h/{i}"))
+    load: dict[int, int] = {}
+    for index in table.placement.values():
+        load[index] = load.get(index, 0) + 1
+    assert sorted(load.values()) == [2, 2] and len(load) == 2
+    assert table.remove("d1;a") == ({key_a}, set())  # still used by d2;a
+    assert table.remove("d2;a") == (set(), {key_a})  # the last one: stop it
+    assert key_a not in table.placement
+    # A freed slot is reused before a new actor is started.
+    table.add(sub("d;new", rtspUrl="rtsp://h/new"))
+    assert max(table.placement.values()) == 1
+
+
+def test_moving_a_subscription_to_another_url_stops_its_old_stream() -> None:
+    table = SubscriptionTable(4)
+    table.add(sub("d;c", rtspUrl="rtsp://h/old"))
+    changed, stopped = table.add(sub("d;c", rtspUrl="rtsp://h/new"))
+    assert stopped == {stream_key(sub("x;y", rtspUrl="rtsp://h/old"))}
+    assert changed == {stream_key(sub("x;y", rtspUrl="rtsp://h/new"))}
+
+
+def test_a_shared_snapshot_is_polled_for_its_most_demanding_subscriber() -> None:
+    table = SubscriptionTable(4)
+    table.add(sub("d1;c", snapshotUrl="http://h/s.jpg", snapshotInterval=1000))
+    table.add(sub("d2;c", snapshotUrl="http://h/s.jpg", snapshotInterval=250))
+    (key,) = table.stream_keys()
+    assert table.spec(key) == StreamSpec(
+        key=key, kind="snapshot", url="http://h/s.jpg", snapshot_interval_s=0.25
+    )
+
+
+def test_state_round_trips_through_an_atomic_file(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "streams.json"
+    assert load_state(path) == RegistryState()
+    table = SubscriptionTable(4)
+    table.add(sub("d;c", targetFps=5, cropX1=0, cropY1=0, cropX2=10, cropY2=10))
+    save_state(path, table.state())
+    restored = SubscriptionTable(4, load_state(path))
+    assert restored.subs == table.subs and restored.placement == table.placement
+    assert [p.name for p in path.parent.iterdir()] == ["streams.json"]  # no temp files left
+
+
+def test_passwords_are_masked_in_urls() -> None:
+    assert redact("rtsp://admin:s3cret@10.0.0.7:554/s1") == "rtsp://admin:***@10.0.0.7:554/s1"
+    assert redact("rtsp://10.0.0.7/s1") == "rtsp://10.0.0.7/s1"
+
+
+# ---- the reader thread ---------------------------------------------------------------
+class ScriptedSource:
+    """A source factory whose connections follow a script: "fail", an int (that many
+    frames, then the stream ends with an error) or "hang" (blocks until released)."""
+
+    def __init__(self, script: list[object]) -> None:
+        self.script, self.opens = list(script), 0
+        self.release = threading.Event()
+
+    def __call__(self, spec: StreamSpec, policy: ReaderPolicy) -> Iterator[CapturedFrame]:
+        self.opens += 1
+        step = self.script.pop(0) if self.script else "fail"
+        if step == "fail":
+            raise SourceConnectionError(spec.url, "refused")
+        return self._frames(step)
+
+    def _frames(self, step: object) -> Iterator[CapturedFrame]:
+        image = np.zeros((8, 8, 3), np.uint8)
+        if step == "hang":
+            yield CapturedFrame(image, time.time())
+            self.release.wait(30)
+            return
+        assert isinstance(step, int)
+        for _ in range(step):
+            yield CapturedFrame(image, time.time())
+            time.sleep(0.01)
+        raise SourceConnectionError("x", "stream ended")
+
+
+SPEC = StreamSpec(key="k", kind="rtsp", url="rtsp://h/x")
+FAST = ReaderPolicy(
+    backoff_base_s=0.01, backoff_cap_s=0.05, breaker_failures=3, breaker_open_s=0.3, watchdog_s=0.2
+)
+
+
+def wait_for(predicate: object, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_failures_reconnect_with_backoff_and_frames_reach_every_mailbox() -> None:
+    source = ScriptedSource(["fail", 5, "fail", "hang"])
+    reader = StreamReader(SPEC, FAST, source_factory=source)
+    a, b = LatestFrameMailbox(), LatestFrameMailbox()
+    reader.attach("a", a)
+    reader.attach("b", b)
+    reader.start()
+    wait_for(lambda: reader.frames_read >= 6)
+    assert reader.state is StreamState.CONNECTED
+    reader.stop()
+    source.release.set()
+    assert reader.join(2)
+    assert a.received == b.received == 6
+    assert reader.reconnects == 3 and len(reader.outages_s) == 2
+    assert "refused" in (reader.last_error or "")
+
+
+def test_the_circuit_opens_after_repeated_failures_and_the_budget_is_asked() -> None:
+    asked: list[int] = []
+    reader = StreamReader(
+        SPEC,
+        FAST,
+        acquire_reconnect=lambda: asked.append(1) or 0.0,
+        source_factory=ScriptedSource([]),
+    )
+    reader.start()
+    wait_for(lambda: reader.state is StreamState.CIRCUIT_OPEN)
+    assert reader.status()["consecutive_failures"] == 3
+    wait_for(lambda: reader.status()["consecutive_failures"] >= 4)  # one trial after cool-down
+    reader.stop()
+    assert reader.join(2)
+    assert len(asked) == reader.reconnects >= 3  # every reconnect asked the global budget
+
+
+def test_the_watchdog_replaces_a_frozen_reader_and_the_stuck_thread_exits() -> None:
+    source = ScriptedSource(["hang", 1000])
+    reader = StreamReader(SPEC, FAST, source_factory=source)
+    reader.start()
+    wait_for(lambda: reader.state is StreamState.CONNECTED)
+    wait_for(lambda: reader.check_watchdog())
+    assert reader.threads_alive() == 2  # the stuck one and its replacement
+    wait_for(lambda: reader.frames_read > 20)
+    source.release.set()  # the frozen read finally returns: that thread must exit
+    wait_for(lambda: reader.threads_alive() == 1)
+    assert reader.watchdog_restarts == 1 and reader.state is StreamState.CONNECTED
+    reader.stop()
+    assert reader.join(2)
+
+
+# ---- tracking and the per-frame flow -----------------------------------------------------
+def test_tracks_keep_their_ids_while_boxes_move() -> None:
+    tracker = Tracker()
+    ids = []
+    for i in range(10):
+        rows = np.array(
+            [
+                [10 + 5 * i, 10, 60 + 5 * i, 50, 0.9, 0],
+                [400 - 6 * i, 200, 460 - 6 * i, 300, 0.8, 1],
+            ],
+            np.float32,
+        )
+        tracked = tracker.update(rows)
+        ids.append(tuple(sorted((idx, ob.track_id) for idx, ob in tracked)))
+    assert len(set(ids[1:])) == 1 and len(ids[-1]) == 2
+
+
+def test_id_switch_counting() -> None:
+    box = (0.0, 0.0, 10.0, 10.0)
+    truth = [[(1, box)], [(1, box)], [(1, box)]]
+    assert id_switches(truth, [[(7, box)], [(7, box)], [(7, box)]]) == (0, 1)
+    assert id_switches(truth, [[(7, box)], [(8, box)], [(7, box)]]) == (2, 1)
+
+
+def test_the_per_frame_flow_tracks_a_real_clip_against_its_ground_truth(tmp_path: Path) -> None:
+    """Given a held-out scene clip, when its frames go through the processor with the
+    demo detector in-process, then vehicles become stable objects with steady ids."""
+    import json
+
+    from stream_actors.sources import PyAVSource
+
+    clip = write_clip(HELD_OUT_SEED_START + 20, 60, tmp_path / "c.mp4", fps=10, scale=0.5)
+    truth = json.loads(clip.with_suffix(".json").read_text())
+    engine = load_engine(PROJECT_ROOT / "models" / "demo-detector.onnx", EngineOptions(640, 2))
+
+    async def detect(model_id: str, request: DetectRequest) -> DetectResult:
+        rows = engine.detect(request.image[None], [request.params])[0]
+        return DetectResult(rows, engine.names)
+
+    async def run() -> list[StreamEvent]:
+        sink = RingBufferSink(10_000)
+        s = sub("d;c", fileUrl=str(clip))
+        processor = SubscriptionProcessor(s, "demo", 640, detect, sink, ProcessingSettings())
+        processor.start()
+        for frame in PyAVSource(str(clip)).frames():
+            processor.mailbox.put(frame.image, frame.captured_at)
+            while processor.processed < processor.mailbox.received:  # one at a time
+                await asyncio.sleep(0.001)
+        await processor.stop()
+        assert processor.status()["drops"]["superseded"] == 0
+        return sink.after("d;c", 0, 10_000)
+
+    evts = asyncio.run(run())
+    detections = [e for e in evts if e.kind == "detection"]
+    assert len(detections) == 60
+    truths = [
+        [
+            (o["object_id"], o["box"])
+            for o in f["objects"]
+            if o["cls"] == "vehicle" and o["visible_fraction"] >= 0.5 and not o["truncated"]
+        ]
+        for f in truth["frames"]
+    ]
+    tracks = [
+        [
+            (d.track_id, d.box)
+            for d in e.detections
+            if d.track_id is not None and d.label == "vehicle"
+        ]
+        for e in detections
+    ]
+    switches, objects = id_switches(truths, tracks)
+    assert objects >= 5 and switches == 0
+    new = [e for e in evts if e.kind == "new"]
+    assert len(new) >= objects - 1  # almost every vehicle became a stable object
+    assert all(e.obj is not None and e.obj.confidence >= 0.5 for e in new)
+
+
+def test_the_ring_buffer_keeps_the_newest_events_with_increasing_ids() -> None:
+    sink = RingBufferSink(capacity=3)
+    base = dict(camera_id="c", model_id="m", captured_at=0.0, detected_at=0.0)
+    sink.publish([StreamEvent("detection", "s", frame_seq=i, **base) for i in range(5)])  # type: ignore[arg-type]
+    kept = sink.after("s")
+    assert [e.frame_seq for e in kept] == [2, 3, 4] and [e.id for e in kept] == [3, 4, 5]
+    assert sink.dropped == 2 and [e.id for e in sink.after("s", 4)] == [5]
