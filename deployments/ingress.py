@@ -186,7 +186,21 @@ class Ingress:
             "status": "ok" if ready else "degraded",
             "default_model": self._default,
             "models": models,
+            "streams": await self._streams_summary(),
         }
+
+    async def _streams_summary(self) -> dict[str, Any]:
+        """Streams counted by state (details: GET /streams); never fails /health."""
+        try:
+            listing = await asyncio.wait_for(
+                self._registry.list_streams.remote(), self._settings.health_timeout_s
+            )
+        except Exception as exc:
+            return {"error": f"stream registry: {type(exc).__name__}"}
+        by_state: dict[str, int] = {}
+        for stream in listing["streams"]:
+            by_state[stream["state"]] = by_state.get(stream["state"], 0) + 1
+        return {"total": len(listing["streams"]), "by_state": by_state}
 
     def _resolve(self, model: str | None) -> str:
         model_id = model or self._default

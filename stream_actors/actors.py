@@ -133,10 +133,55 @@ class CameraActor:
                 return self._local_bucket.try_acquire()
 
     async def _watch(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(0.5)
             for stream in list(self._streams.values()):
                 stream.reader.check_watchdog()
+            ticks += 1
+            if ticks % 10 == 0:
+                try:
+                    self._export_metrics()
+                except Exception:  # metrics must never stop the watchdog
+                    logger.exception("camera actor: exporting metrics failed")
+
+    def _export_metrics(self) -> None:
+        """Gauges for the Ray dashboard / Prometheus, tagged by stream and subscription."""
+        if not hasattr(self, "_m_fps_in"):
+            from ray.util import metrics
+
+            self._m_fps_in = metrics.Gauge(
+                "camgraph_stream_fps_in", "frames read per second", tag_keys=("stream",)
+            )
+            self._m_reconnects = metrics.Gauge(
+                "camgraph_stream_reconnects", "reconnect attempts so far", tag_keys=("stream",)
+            )
+            self._m_fps_done = metrics.Gauge(
+                "camgraph_subscription_fps_processed",
+                "frames through the detector per second",
+                tag_keys=("subscription",),
+            )
+            self._m_drops = metrics.Gauge(
+                "camgraph_subscription_drops",
+                "frames dropped so far, by reason",
+                tag_keys=("subscription", "reason"),
+            )
+            self._m_latency = metrics.Gauge(
+                "camgraph_subscription_latency_ms_p50",
+                "capture to detection, median of recent frames",
+                tag_keys=("subscription",),
+            )
+        for key, stream in list(self._streams.items()):
+            self._m_fps_in.set(stream.reader.fps(), {"stream": key})
+            self._m_reconnects.set(stream.reader.reconnects, {"stream": key})
+            for sub_id, processor in list(stream.processors.items()):
+                status = processor.status()
+                tags = {"subscription": sub_id}
+                self._m_fps_done.set(status["fps_processed"], tags)
+                if status["latency_ms_p50"] is not None:
+                    self._m_latency.set(status["latency_ms_p50"], tags)
+                for reason, count in status["drops"].items():
+                    self._m_drops.set(count, {**tags, "reason": reason})
 
     # ---- desired state -------------------------------------------------------------
     async def set_stream(self, spec: dict[str, Any], subs: list[dict[str, Any]]) -> None:

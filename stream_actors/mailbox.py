@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -20,12 +21,22 @@ class DropReason(enum.StrEnum):
     DETECTOR_ERROR = "detector_error"  # the detector failed or was unavailable
 
 
+class LazyImage(Protocol):
+    @property
+    def image(self) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class Frame:
-    image: np.ndarray
+    payload: np.ndarray | LazyImage  # an array, or a captured frame converted on first use
     seq: int  # per source, increasing by one for every frame read
     captured_at: float  # wall clock (time.time()) when the frame was read
     captured_mono: float  # time.monotonic() at the same moment, for ages
+
+    @property
+    def image(self) -> np.ndarray:
+        payload = self.payload
+        return payload if isinstance(payload, np.ndarray) else payload.image
 
 
 class LatestFrameMailbox:
@@ -43,7 +54,7 @@ class LatestFrameMailbox:
         self.delivered = 0
         self.drops: Counter[DropReason] = Counter()
 
-    def put(self, image: np.ndarray, captured_at: float | None = None) -> Frame:
+    def put(self, image: np.ndarray | LazyImage, captured_at: float | None = None) -> Frame:
         now_mono = time.monotonic()
         with self._cond:
             self._seq += 1

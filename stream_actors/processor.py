@@ -165,7 +165,7 @@ class SubscriptionProcessor:
         rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
         rows[:, [0, 2]] += offset[0]
         rows[:, [1, 3]] += offset[1]
-        tracked = self._tracker.update(rows)
+        tracked = self._tracker.update(rows, frame.captured_at)
         object_events = self._stability.update([o for _, o in tracked], frame.seq)
         stable = self._stability.stable_ids()
         self.stable_tracks = len(stable)

@@ -48,9 +48,15 @@ class ReaderPolicy(StrictModel):
     breaker_failures: int = Field(5, ge=1, le=1000, description="failures in a row → open")
     breaker_open_s: float = Field(30.0, gt=0, le=3600, description="open circuit cool-down")
     pace_files: bool = Field(True, description="play files at their frame rate")
+    adaptive_decode: bool = Field(
+        True, description="decode key frames only while no subscriber can use more"
+    )
+    decode_window_s: float = Field(5.0, gt=0, le=300, description="demand is judged over this")
 
 
-def open_source(spec: StreamSpec, policy: ReaderPolicy) -> Iterator[CapturedFrame]:
+def open_source(
+    spec: StreamSpec, policy: ReaderPolicy, keyframes_only: Callable[[], bool] | None = None
+) -> Iterator[CapturedFrame]:
     if spec.kind == "snapshot":
         return SnapshotSource(
             spec.url, interval_s=spec.snapshot_interval_s, timeout_s=policy.read_timeout_s
@@ -61,6 +67,7 @@ def open_source(spec: StreamSpec, policy: ReaderPolicy) -> Iterator[CapturedFram
         read_timeout_s=policy.read_timeout_s,
         pace=spec.kind == "file" and policy.pace_files,
         loop=spec.kind == "file" and spec.loop,
+        keyframes_only=keyframes_only,
     ).frames()
 
 
@@ -70,7 +77,7 @@ class StreamReader:
         spec: StreamSpec,
         policy: ReaderPolicy,
         acquire_reconnect: Callable[[], float] = lambda: 0.0,
-        source_factory: Callable[[StreamSpec, ReaderPolicy], Iterator[CapturedFrame]] = open_source,
+        source_factory: Callable[..., Iterator[CapturedFrame]] = open_source,
     ) -> None:
         self.spec, self.policy = spec, policy
         self._acquire = acquire_reconnect
@@ -93,6 +100,13 @@ class StreamReader:
         self._last_frame_mono: float | None = None
         self._started_mono = time.monotonic()
         self._recent: deque[float] = deque(maxlen=256)  # monotonic read times, for fps
+        # Adaptive decoding: key frames only while every subscriber takes (far) fewer
+        # frames per second than the key frames alone supply.
+        self.keyframes_only = False
+        self.decode_switches = 0
+        self._key_times: deque[float] = deque(maxlen=256)
+        self._demand_since = time.monotonic()
+        self._taken_before: dict[str, int] = {}
 
     # ---- subscriptions -------------------------------------------------------------
     def attach(self, name: str, mailbox: LatestFrameMailbox) -> None:
@@ -173,7 +187,7 @@ class StreamReader:
                 self.reconnects += 1
             first = False
             try:
-                for captured in self._open(self.spec, self.policy):
+                for captured in self._open(self.spec, self.policy, self._wants_keyframes_only):
                     if not self._current(generation):
                         return
                     self._deliver(captured)
@@ -207,12 +221,44 @@ class StreamReader:
                 self._down_since = None
         self._last_frame_mono = now
         self._recent.append(now)
+        if captured.key_frame:
+            self._key_times.append(now)
         self.frames_read += 1
         self.latest = captured
         with self._lock:
             mailboxes = list(self._mailboxes.values())
         for mailbox in mailboxes:
-            mailbox.put(captured.image, captured.captured_at)
+            mailbox.put(captured, captured.captured_at)  # converted only if taken
+
+    def _wants_keyframes_only(self) -> bool:
+        """Polled by the source after each frame; re-judges demand once per window."""
+        if not self.policy.adaptive_decode:
+            return False
+        now = time.monotonic()
+        window = now - self._demand_since
+        if window < self.policy.decode_window_s:
+            return self.keyframes_only
+        with self._lock:
+            taken = {name: box.delivered for name, box in self._mailboxes.items()}
+        rates = [(n - self._taken_before.get(name, n)) / window for name, n in taken.items()]
+        demand = max(rates, default=0.0)  # the most demanding subscriber
+        key_fps = sum(1 for t in list(self._key_times) if now - t <= window) / window
+        self._taken_before, self._demand_since = taken, now
+        if key_fps > 0:
+            # Hysteresis: enter below half of the key frame rate; leave once a subscriber
+            # takes (nearly) every key frame, i.e. it could use more frames.
+            want = demand < 0.95 * key_fps if self.keyframes_only else demand <= 0.5 * key_fps
+            if want != self.keyframes_only:
+                self.keyframes_only = want
+                self.decode_switches += 1
+                logger.info(
+                    "stream %s: decoding %s (demand %.2f fps, key frames %.2f fps)",
+                    self.spec.key,
+                    "key frames only" if want else "all frames",
+                    demand,
+                    key_fps,
+                )
+        return self.keyframes_only
 
     # ---- reporting -----------------------------------------------------------------
     def fps(self, window_s: float = 5.0) -> float:
@@ -239,4 +285,6 @@ class StreamReader:
             "consecutive_failures": self._breaker.failures,
             "outages_s": [round(s, 3) for s in self.outages_s],
             "reader_threads": self.threads_alive(),
+            "decode": "keyframes" if self.keyframes_only else "all",
+            "decode_switches": self.decode_switches,
         }

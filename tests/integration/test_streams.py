@@ -411,7 +411,7 @@ def test_sixteen_cameras_progress_fairly_with_bounded_memory(app: str, rtsp: Rts
             return time.monotonic(), counts, state["actors"]
 
         t0, c0, actors0 = snapshot()
-        time.sleep(30)
+        time.sleep(60)  # long enough that one frame more or less is < 5 % of a camera's count
         t1, c1, actors1 = snapshot()
         fps = {s: (c1[s] - c0[s]) / (t1 - t0) for s in subs}
         fairness = min(fps.values()) / max(fps.values())

@@ -160,7 +160,9 @@ class ScriptedSource:
         self.script, self.opens = list(script), 0
         self.release = threading.Event()
 
-    def __call__(self, spec: StreamSpec, policy: ReaderPolicy) -> Iterator[CapturedFrame]:
+    def __call__(
+        self, spec: StreamSpec, policy: ReaderPolicy, keyframes_only: object = None
+    ) -> Iterator[CapturedFrame]:
         self.opens += 1
         step = self.script.pop(0) if self.script else "fail"
         if step == "fail":
@@ -288,8 +290,9 @@ def test_the_per_frame_flow_tracks_a_real_clip_against_its_ground_truth(tmp_path
         s = sub("d;c", fileUrl=str(clip))
         processor = SubscriptionProcessor(s, "demo", 640, detect, sink, ProcessingSettings())
         processor.start()
-        for frame in PyAVSource(str(clip)).frames():
-            processor.mailbox.put(frame.image, frame.captured_at)
+        for i, frame in enumerate(PyAVSource(str(clip)).frames()):
+            # Capture times as a live 10 fps camera would stamp them (decoding is faster).
+            processor.mailbox.put(frame.image, 1e9 + i / 10)
             while processor.processed < processor.mailbox.received:  # one at a time
                 await asyncio.sleep(0.001)
         await processor.stop()
@@ -329,3 +332,37 @@ def test_the_ring_buffer_keeps_the_newest_events_with_increasing_ids() -> None:
     kept = sink.after("s")
     assert [e.frame_seq for e in kept] == [2, 3, 4] and [e.id for e in kept] == [3, 4, 5]
     assert sink.dropped == 2 and [e.id for e in sink.after("s", 4)] == [5]
+
+
+def test_decoding_drops_to_key_frames_while_nobody_needs_more(tmp_path: Path) -> None:
+    """Given a 10 fps file with a key frame every second, when its only subscriber takes
+    nothing, the reader decodes key frames only; once the subscriber takes every frame
+    it gets again, all frames are decoded."""
+    clip = write_clip(HELD_OUT_SEED_START + 1, 100, tmp_path / "k.mp4", fps=10, scale=0.25)
+    spec = StreamSpec(key="k", kind="file", url=str(clip), loop=True)
+    reader = StreamReader(spec, ReaderPolicy(decode_window_s=1.0))
+    mailbox = LatestFrameMailbox()
+    reader.attach("s", mailbox)
+    reader.start()
+    try:
+        wait_for(lambda: reader.keyframes_only, 10)
+        before, t0 = reader.frames_read, time.monotonic()
+        time.sleep(2.0)
+        keyframe_rate = (reader.frames_read - before) / (time.monotonic() - t0)
+        assert keyframe_rate <= 2.0  # about one a second instead of ten
+
+        def take_all() -> None:
+            while reader.keyframes_only:
+                mailbox.take(0.5)
+
+        taker = threading.Thread(target=take_all)
+        taker.start()
+        wait_for(lambda: not reader.keyframes_only, 10)
+        taker.join(2)
+        before, t0 = reader.frames_read, time.monotonic()
+        time.sleep(1.0)
+        assert (reader.frames_read - before) / (time.monotonic() - t0) >= 5
+        assert reader.decode_switches == 2
+    finally:
+        reader.stop()
+        assert reader.join(5)
