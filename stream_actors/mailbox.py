@@ -19,6 +19,7 @@ class DropReason(enum.StrEnum):
     TOO_OLD = "too_old"  # taken, but older than the freshness limit
     BACK_PRESSURE = "back_pressure"  # the detector refused it (queue full)
     DETECTOR_ERROR = "detector_error"  # the detector failed or was unavailable
+    PROCESSING_ERROR = "processing_error"  # tracking/events failed (a bug: logged)
 
 
 class LazyImage(Protocol):

@@ -156,6 +156,7 @@ class SubscriptionProcessor:
             try:
                 self._handle(frame, lb, offset, result)
             except Exception as exc:  # a bug must not kill the camera: report it
+                self.mailbox.record_drop(DropReason.PROCESSING_ERROR)
                 logger.exception("%s: processing failed", self.sub.subscriptionIdentifier)
                 self.last_error = f"processing: {type(exc).__name__}: {exc}"
 

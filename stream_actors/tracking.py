@@ -56,9 +56,10 @@ class Tracker:
         )
         tracked = self._tracker.update(detections, timestamp=timestamp_s)
         out: list[tuple[int, Observation]] = []
-        if tracked.tracker_id is None:
+        indices = tracked.data.get("index")  # absent when the result is empty
+        if tracked.tracker_id is None or indices is None:
             return out
-        for index, track_id in zip(tracked.data["index"], tracked.tracker_id, strict=True):
+        for index, track_id in zip(indices, tracked.tracker_id, strict=True):
             if track_id < 0:
                 continue  # matched nothing yet, or not confirmed
             x1, y1, x2, y2, conf, cls = rows[int(index)].tolist()

@@ -63,4 +63,4 @@ def wait_until(predicate: Any, timeout_s: float = 120, what: str = "condition") 
         except Exception:  # e.g. the app is not deployed yet
             pass
         time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what() if callable(what) else what}")

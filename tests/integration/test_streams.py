@@ -362,7 +362,11 @@ def test_snapshot_camera_is_polled_at_its_interval(app: str, tmp_path: Path, cli
             app,
             {"subscriptionIdentifier": "d;cam-broken", "snapshotUrl": server.url("broken.jpg")},
         )
-        wait_until(lambda: processed(app, "d;cam-snap") >= 10, 60, "snapshots processed")
+        wait_until(
+            lambda: processed(app, "d;cam-snap") >= 10,
+            60,
+            lambda: f"snapshots processed: {stream_of(app, 'd;cam-snap')}",
+        )
         stream = in_state(app, "d;cam-snap", "connected")
         assert stream is not None and 3.0 <= stream["fps_in"] <= 5.5, stream
         broken = wait_until(

@@ -261,6 +261,9 @@ def test_tracks_keep_their_ids_while_boxes_move() -> None:
         tracked = tracker.update(rows)
         ids.append(tuple(sorted((idx, ob.track_id) for idx, ob in tracked)))
     assert len(set(ids[1:])) == 1 and len(ids[-1]) == 2
+    # Frames without detections (an empty scene) age the tracks and report nothing.
+    assert tracker.update(np.zeros((0, 6), np.float32)) == []
+    assert Tracker().update(np.zeros((0, 6), np.float32)) == []
 
 
 def test_id_switch_counting() -> None:
