@@ -7,46 +7,21 @@ files, deterministically (fixed member order and timestamps), without training.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 PIPELINE = "demo-pipeline.json"
 MEMBERS = ("demo-detector.onnx", "body-type.onnx")
-FIXED_TIME = (2026, 1, 1, 0, 0, 0)
-
-
-def model_files(pipeline: dict) -> list[str]:
-    """Every modelFile named anywhere in a detector-worker pipeline."""
-    node = pipeline.get("pipeline", pipeline)
-    found = [node["modelFile"]] if "modelFile" in node else []
-    for branch in node.get("branches", []):
-        found += model_files(branch)
-    return found
 
 
 def pack(models_dir: Path, out: Path) -> Path:
-    """Zip pipeline.json plus the model files it names into an .mpta archive."""
-    pipeline = json.loads((models_dir / PIPELINE).read_text())
-    names = model_files(pipeline)
-    missing = [n for n in names if not (models_dir / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"pipeline names model files that are missing: {missing}")
-    tmp = out.with_suffix(".mpta.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        entries = [("pipeline.json", json.dumps(pipeline, indent=2).encode())]
-        entries += [(n, (models_dir / n).read_bytes()) for n in names]
-        for name, data in entries:
-            info = zipfile.ZipInfo(name, FIXED_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, data)
-    tmp.replace(out)  # atomic: a reader never sees half an archive
-    return out
+    """Pack models/demo-pipeline.json and the model files it names into an .mpta."""
+    from graph.archive import pack_archive
+
+    return pack_archive(models_dir / PIPELINE, out, models_dir)
 
 
 def export_onnx(pt: Path, imgsz: int, dest: Path) -> None:

@@ -1,0 +1,73 @@
+"""`camgraph` command line: `camgraph mpta validate|inspect|pack`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from graph.archive import ArchiveError, ArchiveLimits, inspect_archive, load_archive, pack_archive
+from graph.pipeline import Node
+
+
+def _tree(node: Node, depth: int = 0) -> list[str]:
+    pad = "  " * depth
+    kind = node.modelType or ("detector" if depth == 0 else "classifier")
+    model = node.modelFile or node.engine or "-"
+    lines = [
+        f"{pad}{node.modelId} [{kind}] {model} triggers={node.triggerClasses} "
+        f"min_conf={node.minConfidence}{' parallel' if node.parallel else ''}"
+    ]
+    for action in [*node.actions, *node.parallelActions]:
+        lines.append(f"{pad}  action {action.type}")
+    for branch in node.branches:
+        lines += _tree(branch, depth + 1)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="camgraph", description=__doc__)
+    commands = parser.add_subparsers(dest="group", required=True)
+    mpta = commands.add_parser("mpta", help="pipeline archives").add_subparsers(
+        dest="command", required=True
+    )
+    for name, text in (("validate", "check an archive"), ("inspect", "check and describe")):
+        p = mpta.add_parser(name, help=text)
+        p.add_argument("archive", help="path or http(s) URL of an .mpta")
+        p.add_argument("--json", action="store_true", help="print the validated pipeline")
+    pack = mpta.add_parser("pack", help="zip a pipeline.json and its model files")
+    pack.add_argument("pipeline_json", type=Path)
+    pack.add_argument("--out", type=Path, required=True)
+    pack.add_argument("--models-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    limits = ArchiveLimits()
+    try:
+        if args.command == "pack":
+            out = pack_archive(args.pipeline_json, args.out, args.models_dir)
+            inspect_archive(out, limits)
+            print(out)
+            return 0
+        if args.archive.startswith(("http://", "https://")):
+            with tempfile.TemporaryDirectory() as cache:
+                pipeline = load_archive(args.archive, Path(cache), limits).pipeline
+        else:
+            pipeline = inspect_archive(Path(args.archive), limits)
+    except ArchiveError as exc:
+        print(f"invalid archive {exc.source}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(pipeline.model_dump(mode="json", exclude_none=True), indent=2))
+    elif args.command == "inspect":
+        print("\n".join(_tree(pipeline.pipeline)))
+    else:
+        print(f"ok: {args.archive}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""`pipeline.json` (the detector-worker format) as validated pydantic models, pure.
+
+A pipeline is a tree: the root detector with `triggerClasses` / `minConfidence`, its
+`actions`, its `branches` (classifiers or OCR on crops, possibly nested, possibly
+`parallel`) and its `parallelActions`, which may wait for branches and fill fields from
+their results with templates such as `{car_brand_cls_v1.brand}`.
+
+Archives are untrusted: identifiers that end up in SQL must be plain identifiers, model
+files must be relative paths inside the archive, templates may only name known context
+fields or branches, and connection settings (hosts, passwords) are never accepted inside
+an archive — they come from the deployment's configuration.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from deployments.schemas import StrictModel
+
+MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# SQL identifiers: letters, digits, underscore; not starting with a digit; Postgres' 63.
+SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# What a template may name besides branch results ({<branch modelId>.<field>}).
+CONTEXT_FIELDS = frozenset(
+    {
+        "camera_id",
+        "display_id",
+        "subscription_id",
+        "session_id",
+        "track_id",
+        "class",
+        "label",
+        "confidence",
+        "timestamp",
+        "frame_seq",
+        "pipeline_id",
+        "pipeline_version",
+        "model_id",
+        "x1",
+        "y1",
+        "x2",
+        "y2",
+    }
+)
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{names}` a template refers to (format-string syntax, no conversions)."""
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if spec or conversion:
+            raise ValueError(f"template {template!r}: format specs and conversions are not allowed")
+        if not name:
+            raise ValueError(f"template {template!r}: empty placeholder {{}}")
+        names.append(name)
+    return names
+
+
+def _identifier(value: str) -> str:
+    if not SQL_IDENTIFIER.match(value):
+        raise ValueError(
+            f"{value!r} is not a plain SQL identifier (letters, digits, _; at most 63)"
+        )
+    return value
+
+
+class RedisSaveImage(StrictModel):
+    type: Literal["redis_save_image"]
+    region: str | None = Field(None, description="class whose crop is saved; None: the frame")
+    key: str = Field(min_length=1, max_length=512, description="key template")
+    expire_seconds: int = Field(3600, ge=1, le=30 * 24 * 3600, description="TTL")
+    quality: int = Field(90, ge=10, le=100, description="JPEG quality")
+
+
+class RedisPublish(StrictModel):
+    type: Literal["redis_publish"]
+    channel: str = Field(min_length=1, max_length=256)
+    message: str = Field(min_length=1, max_length=8192, description="message template")
+
+
+class PostgresCreateRecord(StrictModel):
+    type: Literal["postgresql_create_record"]
+    table: str
+    fields: dict[str, str] = Field(min_length=1, max_length=200)
+
+    _table = field_validator("table")(_identifier)
+
+    @field_validator("fields")
+    @classmethod
+    def _columns(cls, value: dict[str, str]) -> dict[str, str]:
+        for column in value:
+            _identifier(column)
+        return value
+
+
+class PostgresUpdateCombined(PostgresCreateRecord):
+    type: Literal["postgresql_update_combined"]  # type: ignore[assignment]
+    key_field: str = Field(description="column that identifies the record (e.g. track_id)")
+    key_value: str = Field("{track_id}", description="template of the key's value")
+    waitForBranches: list[str] = Field(default_factory=list)
+
+    _key = field_validator("key_field")(_identifier)
+
+
+Action = Annotated[
+    RedisSaveImage | RedisPublish | PostgresCreateRecord | PostgresUpdateCombined,
+    Field(discriminator="type"),
+]
+
+
+class Node(StrictModel):
+    """The root detector or a branch."""
+
+    modelId: str = Field(pattern=MODEL_ID)
+    modelFile: str | None = Field(None, max_length=255, description="path inside the archive")
+    modelType: Literal["detector", "classifier", "ocr"] | None = None
+    engine: str | None = Field(None, max_length=64, description="e.g. rapidocr for OCR")
+    imgsz: int | None = Field(None, ge=32, le=4096, multiple_of=32)
+    triggerClasses: list[str] = Field(default_factory=list, max_length=1000)
+    expectedClasses: list[str] | None = Field(None, max_length=1000)
+    minConfidence: float = Field(0.5, ge=0, le=1)
+    crop: bool = False
+    cropClass: str | None = None
+    parallel: bool = False
+    branches: list[Node] = Field(default_factory=list, max_length=64)
+    actions: list[Action] = Field(default_factory=list, max_length=64)
+    parallelActions: list[Action] = Field(default_factory=list, max_length=64)
+
+    @field_validator("modelFile")
+    @classmethod
+    def _relative(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = value.replace("\\", "/").split("/")
+        if value.startswith(("/", "\\")) or ":" in value or ".." in parts or "" in parts:
+            raise ValueError(f"{value!r} must be a relative path inside the archive")
+        if not value.endswith((".onnx", ".pt")):
+            raise ValueError(f"{value!r}: model files are .onnx or .pt")
+        return value
+
+    @model_validator(mode="after")
+    def _needs_a_model(self) -> Node:
+        if self.modelFile is None and self.modelType != "ocr":
+            raise ValueError("modelFile is required (except for modelType 'ocr')")
+        return self
+
+    def walk(self) -> list[Node]:
+        """This node and every branch below it, depth first."""
+        out = [self]
+        for branch in self.branches:
+            out += branch.walk()
+        return out
+
+
+class PipelineFile(StrictModel):
+    """The whole `pipeline.json`."""
+
+    pipeline: Node
+    version: str | None = Field(None, max_length=64, description="pipeline version label")
+
+    # Declared only to be refused with a clear message (listed with any other problem).
+    redis: Any = Field(None, description="not allowed: connections come from config")
+    postgresql: Any = Field(None, description="not allowed: connections come from config")
+
+    @field_validator("redis", "postgresql")
+    @classmethod
+    def _no_secrets(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError(
+                "connection settings do not belong in an archive: configure Redis and "
+                "PostgreSQL in serve_config.yaml"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> PipelineFile:
+        nodes = self.pipeline.walk()
+        ids = [n.modelId for n in nodes]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"modelId must be unique in a pipeline, repeated: {duplicates}")
+        branch_ids = set(ids[1:])
+        problems = []
+        for node in nodes:
+            for action in [*node.actions, *node.parallelActions]:
+                problems += _template_problems(action, branch_ids)
+                if isinstance(action, PostgresUpdateCombined):
+                    unknown = sorted(set(action.waitForBranches) - branch_ids)
+                    if unknown:
+                        problems.append(f"waitForBranches names unknown branches {unknown}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _template_problems(action: Any, branch_ids: set[str]) -> list[str]:
+    templates: list[str] = []
+    for name in ("key", "channel", "message", "key_value"):
+        if isinstance(getattr(action, name, None), str):
+            templates.append(getattr(action, name))
+    templates += list(getattr(action, "fields", {}).values())
+    problems = []
+    for template in templates:
+        try:
+            names = template_fields(template)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        for name in names:
+            head, _, field = name.partition(".")
+            if field and head in branch_ids:
+                continue
+            if not field and name in CONTEXT_FIELDS:
+                continue
+            problems.append(
+                f"{action.type}: template field {{{name}}} is neither a context field "
+                f"({', '.join(sorted(CONTEXT_FIELDS))}) nor <branch modelId>.<field>"
+            )
+    return problems
+
+
+def json_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a JSON path, e.g. $.pipeline.branches[0].modelFile
+    (the tags of tagged unions, such as 'redis_publish', are left out)."""
+    path = "$"
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in {"redis_save_image", "redis_publish"} or part.startswith("postgresql_"):
+            continue
+        else:
+            path += f".{part}"
+    return path
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """Every problem of a ValidationError, one line each, with its JSON path."""
+    return [
+        f"{json_path(tuple(e['loc']))}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
