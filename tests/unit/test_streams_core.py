@@ -369,3 +369,26 @@ def test_decoding_drops_to_key_frames_while_nobody_needs_more(tmp_path: Path) ->
     finally:
         reader.stop()
         assert reader.join(5)
+
+
+def test_a_spent_reconnect_budget_holds_reconnects_back() -> None:
+    """Given the cluster-wide token bucket allowing 5 reconnects/s (burst 1), a camera
+    that fails instantly makes no more than about 5 attempts per second."""
+    from stream_actors.reconnect import TokenBucket
+
+    bucket = TokenBucket(rate_per_s=5, burst=1)
+    lock = threading.Lock()
+
+    def acquire() -> float:
+        with lock:
+            return bucket.try_acquire()
+
+    policy = ReaderPolicy(backoff_base_s=0.001, backoff_cap_s=0.001, breaker_failures=1000)
+    reader = StreamReader(
+        SPEC, policy, acquire_reconnect=acquire, source_factory=ScriptedSource([])
+    )
+    reader.start()
+    time.sleep(2.0)
+    reader.stop()
+    assert reader.join(2)
+    assert 5 <= reader.reconnects <= 13  # ~5/s over 2 s, plus the burst; not hundreds
