@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import Field
 
 from deployments.schemas import StrictModel
-from stream_actors.mailbox import LatestFrameMailbox
+from stream_actors.mailbox import DropReason, LatestFrameMailbox
 from stream_actors.reconnect import Backoff, CircuitBreaker
 from stream_actors.sources import CapturedFrame, PyAVSource, SnapshotSource, SourceError
 from stream_actors.subscriptions import StreamSpec
@@ -106,7 +106,7 @@ class StreamReader:
         self.decode_switches = 0
         self._key_times: deque[float] = deque(maxlen=256)
         self._demand_since = time.monotonic()
-        self._taken_before: dict[str, int] = {}
+        self._taken_before: dict[str, tuple[int, int]] = {}
 
     # ---- subscriptions -------------------------------------------------------------
     def attach(self, name: str, mailbox: LatestFrameMailbox) -> None:
@@ -231,7 +231,11 @@ class StreamReader:
             mailbox.put(captured, captured.captured_at)  # converted only if taken
 
     def _wants_keyframes_only(self) -> bool:
-        """Polled by the source after each frame; re-judges demand once per window."""
+        """Polled by the source after each frame; re-judges demand once per window.
+
+        Key frames only when every subscriber took at most half as many frames as the
+        key frames alone would give it; all frames again as soon as a subscriber took
+        every key frame it was given (none superseded), i.e. it could use more."""
         if not self.policy.adaptive_decode:
             return False
         now = time.monotonic()
@@ -239,25 +243,30 @@ class StreamReader:
         if window < self.policy.decode_window_s:
             return self.keyframes_only
         with self._lock:
-            taken = {name: box.delivered for name, box in self._mailboxes.items()}
-        rates = [(n - self._taken_before.get(name, n)) / window for name, n in taken.items()]
-        demand = max(rates, default=0.0)  # the most demanding subscriber
-        key_fps = sum(1 for t in list(self._key_times) if now - t <= window) / window
-        self._taken_before, self._demand_since = taken, now
-        if key_fps > 0:
-            # Hysteresis: enter below half of the key frame rate; leave once a subscriber
-            # takes (nearly) every key frame, i.e. it could use more frames.
-            want = demand < 0.95 * key_fps if self.keyframes_only else demand <= 0.5 * key_fps
-            if want != self.keyframes_only:
-                self.keyframes_only = want
-                self.decode_switches += 1
-                logger.info(
-                    "stream %s: decoding %s (demand %.2f fps, key frames %.2f fps)",
-                    self.spec.key,
-                    "key frames only" if want else "all frames",
-                    demand,
-                    key_fps,
-                )
+            counts = {
+                name: (box.delivered, box.drops[DropReason.SUPERSEDED])
+                for name, box in self._mailboxes.items()
+            }
+        before = self._taken_before
+        taken = {n: c[0] - before.get(n, c)[0] for n, c in counts.items()}
+        superseded = {n: c[1] - before.get(n, c)[1] for n, c in counts.items()}
+        keys = sum(1 for t in list(self._key_times) if now - t <= window)
+        self._taken_before, self._demand_since = counts, now
+        if self.keyframes_only:
+            want = not any(taken[n] > 0 and superseded[n] == 0 for n in counts)
+        else:
+            want = keys > 0 and all(taken[n] <= 0.5 * keys for n in counts)
+        if want != self.keyframes_only:
+            self.keyframes_only = want
+            self.decode_switches += 1
+            logger.info(
+                "stream %s: decoding %s (frames taken per subscriber %s, key frames %d, in %.1fs)",
+                self.spec.key,
+                "key frames only" if want else "all frames",
+                taken,
+                keys,
+                window,
+            )
         return self.keyframes_only
 
     # ---- reporting -----------------------------------------------------------------

@@ -341,7 +341,7 @@ def test_decoding_drops_to_key_frames_while_nobody_needs_more(tmp_path: Path) ->
     """Given a 10 fps file with a key frame every second, when its only subscriber takes
     nothing, the reader decodes key frames only; once the subscriber takes every frame
     it gets again, all frames are decoded."""
-    clip = write_clip(HELD_OUT_SEED_START + 1, 100, tmp_path / "k.mp4", fps=10, scale=0.25)
+    clip = write_clip(HELD_OUT_SEED_START + 1, 30, tmp_path / "k.mp4", fps=10, scale=0.25)
     spec = StreamSpec(key="k", kind="file", url=str(clip), loop=True)
     reader = StreamReader(spec, ReaderPolicy(decode_window_s=1.0))
     mailbox = LatestFrameMailbox()
