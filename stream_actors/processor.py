@@ -24,6 +24,7 @@ from deployments.schemas import StrictModel
 from deployments.vision import DetectParams, letterbox, unletterbox_boxes
 from stream_actors.events import EventSink, StreamEvent, TrackedDetection
 from stream_actors.mailbox import DropReason, Frame, LatestFrameMailbox
+from stream_actors.meter import RateMeter
 from stream_actors.stability import StabilityRules, StabilityValidator
 from stream_actors.subscriptions import Subscription
 from stream_actors.tracking import Tracker, TrackerConfig
@@ -74,8 +75,7 @@ class SubscriptionProcessor:
         self.processed = 0
         self.last_error: str | None = None
         self.latencies_ms: deque[float] = deque(maxlen=512)  # capture → detection
-        self._done_at: deque[float] = deque(maxlen=512)
-        self._started = time.monotonic()
+        self._done = RateMeter()
         self.stable_tracks = 0
 
     def start(self) -> None:
@@ -184,8 +184,7 @@ class SubscriptionProcessor:
             for i, (x1, y1, x2, y2, s, c) in enumerate(rows.tolist())
         )
         self.processed += 1
-        now = time.monotonic()
-        self._done_at.append(now)
+        self._done.mark()
         self.latencies_ms.append((detected_at - frame.captured_at) * 1000)
         self.last_error = None
         common = {
@@ -201,10 +200,7 @@ class SubscriptionProcessor:
         self._sink.publish(events)
 
     def fps(self, window_s: float = 5.0) -> float:
-        now = time.monotonic()
-        recent = [t for t in list(self._done_at) if now - t <= window_s]
-        span = min(window_s, now - self._started)
-        return len(recent) / span if span > 0 else 0.0
+        return self._done.rate(window_s)
 
     def status(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from deployments.schemas import StrictModel
 from stream_actors.mailbox import DropReason, LatestFrameMailbox
+from stream_actors.meter import RateMeter
 from stream_actors.reconnect import Backoff, CircuitBreaker
 from stream_actors.sources import CapturedFrame, PyAVSource, SnapshotSource, SourceError
 from stream_actors.subscriptions import StreamSpec
@@ -98,8 +99,7 @@ class StreamReader:
         self.outages_s: deque[float] = deque(maxlen=32)  # failure → first frame again
         self._down_since: float | None = None
         self._last_frame_mono: float | None = None
-        self._started_mono = time.monotonic()
-        self._recent: deque[float] = deque(maxlen=256)  # monotonic read times, for fps
+        self._reads = RateMeter()
         # Adaptive decoding: key frames only while every subscriber takes (far) fewer
         # frames per second than the key frames alone supply.
         self.keyframes_only = False
@@ -220,7 +220,7 @@ class StreamReader:
                 self.outages_s.append(now - self._down_since)
                 self._down_since = None
         self._last_frame_mono = now
-        self._recent.append(now)
+        self._reads.mark(now)
         if captured.key_frame:
             self._key_times.append(now)
         self.frames_read += 1
@@ -271,10 +271,7 @@ class StreamReader:
 
     # ---- reporting -----------------------------------------------------------------
     def fps(self, window_s: float = 5.0) -> float:
-        now = time.monotonic()
-        recent = [t for t in list(self._recent) if now - t <= window_s]
-        span = min(window_s, now - self._started_mono)
-        return len(recent) / span if span > 0 else 0.0
+        return self._reads.rate(window_s)
 
     def status(self) -> dict[str, Any]:
         last = self._last_frame_mono
