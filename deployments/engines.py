@@ -213,6 +213,10 @@ def load_engine(
     """Build the engine a model file calls for; reports `converting` when TensorRT will
     build an engine that is not cached yet (minutes on first start)."""
     if path.suffix == ".pt":
+        from deployments.ptscan import pt_problems
+
+        if path.is_file() and (problems := pt_problems(path)):
+            raise ModelLoadError("; ".join(problems))  # never unpickle it
         gpu = gpu_present() if options.gpu is None else options.gpu
         return UltralyticsEngine(path, options.imgsz, device="0" if gpu else "cpu")
     if path.suffix != ".onnx":

@@ -4,8 +4,9 @@
 archive's sha256, checks every member before extracting anything (no absolute paths, no
 `..`, no links, no devices, bounded member count, declared and actual sizes, compression
 ratio), validates `pipeline.json` with pydantic, checks that every model file it names is
-in the archive, and only then extracts — into a temporary directory renamed into the
-cache when complete, so a half-extracted archive is never used.
+in the archive, and only then extracts — into a temporary directory, where `.pt` files
+are checked for what their pickles would import (`deployments.ptscan`), renamed into the
+cache when complete, so a half-extracted or unsafe archive is never used.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from pydantic import Field, ValidationError
 
 from deployments.exceptions import CamgraphError
+from deployments.ptscan import pt_problems
 from deployments.schemas import StrictModel
 from graph.pipeline import PipelineFile, validation_problems
 
@@ -210,6 +212,14 @@ def load_archive(source: str | Path, cache_dir: Path, limits: ArchiveLimits) -> 
             staging = Path(tmp) / "extract"
             staging.mkdir()
             _extract(local, staging, limits, source)
+            # .pt files are pickles: check what they would import before anyone loads them.
+            unsafe = [
+                p
+                for pt in sorted(staging.rglob("*.pt"))
+                for p in pt_problems(pt, str(pt.relative_to(staging)))
+            ]
+            if unsafe:
+                raise ArchiveError(source, unsafe)
             if final.exists():  # a partial leftover from a crash: replace it
                 shutil.rmtree(final)
             staging.rename(final)
