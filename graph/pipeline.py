@@ -14,11 +14,11 @@ an archive — they come from the deployment's configuration.
 from __future__ import annotations
 
 import re
-import string
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from deployments.fields import template_fields
 from deployments.schemas import StrictModel
 
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -46,20 +46,6 @@ CONTEXT_FIELDS = frozenset(
         "y2",
     }
 )
-
-
-def template_fields(template: str) -> list[str]:
-    """The `{names}` a template refers to (format-string syntax, no conversions)."""
-    names = []
-    for _, name, spec, conversion in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if spec or conversion:
-            raise ValueError(f"template {template!r}: format specs and conversions are not allowed")
-        if not name:
-            raise ValueError(f"template {template!r}: empty placeholder {{}}")
-        names.append(name)
-    return names
 
 
 def _identifier(value: str) -> str:
