@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 PIPELINE = "demo-pipeline.json"
-MEMBERS = ("demo-detector.onnx", "body-type.onnx")
 
 
 def pack(models_dir: Path, out: Path) -> Path:

@@ -27,7 +27,7 @@ from deployments.detector import DetectRequest
 from deployments.exceptions import InferenceError, ModelNotReadyError, UnknownModelError
 from deployments.schemas import MODEL_ID_PATTERN, DetectConfig, Detection, IngressSettings
 from deployments.vision import Letterbox, letterbox, unletterbox_boxes
-from stream_actors.actors import StreamRegistry, StreamSettings, registry_name
+from stream_actors.actors import StreamContext, StreamRegistry, StreamSettings, registry_name
 from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
 
 # Camera and registry actors live in one namespace, whatever namespace Serve runs in.
@@ -133,34 +133,26 @@ class Ingress:
         self._sizes = model_sizes
         self._settings = IngressSettings.model_validate(settings)
         self._default = self._settings.default_model or next(iter(detectors))
-        self._stream_settings = StreamSettings.model_validate(streams or {})
-        self._app_name = serve.get_replica_context().app_name
+        app_name = serve.get_replica_context().app_name
+        context = StreamContext(
+            app_name=app_name,
+            namespace=STREAMS_NAMESPACE,
+            default_model=self._default,
+            model_sizes=dict(model_sizes),
+            detector_names={m: h.deployment_name for m, h in detectors.items()},
+            settings=StreamSettings.model_validate(streams or {}),
+        )
         # The registry outlives ingress replicas (detached, restartable): streams keep
         # running through an ingress restart or a redeploy of the app.
         self._registry = StreamRegistry.options(  # type: ignore[attr-defined]
-            name=registry_name(self._app_name),
+            name=registry_name(app_name),
             namespace=STREAMS_NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
             max_concurrency=256,
-        ).remote(
-            self._app_name,
-            self._model_sizes_default_first(),
-            self._detector_names(),
-            self._stream_settings.model_dump(mode="json"),
-            STREAMS_NAMESPACE,
-        )
-        self._registry.configure.remote(self._model_sizes_default_first(), self._detector_names())
-
-    def _model_sizes_default_first(self) -> dict[str, int]:
-        """Model sizes with the default model first (subscriptions without modelId)."""
-        return {self._default: self._sizes[self._default], **self._sizes}
-
-    def _detector_names(self) -> dict[str, str]:
-        from graph.config import detector_name
-
-        return {m: detector_name(m) for m in self._detectors}
+        ).remote(context)
+        self._registry.configure.remote(context)  # an existing registry learns the models
 
     async def _model_health(self, model_id: str) -> dict[str, Any]:
         handle = self._detectors[model_id]

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,18 @@ class StreamSettings(StrictModel):
     processing: ProcessingSettings = ProcessingSettings()
 
 
+@dataclass(frozen=True)
+class StreamContext:
+    """What the registry and camera actors know of the app that owns them."""
+
+    app_name: str
+    namespace: str  # the Ray namespace of the registry and camera actors
+    default_model: str  # for subscriptions without modelId
+    model_sizes: dict[str, int]  # model id → detector input size
+    detector_names: dict[str, str]  # model id → Serve deployment name
+    settings: StreamSettings
+
+
 def redact(url: str) -> str:
     """The URL without a password (rtsp://user:secret@host → rtsp://user:***@host)."""
     scheme, sep, rest = url.partition("://")
@@ -86,17 +99,8 @@ class CameraActor:
     """Owns its streams' threads and per-camera state; restartable (the registry
     re-sends its streams). Async: one event loop drives all its subscriptions."""
 
-    def __init__(
-        self,
-        app_name: str,
-        model_sizes: dict[str, int],
-        detector_names: dict[str, str],
-        settings: dict[str, Any],
-        namespace: str,
-    ) -> None:
-        self._app, self._sizes, self._names = app_name, model_sizes, detector_names
-        self._settings = StreamSettings.model_validate(settings)
-        self._namespace = namespace
+    def __init__(self, ctx: StreamContext) -> None:
+        self._ctx, self._settings = ctx, ctx.settings
         self._streams: dict[str, _Stream] = {}
         self._handles: dict[str, Any] = {}
         self._sink = RingBufferSink(self._settings.events_per_subscription)
@@ -106,6 +110,7 @@ class CameraActor:
         self._registry: Any = None
         self._started = time.time()
         self._lock = threading.Lock()
+        self._init_metrics()
         # Async actors run __init__ with their event loop set (checked on Ray 2.60).
         self._watchdog = asyncio.get_event_loop().create_task(self._watch())
 
@@ -115,7 +120,8 @@ class CameraActor:
         if handle is None:
             from ray import serve
 
-            handle = serve.get_deployment_handle(self._names[model_id], app_name=self._app)
+            name = self._ctx.detector_names[model_id]
+            handle = serve.get_deployment_handle(name, app_name=self._ctx.app_name)
             self._handles[model_id] = handle
         result: DetectResult = await handle.detect.remote(request)
         return result
@@ -125,7 +131,8 @@ class CameraActor:
         local one while the registry is unreachable (e.g. restarting)."""
         try:
             if self._registry is None:
-                self._registry = ray.get_actor(registry_name(self._app), self._namespace)
+                name = registry_name(self._ctx.app_name)
+                self._registry = ray.get_actor(name, self._ctx.namespace)
             return float(ray.get(self._registry.acquire_reconnect.remote(), timeout=2.0))
         except Exception:
             self._registry = None
@@ -145,32 +152,33 @@ class CameraActor:
                 except Exception:  # metrics must never stop the watchdog
                     logger.exception("camera actor: exporting metrics failed")
 
-    def _export_metrics(self) -> None:
+    def _init_metrics(self) -> None:
         """Gauges for the Ray dashboard / Prometheus, tagged by stream and subscription."""
-        if not hasattr(self, "_m_fps_in"):
-            from ray.util import metrics
+        from ray.util import metrics
 
-            self._m_fps_in = metrics.Gauge(
-                "camgraph_stream_fps_in", "frames read per second", tag_keys=("stream",)
-            )
-            self._m_reconnects = metrics.Gauge(
-                "camgraph_stream_reconnects", "reconnect attempts so far", tag_keys=("stream",)
-            )
-            self._m_fps_done = metrics.Gauge(
-                "camgraph_subscription_fps_processed",
-                "frames through the detector per second",
-                tag_keys=("subscription",),
-            )
-            self._m_drops = metrics.Gauge(
-                "camgraph_subscription_drops",
-                "frames dropped so far, by reason",
-                tag_keys=("subscription", "reason"),
-            )
-            self._m_latency = metrics.Gauge(
-                "camgraph_subscription_latency_ms_p50",
-                "capture to detection, median of recent frames",
-                tag_keys=("subscription",),
-            )
+        self._m_fps_in = metrics.Gauge(
+            "camgraph_stream_fps_in", "frames read per second", tag_keys=("stream",)
+        )
+        self._m_reconnects = metrics.Gauge(
+            "camgraph_stream_reconnects", "reconnect attempts so far", tag_keys=("stream",)
+        )
+        self._m_fps_done = metrics.Gauge(
+            "camgraph_subscription_fps_processed",
+            "frames through the detector per second",
+            tag_keys=("subscription",),
+        )
+        self._m_drops = metrics.Gauge(
+            "camgraph_subscription_drops",
+            "frames dropped so far, by reason",
+            tag_keys=("subscription", "reason"),
+        )
+        self._m_latency = metrics.Gauge(
+            "camgraph_subscription_latency_ms_p50",
+            "capture to detection, median of recent frames",
+            tag_keys=("subscription",),
+        )
+
+    def _export_metrics(self) -> None:
         for key, stream in list(self._streams.items()):
             self._m_fps_in.set(stream.reader.fps(), {"stream": key})
             self._m_reconnects.set(stream.reader.reconnects, {"stream": key})
@@ -201,11 +209,11 @@ class CameraActor:
         for sub_id, sub in wanted.items():
             if sub_id in stream.subs:
                 continue
-            model_id = sub.modelId or next(iter(self._sizes))
+            model_id = sub.modelId or self._ctx.default_model
             processor = SubscriptionProcessor(
                 sub,
                 model_id,
-                self._sizes[model_id],
+                self._ctx.model_sizes[model_id],
                 self._detect,
                 self._sink,
                 self._settings.processing,
@@ -274,17 +282,9 @@ class CameraActor:
 class StreamRegistry:
     """The desired subscriptions of one app, persisted; reference-counted shared streams."""
 
-    def __init__(
-        self,
-        app_name: str,
-        model_sizes: dict[str, int],
-        detector_names: dict[str, str],
-        settings: dict[str, Any],
-        namespace: str,
-    ) -> None:
-        self._app, self._namespace = app_name, namespace
-        self._sizes, self._names = model_sizes, detector_names
-        self._settings = StreamSettings.model_validate(settings)
+    def __init__(self, ctx: StreamContext) -> None:
+        self._ctx, self._settings = ctx, ctx.settings
+        self._app, self._namespace = ctx.app_name, ctx.namespace
         self._path = self._settings.state_path
         self._table = SubscriptionTable(self._settings.streams_per_actor, load_state(self._path))
         self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
@@ -300,10 +300,11 @@ class StreamRegistry:
         if self._reconciler.done() and not self._closed:
             self._reconciler = asyncio.create_task(self._reconcile_forever())
 
-    async def configure(self, model_sizes: dict[str, int], detector_names: dict[str, str]) -> int:
-        """Called by every ingress replica at start and periodically: keeps the registry
-        aware of the served models and its repair loop running. Returns subscriptions."""
-        self._sizes, self._names = model_sizes, detector_names
+    async def configure(self, ctx: StreamContext) -> int:
+        """Called by every ingress replica at start: keeps the registry aware of the
+        served models (its own settings stay as started) and its repair loop running.
+        Returns the number of subscriptions."""
+        self._ctx = replace(ctx, settings=self._settings)
         self._ensure_reconciler()
         return len(self._table.subs)
 
@@ -320,9 +321,7 @@ class StreamRegistry:
                 get_if_exists=True,
                 num_cpus=self._settings.camera_actor_cpus,
                 max_concurrency=1000,
-            ).remote(
-                self._app, self._sizes, self._names, self._settings.model_dump(), self._namespace
-            )
+            ).remote(self._ctx)
             self._actors[index] = actor
         return actor
 

@@ -274,7 +274,6 @@ class StreamReader:
         return self._reads.rate(window_s)
 
     def status(self) -> dict[str, Any]:
-        last = self._last_frame_mono
         latest = self.latest
         return {
             "state": str(self.state),
@@ -284,7 +283,6 @@ class StreamReader:
             "last_frame_age_s": (
                 round(time.time() - latest.captured_at, 3) if latest is not None else None
             ),
-            "silent_s": round(time.monotonic() - last, 3) if last is not None else None,
             "reconnects": self.reconnects,
             "watchdog_restarts": self.watchdog_restarts,
             "circuit": str(self._breaker.state),
