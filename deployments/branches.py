@@ -12,7 +12,8 @@ import numpy as np
 
 from deployments.engines import make_session, parse_names
 from deployments.exceptions import InferenceError, ModelLoadError
-from deployments.vision import to_model_input
+from deployments.schemas import BranchModelSpec
+from deployments.vision import crop_square, to_model_input
 
 PLATE_PATTERN = re.compile(r"^[A-Z0-9]{4,10}$")
 
@@ -64,6 +65,9 @@ class PlateReader:
         except ImportError as exc:
             raise ModelLoadError("rapidocr-onnxruntime is not installed (make install)") from exc
         self._ocr: Any = RapidOCR()
+        self.providers = ["CPUExecutionProvider"]  # RapidOCR's own ONNX Runtime sessions
+        self.imgsz = 0  # any crop size
+        self.names: dict[int, str] = {}
 
     def read(self, crop: np.ndarray) -> Label | None:
         """The plate text and its recognition confidence, or None if no plate-like text."""
@@ -74,3 +78,37 @@ class PlateReader:
             if PLATE_PATTERN.match(plate):
                 candidates.append(Label(plate, float(score)))
         return max(candidates, key=lambda c: (len(c.label) >= 6, c.confidence), default=None)
+
+
+class BranchEngine:
+    """What a Classifier replica runs: crops of any size in (already padded by the
+    camera), one Label or None (nothing readable) out per crop."""
+
+    def __init__(self, spec: BranchModelSpec) -> None:
+        self.kind = spec.kind
+        if spec.kind == "ocr":
+            self._plates: PlateReader | None = PlateReader()
+            self._classifier: ClassifierEngine | None = None
+            inner: Any = self._plates
+        else:
+            if spec.path is None:
+                raise ModelLoadError(f"branch {spec.id}: a classifier needs a model file")
+            if spec.path.suffix != ".onnx":
+                raise ModelLoadError(f"branch {spec.id}: classifiers are ONNX files")
+            self._plates, self._classifier = (
+                None,
+                ClassifierEngine(spec.path, spec.intra_op_threads),
+            )
+            inner = self._classifier
+        self.providers, self.imgsz, self.names = inner.providers, inner.imgsz, inner.names
+
+    def classify(self, crops: list[np.ndarray]) -> list[Label | None]:
+        for crop in crops:
+            if crop.ndim != 3 or crop.shape[2] != 3 or crop.shape[0] < 2 or crop.shape[1] < 2:
+                raise InferenceError(f"expected HxWx3 BGR crops, got {crop.shape}")
+        if self._plates is not None:
+            return [self._plates.read(c) for c in crops]
+        assert self._classifier is not None
+        size = self._classifier.imgsz
+        batch = np.stack([crop_square(c, (0, 0, c.shape[1], c.shape[0]), size, 0.0) for c in crops])
+        return list(self._classifier.classify(batch))

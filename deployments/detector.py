@@ -16,7 +16,7 @@ import ray
 from ray import serve
 from ray.serve import metrics
 
-from deployments.engines import EngineOptions, ModelSlot, load_engine
+from deployments.engines import Engine, EngineOptions, ModelSlot, load_engine
 from deployments.schemas import DetectorUserConfig, ModelSpec
 from deployments.vision import DetectParams
 
@@ -75,7 +75,7 @@ class Detector:
             self._spec.fp16,
             gpu=bool(ray.get_gpu_ids()),
         )
-        self._slot = ModelSlot(self._spec.id)
+        self._slot: ModelSlot[Engine] = ModelSlot(self._spec.id)
         path = Path(self._spec.path)
         self._slot.start(lambda converting: load_engine(path, options, converting))
         self._config = DetectorUserConfig()

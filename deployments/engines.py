@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -244,7 +244,23 @@ class ModelState(enum.StrEnum):
     ERROR = "error"
 
 
-class ModelSlot:
+class Described(Protocol):
+    """What a slot reports of any engine it holds."""
+
+    @property
+    def providers(self) -> Sequence[Any]: ...
+
+    @property
+    def imgsz(self) -> int: ...
+
+    @property
+    def names(self) -> dict[int, str]: ...
+
+
+E = TypeVar("E", bound=Described)
+
+
+class ModelSlot(Generic[E]):
     """Holds one model's engine and its availability; loads in a background thread."""
 
     def __init__(self, model_id: str) -> None:
@@ -252,11 +268,11 @@ class ModelSlot:
         self._lock = threading.Lock()
         self._state = ModelState.LOADING
         self._error: str | None = None
-        self._engine: Engine | None = None
+        self._engine: E | None = None
         self._thread: threading.Thread | None = None
         self._load_s: float | None = None
 
-    def start(self, loader: Callable[[Callable[[], None]], Engine]) -> None:
+    def start(self, loader: Callable[[Callable[[], None]], E]) -> None:
         """Run `loader(mark_converting)` in a daemon thread; state follows its outcome."""
         self._thread = threading.Thread(
             target=self._load, args=(loader,), daemon=True, name=f"load-{self.model_id}"
@@ -267,13 +283,11 @@ class ModelSlot:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def _set(
-        self, state: ModelState, error: str | None = None, engine: Engine | None = None
-    ) -> None:
+    def _set(self, state: ModelState, error: str | None = None, engine: E | None = None) -> None:
         with self._lock:
             self._state, self._error, self._engine = state, error, engine
 
-    def _load(self, loader: Callable[[Callable[[], None]], Engine]) -> None:
+    def _load(self, loader: Callable[[Callable[[], None]], E]) -> None:
         start = time.monotonic()
         try:
             engine = loader(lambda: self._set(ModelState.CONVERTING))
@@ -298,7 +312,7 @@ class ModelSlot:
             )
         return status
 
-    def engine(self) -> Engine:
+    def engine(self) -> E:
         """The engine, or `ModelNotReadyError` carrying the current state."""
         with self._lock:
             if self._engine is None:

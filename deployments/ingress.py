@@ -27,7 +27,9 @@ from deployments.detector import DetectRequest
 from deployments.exceptions import InferenceError, ModelNotReadyError, UnknownModelError
 from deployments.schemas import MODEL_ID_PATTERN, DetectConfig, Detection, IngressSettings
 from deployments.vision import Letterbox, letterbox, unletterbox_boxes
+from graph.pipeline import PipelineFile
 from stream_actors.actors import StreamContext, StreamRegistry, StreamSettings, registry_name
+from stream_actors.branching import PipelineRuntime
 from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
 
 # Camera and registry actors live in one namespace, whatever namespace Serve runs in.
@@ -128,12 +130,26 @@ class Ingress:
         model_sizes: dict[str, int],
         settings: dict[str, Any],
         streams: dict[str, Any] | None = None,
+        pipelines: dict[str, Any] | None = None,
+        classifiers: dict[str, DeploymentHandle] | None = None,
+        actions: DeploymentHandle | None = None,
     ) -> None:
         self._detectors = detectors
         self._sizes = model_sizes
         self._settings = IngressSettings.model_validate(settings)
         self._default = self._settings.default_model or next(iter(detectors))
+        self._classifiers = classifiers or {}
+        self._actions = actions
         app_name = serve.get_replica_context().app_name
+        runtimes = {
+            model_id: PipelineRuntime.of(
+                PipelineFile.model_validate(p["pipeline"]),
+                p["version"],
+                p["classifiers"],
+                actions.deployment_name if actions is not None else "Actions",
+            )
+            for model_id, p in (pipelines or {}).items()
+        }
         context = StreamContext(
             app_name=app_name,
             namespace=STREAMS_NAMESPACE,
@@ -141,6 +157,7 @@ class Ingress:
             model_sizes=dict(model_sizes),
             detector_names={m: h.deployment_name for m, h in detectors.items()},
             settings=StreamSettings.model_validate(streams or {}),
+            pipelines=runtimes,
         )
         # The registry outlives ingress replicas (detached, restartable): streams keep
         # running through an ingress restart or a redeploy of the app.
@@ -154,8 +171,7 @@ class Ingress:
         ).remote(context)
         self._registry.configure.remote(context)  # an existing registry learns the models
 
-    async def _model_health(self, model_id: str) -> dict[str, Any]:
-        handle = self._detectors[model_id]
+    async def _model_health(self, model_id: str, handle: DeploymentHandle) -> dict[str, Any]:
         try:
             status = await asyncio.wait_for(handle.health.remote(), self._settings.health_timeout_s)
         except TimeoutError:
@@ -171,15 +187,32 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
         """Overall status and each model's availability; never triggers a model load."""
-        states = await asyncio.gather(*(self._model_health(m) for m in self._detectors))
+        handles = {**self._detectors, **self._classifiers}
+        states = await asyncio.gather(*(self._model_health(m, h) for m, h in handles.items()))
         models = {s["model"]: {k: v for k, v in s.items() if k != "model"} for s in states}
         ready = all(s["state"] == "enabled" for s in states)
-        return {
+        report: dict[str, Any] = {
             "status": "ok" if ready else "degraded",
             "default_model": self._default,
             "models": models,
             "streams": await self._streams_summary(),
         }
+        if self._actions is not None:
+            report["actions"] = await self._actions_health()
+            if "error" in report["actions"]:
+                report["status"] = "degraded"
+        return report
+
+    async def _actions_health(self) -> dict[str, Any]:
+        """Sinks in use (Redis, PostgreSQL or the local store), outbox depth and lag."""
+        assert self._actions is not None
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(
+                self._actions.health.remote(), self._settings.health_timeout_s
+            )
+            return result
+        except Exception as exc:
+            return {"error": f"actions: {type(exc).__name__}: {str(exc)[:300]}"}
 
     async def _streams_summary(self) -> dict[str, Any]:
         """Streams counted by state (details: GET /streams); never fails /health."""

@@ -84,3 +84,53 @@ class IngressSettings(StrictModel):
     default_model: str | None = Field(
         None, pattern=MODEL_ID_PATTERN, description="model of /detect without ?model="
     )
+
+
+class BranchModelSpec(StrictModel):
+    """One branch model of a pipeline; each gets its own deployment `Classifier_<id>`."""
+
+    id: str = Field(pattern=MODEL_ID_PATTERN)
+    kind: Literal["classifier", "ocr"]
+    path: Path | None = Field(None, description="the ONNX classifier (None for OCR)")
+    intra_op_threads: int = Field(1, ge=1, le=64)
+
+
+class BatchUserConfig(StrictModel):
+    """`user_config` of a Classifier deployment (applied without restart)."""
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class ActionsSettings(StrictModel):
+    """`args.actions`: where actions go. Without Redis or PostgreSQL they go to a local
+    store under `data_dir` (the embedded default)."""
+
+    redis_url: str | None = Field(None, max_length=2048, description="e.g. redis://host:6379/0")
+    redis_url_env: str | None = Field(
+        None, max_length=128, description="environment variable holding the Redis URL"
+    )
+    postgres_dsn: str | None = Field(None, max_length=2048, description="libpq conninfo / URL")
+    postgres_dsn_env: str | None = Field(
+        None, max_length=128, description="environment variable holding the DSN (secrets)"
+    )
+    postgres_schema: str = Field("public", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    create_tables: bool = Field(True, description="create missing tables and columns (text)")
+    outbox: Literal["auto", "postgres", "sqlite"] = Field(
+        "auto", description="auto: PostgreSQL when configured, else SQLite under data_dir"
+    )
+    data_dir: Path = Field(Path("data/actions"), description="local store, SQLite outbox")
+    max_attempts: int = Field(10, ge=1, le=1000, description="for entries a sink rejects")
+    retention_s: float = Field(3600, ge=0, description="delivered entries kept for dedupe")
+    connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    outbox_failover_s: float = Field(
+        5.0, ge=0, le=600, description="after a PostgreSQL outbox failure, spill this long"
+    )
+
+    def redis(self, environ: dict[str, str]) -> str | None:
+        return self.redis_url or (environ.get(self.redis_url_env) if self.redis_url_env else None)
+
+    def postgres(self, environ: dict[str, str]) -> str | None:
+        if self.postgres_dsn:
+            return self.postgres_dsn
+        return environ.get(self.postgres_dsn_env) if self.postgres_dsn_env else None

@@ -2,42 +2,137 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from graph.config import AppConfig, detector_name
+from deployments.schemas import BranchModelSpec, ModelSpec
+from graph.archive import LoadedArchive, load_archive
+from graph.config import AppConfig, PipelineRef, detector_name
 
 
-def build_graph(config: AppConfig, *, detector: Deployment, ingress: Deployment) -> Application:
-    """Bind one detector deployment per model and the ingress that routes to them.
+@dataclass(frozen=True)
+class Deployments:
+    """The deployment classes, passed in so tests can build the graph without a cluster."""
 
-    The deployment classes come in as arguments so tests can build the graph without
-    a cluster and see exactly what was bound.
-    """
+    detector: Deployment
+    ingress: Deployment
+    classifier: Deployment | None = None
+    actions: Deployment | None = None
+
+
+def classifier_name(model_id: str) -> str:
+    """Deployment name of a branch model, as used in serve_config.yaml overrides."""
+    return f"Classifier_{model_id}"
+
+
+def pipeline_models(
+    ref: PipelineRef, loaded: LoadedArchive
+) -> tuple[ModelSpec, list[BranchModelSpec]]:
+    """The detector spec of a pipeline's root and the spec of every branch model."""
+    root = loaded.pipeline.pipeline
+    assert root.modelFile is not None  # the schema requires it except for OCR branches
+    detector = ModelSpec(
+        id=root.modelId,
+        path=loaded.model_path(root.modelFile),
+        imgsz=root.imgsz or 640,
+        intra_op_threads=ref.intra_op_threads,
+        trt_cache_dir=ref.trt_cache_dir,
+    )
+    branches = [
+        BranchModelSpec(
+            id=node.modelId,
+            kind="ocr" if node.modelType == "ocr" else "classifier",
+            path=loaded.model_path(node.modelFile) if node.modelFile else None,
+            intra_op_threads=ref.branch_threads,
+        )
+        for node in root.walk()[1:]
+    ]
+    return detector, branches
+
+
+def build_graph(config: AppConfig, deployments: Deployments) -> Application:
+    """Bind a detector per model and per pipeline root, a Classifier per branch model,
+    the Actions deployment when any pipeline is served, and the ingress over them all.
+    Archives are loaded (checked, extracted to the cache) here, before anything binds."""
     models = config.resolved_models()
+    branch_specs: list[BranchModelSpec] = []
+    pipelines: dict[str, Any] = {}
+    for ref in config.pipelines:
+        source = ref.archive
+        if "://" not in source:
+            source = str(config.absolute(Path(source)))
+        loaded = load_archive(
+            source, config.absolute(config.archive_cache_dir), config.archive_limits
+        )
+        detector, branches = pipeline_models(ref, loaded)
+        if ref.trt_cache_dir is not None:
+            detector = detector.model_copy(
+                update={"trt_cache_dir": config.absolute(ref.trt_cache_dir)}
+            )
+        models.append(detector)
+        branch_specs += branches
+        pipelines[detector.id] = {
+            "pipeline": loaded.pipeline.model_dump(mode="json", exclude_none=True),
+            "version": loaded.pipeline.version or loaded.sha256[:12],
+            "classifiers": {b.id: classifier_name(b.id) for b in branches},
+        }
+    ids = [m.id for m in models] + [b.id for b in branch_specs]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"model ids must be unique across models and pipelines: {repeated}")
+    default = config.ingress.default_model
+    if default is not None and default not in {m.id for m in models}:
+        raise ValueError(
+            f"ingress.default_model {default!r} is not one of {[m.id for m in models]}"
+        )
+
     detectors = {
-        m.id: detector.options(name=detector_name(m.id)).bind(m.model_dump(mode="json"))
+        m.id: deployments.detector.options(name=detector_name(m.id)).bind(m.model_dump(mode="json"))
         for m in models
     }
-    sizes = {m.id: m.imgsz for m in models}
-    return ingress.options(name="Ingress").bind(
+    classifiers: dict[str, Any] = {}
+    actions: Any = None
+    if pipelines:
+        if deployments.classifier is None or deployments.actions is None:
+            raise ValueError("pipelines need the Classifier and Actions deployments")
+        classifiers = {
+            b.id: deployments.classifier.options(name=classifier_name(b.id)).bind(
+                b.model_dump(mode="json")
+            )
+            for b in branch_specs
+        }
+        actions = deployments.actions.options(name="Actions").bind(
+            config.actions.model_dump(mode="json"), str(config.base_dir)
+        )
+    return deployments.ingress.options(name="Ingress").bind(
         detectors,
-        sizes,
+        {m.id: m.imgsz for m in models},
         config.ingress.model_dump(mode="json"),
         config.resolved_streams().model_dump(mode="json"),
+        pipelines,
+        classifiers,
+        actions,
     )
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """`import_path: graph.app:build_app` — Serve passes the config's `args` here."""
+    from deployments.actions import Actions
+    from deployments.classifier import Classifier
     from deployments.detector import Detector
     from deployments.ingress import Ingress
 
     # @serve.deployment turns the classes into Deployments; mypy sees the classes.
     return build_graph(
         AppConfig.model_validate(args),
-        detector=cast(Deployment, Detector),
-        ingress=cast(Deployment, Ingress),
+        Deployments(
+            detector=cast(Deployment, Detector),
+            ingress=cast(Deployment, Ingress),
+            classifier=cast(Deployment, Classifier),
+            actions=cast(Deployment, Actions),
+        ),
     )

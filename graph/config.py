@@ -3,30 +3,50 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from deployments.schemas import IngressSettings, ModelSpec, StrictModel
+from deployments.schemas import ActionsSettings, IngressSettings, ModelSpec, StrictModel
+from graph.archive import ArchiveLimits
 from stream_actors.actors import StreamSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+class PipelineRef(StrictModel):
+    """One pipeline archive to serve; its root model becomes a detector, each branch a
+    Classifier deployment, and its actions go through the Actions deployment."""
+
+    archive: str = Field(
+        min_length=1, max_length=2048, description=".mpta path (relative: base_dir) or URL"
+    )
+    intra_op_threads: int | Literal["auto"] = Field(1, description="detector ORT threads")
+    branch_threads: int = Field(1, ge=1, le=64, description="classifier ORT threads")
+    trt_cache_dir: Path | None = Field(None, description="TensorRT cache of the detector")
+
+
 class AppConfig(StrictModel):
-    models: list[ModelSpec] = Field(min_length=1, description="detector models to serve")
+    models: list[ModelSpec] = Field(default_factory=list, description="plain detector models")
+    pipelines: list[PipelineRef] = Field(default_factory=list, description=".mpta pipelines")
+    archive_cache_dir: Path = Field(Path("data/archives"), description="extracted archives")
+    archive_limits: ArchiveLimits = ArchiveLimits()
     ingress: IngressSettings = IngressSettings()
     streams: StreamSettings = StreamSettings()
+    actions: ActionsSettings = ActionsSettings()
     base_dir: Path = Field(PROJECT_ROOT, description="where relative model paths resolve")
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:
+        if not self.models and not self.pipelines:
+            raise ValueError("configure at least one of models, pipelines")
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
-        default = self.ingress.default_model
-        if default is not None and default not in ids:
-            raise ValueError(f"ingress.default_model {default!r} is not one of {ids}")
         return self
+
+    def absolute(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
 
     def resolved_models(self) -> list[ModelSpec]:
         """Model specs with absolute paths (replicas do not share the caller's cwd)."""

@@ -114,6 +114,11 @@ class Node(StrictModel):
     crop: bool = False
     cropClass: str | None = None
     parallel: bool = False
+    resultField: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="extra name of a branch's label in templates, e.g. brand",
+    )
     branches: list[Node] = Field(default_factory=list, max_length=64)
     actions: list[Action] = Field(default_factory=list, max_length=64)
     parallelActions: list[Action] = Field(default_factory=list, max_length=64)
@@ -171,11 +176,12 @@ class PipelineFile(StrictModel):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"modelId must be unique in a pipeline, repeated: {duplicates}")
-        branch_ids = set(ids[1:])
+        branch_fields = {n.modelId: branch_result_fields(n) for n in nodes[1:]}
+        branch_ids = set(branch_fields)
         problems = []
         for node in nodes:
             for action in [*node.actions, *node.parallelActions]:
-                problems += _template_problems(action, branch_ids)
+                problems += _template_problems(action, branch_fields)
                 if isinstance(action, PostgresUpdateCombined):
                     unknown = sorted(set(action.waitForBranches) - branch_ids)
                     if unknown:
@@ -185,14 +191,34 @@ class PipelineFile(StrictModel):
         return self
 
 
-def _template_problems(action: Any, branch_ids: set[str]) -> list[str]:
-    templates: list[str] = []
-    for name in ("key", "channel", "message", "key_value"):
-        if isinstance(getattr(action, name, None), str):
-            templates.append(getattr(action, name))
-    templates += list(getattr(action, "fields", {}).values())
+def action_templates(action: Any) -> list[str]:
+    """Every template of an action: key, channel, message, key_value and field values."""
+    templates = [getattr(action, n, None) for n in ("key", "channel", "message", "key_value")]
+    return [t for t in templates if isinstance(t, str)] + list(
+        getattr(action, "fields", {}).values()
+    )
+
+
+def branch_result_fields(node: Node) -> set[str]:
+    """What `{<branch>.<field>}` may name: label, class and confidence of the winning
+    label, `resultField`, and the detector-worker's names (brand and body_type by model
+    id, text and plate for OCR)."""
+    fields = {"label", "class", "confidence"}
+    if node.resultField:
+        fields.add(node.resultField)
+    model_id = node.modelId.lower()
+    if "brand" in model_id:
+        fields.add("brand")
+    if "bodytype" in model_id or "body_type" in model_id:
+        fields.add("body_type")
+    if node.modelType == "ocr":
+        fields |= {"text", "plate"}
+    return fields
+
+
+def _template_problems(action: Any, branch_fields: dict[str, set[str]]) -> list[str]:
     problems = []
-    for template in templates:
+    for template in action_templates(action):
         try:
             names = template_fields(template)
         except ValueError as exc:
@@ -200,7 +226,12 @@ def _template_problems(action: Any, branch_ids: set[str]) -> list[str]:
             continue
         for name in names:
             head, _, field = name.partition(".")
-            if field and head in branch_ids:
+            if field and head in branch_fields:
+                if field not in branch_fields[head]:
+                    problems.append(
+                        f"{action.type}: template field {{{name}}}: branch {head} gives "
+                        f"{', '.join(sorted(branch_fields[head]))}"
+                    )
                 continue
             if not field and name in CONTEXT_FIELDS:
                 continue

@@ -13,7 +13,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from pydantic import Field
 
 from deployments.detector import DetectRequest, DetectResult
 from deployments.schemas import StrictModel
+from stream_actors.branching import BranchResult, BranchSettings, PipelineRunner, PipelineRuntime
 from stream_actors.events import RingBufferSink
+from stream_actors.forwarding import ActionForwarder
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.reader import ReaderPolicy, StreamReader
 from stream_actors.reconnect import TokenBucket
@@ -53,6 +56,10 @@ class StreamSettings(StrictModel):
     reconnects_per_s: float = Field(5.0, gt=0, le=1000, description="cluster-wide cap")
     reconnect_burst: int = Field(10, ge=1, le=10_000)
     events_per_subscription: int = Field(512, ge=16, le=100_000)
+    actions_backlog_bytes: int = Field(
+        64 * 1024**2, ge=1024, description="unsent actions a camera actor holds, at most"
+    )
+    branches: BranchSettings = BranchSettings()
     reader: ReaderPolicy = ReaderPolicy()
     processing: ProcessingSettings = ProcessingSettings()
 
@@ -67,6 +74,7 @@ class StreamContext:
     model_sizes: dict[str, int]  # model id → detector input size
     detector_names: dict[str, str]  # model id → Serve deployment name
     settings: StreamSettings
+    pipelines: dict[str, PipelineRuntime] = field(default_factory=dict)  # by root model id
 
 
 def redact(url: str) -> str:
@@ -103,6 +111,7 @@ class CameraActor:
         self._ctx, self._settings = ctx, ctx.settings
         self._streams: dict[str, _Stream] = {}
         self._handles: dict[str, Any] = {}
+        self._forwarders: dict[str, ActionForwarder] = {}
         self._sink = RingBufferSink(self._settings.events_per_subscription)
         self._local_bucket = TokenBucket(
             self._settings.reconnects_per_s, self._settings.reconnect_burst
@@ -125,6 +134,46 @@ class CameraActor:
             self._handles[model_id] = handle
         result: DetectResult = await handle.detect.remote(request)
         return result
+
+    def _handle(self, name: str) -> Any:
+        handle = self._handles.get(name)
+        if handle is None:
+            from ray import serve
+
+            handle = serve.get_deployment_handle(name, app_name=self._ctx.app_name)
+            self._handles[name] = handle
+        return handle
+
+    def _runner(self, sub: Subscription, model_id: str) -> PipelineRunner | None:
+        """The pipeline runner of a subscription whose model is a pipeline's root."""
+        runtime = self._ctx.pipelines.get(model_id)
+        if runtime is None:
+            return None
+
+        async def classify(branch_id: str, crop: Any) -> BranchResult | None:
+            name = runtime.classifier_names[branch_id]
+            label = await self._handle(name).classify.remote(crop)
+            return None if label is None else BranchResult(label.label, label.confidence)
+
+        forwarder = self._forwarders.get(runtime.actions_name)
+        if forwarder is None:
+            actions = self._handle(runtime.actions_name)
+
+            async def send(entries: list[Any]) -> int:
+                return int(await actions.submit.remote(entries))
+
+            forwarder = ActionForwarder(send, self._settings.actions_backlog_bytes)
+            self._forwarders[runtime.actions_name] = forwarder
+        base = {
+            "camera_id": sub.camera_id,
+            "display_id": sub.display_id,
+            "subscription_id": sub.subscriptionIdentifier,
+            "session_id": uuid.uuid4().hex[:16],
+            "model_id": model_id,
+        }
+        return PipelineRunner(
+            runtime.plan, base, classify, forwarder.submit, self._settings.branches
+        )
 
     def _acquire_reconnect(self) -> float:
         """Called from reader threads: the registry's cluster-wide token bucket, or a
@@ -217,6 +266,7 @@ class CameraActor:
                 self._detect,
                 self._sink,
                 self._settings.processing,
+                self._runner(sub, model_id),
             )
             stream.subs[sub_id], stream.processors[sub_id] = sub, processor
             stream.reader.attach(sub_id, processor.mailbox)
@@ -262,6 +312,7 @@ class CameraActor:
                 }
                 for key, s in self._streams.items()
             },
+            "actions": {name: f.status() for name, f in self._forwarders.items()},
         }
 
     async def latest_jpeg(self, key: str, quality: int = 85) -> bytes | None:

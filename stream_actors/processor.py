@@ -22,6 +22,7 @@ from ray.serve.exceptions import BackPressureError
 from deployments.detector import DetectRequest, DetectResult
 from deployments.schemas import StrictModel
 from deployments.vision import DetectParams, letterbox, unletterbox_boxes
+from stream_actors.branching import PipelineRunner
 from stream_actors.events import EventSink, StreamEvent, TrackedDetection
 from stream_actors.mailbox import DropReason, Frame, LatestFrameMailbox
 from stream_actors.meter import RateMeter
@@ -54,8 +55,10 @@ class SubscriptionProcessor:
         detect: DetectFn,
         sink: EventSink,
         settings: ProcessingSettings,
+        runner: PipelineRunner | None = None,
     ) -> None:
         self.sub, self.model_id, self.imgsz = sub, model_id, imgsz
+        self.runner = runner  # the pipeline's branches and actions, if the model has one
         self._detect, self._sink, self._settings = detect, sink, settings
         self._wakeup = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -88,6 +91,8 @@ class SubscriptionProcessor:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.runner is not None:
+            await self.runner.stop()
         while not self._pending.empty():
             _, _, task = self._pending.get_nowait()
             task.cancel()
@@ -198,6 +203,9 @@ class SubscriptionProcessor:
         events = [StreamEvent("detection", detections=detections, **common)]  # type: ignore[arg-type]
         events += [StreamEvent(e.kind, obj=e, **common) for e in object_events]  # type: ignore[arg-type]
         self._sink.publish(events)
+        if self.runner is not None:
+            lost = [e.track_id for e in object_events if e.kind == "lost"]
+            self.runner.observe(frame.image, frame.captured_at, frame.seq, detections, lost)
 
     def fps(self, window_s: float = 5.0) -> float:
         return self._done.rate(window_s)
@@ -215,4 +223,5 @@ class SubscriptionProcessor:
             "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
             "last_error": self.last_error,
             **{k: v for k, v in self.mailbox.stats().items() if k != "pending"},
+            **({"pipeline": self.runner.status()} if self.runner is not None else {}),
         }

@@ -156,11 +156,23 @@ def test_templates_may_only_name_context_fields_and_known_branches() -> None:
         "camera_id",
         "demo_bodytype_cls_v1.label",
     ]
-    for template in ("{unknown_branch.label}", "{nope}", "{camera_id!r}", "{confidence:.2f}", "{}"):
+    for template in (
+        "{unknown_branch.label}",
+        "{demo_bodytype_cls_v1.brand}",  # a body-type branch gives label/class/body_type
+        "{nope}",
+        "{camera_id!r}",
+        "{confidence:.2f}",
+        "{}",
+    ):
         bad = copy.deepcopy(DEMO)
         bad["pipeline"]["parallelActions"][1]["message"] = template
         with pytest.raises(ValueError):
             PipelineFile.model_validate(bad)
+    ok = copy.deepcopy(DEMO)  # the detector-worker's names for branch results
+    ok["pipeline"]["parallelActions"][1]["message"] = (
+        "{demo_bodytype_cls_v1.body_type} {demo_plate_ocr_v1.plate} {demo_plate_ocr_v1.confidence}"
+    )
+    PipelineFile.model_validate(ok)
     bad = copy.deepcopy(DEMO)
     bad["pipeline"]["parallelActions"][0]["waitForBranches"] = ["ghost"]
     with pytest.raises(ValueError, match="unknown branches"):

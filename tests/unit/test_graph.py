@@ -7,7 +7,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from graph.app import build_app, build_graph
+from graph.app import Deployments, build_app, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,14 +39,15 @@ def test_one_detector_per_model_and_an_ingress_routing_to_them() -> None:
             ]
         }
     )
-    app = build_graph(config, detector=detector, ingress=ingress)  # type: ignore[arg-type]
+    app = build_graph(config, Deployments(detector, ingress))  # type: ignore[arg-type]
     names = [name for name, _ in detector.bound]
     assert names == ["Detector_a", "Detector_b"]
     spec_a = detector.bound[0][1][0]
     assert spec_a["path"] == str(PROJECT_ROOT / "models" / "a.onnx")
     assert detector.bound[1][1][0]["path"] == "/abs/b.pt"
     assert app[0] == "Ingress"
-    detectors, sizes, settings, streams = app[1]
+    detectors, sizes, settings, streams, pipelines, classifiers, actions = app[1]
+    assert pipelines == {} and classifiers == {} and actions is None
     assert set(detectors) == {"a", "b"} and sizes == {"a": 640, "b": 320}
     assert settings["max_upload_bytes"] > 0
     # The registry's state file resolves against the checkout, not the replica's cwd.
@@ -56,11 +57,10 @@ def test_one_detector_per_model_and_an_ingress_routing_to_them() -> None:
 @pytest.mark.parametrize(
     "args, problem",
     [
-        ({"models": []}, "at least 1"),
+        ({"models": []}, "at least one of models, pipelines"),
         ({"models": [{"id": "a", "path": "x"}, {"id": "a", "path": "y"}]}, "unique"),
         ({"models": [{"id": "bad id!", "path": "x"}]}, "pattern"),
         ({"models": [{"id": "a", "path": "x", "imgsz": 100}]}, "multiple of 32"),
-        ({"models": [{"id": "a", "path": "x"}], "ingress": {"default_model": "b"}}, "not one of"),
         ({"models": [{"id": "a", "path": "x", "colour": "red"}]}, "Extra inputs"),
     ],
 )
@@ -75,8 +75,58 @@ def test_serve_config_builds_and_its_overrides_name_real_deployments() -> None:
     assert app_config["import_path"] == "graph.app:build_app"
     app = build_app(app_config["args"])  # real Serve classes: binding needs no cluster
     assert app is not None
-    models = AppConfig.model_validate(app_config["args"]).models
-    expected = {f"Detector_{m.id}" for m in models} | {"Ingress"}
-    assert {d["name"] for d in app_config["deployments"]} == expected
-    for model in AppConfig.model_validate(app_config["args"]).resolved_models():
-        assert model.path.is_file(), f"{model.path} is missing"
+    recorded = [RecordingDeployment(n) for n in ("Detector", "Ingress", "Classifier", "Actions")]
+    build_graph(AppConfig.model_validate(app_config["args"]), Deployments(*recorded))  # type: ignore[arg-type]
+    bound = {name for d in recorded for name, _ in d.bound}
+    assert {d["name"] for d in app_config["deployments"]} <= bound
+
+
+def test_a_pipeline_binds_its_detector_a_classifier_per_branch_and_actions(tmp_path: Path) -> None:
+    recorded = [RecordingDeployment(n) for n in ("Detector", "Ingress", "Classifier", "Actions")]
+    config = AppConfig.model_validate(
+        {
+            "pipelines": [{"archive": "models/demo.mpta"}],
+            "archive_cache_dir": str(tmp_path / "cache"),
+            "actions": {"redis_url": "redis://127.0.0.1:6379/0"},
+        }
+    )
+    app = build_graph(config, Deployments(*recorded))  # type: ignore[arg-type]
+    detector, _, classifier, actions = recorded
+    ((name, (spec,)),) = detector.bound
+    assert name == "Detector_demo_vehicle_det_v1" and Path(spec["path"]).is_file()
+    assert Path(spec["path"]).is_relative_to(tmp_path / "cache")  # extracted from the archive
+    branches = {n: args[0] for n, args in classifier.bound}
+    assert set(branches) == {"Classifier_demo_bodytype_cls_v1", "Classifier_demo_plate_ocr_v1"}
+    assert branches["Classifier_demo_bodytype_cls_v1"]["kind"] == "classifier"
+    assert branches["Classifier_demo_plate_ocr_v1"] == {
+        "id": "demo_plate_ocr_v1",
+        "kind": "ocr",
+        "path": None,
+        "intra_op_threads": 1,
+    }
+    ((name, (settings, _)),) = actions.bound
+    assert name == "Actions" and settings["redis_url"] == "redis://127.0.0.1:6379/0"
+    _, _, _, _, pipelines, classifiers, bound_actions = app[1]
+    (root,) = pipelines
+    assert root == "demo_vehicle_det_v1" and len(pipelines[root]["version"]) == 12
+    assert pipelines[root]["classifiers"]["demo_plate_ocr_v1"] == "Classifier_demo_plate_ocr_v1"
+    assert set(classifiers) == {"demo_bodytype_cls_v1", "demo_plate_ocr_v1"}
+    assert bound_actions[0] == "Actions"
+
+
+def test_model_ids_must_be_unique_across_models_and_pipelines(tmp_path: Path) -> None:
+    config = AppConfig.model_validate(
+        {
+            "models": [{"id": "demo_bodytype_cls_v1", "path": "models/body-type.onnx"}],
+            "pipelines": [{"archive": "models/demo.mpta"}],
+            "archive_cache_dir": str(tmp_path),
+        }
+    )
+    recorded = [RecordingDeployment(n) for n in ("Detector", "Ingress", "Classifier", "Actions")]
+    with pytest.raises(ValueError, match="demo_bodytype_cls_v1"):
+        build_graph(config, Deployments(*recorded))  # type: ignore[arg-type]
+    config = config.model_copy(
+        update={"ingress": config.ingress.model_copy(update={"default_model": "nope"})}
+    )
+    with pytest.raises(ValueError, match="not one of"):
+        build_graph(config.model_copy(update={"models": []}), Deployments(*recorded))  # type: ignore[arg-type]

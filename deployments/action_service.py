@@ -1,0 +1,202 @@
+"""The Actions deployment's core (no Ray): accept rendered actions into the outbox, deliver
+them in the background, report sinks, depth and lag.
+
+Outbox choice: PostgreSQL when configured (shared by replicas), else a SQLite file. While
+the PostgreSQL outbox cannot be written, entries go to the SQLite spill file for
+`outbox_failover_s` at a time, so a submit never waits on a database that is down;
+delivery drains both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from deployments.outbox import (
+    DeliveryReport,
+    Outbox,
+    OutboxEntry,
+    OutboxUnavailable,
+    PostgresOutbox,
+    Sink,
+    SqliteOutbox,
+    run_delivery,
+)
+from deployments.schemas import ActionsSettings
+from deployments.sinks import LocalStoreSink, PostgresSink, RedisSink
+
+logger = logging.getLogger("camgraph.actions")
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN or URL without its password."""
+    import re
+
+    dsn = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+
+
+class ActionService:
+    def __init__(
+        self,
+        settings: ActionsSettings,
+        base_dir: Path,
+        environ: dict[str, str] | None = None,
+        on_report: Callable[[str, DeliveryReport], None] | None = None,
+    ) -> None:
+        env = dict(os.environ if environ is None else environ)
+        self.settings = settings
+        data_dir = (
+            settings.data_dir if settings.data_dir.is_absolute() else base_dir / settings.data_dir
+        )
+        self.data_dir = data_dir
+        self._redis_url = settings.redis(env)
+        self._pg_dsn = settings.postgres(env)
+        self._pool: Any = None
+        self._local: LocalStoreSink | None = None
+        self.sinks: dict[str, Sink] = {}
+        if self._redis_url:
+            self.sinks["redis"] = RedisSink(
+                self._redis_url, connect_timeout_s=settings.connect_timeout_s
+            )
+        if self._pg_dsn:
+            from psycopg_pool import AsyncConnectionPool
+
+            self._pool = AsyncConnectionPool(
+                self._pg_dsn,
+                min_size=1,
+                max_size=4,
+                open=False,
+                timeout=settings.connect_timeout_s,
+                kwargs={
+                    "autocommit": True,
+                    "connect_timeout": max(1, int(settings.connect_timeout_s)),
+                },
+                check=AsyncConnectionPool.check_connection,
+            )
+            self.sinks["postgres"] = PostgresSink(
+                self._pool, settings.postgres_schema, settings.create_tables
+            )
+        if not self._redis_url or not self._pg_dsn:
+            self._local = LocalStoreSink(data_dir, "local")
+            self.sinks.setdefault("redis", self._local)
+            self.sinks.setdefault("postgres", self._local)
+        self.spill = SqliteOutbox(data_dir / "outbox.sqlite")
+        use_pg = settings.outbox == "postgres" or (settings.outbox == "auto" and self._pg_dsn)
+        if settings.outbox == "postgres" and not self._pg_dsn:
+            raise ValueError("actions.outbox is postgres but no PostgreSQL DSN is configured")
+        self.primary: Outbox = (
+            PostgresOutbox(self._pool, settings.postgres_schema) if use_pg else self.spill
+        )
+        self._spill_until = 0.0
+        self._on_report = on_report
+        self._task: asyncio.Task[None] | None = None
+        self._purger: asyncio.Task[None] | None = None
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def outboxes(self) -> list[Outbox]:
+        return [self.primary] if self.primary is self.spill else [self.primary, self.spill]
+
+    async def start(self) -> None:
+        """Open the pool (without waiting for the database) and start delivering."""
+        if self._task is not None:
+            return
+        if self._pool is not None:
+            await self._pool.open(wait=False)
+        self._task = asyncio.get_running_loop().create_task(
+            run_delivery(
+                self.outboxes,
+                self.sinks,
+                self._report,
+                max_attempts=self.settings.max_attempts,
+            )
+        )
+
+        self._purger = asyncio.get_running_loop().create_task(self._purge_forever())
+
+    async def _purge_forever(self, every_s: float = 60.0) -> None:
+        """Delivered entries are kept `retention_s` (resubmits stay deduplicated)."""
+        while True:
+            await asyncio.sleep(every_s)
+            for outbox in self.outboxes:
+                try:
+                    await outbox.purge(self.settings.retention_s)
+                except Exception as exc:  # the next round tries again
+                    logger.warning("purging %s failed: %s", outbox.name, exc)
+
+    def _report(self, outbox: Outbox, report: DeliveryReport) -> None:
+        self.counts["delivered"] += report.delivered
+        self.counts["retried"] += report.retried
+        self.counts["dead"] += report.dead
+        if self._on_report is not None:
+            self._on_report(outbox.name, report)
+
+    async def submit(self, entries: Sequence[OutboxEntry]) -> int:
+        """Store entries durably (then they are delivered); returns how many were new."""
+        await self.start()
+        if not entries:
+            return 0
+        if self.primary is not self.spill and time.monotonic() >= self._spill_until:
+            try:
+                added = await self.primary.add(entries)
+                self.counts["accepted"] += added
+                return added
+            except OutboxUnavailable as exc:
+                logger.warning("outbox %s unavailable, spilling: %s", self.primary.name, exc)
+                self._spill_until = time.monotonic() + self.settings.outbox_failover_s
+        added = await self.spill.add(entries)
+        self.counts["accepted"] += added
+        self.counts["spilled"] += added * (self.primary is not self.spill)
+        return added
+
+    async def outbox_stats(self) -> list[dict[str, Any]]:
+        out = []
+        for outbox in self.outboxes:
+            try:
+                out.append(await outbox.stats())
+            except OutboxUnavailable as exc:
+                out.append({"store": outbox.name, "error": str(exc)})
+        return out
+
+    async def health(self) -> dict[str, Any]:
+        sinks: dict[str, Any] = {}
+        for role, sink in self.sinks.items():
+            if isinstance(sink, LocalStoreSink):
+                sinks[role] = {"kind": "local", "path": str(sink.data_dir)}
+            elif isinstance(sink, RedisSink):
+                sinks[role] = {
+                    "kind": "redis",
+                    "url": redact_dsn(sink.url),
+                    "up": await sink.ping(),
+                }
+            else:
+                sinks[role] = {
+                    "kind": "postgres",
+                    "dsn": redact_dsn(self._pg_dsn or ""),
+                    "schema": self.settings.postgres_schema,
+                }
+        return {
+            "sinks": sinks,
+            "outbox": await self.outbox_stats(),
+            "delivering": self._task is not None and not self._task.done(),
+            **self.counts,
+        }
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._task, self._purger) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        redis = self.sinks.get("redis")
+        if isinstance(redis, RedisSink):
+            await redis.close()
+        if self._pool is not None:
+            await self._pool.close()
+        self.spill.close()

@@ -1,0 +1,68 @@
+"""Actions deployment: a thin Serve shell over `ActionService` (outbox + delivery)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import metrics
+
+from deployments.action_service import ActionService
+from deployments.outbox import DeliveryReport, OutboxEntry
+from deployments.schemas import ActionsSettings
+
+
+@serve.deployment(
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0.1},
+    max_ongoing_requests=64,
+    max_queued_requests=512,
+)
+class Actions:
+    def __init__(self, settings: dict[str, Any], base_dir: str) -> None:
+        self._m_delivered = metrics.Counter(
+            "camgraph_actions_delivered_total", "outbox entries delivered", tag_keys=("store",)
+        )
+        self._m_retried = metrics.Counter(
+            "camgraph_actions_retried_total", "delivery attempts put back", tag_keys=("store",)
+        )
+        self._m_depth = metrics.Gauge(
+            "camgraph_outbox_depth", "entries waiting for delivery", tag_keys=("store",)
+        )
+        self._m_lag = metrics.Gauge(
+            "camgraph_outbox_lag_s", "age of the oldest undelivered entry", tag_keys=("store",)
+        )
+        self._service = ActionService(
+            ActionsSettings.model_validate(settings), Path(base_dir), on_report=self._count
+        )
+        self._gauges_at = 0.0
+
+    def _count(self, store: str, report: DeliveryReport) -> None:
+        tags = {"store": store}
+        if report.delivered:
+            self._m_delivered.inc(report.delivered, tags)
+        if report.retried:
+            self._m_retried.inc(report.retried, tags)
+
+    async def submit(self, entries: list[OutboxEntry]) -> int:
+        """Durably accept entries; delivery follows in the background."""
+        return await self._service.submit(entries)
+
+    async def health(self) -> dict[str, Any]:
+        await self._service.start()
+        report = await self._service.health()
+        for stats in report["outbox"]:
+            if "depth" in stats:
+                tags = {"store": stats["store"]}
+                self._m_depth.set(stats["depth"], tags)
+                self._m_lag.set(stats["oldest_age_s"], tags)
+        return report
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: also starts delivery on an idle replica and refreshes
+        the depth and lag gauges."""
+        await self.health()
+
+    async def __del__(self) -> None:
+        await self._service.close()

@@ -1,0 +1,287 @@
+"""Where delivered actions land (no Ray). Every sink applies an outbox entry idempotently,
+so delivering an entry twice changes nothing.
+
+- `RedisSink` (redis.asyncio): `redis_save_image` is `SET key jpeg EX ttl`; `redis_publish`
+  runs a Lua script that sets a guard key named after the entry and publishes only if the
+  guard was new, so a redelivered entry is never published twice.
+- `PostgresSink` (psycopg_pool async): both record actions are upserts keyed by the
+  object (`camgraph_key`: pipeline, camera, session, track), identifiers composed with
+  `psycopg.sql.Identifier`, values bound as parameters.
+- `LocalStoreSink`: the embedded default when no Redis or PostgreSQL is configured:
+  records and published messages in a SQLite file, images as files with their expiry.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from deployments.outbox import OutboxEntry, SinkRejected, SinkUnavailable
+
+OBJECT_KEY = "camgraph_key"
+# Same rule as pipeline validation; checked again here because a sink composes SQL.
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+PUBLISH_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+  redis.call('PUBLISH', ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def checked_identifier(name: str) -> str:
+    if not IDENTIFIER.match(name):
+        raise SinkRejected(f"{name!r} is not a plain SQL identifier")
+    return name
+
+
+def upsert_columns(op: dict[str, Any]) -> tuple[str, list[str], list[str | None]]:
+    """(table, columns, values) of an upsert op, identifiers checked."""
+    table = checked_identifier(op["table"])
+    fields: dict[str, str | None] = op["fields"]
+    columns = [checked_identifier(c) for c in fields]
+    if OBJECT_KEY in columns:
+        raise SinkRejected(f"{OBJECT_KEY} is camgraph's own column")
+    return table, columns, list(fields.values())
+
+
+class RedisSink:
+    def __init__(self, url: str, guard_prefix: str = "camgraph:published:", **options: Any) -> None:
+        import redis.asyncio as aioredis
+
+        self.name = "redis"
+        self.url = url
+        self._client = aioredis.from_url(
+            url,
+            socket_connect_timeout=options.pop("connect_timeout_s", 2.0),
+            socket_timeout=options.pop("timeout_s", 5.0),
+            retry_on_timeout=False,
+            **options,
+        )
+        self._publish_once = self._client.register_script(PUBLISH_ONCE)
+        self._guard_prefix = guard_prefix
+
+    async def apply(self, entry: OutboxEntry) -> None:
+        from redis import exceptions
+
+        op = entry.op
+        try:
+            if op["type"] == "redis_save_image":
+                if entry.blob is None:
+                    raise SinkRejected(f"{entry.key}: an image action without an image")
+                await self._client.set(op["key"], entry.blob, ex=int(op["ttl_s"]))
+            elif op["type"] == "redis_publish":
+                await self._publish_once(
+                    keys=[self._guard_prefix + entry.key],
+                    args=[op["channel"], op["message"], int(op.get("guard_ttl_s", 86400))],
+                )
+            else:
+                raise SinkRejected(f"redis cannot apply {op['type']!r}")
+        except (exceptions.ConnectionError, exceptions.TimeoutError, OSError) as exc:
+            raise SinkUnavailable(f"redis: {exc}") from exc
+        except exceptions.RedisError as exc:
+            raise SinkRejected(f"redis: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._client.ping())
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class PostgresSink:
+    """Upserts into `<schema>.<table>`; with `create_tables`, missing tables and columns
+    are created (text columns) the first time a table is written."""
+
+    def __init__(self, pool: Any, schema: str, create_tables: bool = True) -> None:
+        self.name = "postgres"
+        self._pool = pool
+        self._schema = checked_identifier(schema)
+        self._create = create_tables
+        self._ensured: set[tuple[str, frozenset[str]]] = set()
+
+    async def _ensure(self, conn: Any, table: str, columns: list[str]) -> None:
+        from psycopg import sql
+
+        marker = (table, frozenset(columns))
+        if not self._create or marker in self._ensured:
+            return
+        target = sql.Identifier(self._schema, table)
+        async with conn.transaction():
+            await conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self._schema))
+            )
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} ({} text PRIMARY KEY,"
+                    " camgraph_created_at timestamptz NOT NULL DEFAULT now(),"
+                    " camgraph_updated_at timestamptz NOT NULL DEFAULT now())"
+                ).format(target, sql.Identifier(OBJECT_KEY))
+            )
+            # A table the user made: give it the key column and the unique index it needs.
+            await conn.execute(
+                sql.SQL(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} text,"
+                    " ADD COLUMN IF NOT EXISTS camgraph_updated_at timestamptz DEFAULT now()"
+                ).format(target, sql.Identifier(OBJECT_KEY))
+            )
+            await conn.execute(
+                sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                    sql.Identifier(f"{table[:40]}_camgraph_key_uq"),
+                    target,
+                    sql.Identifier(OBJECT_KEY),
+                )
+            )
+            for column in columns:
+                await conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} text").format(
+                        target, sql.Identifier(column)
+                    )
+                )
+        self._ensured.add(marker)
+
+    async def apply(self, entry: OutboxEntry) -> None:
+        import psycopg
+        from psycopg import sql
+
+        op = entry.op
+        if op["type"] != "upsert":
+            raise SinkRejected(f"postgres cannot apply {op['type']!r}")
+        table, columns, values = upsert_columns(op)
+        names = [sql.Identifier(OBJECT_KEY), *(sql.Identifier(c) for c in columns)]
+        sets: list[sql.Composable] = [
+            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in columns
+        ]
+        if self._create:  # tables camgraph made have this column; a user's may not
+            sets.append(sql.SQL("camgraph_updated_at = now()"))
+        statement = sql.SQL(
+            "INSERT INTO {t} ({cols}) VALUES ({vals}) ON CONFLICT ({key}) DO UPDATE SET {sets}"
+        ).format(
+            t=sql.Identifier(self._schema, table),
+            cols=sql.SQL(", ").join(names),
+            vals=sql.SQL(", ").join(sql.Placeholder() * len(names)),
+            key=sql.Identifier(OBJECT_KEY),
+            sets=sql.SQL(", ").join(sets),
+        )
+        try:
+            async with self._pool.connection() as conn:
+                await self._ensure(conn, table, columns)
+                await conn.execute(statement, [op["object_key"], *values])
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            raise SinkUnavailable(f"postgres: {exc}") from exc
+        except psycopg.errors.UniqueViolation as exc:  # two replicas creating one table
+            raise SinkUnavailable(f"postgres: {exc}") from exc
+        except psycopg.Error as exc:
+            raise SinkRejected(f"postgres: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__name__ == "PoolTimeout":
+                raise SinkUnavailable(f"postgres: {exc}") from exc
+            raise
+
+
+class LocalStoreSink:
+    """Both sinks of the embedded default, under one data directory: `records.sqlite`
+    (one table per pipeline table, plus `published_messages`) and `images/`."""
+
+    def __init__(self, data_dir: Path, name: str) -> None:
+        self.name = name
+        self.data_dir = data_dir
+        (data_dir / "images").mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            data_dir / "records.sqlite", timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS published_messages (entry_key TEXT PRIMARY KEY,"
+            " channel TEXT NOT NULL, message TEXT NOT NULL, published_at REAL NOT NULL)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS saved_images (key TEXT PRIMARY KEY, path TEXT NOT NULL,"
+            " expires_at REAL NOT NULL)"
+        )
+        self._columns: dict[str, set[str]] = {}
+        self._next_expiry_check = 0.0
+
+    def image_path(self, key: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:200]
+        return self.data_dir / "images" / safe
+
+    async def apply(self, entry: OutboxEntry) -> None:
+        op = entry.op
+        try:
+            if op["type"] == "redis_save_image":
+                self._save_image(op, entry.blob)
+            elif op["type"] == "redis_publish":
+                self._db.execute(
+                    "INSERT OR IGNORE INTO published_messages VALUES (?, ?, ?, ?)",
+                    (entry.key, op["channel"], op["message"], time.time()),
+                )
+            elif op["type"] == "upsert":
+                self._upsert(op)
+            else:
+                raise SinkRejected(f"{self.name} cannot apply {op['type']!r}")
+        except sqlite3.OperationalError as exc:  # locked, disk full: try again later
+            raise SinkUnavailable(f"{self.name}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise SinkRejected(f"{self.name}: {exc}") from exc
+        except OSError as exc:
+            raise SinkUnavailable(f"{self.name}: {exc}") from exc
+
+    def _save_image(self, op: dict[str, Any], blob: bytes | None) -> None:
+        if blob is None:
+            raise SinkRejected("an image action without an image")
+        path = self.image_path(op["key"])
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(path)
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO saved_images VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+            " path = excluded.path, expires_at = excluded.expires_at",
+            (op["key"], str(path), now + int(op["ttl_s"])),
+        )
+        if now >= self._next_expiry_check:  # the TTL, as Redis would apply it
+            self._next_expiry_check = now + 10
+            for key, old in self._db.execute(
+                "SELECT key, path FROM saved_images WHERE expires_at < ?", (now,)
+            ).fetchall():
+                Path(old).unlink(missing_ok=True)
+                self._db.execute("DELETE FROM saved_images WHERE key = ?", (key,))
+
+    def _upsert(self, op: dict[str, Any]) -> None:
+        table, columns, values = upsert_columns(op)
+        known = self._columns.get(table)
+        if known is None:
+            self._db.execute(
+                f'CREATE TABLE IF NOT EXISTS "{table}" ("{OBJECT_KEY}" TEXT PRIMARY KEY,'
+                " camgraph_created_at REAL, camgraph_updated_at REAL)"
+            )
+            known = {r[1] for r in self._db.execute(f'PRAGMA table_info("{table}")')}
+            self._columns[table] = known
+        for column in columns:
+            if column not in known:
+                self._db.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" TEXT')
+                known.add(column)
+        now = time.time()
+        cols = ", ".join(f'"{c}"' for c in [OBJECT_KEY, *columns, "camgraph_created_at"])
+        marks = ", ".join("?" * (len(columns) + 2))
+        sets = ", ".join(f'"{c}" = excluded."{c}"' for c in columns)
+        self._db.execute(
+            f'INSERT INTO "{table}" ({cols}, camgraph_updated_at) VALUES ({marks}, ?)'
+            f' ON CONFLICT ("{OBJECT_KEY}") DO UPDATE SET {sets},'
+            " camgraph_updated_at = excluded.camgraph_updated_at",
+            [op["object_key"], *values, now, now],
+        )
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every record of a table (for /health-style inspection and tests)."""
+        cur = self._db.execute(f'SELECT * FROM "{checked_identifier(table)}"')
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

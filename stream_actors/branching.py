@@ -1,0 +1,602 @@
+"""A pipeline's branches and actions for the stable tracks of one subscription (no Ray).
+
+Per stable track whose class triggers the pipeline, the runner keeps the best crop seen
+so far and classifies it once with every branch the object triggers. It classifies again
+only when a clearly better crop arrives (no longer cut by the frame edge, clearly larger,
+sharper or more confident; at most `max_passes` times) or when a branch failed, and keeps
+a confidence-weighted vote per branch, so one bad crop does not decide a field.
+
+After every pass each action is rendered from the object's context and the branches'
+winning results. An action waits until every branch it names (in templates or
+`waitForBranches`) has run without error; a column whose branch found nothing (no
+readable plate yet) is NULL, and a later pass that finds it updates the record, while a
+key, channel or message waits for a value. An action is handed to the outbox only when
+its rendered content changed since it was last sent, under an idempotency key built from
+(pipeline, version, camera, session, track, action, revision). So a record is written
+once per object and updated only when a better crop changed what it says.
+
+Classification and submission are injected coroutines: the camera actor passes Serve
+handle calls, tests pass real engines and a real outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from deployments.fields import MissingFieldError, idempotency_key, render, template_fields
+from deployments.outbox import OutboxEntry
+from deployments.schemas import StrictModel
+from graph.pipeline import (
+    Node,
+    PipelineFile,
+    PostgresCreateRecord,
+    PostgresUpdateCombined,
+    RedisPublish,
+    RedisSaveImage,
+    action_templates,
+    branch_result_fields,
+)
+from stream_actors.events import TrackedDetection
+
+logger = logging.getLogger("camgraph.branches")
+
+
+@dataclass(frozen=True)
+class BranchResult:
+    label: str
+    confidence: float
+
+
+ClassifyFn = Callable[[str, np.ndarray], Awaitable[BranchResult | None]]
+SubmitFn = Callable[[list[OutboxEntry]], Awaitable[None]]
+
+
+class BranchSettings(StrictModel):
+    max_passes: int = Field(4, ge=1, le=50, description="classifications per track, at most")
+    min_pass_interval_s: float = Field(0.5, ge=0, le=60, description="between passes")
+    retry_after_s: float = Field(2.0, ge=0, le=600, description="after a failed branch")
+    branch_timeout_s: float = Field(10.0, gt=0, le=300)
+    crop_padding: float = Field(0.04, ge=0, le=1, description="context around the box")
+    max_concurrent_passes: int = Field(2, ge=1, le=64, description="per subscription")
+    max_tracks: int = Field(512, ge=1, le=100_000, description="per-track states kept")
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    model_id: str
+    trigger_classes: frozenset[str]  # empty: any parent label
+    min_confidence: float
+    parallel: bool
+    aliases: tuple[str, ...]  # extra names of the label in templates (e.g. body_type)
+    children: tuple[BranchPlan, ...]
+
+    @classmethod
+    def of(cls, node: Node) -> BranchPlan:
+        return cls(
+            node.modelId,
+            frozenset(node.triggerClasses),
+            node.minConfidence,
+            node.parallel,
+            tuple(sorted(branch_result_fields(node) - {"label", "class", "confidence"})),
+            tuple(cls.of(b) for b in node.branches),
+        )
+
+
+@dataclass(frozen=True)
+class ActionPlan:
+    index: int  # position in the pipeline, part of the idempotency key
+    node_id: str
+    action: Any  # one of graph.pipeline's action models
+    needs: frozenset[str]  # branches that must have a result first
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    pipeline_id: str
+    version: str
+    trigger_classes: frozenset[str]
+    min_confidence: float
+    branches: tuple[BranchPlan, ...]
+    actions: tuple[ActionPlan, ...]
+
+    @classmethod
+    def of(cls, pipeline: PipelineFile, version: str) -> PipelinePlan:
+        root = pipeline.pipeline
+        actions: list[ActionPlan] = []
+        for node in root.walk():
+            own = {node.modelId} if node is not root else set()
+            for action in [*node.actions, *node.parallelActions]:
+                needs = set(own)
+                for template in action_templates(action):
+                    needs |= {n.partition(".")[0] for n in template_fields(template) if "." in n}
+                if isinstance(action, PostgresUpdateCombined):
+                    needs |= set(action.waitForBranches)
+                actions.append(ActionPlan(len(actions), node.modelId, action, frozenset(needs)))
+        return cls(
+            root.modelId,
+            version,
+            frozenset(root.triggerClasses),
+            root.minConfidence,
+            tuple(BranchPlan.of(b) for b in root.branches),
+            tuple(actions),
+        )
+
+    def tables(self) -> dict[str, set[str]]:
+        """Every PostgreSQL table the actions write, with its columns."""
+        out: dict[str, set[str]] = {}
+        for plan in self.actions:
+            a = plan.action
+            if isinstance(a, PostgresCreateRecord):
+                cols = out.setdefault(a.table, set())
+                cols |= set(a.fields)
+                if isinstance(a, PostgresUpdateCombined):
+                    cols.add(a.key_field)
+        return out
+
+
+@dataclass(frozen=True)
+class CropQuality:
+    area: float
+    sharpness: float  # variance of the Laplacian of the grey crop
+    confidence: float
+    truncated: bool  # the box touches the frame edge: part of the object is missing
+    occluded: float = 0.0  # share of the box covered by other detections
+
+    def clearly_better_than(self, old: CropQuality) -> bool:
+        if old.truncated != self.truncated:
+            return old.truncated
+        if abs(old.occluded - self.occluded) > 0.15:
+            return self.occluded < old.occluded
+        if self.truncated:  # still entering: spend passes on it only when much larger
+            return self.area >= 2 * old.area
+        if self.area >= 1.3 * old.area and self.confidence >= old.confidence - 0.1:
+            return True
+        if self.sharpness >= 1.5 * old.sharpness and self.area >= 0.8 * old.area:
+            return True
+        return self.confidence >= old.confidence + 0.15 and self.area >= 0.8 * old.area
+
+    def weight(self) -> float:
+        """How much a label read from this crop counts in the vote."""
+        return (
+            max(self.area, 1.0) ** 0.5
+            * (1.0 - self.occluded) ** 2
+            * (0.5 if self.truncated else 1.0)
+        )
+
+
+def crop_box(
+    shape: tuple[int, ...], box: tuple[float, float, float, float], padding: float
+) -> tuple[int, int, int, int]:
+    """The box with `padding` (a fraction of its size) of context, clipped to the frame."""
+    h, w = shape[:2]
+    x1, y1, x2, y2 = box
+    px, py = (x2 - x1) * padding, (y2 - y1) * padding
+    return (
+        max(0, int(x1 - px)),
+        max(0, int(y1 - py)),
+        min(w, round(x2 + px)),
+        min(h, round(y2 + py)),
+    )
+
+
+def occlusion(box: tuple[float, float, float, float], others: Sequence[tuple[float, ...]]) -> float:
+    """The share of `box` that other boxes cover (overlaps summed, at most 1)."""
+    x1, y1, x2, y2 = box
+    area = max(1e-6, (x2 - x1) * (y2 - y1))
+    covered = 0.0
+    for ox1, oy1, ox2, oy2 in others:
+        w, h = min(x2, ox2) - max(x1, ox1), min(y2, oy2) - max(y1, oy1)
+        if w > 0 and h > 0:
+            covered += w * h
+    return min(1.0, covered / area)
+
+
+def crop_quality(
+    image: np.ndarray,
+    det: TrackedDetection,
+    others: Sequence[tuple[float, ...]] = (),
+    edge_px: int = 2,
+) -> CropQuality:
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = det.box
+    ix1, iy1, ix2, iy2 = crop_box(image.shape, det.box, 0)
+    grey = cv2.cvtColor(image[iy1:iy2, ix1:ix2], cv2.COLOR_BGR2GRAY)
+    if max(grey.shape) > 160:  # sharpness at a common scale, and cheap
+        s = 160 / max(grey.shape)
+        grey = cv2.resize(grey, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+    sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var()) if grey.size else 0.0
+    truncated = x1 <= edge_px or y1 <= edge_px or x2 >= w - edge_px or y2 >= h - edge_px
+    return CropQuality(
+        (x2 - x1) * (y2 - y1), sharpness, det.confidence, truncated, occlusion(det.box, others)
+    )
+
+
+@dataclass
+class TrackState:
+    track_id: int
+    class_name: str
+    first_stable_at: float
+    quality: CropQuality | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    passes: int = 0
+    busy: bool = False
+    last_pass_at: float = 0.0
+    retry_at: float | None = None  # set when a branch failed or found nothing
+    completed: set[str] = field(default_factory=set)  # branches that ran without error
+    lost: bool = False
+    votes: dict[str, dict[str, float]] = field(default_factory=dict)  # branch → label → Σ conf
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sent: dict[int, str] = field(default_factory=dict)  # action → digest last submitted
+    revisions: dict[int, int] = field(default_factory=dict)
+
+
+def iso_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def object_key(base: dict[str, Any], track_id: int) -> str:
+    """The record identity of one tracked object (one row per object and table)."""
+    return idempotency_key(
+        base["pipeline_id"],
+        base["pipeline_version"],
+        base["camera_id"],
+        base["session_id"],
+        track_id,
+    )
+
+
+def _column_value(
+    template: str, context: dict[str, Any], results: dict[str, dict[str, Any]]
+) -> str | None:
+    """A column's value; NULL when a branch ran but found nothing (a later pass that
+    finds something updates the record)."""
+    try:
+        return render(template, context, results)
+    except MissingFieldError as exc:
+        if "." in exc.name:
+            return None
+        raise
+
+
+def render_entry(
+    plan: ActionPlan,
+    context: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    obj_key: str,
+    images: Callable[[str | None, int], bytes],
+) -> tuple[str, OutboxEntry]:
+    """(digest of the rendered content, entry without its final key). Raises
+    MissingFieldError when a template names a value that is not there."""
+    a = plan.action
+    blob: bytes | None = None
+    if isinstance(a, RedisSaveImage):
+        sink, op = (
+            "redis",
+            {
+                "type": "redis_save_image",
+                "key": render(a.key, context, results),
+                "ttl_s": a.expire_seconds,
+            },
+        )
+        blob = images(a.region, a.quality)
+    elif isinstance(a, RedisPublish):
+        sink, op = (
+            "redis",
+            {
+                "type": "redis_publish",
+                "channel": render(a.channel, context, results),
+                "message": render(a.message, context, results),
+            },
+        )
+    elif isinstance(a, PostgresCreateRecord):
+        fields = {col: _column_value(t, context, results) for col, t in a.fields.items()}
+        if isinstance(a, PostgresUpdateCombined):
+            fields.setdefault(a.key_field, render(a.key_value, context, results))
+        sink, op = (
+            "postgres",
+            {
+                "type": "upsert",
+                "table": a.table,
+                "object_key": obj_key,
+                "fields": fields,
+            },
+        )
+    else:  # pragma: no cover - the pipeline schema admits no other action
+        raise TypeError(f"unknown action {type(a).__name__}")
+    digest_src = json.dumps(op, sort_keys=True).encode() + (
+        hashlib.sha256(blob).digest() if blob else b""
+    )
+    return hashlib.sha256(digest_src).hexdigest(), OutboxEntry("", sink, op, blob)
+
+
+class PipelineRunner:
+    def __init__(
+        self,
+        plan: PipelinePlan,
+        base_context: dict[str, Any],
+        classify: ClassifyFn,
+        submit: SubmitFn,
+        settings: BranchSettings,
+    ) -> None:
+        self.plan, self.settings = plan, settings
+        self._base = dict(base_context)
+        self._base.update(pipeline_id=plan.pipeline_id, pipeline_version=plan.version)
+        self._classify, self._submit = classify, submit
+        self._tracks: dict[int, TrackState] = {}
+        self._crops: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # track → (crop, frame)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.passes = 0
+        self.branch_errors: Counter[str] = Counter()
+        self.actions_submitted = 0
+        self.actions_incomplete = 0  # tracks lost before an action's inputs were there
+        self.submit_errors = 0
+        self.last_error: str | None = None
+
+    # -- per frame (synchronous, called by the processor) --------------------------
+
+    def observe(
+        self,
+        image: np.ndarray,
+        captured_at: float,
+        frame_seq: int,
+        detections: Sequence[TrackedDetection],
+        lost: Iterable[int] = (),
+    ) -> None:
+        now = time.monotonic()
+        for det in detections:
+            if not det.stable or det.track_id is None or not self._triggers(det):
+                continue
+            st = self._tracks.get(det.track_id)
+            if st is None:
+                if len(self._tracks) >= self.settings.max_tracks:
+                    self._evict()
+                st = self._tracks[det.track_id] = TrackState(det.track_id, det.label, captured_at)
+            if st.busy or st.passes >= self.settings.max_passes:
+                continue
+            if len(self._tasks) >= self.settings.max_concurrent_passes:
+                break
+            others = [d.box for d in detections if d is not det]
+            quality = crop_quality(image, det, others)
+            due_retry = st.retry_at is not None and now >= st.retry_at
+            better = st.quality is None or quality.clearly_better_than(st.quality)
+            if not (
+                due_retry or (better and now - st.last_pass_at >= self.settings.min_pass_interval_s)
+            ):
+                continue
+            self._start_pass(st, image, det, quality, captured_at, frame_seq, now)
+        for track_id in lost:
+            st = self._tracks.get(track_id)
+            if st is not None:
+                st.lost = True
+                if not st.busy:
+                    self._finish(st)
+
+    def _triggers(self, det: TrackedDetection) -> bool:
+        classes = self.plan.trigger_classes
+        return (not classes or det.label in classes) and det.confidence >= self.plan.min_confidence
+
+    def _evict(self) -> None:
+        idle = [s for s in self._tracks.values() if not s.busy]
+        if idle:
+            self._finish(min(idle, key=lambda s: s.last_pass_at))
+
+    def _start_pass(
+        self,
+        st: TrackState,
+        image: np.ndarray,
+        det: TrackedDetection,
+        quality: CropQuality,
+        captured_at: float,
+        frame_seq: int,
+        now: float,
+    ) -> None:
+        x1, y1, x2, y2 = crop_box(image.shape, det.box, self.settings.crop_padding)
+        crop = image[y1:y2, x1:x2].copy()
+        if crop.size == 0:
+            return
+        st.busy, st.quality, st.last_pass_at, st.retry_at = True, quality, now, None
+        st.passes += 1
+        bx1, by1, bx2, by2 = det.box
+        st.context = {
+            **self._base,
+            "track_id": det.track_id,
+            "class": det.label,
+            "label": det.label,
+            "confidence": round(det.confidence, 4),
+            "timestamp": iso_time(st.first_stable_at),
+            "frame_seq": frame_seq,
+            "x1": round(bx1),
+            "y1": round(by1),
+            "x2": round(bx2),
+            "y2": round(by2),
+        }
+        # The frame is kept (a reference, not a copy) only if an action saves the frame.
+        frame = (
+            image
+            if any(
+                isinstance(p.action, RedisSaveImage) and p.action.region is None
+                for p in self.plan.actions
+            )
+            else crop
+        )
+        self._crops[st.track_id] = (crop, frame)
+        task = asyncio.get_running_loop().create_task(self._pass(st, crop))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- a pass (asynchronous) ------------------------------------------------------
+
+    async def _pass(self, st: TrackState, crop: np.ndarray) -> None:
+        try:
+            self.passes += 1
+            await self._emit(st)  # actions that need no branch go out at once
+            await self._run_branches(
+                self.plan.branches, st.class_name, st.context["confidence"], crop, st
+            )
+            await self._emit(st)
+        except Exception as exc:  # a bug must not kill the camera: report it
+            logger.exception("pipeline pass failed for track %s", st.track_id)
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            st.busy = False
+            if st.lost:
+                self._finish(st)
+
+    async def _run_branches(
+        self,
+        branches: Sequence[BranchPlan],
+        parent_label: str,
+        parent_confidence: float,
+        crop: np.ndarray,
+        st: TrackState,
+    ) -> None:
+        eligible = [
+            b
+            for b in branches
+            if (not b.trigger_classes or parent_label in b.trigger_classes)
+            and parent_confidence >= b.min_confidence
+        ]
+        parallel = [b for b in eligible if b.parallel]
+        if parallel:
+            await asyncio.gather(*(self._branch(b, crop, st) for b in parallel))
+        for b in eligible:
+            if not b.parallel:
+                await self._branch(b, crop, st)
+
+    async def _branch(self, b: BranchPlan, crop: np.ndarray, st: TrackState) -> None:
+        try:
+            result = await asyncio.wait_for(
+                self._classify(b.model_id, crop), self.settings.branch_timeout_s
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # isolated: the other branches go on
+            self.branch_errors[b.model_id] += 1
+            self.last_error = f"branch {b.model_id}: {type(exc).__name__}: {str(exc)[:300]}"
+            logger.warning("%s (track %s)", self.last_error, st.track_id)
+            st.retry_at = time.monotonic() + self.settings.retry_after_s
+            return
+        st.completed.add(b.model_id)
+        if result is None:  # e.g. no readable plate in this crop: try again on a later one
+            st.retry_at = time.monotonic() + self.settings.retry_after_s
+            return
+        # Larger crops are more reliable: weight each vote by confidence × crop size.
+        weight = max(result.confidence, 1e-3) * (st.quality.weight() if st.quality else 1.0)
+        votes = st.votes.setdefault(b.model_id, {})
+        votes[result.label] = votes.get(result.label, 0.0) + weight
+        label, weight = max(votes.items(), key=lambda kv: kv[1])
+        share = weight / sum(votes.values())
+        winner = {"label": label, "class": label, "confidence": round(share, 4)}
+        winner.update(dict.fromkeys(b.aliases, label))
+        st.results[b.model_id] = winner
+        await self._run_branches(b.children, result.label, result.confidence, crop, st)
+
+    async def _emit(self, st: TrackState) -> None:
+        obj_key = object_key(self._base, st.track_id)
+        crop, frame = self._crops.get(st.track_id, (None, None))
+
+        def images(region: str | None, quality: int) -> bytes:
+            source = frame if region is None else crop
+            if source is None:
+                raise MissingFieldError("image", "crop")
+            ok, buf = cv2.imencode(".jpg", source, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if not ok:
+                raise ValueError("JPEG encoding failed")
+            return buf.tobytes()
+
+        entries = []
+        for plan in self.plan.actions:
+            if not plan.needs <= st.completed:
+                continue
+            if isinstance(plan.action, RedisSaveImage):
+                region = plan.action.region
+                if region is not None and region != st.class_name:
+                    continue  # the region names another class: nothing of this object
+            try:
+                digest, entry = render_entry(plan, st.context, st.results, obj_key, images)
+            except MissingFieldError as exc:
+                self.last_error = str(exc)
+                continue
+            if st.sent.get(plan.index) == digest:
+                continue
+            revision = st.revisions.get(plan.index, -1) + 1
+            key = idempotency_key(obj_key, plan.index, revision)
+            entries.append(
+                (plan.index, digest, revision, OutboxEntry(key, entry.sink, entry.op, entry.blob))
+            )
+        if not entries:
+            return
+        try:
+            await self._submit([e for *_, e in entries])
+        except Exception as exc:
+            self.submit_errors += 1
+            self.last_error = f"actions: {type(exc).__name__}: {str(exc)[:300]}"
+            logger.warning("track %s: %s", st.track_id, self.last_error)
+            return  # not marked sent: the next pass sends them again
+        for index, digest, revision, _ in entries:
+            st.sent[index], st.revisions[index] = digest, revision
+        self.actions_submitted += len(entries)
+
+    def _finish(self, st: TrackState) -> None:
+        missing = [
+            p for p in self.plan.actions if p.index not in st.sent and not p.needs <= st.completed
+        ]
+        if missing and st.passes:
+            self.actions_incomplete += len(missing)
+        self._tracks.pop(st.track_id, None)
+        self._crops.pop(st.track_id, None)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait for the passes in flight (tests, shutdown)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pipeline_id": self.plan.pipeline_id,
+            "pipeline_version": self.plan.version,
+            "tracks": len(self._tracks),
+            "passes": self.passes,
+            "branch_errors": dict(self.branch_errors),
+            "actions_submitted": self.actions_submitted,
+            "actions_incomplete": self.actions_incomplete,
+            "submit_errors": self.submit_errors,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True)
+class PipelineRuntime:
+    """What a camera actor needs to run a pipeline: the plan and the deployment names."""
+
+    plan: PipelinePlan
+    classifier_names: dict[str, str]  # branch model id → Serve deployment name
+    actions_name: str
+
+    @classmethod
+    def of(
+        cls,
+        pipeline: PipelineFile,
+        version: str,
+        classifier_names: dict[str, str],
+        actions_name: str,
+    ) -> PipelineRuntime:
+        return cls(PipelinePlan.of(pipeline, version), dict(classifier_names), actions_name)

@@ -1,0 +1,268 @@
+"""The outbox and the sinks against real SQLite, PostgreSQL and Redis (no Ray).
+
+Each test has its own PostgreSQL schema and Redis key prefix and drops them after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from deployments.action_service import ActionService, redact_dsn
+from deployments.outbox import (
+    OutboxEntry,
+    PostgresOutbox,
+    SinkRejected,
+    SqliteOutbox,
+    deliver,
+)
+from deployments.schemas import ActionsSettings
+from deployments.sinks import LocalStoreSink, PostgresSink, RedisSink
+
+PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    name = f"camgraph_t_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    value = f"camgraph-test:{uuid.uuid4().hex[:10]}:"
+    yield value
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{value}*"):
+        client.delete(key)
+    for key in client.scan_iter("camgraph:published:*"):
+        client.delete(key)
+
+
+def pool() -> Any:
+    from psycopg_pool import AsyncConnectionPool
+
+    return AsyncConnectionPool(
+        PG_DSN, min_size=1, max_size=2, open=False, timeout=5, kwargs={"autocommit": True}
+    )
+
+
+def upsert(table: str, key: str, **fields: str | None) -> dict[str, Any]:
+    return {"type": "upsert", "table": table, "object_key": key, "fields": fields}
+
+
+def rows(schema: str, table: str) -> list[dict[str, Any]]:
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        cur = conn.execute(f'SELECT * FROM "{schema}"."{table}" ORDER BY camgraph_key')
+        names = [d.name for d in cur.description or []]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_outbox_dedupes_by_key_leases_claims_and_counts_depth_and_lag(
+    store: str, tmp_path: Path, schema: str
+) -> None:
+    async def run() -> None:
+        p = pool()
+        await p.open()
+        outbox: Any = (
+            SqliteOutbox(tmp_path / "o.sqlite") if store == "sqlite" else PostgresOutbox(p, schema)
+        )
+        a, b = (
+            OutboxEntry("k1", "redis", {"n": 1}, b"\xff\x00"),
+            OutboxEntry("k2", "postgres", {"n": 2}),
+        )
+        assert await outbox.add([a, b]) == 2
+        assert await outbox.add([a]) == 0  # a resubmit after a lost reply stores nothing
+        first = await outbox.claim(10, lease_s=30)
+        assert [c.entry.key for c in first] == ["k1", "k2"] and first[0].entry.blob == b"\xff\x00"
+        assert first[0].entry.op == {"n": 1} and first[0].attempts == 1
+        assert await outbox.claim(10, lease_s=30) == []  # leased to the first claimer
+        stats = await outbox.stats()
+        assert stats["depth"] == 2 and stats["oldest_age_s"] >= 0
+        await outbox.done([first[0].id])
+        await outbox.retry(first[1], "down", delay_s=0, dead=False)
+        (again,) = await outbox.claim(10, lease_s=30)
+        assert again.entry.key == "k2" and again.attempts == 2
+        await outbox.retry(again, "rejected", delay_s=0, dead=True)
+        assert await outbox.claim(10, lease_s=30) == []
+        stats = await outbox.stats()
+        assert (stats["depth"], stats["dead"]) == (0, 1)
+        assert await outbox.purge(older_than_s=0) == 1  # the delivered one
+        await p.close()
+
+    asyncio.run(run())
+
+
+def test_an_expired_lease_makes_an_entry_due_again(tmp_path: Path) -> None:
+    async def run() -> None:
+        outbox = SqliteOutbox(tmp_path / "o.sqlite")
+        await outbox.add([OutboxEntry("k", "redis", {})])
+        assert len(await outbox.claim(1, lease_s=0.05)) == 1  # a replica died holding it
+        await asyncio.sleep(0.1)
+        assert len(await outbox.claim(1, lease_s=30)) == 1
+
+    asyncio.run(run())
+
+
+def test_redis_sink_saves_images_with_ttl_and_publishes_each_entry_once(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    pubsub = client.pubsub()
+    pubsub.subscribe(f"{prefix}events")
+    pubsub.get_message(timeout=1)  # the subscribe confirmation
+
+    async def run() -> None:
+        sink = RedisSink(REDIS_URL)
+        image = OutboxEntry(
+            "i1",
+            "redis",
+            {"type": "redis_save_image", "key": f"{prefix}img", "ttl_s": 600},
+            b"jpeg",
+        )
+        message = OutboxEntry(
+            "m1", "redis", {"type": "redis_publish", "channel": f"{prefix}events", "message": "hi"}
+        )
+        for _ in range(2):  # delivered twice (a crash before `done`): same effect
+            await sink.apply(image)
+            await sink.apply(message)
+        with pytest.raises(SinkRejected):
+            await sink.apply(OutboxEntry("x", "redis", {"type": "upsert"}))
+        await sink.close()
+
+    asyncio.run(run())
+    assert client.get(f"{prefix}img") == b"jpeg" and 590 <= client.ttl(f"{prefix}img") <= 600
+    received = []
+    while (msg := pubsub.get_message(timeout=0.5)) is not None:
+        received.append(msg["data"])
+    assert received == [b"hi"]
+
+
+def test_postgres_sink_upserts_one_row_per_object_and_composes_identifiers(schema: str) -> None:
+    async def run() -> None:
+        p = pool()
+        await p.open()
+        sink = PostgresSink(p, schema)
+        create = upsert("vehicle_events", "obj1", camera_id="cam", confidence="0.9")
+        update = upsert("vehicle_events", "obj1", body_type="van", plate=None, track_id="7")
+        for entry in (update, create, create, update):  # any order, any repetition
+            await sink.apply(OutboxEntry(uuid.uuid4().hex, "postgres", entry))
+        await sink.apply(
+            OutboxEntry("k", "postgres", upsert("vehicle_events", "obj2", camera_id="c2"))
+        )
+        for hostile in ('x"; DROP TABLE vehicle_events; --', "täble", "a;b"):
+            with pytest.raises(SinkRejected, match="identifier"):
+                await sink.apply(OutboxEntry("h", "postgres", upsert(hostile, "o", a="1")))
+            with pytest.raises(SinkRejected, match="identifier"):
+                await sink.apply(
+                    OutboxEntry("h", "postgres", upsert("vehicle_events", "o", **{hostile: "1"}))
+                )
+        # A value that the column's type cannot take is rejected, not retried for ever.
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'CREATE TABLE "{schema}".typed (n integer)')
+        with pytest.raises(SinkRejected):
+            await sink.apply(OutboxEntry("t", "postgres", upsert("typed", "o", n="not a number")))
+        await sink.apply(OutboxEntry("t2", "postgres", upsert("typed", "o", n="42")))
+        await p.close()
+
+    asyncio.run(run())
+    got = rows(schema, "vehicle_events")
+    assert [(r["camgraph_key"], r["camera_id"], r["body_type"], r["plate"]) for r in got] == [
+        ("obj1", "cam", "van", None),
+        ("obj2", "c2", None, None),
+    ]
+    assert rows(schema, "typed")[0]["n"] == 42  # text bound to an integer column
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
+        ).fetchall()
+    assert sorted(t[0] for t in tables) == ["typed", "vehicle_events"]
+
+
+def test_local_store_applies_the_same_operations(tmp_path: Path) -> None:
+    async def run() -> LocalStoreSink:
+        sink = LocalStoreSink(tmp_path, "local")
+        for _ in range(2):
+            await sink.apply(OutboxEntry("c", "postgres", upsert("events", "o1", camera_id="cam")))
+            await sink.apply(OutboxEntry("u", "postgres", upsert("events", "o1", plate="AB123CD")))
+            await sink.apply(
+                OutboxEntry(
+                    "i",
+                    "redis",
+                    {"type": "redis_save_image", "key": "a/b:1.jpg", "ttl_s": 60},
+                    b"jpg",
+                )
+            )
+            await sink.apply(
+                OutboxEntry(
+                    "m", "redis", {"type": "redis_publish", "channel": "ch", "message": "hi"}
+                )
+            )
+        with pytest.raises(SinkRejected):
+            await sink.apply(OutboxEntry("h", "postgres", upsert('t"x', "o", a="1")))
+        return sink
+
+    sink = asyncio.run(run())
+    (row,) = sink.rows("events")
+    assert (row["camgraph_key"], row["camera_id"], row["plate"]) == ("o1", "cam", "AB123CD")
+    assert sink.image_path("a/b:1.jpg").read_bytes() == b"jpg"
+    assert len(sink.rows("published_messages")) == 1
+
+
+def test_delivery_retries_a_sink_that_is_down_without_losing_or_duplicating(
+    tmp_path: Path, schema: str
+) -> None:
+    async def run() -> None:
+        outbox = SqliteOutbox(tmp_path / "o.sqlite")
+        p = pool()
+        await p.open()
+        good = PostgresSink(p, schema)
+        down = RedisSink("redis://127.0.0.1:1/0", connect_timeout_s=0.2)
+        entries = [
+            OutboxEntry(f"r{i}", "postgres", upsert("t", f"o{i}", v=str(i))) for i in range(5)
+        ] + [
+            OutboxEntry(f"m{i}", "redis", {"type": "redis_publish", "channel": "c", "message": "m"})
+            for i in range(3)
+        ]
+        await outbox.add(entries)
+        report = await deliver(outbox, {"postgres": good, "redis": down})
+        # One connection attempt for the whole round, the other redis entries put back.
+        assert report.delivered == 5 and report.retried == 3 and report.unavailable == {"redis"}
+        assert (await outbox.stats())["depth"] == 3
+        await p.close()
+
+    asyncio.run(run())
+    assert len(rows(schema, "t")) == 5
+
+
+def test_action_service_reports_sinks_without_secrets_and_uses_the_local_store(
+    tmp_path: Path,
+) -> None:
+    assert redact_dsn("postgresql://u:s3cret@h/db") == "postgresql://u:***@h/db"
+    assert redact_dsn("host=h password=s3cret dbname=x") == "host=h password=*** dbname=x"
+
+    async def run() -> dict[str, Any]:
+        service = ActionService(ActionsSettings(data_dir=Path("actions")), tmp_path, environ={})
+        await service.submit([OutboxEntry("k", "postgres", upsert("t", "o", a="1"))])
+        for _ in range(50):
+            health = await service.health()
+            if health["outbox"][0]["depth"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        await service.close()
+        return health
+
+    health = asyncio.run(run())
+    assert health["sinks"]["postgres"]["kind"] == "local" and health["delivered"] == 1
+    assert (tmp_path / "actions" / "records.sqlite").is_file()
+    settings = ActionsSettings(postgres_dsn_env="CG_DSN")
+    assert settings.postgres({"CG_DSN": PG_DSN}) == PG_DSN and settings.postgres({}) is None
