@@ -229,6 +229,7 @@ class TrackState:
     track_id: int
     class_name: str
     first_stable_at: float
+    generation: int = 0  # a track that was lost and came back gets a fresh state
     quality: CropQuality | None = None
     context: dict[str, Any] = field(default_factory=dict)
     passes: int = 0
@@ -336,6 +337,7 @@ class PipelineRunner:
         self._base.update(pipeline_id=plan.pipeline_id, pipeline_version=plan.version)
         self._classify, self._submit = classify, submit
         self._tracks: dict[int, TrackState] = {}
+        self._history: dict[int, tuple[int, float]] = {}  # track → (generation, first)
         self._crops: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # track → (crop, frame)
         self._tasks: set[asyncio.Task[None]] = set()
         self.passes = 0
@@ -363,7 +365,7 @@ class PipelineRunner:
             if st is None:
                 if len(self._tracks) >= self.settings.max_tracks:
                     self._evict()
-                st = self._tracks[det.track_id] = TrackState(det.track_id, det.label, captured_at)
+                st = self._tracks[det.track_id] = self._new_state(det, captured_at)
             if st.busy or st.passes >= self.settings.max_passes:
                 continue
             if len(self._tasks) >= self.settings.max_concurrent_passes:
@@ -383,6 +385,16 @@ class PipelineRunner:
                 st.lost = True
                 if not st.busy:
                     self._finish(st)
+
+    def _new_state(self, det: TrackedDetection, captured_at: float) -> TrackState:
+        """A state for a track; one that comes back after being lost keeps its first
+        time (the record's timestamp) and gets the next generation, so its actions
+        have keys of their own and update the same record."""
+        generation, first = self._history.pop(det.track_id, (-1, captured_at))
+        self._history[det.track_id] = (generation + 1, first)
+        while len(self._history) > 8 * self.settings.max_tracks:
+            del self._history[next(iter(self._history))]  # the oldest
+        return TrackState(det.track_id, det.label, first, generation + 1)
 
     def _triggers(self, det: TrackedDetection) -> bool:
         classes = self.plan.trigger_classes
@@ -533,7 +545,7 @@ class PipelineRunner:
             if st.sent.get(plan.index) == digest:
                 continue
             revision = st.revisions.get(plan.index, -1) + 1
-            key = idempotency_key(obj_key, plan.index, revision)
+            key = idempotency_key(obj_key, plan.index, st.generation, revision)
             entries.append(
                 (plan.index, digest, revision, OutboxEntry(key, entry.sink, entry.op, entry.blob))
             )

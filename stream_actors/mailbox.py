@@ -79,6 +79,7 @@ class LatestFrameMailbox:
             frame, self._frame = self._frame, None
             if frame is None:
                 return None
+            self._cond.notify_all()  # wakes a lossless reader waiting in wait_taken
             if (
                 self._max_age_s is not None
                 and time.monotonic() - frame.captured_mono > self._max_age_s
@@ -87,6 +88,11 @@ class LatestFrameMailbox:
                 return None
             self.delivered += 1
             return frame
+
+    def wait_taken(self, timeout_s: float) -> bool:
+        """Wait until the slot is empty (its frame was taken); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._frame is None, timeout_s)
 
     def record_drop(self, reason: DropReason) -> None:
         """Count a frame that was taken but could not be processed (e.g. back-pressure)."""

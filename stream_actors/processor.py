@@ -66,7 +66,9 @@ class SubscriptionProcessor:
         def wake() -> None:  # called from the reader thread
             loop.call_soon_threadsafe(self._wakeup.set)
 
-        self.mailbox = LatestFrameMailbox(settings.max_frame_age_s, on_put=wake)
+        # A lossless file replay keeps every frame, however long it waits for the detector.
+        max_age = settings.max_frame_age_s if sub.fileRealtime else None
+        self.mailbox = LatestFrameMailbox(max_age, on_put=wake)
         self._params = DetectParams(settings.conf, settings.iou, None, settings.max_det)
         self._tracker = Tracker(settings.tracker)
         self._stability = StabilityValidator(sub.stability or settings.stability)

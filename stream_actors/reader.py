@@ -66,7 +66,7 @@ def open_source(
         spec.url,
         open_timeout_s=policy.open_timeout_s,
         read_timeout_s=policy.read_timeout_s,
-        pace=spec.kind == "file" and policy.pace_files,
+        pace=spec.kind == "file" and policy.pace_files and not spec.lossless,
         loop=spec.kind == "file" and spec.loop,
         keyframes_only=keyframes_only,
     ).frames()
@@ -191,6 +191,8 @@ class StreamReader:
                     if not self._current(generation):
                         return
                     self._deliver(captured)
+                    if self.spec.lossless:  # every frame: wait until all took this one
+                        self._wait_taken(generation)
                 if self._current(generation):
                     self.state = StreamState.ENDED  # a file played once
                 return
@@ -230,13 +232,20 @@ class StreamReader:
         for mailbox in mailboxes:
             mailbox.put(captured, captured.captured_at)  # converted only if taken
 
+    def _wait_taken(self, generation: int) -> None:
+        with self._lock:
+            mailboxes = list(self._mailboxes.values())
+        for mailbox in mailboxes:
+            while self._current(generation) and not mailbox.wait_taken(0.5):
+                self._last_frame_mono = time.monotonic()  # waiting is not a stall
+
     def _wants_keyframes_only(self) -> bool:
         """Polled by the source after each frame; re-judges demand once per window.
 
         Key frames only when every subscriber took at most half as many frames as the
         key frames alone would give it; all frames again as soon as a subscriber took
         every key frame it was given (none superseded), i.e. it could use more."""
-        if not self.policy.adaptive_decode:
+        if not self.policy.adaptive_decode or self.spec.lossless:
             return False
         now = time.monotonic()
         window = now - self._demand_since

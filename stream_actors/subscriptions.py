@@ -40,6 +40,11 @@ class Subscription(StrictModel):
         None, max_length=2048, description="video file path or file:// URL (tests, replays)"
     )
     fileLoop: bool = Field(True, description="restart a file at its end")
+    fileRealtime: bool = Field(
+        True,
+        description="play a file at its frame rate, dropping what the detector cannot take; "
+        "false: every frame is processed, as fast as the graph takes them (replays, tests)",
+    )
     modelId: str | None = Field(
         None,
         validation_alias=AliasChoices("modelId", "model_id"),
@@ -142,6 +147,7 @@ class StreamSpec(StrictModel):
     url: str
     snapshot_interval_s: float = 1.0
     loop: bool = True
+    lossless: bool = False  # files only: the reader waits until each frame was taken
 
 
 def stream_key(sub: Subscription) -> str:
@@ -194,6 +200,7 @@ class SubscriptionTable:
             # Shared snapshot URLs are polled as often as the most demanding subscriber.
             snapshot_interval_s=min(s.snapshotInterval for s in subs) / 1000.0,
             loop=any(s.fileLoop for s in subs),
+            lossless=first.kind == "file" and any(not s.fileRealtime for s in subs),
         )
 
     def _free_actor(self) -> int:

@@ -44,6 +44,19 @@ BASE = {
 }
 
 
+def recordable_vehicles(truth: dict[str, Any], min_frames: int = 10) -> list[dict[str, Any]]:
+    """Ground-truth vehicles that a record is due for: at least half visible in at least
+    `min_frames` frames (long enough to become stable objects)."""
+    seen: Counter[int] = Counter()
+    last: dict[int, dict[str, Any]] = {}
+    for frame in truth["frames"]:
+        for o in frame["objects"]:
+            if o["cls"] == "vehicle" and o["visible_fraction"] >= 0.5:
+                seen[o["object_id"]] += 1
+                last[o["object_id"]] = o
+    return [last[i] for i, n in seen.items() if n >= min_frames]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> LoadedArchive:
     cache = tmp_path_factory.mktemp("archives")
@@ -93,7 +106,7 @@ def test_a_crop_is_clearly_better_when_whole_larger_sharper_or_surer() -> None:
 def test_one_record_per_vehicle_with_branch_fields_from_the_real_models(
     demo: LoadedArchive, tmp_path: Path
 ) -> None:
-    clip = write_clip(HELD_OUT_SEED_START + 30, 100, tmp_path / "clip.mp4", fps=10, scale=1.0)
+    clip = write_clip(HELD_OUT_SEED_START + 30, 200, tmp_path / "clip.mp4", fps=10, scale=1.0)
     truth = json.loads(clip.with_suffix(".json").read_text())
     plan = PipelinePlan.of(demo.pipeline, "v1")
     engine = load_engine(demo.model_path("demo-detector.onnx"), EngineOptions(640, 2))
@@ -139,23 +152,15 @@ def test_one_record_per_vehicle_with_branch_fields_from_the_real_models(
     records, status, health = asyncio.run(run())
     assert status["branch_errors"] == {} and status["submit_errors"] == 0
     assert health["dead"] == 0 and health["outbox"][0]["depth"] == 0
-    # Ground truth: vehicles seen whole (≥ half visible, not cut by the edge) ≥ 5 frames.
-    seen: Counter[int] = Counter()
-    gt: dict[int, dict[str, Any]] = {}
-    for f in truth["frames"]:
-        for o in f["objects"]:
-            if o["cls"] == "vehicle" and o["visible_fraction"] >= 0.5 and not o["truncated"]:
-                seen[o["object_id"]] += 1
-                gt[o["object_id"]] = o
-    recordable = [gt[i] for i, n in seen.items() if n >= 5]
-    assert len(recordable) >= 8
+    recordable = recordable_vehicles(truth)
+    assert len(recordable) >= 12
     assert len(records) == len(recordable)  # one record per vehicle, none twice
     assert len({r["track_id"] for r in records}) == len(records)
     assert Counter(r["body_type"] for r in records) == Counter(o["body_type"] for o in recordable)
     plates = [r["plate"] for r in records if r["plate"] is not None]
     truth_plates = {o["plate"] for o in recordable}
     assert len(set(plates)) == len(plates)
-    assert sum(p in truth_plates for p in plates) >= 0.6 * len(recordable), plates
+    assert sum(p in truth_plates for p in plates) >= 0.5 * len(recordable), plates
     for r in records:
         assert (r["camera_id"], r["display_id"]) == ("cam", "disp")
         assert r["detected_at"].endswith("Z") and float(r["confidence"]) >= 0.5

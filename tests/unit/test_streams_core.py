@@ -392,3 +392,28 @@ def test_a_spent_reconnect_budget_holds_reconnects_back() -> None:
     reader.stop()
     assert reader.join(2)
     assert 5 <= reader.reconnects <= 13  # ~5/s over 2 s, plus the burst; not hundreds
+
+
+def test_a_lossless_file_replay_hands_over_every_frame_to_a_slow_consumer(
+    tmp_path: Path,
+) -> None:
+    clip = write_clip(HELD_OUT_SEED_START + 21, 20, tmp_path / "c.mp4", fps=10, scale=0.25)
+    table = SubscriptionTable(4)
+    table.subs["d;c"] = Subscription(
+        subscriptionIdentifier="d;c", fileUrl=str(clip), fileLoop=False, fileRealtime=False
+    )
+    (key,) = table.stream_keys()
+    spec = table.spec(key)
+    assert spec.lossless
+    reader = StreamReader(spec, ReaderPolicy(), lambda: 0.0)
+    mailbox = LatestFrameMailbox()
+    reader.attach("d;c", mailbox)
+    reader.start()
+    seqs = []
+    while len(seqs) < 20:
+        frame = mailbox.take(timeout_s=10)
+        assert frame is not None, f"frame {len(seqs) + 1} never came"
+        seqs.append(frame.seq)
+        time.sleep(0.03)  # slower than the file could be read
+    assert reader.join(10)
+    assert seqs == list(range(1, 21)) and sum(mailbox.drops.values()) == 0
