@@ -390,11 +390,13 @@ class PipelineRunner:
         """A state for a track; one that comes back after being lost keeps its first
         time (the record's timestamp) and gets the next generation, so its actions
         have keys of their own and update the same record."""
-        generation, first = self._history.pop(det.track_id, (-1, captured_at))
-        self._history[det.track_id] = (generation + 1, first)
+        assert det.track_id is not None
+        track_id = det.track_id
+        generation, first = self._history.pop(track_id, (-1, captured_at))
+        self._history[track_id] = (generation + 1, first)
         while len(self._history) > 8 * self.settings.max_tracks:
             del self._history[next(iter(self._history))]  # the oldest
-        return TrackState(det.track_id, det.label, first, generation + 1)
+        return TrackState(track_id, det.label, first, generation + 1)
 
     def _triggers(self, det: TrackedDetection) -> bool:
         classes = self.plan.trigger_classes
