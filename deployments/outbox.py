@@ -206,12 +206,24 @@ class PostgresOutbox:
         self._table = sql.Identifier(schema, TABLE)
         self._schema = sql.Identifier(schema)
         self._ready = False
+        self._lock = asyncio.Lock()
 
     async def _ensure(self, conn: Any) -> None:
         if self._ready:
             return
+        import psycopg
         from psycopg import sql
 
+        async with self._lock:
+            if self._ready:
+                return
+            try:
+                await self._create(conn, sql)
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
+                pass  # another replica created it at the same moment
+            self._ready = True
+
+    async def _create(self, conn: Any, sql: Any) -> None:
         await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._schema))
         await conn.execute(
             sql.SQL(
@@ -230,7 +242,6 @@ class PostgresOutbox:
                 delivered_at DOUBLE PRECISION)"""
             ).format(self._table)
         )
-        self._ready = True
 
     async def _run(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         import psycopg

@@ -249,10 +249,10 @@ class CameraActor:
         if stream is not None and stream.reader.spec != want:
             await self.remove_stream(want.key)  # the source itself changed: reopen
             stream = None
+        new = stream is None
         if stream is None:
             reader = StreamReader(want, self._settings.reader, self._acquire_reconnect)
             stream = self._streams[want.key] = _Stream(reader)
-            reader.start()
         for sub_id in [s for s in stream.subs if stream.subs[s] != wanted.get(s)]:
             await self._stop_subscription(stream, sub_id)
         for sub_id, sub in wanted.items():
@@ -271,6 +271,8 @@ class CameraActor:
             stream.subs[sub_id], stream.processors[sub_id] = sub, processor
             stream.reader.attach(sub_id, processor.mailbox)
             processor.start()
+        if new:  # after attaching: a lossless replay must not read frames nobody gets
+            stream.reader.start()
 
     async def _stop_subscription(self, stream: _Stream, sub_id: str) -> None:
         stream.reader.detach(sub_id)

@@ -358,6 +358,7 @@ class PipelineRunner:
         lost: Iterable[int] = (),
     ) -> None:
         now = time.monotonic()
+        wanted: list[tuple[TrackState, TrackedDetection, CropQuality]] = []
         for det in detections:
             if not det.stable or det.track_id is None or not self._triggers(det):
                 continue
@@ -368,16 +369,16 @@ class PipelineRunner:
                 st = self._tracks[det.track_id] = self._new_state(det, captured_at)
             if st.busy or st.passes >= self.settings.max_passes:
                 continue
-            if len(self._tasks) >= self.settings.max_concurrent_passes:
-                break
             others = [d.box for d in detections if d is not det]
             quality = crop_quality(image, det, others)
             due_retry = st.retry_at is not None and now >= st.retry_at
             better = st.quality is None or quality.clearly_better_than(st.quality)
-            if not (
-                due_retry or (better and now - st.last_pass_at >= self.settings.min_pass_interval_s)
-            ):
-                continue
+            if due_retry or (better and now - st.last_pass_at >= self.settings.min_pass_interval_s):
+                wanted.append((st, det, quality))
+        # Objects never classified go first, so a busy scene cannot starve a newcomer.
+        wanted.sort(key=lambda w: (w[0].passes, w[0].last_pass_at))
+        free = self.settings.max_concurrent_passes - len(self._tasks)
+        for st, det, quality in wanted[: max(0, free)]:
             self._start_pass(st, image, det, quality, captured_at, frame_seq, now)
         for track_id in lost:
             st = self._tracks.get(track_id)
@@ -589,6 +590,7 @@ class PipelineRunner:
             "pipeline_version": self.plan.version,
             "tracks": len(self._tracks),
             "passes": self.passes,
+            "passes_in_flight": len(self._tasks),
             "branch_errors": dict(self.branch_errors),
             "actions_submitted": self.actions_submitted,
             "actions_incomplete": self.actions_incomplete,

@@ -18,7 +18,7 @@ from demo.metrics import iou_matrix
 from demo.scenes import Scene
 from deployments.detector import Detector
 from deployments.ingress import Ingress
-from graph.app import build_graph
+from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
 from tests.integration.conftest import detector_stats
 from tests.onnx_models import faulty_detector
@@ -54,7 +54,7 @@ def deploy(tmp: Path, user_config: dict[str, Any]) -> None:
         ray_actor_options={"num_cpus": 0.5},
     )
     serve.run(
-        build_graph(config, detector=detector, ingress=Ingress.options(num_replicas=1)),
+        build_graph(config, Deployments(detector, Ingress.options(num_replicas=1))),
         name=APP,
         route_prefix="/",
     )

@@ -20,14 +20,19 @@ from tests.integration.conftest import detector_stats, wait_until
 pytestmark = pytest.mark.integration
 APP = "camgraph-deploy-test"
 PREFIX = "/deploy-test"
+MODEL = "demo_vehicle_det_v1"  # the root of serve_config.yaml's demo pipeline
 
 
-def config_for(cluster: dict[str, Any], user_config: dict[str, Any]) -> dict[str, Any]:
-    """The project's serve_config.yaml, renamed and pinned to one small replica."""
+def config_for(cluster: dict[str, Any], user_config: dict[str, Any], data: Path) -> dict[str, Any]:
+    """The project's serve_config.yaml, renamed, pinned to one small detector replica and
+    writing its archives cache, streams state and local action store under `data`."""
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": cluster["http_port"]}
     (app,) = config["applications"]
     app.update(name=APP, route_prefix=PREFIX)
+    app["args"]["archive_cache_dir"] = str(data / "archives")
+    app["args"]["actions"]["data_dir"] = str(data / "actions")
+    app["args"].setdefault("streams", {})["state_path"] = str(data / "streams.json")
     for deployment in app["deployments"]:
         if deployment["name"].startswith("Detector_"):
             deployment.pop("autoscaling_config", None)
@@ -56,9 +61,12 @@ def serve_deploy(cluster: dict[str, Any], config: dict[str, Any], path: Path) ->
 def deployed(
     cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[dict[str, Any], Path]]:
-    path = tmp_path_factory.mktemp("deploy") / "serve_config.yaml"
+    data = tmp_path_factory.mktemp("deploy")
+    path = data / "serve_config.yaml"
     serve_deploy(
-        cluster, config_for(cluster, {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}), path
+        cluster,
+        config_for(cluster, {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}, data),
+        path,
     )
     url = cluster["http_url"] + PREFIX
     wait_until(
@@ -82,13 +90,15 @@ def test_user_config_change_applies_without_restarting_the_replica(
     deployed: tuple[dict[str, Any], Path],
 ) -> None:
     cluster, path = deployed
-    before = detector_stats(APP)
+    before = detector_stats(APP, MODEL)
     assert before["config"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}
     serve_deploy(
-        cluster, config_for(cluster, {"max_batch_size": 2, "batch_wait_timeout_s": 0.02}), path
+        cluster,
+        config_for(cluster, {"max_batch_size": 2, "batch_wait_timeout_s": 0.02}, path.parent),
+        path,
     )
     after = wait_until(
-        lambda: (s := detector_stats(APP))["config"]["max_batch_size"] == 2 and s,
+        lambda: (s := detector_stats(APP, MODEL))["config"]["max_batch_size"] == 2 and s,
         what="the new user_config to reach the replica",
     )
     assert after["config"] == {"max_batch_size": 2, "batch_wait_timeout_s": 0.02}

@@ -20,7 +20,7 @@ from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import id_switches, iou_matrix
 from deployments.detector import Detector
 from deployments.ingress import STREAMS_NAMESPACE, Ingress
-from graph.app import build_graph
+from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
 from stream_actors.actors import registry_name
 from tests.integration.conftest import wait_until
@@ -81,7 +81,7 @@ def app(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> It
         num_replicas=2, max_ongoing_requests=24, ray_actor_options={"num_cpus": 0.5}
     )
     serve.run(
-        build_graph(config, detector=detector, ingress=Ingress.options(num_replicas=1)),
+        build_graph(config, Deployments(detector, Ingress.options(num_replicas=1))),
         name=APP,
         route_prefix="/",
     )
