@@ -70,7 +70,7 @@ class BranchSettings(StrictModel):
     retry_after_s: float = Field(2.0, ge=0, le=600, description="after a failed branch")
     branch_timeout_s: float = Field(10.0, gt=0, le=300)
     crop_padding: float = Field(0.04, ge=0, le=1, description="context around the box")
-    max_concurrent_passes: int = Field(2, ge=1, le=64, description="per subscription")
+    max_concurrent_passes: int = Field(4, ge=1, le=64, description="per subscription")
     max_tracks: int = Field(512, ge=1, le=100_000, description="per-track states kept")
 
 
@@ -238,6 +238,8 @@ class TrackState:
     retry_at: float | None = None  # set when a branch failed or found nothing
     completed: set[str] = field(default_factory=set)  # branches that ran without error
     lost: bool = False
+    announced: bool = False  # the no-branch actions went out when it became stable
+    emitting: asyncio.Lock = field(default_factory=asyncio.Lock)  # one revision at a time
     votes: dict[str, dict[str, float]] = field(default_factory=dict)  # branch → label → Σ conf
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     sent: dict[int, str] = field(default_factory=dict)  # action → digest last submitted
@@ -339,7 +341,11 @@ class PipelineRunner:
         self._tracks: dict[int, TrackState] = {}
         self._history: dict[int, tuple[int, float]] = {}  # track → (generation, first)
         self._crops: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # track → (crop, frame)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # passes (classification slots)
+        self._emits: set[asyncio.Task[None]] = set()  # announcements of new objects
+        self._saves_frames = any(
+            isinstance(p.action, RedisSaveImage) and p.action.region is None for p in plan.actions
+        )
         self.passes = 0
         self.branch_errors: Counter[str] = Counter()
         self.actions_submitted = 0
@@ -367,6 +373,8 @@ class PipelineRunner:
                 if len(self._tracks) >= self.settings.max_tracks:
                     self._evict()
                 st = self._tracks[det.track_id] = self._new_state(det, captured_at)
+            if not st.announced:
+                self._announce(st, image, det, frame_seq)
             if st.busy or st.passes >= self.settings.max_passes:
                 continue
             others = [d.box for d in detections if d is not det]
@@ -375,11 +383,12 @@ class PipelineRunner:
             better = st.quality is None or quality.clearly_better_than(st.quality)
             if due_retry or (better and now - st.last_pass_at >= self.settings.min_pass_interval_s):
                 wanted.append((st, det, quality))
-        # Objects never classified go first, so a busy scene cannot starve a newcomer.
-        wanted.sort(key=lambda w: (w[0].passes, w[0].last_pass_at))
+        # Objects never classified go first, oldest first, so that a busy scene cannot
+        # starve a newcomer of its first classification.
+        wanted.sort(key=lambda w: (w[0].passes, w[0].last_pass_at, w[0].first_stable_at))
         free = self.settings.max_concurrent_passes - len(self._tasks)
         for st, det, quality in wanted[: max(0, free)]:
-            self._start_pass(st, image, det, quality, captured_at, frame_seq, now)
+            self._start_pass(st, image, det, quality, frame_seq, now)
         for track_id in lost:
             st = self._tracks.get(track_id)
             if st is not None:
@@ -408,22 +417,20 @@ class PipelineRunner:
         if idle:
             self._finish(min(idle, key=lambda s: s.last_pass_at))
 
-    def _start_pass(
+    def _capture(
         self,
         st: TrackState,
         image: np.ndarray,
         det: TrackedDetection,
         quality: CropQuality,
-        captured_at: float,
         frame_seq: int,
-        now: float,
-    ) -> None:
+    ) -> np.ndarray | None:
+        """Make this detection the track's current view: its crop and its context."""
         x1, y1, x2, y2 = crop_box(image.shape, det.box, self.settings.crop_padding)
         crop = image[y1:y2, x1:x2].copy()
         if crop.size == 0:
-            return
-        st.busy, st.quality, st.last_pass_at, st.retry_at = True, quality, now, None
-        st.passes += 1
+            return None
+        st.quality = quality
         bx1, by1, bx2, by2 = det.box
         st.context = {
             **self._base,
@@ -439,18 +446,42 @@ class PipelineRunner:
             "y2": round(by2),
         }
         # The frame is kept (a reference, not a copy) only if an action saves the frame.
-        frame = (
-            image
-            if any(
-                isinstance(p.action, RedisSaveImage) and p.action.region is None
-                for p in self.plan.actions
-            )
-            else crop
-        )
-        self._crops[st.track_id] = (crop, frame)
-        task = asyncio.get_running_loop().create_task(self._pass(st, crop))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._crops[st.track_id] = (crop, image if self._saves_frames else crop)
+        return crop
+
+    def _announce(
+        self, st: TrackState, image: np.ndarray, det: TrackedDetection, frame_seq: int
+    ) -> None:
+        """A new stable object: the actions that need no branch (the record, the crop)
+        go out at once, whether or not a classification slot is free."""
+        st.announced = True
+        quality = crop_quality(image, det, [])
+        if self._capture(st, image, det, quality, frame_seq) is None:
+            return
+        st.quality = None  # the first pass still runs on the best crop it finds
+        self._spawn(self._emit(st), self._emits)
+
+    def _start_pass(
+        self,
+        st: TrackState,
+        image: np.ndarray,
+        det: TrackedDetection,
+        quality: CropQuality,
+        frame_seq: int,
+        now: float,
+    ) -> None:
+        crop = self._capture(st, image, det, quality, frame_seq)
+        if crop is None:
+            return
+        st.busy, st.last_pass_at, st.retry_at = True, now, None
+        st.passes += 1
+        self._spawn(self._pass(st, crop), self._tasks)
+
+    @staticmethod
+    def _spawn(coro: Any, into: set[asyncio.Task[None]]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        into.add(task)
+        task.add_done_callback(into.discard)
 
     # -- a pass (asynchronous) ------------------------------------------------------
 
@@ -520,6 +551,10 @@ class PipelineRunner:
         await self._run_branches(b.children, result.label, result.confidence, crop, st)
 
     async def _emit(self, st: TrackState) -> None:
+        async with st.emitting:
+            await self._emit_locked(st)
+
+    async def _emit_locked(self, st: TrackState) -> None:
         obj_key = object_key(self._base, st.track_id)
         crop, frame = self._crops.get(st.track_id, (None, None))
 
@@ -576,13 +611,15 @@ class PipelineRunner:
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Wait for the passes in flight (tests, shutdown)."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        pending = self._tasks | self._emits
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks | self._emits)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -590,7 +627,7 @@ class PipelineRunner:
             "pipeline_version": self.plan.version,
             "tracks": len(self._tracks),
             "passes": self.passes,
-            "passes_in_flight": len(self._tasks),
+            "passes_in_flight": len(self._tasks) + len(self._emits),
             "branch_errors": dict(self.branch_errors),
             "actions_submitted": self.actions_submitted,
             "actions_incomplete": self.actions_incomplete,

@@ -69,6 +69,7 @@ def open_source(
         pace=spec.kind == "file" and policy.pace_files and not spec.lossless,
         loop=spec.kind == "file" and spec.loop,
         keyframes_only=keyframes_only,
+        media_time=spec.lossless,
     ).frames()
 
 

@@ -88,8 +88,12 @@ class PyAVSource:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         keyframes_only: Callable[[], bool] | None = None,
+        media_time: bool = False,
     ) -> None:
         self.url, self.pace, self.loop = url, pace, loop
+        # Replays processed as fast as the graph goes stamp frames with the file's own
+        # clock (the start + each frame's time), so tracking sees the scene's real motion.
+        self.media_time = media_time
         self._timeouts = (open_timeout_s, read_timeout_s)
         self._sleep, self._clock = sleep, clock
         self._keyframes_only = keyframes_only
@@ -107,6 +111,7 @@ class PyAVSource:
         """Decoded frames; ends (files without loop) or raises SourceError."""
         import av
 
+        last = 0.0
         while True:
             container = self._open()
             try:
@@ -114,23 +119,25 @@ class PyAVSource:
                     raise SourceConnectionError(self.url, "no video stream")
                 stream = container.streams.video[0]
                 rate = float(stream.average_rate or stream.guessed_rate or 0) or None
-                start, first_time = self._clock(), None
+                # A looped replay's clock never runs backwards.
+                start, first_time, wall_start = self._clock(), None, max(time.time(), last + 0.1)
                 got_any, skipping = False, False
                 for count, frame in enumerate(container.decode(stream)):
+                    t = frame.time if frame.time is not None else count / (rate or 10.0)
+                    first_time = t if first_time is None else first_time
                     if self.pace and rate:
                         # Due at the frame's own time (so skipped frames are not waited
                         # for); by count where a frame has no timestamp.
-                        t = frame.time if frame.time is not None else count / rate
-                        first_time = t if first_time is None else first_time
                         delay = start + (t - first_time) - self._clock()
                         if delay > 0:
                             self._sleep(delay)
                         elif delay < -1.0:  # fell behind (e.g. a stall): do not catch up
                             start -= delay
                     got_any = True
+                    last = wall_start + (t - first_time) if self.media_time else time.time()
                     yield CapturedFrame(
                         None,
-                        time.time(),
+                        last,
                         functools.partial(frame.to_ndarray, format="bgr24"),
                         key_frame=bool(frame.key_frame),
                     )

@@ -151,7 +151,7 @@ def check_records(rows: list[dict[str, Any]], truth: dict[str, Any], display: st
     assert_body_types(rows, truth)
     plates = [r["plate"] for r in rows if r["plate"]]
     assert len(set(plates)) == len(plates)
-    assert sum(p in {v["plate"] for v in vehicles} for p in plates) >= 0.5 * len(vehicles)
+    assert sum(p in {v["plate"] for v in vehicles} for p in plates) >= 0.4 * len(vehicles)
     client = redis.Redis(port=6379)
     for row in rows:
         key = f"camgraph:{display}:cam:{row['track_id']}:{row_version(row)}.jpg"
