@@ -5,6 +5,7 @@ test cuts for real. Records are checked against the scene's ground truth."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -120,6 +121,11 @@ def run_camera(url: str, clip: Path, display: str) -> None:
     assert r.status_code == 201, r.text
 
 
+def unsubscribe(url: str, display: str) -> None:
+    r = httpx.delete(f"{url}/streams/{display};cam", timeout=30)
+    assert r.status_code == 204, r.text
+
+
 def camera_done(url: str, display: str) -> dict[str, Any] | None:
     """The subscription's status once its file ended and no pass is in flight."""
     for stream in httpx.get(f"{url}/streams", timeout=30).json()["streams"]:
@@ -180,6 +186,7 @@ def test_a_scene_yields_one_record_per_vehicle_with_branch_fields_and_crops(
     assert status["pipeline"]["branch_errors"] == {}, status
     wait_until(lambda: outbox_empty(app), 120, "every action to be delivered")
     check_records(records(schema, display), truth, display)
+    unsubscribe(app, display)
     health = httpx.get(f"{app}/health", timeout=30).json()
     assert health["actions"]["sinks"]["postgres"]["kind"] == "postgres"
     assert health["actions"]["sinks"]["redis"]["up"] is True
@@ -187,11 +194,13 @@ def test_a_scene_yields_one_record_per_vehicle_with_branch_fields_and_crops(
 
 
 def test_redis_then_postgres_down_for_20_s_loses_and_duplicates_nothing(
-    app: str, clip: Path, schema: str, proxies: dict[str, TcpProxy]
+    app: str, clip: Path, schema: str, proxies: dict[str, TcpProxy], tmp_path: Path
 ) -> None:
     truth = json.loads(clip.with_suffix(".json").read_text())
     display = f"o{uuid.uuid4().hex[:8]}"
-    run_camera(app, clip, display)
+    replay = tmp_path / "replay.mp4"  # its own file: a stream of its own, from frame 0
+    shutil.copy(clip, replay)
+    run_camera(app, replay, display)
     wait_until(lambda: records(schema, display), 300, "the first record")
     proxies["redis"].cut()
     time.sleep(20)
@@ -207,3 +216,4 @@ def test_redis_then_postgres_down_for_20_s_loses_and_duplicates_nothing(
     assert cut_health["actions"]["sinks"]["redis"]["up"] is False
     assert spilled["spilled"] > 0 and spilled["retried"] > 0
     check_records(records(schema, display), truth, display)
+    unsubscribe(app, display)

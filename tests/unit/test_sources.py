@@ -57,6 +57,15 @@ def test_looping_file_keeps_going_and_pacing_follows_its_frame_rate(clip: Path) 
     assert sum(slept) == pytest.approx(2.9, abs=0.5)
 
 
+def test_a_replay_on_the_files_clock_keeps_its_frame_spacing_and_never_goes_back(
+    clip: Path,
+) -> None:
+    frames = list(islice(PyAVSource(str(clip), loop=True, media_time=True).frames(), 30))
+    gaps = np.diff([f.captured_at for f in frames])
+    assert np.allclose(gaps[:11], 0.1, atol=1e-3)  # 10 fps, however fast it was read
+    assert (gaps > 0).all()  # across the loop as well
+
+
 def test_missing_and_corrupt_files_are_connection_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceConnectionError, match=r"missing\.mp4"):
         next(PyAVSource(str(tmp_path / "missing.mp4")).frames())
