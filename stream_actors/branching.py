@@ -577,9 +577,8 @@ class PipelineRunner:
                     continue  # the region names another class: nothing of this object
             try:
                 digest, entry = render_entry(plan, st.context, st.results, obj_key, images)
-            except MissingFieldError as exc:
-                self.last_error = str(exc)
-                continue
+            except MissingFieldError:
+                continue  # a key, channel or message waits for a branch's value
             if st.sent.get(plan.index) == digest:
                 continue
             revision = st.revisions.get(plan.index, -1) + 1
