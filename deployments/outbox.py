@@ -18,6 +18,7 @@ operator, never deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -217,10 +218,11 @@ class PostgresOutbox:
         async with self._lock:
             if self._ready:
                 return
-            try:
+            # UniqueViolation / DuplicateObject: another replica created it at that moment.
+            with contextlib.suppress(
+                psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject
+            ):
                 await self._create(conn, sql)
-            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
-                pass  # another replica created it at the same moment
             self._ready = True
 
     async def _create(self, conn: Any, sql: Any) -> None:
