@@ -422,10 +422,11 @@ class PipelineRunner:
         st: TrackState,
         image: np.ndarray,
         det: TrackedDetection,
-        quality: CropQuality,
+        quality: CropQuality | None,
         frame_seq: int,
     ) -> np.ndarray | None:
-        """Make this detection the track's current view: its crop and its context."""
+        """Make this detection the track's current view: its crop and its context
+        (`quality` None: not a classified view, the first pass still looks for one)."""
         x1, y1, x2, y2 = crop_box(image.shape, det.box, self.settings.crop_padding)
         crop = image[y1:y2, x1:x2].copy()
         if crop.size == 0:
@@ -455,11 +456,8 @@ class PipelineRunner:
         """A new stable object: the actions that need no branch (the record, the crop)
         go out at once, whether or not a classification slot is free."""
         st.announced = True
-        quality = crop_quality(image, det, [])
-        if self._capture(st, image, det, quality, frame_seq) is None:
-            return
-        st.quality = None  # the first pass still runs on the best crop it finds
-        self._spawn(self._emit(st), self._emits)
+        if self._capture(st, image, det, None, frame_seq) is not None:
+            self._spawn(self._emit(st), self._emits)
 
     def _start_pass(
         self,
