@@ -274,6 +274,30 @@ class CameraActor:
         if new:  # after attaching: a lossless replay must not read frames nobody gets
             stream.reader.start()
 
+    async def update_context(self, ctx: StreamContext) -> int:
+        """A new pipeline version (or model set) after a redeploy: each subscription whose
+        pipeline changed gets a new runner in place, between two frames. Readers,
+        trackers and subscriptions go on; returns how many runners were swapped."""
+        old, self._ctx = self._ctx, replace(ctx, settings=self._settings)
+        self._handles.clear()  # deployments may have been replaced
+        swapped = 0
+        for stream in self._streams.values():
+            for sub_id, processor in stream.processors.items():
+                model_id = processor.model_id
+                if model_id in ctx.model_sizes:
+                    processor.imgsz = ctx.model_sizes[model_id]
+                if old.pipelines.get(model_id) == ctx.pipelines.get(model_id):
+                    continue
+                previous = processor.runner
+                processor.runner = self._runner(stream.subs[sub_id], model_id)
+                swapped += 1
+                if previous is not None:
+                    await previous.drain(timeout_s=5.0)  # let its passes send what they found
+                    await previous.stop()
+        if swapped:
+            logger.info("pipelines updated in place for %d subscriptions", swapped)
+        return swapped
+
     async def _stop_subscription(self, stream: _Stream, sub_id: str) -> None:
         stream.reader.detach(sub_id)
         stream.subs.pop(sub_id, None)
@@ -357,8 +381,23 @@ class StreamRegistry:
         """Called by every ingress replica at start: keeps the registry aware of the
         served models (its own settings stay as started) and its repair loop running.
         Returns the number of subscriptions."""
+        changed = ctx.pipelines != self._ctx.pipelines or ctx.model_sizes != self._ctx.model_sizes
         self._ctx = replace(ctx, settings=self._settings)
         self._ensure_reconciler()
+        if changed:  # a redeploy with another pipeline version: swap it in, streams go on
+            indices = set(self._actors) | set(self._table.placement.values())
+            results = await asyncio.gather(
+                *(
+                    asyncio.wait_for(
+                        self._actor(i).update_context.remote(self._ctx), ACTOR_CALL_TIMEOUT_S
+                    )
+                    for i in indices
+                ),
+                return_exceptions=True,
+            )
+            for index, result in zip(indices, results, strict=True):
+                if isinstance(result, BaseException):  # it gets the context when restarted
+                    logger.warning("camera actor %d kept its old context: %s", index, result)
         return len(self._table.subs)
 
     async def acquire_reconnect(self) -> float:

@@ -27,6 +27,7 @@ from deployments.classifier import Classifier
 from deployments.detector import Detector
 from deployments.ingress import STREAMS_NAMESPACE, Ingress
 from graph.app import Deployments, build_graph
+from graph.archive import pack_archive
 from graph.config import PROJECT_ROOT, AppConfig
 from stream_actors.actors import registry_name
 from tests.integration.conftest import wait_until
@@ -61,17 +62,10 @@ def schema() -> Iterator[str]:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
-@pytest.fixture(scope="module")
-def app(
-    cluster: dict[str, Any],
-    proxies: dict[str, TcpProxy],
-    schema: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("pipeline-app")
+def deploy(data: Path, archive: Path, proxies: dict[str, TcpProxy], schema: str) -> None:
     config = AppConfig.model_validate(
         {
-            "pipelines": [{"archive": str(PROJECT_ROOT / "models" / "demo.mpta")}],
+            "pipelines": [{"archive": str(archive)}],
             "archive_cache_dir": str(data / "archives"),
             "streams": {"state_path": str(data / "streams.json"), "reconcile_s": 1.0},
             "actions": {
@@ -97,6 +91,18 @@ def app(
         name=APP,
         route_prefix="/",
     )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pipeline-app")
+
+
+@pytest.fixture(scope="module")
+def app(
+    cluster: dict[str, Any], proxies: dict[str, TcpProxy], schema: str, data: Path
+) -> Iterator[str]:
+    deploy(data, PROJECT_ROOT / "models" / "demo.mpta", proxies, schema)
     url = cluster["http_url"]
     wait_until(
         lambda: httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok",
@@ -109,12 +115,12 @@ def app(
     serve.delete(APP)
 
 
-def run_camera(url: str, clip: Path, display: str) -> None:
+def run_camera(url: str, clip: Path, display: str, replay: bool = True) -> None:
     body = {
         "subscriptionIdentifier": f"{display};cam",
         "fileUrl": str(clip),
-        "fileLoop": False,
-        "fileRealtime": False,  # every frame, as fast as the graph takes them
+        "fileLoop": not replay,
+        "fileRealtime": not replay,  # replay: every frame, as fast as the graph goes
         "modelId": "demo_vehicle_det_v1",
     }
     r = httpx.post(f"{url}/streams", json=body, timeout=30)
@@ -160,7 +166,7 @@ def check_records(rows: list[dict[str, Any]], truth: dict[str, Any], display: st
     assert sum(p in {v["plate"] for v in vehicles} for p in plates) >= 0.4 * len(vehicles)
     client = redis.Redis(port=6379)
     for row in rows:
-        key = f"camgraph:{display}:cam:{row['track_id']}:{row_version(row)}.jpg"
+        key = f"camgraph:{display}:cam:{row['track_id']}:{demo_version()}.jpg"
         crop = client.get(key)
         assert crop is not None, f"no crop at {key}"
         image = cv2.imdecode(np.frombuffer(crop, np.uint8), cv2.IMREAD_COLOR)
@@ -169,8 +175,8 @@ def check_records(rows: list[dict[str, Any]], truth: dict[str, Any], display: st
         client.delete(key)
 
 
-def row_version(row: dict[str, Any]) -> str:
-    """The pipeline version in crop keys: the first 12 hex digits of the archive's hash."""
+def demo_version() -> str:
+    """The demo pipeline's version (it names none): its archive's sha256, 12 digits."""
     import hashlib
 
     return hashlib.sha256((PROJECT_ROOT / "models" / "demo.mpta").read_bytes()).hexdigest()[:12]
@@ -217,3 +223,47 @@ def test_redis_then_postgres_down_for_20_s_loses_and_duplicates_nothing(
     assert spilled["spilled"] > 0 and spilled["retried"] > 0
     check_records(records(schema, display), truth, display)
     unsubscribe(app, display)
+
+
+def subscription(url: str, display: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    for stream in httpx.get(f"{url}/streams", timeout=30).json()["streams"]:
+        for sub in stream.get("subscriptions", []):
+            if sub["subscription_id"] == f"{display};cam":
+                return stream, sub
+    raise KeyError(display)
+
+
+def test_a_new_pipeline_version_is_swapped_in_without_dropping_the_stream(
+    app: str, clip: Path, data: Path, schema: str, proxies: dict[str, TcpProxy], tmp_path: Path
+) -> None:
+    camera = tmp_path / "camera.mp4"  # a looping camera of its own
+    shutil.copy(clip, camera)
+    display = f"h{uuid.uuid4().hex[:8]}"
+    run_camera(app, camera, display, replay=False)
+    wait_until(lambda: subscription(app, display)[1]["processed"] > 5, 120, "frames")
+    stream, sub = subscription(app, display)
+    assert sub["pipeline"]["pipeline_version"] == demo_version()
+    # Version 2 of the same pipeline, packed into a new archive and deployed over it.
+    spec = json.loads((PROJECT_ROOT / "models" / "demo-pipeline.json").read_text())
+    spec["version"] = "v2"
+    (tmp_path / "pipeline.json").write_text(json.dumps(spec))
+    archive = pack_archive(
+        tmp_path / "pipeline.json", tmp_path / "v2.mpta", PROJECT_ROOT / "models"
+    )
+    deploy(data, archive, proxies, schema)
+    wait_until(
+        lambda: subscription(app, display)[1]["pipeline"]["pipeline_version"] == "v2",
+        180,
+        "the new version to reach the camera",
+    )
+    processed = subscription(app, display)[1]["processed"]
+    wait_until(lambda: subscription(app, display)[1]["processed"] > processed + 10, 120, "frames")
+    after, _ = subscription(app, display)
+    # The same stream went on: never reconnected, never reopened.
+    assert after["reconnects"] == stream["reconnects"] == 0
+    assert after["frames_read"] > stream["frames_read"] and after["state"] == "connected"
+    client = redis.Redis(port=6379)
+    wait_until(lambda: list(client.scan_iter(f"camgraph:{display}:cam:*:v2.jpg")), 120, "v2 crops")
+    unsubscribe(app, display)
+    for key in client.scan_iter(f"camgraph:{display}:*"):
+        client.delete(key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,10 @@ def test_one_record_per_vehicle_with_branch_fields_from_the_real_models(
         processor.start()
         for i, frame in enumerate(PyAVSource(str(clip)).frames()):
             processor.mailbox.put(frame.image, 1e9 + i / 10)
+            deadline = time.monotonic() + 60
             while processor.processed < processor.mailbox.received:  # every frame
+                assert not any(processor.mailbox.drops.values()), processor.status()
+                assert time.monotonic() < deadline, (i, processor.status(), runner.status())
                 await asyncio.sleep(0.001)
         await runner.drain()
         status = runner.status()
