@@ -108,6 +108,7 @@ class StreamReader:
         self._key_times: deque[float] = deque(maxlen=256)
         self._demand_since = time.monotonic()
         self._taken_before: dict[str, tuple[int, int]] = {}
+        self._low_demand_before = False  # the previous window also had low demand
 
     # ---- subscriptions -------------------------------------------------------------
     def attach(self, name: str, mailbox: LatestFrameMailbox) -> None:
@@ -263,9 +264,18 @@ class StreamReader:
         keys = sum(1 for t in list(self._key_times) if now - t <= window)
         self._taken_before, self._demand_since = counts, now
         if self.keyframes_only:
-            want = not any(taken[n] > 0 and superseded[n] == 0 for n in counts)
+            self._low_demand_before = False  # after switching back, two windows again
+            # Could use more: took every key frame, or nearly all of them (a burst after
+            # a network hiccup can supersede one even when the subscriber keeps up).
+            want = not any(
+                taken[n] > 0 and (superseded[n] == 0 or taken[n] >= 0.8 * keys) for n in counts
+            )
         else:
-            want = keys > 0 and all(taken[n] <= 0.5 * keys for n in counts)
+            # Low demand must last two windows in a row: a transient stall (a replica
+            # restarting, a neighbour's reconnect storm) must not drop a camera to 1 fps.
+            low = keys > 0 and all(taken[n] <= 0.5 * keys for n in counts)
+            want = low and self._low_demand_before
+            self._low_demand_before = low
         if want != self.keyframes_only:
             self.keyframes_only = want
             self.decode_switches += 1
