@@ -52,14 +52,19 @@ def upsert_columns(op: dict[str, Any]) -> tuple[str, list[str], list[str | None]
 class RedisSink:
     def __init__(self, url: str, guard_prefix: str = "camgraph:published:", **options: Any) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.name = "redis"
         self.url = url
+        # One immediate retry on a fresh connection: a pooled connection that a firewall
+        # or a restarted server dropped while idle must not count as an outage.
         self._client = aioredis.from_url(
             url,
             socket_connect_timeout=options.pop("connect_timeout_s", 2.0),
             socket_timeout=options.pop("timeout_s", 5.0),
-            retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
             **options,
         )
         self._publish_once = self._client.register_script(PUBLISH_ONCE)
