@@ -377,11 +377,14 @@ class PipelineRunner:
                 self._announce(st, image, det, frame_seq)
             if st.busy or st.passes >= self.settings.max_passes:
                 continue
+            due_retry = st.retry_at is not None and now >= st.retry_at
+            interval_over = now - st.last_pass_at >= self.settings.min_pass_interval_s
+            if not (due_retry or interval_over):
+                continue  # no pass could start: skip the crop's quality (per-frame cost)
             others = [d.box for d in detections if d is not det]
             quality = crop_quality(image, det, others)
-            due_retry = st.retry_at is not None and now >= st.retry_at
             better = st.quality is None or quality.clearly_better_than(st.quality)
-            if due_retry or (better and now - st.last_pass_at >= self.settings.min_pass_interval_s):
+            if due_retry or better:
                 wanted.append((st, det, quality))
         # Objects never classified go first, oldest first, so that a busy scene cannot
         # starve a newcomer of its first classification.
