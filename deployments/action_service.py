@@ -98,7 +98,9 @@ class ActionService:
         self._on_report = on_report
         self._task: asyncio.Task[None] | None = None
         self._purger: asyncio.Task[None] | None = None
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter(
+            dict.fromkeys(("accepted", "spilled", "delivered", "retried", "dead"), 0)
+        )
 
     @property
     def outboxes(self) -> list[Outbox]:
