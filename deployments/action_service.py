@@ -167,6 +167,21 @@ class ActionService:
                 out.append({"store": outbox.name, "error": str(exc)})
         return out
 
+    def _pool_stats(self) -> dict[str, int]:
+        """psycopg_pool's counters: size, idle, waiting clients, failed connects."""
+        if self._pool is None:
+            return {}
+        keys = (
+            "pool_size",
+            "pool_available",
+            "requests_waiting",
+            "connections_errors",
+            "connections_lost",
+            "requests_errors",
+        )
+        stats = self._pool.get_stats()
+        return {k: int(stats.get(k, 0)) for k in keys}
+
     async def health(self) -> dict[str, Any]:
         sinks: dict[str, Any] = {}
         for role, sink in self.sinks.items():
@@ -183,6 +198,7 @@ class ActionService:
                     "kind": "postgres",
                     "dsn": redact_dsn(self._pg_dsn or ""),
                     "schema": self.settings.postgres_schema,
+                    "pool": self._pool_stats(),
                 }
         return {
             "sinks": sinks,

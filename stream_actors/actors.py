@@ -530,7 +530,8 @@ class StreamRegistry:
             streams.append(entry)
         actors = {
             camera_actor_name(self._app, i): {
-                k: s.get(k) for k in ("pid", "cpu_times_s", "rss_bytes", "threads", "error")
+                k: s.get(k)
+                for k in ("pid", "cpu_times_s", "rss_bytes", "threads", "error", "actions")
             }
             for i, s in statuses.items()
         }

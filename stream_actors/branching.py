@@ -348,6 +348,7 @@ class PipelineRunner:
         )
         self.passes = 0
         self.branch_errors: Counter[str] = Counter()
+        self.branch_timeouts: Counter[str] = Counter()  # no answer within branch_timeout_s
         self.actions_submitted = 0
         self.actions_incomplete = 0  # tracks lost before an action's inputs were there
         self.submit_errors = 0
@@ -530,6 +531,10 @@ class PipelineRunner:
             )
         except asyncio.CancelledError:
             raise
+        except TimeoutError:  # a busy classifier, not a failure: tried again later
+            self.branch_timeouts[b.model_id] += 1
+            st.retry_at = time.monotonic() + self.settings.retry_after_s
+            return
         except Exception as exc:  # isolated: the other branches go on
             self.branch_errors[b.model_id] += 1
             self.last_error = f"branch {b.model_id}: {type(exc).__name__}: {str(exc)[:300]}"
@@ -629,6 +634,7 @@ class PipelineRunner:
             "passes": self.passes,
             "passes_in_flight": len(self._tasks) + len(self._emits),
             "branch_errors": dict(self.branch_errors),
+            "branch_timeouts": dict(self.branch_timeouts),
             "actions_submitted": self.actions_submitted,
             "actions_incomplete": self.actions_incomplete,
             "submit_errors": self.submit_errors,

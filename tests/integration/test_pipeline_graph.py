@@ -134,8 +134,13 @@ def unsubscribe(url: str, display: str) -> None:
 
 
 def camera_done(url: str, display: str) -> dict[str, Any] | None:
-    """The subscription's status once its file ended and no pass is in flight."""
-    for stream in httpx.get(f"{url}/streams", timeout=30).json()["streams"]:
+    """The subscription's status once its file ended, no pass is in flight and every
+    camera actor handed its actions to the Actions deployment."""
+    listing = httpx.get(f"{url}/streams", timeout=30).json()
+    for actor in listing["actors"].values():
+        if any(f["pending"] for f in (actor.get("actions") or {}).values()):
+            return None
+    for stream in listing["streams"]:
         for sub in stream.get("subscriptions", []):
             if sub["subscription_id"] == f"{display};cam" and stream["state"] == "ended":
                 done = sub["processed"] == stream["frames_read"]
@@ -148,6 +153,21 @@ def camera_done(url: str, display: str) -> dict[str, Any] | None:
 def outbox_empty(url: str) -> bool:
     actions = httpx.get(f"{url}/health", timeout=30).json()["actions"]
     return all(o.get("depth") == 0 for o in actions["outbox"])
+
+
+def undrained(url: str, schema: str) -> str:
+    """What the outbox still holds (for a drain timeout's message)."""
+    try:
+        actions = httpx.get(f"{url}/health", timeout=30).json()["actions"]
+    except Exception as exc:
+        actions = f"/health failed: {exc!r}"
+    with psycopg.connect(PG.format(port=5432), autocommit=True) as conn:
+        rows = conn.execute(
+            f"SELECT key, sink, attempts, last_error, next_at - extract(epoch from now()),"
+            f' lease_until - extract(epoch from now()), dead FROM "{schema}".camgraph_outbox'
+            " WHERE delivered_at IS NULL ORDER BY id LIMIT 20"
+        ).fetchall()
+    return f"the outbox to drain after the outages; health: {actions}; pending: {rows}"
 
 
 def records(schema: str, display: str) -> list[dict[str, Any]]:
@@ -222,13 +242,17 @@ def test_redis_then_postgres_down_for_20_s_loses_and_duplicates_nothing(
     time.sleep(20)
     spilled = httpx.get(f"{app}/health", timeout=30).json()["actions"]
     proxies["postgres"].restore()
-    wait_until(lambda: camera_done(app, display), 600, "the clip to be processed")
-    wait_until(lambda: outbox_empty(app), 180, "the outbox to drain after the outages")
+    status = wait_until(lambda: camera_done(app, display), 600, "the clip to be processed")
+    wait_until(lambda: outbox_empty(app), 180, lambda: undrained(app, schema))
     # The outages were seen, not hidden: Redis reported down, the PostgreSQL outbox
     # reported unreachable (what arrived meanwhile went to the SQLite spill file).
     assert cut_health["actions"]["sinks"]["redis"]["up"] is False
     assert any("error" in o for o in spilled["outbox"]), spilled
-    check_records(records(schema, display), truth, display)
+    try:
+        check_records(records(schema, display), truth, display)
+    except AssertionError as exc:
+        health = httpx.get(f"{app}/health", timeout=30).json()["actions"]
+        raise AssertionError(f"{exc}\nsubscription: {status}\nactions: {health}") from exc
     unsubscribe(app, display)
 
 

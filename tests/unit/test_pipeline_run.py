@@ -237,3 +237,30 @@ def test_a_failing_branch_is_isolated_and_its_actions_wait_for_it(demo: LoadedAr
     assert create.op["object_key"] == update.op["object_key"]  # one row per object
     assert len({e.key for e in submitted}) == len(submitted)
     assert runner.status()["tracks"] == 0 and runner.actions_incomplete == 0
+
+
+def test_a_branch_that_does_not_answer_in_time_is_a_timeout_not_an_error(
+    demo: LoadedArchive,
+) -> None:
+    plan = PipelinePlan.of(demo.pipeline, "v1")
+    image = np.full((360, 640, 3), 90, np.uint8)
+    det = TrackedDetection(3, 0, "vehicle", 0.9, (100.0, 100.0, 300.0, 200.0), True)
+
+    async def classify(branch: str, crop: np.ndarray) -> BranchResult | None:
+        if branch == PLATE:
+            await asyncio.sleep(5)  # a busy plate reader
+        return BranchResult("van", 0.9)
+
+    async def submit(entries: list[OutboxEntry]) -> None:
+        pass
+
+    async def run() -> PipelineRunner:
+        settings = BranchSettings(branch_timeout_s=0.05, min_pass_interval_s=0)
+        runner = PipelineRunner(plan, BASE, classify, submit, settings)
+        runner.observe(image, 1e9, 1, [det])
+        await runner.drain()
+        return runner
+
+    runner = asyncio.run(run())
+    assert runner.status()["branch_timeouts"] == {PLATE: 1}
+    assert runner.status()["branch_errors"] == {}
