@@ -15,7 +15,7 @@ RAY_CPUS ?= 2
 RAY_PORT ?= 6380
 
 help:
-	@echo "make run | stop | status | test | lint | bench-detect | evaluate | demo-models"
+	@echo "make run | stop | status | test | lint | bench-quick | bench | bench-detect | evaluate | demo-models"
 	@echo "README.md explains each; 'make run' and 'make test' are the two that matter."
 
 # Evaluate the committed demo models against their quality bars (held-out scenes);
@@ -25,7 +25,7 @@ evaluate: install
 	$(PY) -m demo.evaluate --out data/evaluation.json
 
 .DEFAULT_GOAL := help
-.PHONY: help peers evaluate install run stop status test test-unit test-integration lint format bench-detect demo-models clean
+.PHONY: help peers evaluate install run stop status test test-unit test-integration lint format bench bench-quick bench-detect demo-models clean
 
 install: $(STAMP)
 
@@ -102,6 +102,18 @@ format: install
 
 bench-detect: run
 	$(PY) -m benchmarks.detect --model models/demo-detector.onnx --url http://127.0.0.1:$(HTTP_PORT)
+
+# camgraph side by side with its baselines (raw ONNX Runtime, the seed's thread per camera,
+# Ultralytics' multi-stream) on the same clips; results in benchmarks/results/. camgraph
+# runs on a Ray cluster of the harness's own (serve_config.yaml's settings, a plain
+# detector on the baselines' model), stopped at the end; a `make run` cluster is not touched.
+# Extra options: make bench BENCH_ARGS="--cameras 1,8 --seconds 20" (see --help).
+bench: install models/demo-detector.onnx peers
+	$(PY) -m benchmarks.harness --deploy serve_config.yaml $(BENCH_ARGS)
+
+# The short run to make before stopping (under 3 minutes): 1 and 4 cameras, 10 s windows.
+bench-quick: install models/demo-detector.onnx
+	$(PY) -m benchmarks.harness --quick --deploy serve_config.yaml $(BENCH_ARGS)
 
 # Trains the demo models from generated scenes (long on a CPU; see models/MODEL_CARD.md).
 demo-models: install

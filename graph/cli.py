@@ -1,4 +1,4 @@
-"""`camgraph` command line: `camgraph mpta validate|inspect|pack`."""
+"""`camgraph` command line: `camgraph mpta validate|inspect|pack` and `camgraph bench`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import harness
 from graph.archive import ArchiveError, ArchiveLimits, inspect_archive, load_archive, pack_archive
 from graph.pipeline import Node
 
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     pack.add_argument("pipeline_json", type=Path)
     pack.add_argument("--out", type=Path, required=True)
     pack.add_argument("--models-dir", type=Path, default=None)
+    bench = commands.add_parser("bench", help="camgraph side by side with its baselines")
+    harness.add_arguments(bench)
     args = parser.parse_args(argv)
+    if args.group == "bench":
+        return harness.run(args)
 
     limits = ArchiveLimits()
     try:
