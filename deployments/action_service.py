@@ -63,7 +63,9 @@ class ActionService:
         self.sinks: dict[str, Sink] = {}
         if self._redis_url:
             self.sinks["redis"] = RedisSink(
-                self._redis_url, connect_timeout_s=settings.connect_timeout_s
+                self._redis_url,
+                connect_timeout_s=settings.connect_timeout_s,
+                timeout_s=settings.operation_timeout_s,
             )
         if self._pg_dsn:
             from psycopg_pool import AsyncConnectionPool
@@ -81,7 +83,10 @@ class ActionService:
                 check=AsyncConnectionPool.check_connection,
             )
             self.sinks["postgres"] = PostgresSink(
-                self._pool, settings.postgres_schema, settings.create_tables
+                self._pool,
+                settings.postgres_schema,
+                settings.create_tables,
+                timeout_s=settings.operation_timeout_s,
             )
         if not self._redis_url or not self._pg_dsn:
             self._local = LocalStoreSink(data_dir, "local")
@@ -92,7 +97,11 @@ class ActionService:
         if settings.outbox == "postgres" and not self._pg_dsn:
             raise ValueError("actions.outbox is postgres but no PostgreSQL DSN is configured")
         self.primary: Outbox = (
-            PostgresOutbox(self._pool, settings.postgres_schema) if use_pg else self.spill
+            PostgresOutbox(
+                self._pool, settings.postgres_schema, timeout_s=settings.operation_timeout_s
+            )
+            if use_pg
+            else self.spill
         )
         self._spill_until = 0.0
         self._on_report = on_report

@@ -199,11 +199,12 @@ def _stats(name: str, depth: int, dead: int, oldest: float | None) -> dict[str, 
 class PostgresOutbox:
     """Outbox table in PostgreSQL, shared by every Actions replica (psycopg_pool async)."""
 
-    def __init__(self, pool: Any, schema: str) -> None:
+    def __init__(self, pool: Any, schema: str, timeout_s: float = 10.0) -> None:
         from psycopg import sql
 
         self.name = f"postgres:{schema}.{TABLE}"
         self._pool = pool
+        self._timeout_s = timeout_s
         self._table = sql.Identifier(schema, TABLE)
         self._schema = sql.Identifier(schema)
         self._ready = False
@@ -249,10 +250,14 @@ class PostgresOutbox:
         import psycopg
 
         try:
-            async with self._pool.connection() as conn:
+            # A silent connection (no reset, no answer) is down after timeout_s; the
+            # cancelled connection goes back to the pool mid-query, and the pool drops it.
+            async with asyncio.timeout(self._timeout_s), self._pool.connection() as conn:
                 await self._ensure(conn)
                 return await fn(conn)
-        except (psycopg.OperationalError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            raise OutboxUnavailable(f"{self.name}: no answer in {self._timeout_s:g}s") from exc
+        except psycopg.OperationalError as exc:
             raise OutboxUnavailable(f"{self.name}: {exc}") from exc
         except Exception as exc:  # psycopg_pool.PoolTimeout is not an OperationalError
             if type(exc).__name__ == "PoolTimeout":

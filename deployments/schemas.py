@@ -123,6 +123,13 @@ class ActionsSettings(StrictModel):
     max_attempts: int = Field(10, ge=1, le=1000, description="for entries a sink rejects")
     retention_s: float = Field(3600, ge=0, description="delivered entries kept for dedupe")
     connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    operation_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="longest wait for one outbox or sink operation: a connection that went "
+        "silent (a partition, a dropped route) counts as down after it, not never",
+    )
     outbox_failover_s: float = Field(
         5.0, ge=0, le=600, description="after a PostgreSQL outbox failure, spill this long"
     )

@@ -13,6 +13,7 @@ so delivering an entry twice changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 import time
@@ -105,9 +106,12 @@ class PostgresSink:
     """Upserts into `<schema>.<table>`; with `create_tables`, missing tables and columns
     are created (text columns) the first time a table is written."""
 
-    def __init__(self, pool: Any, schema: str, create_tables: bool = True) -> None:
+    def __init__(
+        self, pool: Any, schema: str, create_tables: bool = True, timeout_s: float = 10.0
+    ) -> None:
         self.name = "postgres"
         self._pool = pool
+        self._timeout_s = timeout_s
         self._schema = checked_identifier(schema)
         self._create = create_tables
         self._ensured: set[tuple[str, frozenset[str]]] = set()
@@ -176,10 +180,13 @@ class PostgresSink:
             sets=sql.SQL(", ").join(sets),
         )
         try:
-            async with self._pool.connection() as conn:
+            # Bounded: a connection that went silent is an outage, not a hang.
+            async with asyncio.timeout(self._timeout_s), self._pool.connection() as conn:
                 await self._ensure(conn, table, columns)
                 await conn.execute(statement, [op["object_key"], *values])
-        except (psycopg.OperationalError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            raise SinkUnavailable(f"postgres: no answer in {self._timeout_s:g}s") from exc
+        except psycopg.OperationalError as exc:
             raise SinkUnavailable(f"postgres: {exc}") from exc
         except psycopg.errors.UniqueViolation as exc:  # two replicas creating one table
             raise SinkUnavailable(f"postgres: {exc}") from exc

@@ -59,6 +59,9 @@ class StreamSettings(StrictModel):
     actions_backlog_bytes: int = Field(
         64 * 1024**2, ge=1024, description="unsent actions a camera actor holds, at most"
     )
+    actions_send_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="one hand-over to the Actions deployment, at most"
+    )
     branches: BranchSettings = BranchSettings()
     reader: ReaderPolicy = ReaderPolicy()
     processing: ProcessingSettings = ProcessingSettings()
@@ -162,7 +165,11 @@ class CameraActor:
             async def send(entries: list[Any]) -> int:
                 return int(await actions.submit.remote(entries))
 
-            forwarder = ActionForwarder(send, self._settings.actions_backlog_bytes)
+            forwarder = ActionForwarder(
+                send,
+                self._settings.actions_backlog_bytes,
+                timeout_s=self._settings.actions_send_timeout_s,
+            )
             self._forwarders[runtime.actions_name] = forwarder
         base = {
             "camera_id": sub.camera_id,

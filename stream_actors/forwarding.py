@@ -31,8 +31,15 @@ def entry_bytes(entry: OutboxEntry) -> int:
 
 
 class ActionForwarder:
-    def __init__(self, send: SendFn, max_bytes: int = 64 * 1024**2, batch: int = 64) -> None:
+    def __init__(
+        self,
+        send: SendFn,
+        max_bytes: int = 64 * 1024**2,
+        batch: int = 64,
+        timeout_s: float = 60.0,
+    ) -> None:
         self._send, self._max_bytes, self._batch = send, max_bytes, batch
+        self._timeout_s = timeout_s
         self._queue: deque[OutboxEntry] = deque()
         self._bytes = 0
         self._wake = asyncio.Event()
@@ -62,7 +69,9 @@ class ActionForwarder:
                 continue
             batch = [self._queue[i] for i in range(min(self._batch, len(self._queue)))]
             try:
-                await self._send(batch)
+                # Bounded: a call that never returns must not hold the queue for ever;
+                # sending again is safe, the outbox ignores keys it already has.
+                await asyncio.wait_for(self._send(batch), self._timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

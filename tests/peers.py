@@ -107,7 +107,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 class TcpProxy:
     """A real TCP forwarder in front of a server (Redis, PostgreSQL). `cut()` refuses new
     connections and resets the open ones, as a server that went down; `restore()` opens
-    the same port again."""
+    the same port again. `silence()` forwards nothing more, on the open connections and
+    on new ones, while keeping them open (a partition: no reset, no answer); `restore()`
+    ends it for new connections."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
@@ -115,9 +117,14 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._silenced: set[socket.socket] = set()
+        self._silent = False
         self.restore()
 
     def restore(self) -> None:
+        self._silent = False
+        if self._listener is not None:
+            return
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -139,13 +146,16 @@ class TcpProxy:
             upstream.settimeout(None)  # idle pooled connections must stay open
             with self._lock:
                 self._conns += [client, upstream]
+                if self._silent:
+                    self._silenced.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if src in self._silenced:
+                    continue  # swallowed: the peer waits for an answer that never comes
                 dst.sendall(data)
         except OSError:
             pass
@@ -164,7 +174,16 @@ class TcpProxy:
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # shutdown first: close() alone does not end a recv() blocked in another
+                # thread, so the socket would stay open and the peer would never hear
+                conn.shutdown(socket.SHUT_RDWR)
                 conn.close()  # linger 0: the peer sees a reset
+
+    def silence(self) -> None:
+        """Forward nothing more, on open and new connections (they stay open)."""
+        with self._lock:
+            self._silent = True
+            self._silenced.update(self._conns)
 
     def close(self) -> None:
         self.cut()

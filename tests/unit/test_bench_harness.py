@@ -387,3 +387,14 @@ def test_capacity_comes_from_a_raw_run_that_was_saturated() -> None:
     assert capacity_fps([keeping_up, overwhelmed]) == 20
     unthrottled = phase("raw", "saturation", 4, [6, 6, 6, 6])
     assert capacity_fps([keeping_up, overwhelmed, unthrottled]) == 24
+
+
+def test_process_roles_come_from_ray_process_titles() -> None:
+    from benchmarks.measure import process_role
+
+    replica = ["ray::ServeReplica:camgraph:Detector_bench_det"]
+    assert process_role("ray::ServeRepli", replica) == "ServeReplica:camgraph:Detector_bench_det"
+    assert process_role("python", ["ray::ServeController.listen_for_change"]) == ("ServeController")
+    assert process_role("raylet", ["/x/ray/core/src/ray/raylet/raylet", "--a=1"]) == "raylet"
+    dash = ["/v/bin/python", "-u", "/v/site-packages/ray/dashboard/dashboard.py", "--x"]
+    assert process_role("python", dash) == "dashboard.py"

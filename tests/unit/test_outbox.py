@@ -6,6 +6,7 @@ Each test has its own PostgreSQL schema and Redis key prefix and drops them afte
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +19,10 @@ import redis
 from deployments.action_service import ActionService, redact_dsn
 from deployments.outbox import (
     OutboxEntry,
+    OutboxUnavailable,
     PostgresOutbox,
     SinkRejected,
+    SinkUnavailable,
     SqliteOutbox,
     deliver,
 )
@@ -242,6 +245,70 @@ def test_delivery_retries_a_sink_that_is_down_without_losing_or_duplicating(
 
     asyncio.run(run())
     assert len(rows(schema, "t")) == 5
+
+
+def test_a_silent_connection_is_an_outage_after_the_timeout_not_a_hang(
+    schema: str, prefix: str
+) -> None:
+    """A partition (the connection stays open, nothing answers) must not hang the outbox
+    or a sink: each operation gives up after its timeout as unavailable, and the pool
+    replaces the silent connection once the network is back."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from tests.peers import TcpProxy
+
+    pg, rd = TcpProxy(5432), TcpProxy(6379)
+
+    async def run() -> None:
+        p = AsyncConnectionPool(
+            f"host=127.0.0.1 port={pg.port} dbname=test user=postgres",
+            min_size=1,
+            max_size=1,
+            open=False,
+            timeout=2,
+            kwargs={"autocommit": True, "connect_timeout": 1},  # as ActionService sets it
+        )
+        await p.open()
+        outbox = PostgresOutbox(p, schema, timeout_s=1.0)
+        sink = PostgresSink(p, schema, timeout_s=1.0)
+        redis_sink = RedisSink(f"redis://127.0.0.1:{rd.port}/0", timeout_s=1.0)
+        image = {"type": "redis_save_image", "key": f"{prefix}img", "ttl_s": 60}
+        assert await outbox.add([OutboxEntry("a", "postgres", upsert("t", "o1", v="1"))]) == 1
+        await sink.apply(OutboxEntry("a", "postgres", upsert("t", "o1", v="1")))
+        await redis_sink.apply(OutboxEntry("i", "redis", image, b"jpeg"))
+        pg.silence()
+        rd.silence()
+        started = time.monotonic()
+        with pytest.raises(OutboxUnavailable, match="no answer"):
+            await outbox.add([OutboxEntry("b", "postgres", upsert("t", "o2", v="2"))])
+        with pytest.raises(SinkUnavailable):
+            await sink.apply(OutboxEntry("b", "postgres", upsert("t", "o2", v="2")))
+        with pytest.raises(SinkUnavailable):
+            await redis_sink.apply(OutboxEntry("j", "redis", image, b"jpeg"))
+        # Bounded by the timeouts (psycopg adds up to 10 s trying to cancel the query
+        # in the server), not by TCP's retransmissions (minutes).
+        assert time.monotonic() - started < 40
+        pg.restore()
+        rd.restore()
+        # New connections are fine again: the silent ones were dropped, nothing was lost.
+        for _ in range(20):  # the pool reconnects in the background
+            try:
+                assert await outbox.add([OutboxEntry("b", "postgres", upsert("t", "o2"))]) == 1
+                break
+            except OutboxUnavailable:
+                await asyncio.sleep(0.5)
+        await sink.apply(OutboxEntry("b", "postgres", upsert("t", "o2", v="2")))
+        await redis_sink.apply(OutboxEntry("j", "redis", image, b"jpeg"))
+        assert (await outbox.stats())["depth"] == 2
+        await redis_sink.close()
+        await p.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        pg.close()
+        rd.close()
+    assert [r["v"] for r in rows(schema, "t")] == ["1", "2"]
 
 
 def test_action_service_reports_sinks_without_secrets_and_uses_the_local_store(
