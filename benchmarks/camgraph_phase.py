@@ -27,6 +27,7 @@ from benchmarks.baselines import Camera, Mode
 from benchmarks.measure import CameraResult, PhaseResult, ProcessSampler, ray_selector
 from benchmarks.stats import BatchDistribution, DropAccount
 from benchmarks.workers import progress_bar
+from tests.peers import free_port
 
 DISPLAY_ID = "bench"
 
@@ -360,14 +361,6 @@ def bench_serve_config(
     return config
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def local_camgraph(
     config: dict[str, Any], config_path: Path, *, cpus: int, timeout_s: float = 240.0
@@ -378,7 +371,7 @@ def local_camgraph(
     import ray
     from ray import serve
 
-    http_port, dashboard_port = _free_port(), _free_port()
+    http_port, dashboard_port = free_port(), free_port()
     config = {**config, "http_options": {"host": "127.0.0.1", "port": http_port}}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     os.environ.pop("RAY_ADDRESS", None)

@@ -6,7 +6,6 @@ project's GStreamer test server (`scripts/rtsp_server.py`).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -17,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from demo.datasets import HELD_OUT_SEED_START
+from tests.peers import SYSTEM_PYTHON, RtspServer
 
 # Far from the seeds other tools use (the demo camera is +7, benchmarks/detect.py +500..,
 # gpu_batch.py +900..), so a benchmark clip is its own scene.
 BENCH_SEED_OFFSET = 700
-SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's Python has `gi`; the venv's has not
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -89,71 +87,19 @@ def rtsp_available() -> bool:
     return probe.returncode == 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RtspPeer:
-    """`scripts/rtsp_server.py` serving clip i at rtsp://127.0.0.1:PORT/cam<i>, each
-    played in a loop at its own frame rate (a live camera)."""
+class RtspPeer(RtspServer):
+    """The tests' GStreamer RTSP server serving clip i at rtsp://127.0.0.1:PORT/cam<i>,
+    each played in a loop at its own frame rate (a live camera)."""
 
     def __init__(self, clips: Sequence[Path], port: int | None = None) -> None:
-        self.clips = list(clips)
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[str] | None = None
+        super().__init__({f"cam{i}": Path(c) for i, c in enumerate(clips)}, port=port)
 
-    def url(self, camera: int) -> str:
-        return f"rtsp://127.0.0.1:{self.port}/cam{camera}"
-
-    def urls(self, cameras: int) -> list[str]:
-        return [self.url(i) for i in range(cameras)]
+    def camera_url(self, camera: int) -> str:
+        return self.url(f"cam{camera}")
 
     def start(self, timeout_s: float = 20.0) -> RtspPeer:
-        args = [SYSTEM_PYTHON, str(PROJECT_ROOT / "scripts" / "rtsp_server.py")]
-        args += ["--port", str(self.port), "--threads", str(max(8, len(self.clips)))]
-        args += [f"cam{i}={path}" for i, path in enumerate(self.clips)]
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        deadline = time.monotonic() + timeout_s
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith("ready"):
-                threading.Thread(target=self._drain, daemon=True).start()
-                return self
-            if not line and self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError(f"the RTSP server did not start on port {self.port}")
-
-    def _drain(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.stdout is not None:
-            for _ in proc.stdout:
-                pass
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def __enter__(self) -> RtspPeer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().start(timeout_s)
+        return self
 
 
 def cpu_count() -> int:

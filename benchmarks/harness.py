@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 def _cameras(clips: Sequence[Path], n: int, peer: RtspPeer | None, rtsp: bool) -> list[Camera]:
     if rtsp:
         assert peer is not None
-        return [Camera(f"cam{i}", peer.url(i)) for i in range(n)]
+        return [Camera(f"cam{i}", peer.camera_url(i)) for i in range(n)]
     return [Camera(f"cam{i}", str(clips[i])) for i in range(n)]
 
 

@@ -80,6 +80,7 @@ class Usage:
     rss_growth: float | None = None  # last third / first third of the samples
     processes: int = 0
     samples: int = 0
+    cpu_pct_by_role: dict[str, float] = field(default_factory=dict)  # where the cores went
 
 
 @dataclass
@@ -174,6 +175,7 @@ class ProcessSampler:
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._rss: list[int] = []
+        self._roles: dict[int, str] = {}
         self._t0: float | None = None
         self._t1: float | None = None
 
@@ -187,6 +189,8 @@ class ProcessSampler:
                     cpu = times.user + times.system
                     rss += proc.memory_info().rss
                     created = proc.create_time()
+                    if proc.pid not in self._roles:
+                        self._roles[proc.pid] = process_role(proc.name(), proc.cmdline())
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             if proc.pid not in self._first:
@@ -215,6 +219,10 @@ class ProcessSampler:
         self._sample()
         wall = (self._t1 or 0.0) - (self._t0 or 0.0)
         cpu_s = sum(self._last[p] - self._first[p] for p in self._last)
+        roles: dict[str, float] = {}
+        for pid in self._last:
+            role = self._roles.get(pid, "?")
+            roles[role] = roles.get(role, 0.0) + self._last[pid] - self._first[pid]
         return Usage(
             cpu_pct=100 * cpu_s / wall if wall > 0 else None,
             rss_start_bytes=self._rss[0] if self._rss else None,
@@ -223,6 +231,11 @@ class ProcessSampler:
             rss_growth=growth([float(x) for x in self._rss]),
             processes=len(self._last),
             samples=len(self._rss),
+            cpu_pct_by_role={
+                r: round(100 * t / wall, 1)
+                for r, t in sorted(roles.items(), key=lambda kv: -kv[1])
+                if wall > 0
+            },
         )
 
 
@@ -235,6 +248,19 @@ def pids_selector(pids: Iterable[int]) -> Callable[[], list[psutil.Process]]:
         except psutil.NoSuchProcess:
             continue
     return lambda: [p for p in procs if p.is_running()]
+
+
+def process_role(name: str, cmdline: list[str]) -> str:
+    """What a process is for, from its title: a Ray worker's actor
+    (`ServeReplica:camgraph:Detector_x`, `CameraActor`, `ProxyActor`...), `raylet`,
+    `gcs_server`, or the script a Python helper runs (`dashboard.py`, `agent.py`...)."""
+    first = cmdline[0] if cmdline else name
+    if first.startswith("ray::"):
+        return first[5:].split(" ")[0].split(".")[0] or "ray::"
+    if name in ("raylet", "gcs_server"):
+        return name
+    scripts = [a.rsplit("/", 1)[-1] for a in cmdline[1:] if a.endswith(".py")]
+    return scripts[0] if scripts else name
 
 
 def is_ray_process(name: str, cmdline: list[str]) -> bool:

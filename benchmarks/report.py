@@ -287,6 +287,15 @@ def markdown(report: dict[str, Any], phases: Sequence[PhaseResult], tgts: Sequen
             f"| {_fmt(p.usage.cpu_pct, 0)} | {_fmt(rss / 2**20 if rss else None, 0)} |"
         )
     lines += ["", "Targets:", "", "```", *[t.line() for t in tgts], "```", ""]
+    cores = [p for p in phases if p.system == "camgraph" and p.usage.cpu_pct_by_role]
+    if cores:
+        lines += ["Where camgraph's CPU went (% of one core, top roles):", ""]
+        for p in sorted(cores, key=lambda p: (p.mode, p.cameras)):
+            top = list(p.usage.cpu_pct_by_role.items())[:8]
+            lines.append(
+                f"- {p.mode}, {p.cameras} cameras: " + ", ".join(f"{r} {v:g}" for r, v in top)
+            )
+        lines.append("")
     notes = sorted({f"{p.name}: {n}" for p in phases for n in p.notes})
     if notes:
         lines += ["Notes:", "", *[f"- {n}" for n in notes], ""]
