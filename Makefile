@@ -111,7 +111,7 @@ bench-detect: run
 bench: install models/demo-detector.onnx peers
 	$(PY) -m benchmarks.harness --deploy serve_config.yaml $(BENCH_ARGS)
 
-# The short run to make before stopping (under 3 minutes): 1 and 4 cameras, 10 s windows.
+# The short run to make before stopping (about 3 minutes): 1 and 4 cameras, 8 s windows.
 bench-quick: install models/demo-detector.onnx
 	$(PY) -m benchmarks.harness --quick --deploy serve_config.yaml $(BENCH_ARGS)
 

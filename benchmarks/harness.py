@@ -40,7 +40,7 @@ from benchmarks.report import (
 )
 
 SYSTEMS = ("raw", "seed", "ultralytics", "camgraph")
-QUICK = {"cameras": "1,4", "seconds": 10.0, "warmup_s": 3.0, "systems": "raw,seed,camgraph"}
+QUICK = {"cameras": "1,4", "seconds": 8.0, "warmup_s": 2.0, "systems": "raw,seed,camgraph"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
