@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks.frames import cpu_count
 from benchmarks.measure import CameraResult, PhaseResult
-from benchmarks.workers import Selector, run_workers
+from benchmarks.workers import Selector, WorkersOutcome, run_workers
 
 Mode = str  # "realtime": cameras at their frame rate; "saturation": every frame, unthrottled
 
@@ -198,10 +198,8 @@ def run_raw(
         outcome = run_workers(
             raw_worker, specs, f"{name} {len(cameras)} cam {mode}", background, progress
         )
-        phase = PhaseResult(name, "raw", mode, len(cameras), seconds, error=outcome.error)
-        phase.usage, phase.background = outcome.usage, outcome.background
-        for result in outcome.results:
-            phase.per_camera += [CameraResult.from_json(c) for c in result["cameras"]]
+        phase = PhaseResult(name, "raw", mode, len(cameras), seconds)
+        for result in _take(phase, outcome):
             phase.extra.setdefault("providers", result["providers"])
             phase.extra.setdefault("decode", {}).update(result["decode"])
         phase.extra.update(layout=layout, processes=len(shares), intra_op_threads=threads)
@@ -344,10 +342,8 @@ def run_seed(
     outcome = run_workers(
         seed_worker, [spec], f"seed {len(cameras)} cam {mode}", background, progress
     )
-    phase = PhaseResult(name, "seed", mode, len(cameras), seconds, error=outcome.error)
-    phase.usage, phase.background = outcome.usage, outcome.background
-    for result in outcome.results:
-        phase.per_camera += [CameraResult.from_json(c) for c in result["cameras"]]
+    phase = PhaseResult(name, "seed", mode, len(cameras), seconds)
+    for result in _take(phase, outcome):
         phase.notes += [f"camera thread died: {e}" for e in result["errors"]]
     phase.extra.update(model=str(model_pt), models_per_process=len(cameras))
     if any(c.is_rtsp for c in cameras):
@@ -434,10 +430,7 @@ def run_ultralytics_streams(
     outcome = run_workers(
         streams_worker, [spec], f"ultralytics {len(cameras)} cam", background, progress
     )
-    phase.error = outcome.error
-    phase.usage, phase.background = outcome.usage, outcome.background
-    for result in outcome.results:
-        phase.per_camera += [CameraResult.from_json(c) for c in result["cameras"]]
+    for result in _take(phase, outcome):
         phase.extra["speed_ms_mean"] = result["speed_ms_mean"]
     phase.notes += [
         "offered is the server's nominal rate: LoadStreams does not count the frames it reads",
@@ -445,3 +438,12 @@ def run_ultralytics_streams(
         "Ultralytics' pre+inference+post per image)",
     ]
     return phase
+
+
+def _take(phase: PhaseResult, outcome: WorkersOutcome) -> list[dict[str, Any]]:
+    """Fill a phase with its workers' error, usage and cameras; their raw results."""
+    phase.error = outcome.error
+    phase.usage, phase.background = outcome.usage, outcome.background
+    for result in outcome.results:
+        phase.per_camera += [CameraResult.from_json(c) for c in result["cameras"]]
+    return outcome.results

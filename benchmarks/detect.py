@@ -21,6 +21,7 @@ import cv2
 import httpx
 import numpy as np
 
+from benchmarks.stats import percentile
 from demo.datasets import HELD_OUT_SEED_START
 from demo.scenes import Scene
 from deployments.engines import OnnxEngine
@@ -33,11 +34,6 @@ def make_frames(n: int) -> list[bytes]:
         image = Scene(HELD_OUT_SEED_START + 500 + k, n_frames=1).render(0)[0]
         frames.append(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
     return frames
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of a non-empty list."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def raw_phase(model: Path, frames: list[bytes], seconds: float, threads: int) -> dict[str, Any]:
