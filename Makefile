@@ -25,9 +25,17 @@ evaluate: install
 	$(PY) -m demo.evaluate --out data/evaluation.json
 
 .DEFAULT_GOAL := help
-.PHONY: help peers evaluate install run stop status test test-unit test-integration lint format bench bench-quick bench-detect demo-models clean
+.PHONY: help peers evaluate install protos run stop status test test-unit test-integration lint format bench bench-quick bench-detect demo-models clean
 
-install: $(STAMP)
+install: $(STAMP) protos
+
+# gRPC stubs (not committed): protos/camgraph_pb2.py, _pb2_grpc.py and .pyi from
+# protos/camgraph.proto. Generated with the checkout as the include root, so the grpc
+# module imports `from protos import camgraph_pb2` (the package, as Serve's proxy does).
+PROTO_STUBS := protos/camgraph_pb2.py protos/camgraph_pb2_grpc.py protos/camgraph_pb2.pyi
+protos: $(PROTO_STUBS)
+$(PROTO_STUBS): protos/camgraph.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/camgraph.proto
 
 # Re-install whenever pyproject.toml changes; the venv is made with Python >= 3.11.
 $(STAMP): pyproject.toml

@@ -5,16 +5,22 @@ receives only the model-sized input.
 """
 
 import asyncio
+import contextlib
 import io
 import logging
+import shutil
+import subprocess
+import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import cv2
 import numpy as np
+import psutil
 import ray
-from fastapi import FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Path, Query, Request, WebSocket
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -23,13 +29,28 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from deployments.auth import OPEN_PATHS, WS_UNAUTHORIZED, bearer, load_token, token_ok
 from deployments.detector import DetectRequest
+from deployments.event_stream import EventFanout, sse_frame
 from deployments.exceptions import InferenceError, ModelNotReadyError, UnknownModelError
+from deployments.grpc_api import GrpcMethods
+from deployments.media_jobs import (
+    JOB_ID_PATTERN,
+    MEDIA_ID_PATTERN,
+    DuplicateJobError,
+    JobFinishedError,
+    JobNotFoundError,
+    JobRequest,
+    MediaJobs,
+    jobs_actor_name,
+)
 from deployments.schemas import MODEL_ID_PATTERN, DetectConfig, Detection, IngressSettings
 from deployments.vision import Letterbox, letterbox, unletterbox_boxes
+from deployments.ws_session import WsSession
 from graph.pipeline import PipelineFile
 from stream_actors.actors import StreamContext, StreamRegistry, StreamSettings, registry_name
 from stream_actors.branching import PipelineRuntime
+from stream_actors.hub import EventFilter, EventHub, hub_name
 from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
 
 # Camera and registry actors live in one namespace, whatever namespace Serve runs in.
@@ -42,6 +63,29 @@ app = FastAPI(
     description="Camera-scale object detection on a Ray Serve deployment graph.",
     version="0.1.0",
 )
+_AUTH_UNSET = object()
+
+
+@app.middleware("http")
+async def require_token(request: Request, call_next: Any) -> Any:
+    """Bearer token on every HTTP route but /health (when a token is configured). Fails
+    closed: a replica whose token was never loaded answers 503, never opens up."""
+    expected = getattr(request.app.state, "auth_token", _AUTH_UNSET)
+    if request.url.path in OPEN_PATHS:
+        return await call_next(request)
+    if expected is _AUTH_UNSET:
+        return error(503, "the ingress is starting (authentication not configured yet)")
+    presented = bearer(request.headers.get("authorization"))
+    if presented is None and request.url.path == "/events":  # EventSource sets no headers
+        presented = request.query_params.get("access_token")
+    if not token_ok(presented, expected):  # type: ignore[arg-type]
+        return JSONResponse(
+            {"detail": {"message": "missing or wrong bearer token"}},
+            401,
+            headers={"WWW-Authenticate": 'Bearer realm="camgraph"'},
+        )
+    return await call_next(request)
+
 
 _DETECT_BODY = {
     "requestBody": {
@@ -109,6 +153,15 @@ def prepare(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, Letter
     return letterbox(image, size)
 
 
+class DetectFailure(Exception):
+    """A detection that cannot be answered: its HTTP status, message and fields (gRPC
+    maps the status to its own codes)."""
+
+    def __init__(self, status: int, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.fields = status, message, fields
+
+
 def to_detections(rows: np.ndarray, names: dict[int, str]) -> list[dict[str, Any]]:
     return [
         Detection(
@@ -123,7 +176,7 @@ def to_detections(rows: np.ndarray, names: dict[int, str]) -> list[dict[str, Any
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
-class Ingress:
+class Ingress(GrpcMethods):
     def __init__(
         self,
         detectors: dict[str, DeploymentHandle],
@@ -133,6 +186,8 @@ class Ingress:
         pipelines: dict[str, Any] | None = None,
         classifiers: dict[str, DeploymentHandle] | None = None,
         actions: DeploymentHandle | None = None,
+        events: dict[str, Any] | None = None,
+        jobs: dict[str, Any] | None = None,
     ) -> None:
         self._detectors = detectors
         self._sizes = model_sizes
@@ -170,6 +225,41 @@ class Ingress:
             max_concurrency=256,
         ).remote(context)
         self._registry.configure.remote(context)  # an existing registry learns the models
+        events = events or {}
+        self._hub = EventHub.options(  # type: ignore[attr-defined]
+            name=hub_name(app_name),
+            namespace=STREAMS_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=1000,
+        ).remote(events.get("capacity_per_topic", 1024), events.get("max_topics", 10_000))
+        self._fanout = EventFanout(self._hub_read, self._settings.client_queue)
+        self._jobs_args = (
+            app_name,
+            {m: h.deployment_name for m, h in detectors.items()},
+            dict(model_sizes),
+            self._default,
+            jobs or {},
+            hub_name(app_name),
+            STREAMS_NAMESPACE,
+        )
+        self._jobs_handle: Any = None
+        self._streams_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        self._streams_lock = asyncio.Lock()
+        self._system_cache: tuple[float, dict[str, Any]] = (0.0, {})
+        self._ws_clients = 0
+        # Loaded last: a replica that cannot read its token fails to start (never open).
+        self._auth_token = load_token(self._settings.auth_token_env, self._settings.auth_token_file)
+        app.state.auth_token = self._auth_token
+
+    async def _hub_read(
+        self, after_id: int, flt: dict[str, Any] | None, limit: int, wait_s: float
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await asyncio.wait_for(
+            self._hub.read.remote(after_id, flt, limit, wait_s), wait_s + 10.0
+        )
+        return result
 
     async def _model_health(self, model_id: str, handle: DeploymentHandle) -> dict[str, Any]:
         try:
@@ -283,11 +373,21 @@ class Ingress:
                 for e in exc.errors(include_url=False, include_input=False)
             ]
             return JSONResponse({"detail": details}, 422)
+        try:
+            return await self._detect_bytes(data, config, model_id)
+        except DetectFailure as exc:
+            return error(exc.status, exc.message, **exc.fields)
+
+    async def _detect_bytes(
+        self, data: bytes, config: DetectConfig, model_id: str
+    ) -> list[dict[str, Any]]:
+        """Decode, letterbox, detect: boxes in the image's own pixels. Shared by HTTP
+        `/detect` and gRPC `Detect`; failures raise DetectFailure with an HTTP status."""
         prepared = await asyncio.to_thread(
             prepare, data, self._sizes[model_id], self._settings.max_image_pixels
         )
         if isinstance(prepared, str):
-            return error(400, prepared)
+            raise DetectFailure(400, prepared)
         boxed, lb = prepared
         try:
             result = await asyncio.wait_for(
@@ -297,29 +397,108 @@ class Ingress:
         except ModelNotReadyError as exc:
             # Ray re-raises it as a subclass whose str() is the remote traceback.
             message = ModelNotReadyError.__str__(exc)
-            return error(503, message, model=exc.model_id, state=exc.state, error=exc.message)
+            raise DetectFailure(
+                503, message, model=exc.model_id, state=exc.state, error=exc.message
+            ) from None
         except BackPressureError as exc:
-            return error(
+            raise DetectFailure(
                 503,
                 "detector overloaded, retry shortly",
                 model=model_id,
                 state="overloaded",
                 queued=getattr(exc, "num_queued_requests", None),
-            )
+            ) from None
         except TimeoutError:
-            return error(
+            raise DetectFailure(
                 504,
                 f"detection took longer than {self._settings.detect_timeout_s}s",
                 model=model_id,
-            )
+            ) from None
         except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             kind = "inference" if isinstance(exc, InferenceError) else type(exc).__name__
             logger.exception("detect failed error_id=%s model=%s kind=%s", error_id, model_id, kind)
-            return error(500, "inference failed", error_id=error_id, model=model_id)
+            raise DetectFailure(
+                500, "inference failed", error_id=error_id, model=model_id
+            ) from None
         rows = np.array(result.rows, np.float32).reshape(-1, 6)  # replies are read-only views
         rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
         return to_detections(rows, result.names)
+
+    # ---- media jobs ----------------------------------------------------------------
+    @property
+    def _jobs(self) -> Any:
+        """The app's MediaJobs actor, started at the first job request (detached: jobs
+        outlive an ingress restart)."""
+        if self._jobs_handle is None:
+            self._jobs_handle = MediaJobs.options(  # type: ignore[attr-defined]
+                name=jobs_actor_name(self._jobs_args[0]),
+                namespace=STREAMS_NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_concurrency=256,
+            ).remote(*self._jobs_args)
+        return self._jobs_handle
+
+    @app.post("/detect/{media_id}", status_code=202)
+    async def submit_job(
+        self, body: JobRequest, media_id: str = Path(pattern=MEDIA_ID_PATTERN)
+    ) -> Any:
+        """Detect over a video or image (`path` on the server, or an http(s) `url`) as a
+        job: 202 with its id at once; progress and detections arrive as events
+        (`GET /events?job=<id>`); 409 while a job of the same `media_id` runs."""
+        if body.model is not None and body.model not in self._detectors:
+            detail = [
+                {
+                    "loc": ["body", "model"],
+                    "type": "unknown_model",
+                    "msg": f"unknown model {body.model!r}; known: {sorted(self._detectors)}",
+                }
+            ]
+            return JSONResponse({"detail": detail}, 422)
+        try:
+            record = await self._jobs.submit.remote(media_id, body.model_dump(mode="json"))
+        except DuplicateJobError as exc:
+            return error(409, DuplicateJobError.__str__(exc), job_id=exc.job_id)
+        except ray.exceptions.RayError as exc:
+            return error(503, f"media jobs unavailable: {type(exc).__name__}")
+        return JSONResponse(
+            {
+                "job_id": record["job_id"],
+                "media_id": media_id,
+                "status": record["status"],
+                "events_url": f"/events?job={record['job_id']}",
+            },
+            202,
+        )
+
+    @app.get("/jobs/{job_id}")
+    async def get_job(self, job_id: str = Path(pattern=JOB_ID_PATTERN)) -> Any:
+        """A job's status, progress and detections so far (all of them once finished)."""
+        try:
+            return await self._jobs.get.remote(job_id)
+        except JobNotFoundError:
+            return error(404, f"no job {job_id!r}")
+        except ray.exceptions.RayError as exc:
+            return error(503, f"media jobs unavailable: {type(exc).__name__}")
+
+    @app.delete("/jobs/{job_id}")
+    async def cancel_job(self, job_id: str = Path(pattern=JOB_ID_PATTERN)) -> Any:
+        """Cancel a queued or running job; 409 when it has already finished."""
+        try:
+            return await self._jobs.cancel.remote(job_id)
+        except JobNotFoundError:
+            return error(404, f"no job {job_id!r}")
+        except JobFinishedError as exc:
+            return error(409, JobFinishedError.__str__(exc), job_status=exc.status)
+        except ray.exceptions.RayError as exc:
+            return error(503, f"media jobs unavailable: {type(exc).__name__}")
+
+    @app.get("/jobs")
+    async def list_jobs(self, limit: int = Query(100, ge=1, le=1000)) -> Any:
+        """The newest jobs first (without their detections)."""
+        return await self._jobs.list.remote(limit)
 
     # ---- camera streams -------------------------------------------------------------
     @app.post("/streams", status_code=201)
@@ -381,3 +560,123 @@ class Ingress:
         if data is None:
             return error(503, f"camera {camera_id!r} has no frame yet")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    # ---- events: SSE, WebSocket, gRPC ------------------------------------------------
+    def _follow_events(
+        self, flt: dict[str, Any], after_id: int | None, idle_s: float | None = None
+    ) -> AsyncIterator[dict[str, Any] | None]:
+        """Events matching `flt` (cameras / subscriptions / types / jobs) for one client:
+        resumed after `after_id` if given, then live; `dropped` notices; None when idle."""
+        return self._fanout.follow(EventFilter.of(flt), after_id, idle_s)
+
+    @app.get("/events", response_class=StreamingResponse)
+    async def events(
+        self,
+        request: Request,
+        camera: Annotated[list[str] | None, Query(description="camera ids (repeatable)")] = None,
+        subscription: Annotated[list[str] | None, Query(description="subscription ids")] = None,
+        type: Annotated[
+            list[str] | None,
+            Query(description="detection, new, updated, lost, job.progress, job.detections, …"),
+        ] = None,
+        job: Annotated[list[str] | None, Query(description="media job ids")] = None,
+        last_event_id: int | None = Query(
+            None, ge=0, description="resume after this id (the Last-Event-ID header wins)"
+        ),
+    ) -> Any:
+        """Server-sent events: `id:` is the hub's event id, `event:` its type, `data:` the
+        event as JSON. Reconnect with `Last-Event-ID` to get what the hub still holds;
+        `event: dropped` says how many were lost; `: heartbeat` comments keep it open."""
+        header = request.headers.get("last-event-id")
+        if header is not None:
+            if not header.strip().isdigit():
+                return error(400, "Last-Event-ID must be a non-negative integer")
+            last_event_id = int(header.strip())
+        flt = {"cameras": camera, "subscriptions": subscription, "types": type, "jobs": job}
+        stream = self._follow_events(flt, last_event_id, self._settings.sse_heartbeat_s)
+
+        async def body() -> AsyncIterator[str]:
+            yield "retry: 2000\n\n"
+            try:
+                async for event in stream:
+                    yield sse_frame(event)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    async def _system(self) -> dict[str, Any]:
+        """Host CPU, memory and (where nvidia-smi exists) GPU load, cached for a second."""
+        at, cached = self._system_cache
+        if time.monotonic() - at < 1.0:
+            return cached
+        report: dict[str, Any] = {
+            "cpuUsage": psutil.cpu_percent(interval=None),
+            "memoryUsage": psutil.virtual_memory().percent,
+            "gpuUsage": None,
+            "gpuMemoryUsage": None,
+        }
+        if shutil.which("nvidia-smi"):
+            with contextlib.suppress(Exception):
+                out = await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        "nvidia-smi",
+                        "--query-gpu=utilization.gpu,memory.used,memory.total",
+                        "--format=csv,noheader,nounits",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                )
+                rows = [list(map(float, r.split(","))) for r in out.stdout.strip().splitlines()]
+                if rows:
+                    report["gpuUsage"] = round(sum(r[0] for r in rows) / len(rows), 1)
+                    used, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
+                    report["gpuMemoryUsage"] = round(100 * used / total, 1) if total else None
+        self._system_cache = (time.monotonic(), report)
+        return report
+
+    async def _streams_cached(self) -> list[dict[str, Any]]:
+        """`GET /streams`' list, fetched at most once a second per replica (every
+        WebSocket's stateReport reads it)."""
+        async with self._streams_lock:
+            at, cached = self._streams_cache
+            if time.monotonic() - at >= 1.0:
+                try:
+                    listing = await asyncio.wait_for(
+                        self._registry.list_streams.remote(), self._settings.health_timeout_s
+                    )
+                    cached = listing["streams"]
+                except Exception as exc:
+                    logger.warning("stateReport: stream registry: %s", type(exc).__name__)
+                self._streams_cache = (time.monotonic(), cached)
+            return cached
+
+    @app.websocket("/")
+    async def websocket_root(self, websocket: WebSocket) -> None:
+        """The detector-worker protocol (docs/protocol.md)."""
+        await self._websocket(websocket)
+
+    @app.websocket("/ws")
+    async def websocket_ws(self, websocket: WebSocket) -> None:
+        """The same protocol at /ws."""
+        await self._websocket(websocket)
+
+    async def _websocket(self, websocket: WebSocket) -> None:
+        presented = bearer(websocket.headers.get("authorization"))
+        presented = presented or websocket.query_params.get("access_token")
+        await websocket.accept()
+        if not token_ok(presented, self._auth_token):
+            await websocket.close(WS_UNAUTHORIZED, "missing or wrong bearer token")
+            return
+        session = WsSession(self, websocket)
+        self._ws_clients += 1
+        try:
+            await session.run()
+        finally:
+            self._ws_clients -= 1

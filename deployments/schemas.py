@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.vision import DetectParams
 
@@ -84,6 +84,32 @@ class IngressSettings(StrictModel):
     default_model: str | None = Field(
         None, pattern=MODEL_ID_PATTERN, description="model of /detect without ?model="
     )
+    auth_token_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="environment variable holding the bearer token (unset: no auth)",
+    )
+    auth_token_file: Path | None = Field(None, description="or a file holding the token")
+    state_report_s: float = Field(2.0, gt=0, le=3600, description="WebSocket stateReport")
+    sse_heartbeat_s: float = Field(15.0, gt=0, le=300, description="SSE comment interval")
+    client_queue: int = Field(
+        256, ge=8, le=100_000, description="events queued per client; a slow one drops oldest"
+    )
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> IngressSettings:
+        if self.auth_token_env is not None and self.auth_token_file is not None:
+            raise ValueError("set at most one of auth_token_env, auth_token_file")
+        return self
+
+
+class EventHubSettings(StrictModel):
+    """`args.events`: the EventHub's ring buffers (SSE, WebSocket and gRPC read them)."""
+
+    capacity_per_topic: int = Field(
+        1024, ge=16, le=1_000_000, description="events kept per subscription or job"
+    )
+    max_topics: int = Field(10_000, ge=16, le=1_000_000, description="least recent drop")
 
 
 class BranchModelSpec(StrictModel):

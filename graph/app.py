@@ -111,11 +111,13 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
     return deployments.ingress.options(name="Ingress").bind(
         detectors,
         {m.id: m.imgsz for m in models},
-        config.ingress.model_dump(mode="json"),
+        config.resolved_ingress().model_dump(mode="json"),
         config.resolved_streams().model_dump(mode="json"),
         pipelines,
         classifiers,
         actions,
+        config.events.model_dump(mode="json"),
+        config.jobs.resolved(config.base_dir).model_dump(mode="json"),
     )
 
 

@@ -7,7 +7,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from deployments.schemas import ActionsSettings, IngressSettings, ModelSpec, StrictModel
+from deployments.media_jobs import MediaJobSettings
+from deployments.schemas import (
+    ActionsSettings,
+    EventHubSettings,
+    IngressSettings,
+    ModelSpec,
+    StrictModel,
+)
 from graph.archive import ArchiveLimits
 from stream_actors.actors import StreamSettings
 
@@ -34,6 +41,8 @@ class AppConfig(StrictModel):
     ingress: IngressSettings = IngressSettings()
     streams: StreamSettings = StreamSettings()
     actions: ActionsSettings = ActionsSettings()
+    events: EventHubSettings = EventHubSettings()
+    jobs: MediaJobSettings = MediaJobSettings()
     base_dir: Path = Field(PROJECT_ROOT, description="where relative model paths resolve")
 
     @model_validator(mode="after")
@@ -59,6 +68,13 @@ class AppConfig(StrictModel):
                 updates["trt_cache_dir"] = (self.base_dir / m.trt_cache_dir).resolve()
             out.append(m.model_copy(update=updates))
         return out
+
+    def resolved_ingress(self) -> IngressSettings:
+        """Ingress settings with the token file's path made absolute."""
+        path = self.ingress.auth_token_file
+        if path is None or path.is_absolute():
+            return self.ingress
+        return self.ingress.model_copy(update={"auth_token_file": self.absolute(path)})
 
     def resolved_streams(self) -> StreamSettings:
         """Stream settings with the state file's path made absolute."""

@@ -26,8 +26,9 @@ from pydantic import Field
 from deployments.detector import DetectRequest, DetectResult
 from deployments.schemas import StrictModel
 from stream_actors.branching import BranchResult, BranchSettings, PipelineRunner, PipelineRuntime
-from stream_actors.events import RingBufferSink
+from stream_actors.events import FanoutSink, HubPublisher, RingBufferSink
 from stream_actors.forwarding import ActionForwarder
+from stream_actors.hub import hub_name
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.reader import ReaderPolicy, StreamReader
 from stream_actors.reconnect import TokenBucket
@@ -115,7 +116,10 @@ class CameraActor:
         self._streams: dict[str, _Stream] = {}
         self._handles: dict[str, Any] = {}
         self._forwarders: dict[str, ActionForwarder] = {}
-        self._sink = RingBufferSink(self._settings.events_per_subscription)
+        self._ring = RingBufferSink(self._settings.events_per_subscription)
+        self._hub: Any = None
+        self._publisher = HubPublisher(self._send_to_hub)
+        self._sink = FanoutSink(self._ring, self._publisher)
         self._local_bucket = TokenBucket(
             self._settings.reconnects_per_s, self._settings.reconnect_burst
         )
@@ -125,6 +129,17 @@ class CameraActor:
         self._init_metrics()
         # Async actors run __init__ with their event loop set (checked on Ray 2.60).
         self._watchdog = asyncio.get_event_loop().create_task(self._watch())
+        self._publishing = asyncio.get_event_loop().create_task(self._publisher.run())
+
+    async def _send_to_hub(self, events: list[dict[str, Any]]) -> None:
+        """The app's EventHub, found by name (it may restart: found again on failure)."""
+        try:
+            if self._hub is None:
+                self._hub = ray.get_actor(hub_name(self._ctx.app_name), self._ctx.namespace)
+            await self._hub.publish.remote(events)
+        except Exception:
+            self._hub = None
+            raise
 
     # ---- detector and reconnect budget --------------------------------------------
     async def _detect(self, model_id: str, request: DetectRequest) -> DetectResult:
@@ -311,7 +326,7 @@ class CameraActor:
         processor = stream.processors.pop(sub_id, None)
         if processor is not None:
             await processor.stop()
-        self._sink.forget(sub_id)
+        self._ring.forget(sub_id)
 
     async def remove_stream(self, key: str) -> bool:
         stream = self._streams.pop(key, None)
@@ -346,6 +361,7 @@ class CameraActor:
                 for key, s in self._streams.items()
             },
             "actions": {name: f.status() for name, f in self._forwarders.items()},
+            "events": self._publisher.status(),
         }
 
     async def latest_jpeg(self, key: str, quality: int = 85) -> bytes | None:
@@ -359,7 +375,7 @@ class CameraActor:
         return data.tobytes() if ok else None
 
     async def events(self, sub_id: str, after_id: int = 0, limit: int = 1000) -> list[Any]:
-        return [e.to_json() for e in self._sink.after(sub_id, after_id, limit)]
+        return [e.to_json() for e in self._ring.after(sub_id, after_id, limit)]
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
@@ -538,7 +554,15 @@ class StreamRegistry:
         actors = {
             camera_actor_name(self._app, i): {
                 k: s.get(k)
-                for k in ("pid", "cpu_times_s", "rss_bytes", "threads", "error", "actions")
+                for k in (
+                    "pid",
+                    "cpu_times_s",
+                    "rss_bytes",
+                    "threads",
+                    "error",
+                    "actions",
+                    "events",
+                )
             }
             for i, s in statuses.items()
         }

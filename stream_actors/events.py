@@ -3,15 +3,18 @@
 Per processed frame a `DetectionEvent` (tracked detections in full-frame pixels) and,
 when the stability validator says so, `ObjectEvent`s (new stable object, updated, lost).
 The camera actor hands them to an `EventSink`; the protocols (WebSocket, SSE, gRPC)
-connect their hub through the same interface. `RingBufferSink` keeps the newest events
-per subscription with increasing ids, so a poller can ask for what came after an id.
+connect through the same interface: `HubPublisher` batches them to the EventHub without
+blocking. `RingBufferSink` keeps the newest events per subscription in the camera actor,
+so `GET /streams/{id}/events` can ask for what came after an id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -88,3 +91,116 @@ def _with_id(event: StreamEvent, event_id: int) -> StreamEvent:
     from dataclasses import replace
 
     return replace(event, id=event_id)
+
+
+def hub_event(event: StreamEvent) -> dict[str, Any]:
+    """A stream event as the EventHub's JSON dict (topic `sub:<subscription id>`)."""
+    data: dict[str, Any] = {
+        "frame_seq": event.frame_seq,
+        "captured_at": event.captured_at,
+        "detected_at": event.detected_at,
+    }
+    if event.kind == "detection":
+        data["detections"] = [asdict(d) for d in event.detections]
+    if event.obj is not None:
+        data["object"] = asdict(event.obj)
+    data.update(event.extra)
+    return {
+        "topic": f"sub:{event.subscription_id}",
+        "type": event.kind,
+        "time": event.detected_at,
+        "camera_id": event.camera_id,
+        "subscription_id": event.subscription_id,
+        "display_id": event.subscription_id.split(";", 1)[0],
+        "model_id": event.model_id,
+        "data": data,
+    }
+
+
+class FanoutSink:
+    """Hands every batch to several sinks (the local ring and the hub publisher)."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = sinks
+
+    def publish(self, events: list[StreamEvent]) -> None:
+        for sink in self.sinks:
+            sink.publish(events)
+
+
+class HubPublisher:
+    """Batches events for the EventHub without ever blocking the camera: `publish` only
+    appends to a bounded buffer (the oldest drop, counted, when the hub is slow or gone);
+    `run` sends what accumulated every `interval_s`, with one call in flight at a time."""
+
+    def __init__(
+        self,
+        send: Callable[[list[dict[str, Any]]], Awaitable[Any]],
+        max_buffer: int = 4096,
+        interval_s: float = 0.05,
+        batch: int = 500,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._send = send
+        self._buffer: deque[dict[str, Any]] = deque()
+        self.max_buffer, self.interval_s, self.batch = max_buffer, interval_s, batch
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self.sent = self.dropped = self.send_errors = 0
+        self.last_error: str | None = None
+
+    def publish(self, events: list[StreamEvent]) -> None:
+        converted = [hub_event(e) for e in events]
+        with self._lock:
+            for event in converted:
+                if len(self._buffer) >= self.max_buffer:
+                    self._buffer.popleft()
+                    self.dropped += 1
+                self._buffer.append(event)
+
+    def _take(self) -> list[dict[str, Any]]:
+        with self._lock:
+            n = min(self.batch, len(self._buffer))
+            return [self._buffer.popleft() for _ in range(n)]
+
+    def _put_back(self, events: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._buffer.extendleft(reversed(events))
+            while len(self._buffer) > self.max_buffer:
+                self._buffer.popleft()
+                self.dropped += 1
+
+    async def flush(self) -> int:
+        """Send everything buffered now; returns how many were sent. A failed send keeps
+        its events for the next round (bounded by the buffer)."""
+        total = 0
+        while True:
+            events = self._take()
+            if not events:
+                return total
+            try:
+                await asyncio.wait_for(self._send(events), self.timeout_s)
+            except Exception as exc:  # the hub restarting or gone: retry next round
+                self.send_errors += 1
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                self._put_back(events)
+                return total
+            self.sent += len(events)
+            self.last_error = None
+            total += len(events)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.flush()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            pending = len(self._buffer)
+        return {
+            "pending": pending,
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "send_errors": self.send_errors,
+            "last_error": self.last_error,
+        }

@@ -202,8 +202,9 @@ class SubscriptionProcessor:
             "captured_at": frame.captured_at,
             "detected_at": detected_at,
         }
-        events = [StreamEvent("detection", detections=detections, **common)]  # type: ignore[arg-type]
-        events += [StreamEvent(e.kind, obj=e, **common) for e in object_events]  # type: ignore[arg-type]
+        extra = {"model_name": self.sub.modelName} if self.sub.modelName else {}
+        events = [StreamEvent("detection", detections=detections, extra=extra, **common)]  # type: ignore[arg-type]
+        events += [StreamEvent(e.kind, obj=e, extra=extra, **common) for e in object_events]  # type: ignore[arg-type]
         self._sink.publish(events)
         if self.runner is not None:
             lost = [e.track_id for e in object_events if e.kind == "lost"]

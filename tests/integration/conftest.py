@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+# As serve_config.yaml's grpc_options (the stubs come from `make protos`).
+GRPC_SERVICERS = ["protos.camgraph_pb2_grpc.add_CamgraphServicer_to_server"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -20,7 +23,7 @@ def cluster() -> Iterator[dict[str, Any]]:
     import ray
     from ray import serve
 
-    http_port, dashboard_port = free_port(), free_port()
+    http_port, grpc_port, dashboard_port = free_port(), free_port(), free_port()
     # Always a fresh local cluster: never attach to one left by `make run`.
     os.environ.pop("RAY_ADDRESS", None)
     # Logical CPUs above the 2 physical ones: replicas ask for fractions and mostly wait.
@@ -34,10 +37,15 @@ def cluster() -> Iterator[dict[str, Any]]:
         log_to_driver=False,
         namespace="camgraph-tests",
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": http_port},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS},
+    )
     yield {
         "http_port": http_port,
         "http_url": f"http://127.0.0.1:{http_port}",
+        "grpc_port": grpc_port,
+        "grpc_target": f"127.0.0.1:{grpc_port}",
         "dashboard_url": f"http://127.0.0.1:{dashboard_port}",
     }
     serve.shutdown()

@@ -1,0 +1,233 @@
+"""gRPC methods of the Ingress (`protos/camgraph.proto`), served by Ray Serve's gRPC proxy.
+
+The proxy (serve_config.yaml `grpc_options`) sends `/camgraph.v1.Camgraph/<Method>` to the
+method of that name on the ingress deployment of the application named by the call's
+`("application", ...)` metadata. A method with a `grpc_context` parameter receives a
+`RayServegRPCContext`: the client's metadata, and the code and details to answer with.
+
+Errors: a unary call sets the code and details and returns an empty reply (the proxy copies
+the context's code onto the call, so the client gets the error and no message); a streaming
+call sets them and raises, because the context only travels with a yielded message or an
+exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+from pydantic import ValidationError
+from ray.serve.grpc_util import RayServegRPCContext
+
+from deployments.auth import bearer, token_ok
+from deployments.exceptions import UnknownModelError
+from deployments.schemas import DetectConfig
+from protos import camgraph_pb2 as pb
+
+if TYPE_CHECKING:
+    from deployments.schemas import IngressSettings
+
+logger = logging.getLogger("ray.serve")
+
+MAX_DETAILS = 1000  # status details travel in HTTP/2 trailers: keep them short
+
+# DetectFailure's HTTP status → gRPC code.
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+EVENT_FIELDS = ("camera_id", "subscription_id", "display_id", "model_id", "session_id", "job_id")
+
+
+class GrpcAbort(Exception):
+    """Ends a streaming call with the code already set on its context."""
+
+
+def set_status(grpc_context: RayServegRPCContext, code: grpc.StatusCode, details: str) -> None:
+    grpc_context.set_code(code)
+    grpc_context.set_details(details[:MAX_DETAILS])
+
+
+def abort(grpc_context: RayServegRPCContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    set_status(grpc_context, code, details)
+    raise GrpcAbort(details[:MAX_DETAILS])
+
+
+def metadata_value(grpc_context: RayServegRPCContext, key: str) -> str | None:
+    """The last value of a metadata key (gRPC keys are lower case)."""
+    found = None
+    for k, v in grpc_context.invocation_metadata():
+        if k.lower() == key:
+            found = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+    return found
+
+
+def auth_failure(grpc_context: RayServegRPCContext, expected: str | None) -> str | None:
+    """Why the call is not authenticated, or None when it is (or auth is off)."""
+    if expected is None:
+        return None
+    presented = bearer(metadata_value(grpc_context, "authorization"))
+    if presented is None:
+        return "missing bearer token: send metadata ('authorization', 'Bearer <token>')"
+    if not token_ok(presented, expected):
+        return "invalid bearer token"
+    return None
+
+
+def detect_config(config: pb.DetectConfig) -> DetectConfig:
+    """The request's config with unset fields left to DetectConfig's defaults; raises
+    pydantic's ValidationError."""
+    raw: dict[str, Any] = {
+        name: getattr(config, name)
+        for name in ("conf", "iou", "max_det")
+        if config.HasField(name)  # type: ignore[arg-type]
+    }
+    if config.classes:
+        raw["classes"] = list(config.classes)
+    return DetectConfig.model_validate(raw)
+
+
+def validation_details(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
+    return "; ".join(
+        "config." + ".".join(str(p) for p in e["loc"]) + f": {e['msg']}" for e in errors
+    )
+
+
+def detect_reply(model_id: str, detections: list[dict[str, Any]]) -> pb.DetectReply:
+    return pb.DetectReply(
+        model=model_id,
+        detections=[
+            pb.Detection(
+                class_id=d["class_id"],
+                label=d["label"],
+                confidence=d["confidence"],
+                box=pb.Box(**d["box"]),
+            )
+            for d in detections
+        ],
+    )
+
+
+def event_message(event: dict[str, Any]) -> pb.Event:
+    """An event dict of the event stream (or its "dropped" notice, which has no id)."""
+    if event.get("type") == "dropped" and "id" not in event:
+        return pb.Event(
+            type="dropped",
+            time=float(event.get("time") or 0.0),
+            dropped_count=int(event.get("count") or 0),
+            dropped_reason=str(event.get("reason") or ""),
+        )
+    message = pb.Event(
+        id=int(event["id"]),
+        topic=str(event.get("topic") or ""),
+        type=str(event.get("type") or ""),
+        time=float(event.get("time") or 0.0),
+        data_json=json.dumps(event.get("data") or {}, separators=(",", ":"), default=str),
+    )
+    for name in EVENT_FIELDS:
+        if event.get(name) is not None:
+            setattr(message, name, str(event[name]))
+    return message
+
+
+def event_filter(request: pb.EventFilter) -> dict[str, list[str] | None]:
+    """An empty repeated field matches everything (None)."""
+    return {
+        "cameras": list(request.cameras) or None,
+        "subscriptions": list(request.subscriptions) or None,
+        "types": list(request.types) or None,
+        "jobs": list(request.jobs) or None,
+    }
+
+
+class GrpcMethods:
+    """Mixed into the Ingress: `Detect` and `StreamEvents` of service camgraph.v1.Camgraph."""
+
+    _settings: IngressSettings
+    _auth_token: str | None  # None: authentication off
+
+    if TYPE_CHECKING:  # provided by the Ingress
+
+        def _resolve(self, model: str | None) -> str: ...
+
+        async def _detect_bytes(
+            self, data: bytes, config: DetectConfig, model_id: str
+        ) -> list[dict[str, Any]]: ...
+
+        def _follow_events(
+            self, flt: dict[str, Any], after_id: int | None, idle_s: float | None = None
+        ) -> AsyncIterator[dict[str, Any] | None]: ...
+
+    def _grpc_auth_failure(self, grpc_context: RayServegRPCContext, method: str) -> str | None:
+        reason = auth_failure(grpc_context, self._auth_token)
+        if reason is not None:
+            logger.warning("gRPC %s refused: %s (peer %s)", method, reason, grpc_context.peer())
+        return reason
+
+    async def Detect(
+        self, request: pb.DetectRequest, grpc_context: RayServegRPCContext
+    ) -> pb.DetectReply:
+        """Objects in one encoded image; boxes in the image's own pixels."""
+        # Imported here: deployments.ingress imports this module.
+        from deployments.ingress import DetectFailure
+
+        reason = self._grpc_auth_failure(grpc_context, "Detect")
+        if reason is not None:
+            set_status(grpc_context, grpc.StatusCode.UNAUTHENTICATED, reason)
+            return pb.DetectReply()
+        try:
+            model_id = self._resolve(request.model or None)
+        except UnknownModelError as exc:
+            set_status(grpc_context, grpc.StatusCode.NOT_FOUND, str(exc))
+            return pb.DetectReply()
+        limit = self._settings.max_upload_bytes
+        if not request.image:
+            set_status(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, "empty image")
+            return pb.DetectReply()
+        if len(request.image) > limit:
+            set_status(
+                grpc_context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"image of {len(request.image)} bytes, larger than the limit of {limit}",
+            )
+            return pb.DetectReply()
+        try:
+            config = detect_config(request.config)
+        except ValidationError as exc:
+            set_status(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, validation_details(exc))
+            return pb.DetectReply()
+        try:
+            detections = await self._detect_bytes(request.image, config, model_id)
+        except DetectFailure as exc:
+            code = STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+            extra = ", ".join(f"{k}={v}" for k, v in exc.fields.items() if v is not None)
+            set_status(grpc_context, code, f"{exc.message} ({extra})" if extra else exc.message)
+            return pb.DetectReply()
+        return detect_reply(model_id, detections)
+
+    async def StreamEvents(
+        self, request: pb.EventFilter, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.Event]:
+        """Matching events after `after_id` (unset: from now on), until the client cancels."""
+        reason = self._grpc_auth_failure(grpc_context, "StreamEvents")
+        if reason is not None:
+            abort(grpc_context, grpc.StatusCode.UNAUTHENTICATED, reason)
+        after_id = request.after_id if request.HasField("after_id") else None
+        if after_id is not None and after_id < 0:
+            abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, "after_id must be >= 0")
+        stream = self._follow_events(event_filter(request), after_id)
+        try:
+            async for event in stream:
+                if event is not None:  # None: idle (no heartbeats asked for)
+                    yield event_message(event)
+        finally:  # the client cancelled: stop following now, not at garbage collection
+            await stream.aclose()  # type: ignore[attr-defined]

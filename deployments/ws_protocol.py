@@ -1,0 +1,230 @@
+"""The detector-worker WebSocket protocol: parsing client messages and rendering worker
+messages (pure; the Ingress runs the connection). docs/protocol.md has every message.
+
+A malformed message (not JSON, not an object, unknown `type`, a missing or wrong field)
+raises `ProtocolError`; the connection answers with an `error` message and stays open.
+A client may add a `requestId` to any message; the answer carries it back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from deployments.schemas import StrictModel
+from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
+
+MAX_MESSAGE_BYTES = 64 * 1024
+SessionId = int | str | None
+
+
+class ProtocolError(Exception):
+    """A client message that cannot be taken; `details` lists field problems."""
+
+    def __init__(
+        self,
+        message: str,
+        request_type: str | None = None,
+        details: list[dict[str, Any]] | None = None,
+        request_id: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.request_type = message, request_type
+        self.details, self.request_id = details or [], request_id
+
+
+class UnsubscribePayload(StrictModel):
+    subscriptionIdentifier: str = Field(pattern=SUBSCRIPTION_ID_PATTERN)
+
+
+class SetSessionPayload(StrictModel):
+    displayIdentifier: str = Field(pattern=r"^[^;/\s]{1,128}$")
+    sessionId: int | str | None = Field(description="null clears the display's session")
+
+
+class PatchSessionPayload(StrictModel):
+    sessionId: int | str
+    data: dict[str, Any]
+
+
+PAYLOADS: dict[str, type[StrictModel] | None] = {
+    "subscribe": Subscription,
+    "unsubscribe": UnsubscribePayload,
+    "requestState": None,
+    "setSessionId": SetSessionPayload,
+    "patchSession": PatchSessionPayload,
+}
+MessageType = Literal["subscribe", "unsubscribe", "requestState", "setSessionId", "patchSession"]
+
+
+def parse(text: str | bytes) -> tuple[str, Any, Any]:
+    """(type, validated payload or None, requestId) of one client message."""
+    if len(text) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
+    try:
+        message = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"invalid JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("a message must be a JSON object with a 'type'")
+    request_id = message.get("requestId")
+    kind = message.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("missing 'type'", request_id=request_id)
+    if kind not in PAYLOADS:
+        raise ProtocolError(
+            f"unknown message type {kind!r}; known: {sorted(PAYLOADS)}",
+            request_type=kind,
+            request_id=request_id,
+        )
+    model = PAYLOADS[kind]
+    if model is None:
+        return kind, None, request_id
+    payload = message.get("payload")
+    if not isinstance(payload, dict):
+        raise ProtocolError(
+            f"'{kind}' needs a 'payload' object", request_type=kind, request_id=request_id
+        )
+    try:
+        return kind, model.model_validate(payload), request_id
+    except ValidationError as exc:
+        details = [
+            {"loc": ["payload", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        where = ", ".join(".".join(map(str, d["loc"])) for d in details)
+        raise ProtocolError(
+            f"invalid '{kind}' payload: {where}: {details[0]['msg']}",
+            request_type=kind,
+            details=details,
+            request_id=request_id,
+        ) from None
+
+
+def iso(ts: float | None = None) -> str:
+    """UTC ISO 8601 with milliseconds, as the detector worker writes timestamps."""
+    moment = datetime.fromtimestamp(time.time() if ts is None else ts, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _with_request(message: dict[str, Any], request_id: Any) -> dict[str, Any]:
+    if request_id is not None:
+        message["requestId"] = request_id
+    return message
+
+
+def error_message(exc: ProtocolError) -> dict[str, Any]:
+    return _with_request(
+        {
+            "type": "error",
+            "requestType": exc.request_type,
+            "message": exc.message,
+            "details": exc.details,
+            "timestamp": iso(),
+        },
+        exc.request_id,
+    )
+
+
+def ack(kind: str, request_id: Any = None, **fields: Any) -> dict[str, Any]:
+    return _with_request({"type": f"{kind}Ack", "status": "success", **fields}, request_id)
+
+
+def image_detection(event: dict[str, Any]) -> dict[str, Any]:
+    """An EventHub `detection` event as `imageDetection`: every detection of the frame,
+    and `detection`, the most confident one (what detector-worker clients read)."""
+    data = event.get("data") or {}
+    detections = [
+        {
+            "class": d["label"],
+            "classId": d["class_id"],
+            "confidence": d["confidence"],
+            "bbox": list(d["box"]),
+            "trackId": d.get("track_id"),
+            "stable": d.get("stable", False),
+        }
+        for d in data.get("detections", [])
+    ]
+    best = max(detections, key=lambda d: d["confidence"]) if detections else None
+    return {
+        "type": "imageDetection",
+        "subscriptionIdentifier": event["subscription_id"],
+        "timestamp": iso(data.get("captured_at", event.get("time"))),
+        "eventId": event.get("id"),
+        "data": {
+            "detection": best,
+            "detections": detections,
+            "frameSeq": data.get("frame_seq"),
+            "modelId": event.get("model_id"),
+            "modelName": data.get("model_name"),
+            "sessionId": event.get("session_id"),
+        },
+    }
+
+
+def events_dropped(notice: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "eventsDropped",
+        "count": notice["count"],
+        "reason": notice["reason"],
+        "timestamp": iso(),
+    }
+
+
+def camera_connection(sub: Subscription, stream: dict[str, Any] | None) -> dict[str, Any]:
+    """One entry of `stateReport.cameraConnections`, from `GET /streams`' view of it."""
+    figures: dict[str, Any] = {}
+    if stream is not None:
+        figures = next(
+            (
+                s
+                for s in stream.get("subscriptions", [])
+                if s.get("subscription_id") == sub.subscriptionIdentifier
+            ),
+            {},
+        )
+    state = stream.get("state", "starting") if stream is not None else "unknown"
+    return {
+        "subscriptionIdentifier": sub.subscriptionIdentifier,
+        "modelId": sub.modelId,
+        "modelName": sub.modelName,
+        "online": state == "connected",
+        "state": state,
+        "lastError": stream.get("last_error") if stream is not None else None,
+        "fpsIn": stream.get("fps_in") if stream is not None else None,
+        "fpsProcessed": figures.get("fps_processed"),
+        "processed": figures.get("processed"),
+        "drops": figures.get("drops", {}),
+        "latencyMsP50": figures.get("latency_ms_p50"),
+        **(
+            {"cropX1": sub.cropX1, "cropY1": sub.cropY1, "cropX2": sub.cropX2, "cropY2": sub.cropY2}
+            if sub.crop
+            else {}
+        ),
+    }
+
+
+def state_report(
+    system: dict[str, Any],
+    subs: dict[str, Subscription],
+    streams: list[dict[str, Any]],
+    events_dropped_total: int,
+) -> dict[str, Any]:
+    """`stateReport`: host load, and each camera this connection subscribed."""
+    by_sub = {sid: s for s in streams for sid in s.get("subscription_ids", [])}
+    return {
+        "type": "stateReport",
+        "timestamp": iso(),
+        "cpuUsage": system.get("cpuUsage"),
+        "memoryUsage": system.get("memoryUsage"),
+        "gpuUsage": system.get("gpuUsage"),
+        "gpuMemoryUsage": system.get("gpuMemoryUsage"),
+        "cameraConnections": [
+            camera_connection(sub, by_sub.get(sid)) for sid, sub in sorted(subs.items())
+        ],
+        "eventsDropped": events_dropped_total,
+    }

@@ -1,0 +1,265 @@
+"""EventHub: per-topic bounded ring buffers of events with one increasing id sequence.
+
+Producers (camera actors, media jobs) publish batches of JSON-ready event dicts; any
+ingress replica reads from it with a cursor (the last id it saw) and a filter, so a client
+can resume from its `Last-Event-ID` on another replica. Topics are `sub:<subscription>`
+and `job:<job id>`; each keeps its newest `capacity` events, so a busy camera never evicts
+a quiet one's. A reader that fell behind is told how many of its events were evicted.
+
+`EventLog` is the pure logic; `EventHub` is its Ray actor shell (long-poll reads).
+Sessions (`setSessionId` / `patchSession` of the WebSocket protocol) live here too, so
+every replica stamps the same `session_id` on a display's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+EVENT_FIELDS = (
+    "camera_id",
+    "subscription_id",
+    "display_id",
+    "model_id",
+    "session_id",
+    "job_id",
+)
+
+
+def hub_name(app_name: str) -> str:
+    return f"camgraph-events-{app_name}"
+
+
+@dataclass
+class EventFilter:
+    """Which events a reader wants; None means any. Matching is exact per field."""
+
+    cameras: set[str] | None = None
+    subscriptions: set[str] | None = None
+    types: set[str] | None = None
+    jobs: set[str] | None = None
+
+    @classmethod
+    def of(cls, raw: dict[str, Any] | None) -> EventFilter:
+        raw = raw or {}
+
+        def values(name: str) -> set[str] | None:
+            v = raw.get(name)
+            return None if v is None else {str(x) for x in v}
+
+        return cls(values("cameras"), values("subscriptions"), values("types"), values("jobs"))
+
+    def to_dict(self) -> dict[str, list[str] | None]:
+        def out(v: set[str] | None) -> list[str] | None:
+            return None if v is None else sorted(v)
+
+        return {
+            "cameras": out(self.cameras),
+            "subscriptions": out(self.subscriptions),
+            "types": out(self.types),
+            "jobs": out(self.jobs),
+        }
+
+    def matches(self, event: dict[str, Any]) -> bool:
+        checks = (
+            (self.cameras, "camera_id"),
+            (self.subscriptions, "subscription_id"),
+            (self.types, "type"),
+            (self.jobs, "job_id"),
+        )
+        return all(want is None or event.get(key) in want for want, key in checks)
+
+    def could_match_topic(self, topic: str) -> bool:
+        """A cheap pre-check on the topic name (sub:<id> / job:<id>)."""
+        kind, _, name = topic.partition(":")
+        if kind == "sub":
+            if self.jobs is not None:
+                return False
+            return self.subscriptions is None or name in self.subscriptions
+        if kind == "job":
+            if self.subscriptions is not None or self.cameras is not None:
+                return False
+            return self.jobs is None or name in self.jobs
+        return True
+
+
+@dataclass
+class _Topic:
+    events: deque[dict[str, Any]]
+    evicted: deque[tuple[int, str]]  # newest evicted (id, type): what a reader missed
+    fields: dict[str, Any]  # camera / subscription / job of the topic's events
+    evicted_total: int = 0
+    published: int = 0
+
+
+@dataclass
+class ReadResult:
+    events: list[dict[str, Any]]
+    cursor: int  # the id to read after next time
+    missed: int  # matching events evicted between the old cursor and the new one
+    last_id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "events": self.events,
+            "cursor": self.cursor,
+            "missed": self.missed,
+            "last_id": self.last_id,
+        }
+
+
+@dataclass
+class EventLog:
+    """Bounded per-topic rings; ids increase across all topics (1, 2, ...)."""
+
+    capacity: int = 1024
+    max_topics: int = 10_000
+    last_id: int = 0
+    _topics: OrderedDict[str, _Topic] = field(default_factory=OrderedDict)
+    sessions: dict[str, Any] = field(default_factory=dict)  # display id → session id
+    session_data: dict[str, dict[str, Any]] = field(default_factory=dict)  # by session id
+    topics_dropped: int = 0
+
+    def publish(self, events: list[dict[str, Any]], now: float | None = None) -> int:
+        """Number each event, stamp its display's session, append it to its topic."""
+        stamp = time.time() if now is None else now
+        for raw in events:
+            topic_name = str(raw.get("topic") or "misc")
+            event = {k: raw.get(k) for k in EVENT_FIELDS}
+            event.update(raw)
+            self.last_id += 1
+            event["id"] = self.last_id
+            event["topic"] = topic_name
+            event.setdefault("time", stamp)
+            event.setdefault("data", {})
+            display = event.get("display_id")
+            if event.get("session_id") is None and display in self.sessions:
+                event["session_id"] = self.sessions[display]
+            topic = self._topics.get(topic_name)
+            if topic is None:
+                fields = {k: event.get(k) for k in ("camera_id", "subscription_id", "job_id")}
+                topic = self._topics[topic_name] = _Topic(
+                    deque(), deque(maxlen=4 * self.capacity), fields
+                )
+                while len(self._topics) > self.max_topics:  # the least recently used goes
+                    self._topics.popitem(last=False)
+                    self.topics_dropped += 1
+            else:
+                self._topics.move_to_end(topic_name)
+            if len(topic.events) >= self.capacity:
+                old = topic.events.popleft()
+                topic.evicted.append((int(old["id"]), str(old.get("type"))))
+                topic.evicted_total += 1
+            topic.events.append(event)
+            topic.published += 1
+        return self.last_id
+
+    def read(self, after_id: int, flt: EventFilter | None = None, limit: int = 1000) -> ReadResult:
+        """Matching events with ids above `after_id`, oldest first, at most `limit`.
+        `missed` counts matching events evicted in (after_id, cursor]: the reader was too
+        slow (or resumed too late) for them. Counted exactly for the newest 4 × capacity
+        evictions per topic, as a lower bound beyond."""
+        flt = flt or EventFilter()
+        found: list[dict[str, Any]] = []
+        evicted: list[int] = []
+        for name, topic in self._topics.items():
+            if not flt.could_match_topic(name):
+                continue
+            for event in reversed(topic.events):
+                if event["id"] <= after_id:
+                    break
+                if flt.matches(event):
+                    found.append(event)
+            for i, kind in reversed(topic.evicted):
+                if i <= after_id:
+                    break
+                if flt.matches({**topic.fields, "type": kind}):
+                    evicted.append(i)
+        found.sort(key=lambda e: e["id"])
+        if len(found) > limit:
+            found = found[:limit]
+            cursor = int(found[-1]["id"])
+        else:
+            cursor = max(after_id, self.last_id)
+        missed = sum(1 for i in evicted if i <= cursor)
+        return ReadResult(found, cursor, missed, self.last_id)
+
+    def set_session(self, display_id: str, session_id: Any) -> None:
+        if session_id is None:
+            self.sessions.pop(display_id, None)
+        else:
+            self.sessions[display_id] = session_id
+
+    def patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
+        """Merge `data` into a session's data; KeyError when no display has the session."""
+        if session_id not in self.sessions.values():
+            raise KeyError(session_id)
+        merged = {**self.session_data.get(str(session_id), {}), **data}
+        self.session_data[str(session_id)] = merged
+        return merged
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "last_id": self.last_id,
+            "topics": len(self._topics),
+            "events": sum(len(t.events) for t in self._topics.values()),
+            "evicted": sum(t.evicted_total for t in self._topics.values()),
+            "topics_dropped": self.topics_dropped,
+            "capacity_per_topic": self.capacity,
+            "sessions": len(self.sessions),
+        }
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class EventHub:
+    """The shared event log of one app (detached, named `camgraph-events-<app>`).
+    Restarts empty: ids start again from 1, which readers detect (`last_id` below their
+    cursor) and resume from the start."""
+
+    def __init__(self, capacity: int = 1024, max_topics: int = 10_000) -> None:
+        self._log = EventLog(capacity=capacity, max_topics=max_topics)
+        self._new = asyncio.Event()
+        self._started = time.time()
+
+    async def publish(self, events: list[dict[str, Any]]) -> int:
+        last = self._log.publish(events)
+        self._new.set()
+        self._new = asyncio.Event()
+        return last
+
+    async def read(
+        self,
+        after_id: int,
+        flt: dict[str, Any] | None = None,
+        limit: int = 1000,
+        wait_s: float = 0.0,
+    ) -> dict[str, Any]:
+        """Long-poll: waits up to `wait_s` for a matching event above `after_id`."""
+        event_filter = EventFilter.of(flt)
+        deadline = time.monotonic() + wait_s
+        while True:
+            result = self._log.read(after_id, event_filter, limit)
+            remaining = deadline - time.monotonic()
+            if result.events or result.missed or remaining <= 0 or after_id > self._log.last_id:
+                return result.to_dict()
+            waiter = self._new
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), remaining)
+
+    async def last_id(self) -> int:
+        return self._log.last_id
+
+    async def set_session(self, display_id: str, session_id: Any) -> None:
+        self._log.set_session(display_id, session_id)
+
+    async def patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
+        return self._log.patch_session(session_id, data)
+
+    async def stats(self) -> dict[str, Any]:
+        return {**self._log.stats(), "started": self._started}

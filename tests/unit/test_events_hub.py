@@ -1,0 +1,317 @@
+"""EventLog (the hub's logic), the replica's fan-out and the hub publisher, without Ray:
+the fan-out reads a real EventLog through the same call the Ingress makes."""
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import pytest
+
+from deployments.event_stream import LATEST, EventFanout, sse_frame
+from stream_actors.events import HubPublisher, StreamEvent, TrackedDetection, hub_event
+from stream_actors.hub import EventFilter, EventLog
+
+
+def sub_event(sub: str, kind: str = "detection", n: int = 0) -> dict[str, Any]:
+    display, camera = sub.split(";")
+    return {
+        "topic": f"sub:{sub}",
+        "type": kind,
+        "camera_id": camera,
+        "subscription_id": sub,
+        "display_id": display,
+        "data": {"n": n},
+    }
+
+
+def test_ids_increase_across_topics_and_each_topic_keeps_its_newest() -> None:
+    log = EventLog(capacity=3)
+    log.publish([sub_event("d;busy", n=i) for i in range(10)])
+    log.publish([sub_event("d;quiet", n=100)])
+    result = log.read(0)
+    assert [e["id"] for e in result.events] == [8, 9, 10, 11]
+    assert [e["data"]["n"] for e in result.events] == [7, 8, 9, 100]
+    assert result.missed == 7 and result.cursor == 11
+    # The quiet camera's event survived the busy one's flood.
+    assert log.read(0, EventFilter(cameras={"quiet"})).events[0]["data"]["n"] == 100
+
+
+def test_a_reader_is_told_exactly_what_it_missed_once() -> None:
+    log = EventLog(capacity=4)
+    log.publish([sub_event("d;a", n=i) for i in range(3)])  # ids 1..3
+    first = log.read(0, limit=2)
+    assert [e["id"] for e in first.events] == [1, 2] and first.cursor == 2
+    log.publish([sub_event("d;a", n=i) for i in range(3, 9)])  # ids 4..9, evicts 1..5
+    second = log.read(first.cursor)
+    assert [e["id"] for e in second.events] == [6, 7, 8, 9]
+    assert second.missed == 3  # ids 3, 4, 5: never delivered
+    assert log.read(second.cursor).missed == 0
+
+
+def test_filters_by_camera_subscription_type_and_job() -> None:
+    log = EventLog()
+    log.publish(
+        [
+            sub_event("d1;cam1"),
+            sub_event("d1;cam1", "new"),
+            sub_event("d2;cam2"),
+            {"topic": "job:j1", "type": "job.progress", "job_id": "j1", "data": {}},
+        ]
+    )
+    ids = lambda flt: [e["id"] for e in log.read(0, flt).events]  # noqa: E731
+    assert ids(EventFilter(cameras={"cam1"})) == [1, 2]
+    assert ids(EventFilter(subscriptions={"d2;cam2"})) == [3]
+    assert ids(EventFilter(types={"new"})) == [2]
+    assert ids(EventFilter(jobs={"j1"})) == [4]
+    assert ids(EventFilter.of({"cameras": ["cam1"], "types": ["detection"]})) == [1]
+
+
+def test_type_filtered_readers_count_only_their_type_as_missed() -> None:
+    log = EventLog(capacity=2)
+    log.publish([sub_event("d;a", "detection"), sub_event("d;a", "new")])
+    log.publish([sub_event("d;a", "detection"), sub_event("d;a", "detection")])
+    assert log.read(0, EventFilter(types={"new"})).missed == 1
+    assert log.read(0, EventFilter(types={"detection"})).missed == 1
+
+
+def test_sessions_stamp_later_events_of_their_display() -> None:
+    log = EventLog()
+    log.publish([sub_event("disp;cam")])
+    log.set_session("disp", 42)
+    log.publish([sub_event("disp;cam"), sub_event("other;cam")])
+    events = log.read(0).events
+    assert [e["session_id"] for e in events] == [None, 42, None]
+    assert log.patch_session(42, {"plate": "AB123"}) == {"plate": "AB123"}
+    with pytest.raises(KeyError):
+        log.patch_session(7, {})
+    log.set_session("disp", None)
+    log.publish([sub_event("disp;cam")])
+    assert log.read(3).events[0]["session_id"] is None
+
+
+def test_least_recent_topics_go_beyond_max_topics() -> None:
+    log = EventLog(capacity=2, max_topics=2)
+    for name in ("d;a", "d;b", "d;c"):
+        log.publish([sub_event(name)])
+    assert {e["camera_id"] for e in log.read(0).events} == {"b", "c"}
+    assert log.stats()["topics_dropped"] == 1
+
+
+class LogReader:
+    """The hub's `read` over a real EventLog, with its long-poll."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log, self.new = log, asyncio.Event()
+        self.calls = 0
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        self.log.publish(events)
+        self.new.set()
+        self.new = asyncio.Event()
+
+    async def read(
+        self, after: int, flt: dict[str, Any] | None, limit: int, wait_s: float
+    ) -> dict[str, Any]:
+        self.calls += 1
+        if after > self.log.last_id:
+            return self.log.read(after, EventFilter.of(flt), limit).to_dict()
+        result = self.log.read(after, EventFilter.of(flt), limit)
+        if not result.events and wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.new.wait(), wait_s)
+            result = self.log.read(after, EventFilter.of(flt), limit)
+        return result.to_dict()
+
+
+async def take(stream: Any, n: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    """Up to `n` events (heartbeats skipped); fewer if `timeout_s` passes first."""
+    out: list[dict[str, Any]] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            async for event in stream:
+                if event is not None:
+                    out.append(event)
+                if len(out) >= n:
+                    return out
+    return out
+
+
+def test_resume_replays_the_buffer_then_goes_live_without_gaps_or_repeats() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog(capacity=100))
+        fanout = EventFanout(hub.read, client_capacity=100, wait_s=0.2)
+        hub.publish([sub_event("d;a", n=i) for i in range(5)])  # ids 1..5
+        live = fanout.follow(EventFilter(), None)
+        first = asyncio.ensure_future(take(live, 2))
+        await fanout.started()
+        hub.publish([sub_event("d;a", n=i) for i in range(5, 7)])  # ids 6, 7
+        assert [e["id"] for e in await first] == [6, 7]
+        await live.aclose()  # the client disconnects after id 7
+        hub.publish([sub_event("d;a", n=i) for i in range(7, 10)])  # ids 8..10, missed
+        resumed = fanout.follow(EventFilter(), after_id=7)
+        got = asyncio.ensure_future(take(resumed, 5))
+        await asyncio.sleep(0.1)
+        hub.publish([sub_event("d;a", n=i) for i in range(10, 12)])  # ids 11, 12, live
+        assert [e["id"] for e in await got] == [8, 9, 10, 11, 12]
+        await resumed.aclose()
+        assert fanout.status()["clients"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_resume_too_late_is_told_how_many_were_evicted() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog(capacity=3))
+        fanout = EventFanout(hub.read, wait_s=0.2)
+        hub.publish([sub_event("d;a", n=i) for i in range(10)])  # keeps 8..10
+        stream = fanout.follow(EventFilter(), after_id=2)
+        got = await take(stream, 4)
+        assert got[0] == {"type": "dropped", "count": 5, "reason": "evicted"}
+        assert [e["id"] for e in got[1:]] == [8, 9, 10]
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_slow_client_loses_its_oldest_events_and_is_told_others_get_all() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog(capacity=1000))
+        fanout = EventFanout(hub.read, client_capacity=10, wait_s=0.2)
+        slow_queue = fanout.register(EventFilter())  # connected, but reads nothing yet
+        fast = fanout.follow(EventFilter(), None)
+        fast_events = asyncio.ensure_future(take(fast, 50))
+        await fanout.started()
+        for i in range(0, 50, 5):  # bursts the fast client keeps up with
+            hub.publish([sub_event("d;a", n=n) for n in range(i, i + 5)])
+            await asyncio.sleep(0.02)
+        assert len(await fast_events) == 50  # never held back by the slow one
+        slow = fanout.follow(slow_queue.flt, None, queue=slow_queue)
+        got = await take(slow, 11)
+        assert got[0] == {"type": "dropped", "count": 40, "reason": "slow_client"}
+        assert [e["data"]["n"] for e in got[1:]] == list(range(40, 50))
+        assert slow_queue.dropped_total == 40
+        await slow.aclose()
+        await fast.aclose()
+
+    asyncio.run(main())
+
+
+def test_changing_a_client_filter_stops_its_events() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog())
+        fanout = EventFanout(hub.read, wait_s=0.2)
+        queue = fanout.register(EventFilter(subscriptions={"d;a"}))
+        stream = fanout.follow(queue.flt, None, queue=queue)
+        got = asyncio.ensure_future(take(stream, 1))
+        await fanout.started()
+        hub.publish([sub_event("d;b"), sub_event("d;a")])
+        assert [e["subscription_id"] for e in await got] == ["d;a"]
+        queue.flt = EventFilter(subscriptions=set())
+        hub.publish([sub_event("d;a")])
+        assert await take(fanout.follow(queue.flt, None, 0.05, queue=queue), 1, 0.5) == []
+
+    asyncio.run(main())
+
+
+def test_hub_restarted_empty_makes_the_pump_read_from_its_start() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog())
+        fanout = EventFanout(hub.read, wait_s=0.1)
+        hub.publish([sub_event("d;a") for _ in range(5)])
+        queue = fanout.register(EventFilter())
+        stream = fanout.follow(queue.flt, None, queue=queue)
+        assert await fanout.started() == 5
+        hub.log = EventLog()  # a restarted hub numbers from 1 again
+        hub.publish([sub_event("d;a", n=99)])
+        got = await take(stream, 1)
+        assert got[0]["data"]["n"] == 99 and got[0]["id"] == 1
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_sse_frames() -> None:
+    event = {"id": 7, "type": "detection", "data": {"x": 1}}
+    frame = sse_frame(event)
+    assert frame.startswith("id: 7\nevent: detection\ndata: ") and frame.endswith("\n\n")
+    assert json.loads(frame.split("data: ", 1)[1]) == event
+    assert sse_frame({"type": "dropped", "count": 3, "reason": "slow_client"}).startswith(
+        "event: dropped\n"
+    )
+    assert sse_frame(None) == ": heartbeat\n\n"
+    assert LATEST > 2**40
+
+
+def stream_event(n: int) -> StreamEvent:
+    det = TrackedDetection(3, 2, "car", 0.9, (1.0, 2.0, 3.0, 4.0), True)
+    return StreamEvent("detection", "disp;cam", "cam", "m", n, 1.0, 1.5, (det,))
+
+
+def test_hub_event_shape() -> None:
+    event = hub_event(stream_event(4))
+    assert event["topic"] == "sub:disp;cam" and event["display_id"] == "disp"
+    assert event["data"]["detections"][0]["box"] == (1.0, 2.0, 3.0, 4.0)
+    assert event["data"]["frame_seq"] == 4 and event["type"] == "detection"
+
+
+def test_publisher_never_blocks_bounds_its_buffer_and_resends_after_a_failure() -> None:
+    async def main() -> None:
+        sent: list[dict[str, Any]] = []
+        fail = True
+
+        async def send(events: list[dict[str, Any]]) -> None:
+            if fail:
+                raise ConnectionError("hub down")
+            sent.extend(events)
+
+        publisher = HubPublisher(send, max_buffer=5)
+        publisher.publish([stream_event(i) for i in range(3)])
+        assert await publisher.flush() == 0
+        assert publisher.status()["pending"] == 3 and publisher.send_errors == 1
+        publisher.publish([stream_event(i) for i in range(3, 7)])
+        assert publisher.status() | {"last_error": None} == {
+            "pending": 5,
+            "sent": 0,
+            "dropped": 2,
+            "send_errors": 1,
+            "last_error": None,
+        }
+        fail = False
+        assert await publisher.flush() == 5
+        assert [e["data"]["frame_seq"] for e in sent] == [2, 3, 4, 5, 6]
+
+        async def hang(events: list[dict[str, Any]]) -> None:
+            await asyncio.sleep(60)
+
+        stuck = HubPublisher(hang, timeout_s=0.1)
+        stuck.publish([stream_event(1)])
+        assert await stuck.flush() == 0 and stuck.status()["pending"] == 1
+
+    asyncio.run(main())
+
+
+def test_a_new_pump_after_all_clients_left_starts_from_now() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog())
+        fanout = EventFanout(hub.read, wait_s=0.1)
+        first = fanout.follow(EventFilter(), None)
+        got = asyncio.ensure_future(take(first, 1))
+        await fanout.started()
+        hub.publish([sub_event("d;a", n=1)])
+        assert (await got)[0]["data"]["n"] == 1
+        await first.aclose()
+        await asyncio.sleep(0.3)  # the pump ends with its last client
+        hub.publish([sub_event("d;a", n=2)])  # nobody listens: not for the next client
+        queue = fanout.register(EventFilter())
+        second = fanout.follow(queue.flt, None, queue=queue)
+        assert await asyncio.wait_for(fanout.started(), 5) == 2
+        hub.publish([sub_event("d;a", n=3)])
+        assert [e["data"]["n"] for e in await take(second, 1)] == [3]
+        await second.aclose()
+        # A resume after a pump restart replays and goes live (it does not hang).
+        resumed = fanout.follow(EventFilter(), after_id=1)
+        assert [e["data"]["n"] for e in await take(resumed, 2)] == [2, 3]
+        await resumed.aclose()
+
+    asyncio.run(main())
