@@ -126,7 +126,9 @@ def header_pixels(data: bytes) -> int | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return int(image.width) * int(image.height)
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, OSError, ValueError, ImportError):
+        # ImportError: a PIL plugin registered by another library (ultralytics' HEIF
+        # opener) whose module is missing; the format is simply unknown here.
         return None
 
 

@@ -452,7 +452,9 @@ def _image_pixels(path: Path) -> int | None:
                 return int(image.width) * int(image.height)
     except Image.DecompressionBombError:
         return 2**62
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, OSError, ValueError, ImportError):
+        # ImportError: a PIL plugin registered by another library (ultralytics' HEIF
+        # opener) whose module is missing; the format is simply unknown here.
         return None
 
 

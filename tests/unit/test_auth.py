@@ -31,7 +31,9 @@ ENV = "CAMGRAPH_TEST_TOKEN"
         (None, None),
     ],
 )
-def test_bearer_takes_the_token_of_a_bearer_header_only(header: str | None, token: str | None) -> None:
+def test_bearer_takes_the_token_of_a_bearer_header_only(
+    header: str | None, token: str | None
+) -> None:
     assert bearer(header) == token
 
 
@@ -80,7 +82,7 @@ def test_load_token_from_a_file_strips_the_newline(tmp_path: Path) -> None:
 
 def test_a_configured_file_that_is_missing_refuses_to_start(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    with pytest.raises(AuthConfigError, match="auth_token_file .*nope: No such file"):
+    with pytest.raises(AuthConfigError, match=r"auth_token_file .*nope: No such file"):
         load_token(None, missing)
 
 

@@ -46,9 +46,10 @@ def test_one_detector_per_model_and_an_ingress_routing_to_them() -> None:
     assert spec_a["path"] == str(PROJECT_ROOT / "models" / "a.onnx")
     assert detector.bound[1][1][0]["path"] == "/abs/b.pt"
     assert app[0] == "Ingress"
-    detectors, sizes, settings, streams, pipelines, classifiers, actions, events = app[1]
+    detectors, sizes, settings, streams, pipelines, classifiers, actions, events, jobs = app[1]
     assert pipelines == {} and classifiers == {} and actions is None
     assert events["capacity_per_topic"] >= 16
+    assert jobs["jobs_dir"] == str(PROJECT_ROOT / "data" / "jobs")
     assert set(detectors) == {"a", "b"} and sizes == {"a": 640, "b": 320}
     assert settings["max_upload_bytes"] > 0
     assert settings["auth_token_env"] is None and settings["auth_token_file"] is None
@@ -108,7 +109,7 @@ def test_a_pipeline_binds_its_detector_a_classifier_per_branch_and_actions(tmp_p
     }
     ((name, (settings, _)),) = actions.bound
     assert name == "Actions" and settings["redis_url"] == "redis://127.0.0.1:6379/0"
-    _, _, _, _, pipelines, classifiers, bound_actions, _ = app[1]
+    _, _, _, _, pipelines, classifiers, bound_actions, _, _ = app[1]
     (root,) = pipelines
     assert root == "demo_vehicle_det_v1" and len(pipelines[root]["version"]) == 12
     assert pipelines[root]["classifiers"]["demo_plate_ocr_v1"] == "Classifier_demo_plate_ocr_v1"
