@@ -63,7 +63,8 @@ MessageType = Literal["subscribe", "unsubscribe", "requestState", "setSessionId"
 
 def parse(text: str | bytes) -> tuple[str, Any, Any]:
     """(type, validated payload or None, requestId) of one client message."""
-    if len(text) > MAX_MESSAGE_BYTES:
+    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text)
+    if size > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
     try:
         message = json.loads(text)
@@ -73,8 +74,10 @@ def parse(text: str | bytes) -> tuple[str, Any, Any]:
         raise ProtocolError("a message must be a JSON object with a 'type'")
     request_id = message.get("requestId")
     kind = message.get("type")
-    if not isinstance(kind, str):
+    if kind is None:
         raise ProtocolError("missing 'type'", request_id=request_id)
+    if not isinstance(kind, str):
+        raise ProtocolError("'type' must be a string", request_id=request_id)
     if kind not in PAYLOADS:
         raise ProtocolError(
             f"unknown message type {kind!r}; known: {sorted(PAYLOADS)}",

@@ -46,10 +46,20 @@ class WsSession:
                         wsp.error_message(wsp.ProtocolError("binary frames are not accepted"))
                     )
                     continue
+                request_type, request_id = None, None
                 try:
-                    await self._handle(*wsp.parse(text))
+                    request_type, payload, request_id = wsp.parse(text)
+                    await self._handle(request_type, payload, request_id)
                 except wsp.ProtocolError as exc:
                     await self.send(wsp.error_message(exc))
+                except ray.exceptions.RayError as exc:  # registry or hub restarting
+                    unavailable = wsp.ProtocolError(
+                        f"service unavailable, retry: {type(exc).__name__}",
+                        request_type,
+                        None,
+                        request_id,
+                    )
+                    await self.send(wsp.error_message(unavailable))
         finally:
             for task in tasks:
                 task.cancel()
@@ -98,7 +108,8 @@ class WsSession:
                 raise wsp.ProtocolError(f"no subscription {sub_id!r}", kind, None, request_id)
             await self.send(wsp.ack(kind, request_id, subscriptionIdentifier=sub_id))
         elif kind == "requestState":
-            await self.send(await self._state_report())
+            report = await self._state_report()
+            await self.send(report | ({"requestId": request_id} if request_id is not None else {}))
         elif kind == "setSessionId":
             await ingress._hub.set_session.remote(payload.displayIdentifier, payload.sessionId)
             await self.send(

@@ -198,7 +198,7 @@ class EventLog:
 
     def patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
         """Merge `data` into a session's data; KeyError when no display has the session."""
-        if session_id not in self.sessions.values():
+        if str(session_id) not in {str(v) for v in self.sessions.values()}:
             raise KeyError(session_id)
         merged = {**self.session_data.get(str(session_id), {}), **data}
         self.session_data[str(session_id)] = merged

@@ -144,9 +144,7 @@ def test_one_record_per_vehicle_with_branch_fields_from_the_real_models(
         service = ActionService(ActionsSettings(data_dir=tmp_path / "actions"), tmp_path)
         runner = PipelineRunner(plan, BASE, classify, service.submit, BranchSettings())
         # A lossless replay: every frame is processed however long a first OCR call takes.
-        sub = Subscription(
-            subscriptionIdentifier="disp;cam", fileUrl=str(clip), fileRealtime=False
-        )
+        sub = Subscription(subscriptionIdentifier="disp;cam", fileUrl=str(clip), fileRealtime=False)
         processor = SubscriptionProcessor(
             sub, "m", 640, detect, RingBufferSink(100), ProcessingSettings(), runner
         )
@@ -155,7 +153,11 @@ def test_one_record_per_vehicle_with_branch_fields_from_the_real_models(
             processor.mailbox.put(frame.image, 1e9 + i / 10)
             deadline = time.monotonic() + 60
             while processor.processed < processor.mailbox.received:  # every frame
-                assert not any(processor.mailbox.drops.values()), (i, processor.status(), runner.status())
+                assert not any(processor.mailbox.drops.values()), (
+                    i,
+                    processor.status(),
+                    runner.status(),
+                )
                 assert time.monotonic() < deadline, (i, processor.status(), runner.status())
                 await asyncio.sleep(0.001)
         await runner.drain()
