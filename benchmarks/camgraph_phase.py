@@ -373,6 +373,8 @@ def local_camgraph(
 
     http_port, dashboard_port = free_port(), free_port()
     config = {**config, "http_options": {"host": "127.0.0.1", "port": http_port}}
+    if "grpc_options" in config:  # a free port too: never 9000 of a `make run` cluster
+        config["grpc_options"] = {**config["grpc_options"], "port": free_port()}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(
