@@ -250,6 +250,7 @@ class Ingress(GrpcMethods):
         self._streams_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._streams_lock = asyncio.Lock()
         self._system_cache: tuple[float, dict[str, Any]] = (0.0, {})
+        psutil.cpu_percent(interval=None)  # primes it: its first answer is always 0.0
         self._ws_clients = 0
         # Loaded last: a replica that cannot read its token fails to start (never open).
         self._auth_token = load_token(self._settings.auth_token_env, self._settings.auth_token_file)
