@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -104,6 +105,7 @@ class EventFanout:
         self.pump_errors = 0
         self.last_error: str | None = None
         self._started = asyncio.Event()
+        self.latencies_ms: deque[float] = deque(maxlen=2000)  # capture → this replica
 
     def register(self, flt: EventFilter) -> ClientQueue:
         queue = ClientQueue(flt, self.client_capacity)
@@ -142,7 +144,11 @@ class EventFanout:
                 logger.warning("event pump: the hub restarted; reading from its start")
                 self.cursor = 0
                 continue
+            now = time.time()
             for event in result["events"]:
+                captured = (event.get("data") or {}).get("captured_at")
+                if isinstance(captured, int | float):
+                    self.latencies_ms.append((now - captured) * 1000.0)
                 for client in list(self._clients):
                     if client.flt.matches(event):
                         client.put(event)
@@ -196,8 +202,16 @@ class EventFanout:
             self.unregister(queue)
 
     def status(self) -> dict[str, Any]:
+        latencies = sorted(self.latencies_ms)
+
+        def pct(q: float) -> float | None:
+            if not latencies:
+                return None
+            return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)
+
         return {
             "clients": len(self._clients),
+            "capture_to_event_ms": {"p50": pct(0.5), "p95": pct(0.95), "n": len(latencies)},
             "cursor": self.cursor,
             "pump_errors": self.pump_errors,
             "last_error": self.last_error,

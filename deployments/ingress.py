@@ -290,11 +290,22 @@ class Ingress(GrpcMethods):
             "models": models,
             "streams": await self._streams_summary(),
         }
+        report["events"] = await self._events_health()
         if self._actions is not None:
             report["actions"] = await self._actions_health()
             if "error" in report["actions"]:
                 report["status"] = "degraded"
         return report
+
+    async def _events_health(self) -> dict[str, Any]:
+        """The EventHub's rings and this replica's clients (WebSocket, SSE, gRPC streams),
+        with capture → event latency as seen here; never fails /health."""
+        replica = {**self._fanout.status(), "websockets": self._ws_clients}
+        try:
+            hub = await asyncio.wait_for(self._hub.stats.remote(), self._settings.health_timeout_s)
+        except Exception as exc:
+            return {"hub": {"error": f"{type(exc).__name__}"}, "replica": replica}
+        return {"hub": hub, "replica": replica}
 
     async def _actions_health(self) -> dict[str, Any]:
         """Sinks in use (Redis, PostgreSQL or the local store), outbox depth and lag."""

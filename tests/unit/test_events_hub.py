@@ -4,6 +4,7 @@ the fan-out reads a real EventLog through the same call the Ingress makes."""
 import asyncio
 import contextlib
 import json
+import time
 from typing import Any
 
 import pytest
@@ -313,5 +314,27 @@ def test_a_new_pump_after_all_clients_left_starts_from_now() -> None:
         resumed = fanout.follow(EventFilter(), after_id=1)
         assert [e["data"]["n"] for e in await take(resumed, 2)] == [2, 3]
         await resumed.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_replica_measures_capture_to_event_latency() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog())
+        fanout = EventFanout(hub.read, wait_s=0.1)
+        stream = fanout.follow(EventFilter(), None)
+        got = asyncio.ensure_future(take(stream, 2))
+        await fanout.started()
+        now = time.time()
+        hub.publish(
+            [
+                {**sub_event("d;a"), "data": {"captured_at": now - 0.5}},
+                {**sub_event("d;a"), "data": {"captured_at": now - 1.5}},
+            ]
+        )
+        await got
+        latency = fanout.status()["capture_to_event_ms"]
+        assert latency["n"] == 2 and 450 <= latency["p50"] <= 2000 and latency["p95"] >= 1450
+        await stream.aclose()
 
     asyncio.run(main())
