@@ -44,8 +44,13 @@ from deployments.media_jobs import (
     MediaJobs,
     jobs_actor_name,
 )
-from deployments.schemas import MODEL_ID_PATTERN, DetectConfig, Detection, IngressSettings
-from deployments.vision import Letterbox, letterbox, unletterbox_boxes
+from deployments.schemas import (
+    MODEL_ID_PATTERN,
+    DetectConfig,
+    IngressSettings,
+    image_detections,
+)
+from deployments.vision import Letterbox, letterbox
 from deployments.ws_session import WsSession
 from graph.pipeline import PipelineFile
 from stream_actors.actors import StreamContext, StreamRegistry, StreamSettings, registry_name
@@ -162,18 +167,6 @@ class DetectFailure(Exception):
     def __init__(self, status: int, message: str, **fields: Any) -> None:
         super().__init__(message)
         self.status, self.message, self.fields = status, message, fields
-
-
-def to_detections(rows: np.ndarray, names: dict[int, str]) -> list[dict[str, Any]]:
-    return [
-        Detection(
-            class_id=int(c),
-            label=names.get(int(c), str(int(c))),
-            confidence=float(s),
-            box={"x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2)},
-        ).model_dump()
-        for x1, y1, x2, y2, s, c in rows.tolist()
-    ]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
@@ -435,9 +428,7 @@ class Ingress(GrpcMethods):
             raise DetectFailure(
                 500, "inference failed", error_id=error_id, model=model_id
             ) from None
-        rows = np.array(result.rows, np.float32).reshape(-1, 6)  # replies are read-only views
-        rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
-        return to_detections(rows, result.names)
+        return image_detections(result.rows, result.names, lb)
 
     # ---- media jobs ----------------------------------------------------------------
     @property

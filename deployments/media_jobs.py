@@ -41,8 +41,15 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.detector import DetectRequest
 from deployments.exceptions import CamgraphError, ModelNotReadyError, UnknownModelError
-from deployments.schemas import MODEL_ID_PATTERN, DetectConfig, Detection, StrictModel
-from deployments.vision import DetectParams, letterbox, unletterbox_boxes
+from deployments.files import atomic_write_text
+from deployments.schemas import (
+    MODEL_ID_PATTERN,
+    DetectConfig,
+    Detection,
+    StrictModel,
+    image_detections,
+)
+from deployments.vision import DetectParams, letterbox
 
 logger = logging.getLogger("camgraph.jobs")
 
@@ -357,18 +364,7 @@ class JobStore:
                 record = self._records.get(job_id)
             if record is None:  # pruned meanwhile
                 return
-            data = record.model_dump_json()
-            path = self.directory / f"{job_id}.json"
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_text(self.directory / f"{job_id}.json", record.model_dump_json())
 
     def prune(self) -> list[str]:
         """Forget the oldest finished jobs beyond `keep_finished` (memory and disk)."""
@@ -944,8 +940,6 @@ class MediaJobs:
     ) -> list[dict[str, Any]]:
         """Letterbox, detect (waiting out back-pressure and a loading model: no frame is
         lost), boxes back in the image's own pixels."""
-        from deployments.ingress import to_detections  # not at the top: ingress imports us
-
         handle = self._handles.get(model)
         if handle is None:
             handle = serve.get_deployment_handle(self._names[model], app_name=self._app)
@@ -968,9 +962,7 @@ class MediaJobs:
                 ):
                     raise MediaError(message) from None
                 await asyncio.sleep(1.0)
-        rows = np.array(result.rows, np.float32).reshape(-1, 6)  # replies are read-only
-        rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
-        return to_detections(rows, result.names)
+        return image_detections(result.rows, result.names, lb)
 
     async def submit(self, media_id: str, request: dict[str, Any]) -> dict[str, Any]:
         """Queue a job (DuplicateJobError, UnknownModelError, ValidationError)."""

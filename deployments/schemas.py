@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.vision import DetectParams
+from deployments.vision import DetectParams, Letterbox, unletterbox_boxes
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
@@ -167,3 +168,23 @@ class ActionsSettings(StrictModel):
         if self.postgres_dsn:
             return self.postgres_dsn
         return environ.get(self.postgres_dsn_env) if self.postgres_dsn_env else None
+
+
+def to_detections(rows: np.ndarray, names: dict[int, str]) -> list[dict[str, Any]]:
+    """Detector rows (x1 y1 x2 y2 score class) as `Detection` dicts."""
+    return [
+        Detection(
+            class_id=int(c),
+            label=names.get(int(c), str(int(c))),
+            confidence=float(s),
+            box={"x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2)},
+        ).model_dump()
+        for x1, y1, x2, y2, s, c in rows.tolist()
+    ]
+
+
+def image_detections(rows: Any, names: dict[int, str], lb: Letterbox) -> list[dict[str, Any]]:
+    """A letterboxed image's detector rows as detections in the image's own pixels."""
+    out = np.array(rows, np.float32).reshape(-1, 6)  # replies are read-only views: a copy
+    out[:, :4] = unletterbox_boxes(out[:, :4], lb)
+    return to_detections(out, names)

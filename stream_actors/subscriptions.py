@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from deployments.files import atomic_write_text
 from deployments.schemas import MODEL_ID_PATTERN, StrictModel
 from stream_actors.stability import StabilityRules
 
@@ -243,17 +242,7 @@ class SubscriptionTable:
 
 def save_state(path: Path, state: RegistryState) -> None:
     """Atomic write (temp file + fsync + rename): a crash leaves the old or the new state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(state.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, state.model_dump_json(indent=1))
 
 
 def load_state(path: Path) -> RegistryState:

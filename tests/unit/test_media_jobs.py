@@ -22,7 +22,6 @@ from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import match_image
 from demo.scenes import Scene
 from deployments.engines import OnnxEngine
-from deployments.ingress import to_detections
 from deployments.media_jobs import (
     Detect,
     DuplicateJobError,
@@ -40,7 +39,7 @@ from deployments.media_jobs import (
     new_record,
     redact_url,
 )
-from deployments.schemas import DetectConfig
+from deployments.schemas import DetectConfig, to_detections
 from deployments.vision import DetectParams, letterbox, unletterbox_boxes
 from graph.config import PROJECT_ROOT
 
