@@ -32,6 +32,10 @@ def dropped_notice(count: int, reason: str) -> dict[str, Any]:
     return {"type": "dropped", "count": count, "reason": reason}
 
 
+# Queued to every client when the hub restarted; `follow` turns it into a notice.
+HUB_RESTARTED: dict[str, Any] = {"type": "_hub_restarted"}
+
+
 def sse_frame(event: dict[str, Any] | None) -> str:
     """One server-sent event: `id` (hub events only), `event` (the type), `data` (JSON);
     None is a heartbeat comment."""
@@ -102,6 +106,8 @@ class EventFanout:
         self._clients: set[ClientQueue] = set()
         self._task: asyncio.Task[None] | None = None
         self.cursor: int | None = None  # the hub id the pump has read up to
+        self.epoch: str | None = None  # the hub's, to notice its restarts
+        self.hub_restarts = 0
         self.pump_errors = 0
         self.last_error: str | None = None
         self._started = asyncio.Event()
@@ -129,7 +135,7 @@ class EventFanout:
             try:
                 if self.cursor is None:  # start from now: older events are a resume's
                     first = await self._read(LATEST, None, 1, 0.0)
-                    self.cursor = int(first["last_id"])
+                    self.cursor, self.epoch = int(first["last_id"]), first["epoch"]
                     self._started.set()
                 result = await self._read(self.cursor, None, self.limit, self.wait_s)
             except asyncio.CancelledError:
@@ -140,9 +146,12 @@ class EventFanout:
                 logger.warning("event pump: reading the hub failed: %s", self.last_error)
                 await asyncio.sleep(1.0)
                 continue
-            if int(result["last_id"]) < self.cursor:  # the hub restarted empty
+            if result["epoch"] != self.epoch:  # the hub restarted: it numbers from 1 again
                 logger.warning("event pump: the hub restarted; reading from its start")
-                self.cursor = 0
+                self.epoch, self.cursor = result["epoch"], 0
+                self.hub_restarts += 1
+                for client in list(self._clients):
+                    client.put(dict(HUB_RESTARTED))
                 continue
             now = time.time()
             for event in result["events"]:
@@ -152,9 +161,10 @@ class EventFanout:
                 for client in list(self._clients):
                     if client.flt.matches(event):
                         client.put(event)
-            if result["missed"]:  # the pump itself fell behind: tell every client
+            for lost in result["missed_detail"]:  # the pump fell behind: tell whom it concerns
                 for client in list(self._clients):
-                    client.missed(int(result["missed"]))
+                    if client.flt.matches(lost):
+                        client.missed(int(lost["count"]))
             self.cursor = int(result["cursor"])
 
     async def started(self) -> int:
@@ -193,6 +203,10 @@ class EventFanout:
                 if not batch:
                     yield None
                 for event in batch:
+                    if event is HUB_RESTARTED or event.get("type") == HUB_RESTARTED["type"]:
+                        last_sent = 0  # the new hub's ids start from 1
+                        yield dropped_notice(0, "hub_restarted")
+                        continue
                     if "id" in event:
                         if int(event["id"]) <= last_sent or not queue.flt.matches(event):
                             continue  # already replayed, or unsubscribed meanwhile
@@ -214,6 +228,7 @@ class EventFanout:
             "capture_to_event_ms": {"p50": pct(0.5), "p95": pct(0.95), "n": len(latencies)},
             "cursor": self.cursor,
             "pump_errors": self.pump_errors,
+            "hub_restarts": self.hub_restarts,
             "last_error": self.last_error,
             "dropped": sum(c.dropped_total for c in self._clients),
         }

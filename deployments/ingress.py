@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -76,12 +77,13 @@ async def require_token(request: Request, call_next: Any) -> Any:
     """Bearer token on every HTTP route but /health (when a token is configured). Fails
     closed: a replica whose token was never loaded answers 503, never opens up."""
     expected = getattr(request.app.state, "auth_token", _AUTH_UNSET)
-    if request.url.path in OPEN_PATHS:
+    path = request.scope["path"].removeprefix(request.scope.get("root_path", "")) or "/"
+    if path in OPEN_PATHS:
         return await call_next(request)
     if expected is _AUTH_UNSET:
         return error(503, "the ingress is starting (authentication not configured yet)")
     presented = bearer(request.headers.get("authorization"))
-    if presented is None and request.url.path == "/events":  # EventSource sets no headers
+    if presented is None and path == "/events":  # EventSource sets no headers
         presented = request.query_params.get("access_token")
     if not token_ok(presented, expected):  # type: ignore[arg-type]
         return JSONResponse(
@@ -169,7 +171,8 @@ class DetectFailure(Exception):
         self.status, self.message, self.fields = status, message, fields
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+# Every open WebSocket, SSE and gRPC stream holds one of max_ongoing_requests.
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress(GrpcMethods):
     def __init__(
@@ -244,6 +247,8 @@ class Ingress(GrpcMethods):
         self._streams_lock = asyncio.Lock()
         self._system_cache: tuple[float, dict[str, Any]] = (0.0, {})
         psutil.cpu_percent(interval=None)  # primes it: its first answer is always 0.0
+        self._system_lock = asyncio.Lock()
+        self._hub_stats: tuple[float, dict[str, Any]] = (0.0, {})
         self._ws_clients = 0
         # Loaded last: a replica that cannot read its token fails to start (never open).
         self._auth_token = load_token(self._settings.auth_token_env, self._settings.auth_token_file)
@@ -294,10 +299,15 @@ class Ingress(GrpcMethods):
         """The EventHub's rings and this replica's clients (WebSocket, SSE, gRPC streams),
         with capture → event latency as seen here; never fails /health."""
         replica = {**self._fanout.status(), "websockets": self._ws_clients}
-        try:
-            hub = await asyncio.wait_for(self._hub.stats.remote(), self._settings.health_timeout_s)
-        except Exception as exc:
-            return {"hub": {"error": f"{type(exc).__name__}"}, "replica": replica}
+        at, hub = self._hub_stats
+        if time.monotonic() - at > 5.0:  # /health is open: the hub is asked at most every 5 s
+            try:
+                hub = await asyncio.wait_for(
+                    self._hub.stats.remote(), self._settings.health_timeout_s
+                )
+            except Exception as exc:
+                return {"hub": {"error": f"{type(exc).__name__}"}, "replica": replica}
+            self._hub_stats = (time.monotonic(), hub)
         return {"hub": hub, "replica": replica}
 
     async def _actions_health(self) -> dict[str, Any]:
@@ -444,6 +454,9 @@ class Ingress(GrpcMethods):
                 num_cpus=0,
                 max_concurrency=256,
             ).remote(*self._jobs_args)
+            # An actor started by an earlier deploy learns today's models.
+            _, names, sizes, default, *_ = self._jobs_args
+            self._jobs_handle.configure.remote(names, sizes, default)
         return self._jobs_handle
 
     @app.post("/detect/{media_id}", status_code=202)
@@ -466,6 +479,8 @@ class Ingress(GrpcMethods):
             record = await self._jobs.submit.remote(media_id, body.model_dump(mode="json"))
         except DuplicateJobError as exc:
             return error(409, DuplicateJobError.__str__(exc), job_id=exc.job_id)
+        except UnknownModelError as exc:
+            return error(422, UnknownModelError.__str__(exc), model=exc.model_id)
         except ray.exceptions.RayError as exc:
             return error(503, f"media jobs unavailable: {type(exc).__name__}")
         return JSONResponse(
@@ -503,7 +518,10 @@ class Ingress(GrpcMethods):
     @app.get("/jobs")
     async def list_jobs(self, limit: int = Query(100, ge=1, le=1000)) -> Any:
         """The newest jobs first (without their detections)."""
-        return await self._jobs.list.remote(limit)
+        try:
+            return await self._jobs.list.remote(limit)
+        except ray.exceptions.RayError as exc:
+            return error(503, f"media jobs unavailable: {type(exc).__name__}")
 
     # ---- camera streams -------------------------------------------------------------
     @app.post("/streams", status_code=201)
@@ -594,7 +612,7 @@ class Ingress(GrpcMethods):
         `event: dropped` says how many were lost; `: heartbeat` comments keep it open."""
         header = request.headers.get("last-event-id")
         if header is not None:
-            if not header.strip().isdigit():
+            if not re.fullmatch(r"[0-9]{1,18}", header.strip()):
                 return error(400, "Last-Event-ID must be a non-negative integer")
             last_event_id = int(header.strip())
         flt = {"cameras": camera, "subscriptions": subscription, "types": type, "jobs": job}
@@ -616,9 +634,15 @@ class Ingress(GrpcMethods):
 
     async def _system(self) -> dict[str, Any]:
         """Host CPU, memory and (where nvidia-smi exists) GPU load, cached for a second."""
-        at, cached = self._system_cache
-        if time.monotonic() - at < 1.0:
-            return cached
+        async with self._system_lock:  # one refresh at a time, whoever asks
+            at, cached = self._system_cache
+            if time.monotonic() - at < 1.0:
+                return cached
+            report = await self._measure_system()
+            self._system_cache = (time.monotonic(), report)
+            return report
+
+    async def _measure_system(self) -> dict[str, Any]:
         report: dict[str, Any] = {
             "cpuUsage": psutil.cpu_percent(interval=None),
             "memoryUsage": psutil.virtual_memory().percent,
@@ -643,7 +667,6 @@ class Ingress(GrpcMethods):
                     report["gpuUsage"] = round(sum(r[0] for r in rows) / len(rows), 1)
                     used, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
                     report["gpuMemoryUsage"] = round(100 * used / total, 1) if total else None
-        self._system_cache = (time.monotonic(), report)
         return report
 
     async def _streams_cached(self) -> list[dict[str, Any]]:

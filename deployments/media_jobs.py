@@ -926,7 +926,10 @@ class MediaJobs:
         try:
             if self._hub is None:
                 assert self._hub_name is not None
-                self._hub = ray.get_actor(self._hub_name, namespace=self._namespace)
+                # A blocking GCS lookup: off the event loop.
+                self._hub = await asyncio.to_thread(
+                    ray.get_actor, self._hub_name, namespace=self._namespace
+                )
             await self._hub.publish.remote(events)
         except Exception:
             self._hub = None  # found again next time (it may have restarted)
@@ -963,6 +966,15 @@ class MediaJobs:
                     raise MediaError(message) from None
                 await asyncio.sleep(1.0)
         return image_detections(result.rows, result.names, lb)
+
+    async def configure(
+        self, detector_names: dict[str, str], model_sizes: dict[str, int], default_model: str
+    ) -> None:
+        """Called by every ingress replica at start: the served models after a redeploy
+        (the job settings stay as this actor started with them)."""
+        self._names, self._sizes = dict(detector_names), dict(model_sizes)
+        self._handles.clear()  # deployments may have been replaced
+        self._jobs._models, self._jobs._default = tuple(detector_names), default_model
 
     async def submit(self, media_id: str, request: dict[str, Any]) -> dict[str, Any]:
         """Queue a job (DuplicateJobError, UnknownModelError, ValidationError)."""

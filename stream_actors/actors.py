@@ -131,12 +131,13 @@ class CameraActor:
         self._watchdog = asyncio.get_event_loop().create_task(self._watch())
         self._publishing = asyncio.get_event_loop().create_task(self._publisher.run())
 
-    async def _send_to_hub(self, events: list[dict[str, Any]]) -> None:
+    async def _send_to_hub(self, events: list[dict[str, Any]], key: tuple[str, int]) -> None:
         """The app's EventHub, found by name (it may restart: found again on failure)."""
         try:
-            if self._hub is None:
-                self._hub = ray.get_actor(hub_name(self._ctx.app_name), self._ctx.namespace)
-            await self._hub.publish.remote(events)
+            if self._hub is None:  # a blocking GCS lookup: off the event loop
+                name = hub_name(self._ctx.app_name)
+                self._hub = await asyncio.to_thread(ray.get_actor, name, self._ctx.namespace)
+            await self._hub.publish.remote(events, key)
         except Exception:
             self._hub = None
             raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -131,22 +132,29 @@ class FanoutSink:
 class HubPublisher:
     """Batches events for the EventHub without ever blocking the camera: `publish` only
     appends to a bounded buffer (the oldest drop, counted, when the hub is slow or gone);
-    `run` sends what accumulated every `interval_s`, with one call in flight at a time."""
+    `run` sends what accumulated every `interval_s`, one batch in flight at a time. A
+    batch that failed (or timed out: it may still have arrived) is sent again as it was,
+    under the same (publisher id, sequence) key, so the hub stores it once."""
 
     def __init__(
         self,
-        send: Callable[[list[dict[str, Any]]], Awaitable[Any]],
+        send: Callable[[list[dict[str, Any]], tuple[str, int]], Awaitable[Any]],
         max_buffer: int = 4096,
         interval_s: float = 0.05,
         batch: int = 500,
         timeout_s: float = 5.0,
+        max_backoff_s: float = 5.0,
     ) -> None:
         self._send = send
         self._buffer: deque[dict[str, Any]] = deque()
         self.max_buffer, self.interval_s, self.batch = max_buffer, interval_s, batch
-        self.timeout_s = timeout_s
+        self.timeout_s, self.max_backoff_s = timeout_s, max_backoff_s
         self._lock = threading.Lock()
+        self.publisher_id = uuid.uuid4().hex
+        self._seq = 0
+        self._unsent: list[dict[str, Any]] | None = None  # the batch of sequence _seq
         self.sent = self.dropped = self.send_errors = 0
+        self.failures_in_row = 0
         self.last_error: str | None = None
 
     def publish(self, events: list[StreamEvent]) -> None:
@@ -158,45 +166,46 @@ class HubPublisher:
                     self.dropped += 1
                 self._buffer.append(event)
 
-    def _take(self) -> list[dict[str, Any]]:
-        with self._lock:
-            n = min(self.batch, len(self._buffer))
-            return [self._buffer.popleft() for _ in range(n)]
-
-    def _put_back(self, events: list[dict[str, Any]]) -> None:
-        with self._lock:
-            self._buffer.extendleft(reversed(events))
-            while len(self._buffer) > self.max_buffer:
-                self._buffer.popleft()
-                self.dropped += 1
+    def _next_batch(self) -> list[dict[str, Any]]:
+        if self._unsent is None:
+            with self._lock:
+                n = min(self.batch, len(self._buffer))
+                events = [self._buffer.popleft() for _ in range(n)]
+            if not events:
+                return []
+            self._seq += 1
+            self._unsent = events
+        return self._unsent
 
     async def flush(self) -> int:
-        """Send everything buffered now; returns how many were sent. A failed send keeps
-        its events for the next round (bounded by the buffer)."""
+        """Send everything buffered now; returns how many were sent. A failed batch is
+        kept and sent again next round."""
         total = 0
-        while True:
-            events = self._take()
-            if not events:
-                return total
+        while events := self._next_batch():
             try:
-                await asyncio.wait_for(self._send(events), self.timeout_s)
-            except Exception as exc:  # the hub restarting or gone: retry next round
+                key = (self.publisher_id, self._seq)
+                await asyncio.wait_for(self._send(events, key), self.timeout_s)
+            except Exception as exc:  # the hub restarting or gone: retry later
                 self.send_errors += 1
+                self.failures_in_row += 1
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
-                self._put_back(events)
                 return total
+            self._unsent = None
             self.sent += len(events)
+            self.failures_in_row = 0
             self.last_error = None
             total += len(events)
+        return total
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            backoff = self.interval_s * 2 ** min(self.failures_in_row, 10)
+            await asyncio.sleep(min(backoff, max(self.max_backoff_s, self.interval_s)))
             await self.flush()
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            pending = len(self._buffer)
+            pending = len(self._buffer) + len(self._unsent or ())
         return {
             "pending": pending,
             "sent": self.sent,

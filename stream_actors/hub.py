@@ -14,8 +14,12 @@ every replica stamps the same `session_id` on a display's events.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import heapq
+import itertools
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +108,11 @@ class ReadResult:
     cursor: int  # the id to read after next time
     missed: int  # matching events evicted between the old cursor and the new one
     last_id: int = 0
+    epoch: str = ""  # changes when the hub restarts (and numbers from 1 again)
+    # What was missed, by camera / subscription / job / type, so a reader serving several
+    # clients can tell each only of its own: [{camera_id, subscription_id, job_id, type,
+    # count}].
+    missed_detail: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,7 +120,13 @@ class ReadResult:
             "cursor": self.cursor,
             "missed": self.missed,
             "last_id": self.last_id,
+            "epoch": self.epoch,
+            "missed_detail": self.missed_detail,
         }
+
+
+def _event_id(event: dict[str, Any]) -> int:
+    return int(event["id"])
 
 
 @dataclass
@@ -125,9 +140,31 @@ class EventLog:
     sessions: dict[str, Any] = field(default_factory=dict)  # display id → session id
     session_data: dict[str, dict[str, Any]] = field(default_factory=dict)  # by session id
     topics_dropped: int = 0
+    epoch: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    max_sessions: int = 100_000
+    max_publishers: int = 100_000
+    duplicates: int = 0
+    # Publisher id → the last batch sequence stored: a batch sent again (its first send
+    # timed out but arrived, or Ray retried it) is stored once.
+    _batches: OrderedDict[str, int] = field(default_factory=OrderedDict)
 
-    def publish(self, events: list[dict[str, Any]], now: float | None = None) -> int:
-        """Number each event, stamp its display's session, append it to its topic."""
+    def publish(
+        self,
+        events: list[dict[str, Any]],
+        now: float | None = None,
+        batch: tuple[str, int] | None = None,
+    ) -> int:
+        """Number each event, stamp its display's session, append it to its topic.
+        `batch` = (publisher id, sequence): a sequence already stored is ignored."""
+        if batch is not None:
+            publisher, seq = batch
+            if seq <= self._batches.get(publisher, -1):
+                self.duplicates += 1
+                return self.last_id
+            self._batches[publisher] = seq
+            self._batches.move_to_end(publisher)
+            while len(self._batches) > self.max_publishers:
+                self._batches.popitem(last=False)
         stamp = time.time() if now is None else now
         for raw in events:
             topic_name = str(raw.get("topic") or "misc")
@@ -166,35 +203,52 @@ class EventLog:
         slow (or resumed too late) for them. Counted exactly for the newest 4 × capacity
         evictions per topic, as a lower bound beyond."""
         flt = flt or EventFilter()
-        found: list[dict[str, Any]] = []
-        evicted: list[int] = []
+        streams = []
+        evicted: list[tuple[int, dict[str, Any], str]] = []
         for name, topic in self._topics.items():
+            newest = topic.events[-1]["id"] if topic.events else 0
+            if newest <= after_id and not (topic.evicted and topic.evicted[-1][0] > after_id):
+                continue  # nothing new here: most topics, for a reader that keeps up
             if not flt.could_match_topic(name):
                 continue
-            for event in reversed(topic.events):
-                if event["id"] <= after_id:
-                    break
-                if flt.matches(event):
-                    found.append(event)
+            start = bisect.bisect_right(topic.events, after_id, key=_event_id)
+            streams.append(e for e in itertools.islice(topic.events, start, None) if flt.matches(e))
             for i, kind in reversed(topic.evicted):
                 if i <= after_id:
                     break
                 if flt.matches({**topic.fields, "type": kind}):
-                    evicted.append(i)
-        found.sort(key=lambda e: e["id"])
+                    evicted.append((i, topic.fields, kind))
+        found = list(itertools.islice(heapq.merge(*streams, key=_event_id), limit + 1))
         if len(found) > limit:
             found = found[:limit]
             cursor = int(found[-1]["id"])
         else:
             cursor = max(after_id, self.last_id)
-        missed = sum(1 for i in evicted if i <= cursor)
-        return ReadResult(found, cursor, missed, self.last_id)
+        detail: dict[tuple[Any, ...], int] = {}
+        for i, fields, kind in evicted:
+            if i <= cursor:
+                key = (fields["camera_id"], fields["subscription_id"], fields["job_id"], kind)
+                detail[key] = detail.get(key, 0) + 1
+        missed_detail = [
+            {"camera_id": c, "subscription_id": s, "job_id": j, "type": t, "count": n}
+            for (c, s, j, t), n in detail.items()
+        ]
+        missed = sum(d["count"] for d in missed_detail)
+        return ReadResult(found, cursor, missed, self.last_id, self.epoch, missed_detail)
 
     def set_session(self, display_id: str, session_id: Any) -> None:
+        """Set (or with None clear) a display's session; data of sessions no display
+        has any more is forgotten. At most `max_sessions` displays (oldest go)."""
         if session_id is None:
             self.sessions.pop(display_id, None)
         else:
-            self.sessions[display_id] = session_id
+            self.sessions.pop(display_id, None)
+            self.sessions[display_id] = session_id  # newest last
+            while len(self.sessions) > self.max_sessions:
+                self.sessions.pop(next(iter(self.sessions)))
+        live = {str(v) for v in self.sessions.values()}
+        for key in [k for k in self.session_data if k not in live]:
+            del self.session_data[key]
 
     def patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
         """Merge `data` into a session's data; KeyError when no display has the session."""
@@ -213,22 +267,26 @@ class EventLog:
             "topics_dropped": self.topics_dropped,
             "capacity_per_topic": self.capacity,
             "sessions": len(self.sessions),
+            "duplicate_batches": self.duplicates,
+            "epoch": self.epoch,
         }
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class EventHub:
     """The shared event log of one app (detached, named `camgraph-events-<app>`).
-    Restarts empty: ids start again from 1, which readers detect (`last_id` below their
-    cursor) and resume from the start."""
+    Restarts empty with a new `epoch`: ids start again from 1; readers see the epoch
+    change and read the new numbering from its start."""
 
     def __init__(self, capacity: int = 1024, max_topics: int = 10_000) -> None:
         self._log = EventLog(capacity=capacity, max_topics=max_topics)
         self._new = asyncio.Event()
         self._started = time.time()
 
-    async def publish(self, events: list[dict[str, Any]]) -> int:
-        last = self._log.publish(events)
+    async def publish(
+        self, events: list[dict[str, Any]], batch: tuple[str, int] | None = None
+    ) -> int:
+        last = self._log.publish(events, batch=batch)
         self._new.set()
         self._new = asyncio.Event()
         return last

@@ -37,6 +37,9 @@ TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STATE_REPORT_S = 1.0
 HEARTBEAT_S = 1.0
+# The load test's cameras run below what the detector takes alone (about 2.3 fps each
+# here at 4), so a slowdown caused by the clients shows instead of being absorbed.
+CAMERA_FPS = 2
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +383,7 @@ def test_200_websocket_clients_while_cameras_run(app: str, rtsp: RtspServer) -> 
         body = {
             "subscriptionIdentifier": sub_id,
             "rtspUrl": rtsp.url(f"scene{2 + i}"),
-            "targetFps": 4,
+            "targetFps": CAMERA_FPS,
         }
         assert httpx.post(f"{app}/streams", json=body, headers=AUTH, timeout=30).status_code == 201
     wait_until(
@@ -413,7 +416,7 @@ def test_200_websocket_clients_while_cameras_run(app: str, rtsp: RtspServer) -> 
                             "payload": {
                                 "subscriptionIdentifier": cams[i % 2],
                                 "rtspUrl": rtsp.url(f"scene{2 + i % 2}"),
-                                "targetFps": 4,
+                                "targetFps": CAMERA_FPS,
                             },
                         },
                     )

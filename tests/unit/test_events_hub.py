@@ -223,10 +223,12 @@ def test_hub_restarted_empty_makes_the_pump_read_from_its_start() -> None:
         queue = fanout.register(EventFilter())
         stream = fanout.follow(queue.flt, None, queue=queue)
         assert await fanout.started() == 5
-        hub.log = EventLog()  # a restarted hub numbers from 1 again
+        hub.log = EventLog()  # a restarted hub numbers from 1 again, with a new epoch
         hub.publish([sub_event("d;a", n=99)])
-        got = await take(stream, 1)
-        assert got[0]["data"]["n"] == 99 and got[0]["id"] == 1
+        got = await take(stream, 2)
+        assert got[0] == {"type": "dropped", "count": 0, "reason": "hub_restarted"}
+        assert got[1]["data"]["n"] == 99 and got[1]["id"] == 1  # not skipped as "seen"
+        assert fanout.status()["hub_restarts"] == 1
         await stream.aclose()
 
     asyncio.run(main())
@@ -261,7 +263,10 @@ def test_publisher_never_blocks_bounds_its_buffer_and_resends_after_a_failure() 
         sent: list[dict[str, Any]] = []
         fail = True
 
-        async def send(events: list[dict[str, Any]]) -> None:
+        keys: list[tuple[str, int]] = []
+
+        async def send(events: list[dict[str, Any]], key: tuple[str, int]) -> None:
+            keys.append(key)
             if fail:
                 raise ConnectionError("hub down")
             sent.extend(events)
@@ -270,19 +275,21 @@ def test_publisher_never_blocks_bounds_its_buffer_and_resends_after_a_failure() 
         publisher.publish([stream_event(i) for i in range(3)])
         assert await publisher.flush() == 0
         assert publisher.status()["pending"] == 3 and publisher.send_errors == 1
-        publisher.publish([stream_event(i) for i in range(3, 7)])
+        publisher.publish([stream_event(i) for i in range(3, 9)])  # the buffer drops 3
         assert publisher.status() | {"last_error": None} == {
-            "pending": 5,
+            "pending": 8,  # the failed batch, kept whole, and the bounded buffer
             "sent": 0,
-            "dropped": 2,
+            "dropped": 1,
             "send_errors": 1,
             "last_error": None,
         }
         fail = False
-        assert await publisher.flush() == 5
-        assert [e["data"]["frame_seq"] for e in sent] == [2, 3, 4, 5, 6]
+        assert await publisher.flush() == 8
+        assert [e["data"]["frame_seq"] for e in sent] == [0, 1, 2, 4, 5, 6, 7, 8]
+        # The failed batch went again under its key; the next batch has the next one.
+        assert keys[0] == keys[1] and keys[2][1] == keys[1][1] + 1
 
-        async def hang(events: list[dict[str, Any]]) -> None:
+        async def hang(events: list[dict[str, Any]], key: tuple[str, int]) -> None:
             await asyncio.sleep(60)
 
         stuck = HubPublisher(hang, timeout_s=0.1)
@@ -338,3 +345,45 @@ def test_the_replica_measures_capture_to_event_latency() -> None:
         await stream.aclose()
 
     asyncio.run(main())
+
+
+def test_a_batch_sent_twice_is_stored_once() -> None:
+    log = EventLog()
+    log.publish([sub_event("d;a")], batch=("pub-1", 1))
+    log.publish([sub_event("d;a")], batch=("pub-1", 1))  # a resend after a timeout
+    log.publish([sub_event("d;a")], batch=("pub-2", 1))
+    log.publish([sub_event("d;a")], batch=("pub-1", 2))
+    assert [e["id"] for e in log.read(0).events] == [1, 2, 3]
+    assert log.stats()["duplicate_batches"] == 1
+
+
+def test_each_client_is_told_only_of_its_own_missed_events() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog(capacity=4))
+        fanout = EventFanout(hub.read, wait_s=0.1, limit=2)
+        quiet = fanout.register(EventFilter(cameras={"quiet"}))
+        busy = fanout.register(EventFilter(cameras={"busy"}))
+        await fanout.started()
+        # A burst the pump (2 per read) cannot keep up with: the busy topic evicts.
+        hub.publish([sub_event("d;quiet")] + [sub_event("d;busy", n=i) for i in range(20)])
+        await asyncio.sleep(0.5)
+        quiet_got = await take(fanout.follow(quiet.flt, None, 0.05, queue=quiet), 5, 0.5)
+        busy_got = await take(fanout.follow(busy.flt, None, 0.05, queue=busy), 10, 0.5)
+        assert [e["type"] for e in quiet_got] == ["detection"]
+        assert busy_got[0]["type"] == "dropped" and busy_got[0]["reason"] == "evicted"
+        delivered = [e for e in busy_got if e["type"] == "detection"]
+        assert busy_got[0]["count"] + len(delivered) == 20
+
+    asyncio.run(main())
+
+
+def test_a_reader_that_keeps_up_skips_idle_topics() -> None:
+    log = EventLog()
+    for i in range(2000):
+        log.publish([{"topic": f"job:{i}", "type": "job.finished", "job_id": str(i)}])
+    log.publish([sub_event("d;a", n=1)])
+    result = log.read(2000)
+    assert [e["data"]["n"] for e in result.events] == [1] and result.cursor == 2001
+    # A full resume is paged by `limit`, oldest first.
+    page = log.read(0, limit=10)
+    assert [e["id"] for e in page.events] == list(range(1, 11)) and page.cursor == 10
