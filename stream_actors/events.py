@@ -101,8 +101,18 @@ def hub_event(event: StreamEvent) -> dict[str, Any]:
         "captured_at": event.captured_at,
         "detected_at": event.detected_at,
     }
-    if event.kind == "detection":
-        data["detections"] = [asdict(d) for d in event.detections]
+    if event.kind == "detection":  # by hand: asdict() deep-copies, per frame per box
+        data["detections"] = [
+            {
+                "track_id": d.track_id,
+                "class_id": d.class_id,
+                "label": d.label,
+                "confidence": d.confidence,
+                "box": d.box,
+                "stable": d.stable,
+            }
+            for d in event.detections
+        ]
     if event.obj is not None:
         data["object"] = asdict(event.obj)
     data.update(event.extra)
@@ -140,7 +150,7 @@ class HubPublisher:
         self,
         send: Callable[[list[dict[str, Any]], tuple[str, int]], Awaitable[Any]],
         max_buffer: int = 4096,
-        interval_s: float = 0.05,
+        interval_s: float = 0.1,  # one hub call per camera actor per 100 ms at most
         batch: int = 500,
         timeout_s: float = 5.0,
         max_backoff_s: float = 5.0,

@@ -72,3 +72,25 @@ def wait_until(predicate: Any, timeout_s: float = 120, what: str = "condition") 
             pass
         time.sleep(0.5)
     pytest.fail(f"timed out waiting for {what() if callable(what) else what}")
+
+
+def remove_app(app: str) -> None:
+    """Delete a test app and its detached actors, which outlive it: the stream registry
+    (stopping its camera actors first), the EventHub and the media jobs actor."""
+    import contextlib
+
+    import ray
+    from ray import serve
+
+    from deployments.ingress import STREAMS_NAMESPACE
+    from deployments.media_jobs import jobs_actor_name
+    from stream_actors.actors import registry_name
+    from stream_actors.hub import hub_name
+
+    for name in (registry_name(app), hub_name(app), jobs_actor_name(app)):
+        with contextlib.suppress(ValueError):  # ValueError: no such actor
+            actor = ray.get_actor(name, STREAMS_NAMESPACE)
+            if name == registry_name(app):
+                ray.get(actor.shutdown.remote(), timeout=60)
+            ray.kill(actor, no_restart=True)
+    serve.delete(app)

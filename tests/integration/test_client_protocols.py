@@ -23,12 +23,10 @@ from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.scenes import DETECT_CLASSES
 from deployments.detector import Detector
 from deployments.ingress import STREAMS_NAMESPACE, Ingress
-from deployments.media_jobs import jobs_actor_name
 from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
-from stream_actors.actors import registry_name
 from stream_actors.hub import hub_name
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import remove_app, wait_until
 from tests.peers import RtspServer
 
 pytestmark = pytest.mark.integration
@@ -85,12 +83,7 @@ def app(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> It
     url = cluster["http_url"]
     wait_until(lambda: httpx.get(f"{url}/health").json()["status"] == "ok", what="the model")
     yield url
-    registry = ray.get_actor(registry_name(APP), STREAMS_NAMESPACE)
-    ray.get(registry.shutdown.remote())
-    for name in (registry_name(APP), hub_name(APP), jobs_actor_name(APP)):
-        with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor(name, STREAMS_NAMESPACE), no_restart=True)
-    serve.delete(APP)
+    remove_app(APP)
 
 
 def ws_url(http_url: str, path: str = "/") -> str:

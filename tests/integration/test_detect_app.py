@@ -20,7 +20,7 @@ from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
-from tests.integration.conftest import detector_stats
+from tests.integration.conftest import detector_stats, remove_app
 from tests.onnx_models import faulty_detector
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def client(
     deploy(tmp, {"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
     with httpx.Client(base_url=cluster["http_url"], timeout=60) as c:
         yield c
-    serve.delete(APP)
+    remove_app(APP)
 
 
 def wait_for_states(client: httpx.Client, expected: dict[str, str], timeout_s: float = 60) -> dict:

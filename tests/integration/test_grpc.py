@@ -2,7 +2,6 @@
 Detect agrees with HTTP /detect, errors map to status codes, the bearer token is
 enforced, and StreamEvents resumes, filters and follows live events."""
 
-import contextlib
 import json
 import threading
 import time
@@ -25,9 +24,8 @@ from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
 from protos import camgraph_pb2 as pb
 from protos import camgraph_pb2_grpc
-from stream_actors.actors import registry_name
 from stream_actors.hub import hub_name
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import remove_app, wait_until
 
 pytestmark = pytest.mark.integration
 APP = "camgraph-grpc-test"
@@ -72,10 +70,7 @@ def stub(
             what="gRPC Detect to answer",
         )
         yield client
-    serve.delete(APP)
-    for name in (registry_name(APP), hub_name(APP)):  # detached: they outlive the app
-        with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor(name, STREAMS_NAMESPACE), no_restart=True)
+    remove_app(APP)
 
 
 def scene_jpeg(seed: int = HELD_OUT_SEED_START + 7) -> bytes:

@@ -4,7 +4,6 @@ real clips (local paths and a real HTTP server)."""
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import threading
@@ -17,19 +16,15 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import ray
 from ray import serve
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import match_image
 from deployments.detector import Detector
-from deployments.ingress import STREAMS_NAMESPACE, Ingress
-from deployments.media_jobs import jobs_actor_name
+from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
-from stream_actors.actors import registry_name
-from stream_actors.hub import hub_name
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import remove_app, wait_until
 
 pytestmark = pytest.mark.integration
 APP = "camgraph-jobs-test"
@@ -95,13 +90,7 @@ def client(
     with httpx.Client(base_url=cluster["http_url"], timeout=60) as c:
         wait_until(lambda: c.get("/health").json()["status"] == "ok", what="the demo model")
         yield c
-    for name in (jobs_actor_name(APP), registry_name(APP), hub_name(APP)):
-        with contextlib.suppress(ValueError):  # ValueError: no such actor
-            actor = ray.get_actor(name, STREAMS_NAMESPACE)
-            if name == registry_name(APP):
-                ray.get(actor.shutdown.remote())
-            ray.kill(actor, no_restart=True)
-    serve.delete(APP)
+    remove_app(APP)
 
 
 def submit(client: httpx.Client, media_id: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
-import ray
 import redis
 from ray import serve
 
@@ -25,12 +24,11 @@ from demo.datasets import HELD_OUT_SEED_START, write_clip
 from deployments.actions import Actions
 from deployments.classifier import Classifier
 from deployments.detector import Detector
-from deployments.ingress import STREAMS_NAMESPACE, Ingress
+from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.archive import pack_archive
 from graph.config import PROJECT_ROOT, AppConfig
-from stream_actors.actors import registry_name
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import remove_app, wait_until
 from tests.peers import TcpProxy
 from tests.unit.test_pipeline_run import assert_body_types, recordable_vehicles
 
@@ -109,10 +107,7 @@ def app(
         what="detector, classifiers and actions to be ready",
     )
     yield url
-    registry = ray.get_actor(registry_name(APP), STREAMS_NAMESPACE)
-    ray.get(registry.shutdown.remote())
-    ray.kill(registry, no_restart=True)
-    serve.delete(APP)
+    remove_app(APP)
 
 
 def run_camera(url: str, clip: Path, display: str, replay: bool = True) -> None:

@@ -12,10 +12,9 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from ray import serve
 
 from graph.config import PROJECT_ROOT
-from tests.integration.conftest import detector_stats, wait_until
+from tests.integration.conftest import detector_stats, remove_app, wait_until
 
 pytestmark = pytest.mark.integration
 APP = "camgraph-deploy-test"
@@ -74,7 +73,7 @@ def deployed(
         what="the config-deployed app to be healthy",
     )
     yield cluster, path
-    serve.delete(APP)
+    remove_app(APP)
 
 
 def test_config_deploy_serves_detect(deployed: tuple[dict[str, Any], Path]) -> None:

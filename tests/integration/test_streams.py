@@ -23,7 +23,7 @@ from deployments.ingress import STREAMS_NAMESPACE, Ingress
 from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
 from stream_actors.actors import registry_name
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import remove_app, wait_until
 from tests.peers import RtspServer, SnapshotServer
 
 pytestmark = pytest.mark.integration
@@ -86,10 +86,7 @@ def app(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> It
         route_prefix="/",
     )
     yield cluster["http_url"]
-    registry = ray.get_actor(registry_name(APP), STREAMS_NAMESPACE)
-    ray.get(registry.shutdown.remote())
-    ray.kill(registry, no_restart=True)
-    serve.delete(APP)
+    remove_app(APP)
 
 
 def subscribe(url: str, body: dict[str, Any]) -> dict[str, Any]:
