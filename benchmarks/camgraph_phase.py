@@ -2,7 +2,8 @@
 
 Counts come from `GET /streams` (each subscription's `received`, `processed` and
 `drops`) read at both ends of the window; latencies from the detection events
-(`captured_at`, `detected_at`) polled from `GET /streams/{id}/events`; CPU and memory
+(`captured_at`, `detected_at`) polled from `GET /streams/{id}/events`; capture → event
+as a client sees it, from an SSE client on `GET /events` during the window; CPU and memory
 from the local Ray cluster's processes; the detector's batch sizes from every
 replica's own counters (when the harness deployed camgraph itself). `local_camgraph`
 deploys a plain-detector variant of serve_config.yaml on a cluster of its own.
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +27,7 @@ import yaml
 
 from benchmarks.baselines import Camera, Mode
 from benchmarks.measure import CameraResult, PhaseResult, ProcessSampler, ray_selector
-from benchmarks.stats import BatchDistribution, DropAccount
+from benchmarks.stats import BatchDistribution, DropAccount, percentile
 from benchmarks.workers import progress_bar
 from tests.peers import free_port
 
@@ -196,6 +198,60 @@ def run_camgraph(
     return phase
 
 
+class EventListener(threading.Thread):
+    """An SSE client on `GET /events`: capture → event latency as a client sees it (its
+    receive time minus the frame's capture time) for detection events captured in the
+    window. The harness and camgraph share a clock: one machine."""
+
+    def __init__(self, url: str, subs: Sequence[str], start: float, end: float) -> None:
+        super().__init__(daemon=True, name="bench-sse")
+        self.url, self.subs, self.start_at, self.end_at = url, list(subs), start, end
+        self.latencies_ms: list[float] = []
+        self.dropped = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        params: list[tuple[str, str | int | float | bool | None]] = [
+            ("subscription", s) for s in self.subs
+        ]
+        params.append(("type", "detection"))
+        try:
+            timeout = httpx.Timeout(10.0, read=20.0)
+            with httpx.stream("GET", f"{self.url}/events", params=params, timeout=timeout) as r:
+                for line in r.iter_lines():
+                    if self._stop.is_set():
+                        return
+                    if not line.startswith("data: "):
+                        continue
+                    received = time.time()
+                    event = json.loads(line[6:])
+                    if event.get("type") == "dropped":
+                        self.dropped += int(event.get("count", 0))
+                        continue
+                    captured = float(event["data"]["captured_at"])
+                    if self.start_at <= captured <= self.end_at:
+                        self.latencies_ms.append((received - captured) * 1000.0)
+        except Exception as exc:  # reported in the phase's notes
+            if not self._stop.is_set():
+                self.error = f"{type(exc).__name__}: {exc}"
+
+    def stop(self) -> None:
+        self._stop.set()  # the next event or heartbeat ends the loop; daemon either way
+
+    def note(self) -> str:
+        if self.error is not None:
+            return f"capture -> event not measured: the SSE client failed ({self.error})"
+        values = self.latencies_ms
+        if not values:
+            return "capture -> event not measured: no detection event reached the SSE client"
+        p50, p95, p99 = (round(percentile(values, q)) for q in (50, 95, 99))
+        return (
+            f"capture -> event at an SSE client: p50 {p50} ms, p95 {p95} ms, p99 {p99} ms "
+            f"over {len(values)} events ({self.dropped} dropped)"
+        )
+
+
 def _measure(
     client: httpx.Client,
     phase: PhaseResult,
@@ -224,6 +280,9 @@ def _measure(
     first: dict[str, Any] | None = None
     first_at, actors_before, batch_start, polled_at = 0.0, {}, None, 0.0
     bar = progress_bar(end - start, f"camgraph {len(subs)} cam {mode}", progress)
+    listener = EventListener(str(client.base_url).rstrip("/"), list(subs), measure_start, end)
+    if keep_latency:
+        listener.start()
     try:
         while (now := time.time()) < end:
             if first is None and now >= measure_start:
@@ -246,6 +305,14 @@ def _measure(
             time.sleep(min(0.5, max(0.0, end - time.time())))
     finally:
         bar.close()
+    if keep_latency:  # events of the window's last frames are on their way
+        time.sleep(1.0)
+        listener.stop()
+        if listener.latencies_ms:
+            phase.extra["capture_to_event_ms"] = {
+                q: round(percentile(listener.latencies_ms, float(q[1:])), 1)
+                for q in ("p50", "p95", "p99")
+            }
     listing = client.get("/streams").json()
     last, last_at = subscription_counters(listing), time.time()
     if first is None:
@@ -270,10 +337,7 @@ def _measure(
     phase.extra["camera_actors_cpu_pct"] = round(100 * used_s / window_s, 1) if window_s else None
     _record_batches(phase, batch_distribution(batch_start, batch_end))
     if keep_latency:
-        phase.notes.append(
-            "capture -> event not measured: events are polled here; it needs the push "
-            "streams (WebSocket/SSE)"
-        )
+        phase.notes.append(listener.note())
     else:
         phase.notes.append("lossless replay: latency not comparable, not reported")
 
