@@ -87,10 +87,14 @@ def remove_app(app: str) -> None:
     from stream_actors.actors import registry_name
     from stream_actors.hub import hub_name
 
-    for name in (registry_name(app), hub_name(app), jobs_actor_name(app)):
+    def kill(name: str, shutdown: bool = False) -> None:
         with contextlib.suppress(ValueError):  # ValueError: no such actor
             actor = ray.get_actor(name, STREAMS_NAMESPACE)
-            if name == registry_name(app):
+            if shutdown:
                 ray.get(actor.shutdown.remote(), timeout=60)
             ray.kill(actor, no_restart=True)
-    serve.delete(app)
+
+    kill(registry_name(app), shutdown=True)  # the cameras first: they publish to the hub
+    serve.delete(app)  # then the ingress, which reads the hub
+    kill(hub_name(app))
+    kill(jobs_actor_name(app))
