@@ -8,7 +8,7 @@ actor cannot resume a job: what was queued or running becomes `interrupted`.
 
 Everything but the actor is pure and tested without Ray: `JobStore` (records on disk),
 `JobRun` (one job's reading, detection and events, with `detect` and `publish` injected),
-`download` and `JobEventPublisher`.
+and `download`. Events go to the hub through the camera actors' `HubPublisher`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from deployments.schemas import (
     image_detections,
 )
 from deployments.vision import DetectParams, letterbox
+from stream_actors.events import HubPublisher
 
 logger = logging.getLogger("camgraph.jobs")
 
@@ -690,73 +691,6 @@ async def run_job(
 
 
 # ---- events to the hub --------------------------------------------------------------------
-class JobEventPublisher:
-    """Hands job events to the EventHub without ever blocking a job: `publish` appends to
-    a bounded buffer (the oldest drop, counted, while the hub is slow or gone); `run`
-    sends what accumulated, one call in flight, keeping a failed batch for the next try."""
-
-    def __init__(
-        self,
-        send: Callable[[list[dict[str, Any]]], Awaitable[Any]] | None,
-        max_buffer: int = 10_000,
-        interval_s: float = 0.05,
-        timeout_s: float = 5.0,
-    ) -> None:
-        self._send = send
-        self._buffer: deque[dict[str, Any]] = deque()
-        self.max_buffer, self.interval_s, self.timeout_s = max_buffer, interval_s, timeout_s
-        self.sent = self.dropped = self.send_errors = 0
-        self.last_error: str | None = None
-        self._wake = asyncio.Event()
-
-    def publish(self, events: list[dict[str, Any]]) -> None:
-        if self._send is None:
-            return
-        self._buffer.extend(events)
-        while len(self._buffer) > self.max_buffer:
-            self._buffer.popleft()
-            self.dropped += 1
-        self._wake.set()
-
-    async def flush(self) -> bool:
-        """Send everything buffered; False when the hub failed (events kept)."""
-        while self._buffer and self._send is not None:
-            batch = list(self._buffer)
-            self._buffer.clear()
-            try:
-                await asyncio.wait_for(self._send(batch), self.timeout_s)
-            except Exception as exc:
-                self.send_errors += 1
-                self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
-                self._buffer.extendleft(reversed(batch))
-                while len(self._buffer) > self.max_buffer:
-                    self._buffer.popleft()
-                    self.dropped += 1
-                return False
-            self.sent += len(batch)
-        return True
-
-    async def run(self) -> None:
-        backoff = self.interval_s
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(backoff)  # gathers a batch; backs off while the hub is away
-            ok = await self.flush()
-            backoff = self.interval_s if ok else min(5.0, backoff * 2)
-            if not ok:
-                self._wake.set()
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "pending": len(self._buffer),
-            "sent": self.sent,
-            "dropped": self.dropped,
-            "send_errors": self.send_errors,
-            "last_error": self.last_error,
-        }
-
-
 # ---- the jobs of one app ------------------------------------------------------------------
 @dataclass
 class _Active:
@@ -886,6 +820,10 @@ class JobManager:
 
 
 # ---- the Ray actor ------------------------------------------------------------------------
+def _discard(events: list[dict[str, Any]]) -> None:
+    """The publish of a jobs actor without a hub (tests of the manager alone)."""
+
+
 def jobs_actor_name(app_name: str) -> str:
     return f"camgraph-jobs-{app_name}"
 
@@ -910,19 +848,19 @@ class MediaJobs:
         self._hub_name, self._namespace = hub_name, namespace
         self._handles: dict[str, Any] = {}
         self._hub: Any = None
-        self._publisher = JobEventPublisher(self._send if hub_name is not None else None)
+        self._publisher = HubPublisher(self._send, max_buffer=10_000)
         self._jobs = JobManager(
             MediaJobSettings.model_validate(settings),
             tuple(detector_names),
             default_model,
             self._detector,
-            self._publisher.publish,
+            self._publisher.publish_dicts if hub_name is not None else _discard,
         )
         self._jobs.open()
         # Async actors run __init__ with their event loop set.
         self._pump = asyncio.get_event_loop().create_task(self._publisher.run())
 
-    async def _send(self, events: list[dict[str, Any]]) -> None:
+    async def _send(self, events: list[dict[str, Any]], key: tuple[str, int]) -> None:
         try:
             if self._hub is None:
                 assert self._hub_name is not None
@@ -930,7 +868,7 @@ class MediaJobs:
                 self._hub = await asyncio.to_thread(
                     ray.get_actor, self._hub_name, namespace=self._namespace
                 )
-            await self._hub.publish.remote(events)
+            await self._hub.publish.remote(events, key)
         except Exception:
             self._hub = None  # found again next time (it may have restarted)
             raise

@@ -168,9 +168,12 @@ class HubPublisher:
         self.last_error: str | None = None
 
     def publish(self, events: list[StreamEvent]) -> None:
-        converted = [hub_event(e) for e in events]
+        self.publish_dicts([hub_event(e) for e in events])
+
+    def publish_dicts(self, events: list[dict[str, Any]]) -> None:
+        """Events already in the hub's JSON shape (media jobs publish these)."""
         with self._lock:
-            for event in converted:
+            for event in events:
                 if len(self._buffer) >= self.max_buffer:
                     self._buffer.popleft()
                     self.dropped += 1

@@ -7,7 +7,6 @@ import asyncio
 import http.server
 import json
 import threading
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,6 @@ from deployments.engines import OnnxEngine
 from deployments.media_jobs import (
     Detect,
     DuplicateJobError,
-    JobEventPublisher,
     JobFinishedError,
     JobManager,
     JobNotFoundError,
@@ -550,27 +548,3 @@ def test_request_sources_and_redaction() -> None:
         redact_url("https://u:pw@h:8/a.mp4?x=1&token=s3") == "https://u:***@h:8/a.mp4?x=1&token=***"
     )
     assert redact_url("http://h/a.mp4") == "http://h/a.mp4"
-
-
-def test_publisher_keeps_events_while_the_hub_is_away_and_bounds_them() -> None:
-    sent: list[dict[str, Any]] = []
-    up = False
-
-    async def send(events: list[dict[str, Any]]) -> None:
-        if not up:
-            raise ConnectionError("hub restarting")
-        sent.extend(events)
-
-    async def scenario() -> None:
-        nonlocal up
-        publisher = JobEventPublisher(send, max_buffer=3)
-        publisher.publish([{"n": 1}, {"n": 2}])
-        assert await publisher.flush() is False
-        publisher.publish([{"n": 3}, {"n": 4}])  # over the bound: the oldest goes
-        up = True
-        assert await publisher.flush() is True
-        assert publisher.status()["dropped"] == 1 and publisher.status()["send_errors"] == 1
-
-    started = time.monotonic()
-    asyncio.run(scenario())
-    assert [e["n"] for e in sent] == [2, 3, 4] and time.monotonic() - started < 5
