@@ -334,6 +334,19 @@ class Ingress(GrpcMethods):
             by_state[stream["state"]] = by_state.get(stream["state"], 0) + 1
         return {"total": len(listing["streams"]), "by_state": by_state}
 
+    def _unknown_model(self, field: str, model: str | None) -> JSONResponse | None:
+        """A 422 in FastAPI's validation shape when a body names a model not served."""
+        if model is None or model in self._detectors:
+            return None
+        detail = [
+            {
+                "loc": ["body", field],
+                "type": "unknown_model",
+                "msg": f"unknown model {model!r}; known: {sorted(self._detectors)}",
+            }
+        ]
+        return JSONResponse({"detail": detail}, 422)
+
     def _resolve(self, model: str | None) -> str:
         model_id = model or self._default
         if model_id not in self._detectors:
@@ -466,15 +479,8 @@ class Ingress(GrpcMethods):
         """Detect over a video or image (`path` on the server, or an http(s) `url`) as a
         job: 202 with its id at once; progress and detections arrive as events
         (`GET /events?job=<id>`); 409 while a job of the same `media_id` runs."""
-        if body.model is not None and body.model not in self._detectors:
-            detail = [
-                {
-                    "loc": ["body", "model"],
-                    "type": "unknown_model",
-                    "msg": f"unknown model {body.model!r}; known: {sorted(self._detectors)}",
-                }
-            ]
-            return JSONResponse({"detail": detail}, 422)
+        if (refused := self._unknown_model("model", body.model)) is not None:
+            return refused
         try:
             record = await self._jobs.submit.remote(media_id, body.model_dump(mode="json"))
         except DuplicateJobError as exc:
@@ -529,15 +535,8 @@ class Ingress(GrpcMethods):
         """Subscribe a camera (the detector-worker `subscribe` payload). Several
         subscriptions on one URL share one stream. An unreachable camera still makes a
         subscription: its state and last error show in `GET /streams`."""
-        if sub.modelId is not None and sub.modelId not in self._detectors:
-            detail = [
-                {
-                    "loc": ["body", "modelId"],
-                    "type": "unknown_model",
-                    "msg": f"unknown model {sub.modelId!r}; known: {sorted(self._detectors)}",
-                }
-            ]
-            return JSONResponse({"detail": detail}, 422)
+        if (refused := self._unknown_model("modelId", sub.modelId)) is not None:
+            return refused
         try:
             return await self._registry.subscribe.remote(sub.model_dump(mode="json"))
         except ray.exceptions.RayError as exc:
