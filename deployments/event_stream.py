@@ -1,11 +1,14 @@
 """Events from the EventHub to this ingress replica's clients (no Ray: the hub's `read` is
-injected, so the logic is tested against a real `EventLog`).
+injected, so the logic is tested against the hub's own class, `EventHubService`).
 
 One pump per replica long-polls the hub with its cursor and fans each event out to the
-clients whose filter matches. Each client has a bounded queue: a slow client (a full
-socket) loses its oldest events, counted, and is told with a `dropped` notice; it never
-slows the pump, the hub or the cameras. `follow()` first replays what the hub still holds
-after a client's last event id (resume), then continues live without gaps or repeats.
+clients whose filter matches. Each client has a bounded queue: a client whose sender falls
+behind loses its oldest events, counted, and is told with a `dropped` notice; it never
+slows the pump, the hub or the cameras. (Serve's ASGI `send` in a replica never waits, so
+a slow link shows here only as far as this replica's own sending; past it, the proxy
+buffers, and drops a client that stops reading when it stops answering pings.)
+`follow()` first replays what the hub still holds after a client's last event id (resume),
+then continues live without gaps or repeats.
 """
 
 from __future__ import annotations
@@ -138,34 +141,45 @@ class EventFanout:
                     self.cursor, self.epoch = int(first["last_id"]), first["epoch"]
                     self._started.set()
                 result = await self._read(self.cursor, None, self.limit, self.wait_s)
+                self._fan_out(result)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the hub restarting: retry, clients keep waiting
+                # Also a malformed answer or event: the pump must outlive it, or every
+                # client of this replica would go silent until a new one registers.
                 self.pump_errors += 1
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 logger.warning("event pump: reading the hub failed: %s", self.last_error)
                 await asyncio.sleep(1.0)
-                continue
-            if result["epoch"] != self.epoch:  # the hub restarted: it numbers from 1 again
-                logger.warning("event pump: the hub restarted; reading from its start")
-                self.epoch, self.cursor = result["epoch"], 0
-                self.hub_restarts += 1
-                for client in list(self._clients):
-                    client.put(dict(HUB_RESTARTED))
-                continue
-            now = time.time()
-            for event in result["events"]:
-                captured = (event.get("data") or {}).get("captured_at")
+
+    def _fan_out(self, result: dict[str, Any]) -> None:
+        """One answer of the hub to the clients whose filter matches; moves the cursor."""
+        if result["epoch"] != self.epoch:  # the hub restarted: it numbers from 1 again
+            logger.warning("event pump: the hub restarted; reading from its start")
+            self.epoch, self.cursor = result["epoch"], 0
+            self.hub_restarts += 1
+            for client in list(self._clients):
+                client.put(dict(HUB_RESTARTED))
+            return
+        now = time.time()
+        self.cursor = int(result["cursor"])
+        for event in result["events"]:
+            try:
+                data = event.get("data")
+                captured = data.get("captured_at") if isinstance(data, dict) else None
                 if isinstance(captured, int | float):
                     self.latencies_ms.append((now - captured) * 1000.0)
                 for client in list(self._clients):
                     if client.flt.matches(event):
                         client.put(event)
-            for lost in result["missed_detail"]:  # the pump fell behind: tell whom it concerns
-                for client in list(self._clients):
-                    if client.flt.matches(lost):
-                        client.missed(int(lost["count"]))
-            self.cursor = int(result["cursor"])
+            except Exception as exc:  # one malformed event is skipped, not the batch
+                self.pump_errors += 1
+                self.last_error = f"skipped event: {type(exc).__name__}: {str(exc)[:200]}"
+                logger.warning("event pump: %s", self.last_error)
+        for lost in result["missed_detail"]:  # the pump fell behind: tell whom it concerns
+            for client in list(self._clients):
+                if client.flt.matches(lost):
+                    client.missed(int(lost["count"]))
 
     async def started(self) -> int:
         await self._started.wait()
@@ -186,7 +200,17 @@ class EventFanout:
         try:
             last_sent = 0
             if after_id is not None:
-                live_from = await self.started()
+                # While the hub cannot be read the pump has no live start yet: the client
+                # gets heartbeats meanwhile, not a silent connection a proxy may close.
+                started = asyncio.ensure_future(self.started())
+                try:
+                    while not started.done():
+                        await asyncio.wait([started], timeout=idle_s)
+                        if not started.done():
+                            yield None
+                finally:
+                    started.cancel()
+                live_from = started.result()
                 cursor = after_id
                 while cursor < live_from:
                     result = await self._read(cursor, flt.to_dict(), self.limit, 0.0)

@@ -224,7 +224,7 @@ class Ingress(GrpcMethods):
         ).remote(context)
         self._registry.configure.remote(context)  # an existing registry learns the models
         events = events or {}
-        self._hub = EventHub.options(  # type: ignore[attr-defined]
+        self._hub: Any = EventHub.options(  # type: ignore[attr-defined]
             name=hub_name(app_name),
             namespace=STREAMS_NAMESPACE,
             lifetime="detached",
@@ -494,7 +494,7 @@ class Ingress(GrpcMethods):
                 "job_id": record["job_id"],
                 "media_id": media_id,
                 "status": record["status"],
-                "events_url": f"/events?job={record['job_id']}",
+                "events_url": f"/events?job={record['job_id']}&last_event_id=0",
             },
             202,
         )

@@ -92,6 +92,9 @@ class IngressSettings(StrictModel):
     )
     auth_token_file: Path | None = Field(None, description="or a file holding the token")
     state_report_s: float = Field(2.0, gt=0, le=3600, description="WebSocket stateReport")
+    actor_call_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="registry and hub calls of a WebSocket message"
+    )
     sse_heartbeat_s: float = Field(15.0, gt=0, le=300, description="SSE comment interval")
     client_queue: int = Field(
         256, ge=8, le=100_000, description="events queued per client; a slow one drops oldest"

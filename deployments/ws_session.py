@@ -6,8 +6,11 @@ Ingress owns the registry, hub and fan-out it uses; messages are parsed and rend
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from typing import Any
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import ray
 from fastapi import WebSocket, WebSocketDisconnect
@@ -15,6 +18,11 @@ from fastapi import WebSocket, WebSocketDisconnect
 from deployments import ws_protocol as wsp
 from stream_actors.hub import EventFilter
 from stream_actors.subscriptions import Subscription
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+# A background task of the session failed: the client is told by this close code.
+WS_INTERNAL_ERROR = 1011
 
 
 class WsSession:
@@ -31,40 +39,66 @@ class WsSession:
             await self.ws.send_text(json.dumps(message))
 
     async def run(self) -> None:
-        tasks = [
-            asyncio.create_task(self._send_events()),
-            asyncio.create_task(self._report_state()),
+        background = [
+            asyncio.create_task(self._send_events(), name="ws-events"),
+            asyncio.create_task(self._report_state(), name="ws-state"),
         ]
+        receiver = asyncio.create_task(self._receive(), name="ws-receive")
         try:
-            while True:
-                try:
-                    text = await self.ws.receive_text()
-                except WebSocketDisconnect:
-                    return
-                except KeyError:  # a binary frame: receive_text finds no "text"
-                    await self.send(
-                        wsp.error_message(wsp.ProtocolError("binary frames are not accepted"))
-                    )
-                    continue
-                request_type, request_id = None, None
-                try:
-                    request_type, payload, request_id = wsp.parse(text)
-                    await self._handle(request_type, payload, request_id)
-                except wsp.ProtocolError as exc:
-                    await self.send(wsp.error_message(exc))
-                except ray.exceptions.RayError as exc:  # registry or hub restarting
-                    unavailable = wsp.ProtocolError(
-                        f"service unavailable, retry: {type(exc).__name__}",
-                        request_type,
-                        None,
-                        request_id,
-                    )
-                    await self.send(wsp.error_message(unavailable))
+            # The receive loop ends the session when the client goes; a background task
+            # never ends by itself, so one that does has failed: the client must not be
+            # left on an open socket that no longer carries detections or reports.
+            await asyncio.wait([receiver, *background], return_when=asyncio.FIRST_COMPLETED)
+            if receiver.done():
+                receiver.result()  # the client left, or a handler raised: Serve logs it
+                return
+            failed = next((t for t in background if t.done()), None)
+            if failed is not None:
+                exc = failed.exception() if not failed.cancelled() else None
+                logger.error(
+                    "WebSocket session: %s stopped (%r); closing the connection",
+                    failed.get_name(),
+                    exc,
+                    exc_info=exc,
+                )
+                with contextlib.suppress(Exception):  # the client may be gone already
+                    await self.ws.close(WS_INTERNAL_ERROR, f"{failed.get_name()} failed")
         finally:
-            for task in tasks:
+            for task in (receiver, *background):
                 task.cancel()
             self.ingress._fanout.unregister(self.queue)
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(receiver, *background, return_exceptions=True)
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                text = await self.ws.receive_text()
+            except WebSocketDisconnect:
+                return
+            except KeyError:  # a binary frame: receive_text finds no "text"
+                await self.send(
+                    wsp.error_message(wsp.ProtocolError("binary frames are not accepted"))
+                )
+                continue
+            request_type, request_id = None, None
+            try:
+                request_type, payload, request_id = wsp.parse(text)
+                await self._handle(request_type, payload, request_id)
+            except wsp.ProtocolError as exc:
+                await self.send(wsp.error_message(exc))
+            except (ray.exceptions.RayError, TimeoutError) as exc:  # registry or hub away
+                unavailable = wsp.ProtocolError(
+                    f"service unavailable, retry: {type(exc).__name__}",
+                    request_type,
+                    None,
+                    request_id,
+                )
+                await self.send(wsp.error_message(unavailable))
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        """A registry or hub call, bounded: both actors retry while they restart, and a
+        client must get an answer (an error to retry) rather than a silent connection."""
+        return await asyncio.wait_for(call, self.ingress._settings.actor_call_timeout_s)
 
     async def _handle(self, kind: str, payload: Any, request_id: Any) -> None:
         ingress = self.ingress
@@ -84,8 +118,10 @@ class WsSession:
                     request_id,
                 )
             try:
-                result = await ingress._registry.subscribe.remote(sub.model_dump(mode="json"))
-            except ray.exceptions.RayError as exc:
+                result = await self._call(
+                    ingress._registry.subscribe.remote(sub.model_dump(mode="json"))
+                )
+            except (ray.exceptions.RayError, TimeoutError) as exc:
                 raise wsp.ProtocolError(
                     f"stream registry unavailable: {type(exc).__name__}", kind, None, request_id
                 ) from None
@@ -102,16 +138,21 @@ class WsSession:
             )
         elif kind == "unsubscribe":
             sub_id = payload.subscriptionIdentifier
+            # Forgotten here only once the registry has answered: a client told to retry
+            # keeps its events and its stateReport entry meanwhile.
+            known = await self._call(ingress._registry.unsubscribe.remote(sub_id))
             self.subs.pop(sub_id, None)
             self._refilter()
-            if not await ingress._registry.unsubscribe.remote(sub_id):
+            if not known:
                 raise wsp.ProtocolError(f"no subscription {sub_id!r}", kind, None, request_id)
             await self.send(wsp.ack(kind, request_id, subscriptionIdentifier=sub_id))
         elif kind == "requestState":
             report = await self._state_report()
             await self.send(report | ({"requestId": request_id} if request_id is not None else {}))
         elif kind == "setSessionId":
-            await ingress._hub.set_session.remote(payload.displayIdentifier, payload.sessionId)
+            await self._call(
+                ingress._hub.set_session.remote(payload.displayIdentifier, payload.sessionId)
+            )
             await self.send(
                 wsp.ack(
                     kind,
@@ -122,7 +163,7 @@ class WsSession:
             )
         elif kind == "patchSession":
             try:
-                await ingress._hub.patch_session.remote(payload.sessionId, payload.data)
+                await self._call(ingress._hub.patch_session.remote(payload.sessionId, payload.data))
                 ok, message = True, "session updated"
             except KeyError:
                 ok, message = False, f"no display has session {payload.sessionId!r}"

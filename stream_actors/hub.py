@@ -6,7 +6,8 @@ can resume from its `Last-Event-ID` on another replica. Topics are `sub:<subscri
 and `job:<job id>`; each keeps its newest `capacity` events, so a busy camera never evicts
 a quiet one's. A reader that fell behind is told how many of its events were evicted.
 
-`EventLog` is the pure logic; `EventHub` is its Ray actor shell (long-poll reads).
+`EventLog` is the pure logic; `EventHubService` adds long-poll reads, and `EventHub` is
+that class as a Ray actor.
 Sessions (`setSessionId` / `patchSession` of the WebSocket protocol) live here too, so
 every replica stamps the same `session_id` on a display's events.
 """
@@ -272,24 +273,30 @@ class EventLog:
         }
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
-class EventHub:
-    """The shared event log of one app (detached, named `camgraph-events-<app>`).
-    Restarts empty with a new `epoch`: ids start again from 1; readers see the epoch
-    change and read the new numbering from its start."""
+class EventHubService:
+    """The shared event log of one app: an `EventLog` with long-poll reads. `EventHub`
+    below is this class as a Ray actor (detached, named `camgraph-events-<app>`); tests
+    drive this class itself. Restarts empty with a new `epoch`: ids start again from 1;
+    readers see the epoch change and read the new numbering from its start."""
 
     def __init__(self, capacity: int = 1024, max_topics: int = 10_000) -> None:
         self._log = EventLog(capacity=capacity, max_topics=max_topics)
         self._new = asyncio.Event()
         self._started = time.time()
 
-    async def publish(
+    def publish_now(
         self, events: list[dict[str, Any]], batch: tuple[str, int] | None = None
     ) -> int:
+        """Store a batch and wake the waiting readers; returns the last id."""
         last = self._log.publish(events, batch=batch)
         self._new.set()
         self._new = asyncio.Event()
         return last
+
+    async def publish(
+        self, events: list[dict[str, Any]], batch: tuple[str, int] | None = None
+    ) -> int:
+        return self.publish_now(events, batch)
 
     async def read(
         self,
@@ -321,3 +328,6 @@ class EventHub:
 
     async def stats(self) -> dict[str, Any]:
         return {**self._log.stats(), "started": self._started}
+
+
+EventHub = ray.remote(max_restarts=-1, max_task_retries=-1)(EventHubService)

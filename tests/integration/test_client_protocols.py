@@ -357,6 +357,58 @@ def test_sse_resume_with_last_event_id_misses_nothing_still_buffered(
     assert httpx.delete(f"{app}/streams/{sub_id}", headers=AUTH, timeout=30).status_code == 204
 
 
+def replica_websockets(app: str) -> int:
+    """WebSocket sessions open on the (single) ingress replica, from /health."""
+    return int(httpx.get(f"{app}/health", timeout=30).json()["events"]["replica"]["websockets"])
+
+
+def test_a_client_that_stops_reading_slows_no_one_and_its_session_ends(
+    app: str, rtsp: RtspServer
+) -> None:
+    """Given a camera followed by two WebSocket clients, when one stops reading (its
+    library stops taking frames, so it answers no ping either), then the other keeps
+    getting detections in order, the camera keeps its rate, and the server ends the stalled
+    session (Serve's proxy drops it after uvicorn's ping interval and timeout, 20 + 20 s):
+    what it held is released rather than growing for as long as the socket stays open."""
+    sub_id = "stall;cam-stall"
+    body = {"subscriptionIdentifier": sub_id, "rtspUrl": rtsp.url("scene1"), "targetFps": 5}
+    assert httpx.post(f"{app}/streams", json=body, headers=AUTH, timeout=30).status_code == 201
+    wait_until(lambda: fps_of(app, [sub_id]).get(sub_id, 0) > 5, 90, "the camera processing")
+    before = replica_websockets(app)
+    follow = {"type": "subscribe", "payload": body}
+
+    async def main() -> dict[str, Any]:
+        async with (
+            client(app) as reader,
+            connect(ws_url(app), additional_headers=AUTH, max_queue=1, open_timeout=30) as stalled,
+        ):
+            for ws in (reader, stalled):
+                await send(ws, follow)
+                await next_of(ws, {"subscribeAck"})
+            assert replica_websockets(app) == before + 2
+            start_n, start_t = fps_of(app, [sub_id])[sub_id], time.monotonic()
+            ids: list[int] = []
+            ended_after_s = None
+            while time.monotonic() - start_t < 90:
+                message = await next_of(reader, {"imageDetection"})
+                ids.append(int(message["eventId"]))
+                now = replica_websockets(app)
+                if ended_after_s is None and now == before + 1:
+                    ended_after_s = time.monotonic() - start_t
+                if ended_after_s is not None and time.monotonic() - start_t > ended_after_s + 5:
+                    break
+            fps = (fps_of(app, [sub_id])[sub_id] - start_n) / (time.monotonic() - start_t)
+            return {"ids": ids, "ended_after_s": ended_after_s, "fps": fps}
+
+    got = asyncio.run(main())
+    print(f"stalled session ended after {got['ended_after_s']} s; camera at {got['fps']:.1f} fps")
+    assert got["ended_after_s"] is not None, "the stalled session was never ended"
+    ids = got["ids"]
+    assert ids == sorted(set(ids)) and len(ids) > 20, ids  # in order, none repeated
+    assert got["fps"] >= 0.8 * 5, got
+    httpx.delete(f"{app}/streams/{sub_id}", headers=AUTH, timeout=30)
+
+
 def fps_of(app: str, sub_ids: list[str]) -> dict[str, int]:
     """Frames processed so far per subscription."""
     streams = httpx.get(f"{app}/streams", headers=AUTH, timeout=30).json()["streams"]

@@ -98,7 +98,7 @@ def submit(client: httpx.Client, media_id: str, body: dict[str, Any]) -> dict[st
     assert response.status_code == 202, response.text
     job = dict(response.json())
     assert job["media_id"] == media_id and job["status"] in ("queued", "running")
-    assert job["events_url"] == f"/events?job={job['job_id']}"
+    assert job["events_url"] == f"/events?job={job['job_id']}&last_event_id=0"
     return job
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from deployments.auth import WS_UNAUTHORIZED, AuthConfigError, bearer, load_token, token_ok
+from deployments.auth import AuthConfigError, bearer, load_token, token_ok
 from deployments.schemas import IngressSettings
 
 ENV = "CAMGRAPH_TEST_TOKEN"
@@ -47,10 +47,6 @@ def test_token_ok() -> None:
     assert token_ok("S3CRET", "s3cret") is False
     assert token_ok("s3cret", "s3cret") is True
     assert token_ok("tök€n", "tök€n") is True  # non-ASCII compares as UTF-8
-
-
-def test_ws_close_code_is_an_application_code() -> None:
-    assert WS_UNAUTHORIZED == 4401
 
 
 def test_no_source_means_auth_off() -> None:

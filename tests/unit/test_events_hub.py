@@ -11,7 +11,7 @@ import pytest
 
 from deployments.event_stream import LATEST, EventFanout, sse_frame
 from stream_actors.events import HubPublisher, StreamEvent, TrackedDetection, hub_event
-from stream_actors.hub import EventFilter, EventLog
+from stream_actors.hub import EventFilter, EventHubService, EventLog
 
 
 def sub_event(sub: str, kind: str = "detection", n: int = 0) -> dict[str, Any]:
@@ -100,29 +100,28 @@ def test_least_recent_topics_go_beyond_max_topics() -> None:
 
 
 class LogReader:
-    """The hub's `read` over a real EventLog, with its long-poll."""
+    """The EventHub itself (its class, without Ray) over a given EventLog: the fan-out
+    reads it through the same `read` call the Ingress makes on the actor."""
 
     def __init__(self, log: EventLog) -> None:
-        self.log, self.new = log, asyncio.Event()
-        self.calls = 0
+        self.service = EventHubService()
+        self.log = log
+
+    @property
+    def log(self) -> EventLog:
+        return self.service._log
+
+    @log.setter
+    def log(self, log: EventLog) -> None:  # a restarted hub: a new, empty log
+        self.service._log = log
 
     def publish(self, events: list[dict[str, Any]]) -> None:
-        self.log.publish(events)
-        self.new.set()
-        self.new = asyncio.Event()
+        self.service.publish_now(events)
 
     async def read(
         self, after: int, flt: dict[str, Any] | None, limit: int, wait_s: float
     ) -> dict[str, Any]:
-        self.calls += 1
-        if after > self.log.last_id:
-            return self.log.read(after, EventFilter.of(flt), limit).to_dict()
-        result = self.log.read(after, EventFilter.of(flt), limit)
-        if not result.events and wait_s > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.new.wait(), wait_s)
-            result = self.log.read(after, EventFilter.of(flt), limit)
-        return result.to_dict()
+        return await self.service.read(after, flt, limit, wait_s)
 
 
 async def take(stream: Any, n: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
@@ -230,6 +229,50 @@ def test_hub_restarted_empty_makes_the_pump_read_from_its_start() -> None:
         assert got[1]["data"]["n"] == 99 and got[1]["id"] == 1  # not skipped as "seen"
         assert fanout.status()["hub_restarts"] == 1
         await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_malformed_event_is_skipped_and_the_pump_goes_on() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog())
+        fanout = EventFanout(hub.read, wait_s=0.1)
+        stream = fanout.follow(EventFilter(cameras={"a"}), None)
+        got = asyncio.ensure_future(take(stream, 2))
+        await fanout.started()
+        bad = sub_event("d;a") | {"camera_id": ["a"]}  # unhashable: the filter raises
+        hub.publish([sub_event("d;a", n=1), bad, sub_event("d;a", n=2)])
+        hub.publish([sub_event("d;a", n=3)])
+        assert [e["data"]["n"] for e in await got] == [1, 2]
+        assert [e["data"]["n"] for e in await take(stream, 1)] == [3]
+        assert fanout.status()["pump_errors"] == 1
+        assert "skipped event: TypeError" in fanout.status()["last_error"]
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_resume_while_the_hub_is_away_gets_heartbeats_then_its_events() -> None:
+    async def main() -> None:
+        hub = LogReader(EventLog())
+        hub.publish([sub_event("d;a", n=i) for i in range(3)])  # ids 1..3
+        away = True
+
+        async def read(
+            after: int, flt: dict[str, Any] | None, limit: int, wait_s: float
+        ) -> dict[str, Any]:
+            if away:
+                raise ConnectionError("hub restarting")
+            return await hub.read(after, flt, limit, wait_s)
+
+        fanout = EventFanout(read, wait_s=0.1)
+        stream = fanout.follow(EventFilter(), after_id=1, idle_s=0.05)
+        first = [await anext(stream), await anext(stream)]
+        assert first == [None, None]  # heartbeats: the connection is kept alive
+        away = False
+        assert [e["id"] for e in await take(stream, 2)] == [2, 3]
+        await stream.aclose()
+        assert fanout.status()["clients"] == 0
 
     asyncio.run(main())
 
