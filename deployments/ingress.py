@@ -454,23 +454,29 @@ class Ingress(GrpcMethods):
         return image_detections(result.rows, result.names, lb)
 
     # ---- media jobs ----------------------------------------------------------------
-    @property
-    def _jobs(self) -> Any:
+    async def _jobs(self) -> Any:
         """The app's MediaJobs actor, started at the first job request (detached: jobs
-        outlive an ingress restart)."""
+        outlive an ingress restart). Found or created off the event loop: it is a
+        synchronous lookup in Ray's control store."""
         if self._jobs_handle is None:
-            self._jobs_handle = MediaJobs.options(  # type: ignore[attr-defined]
-                name=jobs_actor_name(self._jobs_args[0]),
-                namespace=STREAMS_NAMESPACE,
-                lifetime="detached",
-                get_if_exists=True,
-                num_cpus=0,
-                max_concurrency=256,
-            ).remote(*self._jobs_args)
-            # An actor started by an earlier deploy learns today's models.
-            _, names, sizes, default, *_ = self._jobs_args
-            self._jobs_handle.configure.remote(names, sizes, default)
+            handle = await asyncio.to_thread(self._find_or_start_jobs)
+            if self._jobs_handle is None:  # two first requests: one handle is kept
+                self._jobs_handle = handle
         return self._jobs_handle
+
+    def _find_or_start_jobs(self) -> Any:
+        handle = MediaJobs.options(  # type: ignore[attr-defined]
+            name=jobs_actor_name(self._jobs_args[0]),
+            namespace=STREAMS_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=256,
+        ).remote(*self._jobs_args)
+        # An actor started by an earlier deploy learns today's models.
+        _, names, sizes, default, *_ = self._jobs_args
+        handle.configure.remote(names, sizes, default)
+        return handle
 
     @app.post("/detect/{media_id}", status_code=202)
     async def submit_job(
@@ -482,7 +488,9 @@ class Ingress(GrpcMethods):
         if (refused := self._unknown_model("model", body.model)) is not None:
             return refused
         try:
-            record = await self._jobs.submit.remote(media_id, body.model_dump(mode="json"))
+            record = await (await self._jobs()).submit.remote(
+                media_id, body.model_dump(mode="json")
+            )
         except DuplicateJobError as exc:
             return error(409, DuplicateJobError.__str__(exc), job_id=exc.job_id)
         except UnknownModelError as exc:
@@ -503,7 +511,7 @@ class Ingress(GrpcMethods):
     async def get_job(self, job_id: str = Path(pattern=JOB_ID_PATTERN)) -> Any:
         """A job's status, progress and detections so far (all of them once finished)."""
         try:
-            return await self._jobs.get.remote(job_id)
+            return await (await self._jobs()).get.remote(job_id)
         except JobNotFoundError:
             return error(404, f"no job {job_id!r}")
         except ray.exceptions.RayError as exc:
@@ -513,7 +521,7 @@ class Ingress(GrpcMethods):
     async def cancel_job(self, job_id: str = Path(pattern=JOB_ID_PATTERN)) -> Any:
         """Cancel a queued or running job; 409 when it has already finished."""
         try:
-            return await self._jobs.cancel.remote(job_id)
+            return await (await self._jobs()).cancel.remote(job_id)
         except JobNotFoundError:
             return error(404, f"no job {job_id!r}")
         except JobFinishedError as exc:
@@ -525,7 +533,7 @@ class Ingress(GrpcMethods):
     async def list_jobs(self, limit: int = Query(100, ge=1, le=1000)) -> Any:
         """The newest jobs first (without their detections)."""
         try:
-            return await self._jobs.list.remote(limit)
+            return await (await self._jobs()).list.remote(limit)
         except ray.exceptions.RayError as exc:
             return error(503, f"media jobs unavailable: {type(exc).__name__}")
 
