@@ -1,21 +1,16 @@
 """One local Ray cluster for the whole integration session (as Ray's cluster tests)."""
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.peers import free_port
+
 # As serve_config.yaml's grpc_options (the stubs come from `make protos`).
 GRPC_SERVICERS = ["protos.camgraph_pb2_grpc.add_CamgraphServicer_to_server"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

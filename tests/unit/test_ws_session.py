@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,6 +25,7 @@ from deployments.event_stream import EventFanout
 from deployments.schemas import IngressSettings
 from deployments.ws_session import WS_INTERNAL_ERROR, WsSession
 from stream_actors.hub import EventHubService
+from tests.peers import free_port
 
 SUB = {"subscriptionIdentifier": "display-1;cam-1", "rtspUrl": "rtsp://127.0.0.1:8554/cam"}
 
@@ -96,9 +96,7 @@ def session_socket(
         await websocket.accept()
         await WsSession(Ingress(registry, system), websocket).run()
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
