@@ -15,7 +15,7 @@ RAY_CPUS ?= 2
 RAY_PORT ?= 6380
 
 help:
-	@echo "make run | stop | status | test | lint | bench-quick | bench | bench-detect | evaluate | demo-models"
+	@echo "make run | stop | status | test | check-run | lint | bench-quick | bench | bench-detect | evaluate | demo-models"
 	@echo "README.md explains each; 'make run' and 'make test' are the two that matter."
 
 # Evaluate the committed demo models against their quality bars (held-out scenes);
@@ -25,7 +25,7 @@ evaluate: install
 	$(PY) -m demo.evaluate --out data/evaluation.json
 
 .DEFAULT_GOAL := help
-.PHONY: help peers evaluate install protos run stop status test test-unit test-integration lint format bench bench-quick bench-detect demo-models clean
+.PHONY: help peers services ray-token evaluate install protos run stop status test test-unit test-integration check-run lint format bench bench-quick bench-detect demo-models clean
 
 install: $(STAMP) protos
 
@@ -60,43 +60,65 @@ DEMO_CLIP := data/demo-scene.mp4
 $(DEMO_CLIP): | install
 	$(PY) -m demo.datasets clip $(DEMO_CLIP) --seed 100007 --frames 300 --fps 10 --scale 0.5
 
-# Real peers for the stream tests: Debian's GStreamer RTSP server (run by /usr/bin/python3).
+# Real peers for the tests: Debian's GStreamer RTSP server (run by /usr/bin/python3) for
+# the stream tests, and Debian's Chromium and its driver for the live view's page test.
 PEER_PACKAGES := ffmpeg gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-bad gstreamer1.0-libav gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 \
-	python3-gst-1.0 python3-gi
+	python3-gst-1.0 python3-gi chromium chromium-driver
 peers:
-	@/usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import GstRtspServer' 2>/dev/null || { \
-		echo "installing the GStreamer RTSP server (Debian packages) for the stream tests"; \
+	@{ /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import GstRtspServer' 2>/dev/null \
+		&& command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { \
+		echo "installing the test peers (Debian packages): GStreamer RTSP server, Chromium"; \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(PEER_PACKAGES) >/dev/null; }
 
-run: install models/demo-detector.onnx models/demo.mpta $(DEMO_CLIP)
+# Ray 2.60 turns token authentication on, and `ray start` does not create the token:
+# Ray's own command makes one at ~/.ray/auth_token (or where RAY_AUTH_TOKEN_PATH says)
+# when none exists. Every ray/serve command below, the tests and the benchmark read it.
+ray-token: install
+	@$(VENV)/bin/ray get-auth-token >/dev/null 2>&1 || { \
+		$(VENV)/bin/ray get-auth-token --generate >/dev/null 2>&1 && \
+		chmod 600 "$${RAY_AUTH_TOKEN_PATH:-$$HOME/.ray/auth_token}" && \
+		echo "created Ray's auth token: $${RAY_AUTH_TOKEN_PATH:-$$HOME/.ray/auth_token}"; }
+
+# PostgreSQL and Redis for the tests: started when down (as on CI), or one clear line.
+services:
+	@bash scripts/services.sh
+
+run: install ray-token models/demo-detector.onnx models/demo.mpta $(DEMO_CLIP)
 	@$(VENV)/bin/ray status >/dev/null 2>&1 || $(VENV)/bin/ray start --head --port=$(RAY_PORT) --num-cpus=$(RAY_CPUS) \
 		--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
 		--disable-usage-stats
 	$(VENV)/bin/serve deploy serve_config.yaml --address http://127.0.0.1:$(DASHBOARD_PORT)
 	@$(PY) scripts/wait_ready.py --url http://127.0.0.1:$(HTTP_PORT) --timeout-s 240
 	@$(PY) scripts/demo_camera.py --url http://127.0.0.1:$(HTTP_PORT) --clip $(DEMO_CLIP)
+	@echo "Live view:      http://127.0.0.1:$(HTTP_PORT)/ui   (cameras, boxes, models, records)"
 	@echo "Streams:        http://127.0.0.1:$(HTTP_PORT)/streams   (latest frame: /cameras/demo-camera/image)"
 	@echo "camgraph HTTP:  http://127.0.0.1:$(HTTP_PORT)   (API docs: /docs, health: /health)"
 	@echo "Ray dashboard:  http://127.0.0.1:$(DASHBOARD_PORT)   (Serve tab: replicas and scaling)"
 	@echo "Stop with:      make stop"
 
-status: install
+status: install ray-token
 	$(VENV)/bin/serve status --address http://127.0.0.1:$(DASHBOARD_PORT)
 
 stop:
 	-@test -x $(VENV)/bin/serve && $(VENV)/bin/serve shutdown -y --address http://127.0.0.1:$(DASHBOARD_PORT) 2>/dev/null
 	-@test -x $(VENV)/bin/ray && $(VENV)/bin/ray stop
 
-test: install models/demo.mpta peers
+test: install ray-token models/demo.mpta peers services
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/unit -q
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/integration -q
+
+# The README's first command as a newcomer runs it: `make run` with a clean HOME (no
+# ~/.ray, no caches but pip's), until the demo camera's first detection and record,
+# then `make stop`, and no Ray process of that cluster may be left. .ci/run runs it.
+check-run: install models/demo-detector.onnx models/demo.mpta $(DEMO_CLIP)
+	@$(PY) scripts/check_run.py
 
 test-unit: install
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/unit -q
 
-test-integration: install peers
+test-integration: install ray-token peers services
 	@bash scripts/pytest_ok.sh $(PY) -m pytest tests/integration -q
 
 lint: install
@@ -116,11 +138,11 @@ bench-detect: run
 # runs on a Ray cluster of the harness's own (serve_config.yaml's settings, a plain
 # detector on the baselines' model), stopped at the end; a `make run` cluster is not touched.
 # Extra options: make bench BENCH_ARGS="--cameras 1,8 --seconds 20" (see --help).
-bench: install models/demo-detector.onnx peers
+bench: install ray-token models/demo-detector.onnx peers
 	$(PY) -m benchmarks.harness --deploy serve_config.yaml $(BENCH_ARGS)
 
 # The short run to make before stopping (about 3 minutes): 1 and 4 cameras, 8 s windows.
-bench-quick: install models/demo-detector.onnx
+bench-quick: install ray-token models/demo-detector.onnx
 	$(PY) -m benchmarks.harness --quick --deploy serve_config.yaml $(BENCH_ARGS)
 
 # Trains the demo models from generated scenes (long on a CPU; see models/MODEL_CARD.md).
