@@ -29,7 +29,7 @@ from benchmarks.baselines import Camera, Mode
 from benchmarks.measure import CameraResult, PhaseResult, ProcessSampler, ray_selector
 from benchmarks.stats import BatchDistribution, DropAccount, percentile
 from benchmarks.workers import progress_bar
-from tests.peers import free_port
+from benchmarks.peers import free_port
 
 DISPLAY_ID = "bench"
 

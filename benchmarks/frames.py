@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from demo.datasets import HELD_OUT_SEED_START
-from tests.peers import SYSTEM_PYTHON, RtspServer
+from benchmarks.peers import SYSTEM_PYTHON, RtspServer
 
 # Far from the seeds other tools use (the demo camera is +7, benchmarks/detect.py +500..,
 # gpu_batch.py +900..), so a benchmark clip is its own scene.
