@@ -27,9 +27,9 @@ import yaml
 
 from benchmarks.baselines import Camera, Mode
 from benchmarks.measure import CameraResult, PhaseResult, ProcessSampler, ray_selector
+from benchmarks.peers import free_port
 from benchmarks.stats import BatchDistribution, DropAccount, percentile
 from benchmarks.workers import progress_bar
-from benchmarks.peers import free_port
 
 DISPLAY_ID = "bench"
 

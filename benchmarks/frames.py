@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from demo.datasets import HELD_OUT_SEED_START
 from benchmarks.peers import SYSTEM_PYTHON, RtspServer
+from demo.datasets import HELD_OUT_SEED_START
 
 # Far from the seeds other tools use (the demo camera is +7, benchmarks/detect.py +500..,
 # gpu_batch.py +900..), so a benchmark clip is its own scene.

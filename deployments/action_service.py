@@ -10,10 +10,11 @@ delivery drains both.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,23 @@ def redact_dsn(dsn: str) -> str:
 
     dsn = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+
+
+RECENT = 200  # delivered entries kept in memory for GET /records (the live view)
+
+
+def delivered_summary(entry: OutboxEntry, store: str, at: float) -> dict[str, Any]:
+    """What a person wants to see of a delivered entry: its kind, where it went and, for
+    a record, its fields; never the image bytes."""
+    op = entry.op
+    summary: dict[str, Any] = {"delivered_at": at, "store": store, "sink": entry.sink}
+    summary["type"] = op.get("type")
+    for name in ("table", "object_key", "fields", "key", "ttl_s", "channel", "message"):
+        if name in op:
+            summary[name] = op[name]
+    if entry.blob is not None:
+        summary["bytes"] = len(entry.blob)
+    return summary
 
 
 class ActionService:
@@ -107,6 +125,7 @@ class ActionService:
         self._on_report = on_report
         self._task: asyncio.Task[None] | None = None
         self._purger: asyncio.Task[None] | None = None
+        self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.counts: Counter[str] = Counter(
             dict.fromkeys(("accepted", "spilled", "delivered", "retried", "dead"), 0)
         )
@@ -143,6 +162,8 @@ class ActionService:
                     logger.warning("purging %s failed: %s", outbox.name, exc)
 
     def _report(self, outbox: Outbox, report: DeliveryReport) -> None:
+        now = time.time()
+        self._recent.extend(delivered_summary(e, outbox.name, now) for e in report.applied)
         self.counts["delivered"] += report.delivered
         self.counts["retried"] += report.retried
         self.counts["dead"] += report.dead
@@ -166,6 +187,10 @@ class ActionService:
         self.counts["accepted"] += added
         self.counts["spilled"] += added * (self.primary is not self.spill)
         return added
+
+    def recent(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The last entries the sinks took on this replica, newest first (no images)."""
+        return list(itertools.islice(reversed(self._recent), limit))
 
     async def outbox_stats(self) -> list[dict[str, Any]]:
         out = []

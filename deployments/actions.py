@@ -49,6 +49,10 @@ class Actions:
         """Durably accept entries; delivery follows in the background."""
         return await self._service.submit(entries)
 
+    async def recent(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The last entries this replica's sinks took (records, images, messages)."""
+        return self._service.recent(limit)
+
     async def health(self) -> dict[str, Any]:
         await self._service.start()
         report = await self._service.health()

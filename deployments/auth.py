@@ -2,8 +2,9 @@
 
 The token is configured, never hard-coded: `ingress.auth_token_env` names an environment
 variable of the ingress replicas, or `ingress.auth_token_file` a file holding it. Unset
-both and the API is open. `/health` is always open. Browsers cannot set headers on
-WebSocket or EventSource requests, so those two also accept `?access_token=`.
+both and the API is open. `/health` and the live view's static page `/ui` are always
+open. Browsers cannot set headers on WebSocket or EventSource requests, so those two also
+accept `?access_token=`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 # WebSocket close code for a missing or wrong token (4000-4999: application codes).
 WS_UNAUTHORIZED = 4401
-OPEN_PATHS = frozenset({"/health"})
+# /ui is the live view's static page: it holds no data and reads the API with the token.
+OPEN_PATHS = frozenset({"/health", "/ui"})
 
 
 class AuthConfigError(ValueError):

@@ -51,6 +51,7 @@ from deployments.schemas import (
     IngressSettings,
     image_detections,
 )
+from deployments.ui import add_live_view
 from deployments.vision import Letterbox, letterbox
 from deployments.ws_session import WsSession
 from graph.pipeline import PipelineFile
@@ -69,6 +70,7 @@ app = FastAPI(
     description="Camera-scale object detection on a Ray Serve deployment graph.",
     version="0.1.0",
 )
+add_live_view(app)
 _AUTH_UNSET = object()
 
 
@@ -579,6 +581,20 @@ class Ingress(GrpcMethods):
             return await self._registry.events.remote(subscription_id, after)
         except KeyError:
             return error(404, f"no subscription {subscription_id!r}")
+
+    @app.get("/records")
+    async def records(self, limit: int = Query(20, ge=1, le=200)) -> Any:
+        """The last records, images and messages the actions delivered (newest first, as
+        the Actions replica that answers saw them; never image bytes): the live view's
+        list. Empty when the application has no pipeline."""
+        if self._actions is None:
+            return []
+        try:
+            return await asyncio.wait_for(
+                self._actions.recent.remote(limit), self._settings.health_timeout_s
+            )
+        except (TimeoutError, ray.exceptions.RayError) as exc:
+            return error(503, f"actions unavailable: {type(exc).__name__}")
 
     @app.get("/cameras/{camera_id}/image", response_class=Response)
     async def camera_image(self, camera_id: str = Path(pattern=r"^[^;/\s]{1,128}$")) -> Any:

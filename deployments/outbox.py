@@ -380,6 +380,7 @@ class DeliveryReport:
     retried: int = 0
     dead: int = 0
     unavailable: set[str] = field(default_factory=set)  # sinks that were down this round
+    applied: list[OutboxEntry] = field(default_factory=list)  # what the sinks took
 
 
 async def deliver(
@@ -426,6 +427,7 @@ async def deliver(
             report.retried += not dead
         else:
             delivered.append(item.id)
+            report.applied.append(item.entry)
     if delivered:
         await outbox.done(delivered)
         report.delivered = len(delivered)

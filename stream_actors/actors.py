@@ -26,7 +26,7 @@ from pydantic import Field
 from deployments.detector import DetectRequest, DetectResult
 from deployments.schemas import StrictModel
 from stream_actors.branching import BranchResult, BranchSettings, PipelineRunner, PipelineRuntime
-from stream_actors.events import FanoutSink, HubPublisher, RingBufferSink
+from stream_actors.events import FanoutSink, HubPublisher, RingBufferSink, result_event
 from stream_actors.forwarding import ActionForwarder
 from stream_actors.hub import hub_name
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
@@ -194,8 +194,15 @@ class CameraActor:
             "session_id": uuid.uuid4().hex[:16],
             "model_id": model_id,
         }
+
+        def on_result(track_id: int, class_name: str, results: dict[str, Any]) -> None:
+            event = result_event(
+                sub.subscriptionIdentifier, sub.camera_id, model_id, track_id, class_name, results
+            )
+            self._sink.publish([event])
+
         return PipelineRunner(
-            runtime.plan, base, classify, forwarder.submit, self._settings.branches
+            runtime.plan, base, classify, forwarder.submit, self._settings.branches, on_result
         )
 
     def _acquire_reconnect(self) -> float:

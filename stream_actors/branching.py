@@ -62,6 +62,9 @@ class BranchResult:
 
 ClassifyFn = Callable[[str, np.ndarray], Awaitable[BranchResult | None]]
 SubmitFn = Callable[[list[OutboxEntry]], Awaitable[None]]
+# (track id, class, branch → {label, class, confidence, aliases}) when a branch's winning
+# label for an object appears or changes: what clients are told (result events).
+ResultFn = Callable[[int, str, dict[str, dict[str, Any]]], None]
 
 
 class BranchSettings(StrictModel):
@@ -244,6 +247,7 @@ class TrackState:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     sent: dict[int, str] = field(default_factory=dict)  # action → digest last submitted
     revisions: dict[int, int] = field(default_factory=dict)
+    told: dict[str, str] = field(default_factory=dict)  # branch → label clients were told
 
 
 def iso_time(ts: float) -> str:
@@ -333,8 +337,10 @@ class PipelineRunner:
         classify: ClassifyFn,
         submit: SubmitFn,
         settings: BranchSettings,
+        on_result: ResultFn | None = None,
     ) -> None:
         self.plan, self.settings = plan, settings
+        self._on_result = on_result
         self._base = dict(base_context)
         self._base.update(pipeline_id=plan.pipeline_id, pipeline_version=plan.version)
         self._classify, self._submit = classify, submit
@@ -554,6 +560,12 @@ class PipelineRunner:
         winner = {"label": label, "class": label, "confidence": round(share, 4)}
         winner.update(dict.fromkeys(b.aliases, label))
         st.results[b.model_id] = winner
+        if self._on_result is not None and st.told.get(b.model_id) != label:
+            st.told[b.model_id] = label  # once per improvement, never once per frame
+            try:
+                self._on_result(st.track_id, st.class_name, dict(st.results))
+            except Exception:  # telling clients must never stop the pipeline
+                logger.exception("result callback failed for track %s", st.track_id)
         await self._run_branches(b.children, result.label, result.confidence, crop, st)
 
     async def _emit(self, st: TrackState) -> None:

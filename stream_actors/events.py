@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,9 +35,10 @@ class TrackedDetection:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One event of one subscription. `kind` is "detection" or an object lifecycle kind."""
+    """One event of one subscription. `kind` is "detection", an object lifecycle kind, or
+    "result": a stable object's branch results (body type, plate, ...) appeared or changed."""
 
-    kind: Literal["detection", "new", "updated", "lost"]
+    kind: Literal["detection", "new", "updated", "lost", "result"]
     subscription_id: str
     camera_id: str
     model_id: str
@@ -50,6 +52,32 @@ class StreamEvent:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def result_event(
+    subscription_id: str,
+    camera_id: str,
+    model_id: str,
+    track_id: int,
+    class_name: str,
+    results: dict[str, dict[str, Any]],
+) -> StreamEvent:
+    """A `result` event: the object's winning label and vote share per branch."""
+    now = time.time()
+    branches = {
+        branch: {"label": r["label"], "confidence": r["confidence"]}
+        for branch, r in results.items()
+    }
+    return StreamEvent(
+        "result",
+        subscription_id,
+        camera_id,
+        model_id,
+        frame_seq=-1,
+        captured_at=now,
+        detected_at=now,
+        extra={"track_id": track_id, "class": class_name, "results": branches},
+    )
 
 
 class EventSink(Protocol):

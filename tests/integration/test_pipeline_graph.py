@@ -190,6 +190,27 @@ def check_records(rows: list[dict[str, Any]], truth: dict[str, Any], display: st
         client.delete(key)
 
 
+def check_results_reached_clients(url: str, display: str, rows: list[dict[str, Any]]) -> None:
+    """Each record's body type and plate were told to clients as `result` events (the
+    last one per object says what the record says), and `/records` lists the records."""
+    events = httpx.get(f"{url}/streams/{display};cam/events", params={"after": 0}, timeout=30)
+    told = {
+        e["extra"]["track_id"]: e["extra"]["results"]
+        for e in events.json()
+        if e["kind"] == "result"
+    }
+    for row in rows:
+        results = told.get(int(row["track_id"]), {})
+        if row["body_type"] is not None:
+            assert results["demo_bodytype_cls_v1"]["label"] == row["body_type"], row
+        if row["plate"] is not None:
+            assert results["demo_plate_ocr_v1"]["label"] == row["plate"], row
+    assert sum(r["body_type"] is not None for r in rows) >= len(rows) // 2
+    recent = httpx.get(f"{url}/records", params={"limit": 200}, timeout=30).json()
+    listed = [r for r in recent if r["type"] == "upsert" and r["table"] == "vehicle_events"]
+    assert listed and all("fields" in r for r in listed)
+
+
 def demo_version() -> str:
     """The demo pipeline's version (it names none): its archive's sha256, 12 digits."""
     import hashlib
@@ -206,7 +227,9 @@ def test_a_scene_yields_one_record_per_vehicle_with_branch_fields_and_crops(
     status = wait_until(lambda: camera_done(app, display), 600, "the clip to be processed")
     assert status["pipeline"]["branch_errors"] == {}, status
     wait_until(lambda: outbox_empty(app), 120, "every action to be delivered")
-    check_records(records(schema, display), truth, display)
+    rows = records(schema, display)
+    check_records(rows, truth, display)
+    check_results_reached_clients(app, display, rows)
     unsubscribe(app, display)
     health = httpx.get(f"{app}/health", timeout=30).json()
     assert health["actions"]["sinks"]["postgres"]["kind"] == "postgres"

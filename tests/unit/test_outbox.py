@@ -333,3 +333,27 @@ def test_action_service_reports_sinks_without_secrets_and_uses_the_local_store(
     assert (tmp_path / "actions" / "records.sqlite").is_file()
     settings = ActionsSettings(postgres_dsn_env="CG_DSN")
     assert settings.postgres({"CG_DSN": PG_DSN}) == PG_DSN and settings.postgres({}) is None
+
+
+def test_the_last_delivered_entries_are_listed_newest_first_without_images(
+    tmp_path: Path,
+) -> None:
+    async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        service = ActionService(ActionsSettings(data_dir=Path("actions")), tmp_path, environ={})
+        before = service.recent()
+        await service.submit([OutboxEntry("k1", "postgres", upsert("cars", "o1", plate="AB1"))])
+        image = {"type": "redis_save_image", "key": "cam:1.jpg", "ttl_s": 60}
+        await service.submit([OutboxEntry("k2", "redis", image, b"\xff\xd8jpeg")])
+        for _ in range(100):
+            if len(service.recent()) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await service.close()
+        return before, service.recent()
+
+    before, recent = asyncio.run(run())
+    assert before == []
+    assert [r["type"] for r in recent] == ["redis_save_image", "upsert"]
+    assert recent[0]["key"] == "cam:1.jpg" and recent[0]["bytes"] == 6
+    assert recent[1]["table"] == "cars" and recent[1]["fields"] == {"plate": "AB1"}
+    assert all("blob" not in r for r in recent)

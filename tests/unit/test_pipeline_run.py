@@ -269,3 +269,39 @@ def test_a_branch_that_does_not_answer_in_time_is_a_timeout_not_an_error(
     runner = asyncio.run(run())
     assert runner.status()["branch_timeouts"] == {PLATE: 1}
     assert runner.status()["branch_errors"] == {}
+
+
+def test_clients_are_told_each_branch_result_once_per_improvement(demo: LoadedArchive) -> None:
+    plan = PipelinePlan.of(demo.pipeline, "v1")
+    image = np.full((360, 640, 3), 90, np.uint8)
+    image[100:200, 100:300] = np.random.default_rng(1).integers(0, 255, (100, 200, 3))
+    det = TrackedDetection(7, 0, "vehicle", 0.9, (100.0, 100.0, 300.0, 200.0), True)
+    plate_readable = False
+    told: list[tuple[int, str, dict[str, Any]]] = []
+
+    async def classify(branch: str, crop: np.ndarray) -> BranchResult | None:
+        if branch == PLATE:
+            return BranchResult("AB123CD", 0.8) if plate_readable else None
+        return BranchResult("van", 0.9)
+
+    async def submit(entries: list[OutboxEntry]) -> None:
+        pass
+
+    async def run() -> None:
+        nonlocal plate_readable
+        settings = BranchSettings(retry_after_s=0, min_pass_interval_s=0)
+        runner = PipelineRunner(plan, BASE, classify, submit, settings, lambda *r: told.append(r))
+        runner.observe(image, 1e9, 1, [det])  # body type known, no readable plate yet
+        await runner.drain()
+        assert [r[2].keys() for r in told] == [{BODY}]
+        plate_readable = True
+        for seq in range(2, 8):  # a retry pass reads the plate; later frames add nothing
+            runner.observe(image, 1e9 + seq / 10, seq, [det])
+            await runner.drain()
+
+    asyncio.run(run())
+    assert len(told) == 2
+    track_id, class_name, results = told[-1]
+    assert (track_id, class_name) == (7, "vehicle")
+    assert results[BODY]["label"] == "van" and results[PLATE]["label"] == "AB123CD"
+    assert results[PLATE]["confidence"] == 1.0  # one vote: all of the share

@@ -18,6 +18,7 @@ from graph.config import PROJECT_ROOT
 README = (PROJECT_ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
 DEMO = PROJECT_ROOT / "models" / "demo.mpta"
+SEED_AND_FRAMES = ("--seed", "200000", "--frames", "5")
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -100,8 +101,7 @@ def test_make_help_from_outside(outside: Path) -> None:
 def test_demo_clip_command(outside: Path) -> None:
     documented(".venv/bin/python -m demo.datasets clip data/clip.mp4 --seed 200000")
     made = run(
-        [str(BIN / "python"), "-m", "demo.datasets", "clip", "clip.mp4"]
-        + ["--seed", "200000", "--frames", "5"],
+        [str(BIN / "python"), *("-m", "demo.datasets", "clip", "clip.mp4"), *SEED_AND_FRAMES],
         outside,
     )
     assert made.returncode == 0, made.stderr
