@@ -70,10 +70,23 @@ def metadata_value(grpc_context: RayServegRPCContext, key: str) -> str | None:
     return found
 
 
-def auth_failure(grpc_context: RayServegRPCContext, expected: str | None) -> str | None:
-    """Why the call is not authenticated, or None when it is (or auth is off)."""
+# Serve's gRPC proxy has no host option: it listens on every interface ([::]:port), not
+# where http_options.host says. So gRPC answers only with a token, unless an operator
+# says the network is private (ingress.grpc_without_token).
+NO_TOKEN_REFUSED = (
+    "gRPC is served on every network interface, so it needs a bearer token: set "
+    "ingress.auth_token_env or ingress.auth_token_file (or ingress.grpc_without_token: "
+    "true on a private network)"
+)
+
+
+def auth_failure(
+    grpc_context: RayServegRPCContext, expected: str | None, without_token: bool = False
+) -> str | None:
+    """Why the call is not authenticated, or None when it is. With no token configured
+    every call is refused, unless `without_token` (an operator's explicit choice)."""
     if expected is None:
-        return None
+        return None if without_token else NO_TOKEN_REFUSED
     presented = bearer(metadata_value(grpc_context, "authorization"))
     if presented is None:
         return "missing bearer token: send metadata ('authorization', 'Bearer <token>')"
@@ -168,7 +181,7 @@ class GrpcMethods:
         ) -> AsyncIterator[dict[str, Any] | None]: ...
 
     def _grpc_auth_failure(self, grpc_context: RayServegRPCContext, method: str) -> str | None:
-        reason = auth_failure(grpc_context, self._auth_token)
+        reason = auth_failure(grpc_context, self._auth_token, self._settings.grpc_without_token)
         if reason is not None:
             logger.warning("gRPC %s refused: %s (peer %s)", method, reason, grpc_context.peer())
         return reason

@@ -91,6 +91,11 @@ class IngressSettings(StrictModel):
         description="environment variable holding the bearer token (unset: no auth)",
     )
     auth_token_file: Path | None = Field(None, description="or a file holding the token")
+    grpc_without_token: bool = Field(
+        False,
+        description="answer gRPC without a token (Serve's gRPC proxy listens on every "
+        "interface: only for a private network)",
+    )
     state_report_s: float = Field(2.0, gt=0, le=3600, description="WebSocket stateReport")
     actor_call_timeout_s: float = Field(
         10.0, gt=0, le=300, description="registry and hub calls of a WebSocket message"

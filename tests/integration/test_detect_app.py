@@ -20,7 +20,7 @@ from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
-from tests.integration.conftest import detector_stats, remove_app
+from tests.integration.conftest import detector_stats, remove_app, wait_until
 from tests.onnx_models import faulty_detector
 
 pytestmark = pytest.mark.integration
@@ -241,3 +241,39 @@ def test_openapi_docs_are_served(client: httpx.Client) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert "multipart/form-data" in paths["/detect"]["post"]["requestBody"]["content"]
+
+
+def test_grpc_listens_on_every_interface_so_without_a_token_it_refuses(
+    client: httpx.Client, cluster: dict[str, Any]
+) -> None:
+    import grpc
+    import psutil
+
+    from protos import camgraph_pb2 as pb
+    from protos import camgraph_pb2_grpc
+
+    port = cluster["grpc_port"]
+    listening = {
+        c.laddr.ip
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+    # Serve's gRPC proxy has no host option (HTTP is on 127.0.0.1 only): a wildcard.
+    assert listening & {"::", "0.0.0.0"}, listening
+    image, _, _ = Scene(HELD_OUT_SEED_START + 3, n_frames=1).render(0)
+    ok, jpeg = cv2.imencode(".jpg", image)
+    assert ok
+    request = pb.DetectRequest(image=jpeg.tobytes(), model="demo")
+    with grpc.insecure_channel(cluster["grpc_target"]) as channel:
+        stub = camgraph_pb2_grpc.CamgraphStub(channel)
+
+        def refused() -> grpc.RpcError | None:
+            try:
+                stub.Detect(request, metadata=(("application", APP),), timeout=30)
+            except grpc.RpcError as exc:
+                # NOT_FOUND etc. while the proxy learns the app's routes: not yet.
+                return exc if exc.code() == grpc.StatusCode.UNAUTHENTICATED else None
+            pytest.fail("gRPC answered a call on an app without a token")
+
+        error = wait_until(refused, 60, "gRPC to refuse the call without a token")
+    assert "every network interface" in error.details()

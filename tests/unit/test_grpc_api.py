@@ -39,7 +39,14 @@ def test_auth_failure(metadata: list[tuple[str, Any]], ok: bool) -> None:
     reason = auth_failure(FakeContext(metadata), "s3cret")  # type: ignore[arg-type]
     assert (reason is None) == ok
     assert reason is None or "s3cret" not in reason
-    assert auth_failure(FakeContext([]), None) is None  # type: ignore[arg-type]
+
+
+def test_without_a_configured_token_grpc_refuses_unless_the_operator_opts_out() -> None:
+    # Serve's gRPC proxy listens on every interface: no token must not mean open.
+    for metadata in ([], [("authorization", "Bearer anything")]):
+        reason = auth_failure(FakeContext(metadata), None)  # type: ignore[arg-type]
+        assert reason is not None and "every network interface" in reason
+    assert auth_failure(FakeContext([]), None, without_token=True) is None  # type: ignore[arg-type]
 
 
 def test_detect_config_leaves_unset_fields_to_defaults() -> None:
