@@ -29,6 +29,7 @@ from stream_actors.branching import BranchResult, BranchSettings, PipelineRunner
 from stream_actors.events import FanoutSink, HubPublisher, RingBufferSink, result_event
 from stream_actors.forwarding import ActionForwarder
 from stream_actors.hub import hub_name
+from stream_actors.placement import PENDING_STATES, placement_problem
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.reader import ReaderPolicy, StreamReader
 from stream_actors.reconnect import TokenBucket
@@ -52,7 +53,13 @@ class StreamSettings(StrictModel):
         Path("data/streams.json"), description="persisted subscriptions (relative: base_dir)"
     )
     streams_per_actor: int = Field(4, ge=1, le=256, description="streams packed per actor")
-    camera_actor_cpus: float = Field(0.05, ge=0, le=16, description="Ray CPUs per actor")
+    camera_actor_cpus: float = Field(
+        0.0,
+        ge=0,
+        le=16,
+        description="Ray CPUs reserved per camera actor: 0 so that the deployments' "
+        "reservations never keep a camera from being placed (a budget, not a limit)",
+    )
     reconcile_s: float = Field(2.0, gt=0, le=60, description="registry's repair interval")
     reconnects_per_s: float = Field(5.0, gt=0, le=1000, description="cluster-wide cap")
     reconnect_burst: int = Field(10, ge=1, le=10_000)
@@ -89,6 +96,22 @@ def redact(url: str) -> str:
     creds, _, host = rest.partition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}"
+
+
+class ReconcileError(RuntimeError):
+    """Some camera actors could not be brought to the wanted state (each one named)."""
+
+
+def ray_actor_state(actor: Any) -> str | None:
+    """Ray's state of an actor from the GCS (ALIVE, PENDING_CREATION, RESTARTING, DEAD),
+    or None when it cannot be read. A blocking call: run it off the event loop."""
+    try:
+        from ray._private import state
+
+        info = state.actors(actor_id=actor._actor_id.hex())
+        return str(info["State"]) if info else None
+    except Exception:
+        return None
 
 
 def registry_name(app_name: str) -> str:
@@ -397,6 +420,7 @@ class StreamRegistry:
         self._table = SubscriptionTable(self._settings.streams_per_actor, load_state(self._path))
         self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
         self._actors: dict[int, Any] = {}
+        self._unplaced: set[int] = set()  # actors Ray has not placed (pending)
         self._lock = asyncio.Lock()
         self.last_reconcile_error: str | None = None
         self._closed = False
@@ -444,12 +468,16 @@ class StreamRegistry:
                 get_if_exists=True,
                 num_cpus=self._settings.camera_actor_cpus,
                 max_concurrency=1000,
+                scheduling_strategy="SPREAD",  # over the nodes, not packed on one
             ).remote(self._ctx)
             self._actors[index] = actor
         return actor
 
     async def _push(self, key: str) -> None:
-        actor = self._actor(self._table.placement[key])
+        index = self._table.placement[key]
+        if index in self._unplaced and (problem := await self._placement_problem(index)):
+            raise ReconcileError(problem)  # at once: a call would only time out
+        actor = self._actor(index)
         subs = [s.model_dump(mode="json") for s in self._table.subscribers(key)]
         spec = self._table.spec(key).model_dump(mode="json")
         await asyncio.wait_for(actor.set_stream.remote(spec, subs), ACTOR_CALL_TIMEOUT_S)
@@ -459,14 +487,19 @@ class StreamRegistry:
 
     async def _apply(self, changed: set[str], stopped: dict[str, int]) -> str | None:
         """Start/stop streams now; on failure the repair loop finishes the job later."""
+        index: int | None = None  # the actor being called when it failed
         try:
             for key, index in stopped.items():
                 await self._stop(key, index)
             for key in changed:
+                index = self._table.placement[key]
                 await self._push(key)
         except Exception as exc:
             logger.warning("registry: applying a change failed, will retry: %s", exc)
-            return f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ReconcileError):
+                return str(exc)
+            problem = None if index is None else await self._placement_problem(index)
+            return problem or f"{type(exc).__name__}: {exc}"
         return None
 
     async def subscribe(self, sub: dict[str, Any]) -> dict[str, Any]:
@@ -500,17 +533,40 @@ class StreamRegistry:
             for key, index in self._table.placement.items():
                 subs = sorted(s.subscriptionIdentifier for s in self._table.subscribers(key))
                 wanted_by_actor.setdefault(index, {})[key] = subs
-            for index in set(wanted_by_actor) | set(self._actors):
-                wanted = wanted_by_actor.get(index, {})
-                running = await asyncio.wait_for(
-                    self._actor(index).streams.remote(), ACTOR_CALL_TIMEOUT_S
-                )
-                for key in set(running) - set(wanted):
-                    await self._stop(key, index)
-                for key, subs in wanted.items():
-                    if running.get(key) != subs:
-                        logger.info("registry: restoring stream %s on actor %d", key, index)
-                        await self._push(key)
+            errors: list[str] = []
+            for index in sorted(set(wanted_by_actor) | set(self._actors)):
+                # One actor that fails (or that Ray cannot place) must not stop the
+                # repair of the others: each is tried, and the errors are reported.
+                try:
+                    await self._reconcile_actor(index, wanted_by_actor.get(index, {}))
+                except Exception as exc:
+                    problem = await self._placement_problem(index)
+                    errors.append(f"actor {index}: {problem or f'{type(exc).__name__}: {exc}'}")
+            if errors:
+                raise ReconcileError("; ".join(errors))
+
+    async def _reconcile_actor(self, index: int, wanted: dict[str, list[str]]) -> None:
+        if index in self._unplaced and await self._placement_problem(index) is not None:
+            raise ReconcileError("not placed")  # no call: it would only time out
+        running = await asyncio.wait_for(self._actor(index).streams.remote(), ACTOR_CALL_TIMEOUT_S)
+        for key in set(running) - set(wanted):
+            await self._stop(key, index)
+        for key, subs in wanted.items():
+            if running.get(key) != subs:
+                logger.info("registry: restoring stream %s on actor %d", key, index)
+                await self._push(key)
+
+    async def _placement_problem(self, index: int) -> str | None:
+        """Why actor `index` cannot answer according to Ray (pending, dead...), or None.
+        Remembers unplaced actors so later calls skip them instead of timing out."""
+        actor = self._actors.get(index)
+        state = None if actor is None else await asyncio.to_thread(ray_actor_state, actor)
+        problem = placement_problem(state, self._settings.camera_actor_cpus)
+        if problem is not None and state in PENDING_STATES:
+            self._unplaced.add(index)
+        else:
+            self._unplaced.discard(index)
+        return problem
 
     async def _reconcile_forever(self) -> None:
         while True:
@@ -526,9 +582,16 @@ class StreamRegistry:
         indices = sorted(set(self._table.placement.values()))
 
         async def one(index: int) -> dict[str, Any]:
+            if index in self._unplaced:  # known not placed: ask Ray, not the actor
+                problem = await self._placement_problem(index)
+                if problem is not None:
+                    return {"error": problem, "unplaced": True, "streams": {}}
             try:
                 return dict(await asyncio.wait_for(self._actor(index).status.remote(), 5))
             except Exception as exc:
+                problem = await self._placement_problem(index)
+                if problem is not None:
+                    return {"error": problem, "unplaced": True, "streams": {}}
                 return {"error": f"{type(exc).__name__}: {exc}", "streams": {}}
 
         return dict(zip(indices, await asyncio.gather(*(one(i) for i in indices)), strict=True))
@@ -554,7 +617,7 @@ class StreamRegistry:
                 "subscriptions": [],
             }
             if running is None:
-                entry["state"] = "starting"
+                entry["state"] = "pending" if actor.get("unplaced") else "starting"
                 entry["last_error"] = actor.get("error")
             else:
                 entry.update({k: v for k, v in running.items() if k != "spec"})
