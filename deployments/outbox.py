@@ -10,9 +10,11 @@ between the sink's write and `done`) changes nothing.
 
 An entry is claimed with a lease: a replica that dies mid-delivery leaves rows that come
 due again when the lease runs out. Connection failures are retried for ever (a sink
-outage delays data, it never loses it); an entry the sink rejects (say, a column type
-that does not take the value) is retried `max_attempts` times, then kept as dead for an
-operator, never deleted.
+outage delays data, it never loses it, and rounds in which the sink was down do not
+count); an entry the sink rejects (say, a column type that does not take the value) is
+retried until it was rejected `max_attempts` times, then kept as dead for an operator,
+never deleted. While a sink is down, every entry of it gets the same delay each round,
+so they come due again in their order.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class OutboxEntry:
 class Claimed:
     id: int
     entry: OutboxEntry
-    attempts: int  # including this one
+    rejections: int  # times a sink rejected it so far (outage rounds do not count)
 
 
 class Outbox(Protocol):
@@ -76,7 +78,9 @@ class Outbox(Protocol):
 
     async def done(self, ids: Sequence[int]) -> None: ...
 
-    async def retry(self, item: Claimed, error: str, delay_s: float, dead: bool) -> None: ...
+    async def retry(
+        self, item: Claimed, error: str, delay_s: float, dead: bool, rejected: bool = False
+    ) -> None: ...
 
     async def stats(self) -> dict[str, Any]:
         """depth (undelivered, not dead), dead, oldest_age_s (delivery lag)."""
@@ -144,7 +148,7 @@ class SqliteOutbox:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             rows = self._db.execute(
-                f"""UPDATE {TABLE} SET lease_until = ?, attempts = attempts + 1
+                f"""UPDATE {TABLE} SET lease_until = ?
                 WHERE id IN (SELECT id FROM {TABLE} WHERE delivered_at IS NULL AND dead = 0
                     AND next_at <= ? AND lease_until <= ? ORDER BY id LIMIT ?)
                 RETURNING id, key, sink, op, blob, created_at, attempts""",
@@ -163,12 +167,14 @@ class SqliteOutbox:
                 [(time.time(), i) for i in ids],
             )
 
-    async def retry(self, item: Claimed, error: str, delay_s: float, dead: bool) -> None:
+    async def retry(
+        self, item: Claimed, error: str, delay_s: float, dead: bool, rejected: bool = False
+    ) -> None:
         with self._db:
             self._db.execute(
-                f"UPDATE {TABLE} SET next_at = ?, lease_until = 0, last_error = ?, dead = ?"
-                " WHERE id = ?",
-                (time.time() + delay_s, error[:1000], int(dead), item.id),
+                f"UPDATE {TABLE} SET next_at = ?, lease_until = 0, last_error = ?, dead = ?,"
+                " attempts = attempts + ? WHERE id = ?",
+                (time.time() + delay_s, error[:1000], int(dead), int(rejected), item.id),
             )
 
     async def purge(self, older_than_s: float) -> int:
@@ -293,7 +299,7 @@ class PostgresOutbox:
         async def run(conn: Any) -> list[Claimed]:
             cur = await conn.execute(
                 sql.SQL(
-                    """UPDATE {t} SET lease_until = %s, attempts = attempts + 1
+                    """UPDATE {t} SET lease_until = %s
                     WHERE id IN (SELECT id FROM {t} WHERE delivered_at IS NULL AND NOT dead
                         AND next_at <= %s AND lease_until <= %s ORDER BY id LIMIT %s
                         FOR UPDATE SKIP LOCKED)
@@ -323,16 +329,18 @@ class PostgresOutbox:
 
         await self._run(run)
 
-    async def retry(self, item: Claimed, error: str, delay_s: float, dead: bool) -> None:
+    async def retry(
+        self, item: Claimed, error: str, delay_s: float, dead: bool, rejected: bool = False
+    ) -> None:
         from psycopg import sql
 
         async def run(conn: Any) -> None:
             await conn.execute(
                 sql.SQL(
-                    "UPDATE {} SET next_at = %s, lease_until = 0, last_error = %s, dead = %s"
-                    " WHERE id = %s"
+                    "UPDATE {} SET next_at = %s, lease_until = 0, last_error = %s, dead = %s,"
+                    " attempts = attempts + %s WHERE id = %s"
                 ).format(self._table),
-                (time.time() + delay_s, error[:1000], dead, item.id),
+                (time.time() + delay_s, error[:1000], dead, int(rejected), item.id),
             )
 
         await self._run(run)
@@ -390,39 +398,49 @@ async def deliver(
     limit: int = 64,
     lease_s: float = 60.0,
     max_attempts: int = 10,
+    down_rounds: dict[str, int] | None = None,
 ) -> DeliveryReport:
     """One round: claim due entries and hand each to its sink. After the first
     connection failure of a sink its other entries this round are put back untried, so an
-    outage costs one timeout per round, not one per entry."""
+    outage costs one timeout per round, not one per entry. Every entry of a down sink gets
+    the same delay (growing with `down_rounds`, the rounds it has been down in a row), so
+    none overtakes another when the sink is back. Only rejections count toward
+    `max_attempts`."""
     report = DeliveryReport()
+    down_rounds = down_rounds if down_rounds is not None else {}
     claimed = await outbox.claim(limit, lease_s)
     delivered: list[int] = []
+    outage_delays: dict[str, float] = {}  # one (jittered) delay per down sink and round
     for item in claimed:
         sink = sinks.get(item.entry.sink)
         if sink is None:
             await outbox.retry(item, f"no sink {item.entry.sink!r} configured", 0, dead=True)
             report.dead += 1
             continue
+        outage_delay = outage_delays.setdefault(
+            sink.name, backoff_s(down_rounds.get(sink.name, 0) + 1)
+        )
         if sink.name in report.unavailable:
-            await outbox.retry(item, "sink down (not tried this round)", backoff_s(1), False)
+            await outbox.retry(item, "sink down (not tried this round)", outage_delay, False)
             report.retried += 1
             continue
         try:
             await sink.apply(item.entry)
         except SinkUnavailable as exc:
             report.unavailable.add(sink.name)
-            await outbox.retry(item, str(exc), backoff_s(item.attempts), dead=False)
+            await outbox.retry(item, str(exc), outage_delay, dead=False)
             report.retried += 1
         except SinkRejected as exc:
-            dead = item.attempts >= max_attempts
+            rejections = item.rejections + 1
+            dead = rejections >= max_attempts
             if dead:
                 logger.error(
-                    "outbox entry %s is dead after %d attempts: %s",
+                    "outbox entry %s is dead after %d rejections: %s",
                     item.entry.key,
-                    item.attempts,
+                    rejections,
                     exc,
                 )
-            await outbox.retry(item, str(exc), backoff_s(item.attempts), dead=dead)
+            await outbox.retry(item, str(exc), backoff_s(rejections), dead=dead, rejected=True)
             report.dead += dead
             report.retried += not dead
         else:
@@ -443,11 +461,14 @@ async def run_delivery(
     max_attempts: int = 10,
 ) -> None:
     """Deliver from every outbox for ever (the Actions replica's background task)."""
+    down_rounds: dict[str, int] = {}  # sink → rounds it has been down in a row
     while True:
         busy = False
         for outbox in outboxes:
             try:
-                report = await deliver(outbox, sinks, max_attempts=max_attempts)
+                report = await deliver(
+                    outbox, sinks, max_attempts=max_attempts, down_rounds=down_rounds
+                )
             except OutboxUnavailable as exc:
                 logger.warning("outbox unavailable: %s", exc)
                 continue
@@ -455,6 +476,11 @@ async def run_delivery(
                 logger.exception("delivery round failed on %s", outbox.name)
                 continue
             on_report(outbox, report)
+            for name in {s.name for s in sinks.values()}:
+                if name in report.unavailable:
+                    down_rounds[name] = down_rounds.get(name, 0) + 1
+                elif report.delivered:
+                    down_rounds.pop(name, None)
             busy |= report.delivered > 0
         if not busy:
             await asyncio.sleep(idle_s)

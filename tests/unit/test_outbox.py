@@ -89,15 +89,18 @@ def test_outbox_dedupes_by_key_leases_claims_and_counts_depth_and_lag(
         assert await outbox.add([a]) == 0  # a resubmit after a lost reply stores nothing
         first = await outbox.claim(10, lease_s=30)
         assert [c.entry.key for c in first] == ["k1", "k2"] and first[0].entry.blob == b"\xff\x00"
-        assert first[0].entry.op == {"n": 1} and first[0].attempts == 1
+        assert first[0].entry.op == {"n": 1} and first[0].rejections == 0
         assert await outbox.claim(10, lease_s=30) == []  # leased to the first claimer
         stats = await outbox.stats()
         assert stats["depth"] == 2 and stats["oldest_age_s"] >= 0
         await outbox.done([first[0].id])
         await outbox.retry(first[1], "down", delay_s=0, dead=False)
         (again,) = await outbox.claim(10, lease_s=30)
-        assert again.entry.key == "k2" and again.attempts == 2
-        await outbox.retry(again, "rejected", delay_s=0, dead=True)
+        assert again.entry.key == "k2" and again.rejections == 0  # an outage round: not one
+        await outbox.retry(again, "rejected", delay_s=0, dead=False, rejected=True)
+        (third,) = await outbox.claim(10, lease_s=30)
+        assert third.rejections == 1
+        await outbox.retry(third, "rejected", delay_s=0, dead=True, rejected=True)
         assert await outbox.claim(10, lease_s=30) == []
         stats = await outbox.stats()
         assert (stats["depth"], stats["dead"]) == (0, 1)
@@ -357,3 +360,48 @@ def test_the_last_delivered_entries_are_listed_newest_first_without_images(
     assert recent[0]["key"] == "cam:1.jpg" and recent[0]["bytes"] == 6
     assert recent[1]["table"] == "cars" and recent[1]["fields"] == {"plate": "AB1"}
     assert all("blob" not in r for r in recent)
+
+
+class _FlakySink:
+    """A sink outside the test's scope: down for `down` calls, then rejects once."""
+
+    name = "postgres"
+
+    def __init__(self, down: int) -> None:
+        self.down, self.calls = down, 0
+
+    async def apply(self, entry: OutboxEntry) -> None:
+        self.calls += 1
+        if self.calls <= self.down:
+            raise SinkUnavailable("connection refused")
+        if self.calls == self.down + 1:
+            raise SinkRejected("READONLY You can't write against a read only replica")
+
+
+def test_rounds_with_the_sink_down_are_not_rejections(tmp_path: Path) -> None:
+    async def run() -> tuple[list[Any], dict[str, Any]]:
+        outbox = SqliteOutbox(tmp_path / "o.sqlite")
+        await outbox.add([OutboxEntry(f"k{i}", "postgres", {"n": i}) for i in range(3)])
+        sink = _FlakySink(down=12)  # 12 rounds of outage, then one rejection
+        down_rounds: dict[str, int] = {}
+        delays = []
+        for _ in range(14):
+            outbox._db.execute("UPDATE camgraph_outbox SET next_at = 0")  # due now
+            report = await deliver(
+                outbox, {"postgres": sink}, max_attempts=2, down_rounds=down_rounds
+            )
+            if report.unavailable:
+                down_rounds["postgres"] = down_rounds.get("postgres", 0) + 1
+                rows = outbox._db.execute(
+                    "SELECT next_at FROM camgraph_outbox ORDER BY id"
+                ).fetchall()
+                delays.append([r[0] for r in rows])
+        stats = await outbox.stats()
+        return delays, stats
+
+    delays, stats = asyncio.run(run())
+    assert len(delays) == 12
+    for next_at in delays:  # all of a down sink's entries come due in their order
+        assert next_at == sorted(next_at) and next_at[-1] - next_at[0] < 0.5
+    # One rejection after 12 rounds of outage (max_attempts 2): nothing is dead.
+    assert stats["dead"] == 0 and stats["depth"] == 0
