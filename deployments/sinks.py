@@ -14,9 +14,11 @@ so delivering an entry twice changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,20 @@ from deployments.outbox import OutboxEntry, SinkRejected, SinkUnavailable
 OBJECT_KEY = "camgraph_key"
 # Same rule as pipeline validation; checked again here because a sink composes SQL.
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# A write carries its revision: `slot` (what it overwrites: one action of one object) and
+# `seq` (generation × REVISIONS + revision). Each sink applies it only when `seq` is newer
+# than the slot's, checked atomically with the write, so an older revision delivered
+# late (after an outage, from the spill store) never overwrites a newer one.
+REVISIONS_TABLE = "camgraph_revisions"
+SAVE_IF_NEWER = """
+local cur = redis.call('GET', KEYS[2])
+if cur and tonumber(cur) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+return 1
+"""
 PUBLISH_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
   redis.call('PUBLISH', ARGV[1], ARGV[2])
@@ -38,6 +54,15 @@ def checked_identifier(name: str) -> str:
     if not IDENTIFIER.match(name):
         raise SinkRejected(f"{name!r} is not a plain SQL identifier")
     return name
+
+
+def revision(op: dict[str, Any]) -> tuple[str, int] | None:
+    """(slot, seq) of a revisioned write, or None for an entry without one (older
+    entries, tests' hand-made ops): those are applied as they come."""
+    slot, seq = op.get("slot"), op.get("seq")
+    if isinstance(slot, str) and isinstance(seq, int) and not isinstance(seq, bool):
+        return slot, seq
+    return None
 
 
 def upsert_columns(op: dict[str, Any]) -> tuple[str, list[str], list[str | None]]:
@@ -69,7 +94,9 @@ class RedisSink:
             **options,
         )
         self._publish_once = self._client.register_script(PUBLISH_ONCE)
+        self._save_if_newer = self._client.register_script(SAVE_IF_NEWER)
         self._guard_prefix = guard_prefix
+        self._revision_prefix = "camgraph:revision:"
 
     async def apply(self, entry: OutboxEntry) -> None:
         from redis import exceptions
@@ -79,7 +106,15 @@ class RedisSink:
             if op["type"] == "redis_save_image":
                 if entry.blob is None:
                     raise SinkRejected(f"{entry.key}: an image action without an image")
-                await self._client.set(op["key"], entry.blob, ex=int(op["ttl_s"]))
+                rev = revision(op)
+                if rev is None:
+                    await self._client.set(op["key"], entry.blob, ex=int(op["ttl_s"]))
+                else:  # the image and its revision in one step (a newer one stays)
+                    ttl = int(op["ttl_s"])
+                    await self._save_if_newer(
+                        keys=[op["key"], self._revision_prefix + op["key"]],
+                        args=[entry.blob, ttl, rev[1], max(ttl, 86400)],
+                    )
             elif op["type"] == "redis_publish":
                 await self._publish_once(
                     keys=[self._guard_prefix + entry.key],
@@ -115,6 +150,7 @@ class PostgresSink:
         self._schema = checked_identifier(schema)
         self._create = create_tables
         self._ensured: set[tuple[str, frozenset[str]]] = set()
+        self._revisions_ready = False
 
     async def _ensure(self, conn: Any, table: str, columns: list[str]) -> None:
         from psycopg import sql
@@ -156,6 +192,30 @@ class PostgresSink:
                 )
         self._ensured.add(marker)
 
+    async def _newer(self, conn: Any, slot: str, seq: int) -> bool:
+        """Record `seq` for `slot` if it is newer than the one held (in the caller's
+        transaction; the row lock orders concurrent writers); True when it was."""
+        from psycopg import sql
+
+        table = sql.Identifier(self._schema, REVISIONS_TABLE)
+        if not self._revisions_ready:
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (slot text PRIMARY KEY, seq bigint NOT NULL,"
+                    " updated_at timestamptz NOT NULL DEFAULT now())"
+                ).format(table)
+            )
+            self._revisions_ready = True
+        cur = await conn.execute(
+            sql.SQL(
+                "INSERT INTO {t} AS r (slot, seq) VALUES (%s, %s) ON CONFLICT (slot) DO UPDATE"
+                " SET seq = EXCLUDED.seq, updated_at = now() WHERE r.seq < EXCLUDED.seq"
+                " RETURNING 1"
+            ).format(t=table),
+            (slot, seq),
+        )
+        return await cur.fetchone() is not None
+
     async def apply(self, entry: OutboxEntry) -> None:
         import psycopg
         from psycopg import sql
@@ -179,11 +239,15 @@ class PostgresSink:
             key=sql.Identifier(OBJECT_KEY),
             sets=sql.SQL(", ").join(sets),
         )
+        rev = revision(op)
         try:
             # Bounded: a connection that went silent is an outage, not a hang.
             async with asyncio.timeout(self._timeout_s), self._pool.connection() as conn:
                 await self._ensure(conn, table, columns)
-                await conn.execute(statement, [op["object_key"], *values])
+                async with conn.transaction():  # the revision and the row together
+                    if rev is not None and not await self._newer(conn, *rev):
+                        return  # an older revision than the one applied: nothing to do
+                    await conn.execute(statement, [op["object_key"], *values])
         except TimeoutError as exc:
             raise SinkUnavailable(f"postgres: no answer in {self._timeout_s:g}s") from exc
         except psycopg.OperationalError as exc:
@@ -218,8 +282,34 @@ class LocalStoreSink:
             "CREATE TABLE IF NOT EXISTS saved_images (key TEXT PRIMARY KEY, path TEXT NOT NULL,"
             " expires_at REAL NOT NULL)"
         )
+        self._db.execute(
+            f"CREATE TABLE IF NOT EXISTS {REVISIONS_TABLE} (slot TEXT PRIMARY KEY,"
+            " seq INTEGER NOT NULL)"
+        )
         self._columns: dict[str, set[str]] = {}
         self._next_expiry_check = 0.0
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite transaction (the connection is in autocommit mode otherwise)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _newer(self, rev: tuple[str, int] | None) -> bool:
+        """Record the revision if it is newer than the slot's (inside a transaction)."""
+        if rev is None:
+            return True
+        cur = self._db.execute(
+            f"INSERT INTO {REVISIONS_TABLE} (slot, seq) VALUES (?, ?) ON CONFLICT (slot)"
+            " DO UPDATE SET seq = excluded.seq WHERE seq < excluded.seq",
+            rev,
+        )
+        return cur.rowcount > 0
 
     def image_path(self, key: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:200]
@@ -229,14 +319,18 @@ class LocalStoreSink:
         op = entry.op
         try:
             if op["type"] == "redis_save_image":
-                self._save_image(op, entry.blob)
+                with self._transaction():
+                    if self._newer(revision(op)):
+                        self._save_image(op, entry.blob)
             elif op["type"] == "redis_publish":
                 self._db.execute(
                     "INSERT OR IGNORE INTO published_messages VALUES (?, ?, ?, ?)",
                     (entry.key, op["channel"], op["message"], time.time()),
                 )
             elif op["type"] == "upsert":
-                self._upsert(op)
+                with self._transaction():  # the revision and the row together
+                    if self._newer(revision(op)):
+                        self._upsert(op)
             else:
                 raise SinkRejected(f"{self.name} cannot apply {op['type']!r}")
         except sqlite3.OperationalError as exc:  # locked, disk full: try again later

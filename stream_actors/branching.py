@@ -52,6 +52,7 @@ from graph.pipeline import (
 from stream_actors.events import TrackedDetection
 
 logger = logging.getLogger("camgraph.branches")
+REVISIONS_PER_GENERATION = 1_000_000  # a track that comes back orders after all before
 
 
 @dataclass(frozen=True)
@@ -601,8 +602,14 @@ class PipelineRunner:
                 continue
             revision = st.revisions.get(plan.index, -1) + 1
             key = idempotency_key(obj_key, plan.index, st.generation, revision)
+            # What the sinks order by: a late older revision never overwrites this one.
+            op = {
+                **entry.op,
+                "slot": f"{obj_key}:{plan.index}",
+                "seq": st.generation * REVISIONS_PER_GENERATION + revision,
+            }
             entries.append(
-                (plan.index, digest, revision, OutboxEntry(key, entry.sink, entry.op, entry.blob))
+                (plan.index, digest, revision, OutboxEntry(key, entry.sink, op, entry.blob))
             )
         if not entries:
             return

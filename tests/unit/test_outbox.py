@@ -405,3 +405,48 @@ def test_rounds_with_the_sink_down_are_not_rejections(tmp_path: Path) -> None:
         assert next_at == sorted(next_at) and next_at[-1] - next_at[0] < 0.5
     # One rejection after 12 rounds of outage (max_attempts 2): nothing is dead.
     assert stats["dead"] == 0 and stats["depth"] == 0
+
+
+def test_an_older_revision_delivered_late_never_overwrites_a_newer_one(
+    tmp_path: Path, schema: str, prefix: str
+) -> None:
+    """Revision 0 (no plate yet, first crop) waits in the spill store while revision 1
+    (plate read, better crop) is delivered from the primary outbox; the spill is drained
+    afterwards. PostgreSQL, Redis and the local store each keep revision 1."""
+    image_key = f"{prefix}cam:7.jpg"
+
+    def revisions(seq: int, plate: str | None, jpeg: bytes) -> list[OutboxEntry]:
+        record = {**upsert("cars", "obj-7", plate=plate), "slot": "obj-7:1", "seq": seq}
+        image = {"type": "redis_save_image", "key": image_key, "ttl_s": 600}
+        image |= {"slot": "obj-7:0", "seq": seq}
+        return [
+            OutboxEntry(f"rec-{seq}", "postgres", record),
+            OutboxEntry(f"img-{seq}", "redis", image, jpeg),
+        ]
+
+    async def run() -> None:
+        p = pool()
+        await p.open()
+        local = LocalStoreSink(tmp_path / "local", "local")
+        real = {"postgres": PostgresSink(p, schema), "redis": RedisSink(REDIS_URL)}
+        for name, sinks in (("real", real), ("local", {"postgres": local, "redis": local})):
+            spill = SqliteOutbox(tmp_path / f"{name}-spill.sqlite")
+            primary = SqliteOutbox(tmp_path / f"{name}-primary.sqlite")
+            await spill.add(revisions(0, None, b"first crop"))
+            await primary.add(revisions(1, "AB123CD", b"better crop"))
+            for outbox in (primary, spill):  # the newer first, the older late
+                report = await deliver(outbox, sinks)  # type: ignore[arg-type]
+                assert report.delivered == 2  # the late one is a no-op, not an error
+        await real["redis"].close()  # type: ignore[attr-defined]
+        await p.close()
+
+    asyncio.run(run())
+    assert [r["plate"] for r in rows(schema, "cars")] == ["AB123CD"]
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert client.get(image_key) == b"better crop"
+    finally:
+        client.delete(f"camgraph:revision:{image_key}")
+    local = LocalStoreSink(tmp_path / "local", "local")
+    assert [r["plate"] for r in local.rows("cars")] == ["AB123CD"]
+    assert local.image_path(image_key).read_bytes() == b"better crop"
