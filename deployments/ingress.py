@@ -130,11 +130,18 @@ def error(status: int, message: str, **fields: Any) -> JSONResponse:
 
 def header_pixels(data: bytes) -> int | None:
     """Width x height from the image header alone (no decode), or None if unknown."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return int(image.width) * int(image.height)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return int(image.width) * int(image.height)
+    except Image.DecompressionBombError as exc:  # past 2 × PIL's own limit: the size
+        sizes = [int(n) for n in re.findall(r"\d+", str(exc))[:1]]
+        return sizes[0] if sizes else 2**62
     except (UnidentifiedImageError, OSError, ValueError, ImportError):
         # ImportError: a PIL plugin registered by another library (ultralytics' HEIF
         # opener) whose module is missing; the format is simply unknown here.
@@ -251,6 +258,8 @@ class Ingress(GrpcMethods):
         psutil.cpu_percent(interval=None)  # primes it: its first answer is always 0.0
         self._system_lock = asyncio.Lock()
         self._hub_stats: tuple[float, dict[str, Any]] = (0.0, {})
+        self._health_cache: tuple[float, dict[str, Any]] = (0.0, {})
+        self._health_lock = asyncio.Lock()
         self._ws_clients = 0
         # Loaded last: a replica that cannot read its token fails to start (never open).
         self._auth_token = load_token(self._settings.auth_token_env, self._settings.auth_token_file)
@@ -279,7 +288,17 @@ class Ingress(GrpcMethods):
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
-        """Overall status and each model's availability; never triggers a model load."""
+        """Overall status and each model's availability; never triggers a model load.
+        Open without a token, so computed at most once a second per replica (one fan-out
+        to the models, the registry and the sinks, whoever asks how often)."""
+        async with self._health_lock:
+            at, report = self._health_cache
+            if time.monotonic() - at >= 1.0:
+                report = await self._health_report()
+                self._health_cache = (time.monotonic(), report)
+            return report
+
+    async def _health_report(self) -> dict[str, Any]:
         handles = {**self._detectors, **self._classifiers}
         states = await asyncio.gather(*(self._model_health(m, h) for m, h in handles.items()))
         models = {s["model"]: {k: v for k, v in s.items() if k != "model"} for s in states}
@@ -368,6 +387,13 @@ class Ingress(GrpcMethods):
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
             return error(413, f"upload larger than {limit} bytes", limit_bytes=limit)
+        if declared is None:  # chunked: the form parser would spool any size to disk
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit + 64 * 1024:
+                    return error(413, f"upload larger than {limit} bytes", limit_bytes=limit)
+            request._body = bytes(body)  # what request.form() then parses
         try:
             async with request.form(max_files=1, max_fields=4) as form:
                 upload, raw_config = form.get("file"), form.get("config")

@@ -42,6 +42,9 @@ class ProcessingSettings(StrictModel):
     iou: float = Field(0.7, ge=0, le=1)
     max_det: int = Field(300, ge=1, le=3000)
     error_pause_s: float = Field(0.5, ge=0, le=30, description="pause after a detector error")
+    detect_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="a detector call that takes longer is dropped"
+    )
     stability: StabilityRules = StabilityRules()
     tracker: TrackerConfig = TrackerConfig()
 
@@ -137,8 +140,12 @@ class SubscriptionProcessor:
                 next_due = max(next_due + period, time.monotonic())
             frame = await self._next_frame()
             boxed, lb, offset = self._prepare(frame)
+            # Bounded: a hung replica must not hold the subscription's only slot for ever.
             task = asyncio.ensure_future(
-                self._detect(self.model_id, DetectRequest(boxed, self._params))
+                asyncio.wait_for(
+                    self._detect(self.model_id, DetectRequest(boxed, self._params)),
+                    self._settings.detect_timeout_s,
+                )
             )
             await self._pending.put((frame, (lb, offset), task))
 
@@ -154,7 +161,11 @@ class SubscriptionProcessor:
                 raise
             except Exception as exc:
                 self.mailbox.record_drop(DropReason.DETECTOR_ERROR)
-                self.last_error = f"detector: {type(exc).__name__}: {str(exc)[:300]}"
+                self.last_error = (
+                    f"detector: no answer within {self._settings.detect_timeout_s:g}s"
+                    if isinstance(exc, TimeoutError)
+                    else f"detector: {type(exc).__name__}: {str(exc)[:300]}"
+                )
                 logger.warning("%s: %s", self.sub.subscriptionIdentifier, self.last_error)
                 await asyncio.sleep(self._settings.error_pause_s)
                 continue

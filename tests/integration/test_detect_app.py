@@ -45,6 +45,8 @@ def deploy(tmp: Path, user_config: dict[str, Any]) -> None:
                 "max_image_pixels": PIXEL_LIMIT,
                 "default_model": "demo",
             },
+            # Its own state: never the subscriptions a `make run` of this checkout left.
+            "streams": {"state_path": str(tmp / "streams.json")},
         }
     )
     detector = Detector.options(
@@ -198,6 +200,26 @@ def test_bad_requests_get_clear_statuses(client: httpx.Client) -> None:
     assert len(big) > UPLOAD_LIMIT
     r = client.post("/detect", files={"file": ("big.png", big, "image/png")})
     assert r.status_code == 413 and r.json()["detail"]["limit_bytes"] == UPLOAD_LIMIT
+    # The same upload chunked (no Content-Length): refused too, not spooled to disk.
+    boundary = "camgraph-chunked"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="b.png"'
+        "\r\nContent-Type: image/png\r\n\r\n"
+    ).encode()
+    parts = [head, *(big[i : i + 65536] for i in range(0, len(big), 65536))]
+    parts.append(f"\r\n--{boundary}--\r\n".encode())
+    r = client.post(
+        "/detect",
+        content=iter(parts),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and r.json()["detail"]["limit_bytes"] == UPLOAD_LIMIT
+    # A bomb past PIL's own limit is refused by its size too (it was a 500).
+    from tests.unit.test_ingress_images import bomb_png
+
+    r = client.post("/detect", files={"file": ("bomb.png", bomb_png(30_000, 30_000))})
+    assert r.status_code == 400 and "900000000 pixels" in r.json()["detail"]["message"]
     r = client.post("/detect", files={"file": ("g.jpg", good)}, data={"config": '{"iou": 3}'})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "iou"]
     r = client.post("/detect", files={"file": ("g.jpg", good)}, data={"config": '{"conff": 1}'})

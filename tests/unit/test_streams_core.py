@@ -417,3 +417,41 @@ def test_a_lossless_file_replay_hands_over_every_frame_to_a_slow_consumer(
         time.sleep(0.03)  # slower than the file could be read
     assert reader.join(10)
     assert seqs == list(range(1, 21)) and sum(mailbox.drops.values()) == 0
+
+
+def test_a_detector_call_that_never_returns_frees_the_slot_after_its_timeout() -> None:
+    """Given a replica that hangs on its first call, the subscription's only slot is
+    freed after `detect_timeout_s` (a detector error, counted and said), and the next
+    frame goes through."""
+    calls = 0
+
+    async def detect(model_id: str, request: DetectRequest) -> DetectResult:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.Event().wait()  # a hung replica: never answers
+        return DetectResult(np.zeros((0, 6), np.float32), {0: "vehicle"})
+
+    async def run() -> dict[str, object]:
+        settings = ProcessingSettings(detect_timeout_s=0.2, error_pause_s=0)
+        sink = RingBufferSink(100)
+        processor = SubscriptionProcessor(sub("d;c"), "demo", 64, detect, sink, settings)
+        processor.start()
+        image = np.zeros((48, 64, 3), np.uint8)
+        processor.mailbox.put(image, 1e9)
+        for _ in range(200):
+            if calls == 1 and processor.status()["drops"]["detector_error"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        processor.mailbox.put(image, 1e9 + 1)
+        for _ in range(200):
+            if processor.processed == 1:
+                break
+            await asyncio.sleep(0.01)
+        await processor.stop()
+        return processor.status()
+
+    status = asyncio.run(run())
+    assert status["drops"]["detector_error"] == 1  # type: ignore[index]
+    assert status["processed"] == 1
+    assert status["last_error"] is None  # cleared by the frame that went through
