@@ -36,11 +36,11 @@ logger = logging.getLogger("camgraph.actions")
 
 
 def redact_dsn(dsn: str) -> str:
-    """A DSN or URL without its password."""
-    import re
+    """A DSN or URL without its password; `deployments.redaction.redact`, the one
+    definition."""
+    from deployments.redaction import redact
 
-    dsn = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+    return redact(dsn)
 
 
 RECENT = 200  # delivered entries kept in memory for GET /records (the live view)

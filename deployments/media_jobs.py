@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import cv2
 import httpx
@@ -60,7 +60,6 @@ MiB = 1024 * 1024
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 ACTIVE_STATUSES = frozenset({"queued", "running"})
 EVENT_TYPES = ("job.progress", "job.detections", "job.finished")
-_SECRET_QUERY_KEYS = re.compile(r"pass|pwd|token|secret|sig|key|auth|credential", re.I)
 
 Detect = Callable[[np.ndarray], Awaitable[list[dict[str, Any]]]]
 Publish = Callable[[list[dict[str, Any]]], None]
@@ -231,18 +230,11 @@ class JobRecord(StrictModel):
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password and without secret-looking query values."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        redacted = [(k, "***" if _SECRET_QUERY_KEYS.search(k) else v) for k, v in pairs]
-        query = urlencode(redacted, safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    """The URL without its password and secret-looking query values;
+    `deployments.redaction.redact`, the one definition."""
+    from deployments.redaction import redact
+
+    return redact(url)
 
 
 def new_record(

@@ -7,6 +7,7 @@ into reconnects with backoff. A source yields BGR frames with their capture time
 from __future__ import annotations
 
 import functools
+import http.client
 import time
 import urllib.error
 import urllib.request
@@ -17,14 +18,21 @@ import cv2
 import numpy as np
 
 from deployments.exceptions import CamgraphError
+from deployments.redaction import redact, redact_text
 
 
 class SourceError(CamgraphError):
-    """Base of camera source failures; `url` says which camera."""
+    """Base of camera source failures; `url` says which camera, without its secrets.
+
+    Its text reaches `last_error` (`GET /streams`, `stateReport.lastError`) and the
+    logs, so neither `url` nor `reason` (often a library's message, which quotes the
+    URL) keeps a password or a secret query value: the URL is redacted, and so is the
+    reason, of the URL (as written or percent-decoded) and of each secret value."""
 
     def __init__(self, url: str, reason: str) -> None:
-        super().__init__(url, reason)
-        self.url, self.reason = url, reason
+        shown, reason = redact(url), redact_text(reason, url)
+        super().__init__(shown, reason)  # args, pickled across Ray: redacted as well
+        self.url, self.reason = shown, reason
 
     def __str__(self) -> str:
         return f"{self.url}: {self.reason}"
@@ -105,7 +113,9 @@ class PyAVSource:
         try:
             return av.open(self.url, options=options, timeout=self._timeouts)
         except (av.error.FFmpegError, OSError) as exc:
-            raise SourceConnectionError(self.url, f"{type(exc).__name__}: {exc}") from exc
+            # Not chained: the library's exception holds the raw URL (its message, args,
+            # `filename`), and a logged traceback would print it.
+            raise SourceConnectionError(self.url, f"{type(exc).__name__}: {exc}") from None
 
     def frames(self) -> Iterator[CapturedFrame]:
         """Decoded frames; ends (files without loop) or raises SourceError."""
@@ -145,7 +155,7 @@ class PyAVSource:
                         skipping = not skipping
                         stream.codec_context.skip_frame = "NONKEY" if skipping else "DEFAULT"
             except av.error.FFmpegError as exc:  # ExitError, InvalidDataError, HTTPServerError
-                raise SourceReadError(self.url, f"{type(exc).__name__}: {exc}") from exc
+                raise SourceReadError(self.url, f"{type(exc).__name__}: {exc}") from None
             finally:
                 container.close()
             if not got_any:
@@ -182,10 +192,15 @@ class SnapshotSource:
         try:
             with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
                 data = response.read(self.max_bytes + 1)
+        # Not chained (see PyAVSource._open). HTTPError is a URLError, URLError an OSError;
+        # InvalidURL (its message quotes a part of the URL, a password too) and ValueError:
+        # an unusable URL; other HTTPExceptions: a peer that is no HTTP server.
         except urllib.error.HTTPError as exc:
-            raise SourceReadError(self.url, f"HTTP {exc.code}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise SourceConnectionError(self.url, f"{type(exc).__name__}: {exc}") from exc
+            raise SourceReadError(self.url, f"HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError, ValueError, http.client.InvalidURL) as exc:
+            raise SourceConnectionError(self.url, f"{type(exc).__name__}: {exc}") from None
+        except http.client.HTTPException as exc:
+            raise SourceReadError(self.url, f"{type(exc).__name__}: {exc}") from None
         if len(data) > self.max_bytes:
             raise SourceReadError(self.url, f"snapshot larger than {self.max_bytes} bytes")
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
