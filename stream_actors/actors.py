@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -24,6 +26,7 @@ import ray
 from pydantic import Field
 
 from deployments.detector import DetectRequest, DetectResult
+from deployments.files import atomic_write_bytes
 from deployments.schemas import StrictModel
 from stream_actors.branching import BranchResult, BranchSettings, PipelineRunner, PipelineRuntime
 from stream_actors.events import FanoutSink, HubPublisher, RingBufferSink, result_event
@@ -89,13 +92,28 @@ class StreamContext:
 
 
 def redact(url: str) -> str:
-    """The URL without a password (rtsp://user:secret@host → rtsp://user:***@host)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    creds, _, host = rest.partition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """The URL without its secrets (rtsp://user:secret@host → rtsp://user:***@host);
+    `deployments.redaction.redact`, the one definition."""
+    from deployments.redaction import redact as _redact
+
+    return _redact(url)
+
+
+def context_revision(ctx: StreamContext) -> str:
+    """A digest of what a camera actor runs with (models, pipeline versions, deployment
+    names): the registry compares it to find actors that restarted with an old one."""
+    pipelines = {
+        m: (r.plan.pipeline_id, r.plan.version, sorted(r.classifier_names.items()), r.actions_name)
+        for m, r in ctx.pipelines.items()
+    }
+    key = [sorted(ctx.model_sizes.items()), sorted(ctx.detector_names.items()), ctx.default_model]
+    key.append(sorted(pipelines.items()))
+    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
+
+
+def context_path(state_path: Path) -> Path:
+    """Where the registry keeps the context it was last configured with."""
+    return state_path.with_name(state_path.stem + ".context.pickle")
 
 
 class ReconcileError(RuntimeError):
@@ -370,9 +388,11 @@ class CameraActor:
         await asyncio.to_thread(stream.reader.join, self._settings.reader.read_timeout_s + 1)
         return True
 
-    async def streams(self) -> dict[str, list[str]]:
-        """Stream key → subscription ids, as running here (the registry reconciles)."""
-        return {k: sorted(s.subs) for k, s in self._streams.items()}
+    async def streams(self) -> dict[str, Any]:
+        """`streams`: stream key → subscription ids, as running here, and `context`: the
+        revision of the context in use (the registry reconciles both)."""
+        running = {k: sorted(s.subs) for k, s in self._streams.items()}
+        return {"streams": running, "context": context_revision(self._ctx)}
 
     # ---- reporting -----------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
@@ -414,9 +434,15 @@ class StreamRegistry:
     """The desired subscriptions of one app, persisted; reference-counted shared streams."""
 
     def __init__(self, ctx: StreamContext) -> None:
+        self._path = ctx.settings.state_path
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray re-runs the constructor with the first creation's arguments: the
+            # context the ingress gave since (a redeploy's pipelines) comes from disk.
+            ctx = self._load_context(ctx)
+        else:
+            atomic_write_bytes(context_path(self._path), ray.cloudpickle.dumps(ctx))
         self._ctx, self._settings = ctx, ctx.settings
         self._app, self._namespace = ctx.app_name, ctx.namespace
-        self._path = self._settings.state_path
         self._table = SubscriptionTable(self._settings.streams_per_actor, load_state(self._path))
         self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
         self._actors: dict[int, Any] = {}
@@ -432,12 +458,26 @@ class StreamRegistry:
         if self._reconciler.done() and not self._closed:
             self._reconciler = asyncio.create_task(self._reconcile_forever())
 
+    def _load_context(self, first: StreamContext) -> StreamContext:
+        path = context_path(self._path)
+        try:
+            ctx = ray.cloudpickle.loads(path.read_bytes())  # camgraph's own file
+        except FileNotFoundError:
+            return first
+        except Exception:
+            logger.exception("registry: the saved context %s is unreadable", path)
+            return first
+        logger.info("registry: restarted with the context saved at %s", path)
+        return ctx if isinstance(ctx, StreamContext) else first
+
     async def configure(self, ctx: StreamContext) -> int:
         """Called by every ingress replica at start: keeps the registry aware of the
         served models (its own settings stay as started) and its repair loop running.
         Returns the number of subscriptions."""
         changed = ctx.pipelines != self._ctx.pipelines or ctx.model_sizes != self._ctx.model_sizes
         self._ctx = replace(ctx, settings=self._settings)
+        data = ray.cloudpickle.dumps(self._ctx)  # what a restart of this actor starts from
+        await asyncio.to_thread(atomic_write_bytes, context_path(self._path), data)
         self._ensure_reconciler()
         if changed:  # a redeploy with another pipeline version: swap it in, streams go on
             indices = set(self._actors) | set(self._table.placement.values())
@@ -548,7 +588,14 @@ class StreamRegistry:
     async def _reconcile_actor(self, index: int, wanted: dict[str, list[str]]) -> None:
         if index in self._unplaced and await self._placement_problem(index) is not None:
             raise ReconcileError("not placed")  # no call: it would only time out
-        running = await asyncio.wait_for(self._actor(index).streams.remote(), ACTOR_CALL_TIMEOUT_S)
+        actor = self._actor(index)
+        reply = await asyncio.wait_for(actor.streams.remote(), ACTOR_CALL_TIMEOUT_S)
+        if reply["context"] != context_revision(self._ctx):
+            # Ray re-ran the actor's constructor with its first context (a restart after
+            # a crash or an OOM kill): it gets today's before any stream is restored.
+            logger.info("registry: camera actor %d runs an old context: updating it", index)
+            await asyncio.wait_for(actor.update_context.remote(self._ctx), ACTOR_CALL_TIMEOUT_S)
+        running = reply["streams"]
         for key in set(running) - set(wanted):
             await self._stop(key, index)
         for key, subs in wanted.items():

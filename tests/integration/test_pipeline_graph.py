@@ -276,6 +276,31 @@ def subscription(url: str, display: str) -> tuple[dict[str, Any], dict[str, Any]
     raise KeyError(display)
 
 
+def restart_and_check_version(url: str, display: str, app_name: str, version: str) -> None:
+    """Kill the registry, then the camera actor (Ray restarts both); the subscription
+    runs `version` again on a new camera actor process."""
+    import ray
+
+    from deployments.ingress import STREAMS_NAMESPACE
+    from stream_actors.actors import registry_name
+
+    ray.kill(ray.get_actor(registry_name(app_name), STREAMS_NAMESPACE), no_restart=False)
+    stream, _ = wait_until(lambda: subscription(url, display), 120, "the registry back")
+    pid = httpx.get(f"{url}/streams", timeout=30).json()["actors"][stream["actor"]]["pid"]
+    ray.kill(ray.get_actor(stream["actor"], STREAMS_NAMESPACE), no_restart=False)
+
+    def back_on_version() -> bool:
+        listing = httpx.get(f"{url}/streams", timeout=30).json()
+        stream, sub = subscription(url, display)
+        return bool(
+            listing["actors"][stream["actor"]]["pid"] != pid
+            and sub["processed"] > 3
+            and sub["pipeline"]["pipeline_version"] == version
+        )
+
+    wait_until(back_on_version, 180, f"the restarted camera actor to run {version}")
+
+
 def test_a_new_pipeline_version_is_swapped_in_without_dropping_the_stream(
     app: str, clip: Path, data: Path, schema: str, proxies: dict[str, TcpProxy], tmp_path: Path
 ) -> None:
@@ -307,6 +332,9 @@ def test_a_new_pipeline_version_is_swapped_in_without_dropping_the_stream(
     assert after["frames_read"] > stream["frames_read"] and after["state"] == "connected"
     client = redis.Redis(port=6379)
     wait_until(lambda: list(client.scan_iter(f"camgraph:{display}:cam:*:v2.jpg")), 120, "v2 crops")
+    # Ray restarts a crashed actor with the arguments of its first creation (version 1):
+    # the registry and the camera actor must come back on v2 all the same.
+    restart_and_check_version(app, display, APP, "v2")
     unsubscribe(app, display)
     for key in client.scan_iter(f"camgraph:{display}:*"):
         client.delete(key)
