@@ -154,16 +154,69 @@ class OnnxEngine:
             raise InferenceError(str(exc)) from exc
 
 
+def checked_yolo(path: Path) -> Any:
+    """`ultralytics.YOLO(path)`, except for how the checkpoint is read.
+
+    Ultralytics reads a `.pt` with `torch.load(weights_only=False)` (and may download or
+    pip-install what a file names). Its checkpoints pickle whole `nn.Module` objects, so
+    `weights_only=True` would need every layer class as a safe global, and torch would then
+    let the pickle *call* those classes with its own arguments. Instead `safe_torch_load`
+    reads the file once, scans those bytes and unpickles the same bytes through a restricted
+    unpickler (`deployments.ptscan`); the model is then prepared as Ultralytics'
+    `nn.tasks.load_checkpoint` does. Raises ModelLoadError (UnsafeModelError: refused)."""
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import guess_model_task
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    from deployments.ptscan import UnsafeModelError, module_problems, safe_torch_load
+
+    class CheckedYOLO(YOLO):  # type: ignore[misc]
+        def _load(self, weights: str, task: str | None = None) -> None:
+            ckpt = safe_torch_load(path)
+            module = None
+            if isinstance(ckpt, dict):
+                module = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
+            if not isinstance(module, torch.nn.Module):
+                raise ModelLoadError(f"{path.name} is not an Ultralytics checkpoint (no model)")
+            if ckpt.get("modelopt"):
+                raise ModelLoadError(f"{path.name}: quantization-aware checkpoints are not served")
+            if problems := module_problems(module, path.name):
+                raise UnsafeModelError(problems)
+            model: Any = module.float()
+            model.args = {**DEFAULT_CFG_DICT, **ckpt.get("train_args", {})}
+            model.pt_path = str(path)
+            model.task = getattr(model, "task", guess_model_task(model))
+            if not hasattr(model, "stride"):
+                model.stride = torch.tensor([32.0])
+            model = model.eval()
+            for m in model.modules():
+                if hasattr(m, "inplace"):
+                    m.inplace = True
+                elif isinstance(m, torch.nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+                    m.recompute_scale_factor = None
+            self.model, self.ckpt = model, ckpt
+            self.task = model.task
+            self.overrides = model.args = self._reset_ckpt_args(model.args)
+            self.ckpt_path = model.pt_path
+            self.overrides["model"] = weights
+            self.overrides["task"] = self.task
+            self.model_name = weights
+
+    return CheckedYOLO(str(path), task="detect")
+
+
 class UltralyticsEngine:
-    """A `.pt` model served through `ultralytics.YOLO` (trusted local files only)."""
+    """A `.pt` model served through Ultralytics, read by `checked_yolo` (never unpickled
+    unchecked)."""
 
     def __init__(self, path: Path, imgsz: int, device: str | None = None) -> None:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
-        from ultralytics import YOLO
-
         try:
-            self._model = YOLO(str(path), task="detect")
+            self._model = checked_yolo(path)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
         self._device = device or ("0" if gpu_present() else "cpu")
@@ -212,11 +265,7 @@ def load_engine(
 ) -> Engine:
     """Build the engine a model file calls for; reports `converting` when TensorRT will
     build an engine that is not cached yet (minutes on first start)."""
-    if path.suffix == ".pt":
-        from deployments.ptscan import pt_problems
-
-        if path.is_file() and (problems := pt_problems(path)):
-            raise ModelLoadError("; ".join(problems))  # never unpickle it
+    if path.suffix == ".pt":  # checked and loaded with the checks enforced (checked_yolo)
         gpu = gpu_present() if options.gpu is None else options.gpu
         return UltralyticsEngine(path, options.imgsz, device="0" if gpu else "cpu")
     if path.suffix != ".onnx":

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from pydantic import Field, ValidationError
 
 from deployments.exceptions import CamgraphError
-from deployments.ptscan import pt_problems
+from deployments.ptscan import pt_bytes_problems, pt_problems
 from deployments.schemas import StrictModel
 from graph.pipeline import PipelineFile, validation_problems
 
@@ -165,6 +165,15 @@ def inspect_archive(path: Path, limits: ArchiveLimits, source: str | None = None
             if problems:
                 raise ArchiveError(source, problems)
             pipeline = read_pipeline(archive, source)
+            # .pt files are pickles: check what they would do before anyone loads them.
+            unsafe = [
+                p
+                for info in infos
+                if info.filename.lower().endswith(".pt")
+                for p in pt_bytes_problems(archive.read(info), info.filename)
+            ]
+            if unsafe:
+                raise ArchiveError(source, unsafe)
     except zipfile.BadZipFile as exc:
         raise ArchiveError(source, [f"not a zip archive: {exc}"]) from exc
     names = {i.filename for i in infos}

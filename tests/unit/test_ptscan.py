@@ -13,7 +13,7 @@ import torch
 
 from deployments.engines import EngineOptions, load_engine
 from deployments.exceptions import ModelLoadError
-from deployments.ptscan import allowed, pickle_globals, pt_problems
+from deployments.ptscan import allowed, is_callable, is_class, pickle_globals, pt_problems
 from graph.archive import ArchiveError, ArchiveLimits, load_archive
 from graph.config import PROJECT_ROOT
 from tests.unit.test_archive import DEMO, good_members, write_zip
@@ -76,6 +76,13 @@ def test_the_allowlist_takes_classes_not_functions() -> None:
     assert not allowed("ultralytics.nn.tasks", "torch_safe_load")
     assert not allowed("ultralytics.utils.checks", "check_requirements")
     assert allowed("__builtin__", "set") and not allowed("builtins", "getattr")
+    # Not a layer (it loads other files): never in a checkpoint, not even as a class.
+    assert not allowed("ultralytics.nn.autobackend", "AutoBackend")
+    # Classes are created (NEWOBJ + BUILD), never called; rebuild functions are called.
+    assert is_class("ultralytics.nn.tasks", "DetectionModel")
+    assert not is_callable("ultralytics.nn.tasks", "DetectionModel")
+    assert is_callable("torch._utils", "_rebuild_tensor_v2")
+    assert not is_class("torch._utils", "_rebuild_tensor_v2")
     assert pickle_globals(b"\x80\x04\x8c\x02os\x8c\x06system\x93.") == [("os", "system")]
 
 
