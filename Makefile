@@ -77,9 +77,9 @@ peers:
 # when none exists. Every ray/serve command below, the tests and the benchmark read it.
 ray-token: install
 	@$(VENV)/bin/ray get-auth-token >/dev/null 2>&1 || { \
-		$(VENV)/bin/ray get-auth-token --generate >/dev/null 2>&1 && \
-		chmod 600 "$${RAY_AUTH_TOKEN_PATH:-$$HOME/.ray/auth_token}" && \
-		echo "created Ray's auth token: $${RAY_AUTH_TOKEN_PATH:-$$HOME/.ray/auth_token}"; }
+		umask 077 && $(VENV)/bin/ray get-auth-token --generate >/dev/null 2>&1 && \
+		chmod 600 "$$HOME/.ray/auth_token" && \
+		echo "created Ray's auth token: $$HOME/.ray/auth_token"; }
 
 # PostgreSQL and Redis for the tests: started when down (as on CI), or one clear line.
 services:

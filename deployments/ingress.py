@@ -140,8 +140,8 @@ def header_pixels(data: bytes) -> int | None:
             with Image.open(io.BytesIO(data)) as image:
                 return int(image.width) * int(image.height)
     except Image.DecompressionBombError as exc:  # past 2 × PIL's own limit: the size
-        sizes = [int(n) for n in re.findall(r"\d+", str(exc))[:1]]
-        return sizes[0] if sizes else 2**62
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        return int(size.group(1)) if size else 2**62
     except (UnidentifiedImageError, OSError, ValueError, ImportError):
         # ImportError: a PIL plugin registered by another library (ultralytics' HEIF
         # opener) whose module is missing; the format is simply unknown here.

@@ -476,11 +476,12 @@ async def run_delivery(
                 logger.exception("delivery round failed on %s", outbox.name)
                 continue
             on_report(outbox, report)
-            for name in {s.name for s in sinks.values()}:
-                if name in report.unavailable:
-                    down_rounds[name] = down_rounds.get(name, 0) + 1
-                elif report.delivered:
-                    down_rounds.pop(name, None)
+            took = {e.sink for e in report.applied}  # roles whose sink took an entry
+            for role, sink in sinks.items():
+                if sink.name in report.unavailable:
+                    down_rounds[sink.name] = down_rounds.get(sink.name, 0) + 1
+                elif role in took:
+                    down_rounds.pop(sink.name, None)
             busy |= report.delivered > 0
         if not busy:
             await asyncio.sleep(idle_s)

@@ -111,8 +111,8 @@ class RedisSink:
                     await self._client.set(op["key"], entry.blob, ex=int(op["ttl_s"]))
                 else:  # the image and its revision in one step (a newer one stays)
                     ttl = int(op["ttl_s"])
-                    await self._save_if_newer(
-                        keys=[op["key"], self._revision_prefix + op["key"]],
+                    await self._save_if_newer(  # ordered per slot (object, action)
+                        keys=[op["key"], self._revision_prefix + rev[0]],
                         args=[entry.blob, ttl, rev[1], max(ttl, 86400)],
                     )
             elif op["type"] == "redis_publish":
@@ -192,20 +192,26 @@ class PostgresSink:
                 )
         self._ensured.add(marker)
 
+    async def _ensure_revisions(self, conn: Any) -> None:
+        """camgraph's bookkeeping table, committed on its own (never rolled back with a
+        rejected row); needs CREATE on the schema once."""
+        from psycopg import sql
+
+        async with conn.transaction():
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (slot text PRIMARY KEY, seq bigint NOT NULL,"
+                    " updated_at timestamptz NOT NULL DEFAULT now())"
+                ).format(sql.Identifier(self._schema, REVISIONS_TABLE))
+            )
+        self._revisions_ready = True
+
     async def _newer(self, conn: Any, slot: str, seq: int) -> bool:
         """Record `seq` for `slot` if it is newer than the one held (in the caller's
         transaction; the row lock orders concurrent writers); True when it was."""
         from psycopg import sql
 
         table = sql.Identifier(self._schema, REVISIONS_TABLE)
-        if not self._revisions_ready:
-            await conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (slot text PRIMARY KEY, seq bigint NOT NULL,"
-                    " updated_at timestamptz NOT NULL DEFAULT now())"
-                ).format(table)
-            )
-            self._revisions_ready = True
         cur = await conn.execute(
             sql.SQL(
                 "INSERT INTO {t} AS r (slot, seq) VALUES (%s, %s) ON CONFLICT (slot) DO UPDATE"
@@ -244,6 +250,8 @@ class PostgresSink:
             # Bounded: a connection that went silent is an outage, not a hang.
             async with asyncio.timeout(self._timeout_s), self._pool.connection() as conn:
                 await self._ensure(conn, table, columns)
+                if rev is not None and not self._revisions_ready:
+                    await self._ensure_revisions(conn)
                 async with conn.transaction():  # the revision and the row together
                     if rev is not None and not await self._newer(conn, *rev):
                         return  # an older revision than the one applied: nothing to do
@@ -253,6 +261,10 @@ class PostgresSink:
         except psycopg.OperationalError as exc:
             raise SinkUnavailable(f"postgres: {exc}") from exc
         except psycopg.errors.UniqueViolation as exc:  # two replicas creating one table
+            raise SinkUnavailable(f"postgres: {exc}") from exc
+        except psycopg.errors.UndefinedTable as exc:  # dropped since: create it again
+            self._revisions_ready = False
+            self._ensured.clear()
             raise SinkUnavailable(f"postgres: {exc}") from exc
         except psycopg.Error as exc:
             raise SinkRejected(f"postgres: {type(exc).__name__}: {exc}") from exc
@@ -295,10 +307,12 @@ class LocalStoreSink:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._columns.clear()  # an ALTER TABLE may have been rolled back
             raise
-        self._db.execute("COMMIT")
 
     def _newer(self, rev: tuple[str, int] | None) -> bool:
         """Record the revision if it is newer than the slot's (inside a transaction)."""

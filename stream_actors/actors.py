@@ -613,6 +613,8 @@ class StreamRegistry:
             self._unplaced.add(index)
         else:
             self._unplaced.discard(index)
+        if state == "DEAD":  # forget the handle: the next round creates the actor anew
+            self._actors.pop(index, None)
         return problem
 
     async def _reconcile_forever(self) -> None:

@@ -16,10 +16,13 @@ def placement_problem(ray_state: str | None, num_cpus: float) -> str | None:
     """Why an actor cannot answer, from Ray's state of it; None when it is (or may be)
     alive and a failed call was something else."""
     if ray_state in PENDING_STATES:
-        return (
-            f"pending: not enough CPU (a camera actor asks Ray for {num_cpus:g} CPU and no "
-            "node has it free; lower streams.camera_actor_cpus or add a node; `ray status`)"
-        )
+        if num_cpus > 0:
+            return (
+                f"pending: not enough CPU (a camera actor asks Ray for {num_cpus:g} CPU and "
+                "no node has it free; lower streams.camera_actor_cpus or add a node; "
+                "`ray status`)"
+            )
+        return "pending: Ray has not placed the camera actor (memory? no node? `ray status`)"
     if ray_state == "RESTARTING":
         return "restarting: Ray is restarting the camera actor"
     if ray_state == "DEAD":

@@ -450,3 +450,30 @@ def test_an_older_revision_delivered_late_never_overwrites_a_newer_one(
     local = LocalStoreSink(tmp_path / "local", "local")
     assert [r["plate"] for r in local.rows("cars")] == ["AB123CD"]
     assert local.image_path(image_key).read_bytes() == b"better crop"
+
+
+def test_a_new_object_writing_the_same_image_key_is_not_held_back_by_an_old_revision(
+    prefix: str,
+) -> None:
+    """Revisions order writes of one slot (object, action); a key template shared across
+    objects or sessions (no session in it) must still take the newer object's crop."""
+    key = f"{prefix}latest.jpg"
+
+    def image(slot: str, seq: int, jpeg: bytes) -> OutboxEntry:
+        op = {"type": "redis_save_image", "key": key, "ttl_s": 60, "slot": slot, "seq": seq}
+        return OutboxEntry(f"{slot}-{seq}", "redis", op, jpeg)
+
+    async def run() -> None:
+        sink = RedisSink(REDIS_URL)
+        await sink.apply(image("old-session:0", 2, b"old object, revision 2"))
+        await sink.apply(image("new-session:0", 0, b"new object, revision 0"))
+        await sink.apply(image("old-session:0", 1, b"old object, revision 1, late"))
+        await sink.close()
+
+    asyncio.run(run())
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        # The late revision 1 of the old object is older than its revision 2: skipped.
+        assert client.get(key) == b"new object, revision 0"
+    finally:
+        client.delete("camgraph:revision:old-session:0", "camgraph:revision:new-session:0")
