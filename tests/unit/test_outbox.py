@@ -46,8 +46,9 @@ def prefix() -> Iterator[str]:
     value = f"camgraph-test:{uuid.uuid4().hex[:10]}:"
     yield value
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{value}*"):
-        client.delete(key)
+    for pattern in (f"{value}*", f"camgraph:revision:{value}*"):  # keys, revision guards
+        for key in client.scan_iter(pattern):
+            client.delete(key)
     for key in client.scan_iter("camgraph:published:*"):
         client.delete(key)
 
@@ -416,9 +417,9 @@ def test_an_older_revision_delivered_late_never_overwrites_a_newer_one(
     image_key = f"{prefix}cam:7.jpg"
 
     def revisions(seq: int, plate: str | None, jpeg: bytes) -> list[OutboxEntry]:
-        record = {**upsert("cars", "obj-7", plate=plate), "slot": "obj-7:1", "seq": seq}
+        record = {**upsert("cars", "obj-7", plate=plate), "slot": f"{prefix}obj-7:1", "seq": seq}
         image = {"type": "redis_save_image", "key": image_key, "ttl_s": 600}
-        image |= {"slot": "obj-7:0", "seq": seq}
+        image |= {"slot": f"{prefix}obj-7:0", "seq": seq}
         return [
             OutboxEntry(f"rec-{seq}", "postgres", record),
             OutboxEntry(f"img-{seq}", "redis", image, jpeg),
@@ -443,10 +444,7 @@ def test_an_older_revision_delivered_late_never_overwrites_a_newer_one(
     asyncio.run(run())
     assert [r["plate"] for r in rows(schema, "cars")] == ["AB123CD"]
     client = redis.Redis.from_url(REDIS_URL)
-    try:
-        assert client.get(image_key) == b"better crop"
-    finally:
-        client.delete(f"camgraph:revision:{image_key}")
+    assert client.get(image_key) == b"better crop"
     local = LocalStoreSink(tmp_path / "local", "local")
     assert [r["plate"] for r in local.rows("cars")] == ["AB123CD"]
     assert local.image_path(image_key).read_bytes() == b"better crop"
@@ -465,15 +463,11 @@ def test_a_new_object_writing_the_same_image_key_is_not_held_back_by_an_old_revi
 
     async def run() -> None:
         sink = RedisSink(REDIS_URL)
-        await sink.apply(image("old-session:0", 2, b"old object, revision 2"))
-        await sink.apply(image("new-session:0", 0, b"new object, revision 0"))
-        await sink.apply(image("old-session:0", 1, b"old object, revision 1, late"))
+        await sink.apply(image(f"{prefix}old-session:0", 2, b"old object, revision 2"))
+        await sink.apply(image(f"{prefix}new-session:0", 0, b"new object, revision 0"))
+        await sink.apply(image(f"{prefix}old-session:0", 1, b"old object, revision 1, late"))
         await sink.close()
 
     asyncio.run(run())
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        # The late revision 1 of the old object is older than its revision 2: skipped.
-        assert client.get(key) == b"new object, revision 0"
-    finally:
-        client.delete("camgraph:revision:old-session:0", "camgraph:revision:new-session:0")
+    # The late revision 1 of the old object is older than its revision 2: skipped.
+    assert redis.Redis.from_url(REDIS_URL).get(key) == b"new object, revision 0"
