@@ -58,7 +58,11 @@ from graph.pipeline import PipelineFile
 from stream_actors.actors import StreamContext, StreamRegistry, StreamSettings, registry_name
 from stream_actors.branching import PipelineRuntime
 from stream_actors.hub import EventFilter, EventHub, hub_name
-from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
+from stream_actors.subscriptions import (
+    SUBSCRIPTION_ID_PATTERN,
+    Subscription,
+    SubscriptionRefused,
+)
 
 # Camera and registry actors live in one namespace, whatever namespace Serve runs in.
 STREAMS_NAMESPACE = "camgraph"
@@ -575,6 +579,8 @@ class Ingress(GrpcMethods):
             return refused
         try:
             return await self._registry.subscribe.remote(sub.model_dump(mode="json"))
+        except SubscriptionRefused as exc:
+            return error(403, exc.reason)
         except ray.exceptions.RayError as exc:
             return error(503, f"stream registry unavailable: {type(exc).__name__}")
 

@@ -130,7 +130,9 @@ class MediaJobSettings(StrictModel):
     model_wait_s: float = Field(120.0, ge=0, le=3600, description="wait for a loading model")
     cancel_wait_s: float = Field(10.0, ge=0, le=600, description="DELETE waits this for the stop")
     allowed_dirs: tuple[Path, ...] | None = Field(
-        None, description="local paths must lie under one of these (None: any readable path)"
+        (Path("data"),),
+        description="`path` media only from under these (relative: base_dir); null: any "
+        "readable path (an explicit opt-out)",
     )
 
     def resolved(self, base_dir: Path) -> MediaJobSettings:
@@ -573,7 +575,7 @@ class JobRun:
     def _check_allowed(self, path: Path) -> None:
         allowed = self._settings.allowed_dirs
         if allowed is not None and not any(path.resolve().is_relative_to(d) for d in allowed):
-            raise MediaError(f"{path} is outside the directories media jobs may read")
+            raise MediaError("refused by policy: `path` media only from jobs.allowed_dirs")
 
     async def _process(self, path: Path) -> None:
         media = await asyncio.to_thread(open_media, path, self._settings.max_image_pixels)

@@ -17,7 +17,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from deployments import ws_protocol as wsp
 from stream_actors.hub import EventFilter
-from stream_actors.subscriptions import Subscription
+from stream_actors.subscriptions import Subscription, SubscriptionRefused
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,6 +121,8 @@ class WsSession:
                 result = await self._call(
                     ingress._registry.subscribe.remote(sub.model_dump(mode="json"))
                 )
+            except SubscriptionRefused as exc:
+                raise wsp.ProtocolError(exc.reason, kind, None, request_id) from None
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 raise wsp.ProtocolError(
                     f"stream registry unavailable: {type(exc).__name__}", kind, None, request_id

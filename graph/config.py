@@ -77,11 +77,13 @@ class AppConfig(StrictModel):
         return self.ingress.model_copy(update={"auth_token_file": self.absolute(path)})
 
     def resolved_streams(self) -> StreamSettings:
-        """Stream settings with the state file's path made absolute."""
-        path = self.streams.state_path
-        if path.is_absolute():
-            return self.streams
-        return self.streams.model_copy(update={"state_path": (self.base_dir / path).resolve()})
+        """Stream settings with the state file's and the file cameras' paths absolute."""
+        return self.streams.model_copy(
+            update={
+                "state_path": self.absolute(self.streams.state_path),
+                "file_dirs": tuple(map(self.absolute, self.streams.file_dirs)),
+            }
+        )
 
 
 def detector_name(model_id: str) -> str:

@@ -39,6 +39,7 @@ from stream_actors.reconnect import TokenBucket
 from stream_actors.subscriptions import (
     StreamSpec,
     Subscription,
+    SubscriptionRefused,
     SubscriptionTable,
     load_state,
     save_state,
@@ -54,6 +55,10 @@ class StreamSettings(StrictModel):
 
     state_path: Path = Field(
         Path("data/streams.json"), description="persisted subscriptions (relative: base_dir)"
+    )
+    file_dirs: tuple[Path, ...] = Field(
+        (Path("data"),),
+        description="file cameras read only from these directories (relative: base_dir)",
     )
     streams_per_actor: int = Field(4, ge=1, le=256, description="streams packed per actor")
     camera_actor_cpus: float = Field(
@@ -546,6 +551,8 @@ class StreamRegistry:
         """Add or replace a subscription; persisted before the stream is started."""
         self._ensure_reconciler()
         new = Subscription.model_validate(sub)
+        if (refusal := new.file_refusal(self._settings.file_dirs)) is not None:
+            raise SubscriptionRefused(refusal)
         async with self._lock:
             old_placement = dict(self._table.placement)
             changed, stopped = self._table.add(new)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,15 @@ from stream_actors.stability import StabilityRules
 
 SUBSCRIPTION_ID_PATTERN = r"^[^;/\s]{1,128};[^;/\s]{1,128}$"
 SourceKind = Literal["rtsp", "snapshot", "file"]
+
+
+class SubscriptionRefused(ValueError):
+    """A subscription the deployment's policy does not allow (e.g. a file outside
+    streams.file_dirs): the API answers 403, the WebSocket an error."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Subscription(StrictModel):
@@ -85,6 +95,16 @@ class Subscription(StrictModel):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value
+
+    def file_refusal(self, allowed_dirs: Sequence[Path]) -> str | None:
+        """Why this subscription's file may not be read, or None (not a file camera, or
+        the file, links resolved, lies under one of `allowed_dirs`)."""
+        if self.fileUrl is None:
+            return None
+        path = Path(self.fileUrl).resolve()
+        if any(path.is_relative_to(Path(d).resolve()) for d in allowed_dirs):
+            return None
+        return "refused by policy: file cameras read only from streams.file_dirs"
 
     @field_validator("fileUrl")
     @classmethod

@@ -74,6 +74,7 @@ def client(
             "streams": {"state_path": str(data / "streams.json")},
             "jobs": {
                 "jobs_dir": str(data / "jobs"),
+                "allowed_dirs": [str(tmp_path_factory.getbasetemp())],  # the tests' clips
                 "max_download_bytes": DOWNLOAD_LIMIT,
                 "progress_every_s": 0.2,
             },
@@ -257,6 +258,9 @@ def test_bad_media_fails_the_job_and_bad_requests_are_422(
     job = submit(client, "bad-media", {"path": str(text)})
     record = finished(client, job["job_id"])
     assert record["status"] == "failed" and "not a readable image or video" in record["error"]
+    job = submit(client, "outside", {"path": "/etc/passwd"})  # not under jobs.allowed_dirs
+    record = finished(client, job["job_id"])
+    assert record["error"] == "refused by policy: `path` media only from jobs.allowed_dirs"
     for body in ({}, {"path": "relative.mp4"}, {"url": "ftp://h/a.mp4"}, {"path": "/a", "x": 1}):
         response = client.post("/detect/bad-request", json=body)
         assert response.status_code == 422, (body, response.text)

@@ -65,7 +65,11 @@ def deploy(data: Path, archive: Path, proxies: dict[str, TcpProxy], schema: str)
         {
             "pipelines": [{"archive": str(archive)}],
             "archive_cache_dir": str(data / "archives"),
-            "streams": {"state_path": str(data / "streams.json"), "reconcile_s": 1.0},
+            "streams": {
+                "state_path": str(data / "streams.json"),
+                "reconcile_s": 1.0,
+                "file_dirs": [str(data.parent)],  # the tests' temporary directories
+            },
             "actions": {
                 "redis_url": f"redis://127.0.0.1:{proxies['redis'].port}/0",
                 "postgres_dsn": PG.format(port=proxies["postgres"].port),

@@ -76,3 +76,15 @@ def test_an_unplaceable_camera_actor_is_reported_pending_not_as_a_timeout(app: s
     assert time.monotonic() - started < 5
     for sub in ("d;cam-pending", "d2;cam-pending"):
         assert httpx.delete(f"{app}/streams/{sub}", timeout=60).status_code == 204
+
+
+def test_a_file_camera_outside_the_allowed_directories_is_refused(app: str) -> None:
+    for path in ("/etc/passwd", "file:///proc/self/environ", str(PROJECT_ROOT / "README.md")):
+        body = {"subscriptionIdentifier": "d;cam-file", "fileUrl": path}
+        refused = httpx.post(f"{app}/streams", json=body, timeout=60)
+        assert refused.status_code == 403, refused.text
+        message = refused.json()["detail"]["message"]
+        assert message == "refused by policy: file cameras read only from streams.file_dirs"
+    streams = httpx.get(f"{app}/streams", timeout=30).json()["streams"]
+    assert all(s["kind"] != "file" or "cam-file" not in str(s) for s in streams)
+    assert httpx.get(f"{app}/cameras/cam-file/image", timeout=30).status_code == 404
