@@ -6,7 +6,6 @@ receives only the model-sized input.
 
 import asyncio
 import contextlib
-import io
 import logging
 import re
 import shutil
@@ -52,7 +51,7 @@ from deployments.schemas import (
     image_detections,
 )
 from deployments.ui import add_live_view
-from deployments.vision import Letterbox, letterbox
+from deployments.vision import Letterbox, header_pixels, letterbox
 from deployments.ws_session import WsSession
 from graph.pipeline import PipelineFile
 from stream_actors.actors import StreamContext, StreamRegistry, StreamSettings, registry_name
@@ -130,26 +129,6 @@ _DETECT_BODY = {
 def error(status: int, message: str, **fields: Any) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 503 else None
     return JSONResponse({"detail": {"message": message, **fields}}, status, headers=headers)
-
-
-def header_pixels(data: bytes) -> int | None:
-    """Width x height from the image header alone (no decode), or None if unknown."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return int(image.width) * int(image.height)
-    except Image.DecompressionBombError as exc:  # past 2 × PIL's own limit: the size
-        size = re.search(r"\((\d+) pixels\)", str(exc))
-        return int(size.group(1)) if size else 2**62
-    except (UnidentifiedImageError, OSError, ValueError, ImportError):
-        # ImportError: a PIL plugin registered by another library (ultralytics' HEIF
-        # opener) whose module is missing; the format is simply unknown here.
-        return None
 
 
 def decode_image(data: bytes) -> np.ndarray | None:

@@ -171,3 +171,25 @@ def decode_batch(raw: np.ndarray, params: Sequence[DetectParams]) -> list[np.nda
     if raw.ndim != 3 or raw.shape[0] != len(params):
         raise ValueError(f"output shape {raw.shape} does not fit a batch of {len(params)}")
     return [decode_yolo(raw[i], p) for i, p in enumerate(params)]
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the image header alone (no decode), or None if unknown."""
+    import io
+    import re
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return int(image.width) * int(image.height)
+    except Image.DecompressionBombError as exc:  # past 2 × PIL's own limit: the size
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        return int(size.group(1)) if size else 2**62
+    except (UnidentifiedImageError, OSError, ValueError, ImportError):
+        # ImportError: a PIL plugin registered by another library (ultralytics' HEIF
+        # opener) whose module is missing; the format is simply unknown here.
+        return None

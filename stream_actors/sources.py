@@ -19,6 +19,7 @@ import numpy as np
 
 from deployments.exceptions import CamgraphError
 from deployments.redaction import redact, redact_text
+from deployments.vision import header_pixels
 
 
 class SourceError(CamgraphError):
@@ -166,8 +167,22 @@ class PyAVSource:
                 return
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects only to http(s) (urllib also follows ftp://)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str):  # type: ignore[no-untyped-def]
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise urllib.error.HTTPError(newurl, code, "refused by policy: redirect", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
 class SnapshotSource:
-    """Polls an HTTP(S) JPEG snapshot URL every `interval_s`."""
+    """Polls an HTTP(S) JPEG snapshot URL every `interval_s`. A snapshot whose header
+    says it has more than `max_pixels` is refused before it is decoded (a few MB of PNG
+    can decode to gigabytes)."""
 
     def __init__(
         self,
@@ -175,6 +190,7 @@ class SnapshotSource:
         interval_s: float = 1.0,
         timeout_s: float = 3.0,
         max_bytes: int = 20 * 1024 * 1024,
+        max_pixels: int = 40_000_000,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -186,11 +202,12 @@ class SnapshotSource:
             timeout_s,
             max_bytes,
         )
+        self.max_pixels = max_pixels
         self._sleep, self._clock = sleep, clock
 
     def grab(self) -> CapturedFrame:
         try:
-            with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
+            with _OPENER.open(self.url, timeout=self.timeout_s) as response:
                 data = response.read(self.max_bytes + 1)
         # Not chained (see PyAVSource._open). HTTPError is a URLError, URLError an OSError;
         # InvalidURL (its message quotes a part of the URL, a password too) and ValueError:
@@ -203,6 +220,11 @@ class SnapshotSource:
             raise SourceReadError(self.url, f"{type(exc).__name__}: {exc}") from None
         if len(data) > self.max_bytes:
             raise SourceReadError(self.url, f"snapshot larger than {self.max_bytes} bytes")
+        pixels = header_pixels(data) if data else None
+        if pixels is not None and pixels > self.max_pixels:
+            raise SourceReadError(
+                self.url, f"snapshot of {pixels} pixels, more than the limit of {self.max_pixels}"
+            )
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
         if image is None:
             raise SourceReadError(self.url, "undecodable snapshot")

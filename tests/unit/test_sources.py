@@ -118,3 +118,44 @@ def test_snapshot_failures_are_typed(http_dir: tuple[str, Path]) -> None:
         SnapshotSource("http://127.0.0.1:9/cam.jpg", timeout_s=1).grab()
     with pytest.raises(SourceConnectionError, match="http"):
         SnapshotSource("file:///etc/passwd")
+
+
+class _Serve(http.server.BaseHTTPRequestHandler):
+    """/bomb.png: a PNG header claiming 30000 × 30000; /redirect: 302 to ftp://."""
+
+    def do_GET(self) -> None:
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/snap.jpg")
+            self.end_headers()
+            return
+        from tests.unit.test_ingress_images import bomb_png
+
+        body = bomb_png(30_000, 30_000)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile_server() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Serve)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_snapshot_bomb_is_refused_from_its_header_before_decoding(hostile_server: str) -> None:
+    with pytest.raises(SourceReadError, match="snapshot of 900000000 pixels, more than the limit"):
+        SnapshotSource(f"{hostile_server}/bomb.png").grab()
+
+
+def test_a_snapshot_redirect_to_another_scheme_is_refused(hostile_server: str) -> None:
+    with pytest.raises(SourceReadError, match="HTTP 302"):
+        SnapshotSource(f"{hostile_server}/redirect").grab()
