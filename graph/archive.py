@@ -140,7 +140,9 @@ def member_problems(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> list
 
 def read_pipeline(archive: zipfile.ZipFile, source: str) -> PipelineFile:
     try:
-        raw = archive.read(PIPELINE_JSON)
+        # At most 1 MiB + 1 is decompressed, whatever the member's header claims.
+        with archive.open(PIPELINE_JSON) as member:
+            raw = member.read(1024**2 + 1)
     except KeyError:
         raise ArchiveError(source, [f"no {PIPELINE_JSON} at the top of the archive"]) from None
     if len(raw) > 1024**2:
