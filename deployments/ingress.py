@@ -279,7 +279,8 @@ class Ingress(GrpcMethods):
             if time.monotonic() - at >= 1.0:
                 report = await self._health_report()
                 self._health_cache = (time.monotonic(), report)
-            return report
+        # This replica's own clients are counted fresh (the hub's stats are cached apart).
+        return {**report, "events": await self._events_health()}
 
     async def _health_report(self) -> dict[str, Any]:
         handles = {**self._detectors, **self._classifiers}
@@ -292,7 +293,6 @@ class Ingress(GrpcMethods):
             "models": models,
             "streams": await self._streams_summary(),
         }
-        report["events"] = await self._events_health()
         if self._actions is not None:
             report["actions"] = await self._actions_health()
             if "error" in report["actions"]:

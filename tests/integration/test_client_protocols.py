@@ -10,6 +10,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -497,3 +498,66 @@ def test_200_websocket_clients_while_cameras_run(app: str, rtsp: RtspServer) -> 
         assert loaded[sub_id] >= 0.8 * alone[sub_id], (alone, loaded)
     for sub_id in cams:
         httpx.delete(f"{app}/streams/{sub_id}", headers=AUTH, timeout=30)
+
+
+def test_camera_credentials_appear_nowhere_clients_or_logs_can_see(app: str) -> None:
+    """Dead cameras whose URLs hold credentials in each form: the secrets are in no
+    `GET /streams`, `stateReport`, `/health` or log file of the cluster (the ingress's and
+    the camera actors' included)."""
+    import socket
+
+    with socket.socket() as s:  # a port with nothing behind it: the camera is dead
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secrets = ["pA55w0rd-at", "S3cr3tPwd", "T0kenValue9"]
+    urls = {
+        "display-c;cam-at": {"rtspUrl": f"rtsp://admin:{secrets[0]}@x@127.0.0.1:{port}/live"},
+        "display-c;cam-pwd": {
+            "snapshotUrl": f"http://127.0.0.1:{port}/snapshot.cgi?user=admin&pwd={secrets[1]}"
+        },
+        "display-c;cam-token": {
+            "snapshotUrl": f"http://127.0.0.1:{port}/snap.jpg?token={secrets[2]}&size=2"
+        },
+    }
+    seen: list[str] = []
+
+    async def main() -> None:
+        async with client(app) as ws:
+            for sub_id, source in urls.items():
+                payload = {"subscriptionIdentifier": sub_id, "modelId": "demo", **source}
+                await send(ws, {"type": "subscribe", "payload": payload})
+                seen.append(json.dumps(await next_of(ws, {"subscribeAck", "error"})))
+
+            def failing(report: dict[str, Any]) -> bool:
+                errors = {
+                    c["subscriptionIdentifier"]: c["lastError"] for c in report["cameraConnections"]
+                }
+                return all(errors.get(sub_id) for sub_id in urls)
+
+            seen.append(json.dumps(await next_of(ws, {"stateReport"}, 60, failing)))
+
+    try:
+        asyncio.run(main())
+        wait_until(
+            lambda: all(
+                s["last_error"]
+                for s in httpx.get(f"{app}/streams", headers=AUTH, timeout=30).json()["streams"]
+                if any(sub in s["subscription_ids"] for sub in urls)
+            ),
+            60,
+            "every dead camera to report its error",
+        )
+        listing = httpx.get(f"{app}/streams", headers=AUTH, timeout=30).text
+        assert f"127.0.0.1:{port}" in listing  # the URLs are there, only their secrets not
+        seen.append(listing)
+        seen.append(httpx.get(f"{app}/health", timeout=30).text)
+        logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+        for path in logs.rglob("*"):
+            if path.is_file() and path.stat().st_size < 200 * 1024**2:
+                seen.append(path.read_text(errors="replace"))
+        for secret in secrets:
+            leaks = [text[:200] for text in seen if secret in text]
+            assert not leaks, f"{secret} leaked: {leaks}"
+    finally:
+        for sub_id in urls:
+            httpx.delete(f"{app}/streams/{sub_id}", headers=AUTH, timeout=30)
