@@ -21,19 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
 import sqlite3
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from deployments.exceptions import CamgraphError
 
 logger = logging.getLogger("camgraph.actions")
+T = TypeVar("T")
+S = TypeVar("S")
+P = ParamSpec("P")
 TABLE = "camgraph_outbox"
 
 
@@ -101,6 +106,23 @@ def _row_entry(key: str, sink: str, op: str, blob: Any, created_at: float) -> Ou
     )
 
 
+def off_loop(
+    method: Callable[Concatenate[S, P], T],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """A blocking SQLite method as a coroutine run in a worker thread, one at a time per
+    object (`self._lock`): fsync-ing writes never block the Actions event loop."""
+
+    @functools.wraps(method)
+    async def run(self: S, *args: P.args, **kwargs: P.kwargs) -> T:
+        def locked() -> T:
+            with self._lock:  # type: ignore[attr-defined]
+                return method(self, *args, **kwargs)
+
+        return await asyncio.to_thread(locked)
+
+    return run
+
+
 class SqliteOutbox:
     """Outbox in a local SQLite file (WAL, synchronous=FULL: a row is on disk once `add`
     returns). Safe for several processes on one machine (leases, one writer at a time)."""
@@ -109,6 +131,7 @@ class SqliteOutbox:
         self.name = f"sqlite:{path}"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()  # one thread at a time on the connection
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
@@ -130,11 +153,25 @@ class SqliteOutbox:
             f"CREATE INDEX IF NOT EXISTS {TABLE}_due ON {TABLE} (delivered_at, dead, next_at)"
         )
 
-    async def add(self, entries: Sequence[OutboxEntry]) -> int:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A real transaction (the connection is in autocommit mode, where `with db:`
+        alone starts none)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    @off_loop
+    def add(self, entries: Sequence[OutboxEntry]) -> int:
         rows = [
             (e.key, e.sink, json.dumps(e.op), e.blob, e.created_at, e.created_at) for e in entries
         ]
-        with self._db:  # one transaction
+        with self._transaction():  # one transaction: all rows or none, one fsync
             before = self._db.total_changes
             self._db.executemany(
                 f"INSERT OR IGNORE INTO {TABLE} (key, sink, op, blob, created_at, next_at)"
@@ -143,7 +180,8 @@ class SqliteOutbox:
             )
             return self._db.total_changes - before
 
-    async def claim(self, limit: int, lease_s: float) -> list[Claimed]:
+    @off_loop
+    def claim(self, limit: int, lease_s: float) -> list[Claimed]:
         now = time.time()
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -160,32 +198,36 @@ class SqliteOutbox:
             raise
         return sorted((Claimed(r[0], _row_entry(*r[1:6]), r[6]) for r in rows), key=lambda c: c.id)
 
-    async def done(self, ids: Sequence[int]) -> None:
-        with self._db:
+    @off_loop
+    def done(self, ids: Sequence[int]) -> None:
+        with self._transaction():
             self._db.executemany(
                 f"UPDATE {TABLE} SET delivered_at = ?, blob = NULL, lease_until = 0 WHERE id = ?",
                 [(time.time(), i) for i in ids],
             )
 
-    async def retry(
+    @off_loop
+    def retry(
         self, item: Claimed, error: str, delay_s: float, dead: bool, rejected: bool = False
     ) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 f"UPDATE {TABLE} SET next_at = ?, lease_until = 0, last_error = ?, dead = ?,"
                 " attempts = attempts + ? WHERE id = ?",
                 (time.time() + delay_s, error[:1000], int(dead), int(rejected), item.id),
             )
 
-    async def purge(self, older_than_s: float) -> int:
+    @off_loop
+    def purge(self, older_than_s: float) -> int:
         """Forget delivered entries (their keys stop deduplicating resubmits)."""
-        with self._db:
+        with self._transaction():
             cur = self._db.execute(
                 f"DELETE FROM {TABLE} WHERE delivered_at < ?", (time.time() - older_than_s,)
             )
             return cur.rowcount
 
-    async def stats(self) -> dict[str, Any]:
+    @off_loop
+    def stats(self) -> dict[str, Any]:
         depth, dead, oldest = self._db.execute(
             f"""SELECT coalesce(sum(dead = 0), 0), coalesce(sum(dead), 0),
                 min(CASE WHEN dead = 0 THEN created_at END)
@@ -194,7 +236,8 @@ class SqliteOutbox:
         return _stats(self.name, depth, dead, oldest)
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
 
 def _stats(name: str, depth: int, dead: int, oldest: float | None) -> dict[str, Any]:

@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deployments.outbox import OutboxEntry, SinkRejected, SinkUnavailable
+from deployments.outbox import OutboxEntry, SinkRejected, SinkUnavailable, off_loop
 
 OBJECT_KEY = "camgraph_key"
 # Same rule as pipeline validation; checked again here because a sink composes SQL.
@@ -300,6 +301,7 @@ class LocalStoreSink:
         )
         self._columns: dict[str, set[str]] = {}
         self._next_expiry_check = 0.0
+        self._lock = threading.Lock()  # one thread at a time on the connection
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -329,7 +331,8 @@ class LocalStoreSink:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:200]
         return self.data_dir / "images" / safe
 
-    async def apply(self, entry: OutboxEntry) -> None:
+    @off_loop
+    def apply(self, entry: OutboxEntry) -> None:
         op = entry.op
         try:
             if op["type"] == "redis_save_image":

@@ -6,6 +6,7 @@ Each test has its own PostgreSQL schema and Redis key prefix and drops them afte
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -471,3 +472,17 @@ def test_a_new_object_writing_the_same_image_key_is_not_held_back_by_an_old_revi
     asyncio.run(run())
     # The late revision 1 of the old object is older than its revision 2: skipped.
     assert redis.Redis.from_url(REDIS_URL).get(key) == b"new object, revision 0"
+
+
+def test_a_batch_is_stored_whole_or_not_at_all(tmp_path: Path) -> None:
+    """One add is one transaction: a batch whose last row fails leaves none of it."""
+
+    async def run() -> int:
+        outbox = SqliteOutbox(tmp_path / "o.sqlite")
+        good = OutboxEntry("k1", "postgres", {"n": 1})
+        bad = OutboxEntry("k2", "postgres", {"n": 2}, object())  # type: ignore[arg-type]
+        with pytest.raises(sqlite3.Error):  # SQLite cannot bind it: fails at the 2nd row
+            await outbox.add([good, bad])
+        return (await outbox.stats())["depth"]
+
+    assert asyncio.run(run()) == 0
