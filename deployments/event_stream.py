@@ -212,8 +212,14 @@ class EventFanout:
                     started.cancel()
                 live_from = started.result()
                 cursor = after_id
+                told_restart = False
                 while cursor < live_from:
                     result = await self._read(cursor, flt.to_dict(), self.limit, 0.0)
+                    if 0 < after_id <= int(result.get("first_id", 0)) and not told_restart:
+                        # The client's last event came from a hub before this one: what
+                        # was published between that and this hub's start is gone.
+                        told_restart = True
+                        yield dropped_notice(0, "hub_restarted")
                     if result["missed"]:
                         yield dropped_notice(int(result["missed"]), "evicted")
                     for event in result["events"]:
@@ -228,7 +234,7 @@ class EventFanout:
                     yield None
                 for event in batch:
                     if event is HUB_RESTARTED or event.get("type") == HUB_RESTARTED["type"]:
-                        last_sent = 0  # the new hub's ids start from 1
+                        last_sent = 0  # the new hub numbers afresh
                         yield dropped_notice(0, "hub_restarted")
                         continue
                     if "id" in event:

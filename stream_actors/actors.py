@@ -31,7 +31,7 @@ from deployments.schemas import StrictModel
 from stream_actors.branching import BranchResult, BranchSettings, PipelineRunner, PipelineRuntime
 from stream_actors.events import FanoutSink, HubPublisher, RingBufferSink, result_event
 from stream_actors.forwarding import ActionForwarder
-from stream_actors.hub import hub_name
+from stream_actors.hub import hub_name, restart_safe_first_id
 from stream_actors.placement import PENDING_STATES, placement_problem
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.reader import ReaderPolicy, StreamReader
@@ -162,7 +162,9 @@ class CameraActor:
         self._streams: dict[str, _Stream] = {}
         self._handles: dict[str, Any] = {}
         self._forwarders: dict[str, ActionForwarder] = {}
-        self._ring = RingBufferSink(self._settings.events_per_subscription)
+        self._ring = RingBufferSink(
+            self._settings.events_per_subscription, first_id=restart_safe_first_id()
+        )
         self._hub: Any = None
         self._publisher = HubPublisher(self._send_to_hub)
         self._sink = FanoutSink(self._ring, self._publisher)

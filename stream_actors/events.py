@@ -86,11 +86,14 @@ class EventSink(Protocol):
 
 
 class RingBufferSink:
-    """Keeps the newest `capacity` events per subscription, numbered from 1 upwards."""
+    """Keeps the newest `capacity` events per subscription, numbered upwards from
+    `first_id` + 1."""
 
-    def __init__(self, capacity: int = 512) -> None:
+    def __init__(self, capacity: int = 512, first_id: int = 0) -> None:
         self.capacity = capacity
-        self._ids = itertools.count(1)
+        # A camera actor passes a restart-safe base: polls with `after=` from before a
+        # restart must not skip the new actor's events.
+        self._ids = itertools.count(first_id + 1)
         self._rings: dict[str, deque[StreamEvent]] = {}
         self._lock = threading.Lock()
         self.dropped = 0

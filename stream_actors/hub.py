@@ -114,6 +114,7 @@ class ReadResult:
     # clients can tell each only of its own: [{camera_id, subscription_id, job_id, type,
     # count}].
     missed_detail: list[dict[str, Any]] = field(default_factory=list)
+    first_id: int = 0  # ids of this hub are above it: a resume from below it is older
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,11 +124,19 @@ class ReadResult:
             "last_id": self.last_id,
             "epoch": self.epoch,
             "missed_detail": self.missed_detail,
+            "first_id": self.first_id,
         }
 
 
 def _event_id(event: dict[str, Any]) -> int:
     return int(event["id"])
+
+
+def restart_safe_first_id(now: float | None = None) -> int:
+    """Milliseconds since 1970 × 1000: a restarted numbering starts above the previous
+    one's ids as long as it gave fewer than 1000 ids per millisecond on average, and stays
+    below 2**53 (exact in JavaScript) until the year 2255."""
+    return int((time.time() if now is None else now) * 1000) * 1000
 
 
 @dataclass
@@ -136,6 +145,7 @@ class EventLog:
 
     capacity: int = 1024
     max_topics: int = 10_000
+    first_id: int = 0  # ids start above it (a restarted hub's, above the old one's)
     last_id: int = 0
     _topics: OrderedDict[str, _Topic] = field(default_factory=OrderedDict)
     sessions: dict[str, Any] = field(default_factory=dict)  # display id → session id
@@ -148,6 +158,9 @@ class EventLog:
     # Publisher id → the last batch sequence stored: a batch sent again (its first send
     # timed out but arrived, or Ray retried it) is stored once.
     _batches: OrderedDict[str, int] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        self.last_id = max(self.last_id, self.first_id)
 
     def publish(
         self,
@@ -235,7 +248,9 @@ class EventLog:
             for (c, s, j, t), n in detail.items()
         ]
         missed = sum(d["count"] for d in missed_detail)
-        return ReadResult(found, cursor, missed, self.last_id, self.epoch, missed_detail)
+        return ReadResult(
+            found, cursor, missed, self.last_id, self.epoch, missed_detail, self.first_id
+        )
 
     def set_session(self, display_id: str, session_id: Any) -> None:
         """Set (or with None clear) a display's session; data of sessions no display
@@ -276,11 +291,15 @@ class EventLog:
 class EventHubService:
     """The shared event log of one app: an `EventLog` with long-poll reads. `EventHub`
     below is this class as a Ray actor (detached, named `camgraph-events-<app>`); tests
-    drive this class itself. Restarts empty with a new `epoch`: ids start again from 1;
-    readers see the epoch change and read the new numbering from its start."""
+    drive this class itself. Restarts empty with a new `epoch`, numbering its events from
+    `restart_safe_first_id()`: above every id the previous hub gave, so a client's
+    Last-Event-ID never skips the new hub's events; readers see the epoch change, and a
+    resume from before this hub's start is told that events were lost."""
 
     def __init__(self, capacity: int = 1024, max_topics: int = 10_000) -> None:
-        self._log = EventLog(capacity=capacity, max_topics=max_topics)
+        self._log = EventLog(
+            capacity=capacity, max_topics=max_topics, first_id=restart_safe_first_id()
+        )
         self._new = asyncio.Event()
         self._started = time.time()
 

@@ -430,3 +430,36 @@ def test_a_reader_that_keeps_up_skips_idle_topics() -> None:
     # A full resume is paged by `limit`, oldest first.
     page = log.read(0, limit=10)
     assert [e["id"] for e in page.events] == list(range(1, 11)) and page.cursor == 10
+
+
+def test_a_restarted_hub_numbers_above_the_old_one_and_a_resume_is_told_of_the_gap() -> None:
+    """Given a client that saw event N of a hub that then restarted, when it resumes with
+    Last-Event-ID N, then it is told events were lost and gets every event of the new hub
+    (with 1-based numbering a new hub's first N events were skipped silently)."""
+    from stream_actors.hub import restart_safe_first_id
+
+    async def main() -> list[dict[str, Any]]:
+        old = EventLog(first_id=restart_safe_first_id(1_800_000_000.0))
+        hub = LogReader(old)
+        hub.publish([sub_event("d;a", n=i) for i in range(5)])
+        seen = old.last_id
+        # The hub restarts a second later, empty, numbering from its own start.
+        hub.log = EventLog(first_id=restart_safe_first_id(1_800_000_001.0))
+        hub.publish([sub_event("d;a", n=100 + i) for i in range(3)])
+        assert hub.log.read(0).events[0]["id"] > seen
+        fanout = EventFanout(hub.read, wait_s=0.1)
+        stream = fanout.follow(EventFilter(), seen, 0.05)
+        got = await take(stream, 4)
+        await stream.aclose()
+        return got
+
+    got = asyncio.run(main())
+    assert got[0] == {"type": "dropped", "count": 0, "reason": "hub_restarted"}
+    assert [e["data"]["n"] for e in got[1:]] == [100, 101, 102]
+
+
+def test_hub_ids_stay_exact_in_javascript_for_centuries() -> None:
+    from stream_actors.hub import restart_safe_first_id
+
+    assert restart_safe_first_id(time.time()) < 2**53
+    assert restart_safe_first_id(8_900_000_000.0) < 2**53  # the year 2252
