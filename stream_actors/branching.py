@@ -249,6 +249,7 @@ class TrackState:
     sent: dict[int, str] = field(default_factory=dict)  # action → digest last submitted
     revisions: dict[int, int] = field(default_factory=dict)
     told: dict[str, str] = field(default_factory=dict)  # branch → label clients were told
+    unsent: set[int] = field(default_factory=set)  # actions rendered but refused
 
 
 def iso_time(ts: float) -> str:
@@ -358,6 +359,7 @@ class PipelineRunner:
         self.branch_timeouts: Counter[str] = Counter()  # no answer within branch_timeout_s
         self.actions_submitted = 0
         self.actions_incomplete = 0  # tracks lost before an action's inputs were there
+        self.actions_lost = 0  # rendered, refused, and still refused when the track ended
         self.submit_errors = 0
         self.last_error: str | None = None
 
@@ -619,9 +621,11 @@ class PipelineRunner:
             self.submit_errors += 1
             self.last_error = f"actions: {type(exc).__name__}: {str(exc)[:300]}"
             logger.warning("track %s: %s", st.track_id, self.last_error)
-            return  # not marked sent: the next pass sends them again
+            st.unsent.update(index for index, *_ in entries)
+            return  # not marked sent: the next pass (or the last chance) sends them again
         for index, digest, revision, _ in entries:
             st.sent[index], st.revisions[index] = digest, revision
+            st.unsent.discard(index)
         self.actions_submitted += len(entries)
 
     def _finish(self, st: TrackState) -> None:
@@ -631,7 +635,20 @@ class PipelineRunner:
         if missing and st.passes:
             self.actions_incomplete += len(missing)
         self._tracks.pop(st.track_id, None)
-        self._crops.pop(st.track_id, None)
+        if st.unsent:  # rendered but refused (e.g. BacklogFull): one more try, then count
+            self._spawn(self._last_chance(st), self._emits)
+        else:
+            self._crops.pop(st.track_id, None)
+
+    async def _last_chance(self, st: TrackState) -> None:
+        """A lost track's actions that were refused are sent once more; what still
+        cannot be sent is counted as `actions_lost` (never silently gone)."""
+        try:
+            await self._emit(st)
+        finally:
+            self.actions_lost += len(st.unsent)
+            if st.track_id not in self._tracks:  # the track did not come back meanwhile
+                self._crops.pop(st.track_id, None)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Wait for the passes in flight (tests, shutdown)."""
@@ -656,6 +673,7 @@ class PipelineRunner:
             "branch_timeouts": dict(self.branch_timeouts),
             "actions_submitted": self.actions_submitted,
             "actions_incomplete": self.actions_incomplete,
+            "actions_lost": self.actions_lost,
             "submit_errors": self.submit_errors,
             "last_error": self.last_error,
         }

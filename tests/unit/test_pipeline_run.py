@@ -305,3 +305,50 @@ def test_clients_are_told_each_branch_result_once_per_improvement(demo: LoadedAr
     assert (track_id, class_name) == (7, "vehicle")
     assert results[BODY]["label"] == "van" and results[PLATE]["label"] == "AB123CD"
     assert results[PLATE]["confidence"] == 1.0  # one vote: all of the share
+
+
+@pytest.mark.parametrize("backlog_clears", [True, False])
+def test_actions_refused_by_a_full_backlog_are_retried_when_the_track_ends_or_counted(
+    demo: LoadedArchive, backlog_clears: bool
+) -> None:
+    """Given a camera actor whose hand-over queue is full (BacklogFull) when a vehicle
+    becomes stable, when the track is lost before another pass, then its actions get one
+    more try; whatever is still refused is counted as lost, never silently gone."""
+    from stream_actors.forwarding import BacklogFull
+
+    plan = PipelinePlan.of(demo.pipeline, "v1")
+    image = np.full((360, 640, 3), 90, np.uint8)
+    image[100:200, 100:300] = np.random.default_rng(2).integers(0, 255, (100, 200, 3))
+    det = TrackedDetection(5, 0, "vehicle", 0.9, (100.0, 100.0, 300.0, 200.0), True)
+    full = True
+    submitted: list[OutboxEntry] = []
+
+    async def classify(branch: str, crop: np.ndarray) -> BranchResult | None:
+        return BranchResult("van" if branch == BODY else "AB123CD", 0.9)
+
+    async def submit(entries: list[OutboxEntry]) -> None:
+        if full:
+            raise BacklogFull("64 actions not yet sent")
+        submitted.extend(entries)
+
+    async def run() -> PipelineRunner:
+        nonlocal full
+        runner = PipelineRunner(plan, BASE, classify, submit, BranchSettings())
+        runner.observe(image, 1e9, 1, [det])
+        await runner.drain()
+        assert submitted == [] and runner.submit_errors > 0
+        full = not backlog_clears
+        runner.observe(image, 1e9 + 0.1, 2, [], lost=[5])
+        await runner.drain()
+        return runner
+
+    runner = asyncio.run(run())
+    status = runner.status()
+    if backlog_clears:
+        assert sorted(e.op["type"] for e in submitted) == sorted(
+            ["redis_save_image", "upsert", "upsert", "redis_publish"]
+        )
+        assert status["actions_lost"] == 0
+    else:
+        assert submitted == [] and status["actions_lost"] == len(plan.actions)
+    assert status["tracks"] == 0
