@@ -43,7 +43,7 @@ def redact_dsn(dsn: str) -> str:
     return redact(dsn)
 
 
-RECENT = 200  # delivered entries kept in memory for GET /records (the live view)
+RECENT = 1000  # delivered entries kept in memory for GET /records (the live view)
 
 
 def delivered_summary(entry: OutboxEntry, store: str, at: float) -> dict[str, Any]:
@@ -52,9 +52,11 @@ def delivered_summary(entry: OutboxEntry, store: str, at: float) -> dict[str, An
     op = entry.op
     summary: dict[str, Any] = {"delivered_at": at, "store": store, "sink": entry.sink}
     summary["type"] = op.get("type")
-    for name in ("table", "object_key", "fields", "key", "ttl_s", "channel", "message"):
+    for name in ("table", "object_key", "fields", "key", "ttl_s", "channel", "message", "slot"):
         if name in op:
             summary[name] = op[name]
+    if "seq" in op:
+        summary["revision"] = op["seq"]
     if entry.blob is not None:
         summary["bytes"] = len(entry.blob)
     return summary

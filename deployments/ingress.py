@@ -594,7 +594,7 @@ class Ingress(GrpcMethods):
             return error(404, f"no subscription {subscription_id!r}")
 
     @app.get("/records")
-    async def records(self, limit: int = Query(20, ge=1, le=200)) -> Any:
+    async def records(self, limit: int = Query(20, ge=1, le=1000)) -> Any:
         """The last records, images and messages the actions delivered (newest first, as
         the Actions replica that answers saw them; never image bytes): the live view's
         list. Empty when the application has no pipeline."""
