@@ -25,7 +25,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +42,7 @@ from ray.serve.exceptions import BackPressureError
 from deployments.detector import DetectRequest
 from deployments.exceptions import CamgraphError, ModelNotReadyError, UnknownModelError
 from deployments.files import atomic_write_text
+from deployments.netpolicy import DEFAULT_DENIED, denied, networks
 from deployments.schemas import (
     MODEL_ID_PATTERN,
     DetectConfig,
@@ -117,6 +118,9 @@ class MediaJobSettings(StrictModel):
 
     jobs_dir: Path = Field(Path("data/jobs"), description="records, downloads; relative: base_dir")
     max_download_bytes: int = Field(512 * MiB, ge=1, description="a larger download fails")
+    denied_networks: tuple[str, ...] = Field(
+        DEFAULT_DENIED, description="`url` media (and redirects) never from these networks"
+    )
     download_timeout_s: float = Field(300.0, gt=0, le=86_400, description="one whole download")
     frame_stride: int = Field(1, ge=1, le=10_000, description="process every Nth video frame")
     max_frames: int | None = Field(None, ge=1, description="most frames processed per job")
@@ -380,10 +384,23 @@ async def download(
     max_bytes: int,
     timeout_s: float,
     cancelled: asyncio.Event | None = None,
+    denied_networks: Sequence[str] = DEFAULT_DENIED,
 ) -> Path:
     """Fetch `url` into a temp file under `directory`; MediaError when it fails, takes
-    longer than `timeout_s` or is larger than `max_bytes` (checked as it streams)."""
+    longer than `timeout_s` or is larger than `max_bytes` (checked as it streams), or
+    when it (or a redirect) goes to a denied network."""
     shown = redact_url(url)
+    deny = networks(denied_networks)
+    if (refusal := await asyncio.to_thread(denied, url, deny)) is not None:
+        raise MediaError(refusal)
+
+    async def check_redirect(response: httpx.Response) -> None:
+        if response.is_redirect:
+            target = str(response.next_request.url) if response.next_request else ""
+            refusal = await asyncio.to_thread(denied, target, deny)
+            if not target.startswith(("http://", "https://")) or refusal is not None:
+                raise MediaError("refused by policy: redirect")
+
     directory.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=directory, prefix="media-", suffix=".part")
     path = Path(name)
@@ -391,7 +408,11 @@ async def download(
         with os.fdopen(fd, "wb") as out:
             async with (
                 asyncio.timeout(timeout_s),
-                httpx.AsyncClient(follow_redirects=True, timeout=min(timeout_s, 30.0)) as client,
+                httpx.AsyncClient(
+                    follow_redirects=True,
+                    timeout=min(timeout_s, 30.0),
+                    event_hooks={"response": [check_redirect]},
+                ) as client,
                 client.stream("GET", url) as response,
             ):
                 if response.status_code != 200:
@@ -547,6 +568,7 @@ class JobRun:
                     self._settings.max_download_bytes,
                     self._settings.download_timeout_s,
                     self._cancelled,
+                    self._settings.denied_networks,
                 )
             else:
                 self._check_allowed(path)

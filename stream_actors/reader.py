@@ -19,8 +19,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from deployments.netpolicy import DEFAULT_DENIED, networks
 from deployments.schemas import StrictModel
 from stream_actors.mailbox import DropReason, LatestFrameMailbox
 from stream_actors.meter import RateMeter
@@ -53,6 +54,16 @@ class ReaderPolicy(StrictModel):
         True, description="decode key frames only while no subscriber can use more"
     )
     decode_window_s: float = Field(5.0, gt=0, le=300, description="demand is judged over this")
+    denied_networks: tuple[str, ...] = Field(
+        DEFAULT_DENIED,
+        description="snapshot URLs (and their redirects) never go to these networks",
+    )
+
+    @field_validator("denied_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        networks(value)  # a bad CIDR is a clear error at deploy time
+        return value
 
 
 def open_source(
@@ -60,7 +71,10 @@ def open_source(
 ) -> Iterator[CapturedFrame]:
     if spec.kind == "snapshot":
         return SnapshotSource(
-            spec.url, interval_s=spec.snapshot_interval_s, timeout_s=policy.read_timeout_s
+            spec.url,
+            interval_s=spec.snapshot_interval_s,
+            timeout_s=policy.read_timeout_s,
+            deny=networks(policy.denied_networks),
         ).frames()
     return PyAVSource(
         spec.url,

@@ -11,13 +11,14 @@ import http.client
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
 from deployments.exceptions import CamgraphError
+from deployments.netpolicy import DEFAULT_DENIED, Network, denied, networks
 from deployments.redaction import redact, redact_text
 from deployments.vision import header_pixels
 
@@ -167,16 +168,18 @@ class PyAVSource:
                 return
 
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Redirects only to http(s) (urllib also follows ftp://)."""
+class _PolicyRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects only to http(s) (urllib also follows ftp://) and never into a denied
+    network."""
+
+    def __init__(self, deny: Sequence[Network]) -> None:
+        super().__init__()
+        self.deny = deny
 
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str):  # type: ignore[no-untyped-def]
-        if not newurl.lower().startswith(("http://", "https://")):
+        if not newurl.lower().startswith(("http://", "https://")) or denied(newurl, self.deny):
             raise urllib.error.HTTPError(newurl, code, "refused by policy: redirect", headers, fp)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
 class SnapshotSource:
@@ -191,6 +194,7 @@ class SnapshotSource:
         timeout_s: float = 3.0,
         max_bytes: int = 20 * 1024 * 1024,
         max_pixels: int = 40_000_000,
+        deny: Sequence[Network] = networks(DEFAULT_DENIED),
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -202,12 +206,15 @@ class SnapshotSource:
             timeout_s,
             max_bytes,
         )
-        self.max_pixels = max_pixels
+        self.max_pixels, self.deny = max_pixels, tuple(deny)
+        self._opener = urllib.request.build_opener(_PolicyRedirects(self.deny))
         self._sleep, self._clock = sleep, clock
 
     def grab(self) -> CapturedFrame:
+        if (refusal := denied(self.url, self.deny)) is not None:
+            raise SourceConnectionError(self.url, refusal)
         try:
-            with _OPENER.open(self.url, timeout=self.timeout_s) as response:
+            with self._opener.open(self.url, timeout=self.timeout_s) as response:
                 data = response.read(self.max_bytes + 1)
         # Not chained (see PyAVSource._open). HTTPError is a URLError, URLError an OSError;
         # InvalidURL (its message quotes a part of the URL, a password too) and ValueError:
