@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
 from tests.integration.conftest import detector_stats, remove_app, wait_until
 from tests.onnx_models import faulty_detector
+from tests.unit.test_pt_safe_load import AUTOBACKEND, torch_zip
 
 pytestmark = pytest.mark.integration
 APP = "camgraph-detect-test"
@@ -39,6 +41,12 @@ def deploy(tmp: Path, user_config: dict[str, Any]) -> None:
                 {"id": "broken", "path": str(tmp / "missing.onnx")},
                 {"id": "faulty", "path": str(faulty_detector(tmp / "faulty.onnx")), "imgsz": 64},
                 {"id": "pt", "path": str(PROJECT_ROOT / "models" / "demo-detector.pt")},
+                # The hostile checkpoints: refused with their reason, never run.
+                {"id": "evil_call", "path": str(torch_zip(tmp / "call.pt", AUTOBACKEND))},
+                {
+                    "id": "evil_dup",
+                    "path": str(torch_zip(tmp / "dup.pt", pickle.dumps({}), AUTOBACKEND)),
+                },
             ],
             "ingress": {
                 "max_upload_bytes": UPLOAD_LIMIT,
@@ -105,6 +113,7 @@ def test_health_answers_while_models_load_and_reports_every_model(client: httpx.
         time.sleep(0.05)
     assert seen <= {"loading", "enabled"} and "enabled" in seen
     expected = {"demo": "enabled", "broken": "error", "faulty": "enabled", "pt": "enabled"}
+    expected |= {"evil_call": "error", "evil_dup": "error"}
     body = wait_for_states(client, expected)
     assert body["status"] == "degraded"
     assert body["models"]["demo"]["providers"] == ["CPUExecutionProvider"]
@@ -299,3 +308,17 @@ def test_grpc_listens_on_every_interface_so_without_a_token_it_refuses(
 
         error = wait_until(refused, 60, "gRPC to refuse the call without a token")
     assert "every network interface" in error.details()
+
+
+def test_hostile_pt_models_are_refused_with_their_reason_through_detect(
+    client: httpx.Client,
+) -> None:
+    states = client.get("/health").json()["models"]
+    assert states["evil_call"]["state"] == "error", states["evil_call"]
+    assert "AutoBackend" in states["evil_call"]["error"], states["evil_call"]
+    assert "data.pkl" in states["evil_dup"]["error"], states["evil_dup"]
+    image = jpeg(np.zeros((64, 64, 3), np.uint8))
+    for model in ("evil_call", "evil_dup"):
+        r = client.post(f"/detect?model={model}", files={"file": ("f.jpg", image)})
+        assert r.status_code == 503 and r.json()["detail"]["state"] == "error", r.text
+        assert r.json()["detail"]["error"] == states[model]["error"]
