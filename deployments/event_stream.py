@@ -215,7 +215,8 @@ class EventFanout:
                 told_restart = False
                 while cursor < live_from:
                     result = await self._read(cursor, flt.to_dict(), self.limit, 0.0)
-                    if 0 < after_id <= int(result.get("first_id", 0)) and not told_restart:
+                    # (after_id == first_id: the client saw this hub's start, nothing lost)
+                    if 0 < after_id < int(result.get("first_id", 0)) and not told_restart:
                         # The client's last event came from a hub before this one: what
                         # was published between that and this hub's start is gone.
                         told_restart = True

@@ -144,7 +144,9 @@ def prepare(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, Letter
     """Decode and letterbox in one worker-thread hop, or say why not. A small file that
     would decode to gigapixels is refused from its header, before any decoding."""
     pixels = header_pixels(data)
-    if pixels is not None and pixels > max_pixels:
+    if pixels is None:  # a format whose size cannot be read before decoding (e.g. HDR)
+        return "the upload is not a decodable image"
+    if pixels > max_pixels:
         return f"the image has {pixels} pixels, more than the limit of {max_pixels}"
     image = decode_image(data)
     if image is None:
@@ -243,6 +245,7 @@ class Ingress(GrpcMethods):
         self._hub_stats: tuple[float, dict[str, Any]] = (0.0, {})
         self._health_cache: tuple[float, dict[str, Any]] = (0.0, {})
         self._health_lock = asyncio.Lock()
+        self._hub_stats_lock = asyncio.Lock()
         self._ws_clients = 0
         # Loaded last: a replica that cannot read its token fails to start (never open).
         self._auth_token = load_token(self._settings.auth_token_env, self._settings.auth_token_file)
@@ -303,15 +306,16 @@ class Ingress(GrpcMethods):
         """The EventHub's rings and this replica's clients (WebSocket, SSE, gRPC streams),
         with capture → event latency as seen here; never fails /health."""
         replica = {**self._fanout.status(), "websockets": self._ws_clients}
-        at, hub = self._hub_stats
-        if time.monotonic() - at > 5.0:  # /health is open: the hub is asked at most every 5 s
-            try:
-                hub = await asyncio.wait_for(
-                    self._hub.stats.remote(), self._settings.health_timeout_s
-                )
-            except Exception as exc:
-                return {"hub": {"error": f"{type(exc).__name__}"}, "replica": replica}
-            self._hub_stats = (time.monotonic(), hub)
+        async with self._hub_stats_lock:  # one fetch at a time, failures cached too
+            at, hub = self._hub_stats
+            if time.monotonic() - at > 5.0:  # /health is open: the hub at most every 5 s
+                try:
+                    hub = await asyncio.wait_for(
+                        self._hub.stats.remote(), self._settings.health_timeout_s
+                    )
+                except Exception as exc:
+                    hub = {"error": f"{type(exc).__name__}"}
+                self._hub_stats = (time.monotonic(), hub)
         return {"hub": hub, "replica": replica}
 
     async def _actions_health(self) -> dict[str, Any]:

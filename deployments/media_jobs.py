@@ -121,6 +121,13 @@ class MediaJobSettings(StrictModel):
     denied_networks: tuple[str, ...] = Field(
         DEFAULT_DENIED, description="`url` media (and redirects) never from these networks"
     )
+
+    @field_validator("denied_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        networks(value)  # a bad CIDR is a clear error at deploy time
+        return value
+
     download_timeout_s: float = Field(300.0, gt=0, le=86_400, description="one whole download")
     frame_stride: int = Field(1, ge=1, le=10_000, description="process every Nth video frame")
     max_frames: int | None = Field(None, ge=1, description="most frames processed per job")
@@ -394,12 +401,12 @@ async def download(
     if (refusal := await asyncio.to_thread(denied, url, deny)) is not None:
         raise MediaError(refusal)
 
-    async def check_redirect(response: httpx.Response) -> None:
-        if response.is_redirect:
-            target = str(response.next_request.url) if response.next_request else ""
-            refusal = await asyncio.to_thread(denied, target, deny)
-            if not target.startswith(("http://", "https://")) or refusal is not None:
-                raise MediaError("refused by policy: redirect")
+    async def check_request(request: httpx.Request) -> None:
+        """Every request, the redirects' too: http(s) only, never a denied network."""
+        target = str(request.url)
+        refusal = await asyncio.to_thread(denied, target, deny)
+        if not target.startswith(("http://", "https://")) or refusal is not None:
+            raise MediaError("refused by policy: redirect")
 
     directory.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=directory, prefix="media-", suffix=".part")
@@ -411,7 +418,7 @@ async def download(
                 httpx.AsyncClient(
                     follow_redirects=True,
                     timeout=min(timeout_s, 30.0),
-                    event_hooks={"response": [check_redirect]},
+                    event_hooks={"request": [check_request]},
                 ) as client,
                 client.stream("GET", url) as response,
             ):
@@ -596,7 +603,9 @@ class JobRun:
 
     def _check_allowed(self, path: Path) -> None:
         allowed = self._settings.allowed_dirs
-        if allowed is not None and not any(path.resolve().is_relative_to(d) for d in allowed):
+        if allowed is not None and not any(
+            path.resolve().is_relative_to(d.resolve()) for d in allowed
+        ):
             raise MediaError("refused by policy: `path` media only from jobs.allowed_dirs")
 
     async def _process(self, path: Path) -> None:

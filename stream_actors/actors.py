@@ -599,12 +599,12 @@ class StreamRegistry:
             raise ReconcileError("not placed")  # no call: it would only time out
         actor = self._actor(index)
         reply = await asyncio.wait_for(actor.streams.remote(), ACTOR_CALL_TIMEOUT_S)
-        if reply["context"] != context_revision(self._ctx):
+        if reply.get("context") != context_revision(self._ctx):
             # Ray re-ran the actor's constructor with its first context (a restart after
             # a crash or an OOM kill): it gets today's before any stream is restored.
             logger.info("registry: camera actor %d runs an old context: updating it", index)
             await asyncio.wait_for(actor.update_context.remote(self._ctx), ACTOR_CALL_TIMEOUT_S)
-        running = reply["streams"]
+        running = reply.get("streams", reply)  # an actor of an older camgraph: streams only
         for key in set(running) - set(wanted):
             await self._stop(key, index)
         for key, subs in wanted.items():

@@ -21,12 +21,18 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from deployments.netpolicy import DEFAULT_DENIED, networks
+from deployments.netpolicy import DEFAULT_DENIED, denied, networks
 from deployments.schemas import StrictModel
 from stream_actors.mailbox import DropReason, LatestFrameMailbox
 from stream_actors.meter import RateMeter
 from stream_actors.reconnect import Backoff, CircuitBreaker
-from stream_actors.sources import CapturedFrame, PyAVSource, SnapshotSource, SourceError
+from stream_actors.sources import (
+    CapturedFrame,
+    PyAVSource,
+    SnapshotSource,
+    SourceConnectionError,
+    SourceError,
+)
 from stream_actors.subscriptions import StreamSpec
 
 logger = logging.getLogger("camgraph.streams")
@@ -56,7 +62,7 @@ class ReaderPolicy(StrictModel):
     decode_window_s: float = Field(5.0, gt=0, le=300, description="demand is judged over this")
     denied_networks: tuple[str, ...] = Field(
         DEFAULT_DENIED,
-        description="snapshot URLs (and their redirects) never go to these networks",
+        description="camera URLs (RTSP, snapshots and their redirects) never go there",
     )
 
     @field_validator("denied_networks")
@@ -69,6 +75,8 @@ class ReaderPolicy(StrictModel):
 def open_source(
     spec: StreamSpec, policy: ReaderPolicy, keyframes_only: Callable[[], bool] | None = None
 ) -> Iterator[CapturedFrame]:
+    if spec.kind == "rtsp" and (refusal := denied(spec.url, networks(policy.denied_networks))):
+        raise SourceConnectionError(spec.url, refusal)  # before any packet goes there
     if spec.kind == "snapshot":
         return SnapshotSource(
             spec.url,

@@ -228,7 +228,9 @@ class SnapshotSource:
         if len(data) > self.max_bytes:
             raise SourceReadError(self.url, f"snapshot larger than {self.max_bytes} bytes")
         pixels = header_pixels(data) if data else None
-        if pixels is not None and pixels > self.max_pixels:
+        if pixels is None:  # empty, or a format whose size is unknown before decoding
+            raise SourceReadError(self.url, "undecodable snapshot")
+        if pixels > self.max_pixels:
             raise SourceReadError(
                 self.url, f"snapshot of {pixels} pixels, more than the limit of {self.max_pixels}"
             )

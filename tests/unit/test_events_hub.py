@@ -458,8 +458,20 @@ def test_a_restarted_hub_numbers_above_the_old_one_and_a_resume_is_told_of_the_g
     assert [e["data"]["n"] for e in got[1:]] == [100, 101, 102]
 
 
-def test_hub_ids_stay_exact_in_javascript_for_centuries() -> None:
+def test_a_resume_from_this_hubs_own_start_is_not_told_of_a_restart() -> None:
+    """Last-Event-ID equal to the hub's start (the client saw it empty) loses nothing."""
     from stream_actors.hub import restart_safe_first_id
 
-    assert restart_safe_first_id(time.time()) < 2**53
-    assert restart_safe_first_id(8_900_000_000.0) < 2**53  # the year 2252
+    async def main() -> list[dict[str, Any]]:
+        hub = LogReader(EventLog(first_id=restart_safe_first_id(1_800_000_000.0)))
+        start = hub.log.last_id
+        hub.publish([sub_event("d;a", n=1)])
+        fanout = EventFanout(hub.read, wait_s=0.1)
+        stream = fanout.follow(EventFilter(), start, 0.05)
+        got = await take(stream, 1)
+        await stream.aclose()
+        return got
+
+    got = asyncio.run(main())
+    assert [e.get("type") for e in got] != ["dropped"]
+    assert got[0]["data"]["n"] == 1
