@@ -123,6 +123,20 @@ def off_loop(
     return run
 
 
+@contextlib.contextmanager
+def sqlite_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A real transaction on a connection in autocommit mode (where `with db:` alone
+    starts none): committed whole, or rolled back on any failure, COMMIT's included."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 class SqliteOutbox:
     """Outbox in a local SQLite file (WAL, synchronous=FULL: a row is on disk once `add`
     returns). Safe for several processes on one machine (leases, one writer at a time)."""
@@ -153,18 +167,8 @@ class SqliteOutbox:
             f"CREATE INDEX IF NOT EXISTS {TABLE}_due ON {TABLE} (delivered_at, dead, next_at)"
         )
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """A real transaction (the connection is in autocommit mode, where `with db:`
-        alone starts none)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return sqlite_transaction(self._db)
 
     @off_loop
     def add(self, entries: Sequence[OutboxEntry]) -> int:

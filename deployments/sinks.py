@@ -23,7 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deployments.outbox import OutboxEntry, SinkRejected, SinkUnavailable, off_loop
+from deployments.outbox import (
+    OutboxEntry,
+    SinkRejected,
+    SinkUnavailable,
+    off_loop,
+    sqlite_transaction,
+)
 
 OBJECT_KEY = "camgraph_key"
 # Same rule as pipeline validation; checked again here because a sink composes SQL.
@@ -305,15 +311,13 @@ class LocalStoreSink:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        """One SQLite transaction (the connection is in autocommit mode otherwise)."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """One SQLite transaction; a failed one also forgets the column cache (an ALTER
+        TABLE may have been rolled back)."""
         try:
-            yield
-            self._db.execute("COMMIT")
+            with sqlite_transaction(self._db):
+                yield
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self._columns.clear()  # an ALTER TABLE may have been rolled back
+            self._columns.clear()
             raise
 
     def _newer(self, rev: tuple[str, int] | None) -> bool:

@@ -9,6 +9,7 @@ import http.server
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.peers import SYSTEM_PYTHON, RtspServer, free_port
@@ -125,3 +126,15 @@ class TcpProxy:
 
     def close(self) -> None:
         self.cut()
+
+
+@contextlib.contextmanager
+def http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 with `handler`, as its base URL, for a `with`."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from deployments.media_jobs import MediaError, download
 from deployments.netpolicy import REFUSED, denied, networks
 from stream_actors.reader import ReaderPolicy
 from stream_actors.sources import SnapshotSource, SourceConnectionError, SourceReadError
+from tests.peers import http_server
 
 METADATA = "http://169.254.169.254/latest/meta-data/"
 
@@ -37,11 +37,8 @@ class _Redirector(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def redirector() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/snap.jpg"
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(_Redirector) as base:
+        yield f"{base}/snap.jpg"
 
 
 def test_link_local_is_denied_by_default_and_private_ranges_on_request() -> None:

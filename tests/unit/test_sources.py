@@ -18,6 +18,7 @@ from stream_actors.sources import (
     SourceConnectionError,
     SourceReadError,
 )
+from tests.peers import http_server
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +145,8 @@ class _Serve(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hostile_server() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Serve)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(_Serve) as base:
+        yield base
 
 
 def test_a_snapshot_bomb_is_refused_from_its_header_before_decoding(hostile_server: str) -> None:
