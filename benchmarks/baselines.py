@@ -103,8 +103,8 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
     """One raw ONNX Runtime process over its share of the cameras (round-robin)."""
     import numpy as np
 
-    from deployments.engines import OnnxEngine
-    from deployments.vision import DetectParams, letterbox, unletterbox_boxes
+    from deployments.inference.engines import OnnxEngine
+    from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
 
     engine = OnnxEngine(Path(spec.model), spec.imgsz, intra_op_threads=spec.threads)
     params = DetectParams(conf=spec.conf, iou=spec.iou)

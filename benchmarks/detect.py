@@ -24,8 +24,8 @@ import numpy as np
 from benchmarks.stats import percentile
 from demo.datasets import HELD_OUT_SEED_START
 from demo.scenes import Scene
-from deployments.engines import OnnxEngine
-from deployments.vision import DetectParams, letterbox, unletterbox_boxes
+from deployments.inference.engines import OnnxEngine
+from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
 
 
 def make_frames(n: int) -> list[bytes]:

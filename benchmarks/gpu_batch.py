@@ -17,7 +17,7 @@ import numpy as np
 
 from demo.datasets import HELD_OUT_SEED_START
 from demo.scenes import Scene
-from deployments.vision import DetectParams, letterbox
+from graph.common.vision import DetectParams, letterbox
 
 
 def timed(fn: Any, seconds: float) -> tuple[int, float]:
@@ -41,7 +41,12 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from deployments.engines import OnnxEngine, UltralyticsEngine, choose_providers, gpu_present
+    from deployments.inference.engines import (
+        OnnxEngine,
+        UltralyticsEngine,
+        choose_providers,
+        gpu_present,
+    )
 
     frames = np.stack(
         [

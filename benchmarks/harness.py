@@ -115,8 +115,8 @@ def single_inference_ms(model: Path, imgsz: int, clip: Path, runs: int = 20) -> 
     import cv2
 
     from benchmarks.stats import percentile
-    from deployments.engines import OnnxEngine
-    from deployments.vision import DetectParams, letterbox
+    from deployments.inference.engines import OnnxEngine
+    from graph.common.vision import DetectParams, letterbox
 
     cap = cv2.VideoCapture(str(clip))
     ok, image = cap.read()

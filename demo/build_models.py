@@ -18,7 +18,7 @@ PIPELINE = "demo-pipeline.json"
 
 def pack(models_dir: Path, out: Path) -> Path:
     """Pack models/demo-pipeline.json and the model files it names into an .mpta."""
-    from graph.archive import pack_archive
+    from graph.pipeline.archive import pack_archive
 
     return pack_archive(models_dir / PIPELINE, out, models_dir)
 

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from demo.scenes import BODY_TYPES, DETECT_CLASSES, ObjectTruth, Scene
-from deployments.vision import crop_square
+from graph.common.vision import crop_square
 
 HELD_OUT_SEED_START = 100_000  # validation during training (model selection) and tests
 EVAL_SEED_START = 200_000  # quality bars: never seen by training or model selection
@@ -33,7 +33,7 @@ def square_crop(
     size: int = CROP_SIZE,
     pad_fraction: float = 0.04,
 ) -> np.ndarray:
-    """The classifier's crop (deployments.vision.crop_square) at the dataset's size."""
+    """The classifier's crop (graph.common.vision.crop_square) at the dataset's size."""
     return crop_square(image, box, size, pad_fraction)
 
 

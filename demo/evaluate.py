@@ -18,9 +18,9 @@ import numpy as np
 from demo.datasets import CLASSIFY_MIN_VISIBLE, DETECT_MIN_VISIBLE, EVAL_SEED_START
 from demo.metrics import average_precision, match_image
 from demo.scenes import DETECT_CLASSES, Scene
-from deployments.branches import ClassifierEngine, PlateReader
-from deployments.engines import OnnxEngine
-from deployments.vision import DetectParams, crop_square, letterbox, unletterbox_boxes
+from deployments.inference.classify import ClassifierEngine, PlateReader
+from deployments.inference.engines import OnnxEngine
+from graph.common.vision import DetectParams, crop_square, letterbox, unletterbox_boxes
 
 BARS = {"detector_vehicle_ap50": 0.90, "body_type_top1": 0.90, "plate_exact": 0.70}
 MIN_PLATE_PX = 30

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from deployments.vision import iou_matrix
+from graph.common.vision import iou_matrix
 
 __all__ = ["average_precision", "id_switches", "iou_matrix", "match_image"]
 

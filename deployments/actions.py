@@ -8,9 +8,9 @@ from typing import Any
 from ray import serve
 from ray.serve import metrics
 
-from deployments.action_service import ActionService
-from deployments.outbox import DeliveryReport, OutboxEntry
-from deployments.schemas import ActionsSettings
+from deployments.delivery.outbox import DeliveryReport, OutboxEntry
+from deployments.delivery.service import ActionService
+from graph.common.schemas import ActionsSettings
 
 
 @serve.deployment(

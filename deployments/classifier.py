@@ -12,9 +12,9 @@ import numpy as np
 from ray import serve
 from ray.serve import metrics
 
-from deployments.branches import BranchEngine, Label
-from deployments.engines import ModelSlot
-from deployments.schemas import BatchUserConfig, BranchModelSpec
+from deployments.inference.classify import BranchEngine, Label
+from deployments.inference.engines import ModelSlot
+from graph.common.schemas import BatchUserConfig, BranchModelSpec
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_BATCHING = BatchUserConfig()

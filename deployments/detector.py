@@ -16,9 +16,9 @@ import ray
 from ray import serve
 from ray.serve import metrics
 
-from deployments.engines import Engine, EngineOptions, ModelSlot, load_engine
-from deployments.schemas import DetectorUserConfig, ModelSpec
-from deployments.vision import DetectParams
+from deployments.inference.engines import Engine, EngineOptions, ModelSlot, load_engine
+from graph.common.schemas import DetectorUserConfig, ModelSpec
+from graph.common.vision import DetectParams
 
 logger = logging.getLogger("ray.serve")
 

@@ -29,12 +29,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from deployments.auth import OPEN_PATHS, WS_UNAUTHORIZED, bearer, load_token, token_ok
+from deployments.api.auth import OPEN_PATHS, WS_UNAUTHORIZED, bearer, load_token, token_ok
+from deployments.api.grpc import GrpcMethods
+from deployments.api.ui import add_live_view
+from deployments.api.ws_session import WsSession
 from deployments.detector import DetectRequest
-from deployments.event_stream import EventFanout, sse_frame
-from deployments.exceptions import InferenceError, ModelNotReadyError, UnknownModelError
-from deployments.grpc_api import GrpcMethods
-from deployments.media_jobs import (
+from deployments.jobs.manager import (
     JOB_ID_PATTERN,
     MEDIA_ID_PATTERN,
     DuplicateJobError,
@@ -44,19 +44,19 @@ from deployments.media_jobs import (
     MediaJobs,
     jobs_actor_name,
 )
-from deployments.schemas import (
+from graph.common.errors import InferenceError, ModelNotReadyError, UnknownModelError
+from graph.common.schemas import (
     MODEL_ID_PATTERN,
     DetectConfig,
     IngressSettings,
     image_detections,
 )
-from deployments.ui import add_live_view
-from deployments.vision import Letterbox, header_pixels, letterbox
-from deployments.ws_session import WsSession
-from graph.pipeline import PipelineFile
+from graph.common.vision import Letterbox, header_pixels, letterbox
+from graph.events.fanout import EventFanout, sse_frame
+from graph.events.hub import EventFilter, EventHub, hub_name
+from graph.pipeline.runner import PipelineRuntime
+from graph.pipeline.spec import PipelineFile
 from stream_actors.actors import StreamContext, StreamRegistry, StreamSettings, registry_name
-from stream_actors.branching import PipelineRuntime
-from stream_actors.hub import EventFilter, EventHub, hub_name
 from stream_actors.subscriptions import (
     SUBSCRIPTION_ID_PATTERN,
     Subscription,

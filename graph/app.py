@@ -9,9 +9,9 @@ from typing import Any, cast
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from deployments.schemas import BranchModelSpec, ModelSpec
-from graph.archive import LoadedArchive, load_archive
+from graph.common.schemas import BranchModelSpec, ModelSpec
 from graph.config import AppConfig, PipelineRef, detector_name
+from graph.pipeline.archive import LoadedArchive, load_archive
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from graph.archive import ArchiveError, ArchiveLimits, inspect_archive, load_archive, pack_archive
-from graph.pipeline import Node
+from graph.pipeline.archive import (
+    ArchiveError,
+    ArchiveLimits,
+    inspect_archive,
+    load_archive,
+    pack_archive,
+)
+from graph.pipeline.spec import Node
 
 
 def _tree(node: Node, depth: int = 0) -> list[str]:

@@ -7,15 +7,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from deployments.media_jobs import MediaJobSettings
-from deployments.schemas import (
+from deployments.jobs.manager import MediaJobSettings
+from graph.common.schemas import (
     ActionsSettings,
     EventHubSettings,
     IngressSettings,
     ModelSpec,
     StrictModel,
 )
-from graph.archive import ArchiveLimits
+from graph.pipeline.archive import ArchiveLimits
 from stream_actors.actors import StreamSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

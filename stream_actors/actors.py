@@ -26,12 +26,12 @@ import ray
 from pydantic import Field
 
 from deployments.detector import DetectRequest, DetectResult
-from deployments.files import atomic_write_bytes
-from deployments.schemas import StrictModel
-from stream_actors.branching import BranchResult, BranchSettings, PipelineRunner, PipelineRuntime
-from stream_actors.events import FanoutSink, HubPublisher, RingBufferSink, result_event
+from graph.common.files import atomic_write_bytes
+from graph.common.schemas import StrictModel
+from graph.events.hub import hub_name, restart_safe_first_id
+from graph.events.model import FanoutSink, HubPublisher, RingBufferSink, result_event
+from graph.pipeline.runner import BranchResult, BranchSettings, PipelineRunner, PipelineRuntime
 from stream_actors.forwarding import ActionForwarder
-from stream_actors.hub import hub_name, restart_safe_first_id
 from stream_actors.placement import PENDING_STATES, placement_problem
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.reader import ReaderPolicy, StreamReader
@@ -98,8 +98,8 @@ class StreamContext:
 
 def redact(url: str) -> str:
     """The URL without its secrets (rtsp://user:secret@host → rtsp://user:***@host);
-    `deployments.redaction.redact`, the one definition."""
-    from deployments.redaction import redact as _redact
+    `graph.common.redaction.redact`, the one definition."""
+    from graph.common.redaction import redact as _redact
 
     return _redact(url)
 

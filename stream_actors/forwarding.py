@@ -15,8 +15,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from deployments.exceptions import CamgraphError
-from deployments.outbox import OutboxEntry, backoff_s
+from deployments.delivery.outbox import OutboxEntry, backoff_s
+from graph.common.errors import CamgraphError
 
 logger = logging.getLogger("camgraph.actions")
 SendFn = Callable[[list[OutboxEntry]], Awaitable[int]]

@@ -20,10 +20,10 @@ from pydantic import Field
 from ray.serve.exceptions import BackPressureError
 
 from deployments.detector import DetectRequest, DetectResult
-from deployments.schemas import StrictModel
-from deployments.vision import DetectParams, letterbox, unletterbox_boxes
-from stream_actors.branching import PipelineRunner
-from stream_actors.events import EventSink, StreamEvent, TrackedDetection
+from graph.common.schemas import StrictModel
+from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
+from graph.events.model import EventSink, StreamEvent, TrackedDetection
+from graph.pipeline.runner import PipelineRunner
 from stream_actors.mailbox import DropReason, Frame, LatestFrameMailbox
 from stream_actors.meter import RateMeter
 from stream_actors.stability import StabilityRules, StabilityValidator

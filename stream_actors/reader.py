@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from deployments.netpolicy import DEFAULT_DENIED, denied, networks
-from deployments.schemas import StrictModel
+from graph.common.netpolicy import DEFAULT_DENIED, denied, networks
+from graph.common.schemas import StrictModel
 from stream_actors.mailbox import DropReason, LatestFrameMailbox
 from stream_actors.meter import RateMeter
 from stream_actors.reconnect import Backoff, CircuitBreaker

@@ -17,10 +17,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from deployments.exceptions import CamgraphError
-from deployments.netpolicy import DEFAULT_DENIED, Network, denied, networks
-from deployments.redaction import redact, redact_text
-from deployments.vision import header_pixels
+from graph.common.errors import CamgraphError
+from graph.common.netpolicy import DEFAULT_DENIED, Network, denied, networks
+from graph.common.redaction import redact, redact_text
+from graph.common.vision import header_pixels
 
 
 class SourceError(CamgraphError):

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from deployments.schemas import StrictModel
+from graph.common.schemas import StrictModel
 
 
 class StabilityRules(StrictModel):

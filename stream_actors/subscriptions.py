@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from deployments.files import atomic_write_text
-from deployments.schemas import MODEL_ID_PATTERN, StrictModel
+from graph.common.files import atomic_write_text
+from graph.common.schemas import MODEL_ID_PATTERN, StrictModel
 from stream_actors.stability import StabilityRules
 
 SUBSCRIPTION_ID_PATTERN = r"^[^;/\s]{1,128};[^;/\s]{1,128}$"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from deployments.schemas import StrictModel
+from graph.common.schemas import StrictModel
 from stream_actors.stability import Observation
 
 

@@ -78,9 +78,9 @@ def remove_app(app: str) -> None:
     from ray import serve
 
     from deployments.ingress import STREAMS_NAMESPACE
-    from deployments.media_jobs import jobs_actor_name
+    from deployments.jobs.manager import jobs_actor_name
+    from graph.events.hub import hub_name
     from stream_actors.actors import registry_name
-    from stream_actors.hub import hub_name
 
     def kill(name: str, shutdown: bool = False) -> None:
         with contextlib.suppress(ValueError):  # ValueError: no such actor

@@ -26,7 +26,7 @@ from deployments.detector import Detector
 from deployments.ingress import STREAMS_NAMESPACE, Ingress
 from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
-from stream_actors.hub import hub_name
+from graph.events.hub import hub_name
 from tests.integration.conftest import remove_app, wait_until
 from tests.peers import RtspServer
 

@@ -22,9 +22,9 @@ from deployments.detector import Detector
 from deployments.ingress import STREAMS_NAMESPACE, Ingress
 from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
+from graph.events.hub import hub_name
 from protos import camgraph_pb2 as pb
 from protos import camgraph_pb2_grpc
-from stream_actors.hub import hub_name
 from tests.integration.conftest import remove_app, wait_until
 
 pytestmark = pytest.mark.integration

@@ -26,8 +26,8 @@ from deployments.classifier import Classifier
 from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
-from graph.archive import pack_archive
 from graph.config import PROJECT_ROOT, AppConfig
+from graph.pipeline.archive import pack_archive
 from tests.integration.conftest import remove_app, wait_until
 from tests.peers import TcpProxy
 from tests.unit.test_pipeline_run import assert_body_types, recordable_vehicles

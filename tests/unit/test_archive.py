@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from deployments.fields import template_fields
-from graph.archive import ArchiveError, ArchiveLimits, load_archive, pack_archive
 from graph.cli import main as cli
 from graph.config import PROJECT_ROOT
-from graph.pipeline import PipelineFile
+from graph.pipeline.archive import ArchiveError, ArchiveLimits, load_archive, pack_archive
+from graph.pipeline.spec import PipelineFile
+from graph.pipeline.templates import template_fields
 
 DEMO = json.loads((PROJECT_ROOT / "models" / "demo-pipeline.json").read_text())
 LIMITS = ArchiveLimits(max_members=16, max_total_bytes=64 * 1024**2)

@@ -1,12 +1,12 @@
-"""Bearer-token authentication (deployments.auth) and its settings, without Ray."""
+"""Bearer-token authentication (deployments.api.auth) and its settings, without Ray."""
 
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from deployments.auth import AuthConfigError, bearer, load_token, token_ok
-from deployments.schemas import IngressSettings
+from deployments.api.auth import AuthConfigError, bearer, load_token, token_ok
+from graph.common.schemas import IngressSettings
 
 ENV = "CAMGRAPH_TEST_TOKEN"
 

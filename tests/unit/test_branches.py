@@ -6,9 +6,9 @@ from ultralytics import YOLO
 
 from demo.datasets import EVAL_SEED_START
 from demo.scenes import Scene
-from deployments.branches import ClassifierEngine, PlateReader, normalise_plate
-from deployments.exceptions import InferenceError, ModelLoadError
-from deployments.vision import crop_square
+from deployments.inference.classify import ClassifierEngine, PlateReader, normalise_plate
+from graph.common.errors import InferenceError, ModelLoadError
+from graph.common.vision import crop_square
 from graph.config import PROJECT_ROOT
 
 CLASSIFIER = PROJECT_ROOT / "models" / "body-type.onnx"

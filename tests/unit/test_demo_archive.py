@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from demo.build_models import pack
-from deployments.branches import ClassifierEngine
-from deployments.engines import OnnxEngine
-from graph.archive import ArchiveError
+from deployments.inference.classify import ClassifierEngine
+from deployments.inference.engines import OnnxEngine
 from graph.config import PROJECT_ROOT
+from graph.pipeline.archive import ArchiveError
 
 MODELS = PROJECT_ROOT / "models"
 

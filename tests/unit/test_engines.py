@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deployments.engines import (
+from deployments.inference.engines import (
     CPU,
     CUDA,
     TENSORRT,
@@ -17,8 +17,8 @@ from deployments.engines import (
     load_engine,
     parse_names,
 )
-from deployments.exceptions import InferenceError, ModelLoadError, ModelNotReadyError
-from deployments.vision import DetectParams
+from graph.common.errors import InferenceError, ModelLoadError, ModelNotReadyError
+from graph.common.vision import DetectParams
 from tests.onnx_models import constant_detector, faulty_detector, yolo_raw
 
 RAW = yolo_raw([(100, 100, 40, 40), (300, 300, 60, 20)], [[0.9, 0.05], [0.1, 0.7]])

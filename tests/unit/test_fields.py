@@ -2,7 +2,7 @@
 
 import pytest
 
-from deployments.fields import MissingFieldError, idempotency_key, render
+from graph.pipeline.templates import MissingFieldError, idempotency_key, render
 
 
 def test_templates_fill_from_context_and_branch_results() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deployments.outbox import OutboxEntry
+from deployments.delivery.outbox import OutboxEntry
 from stream_actors.forwarding import ActionForwarder, BacklogFull
 
 

@@ -11,8 +11,8 @@ from ultralytics import YOLO
 
 from demo.datasets import HELD_OUT_SEED_START
 from demo.scenes import Scene
-from deployments.engines import EngineOptions, OnnxEngine, load_engine
-from deployments.vision import DetectParams, letterbox, unletterbox_boxes
+from deployments.inference.engines import EngineOptions, OnnxEngine, load_engine
+from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
 from graph.config import PROJECT_ROOT
 
 MODEL = PROJECT_ROOT / "models" / "demo-detector.onnx"

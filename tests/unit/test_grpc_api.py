@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from deployments.grpc_api import (
+from deployments.api.grpc import (
     auth_failure,
     detect_config,
     event_filter,

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import match_image
 from demo.scenes import Scene
-from deployments.engines import OnnxEngine
-from deployments.media_jobs import (
+from deployments.inference.engines import OnnxEngine
+from deployments.jobs.manager import (
     Detect,
     DuplicateJobError,
     JobFinishedError,
@@ -38,8 +38,8 @@ from deployments.media_jobs import (
     new_record,
     redact_url,
 )
-from deployments.schemas import DetectConfig, to_detections
-from deployments.vision import DetectParams, letterbox, unletterbox_boxes
+from graph.common.schemas import DetectConfig, to_detections
+from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
 from graph.config import PROJECT_ROOT
 
 MODEL = PROJECT_ROOT / "models" / "demo-detector.onnx"
@@ -509,7 +509,7 @@ def test_duplicates_cancel_and_unknown_jobs(tmp_path: Path, clip: Path) -> None:
 
 
 def test_unknown_models_and_bad_media_ids_are_refused(tmp_path: Path) -> None:
-    from deployments.exceptions import UnknownModelError
+    from graph.common.errors import UnknownModelError
 
     async def scenario() -> None:
         jobs = JobManager(settings(tmp_path), {"demo"}, "demo", lambda m, p: one_box, [].extend)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deployments.media_jobs import MediaError, download
-from deployments.netpolicy import REFUSED, denied, networks
+from deployments.jobs.manager import MediaError, download
+from graph.common.netpolicy import REFUSED, denied, networks
 from stream_actors.reader import ReaderPolicy
 from stream_actors.sources import SnapshotSource, SourceConnectionError, SourceReadError
 from tests.peers import http_server

@@ -17,8 +17,7 @@ import psycopg
 import pytest
 import redis
 
-from deployments.action_service import ActionService, redact_dsn
-from deployments.outbox import (
+from deployments.delivery.outbox import (
     OutboxEntry,
     OutboxUnavailable,
     PostgresOutbox,
@@ -27,8 +26,9 @@ from deployments.outbox import (
     SqliteOutbox,
     deliver,
 )
-from deployments.schemas import ActionsSettings
-from deployments.sinks import LocalStoreSink, PostgresSink, RedisSink
+from deployments.delivery.service import ActionService, redact_dsn
+from deployments.delivery.sinks import LocalStoreSink, PostgresSink, RedisSink
+from graph.common.schemas import ActionsSettings
 
 PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
-from deployments.action_service import ActionService
-from deployments.branches import BranchEngine
+from deployments.delivery.outbox import OutboxEntry
+from deployments.delivery.service import ActionService
 from deployments.detector import DetectRequest, DetectResult
-from deployments.engines import EngineOptions, load_engine
-from deployments.outbox import OutboxEntry
-from deployments.schemas import ActionsSettings, BranchModelSpec
-from graph.archive import ArchiveLimits, LoadedArchive, load_archive
+from deployments.inference.classify import BranchEngine
+from deployments.inference.engines import EngineOptions, load_engine
+from graph.common.schemas import ActionsSettings, BranchModelSpec
 from graph.config import PROJECT_ROOT
-from stream_actors.branching import (
+from graph.events.model import RingBufferSink, TrackedDetection
+from graph.pipeline.archive import ArchiveLimits, LoadedArchive, load_archive
+from graph.pipeline.runner import (
     BranchResult,
     BranchSettings,
     CropQuality,
     PipelinePlan,
     PipelineRunner,
 )
-from stream_actors.events import RingBufferSink, TrackedDetection
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.sources import PyAVSource
 from stream_actors.subscriptions import Subscription

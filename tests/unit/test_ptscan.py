@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments.engines import EngineOptions, load_engine
-from deployments.exceptions import ModelLoadError
-from deployments.ptscan import allowed, is_callable, is_class, pickle_globals, pt_problems
-from graph.archive import ArchiveError, ArchiveLimits, load_archive
+from deployments.inference.engines import EngineOptions, load_engine
+from graph.common.errors import ModelLoadError
 from graph.config import PROJECT_ROOT
+from graph.pipeline.archive import ArchiveError, ArchiveLimits, load_archive
+from graph.pipeline.ptscan import allowed, is_callable, is_class, pickle_globals, pt_problems
 from tests.unit.test_archive import DEMO, good_members, write_zip
 
 

@@ -1,5 +1,5 @@
 """Camera and sink credentials never reach a status, an error text or a log line: the
-one redaction (deployments.redaction) behind its three old names, SourceError, and a
+one redaction (graph.common.redaction) behind its three old names, SourceError, and a
 real source and reader against a dead camera whose URL holds credentials."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from deployments.action_service import redact_dsn
-from deployments.media_jobs import redact_url
+from deployments.delivery.service import redact_dsn
+from deployments.jobs.manager import redact_url
 from stream_actors.actors import redact as actors_redact
 from stream_actors.reader import ReaderPolicy, StreamReader
 from stream_actors.sources import (
@@ -30,7 +30,7 @@ from stream_actors.subscriptions import StreamSpec
 
 
 def shared_redact(value: str) -> str:
-    from deployments.redaction import redact  # imported here: one test per name fails alone
+    from graph.common.redaction import redact  # imported here: one test per name fails alone
 
     return redact(value)
 
@@ -122,7 +122,7 @@ def test_what_is_no_secret_is_shown_as_it_was(name: str, value: str) -> None:
     ],
 )
 def test_garbage_never_raises_and_stays_a_string(value: str) -> None:
-    from deployments.redaction import redact, redact_text, secrets_in
+    from graph.common.redaction import redact, redact_text, secrets_in
 
     assert isinstance(redact(value), str)
     assert isinstance(redact_text(value, value), str)
@@ -130,7 +130,7 @@ def test_garbage_never_raises_and_stays_a_string(value: str) -> None:
 
 
 def test_random_passwords_never_survive() -> None:
-    from deployments.redaction import redact, redact_text
+    from graph.common.redaction import redact, redact_text
 
     rng = random.Random(7)
     alphabet = string.ascii_letters + string.digits + "@:%!$*+,;~-._"
@@ -148,7 +148,7 @@ def test_random_passwords_never_survive() -> None:
 
 
 def test_secret_names() -> None:
-    from deployments.redaction import is_secret_name
+    from graph.common.redaction import is_secret_name
 
     for name in (
         "pwd", "PASS", "password", "passwd", "token", "access_token", "auth", "key",
@@ -161,7 +161,7 @@ def test_secret_names() -> None:
 
 
 def test_redact_text_masks_the_url_in_every_form_and_its_secret_alone() -> None:
-    from deployments.redaction import redact_text
+    from graph.common.redaction import redact_text
 
     url = "rtsp://admin:p%40ss%3Aw0rd@cam:554/x?token=t0k3n"
     message = (

@@ -15,10 +15,10 @@ from pydantic import ValidationError
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import id_switches
 from deployments.detector import DetectRequest, DetectResult
-from deployments.engines import EngineOptions, load_engine
+from deployments.inference.engines import EngineOptions, load_engine
 from graph.config import PROJECT_ROOT
+from graph.events.model import RingBufferSink, StreamEvent
 from stream_actors.actors import redact
-from stream_actors.events import RingBufferSink, StreamEvent
 from stream_actors.mailbox import LatestFrameMailbox
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.reader import ReaderPolicy, StreamReader, StreamState

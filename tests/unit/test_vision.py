@@ -8,7 +8,7 @@ from ultralytics.data.augment import LetterBox
 from ultralytics.utils import nms as ul_nms
 from ultralytics.utils import ops as ul_ops
 
-from deployments.vision import (
+from graph.common.vision import (
     DetectParams,
     decode_batch,
     decode_yolo,

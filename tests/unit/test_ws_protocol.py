@@ -1,4 +1,4 @@
-"""The detector-worker WebSocket protocol (deployments.ws_protocol), without Ray or a
+"""The detector-worker WebSocket protocol (deployments.api.ws_protocol), without Ray or a
 network: parsing every client message (and every malformed kind), and rendering worker
 messages from real EventHub events (`hub_event` through `EventLog.publish`)."""
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from deployments import ws_protocol as wsp
-from stream_actors.events import StreamEvent, TrackedDetection, hub_event
-from stream_actors.hub import EventLog
+from deployments.api import ws_protocol as wsp
+from graph.events.hub import EventLog
+from graph.events.model import StreamEvent, TrackedDetection, hub_event
 from stream_actors.stability import ObjectEvent
 from stream_actors.subscriptions import Subscription
 

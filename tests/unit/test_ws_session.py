@@ -21,10 +21,10 @@ from fastapi import FastAPI, WebSocket
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import ClientConnection, connect
 
-from deployments.event_stream import EventFanout
-from deployments.schemas import IngressSettings
-from deployments.ws_session import WS_INTERNAL_ERROR, WsSession
-from stream_actors.hub import EventHubService
+from deployments.api.ws_session import WS_INTERNAL_ERROR, WsSession
+from graph.common.schemas import IngressSettings
+from graph.events.fanout import EventFanout
+from graph.events.hub import EventHubService
 from tests.peers import free_port
 
 SUB = {"subscriptionIdentifier": "display-1;cam-1", "rtspUrl": "rtsp://127.0.0.1:8554/cam"}

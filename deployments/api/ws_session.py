@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import ray
 from fastapi import WebSocket, WebSocketDisconnect
 
-from deployments import ws_protocol as wsp
-from stream_actors.hub import EventFilter
+from deployments.api import ws_protocol as wsp
+from graph.events.hub import EventFilter
 from stream_actors.subscriptions import Subscription, SubscriptionRefused
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from deployments.exceptions import CamgraphError
+from graph.common.errors import CamgraphError
 
 
 class MissingFieldError(CamgraphError):

@@ -36,10 +36,10 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from deployments.fields import MissingFieldError, idempotency_key, render, template_fields
-from deployments.outbox import OutboxEntry
-from deployments.schemas import StrictModel
-from graph.pipeline import (
+from deployments.delivery.outbox import OutboxEntry
+from graph.common.schemas import StrictModel
+from graph.events.model import TrackedDetection
+from graph.pipeline.spec import (
     Node,
     PipelineFile,
     PostgresCreateRecord,
@@ -49,7 +49,7 @@ from graph.pipeline import (
     action_templates,
     branch_result_fields,
 )
-from stream_actors.events import TrackedDetection
+from graph.pipeline.templates import MissingFieldError, idempotency_key, render, template_fields
 
 logger = logging.getLogger("camgraph.branches")
 REVISIONS_PER_GENERATION = 1_000_000  # a track that comes back orders after all before
@@ -103,7 +103,7 @@ class BranchPlan:
 class ActionPlan:
     index: int  # position in the pipeline, part of the idempotency key
     node_id: str
-    action: Any  # one of graph.pipeline's action models
+    action: Any  # one of graph.pipeline.spec's action models
     needs: frozenset[str]  # branches that must have a result first
 
 

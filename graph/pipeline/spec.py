@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from deployments.fields import template_fields
-from deployments.schemas import StrictModel
+from graph.common.schemas import StrictModel
+from graph.pipeline.templates import template_fields
 
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 # SQL identifiers: letters, digits, underscore; not starting with a digit; Postgres' 63.

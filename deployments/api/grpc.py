@@ -22,13 +22,13 @@ import grpc
 from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext
 
-from deployments.auth import bearer, token_ok
-from deployments.exceptions import UnknownModelError
-from deployments.schemas import DetectConfig
+from deployments.api.auth import bearer, token_ok
+from graph.common.errors import UnknownModelError
+from graph.common.schemas import DetectConfig
 from protos import camgraph_pb2 as pb
 
 if TYPE_CHECKING:
-    from deployments.schemas import IngressSettings
+    from graph.common.schemas import IngressSettings
 
 logger = logging.getLogger("ray.serve")
 

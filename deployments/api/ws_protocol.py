@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from deployments.schemas import StrictModel
+from graph.common.schemas import StrictModel
 from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
 
 MAX_MESSAGE_BYTES = 64 * 1024

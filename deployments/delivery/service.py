@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from deployments.outbox import (
+from deployments.delivery.outbox import (
     DeliveryReport,
     Outbox,
     OutboxEntry,
@@ -29,16 +29,16 @@ from deployments.outbox import (
     SqliteOutbox,
     run_delivery,
 )
-from deployments.schemas import ActionsSettings
-from deployments.sinks import LocalStoreSink, PostgresSink, RedisSink
+from deployments.delivery.sinks import LocalStoreSink, PostgresSink, RedisSink
+from graph.common.schemas import ActionsSettings
 
 logger = logging.getLogger("camgraph.actions")
 
 
 def redact_dsn(dsn: str) -> str:
-    """A DSN or URL without its password; `deployments.redaction.redact`, the one
+    """A DSN or URL without its password; `graph.common.redaction.redact`, the one
     definition."""
-    from deployments.redaction import redact
+    from graph.common.redaction import redact
 
     return redact(dsn)
 

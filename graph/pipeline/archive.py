@@ -5,7 +5,7 @@ archive's sha256, checks every member before extracting anything (no absolute pa
 `..`, no links, no devices, bounded member count, declared and actual sizes, compression
 ratio), validates `pipeline.json` with pydantic, checks that every model file it names is
 in the archive, and only then extracts — into a temporary directory, where `.pt` files
-are checked for what their pickles would import (`deployments.ptscan`), renamed into the
+are checked for what their pickles would import (`graph.pipeline.ptscan`), renamed into the
 cache when complete, so a half-extracted or unsafe archive is never used.
 """
 
@@ -24,10 +24,10 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import Field, ValidationError
 
-from deployments.exceptions import CamgraphError
-from deployments.ptscan import pt_bytes_problems, pt_problems
-from deployments.schemas import StrictModel
-from graph.pipeline import PipelineFile, validation_problems
+from graph.common.errors import CamgraphError
+from graph.common.schemas import StrictModel
+from graph.pipeline.ptscan import pt_bytes_problems, pt_problems
+from graph.pipeline.spec import PipelineFile, validation_problems
 
 PIPELINE_JSON = "pipeline.json"
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from deployments.engines import make_session, parse_names
-from deployments.exceptions import InferenceError, ModelLoadError
-from deployments.schemas import BranchModelSpec
-from deployments.vision import crop_square, to_model_input
+from deployments.inference.engines import make_session, parse_names
+from graph.common.errors import InferenceError, ModelLoadError
+from graph.common.schemas import BranchModelSpec
+from graph.common.vision import crop_square, to_model_input
 
 PLATE_PATTERN = re.compile(r"^[A-Z0-9]{4,10}$")
 

@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
-from deployments.exceptions import ModelLoadError
+from graph.common.errors import ModelLoadError
 
 ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 

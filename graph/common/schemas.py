@@ -8,7 +8,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.vision import DetectParams, Letterbox, unletterbox_boxes
+from graph.common.vision import DetectParams, Letterbox, unletterbox_boxes
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
-from deployments.exceptions import CamgraphError
+from graph.common.errors import CamgraphError
 
 logger = logging.getLogger("camgraph.actions")
 T = TypeVar("T")

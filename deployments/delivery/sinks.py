@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deployments.outbox import (
+from deployments.delivery.outbox import (
     OutboxEntry,
     SinkRejected,
     SinkUnavailable,

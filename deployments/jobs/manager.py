@@ -40,18 +40,18 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from deployments.detector import DetectRequest
-from deployments.exceptions import CamgraphError, ModelNotReadyError, UnknownModelError
-from deployments.files import atomic_write_text
-from deployments.netpolicy import DEFAULT_DENIED, denied, networks
-from deployments.schemas import (
+from graph.common.errors import CamgraphError, ModelNotReadyError, UnknownModelError
+from graph.common.files import atomic_write_text
+from graph.common.netpolicy import DEFAULT_DENIED, denied, networks
+from graph.common.schemas import (
     MODEL_ID_PATTERN,
     DetectConfig,
     Detection,
     StrictModel,
     image_detections,
 )
-from deployments.vision import DetectParams, letterbox
-from stream_actors.events import HubPublisher
+from graph.common.vision import DetectParams, letterbox
+from graph.events.model import HubPublisher
 
 logger = logging.getLogger("camgraph.jobs")
 
@@ -244,8 +244,8 @@ class JobRecord(StrictModel):
 
 def redact_url(url: str) -> str:
     """The URL without its password and secret-looking query values;
-    `deployments.redaction.redact`, the one definition."""
-    from deployments.redaction import redact
+    `graph.common.redaction.redact`, the one definition."""
+    from graph.common.redaction import redact
 
     return redact(url)
 
