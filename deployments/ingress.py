@@ -42,9 +42,9 @@ from deployments.jobs.manager import (
     JobNotFoundError,
     JobRequest,
     MediaJobs,
-    jobs_actor_name,
 )
 from graph.common.errors import InferenceError, ModelNotReadyError, UnknownModelError
+from graph.common.names import ACTIONS, STREAMS_NAMESPACE, hub_name, jobs_actor_name, registry_name
 from graph.common.schemas import (
     MODEL_ID_PATTERN,
     DetectConfig,
@@ -53,18 +53,15 @@ from graph.common.schemas import (
 )
 from graph.common.vision import Letterbox, header_pixels, letterbox
 from graph.events.fanout import EventFanout, sse_frame
-from graph.events.hub import EventFilter, EventHub, hub_name
+from graph.events.hub import EventFilter, EventHub
 from graph.pipeline.runner import PipelineRuntime
 from graph.pipeline.spec import PipelineFile
-from stream_actors.actors import StreamContext, StreamRegistry, StreamSettings, registry_name
+from stream_actors.actors import StreamContext, StreamRegistry, StreamSettings
 from stream_actors.subscriptions import (
     SUBSCRIPTION_ID_PATTERN,
     Subscription,
     SubscriptionRefused,
 )
-
-# Camera and registry actors live in one namespace, whatever namespace Serve runs in.
-STREAMS_NAMESPACE = "camgraph"
 
 logger = logging.getLogger("ray.serve")
 
@@ -193,7 +190,7 @@ class Ingress(GrpcMethods):
                 PipelineFile.model_validate(p["pipeline"]),
                 p["version"],
                 p["classifiers"],
-                actions.deployment_name if actions is not None else "Actions",
+                actions.deployment_name if actions is not None else ACTIONS,
             )
             for model_id, p in (pipelines or {}).items()
         }

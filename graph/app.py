@@ -9,8 +9,9 @@ from typing import Any, cast
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
+from graph.common.names import ACTIONS, INGRESS, classifier_name, detector_name
 from graph.common.schemas import BranchModelSpec, ModelSpec
-from graph.config import AppConfig, PipelineRef, detector_name
+from graph.config import AppConfig, PipelineRef
 from graph.pipeline.archive import LoadedArchive, load_archive
 
 
@@ -22,11 +23,6 @@ class Deployments:
     ingress: Deployment
     classifier: Deployment | None = None
     actions: Deployment | None = None
-
-
-def classifier_name(model_id: str) -> str:
-    """Deployment name of a branch model, as used in serve_config.yaml overrides."""
-    return f"Classifier_{model_id}"
 
 
 def pipeline_models(
@@ -105,10 +101,10 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
             )
             for b in branch_specs
         }
-        actions = deployments.actions.options(name="Actions").bind(
+        actions = deployments.actions.options(name=ACTIONS).bind(
             config.actions.model_dump(mode="json"), str(config.base_dir)
         )
-    return deployments.ingress.options(name="Ingress").bind(
+    return deployments.ingress.options(name=INGRESS).bind(
         detectors,
         {m.id: m.imgsz for m in models},
         config.resolved_ingress().model_dump(mode="json"),

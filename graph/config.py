@@ -84,8 +84,3 @@ class AppConfig(StrictModel):
                 "file_dirs": tuple(map(self.absolute, self.streams.file_dirs)),
             }
         )
-
-
-def detector_name(model_id: str) -> str:
-    """Deployment name of a model's detector, as used in serve_config.yaml overrides."""
-    return f"Detector_{model_id}"

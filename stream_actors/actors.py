@@ -27,8 +27,9 @@ from pydantic import Field
 
 from deployments.detector import DetectRequest, DetectResult
 from graph.common.files import atomic_write_bytes
+from graph.common.names import camera_actor_name, hub_name, registry_name
 from graph.common.schemas import StrictModel
-from graph.events.hub import hub_name, restart_safe_first_id
+from graph.events.hub import restart_safe_first_id
 from graph.events.model import FanoutSink, HubPublisher, RingBufferSink, result_event
 from graph.pipeline.runner import BranchResult, BranchSettings, PipelineRunner, PipelineRuntime
 from stream_actors.forwarding import ActionForwarder
@@ -135,14 +136,6 @@ def ray_actor_state(actor: Any) -> str | None:
         return str(info["State"]) if info else None
     except Exception:
         return None
-
-
-def registry_name(app_name: str) -> str:
-    return f"camgraph-registry-{app_name}"
-
-
-def camera_actor_name(app_name: str, index: int) -> str:
-    return f"camgraph-cameras-{app_name}-{index}"
 
 
 class _Stream:

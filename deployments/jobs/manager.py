@@ -42,6 +42,7 @@ from ray.serve.exceptions import BackPressureError
 from deployments.detector import DetectRequest
 from graph.common.errors import CamgraphError, ModelNotReadyError, UnknownModelError
 from graph.common.files import atomic_write_text
+from graph.common.names import STREAMS_NAMESPACE
 from graph.common.netpolicy import DEFAULT_DENIED, denied, networks
 from graph.common.schemas import (
     MODEL_ID_PATTERN,
@@ -849,10 +850,6 @@ def _discard(events: list[dict[str, Any]]) -> None:
     """The publish of a jobs actor without a hub (tests of the manager alone)."""
 
 
-def jobs_actor_name(app_name: str) -> str:
-    return f"camgraph-jobs-{app_name}"
-
-
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class MediaJobs:
     """The media jobs of one app (a thin shell over `JobManager`): detection through the
@@ -867,7 +864,7 @@ class MediaJobs:
         default_model: str,
         settings: dict[str, Any],
         hub_name: str | None = None,
-        namespace: str = "camgraph",
+        namespace: str = STREAMS_NAMESPACE,
     ) -> None:
         self._app, self._names, self._sizes = app_name, detector_names, model_sizes
         self._hub_name, self._namespace = hub_name, namespace

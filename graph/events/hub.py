@@ -37,10 +37,6 @@ EVENT_FIELDS = (
 )
 
 
-def hub_name(app_name: str) -> str:
-    return f"camgraph-events-{app_name}"
-
-
 @dataclass
 class EventFilter:
     """Which events a reader wants; None means any. Matching is exact per field."""

@@ -23,10 +23,10 @@ from websockets.exceptions import ConnectionClosed
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.scenes import DETECT_CLASSES
 from deployments.detector import Detector
-from deployments.ingress import STREAMS_NAMESPACE, Ingress
+from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
+from graph.common.names import STREAMS_NAMESPACE, hub_name
 from graph.config import PROJECT_ROOT, AppConfig
-from graph.events.hub import hub_name
 from tests.integration.conftest import remove_app, wait_until
 from tests.peers import RtspServer
 

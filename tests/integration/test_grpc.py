@@ -19,10 +19,10 @@ from ray import serve
 from demo.datasets import HELD_OUT_SEED_START
 from demo.scenes import Scene
 from deployments.detector import Detector
-from deployments.ingress import STREAMS_NAMESPACE, Ingress
+from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
+from graph.common.names import STREAMS_NAMESPACE, hub_name
 from graph.config import PROJECT_ROOT, AppConfig
-from graph.events.hub import hub_name
 from protos import camgraph_pb2 as pb
 from protos import camgraph_pb2_grpc
 from tests.integration.conftest import remove_app, wait_until

@@ -19,10 +19,10 @@ from ray import serve
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import id_switches, iou_matrix
 from deployments.detector import Detector
-from deployments.ingress import STREAMS_NAMESPACE, Ingress
+from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
+from graph.common.names import STREAMS_NAMESPACE, registry_name
 from graph.config import PROJECT_ROOT, AppConfig
-from stream_actors.actors import registry_name
 from tests.integration.conftest import remove_app, wait_until
 from tests.peers import RtspServer, SnapshotServer
 
