@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +15,12 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.inference.engines import Engine, EngineOptions, ModelSlot, load_engine
+from graph.common.detection import DetectRequest, DetectResult
 from graph.common.schemas import DetectorUserConfig, ModelSpec
-from graph.common.vision import DetectParams
 
 logger = logging.getLogger("ray.serve")
 
 BATCH_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
-
-
-@dataclass(frozen=True)
-class DetectRequest:
-    """A letterboxed uint8 BGR image at the model's input size and its decoding params."""
-
-    image: np.ndarray
-    params: DetectParams = dataclasses.field(default_factory=DetectParams)
-
-
-@dataclass(frozen=True)
-class DetectResult:
-    """Rows (K, 6) x1 y1 x2 y2 conf cls in letterboxed pixels, and the model's class
-    names, so labels always come from the engine that produced the boxes."""
-
-    rows: np.ndarray
-    names: dict[int, str]
 
 
 DEFAULT_BATCHING = DetectorUserConfig()

@@ -33,7 +33,6 @@ from deployments.api.auth import OPEN_PATHS, WS_UNAUTHORIZED, bearer, load_token
 from deployments.api.grpc import GrpcMethods
 from deployments.api.ui import add_live_view
 from deployments.api.ws_session import WsSession
-from deployments.detector import DetectRequest
 from deployments.jobs.manager import (
     JOB_ID_PATTERN,
     MEDIA_ID_PATTERN,
@@ -43,6 +42,7 @@ from deployments.jobs.manager import (
     JobRequest,
     MediaJobs,
 )
+from graph.common.detection import DetectRequest
 from graph.common.errors import InferenceError, ModelNotReadyError, UnknownModelError
 from graph.common.names import ACTIONS, STREAMS_NAMESPACE, hub_name, jobs_actor_name, registry_name
 from graph.common.schemas import (

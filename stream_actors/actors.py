@@ -25,7 +25,7 @@ import psutil
 import ray
 from pydantic import Field
 
-from deployments.detector import DetectRequest, DetectResult
+from graph.common.detection import DetectRequest, DetectResult
 from graph.common.files import atomic_write_bytes
 from graph.common.names import camera_actor_name, hub_name, registry_name
 from graph.common.schemas import StrictModel

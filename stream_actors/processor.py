@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field
 from ray.serve.exceptions import BackPressureError
 
-from deployments.detector import DetectRequest, DetectResult
+from graph.common.detection import DetectRequest, DetectResult
 from graph.common.schemas import StrictModel
 from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
 from graph.events.model import EventSink, StreamEvent, TrackedDetection

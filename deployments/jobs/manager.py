@@ -39,7 +39,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from deployments.detector import DetectRequest
+from graph.common.detection import DetectRequest
 from graph.common.errors import CamgraphError, ModelNotReadyError, UnknownModelError
 from graph.common.files import atomic_write_text
 from graph.common.names import STREAMS_NAMESPACE

@@ -17,9 +17,9 @@ import pytest
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from deployments.delivery.outbox import OutboxEntry
 from deployments.delivery.service import ActionService
-from deployments.detector import DetectRequest, DetectResult
 from deployments.inference.classify import BranchEngine
 from deployments.inference.engines import EngineOptions, load_engine
+from graph.common.detection import DetectRequest, DetectResult
 from graph.common.schemas import ActionsSettings, BranchModelSpec
 from graph.config import PROJECT_ROOT
 from graph.events.model import RingBufferSink, TrackedDetection

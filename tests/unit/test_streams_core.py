@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import id_switches
-from deployments.detector import DetectRequest, DetectResult
 from deployments.inference.engines import EngineOptions, load_engine
+from graph.common.detection import DetectRequest, DetectResult
 from graph.config import PROJECT_ROOT
 from graph.events.model import RingBufferSink, StreamEvent
 from stream_actors.actors import redact
