@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from ray import serve
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -26,8 +25,7 @@ from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.common.names import STREAMS_NAMESPACE, hub_name
-from graph.config import PROJECT_ROOT, AppConfig
-from tests.integration.conftest import remove_app, wait_until
+from tests.integration.apps import app_config, deployed, healthy, wait_until
 from tests.peers import RtspServer
 
 pytestmark = pytest.mark.integration
@@ -55,36 +53,22 @@ def app(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> It
     data = tmp_path_factory.mktemp("protocols")
     token_file = data / "token"
     token_file.write_text(TOKEN + "\n")
-    config = AppConfig.model_validate(
-        {
-            "models": [
-                {
-                    "id": "demo",
-                    "path": str(PROJECT_ROOT / "models" / "demo-detector.onnx"),
-                    "intra_op_threads": 1,
-                }
-            ],
-            "ingress": {
-                "auth_token_file": str(token_file),
-                "state_report_s": STATE_REPORT_S,
-                "sse_heartbeat_s": HEARTBEAT_S,
-            },
-            "streams": {"state_path": str(data / "streams.json"), "reconcile_s": 1.0},
-            "jobs": {"jobs_dir": str(data / "jobs")},
-        }
+    config = app_config(
+        data,
+        ingress={
+            "auth_token_file": str(token_file),
+            "state_report_s": STATE_REPORT_S,
+            "sse_heartbeat_s": HEARTBEAT_S,
+        },
+        streams={"reconcile_s": 1.0},
     )
     detector = Detector.options(
         num_replicas=1, max_ongoing_requests=24, ray_actor_options={"num_cpus": 0.5}
     )
-    serve.run(
-        build_graph(config, Deployments(detector, Ingress.options(num_replicas=1))),
-        name=APP,
-        route_prefix="/",
-    )
     url = cluster["http_url"]
-    wait_until(lambda: httpx.get(f"{url}/health").json()["status"] == "ok", what="the model")
-    yield url
-    remove_app(APP)
+    graph = build_graph(config, Deployments(detector, Ingress.options(num_replicas=1)))
+    with deployed(APP, graph, ready=healthy(url), what="the model"):
+        yield url
 
 
 def ws_url(http_url: str, path: str = "/") -> str:

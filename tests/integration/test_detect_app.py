@@ -12,7 +12,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from ray import serve
+from ray.serve import Application
 
 from demo.datasets import HELD_OUT_SEED_START
 from demo.metrics import iou_matrix
@@ -20,8 +20,8 @@ from demo.scenes import Scene
 from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
-from graph.config import PROJECT_ROOT, AppConfig
-from tests.integration.conftest import detector_stats, remove_app, wait_until
+from graph.config import PROJECT_ROOT
+from tests.integration.apps import app_config, demo_model, deployed, detector_stats, wait_until
 from tests.onnx_models import faulty_detector
 from tests.unit.test_pt_safe_load import AUTOBACKEND, torch_zip
 
@@ -32,30 +32,27 @@ UPLOAD_LIMIT = 1024 * 1024
 PIXEL_LIMIT = 1_500_000  # above a 1280x720 scene
 
 
-def deploy(tmp: Path, user_config: dict[str, Any]) -> None:
-    """Imperative deploy (serve.run); config deploys are in test_serve_deploy.py."""
-    config = AppConfig.model_validate(
-        {
-            "models": [
-                {"id": "demo", "path": str(MODEL), "intra_op_threads": 1},
-                {"id": "broken", "path": str(tmp / "missing.onnx")},
-                {"id": "faulty", "path": str(faulty_detector(tmp / "faulty.onnx")), "imgsz": 64},
-                {"id": "pt", "path": str(PROJECT_ROOT / "models" / "demo-detector.pt")},
-                # The issue's hostile checkpoints: refused with their reason, never run.
-                {"id": "evil_call", "path": str(torch_zip(tmp / "call.pt", AUTOBACKEND))},
-                {
-                    "id": "evil_dup",
-                    "path": str(torch_zip(tmp / "dup.pt", pickle.dumps({}), AUTOBACKEND)),
-                },
-            ],
-            "ingress": {
-                "max_upload_bytes": UPLOAD_LIMIT,
-                "max_image_pixels": PIXEL_LIMIT,
-                "default_model": "demo",
+def graph(tmp: Path, user_config: dict[str, Any]) -> Application:
+    """For an imperative deploy (serve.run); config deploys are in test_serve_deploy.py."""
+    config = app_config(
+        tmp,
+        models=[
+            demo_model(),
+            {"id": "broken", "path": str(tmp / "missing.onnx")},
+            {"id": "faulty", "path": str(faulty_detector(tmp / "faulty.onnx")), "imgsz": 64},
+            {"id": "pt", "path": str(PROJECT_ROOT / "models" / "demo-detector.pt")},
+            # The issue's hostile checkpoints: refused with their reason, never run.
+            {"id": "evil_call", "path": str(torch_zip(tmp / "call.pt", AUTOBACKEND))},
+            {
+                "id": "evil_dup",
+                "path": str(torch_zip(tmp / "dup.pt", pickle.dumps({}), AUTOBACKEND)),
             },
-            # Its own state: never the subscriptions a `make run` of this checkout left.
-            "streams": {"state_path": str(tmp / "streams.json")},
-        }
+        ],
+        ingress={
+            "max_upload_bytes": UPLOAD_LIMIT,
+            "max_image_pixels": PIXEL_LIMIT,
+            "default_model": "demo",
+        },
     )
     detector = Detector.options(
         num_replicas=1,
@@ -63,11 +60,7 @@ def deploy(tmp: Path, user_config: dict[str, Any]) -> None:
         max_ongoing_requests=64,
         ray_actor_options={"num_cpus": 0.5},
     )
-    serve.run(
-        build_graph(config, Deployments(detector, Ingress.options(num_replicas=1))),
-        name=APP,
-        route_prefix="/",
-    )
+    return build_graph(config, Deployments(detector, Ingress.options(num_replicas=1)))
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +68,9 @@ def client(
     cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
     tmp = tmp_path_factory.mktemp("models")
-    deploy(tmp, {"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
-    with httpx.Client(base_url=cluster["http_url"], timeout=60) as c:
+    application = graph(tmp, {"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+    with deployed(APP, application), httpx.Client(base_url=cluster["http_url"], timeout=60) as c:
         yield c
-    remove_app(APP)
 
 
 def wait_for_states(client: httpx.Client, expected: dict[str, str], timeout_s: float = 60) -> dict:

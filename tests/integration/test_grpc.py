@@ -14,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 import ray
-from ray import serve
 
 from demo.datasets import HELD_OUT_SEED_START
 from demo.scenes import Scene
@@ -22,10 +21,10 @@ from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.common.names import STREAMS_NAMESPACE, hub_name
-from graph.config import PROJECT_ROOT, AppConfig
+from graph.config import PROJECT_ROOT
 from protos import camgraph_pb2 as pb
 from protos import camgraph_pb2_grpc
-from tests.integration.conftest import remove_app, wait_until
+from tests.integration.apps import app_config, deployed, wait_until
 
 pytestmark = pytest.mark.integration
 APP = "camgraph-grpc-test"
@@ -44,24 +43,20 @@ def stub(
     tmp = tmp_path_factory.mktemp("grpc")
     token_file = tmp / "token"
     token_file.write_text(TOKEN + "\n")
-    config = AppConfig.model_validate(
-        {
-            "models": [{"id": "demo", "path": str(MODEL), "intra_op_threads": 1}],
-            "ingress": {
-                "max_upload_bytes": UPLOAD_LIMIT,
-                "default_model": "demo",
-                "auth_token_file": str(token_file),
-            },
-            "streams": {"state_path": str(tmp / "streams.json")},
-        }
+    config = app_config(
+        tmp,
+        ingress={
+            "max_upload_bytes": UPLOAD_LIMIT,
+            "default_model": "demo",
+            "auth_token_file": str(token_file),
+        },
     )
     detector = Detector.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
-    serve.run(
-        build_graph(config, Deployments(detector, Ingress.options(num_replicas=1))),
-        name=APP,
-        route_prefix=PREFIX,
-    )
-    with grpc.insecure_channel(cluster["grpc_target"]) as channel:
+    graph = build_graph(config, Deployments(detector, Ingress.options(num_replicas=1)))
+    with (
+        grpc.insecure_channel(cluster["grpc_target"]) as channel,
+        deployed(APP, graph, route_prefix=PREFIX),
+    ):
         client = camgraph_pb2_grpc.CamgraphStub(channel)
         request = pb.DetectRequest(image=scene_jpeg())
         # The proxy learns the app's routes asynchronously; the model loads meanwhile.
@@ -70,7 +65,6 @@ def stub(
             what="gRPC Detect to answer",
         )
         yield client
-    remove_app(APP)
 
 
 def scene_jpeg(seed: int = HELD_OUT_SEED_START + 7) -> bytes:

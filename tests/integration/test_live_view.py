@@ -13,14 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-from ray import serve
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
-from graph.config import PROJECT_ROOT, AppConfig
-from tests.integration.conftest import remove_app, wait_until
+from graph.config import PROJECT_ROOT
+from tests.integration.apps import app_config, deployed, healthy, wait_until
 from tests.peers import RtspServer
 
 pytestmark = pytest.mark.integration
@@ -44,30 +43,14 @@ def rtsp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RtspServer]:
 def app(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("live")
     (data / "token").write_text(TOKEN)
-    config = AppConfig.model_validate(
-        {
-            "models": [
-                {
-                    "id": "demo",
-                    "path": str(PROJECT_ROOT / "models" / "demo-detector.onnx"),
-                    "intra_op_threads": 1,
-                }
-            ],
-            "ingress": {"auth_token_file": str(data / "token")},
-            "streams": {"state_path": str(data / "streams.json"), "reconcile_s": 1.0},
-            "jobs": {"jobs_dir": str(data / "jobs")},
-        }
+    config = app_config(
+        data, ingress={"auth_token_file": str(data / "token")}, streams={"reconcile_s": 1.0}
     )
     detector = Detector.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
-    serve.run(
-        build_graph(config, Deployments(detector, Ingress.options(num_replicas=1))),
-        name=APP,
-        route_prefix="/",
-    )
     url = cluster["http_url"]
-    wait_until(lambda: httpx.get(f"{url}/health").json()["status"] == "ok", what="the model")
-    yield url
-    remove_app(APP)
+    graph = build_graph(config, Deployments(detector, Ingress.options(num_replicas=1)))
+    with deployed(APP, graph, ready=healthy(url), what="the model"):
+        yield url
 
 
 @pytest.fixture

@@ -16,15 +16,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from ray import serve
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import match_image
 from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
-from graph.config import PROJECT_ROOT, AppConfig
-from tests.integration.conftest import remove_app, wait_until
+from tests.integration.apps import app_config, deployed, healthy, wait_until
 
 pytestmark = pytest.mark.integration
 APP = "camgraph-jobs-test"
@@ -62,36 +60,24 @@ def client(
     cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
     data = tmp_path_factory.mktemp("jobs-app")
-    config = AppConfig.model_validate(
-        {
-            "models": [
-                {
-                    "id": "demo",
-                    "path": str(PROJECT_ROOT / "models" / "demo-detector.onnx"),
-                    "intra_op_threads": 1,
-                }
-            ],
-            "streams": {"state_path": str(data / "streams.json")},
-            "jobs": {
-                "jobs_dir": str(data / "jobs"),
-                "allowed_dirs": [str(tmp_path_factory.getbasetemp())],  # the tests' clips
-                "max_download_bytes": DOWNLOAD_LIMIT,
-                "progress_every_s": 0.2,
-            },
-        }
+    config = app_config(
+        data,
+        jobs={
+            "allowed_dirs": [str(tmp_path_factory.getbasetemp())],  # the tests' clips
+            "max_download_bytes": DOWNLOAD_LIMIT,
+            "progress_every_s": 0.2,
+        },
     )
     detector = Detector.options(
         num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5}
     )
-    serve.run(
-        build_graph(config, Deployments(detector, Ingress.options(num_replicas=1))),
-        name=APP,
-        route_prefix="/",
-    )
-    with httpx.Client(base_url=cluster["http_url"], timeout=60) as c:
-        wait_until(lambda: c.get("/health").json()["status"] == "ok", what="the demo model")
+    url = cluster["http_url"]
+    graph = build_graph(config, Deployments(detector, Ingress.options(num_replicas=1)))
+    with (
+        deployed(APP, graph, ready=healthy(url), what="the demo model"),
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
         yield c
-    remove_app(APP)
 
 
 def submit(client: httpx.Client, media_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +215,11 @@ def test_cancel_stops_a_running_job(client: httpx.Client, clip: Path) -> None:
     cancelled = response.json()
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
     assert cancelled["progress"]["processed_frames"] < FRAMES
-    time.sleep(1.0)
+    # The job's task has ended once its job.finished event is out: nothing runs after it.
+    events = sse_events(client, job["job_id"])
+    final = events[-1]["data"]
+    assert events[-1]["type"] == "job.finished" and final["status"] == "cancelled", final
+    assert final["processed_frames"] == cancelled["progress"]["processed_frames"], final
     after = job_record(client, job["job_id"])
     assert after["status"] == "cancelled"
     assert after["progress"] == cancelled["progress"], "nothing processed after the cancel"

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import redis
 from ray import serve
+from ray.serve import Application
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from deployments.actions import Actions
@@ -26,9 +27,9 @@ from deployments.classifier import Classifier
 from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
-from graph.config import PROJECT_ROOT, AppConfig
+from graph.config import PROJECT_ROOT
 from graph.pipeline.archive import pack_archive
-from tests.integration.conftest import remove_app, wait_until
+from tests.integration.apps import app_config, deployed, healthy, wait_until
 from tests.peers import TcpProxy
 from tests.unit.test_pipeline_run import assert_body_types, recordable_vehicles
 
@@ -60,39 +61,39 @@ def schema() -> Iterator[str]:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
-def deploy(data: Path, archive: Path, proxies: dict[str, TcpProxy], schema: str) -> None:
-    config = AppConfig.model_validate(
-        {
-            "pipelines": [{"archive": str(archive)}],
-            "archive_cache_dir": str(data / "archives"),
-            "streams": {
-                "state_path": str(data / "streams.json"),
-                "reconcile_s": 1.0,
-                "file_dirs": [str(data.parent)],  # the tests' temporary directories
-            },
-            "actions": {
-                "redis_url": f"redis://127.0.0.1:{proxies['redis'].port}/0",
-                "postgres_dsn": PG.format(port=proxies["postgres"].port),
-                "postgres_schema": schema,
-                "data_dir": str(data / "actions"),
-                "connect_timeout_s": 1.0,
-            },
-        }
+def pipeline_graph(
+    data: Path, archive: Path, proxies: dict[str, TcpProxy], schema: str
+) -> Application:
+    config = app_config(
+        data,
+        models=[],
+        pipelines=[{"archive": str(archive)}],
+        streams={
+            "reconcile_s": 1.0,
+            "file_dirs": [str(data.parent)],  # the tests' temporary directories
+        },
+        actions={
+            "redis_url": f"redis://127.0.0.1:{proxies['redis'].port}/0",
+            "postgres_dsn": PG.format(port=proxies["postgres"].port),
+            "postgres_schema": schema,
+            "data_dir": str(data / "actions"),
+            "connect_timeout_s": 1.0,
+        },
     )
     small = {"ray_actor_options": {"num_cpus": 0.1}}
-    serve.run(
-        build_graph(
-            config,
-            Deployments(
-                Detector.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5}),
-                Ingress.options(num_replicas=1),
-                Classifier.options(num_replicas=1, **small),
-                Actions.options(num_replicas=1, **small),
-            ),
+    return build_graph(
+        config,
+        Deployments(
+            Detector.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5}),
+            Ingress.options(num_replicas=1),
+            Classifier.options(num_replicas=1, **small),
+            Actions.options(num_replicas=1, **small),
         ),
-        name=APP,
-        route_prefix="/",
     )
+
+
+def deploy(data: Path, archive: Path, proxies: dict[str, TcpProxy], schema: str) -> None:
+    serve.run(pipeline_graph(data, archive, proxies, schema), name=APP, route_prefix="/")
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +105,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def app(
     cluster: dict[str, Any], proxies: dict[str, TcpProxy], schema: str, data: Path
 ) -> Iterator[str]:
-    deploy(data, PROJECT_ROOT / "models" / "demo.mpta", proxies, schema)
     url = cluster["http_url"]
-    wait_until(
-        lambda: httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok",
-        what="detector, classifiers and actions to be ready",
-    )
-    yield url
-    remove_app(APP)
+    application = pipeline_graph(data, PROJECT_ROOT / "models" / "demo.mpta", proxies, schema)
+    with deployed(
+        APP, application, ready=healthy(url), what="detector, classifiers and actions to be ready"
+    ):
+        yield url
 
 
 def run_camera(url: str, clip: Path, display: str, replay: bool = True) -> None:
@@ -131,19 +130,25 @@ def unsubscribe(url: str, display: str) -> None:
     assert r.status_code == 204, r.text
 
 
+_last_sent: dict[str, int] = {}
+
+
 def camera_done(url: str, display: str) -> dict[str, Any] | None:
-    """The subscription's status once its file ended, no pass is in flight and every
-    camera actor handed its actions to the Actions deployment."""
+    """The subscription's status once its file ended, no pass is in flight, every camera
+    actor's actions were accepted by the outbox (none pending) and no action was handed
+    over since the previous poll (the ones rendered as the clip's tracks ended included)."""
     listing = httpx.get(f"{url}/streams", timeout=30).json()
-    for actor in listing["actors"].values():
-        if any(f["pending"] for f in (actor.get("actions") or {}).values()):
-            return None
+    forwarders = [f for a in listing["actors"].values() for f in (a.get("actions") or {}).values()]
+    if any(f["pending"] for f in forwarders):
+        return None
+    sent = sum(f["sent"] for f in forwarders)
+    settled = _last_sent.get(display) == sent
+    _last_sent[display] = sent
     for stream in listing["streams"]:
         for sub in stream.get("subscriptions", []):
             if sub["subscription_id"] == f"{display};cam" and stream["state"] == "ended":
                 done = sub["processed"] == stream["frames_read"]
-                if done and sub["pipeline"]["passes_in_flight"] == 0:
-                    time.sleep(2)  # the last actions on their way to the Actions deployment
+                if done and sub["pipeline"]["passes_in_flight"] == 0 and settled:
                     return dict(sub)
     return None
 
@@ -312,8 +317,7 @@ def restart_and_check_version(url: str, display: str, app_name: str, version: st
     runs `version` again on a new camera actor process."""
     import ray
 
-    from deployments.ingress import STREAMS_NAMESPACE
-    from stream_actors.actors import registry_name
+    from graph.common.names import STREAMS_NAMESPACE, registry_name
 
     ray.kill(ray.get_actor(registry_name(app_name), STREAMS_NAMESPACE), no_restart=False)
     stream, _ = wait_until(lambda: subscription(url, display), 120, "the registry back")

@@ -10,13 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
-from ray import serve
 
 from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
-from graph.config import PROJECT_ROOT, AppConfig
-from tests.integration.conftest import remove_app, wait_until
+from graph.config import PROJECT_ROOT
+from tests.integration.apps import app_config, demo_model, deployed, healthy, wait_until
 
 pytestmark = pytest.mark.integration
 APP = "camgraph-placement-test"
@@ -25,28 +24,17 @@ APP = "camgraph-placement-test"
 @pytest.fixture(scope="module")
 def app(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("placement")
-    config = AppConfig.model_validate(
-        {
-            "models": [{"id": "demo", "path": str(PROJECT_ROOT / "models" / "demo-detector.onnx")}],
-            # More CPUs than the test cluster has: Ray leaves the camera actor pending.
-            "streams": {
-                "state_path": str(data / "streams.json"),
-                "reconcile_s": 1.0,
-                "camera_actor_cpus": 16,
-            },
-            "jobs": {"jobs_dir": str(data / "jobs")},
-        }
+    config = app_config(
+        data,
+        models=[demo_model(intra_op_threads="auto")],
+        # More CPUs than the test cluster has: Ray leaves the camera actor pending.
+        streams={"reconcile_s": 1.0, "camera_actor_cpus": 16},
     )
     detector = Detector.options(num_replicas=1, ray_actor_options={"num_cpus": 0.25})
-    serve.run(
-        build_graph(config, Deployments(detector, Ingress.options(num_replicas=1))),
-        name=APP,
-        route_prefix="/placement",
-    )
     url = f"{cluster['http_url']}/placement"
-    wait_until(lambda: httpx.get(f"{url}/health").json()["status"] == "ok", what="the model")
-    yield url
-    remove_app(APP)
+    graph = build_graph(config, Deployments(detector, Ingress.options(num_replicas=1)))
+    with deployed(APP, graph, route_prefix="/placement", ready=healthy(url), what="the model"):
+        yield url
 
 
 def test_an_unplaceable_camera_actor_is_reported_pending_not_as_a_timeout(app: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from graph.config import PROJECT_ROOT
-from tests.integration.conftest import detector_stats, remove_app, wait_until
+from tests.integration.apps import detector_stats, healthy, remove_app, wait_until
 
 pytestmark = pytest.mark.integration
 APP = "camgraph-deploy-test"
@@ -62,18 +62,17 @@ def deployed(
 ) -> Iterator[tuple[dict[str, Any], Path]]:
     data = tmp_path_factory.mktemp("deploy")
     path = data / "serve_config.yaml"
-    serve_deploy(
-        cluster,
-        config_for(cluster, {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}, data),
-        path,
-    )
-    url = cluster["http_url"] + PREFIX
-    wait_until(
-        lambda: httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok",
-        what="the config-deployed app to be healthy",
-    )
-    yield cluster, path
-    remove_app(APP)
+    try:
+        serve_deploy(
+            cluster,
+            config_for(cluster, {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}, data),
+            path,
+        )
+        url = cluster["http_url"] + PREFIX
+        wait_until(healthy(url), what="the config-deployed app to be healthy")
+        yield cluster, path
+    finally:
+        remove_app(APP)
 
 
 def test_config_deploy_serves_detect(deployed: tuple[dict[str, Any], Path]) -> None:

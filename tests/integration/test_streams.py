@@ -14,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 import ray
-from ray import serve
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import id_switches, iou_matrix
@@ -22,8 +21,7 @@ from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.common.names import STREAMS_NAMESPACE, registry_name
-from graph.config import PROJECT_ROOT, AppConfig
-from tests.integration.conftest import remove_app, wait_until
+from tests.integration.apps import app_config, deployed, wait_until
 from tests.peers import RtspServer, SnapshotServer
 
 pytestmark = pytest.mark.integration
@@ -51,42 +49,28 @@ def rtsp(clip: Path) -> Iterator[RtspServer]:
 
 @pytest.fixture(scope="module")
 def app(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    state = tmp_path_factory.mktemp("state") / "streams.json"
-    config = AppConfig.model_validate(
-        {
-            "models": [
-                {
-                    "id": "demo",
-                    "path": str(PROJECT_ROOT / "models" / "demo-detector.onnx"),
-                    "intra_op_threads": 1,
-                }
-            ],
-            "streams": {
-                "state_path": str(state),
-                "streams_per_actor": 4,
-                "reconcile_s": 1.0,
-                "reader": {
-                    "open_timeout_s": OPEN_TIMEOUT_S,
-                    "read_timeout_s": 3.0,
-                    "watchdog_s": WATCHDOG_S,
-                    "backoff_base_s": 0.3,
-                    "backoff_cap_s": BACKOFF_CAP_S,
-                    "breaker_failures": 3,
-                    "breaker_open_s": BREAKER_OPEN_S,
-                },
+    config = app_config(
+        tmp_path_factory.mktemp("state"),
+        streams={
+            "streams_per_actor": 4,
+            "reconcile_s": 1.0,
+            "reader": {
+                "open_timeout_s": OPEN_TIMEOUT_S,
+                "read_timeout_s": 3.0,
+                "watchdog_s": WATCHDOG_S,
+                "backoff_base_s": 0.3,
+                "backoff_cap_s": BACKOFF_CAP_S,
+                "breaker_failures": 3,
+                "breaker_open_s": BREAKER_OPEN_S,
             },
-        }
+        },
     )
     detector = Detector.options(
         num_replicas=2, max_ongoing_requests=24, ray_actor_options={"num_cpus": 0.5}
     )
-    serve.run(
-        build_graph(config, Deployments(detector, Ingress.options(num_replicas=1))),
-        name=APP,
-        route_prefix="/",
-    )
-    yield cluster["http_url"]
-    remove_app(APP)
+    graph = build_graph(config, Deployments(detector, Ingress.options(num_replicas=1)))
+    with deployed(APP, graph):
+        yield cluster["http_url"]
 
 
 def subscribe(url: str, body: dict[str, Any]) -> dict[str, Any]:
