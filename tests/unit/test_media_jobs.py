@@ -22,22 +22,21 @@ from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import match_image
 from demo.scenes import Scene
 from deployments.inference.engines import OnnxEngine
-from deployments.jobs.manager import (
-    Detect,
+from deployments.jobs.manager import JobManager
+from deployments.jobs.media import download
+from deployments.jobs.records import (
     DuplicateJobError,
     JobFinishedError,
-    JobManager,
     JobNotFoundError,
     JobRecord,
     JobRequest,
-    JobRun,
-    JobStore,
     MediaError,
-    MediaJobSettings,
-    download,
     new_record,
     redact_url,
 )
+from deployments.jobs.runner import Detect, JobRun
+from deployments.jobs.settings import MediaJobSettings
+from deployments.jobs.store import JobStore
 from graph.common.schemas import DetectConfig, to_detections
 from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
 from graph.config import PROJECT_ROOT

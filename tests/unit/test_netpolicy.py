@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deployments.jobs.manager import MediaError, download
+from deployments.jobs.media import download
+from deployments.jobs.records import MediaError
 from graph.common.netpolicy import REFUSED, denied, networks
 from stream_actors.reader import ReaderPolicy
 from stream_actors.sources import SnapshotSource, SourceConnectionError, SourceReadError
