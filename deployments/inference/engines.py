@@ -162,14 +162,14 @@ def checked_yolo(path: Path) -> Any:
     `weights_only=True` would need every layer class as a safe global, and torch would then
     let the pickle *call* those classes with its own arguments. Instead `safe_torch_load`
     reads the file once, scans those bytes and unpickles the same bytes through a restricted
-    unpickler (`graph.pipeline.ptscan`); the model is then prepared as Ultralytics'
+    unpickler (`graph.pipeline.ptload`); the model is then prepared as Ultralytics'
     `nn.tasks.load_checkpoint` does. Raises ModelLoadError (UnsafeModelError: refused)."""
     import torch
     from ultralytics import YOLO
     from ultralytics.nn.tasks import guess_model_task
     from ultralytics.utils import DEFAULT_CFG_DICT
 
-    from graph.pipeline.ptscan import UnsafeModelError, module_problems, safe_torch_load
+    from graph.pipeline.ptload import UnsafeModelError, module_problems, safe_torch_load
 
     class CheckedYOLO(YOLO):  # type: ignore[misc]
         def _load(self, weights: str, task: str | None = None) -> None:

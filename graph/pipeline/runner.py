@@ -1,19 +1,18 @@
 """A pipeline's branches and actions for the stable tracks of one subscription (no Ray).
 
-Per stable track whose class triggers the pipeline, the runner keeps the best crop seen
-so far and classifies it once with every branch the object triggers. It classifies again
-only when a clearly better crop arrives (no longer cut by the frame edge, clearly larger,
-sharper or more confident; at most `max_passes` times) or when a branch failed, and keeps
+Per stable track whose class triggers the pipeline (`graph.pipeline.plan`), the runner
+keeps the best crop seen so far and classifies it once with every branch the object
+triggers. It classifies again only when a clearly better crop arrives
+(`graph.pipeline.quality`; at most `max_passes` times) or when a branch failed, and keeps
 a confidence-weighted vote per branch, so one bad crop does not decide a field.
 
-After every pass each action is rendered from the object's context and the branches'
-winning results. An action waits until every branch it names (in templates or
-`waitForBranches`) has run without error; a column whose branch found nothing (no
-readable plate yet) is NULL, and a later pass that finds it updates the record, while a
-key, channel or message waits for a value. An action is handed to the outbox only when
-its rendered content changed since it was last sent, under an idempotency key built from
-(pipeline, version, camera, session, track, action, revision). So a record is written
-once per object and updated only when a better crop changed what it says.
+After every pass each action is rendered (`graph.pipeline.render`) from the object's
+context and the branches' winning results. An action waits until every branch it names
+(in templates or `waitForBranches`) has run without error. An action is handed to the
+outbox only when its rendered content changed since it was last sent, under an
+idempotency key built from (pipeline, version, camera, session, track, action, revision).
+So a record is written once per object and updated only when a better crop changed what
+it says.
 
 Classification and submission are injected coroutines: the camera actor passes Serve
 handle calls, tests pass real engines and a real outbox.
@@ -22,34 +21,24 @@ handle calls, tests pass real engines and a real outbox.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-import cv2
 import numpy as np
 from pydantic import Field
 
 from deployments.delivery.outbox import OutboxEntry
 from graph.common.schemas import StrictModel
 from graph.events.model import TrackedDetection
-from graph.pipeline.spec import (
-    Node,
-    PipelineFile,
-    PostgresCreateRecord,
-    PostgresUpdateCombined,
-    RedisPublish,
-    RedisSaveImage,
-    action_templates,
-    branch_result_fields,
-)
-from graph.pipeline.templates import MissingFieldError, idempotency_key, render, template_fields
+from graph.pipeline.plan import BranchPlan, PipelinePlan
+from graph.pipeline.quality import CropQuality, crop_box, crop_quality
+from graph.pipeline.render import iso_time, jpeg_images, object_key, render_entry
+from graph.pipeline.spec import RedisSaveImage
+from graph.pipeline.templates import MissingFieldError, idempotency_key
 
 logger = logging.getLogger("camgraph.branches")
 REVISIONS_PER_GENERATION = 1_000_000  # a track that comes back orders after all before
@@ -78,156 +67,6 @@ class BranchSettings(StrictModel):
     max_tracks: int = Field(512, ge=1, le=100_000, description="per-track states kept")
 
 
-@dataclass(frozen=True)
-class BranchPlan:
-    model_id: str
-    trigger_classes: frozenset[str]  # empty: any parent label
-    min_confidence: float
-    parallel: bool
-    aliases: tuple[str, ...]  # extra names of the label in templates (e.g. body_type)
-    children: tuple[BranchPlan, ...]
-
-    @classmethod
-    def of(cls, node: Node) -> BranchPlan:
-        return cls(
-            node.modelId,
-            frozenset(node.triggerClasses),
-            node.minConfidence,
-            node.parallel,
-            tuple(sorted(branch_result_fields(node) - {"label", "class", "confidence"})),
-            tuple(cls.of(b) for b in node.branches),
-        )
-
-
-@dataclass(frozen=True)
-class ActionPlan:
-    index: int  # position in the pipeline, part of the idempotency key
-    node_id: str
-    action: Any  # one of graph.pipeline.spec's action models
-    needs: frozenset[str]  # branches that must have a result first
-
-
-@dataclass(frozen=True)
-class PipelinePlan:
-    pipeline_id: str
-    version: str
-    trigger_classes: frozenset[str]
-    min_confidence: float
-    branches: tuple[BranchPlan, ...]
-    actions: tuple[ActionPlan, ...]
-
-    @classmethod
-    def of(cls, pipeline: PipelineFile, version: str) -> PipelinePlan:
-        root = pipeline.pipeline
-        actions: list[ActionPlan] = []
-        for node in root.walk():
-            own = {node.modelId} if node is not root else set()
-            for action in [*node.actions, *node.parallelActions]:
-                needs = set(own)
-                for template in action_templates(action):
-                    needs |= {n.partition(".")[0] for n in template_fields(template) if "." in n}
-                if isinstance(action, PostgresUpdateCombined):
-                    needs |= set(action.waitForBranches)
-                actions.append(ActionPlan(len(actions), node.modelId, action, frozenset(needs)))
-        return cls(
-            root.modelId,
-            version,
-            frozenset(root.triggerClasses),
-            root.minConfidence,
-            tuple(BranchPlan.of(b) for b in root.branches),
-            tuple(actions),
-        )
-
-    def tables(self) -> dict[str, set[str]]:
-        """Every PostgreSQL table the actions write, with its columns."""
-        out: dict[str, set[str]] = {}
-        for plan in self.actions:
-            a = plan.action
-            if isinstance(a, PostgresCreateRecord):
-                cols = out.setdefault(a.table, set())
-                cols |= set(a.fields)
-                if isinstance(a, PostgresUpdateCombined):
-                    cols.add(a.key_field)
-        return out
-
-
-@dataclass(frozen=True)
-class CropQuality:
-    area: float
-    sharpness: float  # variance of the Laplacian of the grey crop
-    confidence: float
-    truncated: bool  # the box touches the frame edge: part of the object is missing
-    occluded: float = 0.0  # share of the box covered by other detections
-
-    def clearly_better_than(self, old: CropQuality) -> bool:
-        if old.truncated != self.truncated:
-            return old.truncated
-        if abs(old.occluded - self.occluded) > 0.15:
-            return self.occluded < old.occluded
-        if self.truncated:  # still entering: spend passes on it only when much larger
-            return self.area >= 2 * old.area
-        if self.area >= 1.3 * old.area and self.confidence >= old.confidence - 0.1:
-            return True
-        if self.sharpness >= 1.5 * old.sharpness and self.area >= 0.8 * old.area:
-            return True
-        return self.confidence >= old.confidence + 0.15 and self.area >= 0.8 * old.area
-
-    def weight(self) -> float:
-        """How much a label read from this crop counts in the vote."""
-        return (
-            max(self.area, 1.0) ** 0.5
-            * (1.0 - self.occluded) ** 2
-            * (0.5 if self.truncated else 1.0)
-        )
-
-
-def crop_box(
-    shape: tuple[int, ...], box: tuple[float, float, float, float], padding: float
-) -> tuple[int, int, int, int]:
-    """The box with `padding` (a fraction of its size) of context, clipped to the frame."""
-    h, w = shape[:2]
-    x1, y1, x2, y2 = box
-    px, py = (x2 - x1) * padding, (y2 - y1) * padding
-    return (
-        max(0, int(x1 - px)),
-        max(0, int(y1 - py)),
-        min(w, round(x2 + px)),
-        min(h, round(y2 + py)),
-    )
-
-
-def occlusion(box: tuple[float, float, float, float], others: Sequence[tuple[float, ...]]) -> float:
-    """The share of `box` that other boxes cover (overlaps summed, at most 1)."""
-    x1, y1, x2, y2 = box
-    area = max(1e-6, (x2 - x1) * (y2 - y1))
-    covered = 0.0
-    for ox1, oy1, ox2, oy2 in others:
-        w, h = min(x2, ox2) - max(x1, ox1), min(y2, oy2) - max(y1, oy1)
-        if w > 0 and h > 0:
-            covered += w * h
-    return min(1.0, covered / area)
-
-
-def crop_quality(
-    image: np.ndarray,
-    det: TrackedDetection,
-    others: Sequence[tuple[float, ...]] = (),
-    edge_px: int = 2,
-) -> CropQuality:
-    h, w = image.shape[:2]
-    x1, y1, x2, y2 = det.box
-    ix1, iy1, ix2, iy2 = crop_box(image.shape, det.box, 0)
-    grey = cv2.cvtColor(image[iy1:iy2, ix1:ix2], cv2.COLOR_BGR2GRAY)
-    if max(grey.shape) > 160:  # sharpness at a common scale, and cheap
-        s = 160 / max(grey.shape)
-        grey = cv2.resize(grey, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
-    sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var()) if grey.size else 0.0
-    truncated = x1 <= edge_px or y1 <= edge_px or x2 >= w - edge_px or y2 >= h - edge_px
-    return CropQuality(
-        (x2 - x1) * (y2 - y1), sharpness, det.confidence, truncated, occlusion(det.box, others)
-    )
-
-
 @dataclass
 class TrackState:
     track_id: int
@@ -250,85 +89,6 @@ class TrackState:
     revisions: dict[int, int] = field(default_factory=dict)
     told: dict[str, str] = field(default_factory=dict)  # branch → label clients were told
     unsent: set[int] = field(default_factory=set)  # actions rendered but refused
-
-
-def iso_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def object_key(base: dict[str, Any], track_id: int) -> str:
-    """The record identity of one tracked object (one row per object and table)."""
-    return idempotency_key(
-        base["pipeline_id"],
-        base["pipeline_version"],
-        base["camera_id"],
-        base["session_id"],
-        track_id,
-    )
-
-
-def _column_value(
-    template: str, context: dict[str, Any], results: dict[str, dict[str, Any]]
-) -> str | None:
-    """A column's value; NULL when a branch ran but found nothing (a later pass that
-    finds something updates the record)."""
-    try:
-        return render(template, context, results)
-    except MissingFieldError as exc:
-        if "." in exc.name:
-            return None
-        raise
-
-
-def render_entry(
-    plan: ActionPlan,
-    context: dict[str, Any],
-    results: dict[str, dict[str, Any]],
-    obj_key: str,
-    images: Callable[[str | None, int], bytes],
-) -> tuple[str, OutboxEntry]:
-    """(digest of the rendered content, entry without its final key). Raises
-    MissingFieldError when a template names a value that is not there."""
-    a = plan.action
-    blob: bytes | None = None
-    if isinstance(a, RedisSaveImage):
-        sink, op = (
-            "redis",
-            {
-                "type": "redis_save_image",
-                "key": render(a.key, context, results),
-                "ttl_s": a.expire_seconds,
-            },
-        )
-        blob = images(a.region, a.quality)
-    elif isinstance(a, RedisPublish):
-        sink, op = (
-            "redis",
-            {
-                "type": "redis_publish",
-                "channel": render(a.channel, context, results),
-                "message": render(a.message, context, results),
-            },
-        )
-    elif isinstance(a, PostgresCreateRecord):
-        fields = {col: _column_value(t, context, results) for col, t in a.fields.items()}
-        if isinstance(a, PostgresUpdateCombined):
-            fields.setdefault(a.key_field, render(a.key_value, context, results))
-        sink, op = (
-            "postgres",
-            {
-                "type": "upsert",
-                "table": a.table,
-                "object_key": obj_key,
-                "fields": fields,
-            },
-        )
-    else:  # pragma: no cover - the pipeline schema admits no other action
-        raise TypeError(f"unknown action {type(a).__name__}")
-    digest_src = json.dumps(op, sort_keys=True).encode() + (
-        hashlib.sha256(blob).digest() if blob else b""
-    )
-    return hashlib.sha256(digest_src).hexdigest(), OutboxEntry("", sink, op, blob)
 
 
 class PipelineRunner:
@@ -376,7 +136,9 @@ class PipelineRunner:
         now = time.monotonic()
         wanted: list[tuple[TrackState, TrackedDetection, CropQuality]] = []
         for det in detections:
-            if not det.stable or det.track_id is None or not self._triggers(det):
+            if not det.stable or det.track_id is None:
+                continue
+            if not self.plan.triggers(det.label, det.confidence):
                 continue
             st = self._tracks.get(det.track_id)
             if st is None:
@@ -420,10 +182,6 @@ class PipelineRunner:
         while len(self._history) > 8 * self.settings.max_tracks:
             del self._history[next(iter(self._history))]  # the oldest
         return TrackState(track_id, det.label, first, generation + 1)
-
-    def _triggers(self, det: TrackedDetection) -> bool:
-        classes = self.plan.trigger_classes
-        return (not classes or det.label in classes) and det.confidence >= self.plan.min_confidence
 
     def _evict(self) -> None:
         idle = [s for s in self._tracks.values() if not s.busy]
@@ -520,12 +278,7 @@ class PipelineRunner:
         crop: np.ndarray,
         st: TrackState,
     ) -> None:
-        eligible = [
-            b
-            for b in branches
-            if (not b.trigger_classes or parent_label in b.trigger_classes)
-            and parent_confidence >= b.min_confidence
-        ]
+        eligible = [b for b in branches if b.triggers(parent_label, parent_confidence)]
         parallel = [b for b in eligible if b.parallel]
         if parallel:
             await asyncio.gather(*(self._branch(b, crop, st) for b in parallel))
@@ -577,17 +330,7 @@ class PipelineRunner:
 
     async def _emit_locked(self, st: TrackState) -> None:
         obj_key = object_key(self._base, st.track_id)
-        crop, frame = self._crops.get(st.track_id, (None, None))
-
-        def images(region: str | None, quality: int) -> bytes:
-            source = frame if region is None else crop
-            if source is None:
-                raise MissingFieldError("image", "crop")
-            ok, buf = cv2.imencode(".jpg", source, [cv2.IMWRITE_JPEG_QUALITY, quality])
-            if not ok:
-                raise ValueError("JPEG encoding failed")
-            return buf.tobytes()
-
+        images = jpeg_images(*self._crops.get(st.track_id, (None, None)))
         entries = []
         for plan in self.plan.actions:
             if not plan.needs <= st.completed:
@@ -677,22 +420,3 @@ class PipelineRunner:
             "submit_errors": self.submit_errors,
             "last_error": self.last_error,
         }
-
-
-@dataclass(frozen=True)
-class PipelineRuntime:
-    """What a camera actor needs to run a pipeline: the plan and the deployment names."""
-
-    plan: PipelinePlan
-    classifier_names: dict[str, str]  # branch model id → Serve deployment name
-    actions_name: str
-
-    @classmethod
-    def of(
-        cls,
-        pipeline: PipelineFile,
-        version: str,
-        classifier_names: dict[str, str],
-        actions_name: str,
-    ) -> PipelineRuntime:
-        return cls(PipelinePlan.of(pipeline, version), dict(classifier_names), actions_name)

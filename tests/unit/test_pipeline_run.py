@@ -24,13 +24,8 @@ from graph.common.schemas import ActionsSettings, BranchModelSpec
 from graph.config import PROJECT_ROOT
 from graph.events.model import RingBufferSink, TrackedDetection
 from graph.pipeline.archive import ArchiveLimits, LoadedArchive, load_archive
-from graph.pipeline.runner import (
-    BranchResult,
-    BranchSettings,
-    CropQuality,
-    PipelinePlan,
-    PipelineRunner,
-)
+from graph.pipeline.plan import PipelinePlan
+from graph.pipeline.runner import BranchResult, BranchSettings, PipelineRunner
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.sources import PyAVSource
 from stream_actors.subscriptions import Subscription
@@ -77,46 +72,6 @@ def assert_body_types(records: list[dict[str, Any]], truth: dict[str, Any]) -> N
 def demo(tmp_path_factory: pytest.TempPathFactory) -> LoadedArchive:
     cache = tmp_path_factory.mktemp("archives")
     return load_archive(PROJECT_ROOT / "models" / "demo.mpta", cache, ArchiveLimits())
-
-
-def test_the_plan_knows_what_each_action_waits_for(demo: LoadedArchive) -> None:
-    plan = PipelinePlan.of(demo.pipeline, "v1")
-    needs = {(p.action.type, p.needs) for p in plan.actions}
-    assert needs == {
-        ("redis_save_image", frozenset()),
-        ("postgresql_create_record", frozenset()),
-        ("postgresql_update_combined", frozenset({BODY, PLATE})),
-        ("redis_publish", frozenset({BODY, PLATE})),
-    }
-    assert plan.tables() == {
-        "vehicle_events": {
-            "camera_id",
-            "display_id",
-            "track_id",
-            "detected_at",
-            "confidence",
-            "body_type",
-            "plate",
-        }
-    }
-    assert [b.model_id for b in plan.branches] == [BODY, PLATE]
-    assert plan.branches[0].aliases == ("body_type",)
-
-
-def test_a_crop_is_clearly_better_when_whole_larger_sharper_or_surer() -> None:
-    old = CropQuality(area=1000, sharpness=10, confidence=0.8, truncated=False)
-    assert CropQuality(1400, 10, 0.8, False).clearly_better_than(old)
-    assert CropQuality(1000, 20, 0.8, False).clearly_better_than(old)
-    assert CropQuality(1000, 10, 0.96, False).clearly_better_than(old)
-    assert not CropQuality(1100, 11, 0.85, False).clearly_better_than(old)
-    assert not CropQuality(4000, 50, 0.99, True).clearly_better_than(old)  # cut by the edge
-    entering = CropQuality(1000, 10, 0.8, True)
-    assert not CropQuality(1500, 10, 0.8, True).clearly_better_than(entering)
-    assert CropQuality(2000, 10, 0.8, True).clearly_better_than(entering)
-    assert CropQuality(900, 10, 0.8, False, occluded=0.0).clearly_better_than(
-        CropQuality(1000, 10, 0.8, False, occluded=0.4)
-    )
-    assert CropQuality(500, 5, 0.6, False).clearly_better_than(CropQuality(1000, 10, 0.8, True))
 
 
 def test_one_record_per_vehicle_with_branch_fields_from_the_real_models(

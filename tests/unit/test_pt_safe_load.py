@@ -162,7 +162,7 @@ def test_the_engine_refuses_each_file_without_running_it(
     path = torch_zip(tmp_path / f"{case}.pt", *pickles)
     with pytest.raises(ModelLoadError, match=reason) as info:
         load_engine(path, EngineOptions(64, gpu=False))
-    from graph.pipeline.ptscan import UnsafeModelError
+    from graph.pipeline.ptload import UnsafeModelError
 
     assert isinstance(info.value, UnsafeModelError) and info.value.problems
 
@@ -172,7 +172,7 @@ def test_the_load_itself_enforces_the_rules_without_the_scan(
     tmp_path: Path, markers: Path, case: str
 ) -> None:
     """torch.load through the restricted pickle module: refused while unpickling."""
-    from graph.pipeline.ptscan import UnsafePickleError, restricted_pickle
+    from graph.pipeline.ptload import UnsafePickleError, restricted_pickle
 
     path = torch_zip(tmp_path / f"{case}.pt", *HOSTILE[case][0])
     with pytest.raises(UnsafePickleError):
@@ -180,7 +180,7 @@ def test_the_load_itself_enforces_the_rules_without_the_scan(
 
 
 def test_the_restricted_load_refuses_what_it_does_not_import(tmp_path: Path) -> None:
-    from graph.pipeline.ptscan import UnsafePickleError, restricted_pickle
+    from graph.pipeline.ptload import UnsafePickleError, restricted_pickle
 
     path = torch_zip(tmp_path / "x.pt", glob("os", "system") + text("true") + b"\x85R.")
     with pytest.raises(UnsafePickleError, match=r"imports os\.system"):
@@ -217,7 +217,7 @@ def test_torchscript_archives_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["demo-detector.pt", "body-type.pt"])
 def test_committed_checkpoints_load_as_torch_loads_them(name: str) -> None:
-    from graph.pipeline.ptscan import safe_torch_load
+    from graph.pipeline.ptload import safe_torch_load
 
     path = PROJECT_ROOT / "models" / name
     checked = safe_torch_load(path)
@@ -259,7 +259,7 @@ def test_plain_data_a_checkpoint_may_carry_passes_the_scan_and_the_load(tmp_path
     from torchvision.transforms.functional import InterpolationMode
     from ultralytics.utils import IterableSimpleNamespace
 
-    from graph.pipeline.ptscan import safe_torch_load
+    from graph.pipeline.ptload import safe_torch_load
 
     data = {
         "model": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SiLU()),
