@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from deployments.jobs.manager import MediaJobSettings
+from deployments.jobs.settings import MediaJobSettings
 from graph.common.schemas import (
     ActionsSettings,
     EventHubSettings,
@@ -16,7 +16,7 @@ from graph.common.schemas import (
     StrictModel,
 )
 from graph.pipeline.archive import ArchiveLimits
-from stream_actors.actors import StreamSettings
+from stream_actors.settings import StreamSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

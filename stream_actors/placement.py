@@ -8,6 +8,8 @@ instead of a timeout, and the repair loop skips it instead of waiting on it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # Ray's ActorTableData states (gcs.proto) that mean "not placed yet".
 PENDING_STATES = frozenset({"DEPENDENCIES_UNREADY", "PENDING_CREATION"})
 
@@ -28,3 +30,22 @@ def placement_problem(ray_state: str | None, num_cpus: float) -> str | None:
     if ray_state == "DEAD":
         return "dead: the camera actor died and Ray will not restart it"
     return None
+
+
+@dataclass(frozen=True)
+class PlacementVerdict:
+    """What Ray's state of a camera actor means for the registry."""
+
+    problem: str | None  # why it cannot answer; None: alive, or Ray's state is unknown
+    unplaced: bool  # not placed yet: calls to it are skipped until Ray places it
+    dead: bool  # Ray will not restart it: its handle is dropped, a new actor is made
+
+
+def placement_verdict(ray_state: str | None, num_cpus: float) -> PlacementVerdict:
+    """The registry's reading of Ray's state of an actor (`placement_problem` and what
+    the registry does about it)."""
+    return PlacementVerdict(
+        problem=placement_problem(ray_state, num_cpus),
+        unplaced=ray_state in PENDING_STATES,
+        dead=ray_state == "DEAD",
+    )

@@ -2,8 +2,9 @@
 detector (at most `max_in_flight` frames outstanding) → tracker → stability → events.
 
 The detector is an injected coroutine function, so the camera actor passes a Serve
-handle call and tests pass a real engine. Results are handled strictly in frame order
-(the tracker needs that) even when two frames are in flight.
+handle call and tests pass a real engine. It raises `DetectorBusy` for a frame the
+detector refused (queue full): a drop, not an error. Results are handled strictly in
+frame order (the tracker needs that) even when two frames are in flight.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 
 import numpy as np
 from pydantic import Field
-from ray.serve.exceptions import BackPressureError
 
 from graph.common.detection import DetectRequest, DetectResult
+from graph.common.errors import DetectorBusy
 from graph.common.schemas import StrictModel
 from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
 from graph.events.model import EventSink, StreamEvent, TrackedDetection
@@ -154,7 +155,7 @@ class SubscriptionProcessor:
             frame, (lb, offset), task = await self._pending.get()
             try:
                 result = await task
-            except BackPressureError:
+            except DetectorBusy:
                 self.mailbox.record_drop(DropReason.BACK_PRESSURE)
                 continue
             except asyncio.CancelledError:

@@ -19,6 +19,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from graph.common.files import atomic_write_text
 from graph.common.schemas import MODEL_ID_PATTERN, StrictModel
+from stream_actors.reconcile import first_free_actor
 from stream_actors.stability import StabilityRules
 
 SUBSCRIPTION_ID_PATTERN = r"^[^;/\s]{1,128};[^;/\s]{1,128}$"
@@ -223,13 +224,7 @@ class SubscriptionTable:
         )
 
     def _free_actor(self) -> int:
-        load: dict[int, int] = {}
-        for index in self.placement.values():
-            load[index] = load.get(index, 0) + 1
-        index = 0
-        while load.get(index, 0) >= self.streams_per_actor:
-            index += 1
-        return index
+        return first_free_actor(self.placement, self.streams_per_actor)
 
     def add(self, sub: Subscription) -> tuple[set[str], set[str]]:
         """Add or replace a subscription; returns (stream keys to (re)configure, to stop)."""

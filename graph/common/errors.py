@@ -39,3 +39,15 @@ class ModelLoadError(CamgraphError):
 
 class InferenceError(CamgraphError):
     """The engine ran but its output could not be used."""
+
+
+class DetectorBusy(CamgraphError):
+    """The detector refused a frame because its queue is full (Serve's back-pressure):
+    the frame is dropped, not an error."""
+
+    def __init__(self, model_id: str, detail: str) -> None:
+        super().__init__(model_id, detail)
+        self.model_id, self.detail = model_id, detail
+
+    def __str__(self) -> str:
+        return f"detector of model {self.model_id!r} is busy: {self.detail}"

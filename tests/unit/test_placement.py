@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stream_actors.actors import StreamSettings
 from stream_actors.placement import placement_problem
+from stream_actors.settings import StreamSettings
 
 
 @pytest.mark.parametrize("state", ["PENDING_CREATION", "DEPENDENCIES_UNREADY"])

@@ -1,5 +1,5 @@
 """Camera and sink credentials never reach a status, an error text or a log line: the
-one redaction (graph.common.redaction) behind its three old names, SourceError, and a
+one redaction (graph.common.redaction) behind its two old names, SourceError, and a
 real source and reader against a dead camera whose URL holds credentials."""
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from urllib.parse import quote, unquote
 import pytest
 
 from deployments.delivery.service import redact_dsn
-from deployments.jobs.manager import redact_url
-from stream_actors.actors import redact as actors_redact
+from deployments.jobs.records import redact_url
 from stream_actors.reader import ReaderPolicy, StreamReader
 from stream_actors.sources import (
     PyAVSource,
@@ -37,7 +36,6 @@ def shared_redact(value: str) -> str:
 
 REDACTORS: dict[str, Callable[[str], str]] = {
     "redaction.redact": shared_redact,
-    "actors.redact": actors_redact,
     "media_jobs.redact_url": redact_url,
     "action_service.redact_dsn": redact_dsn,
 }

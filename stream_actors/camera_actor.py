@@ -1,0 +1,330 @@
+"""The camera actor (a Ray shell): hosts several streams, each a reader thread plus one
+processor per subscription, and one event loop for all of them. Restartable: the
+registry (`registry.py`) re-sends its streams and today's context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import cv2
+import psutil
+import ray
+from ray.serve.exceptions import BackPressureError
+
+from graph.common.detection import DetectRequest, DetectResult
+from graph.common.errors import DetectorBusy
+from graph.common.names import hub_name, registry_name
+from graph.common.redaction import redact
+from graph.events.model import FanoutSink, HubPublisher, RingBufferSink, result_event
+from graph.events.ring import restart_safe_first_id
+from graph.pipeline.runner import BranchResult, PipelineRunner
+from stream_actors.forwarding import ActionForwarder
+from stream_actors.processor import SubscriptionProcessor
+from stream_actors.reader import StreamReader
+from stream_actors.reconnect import TokenBucket
+from stream_actors.settings import StreamContext, context_revision
+from stream_actors.subscriptions import StreamSpec, Subscription
+
+logger = logging.getLogger("camgraph.streams")
+
+
+class _Stream:
+    def __init__(self, reader: StreamReader) -> None:
+        self.reader = reader
+        self.processors: dict[str, SubscriptionProcessor] = {}
+        self.subs: dict[str, Subscription] = {}
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class CameraActor:
+    """Owns its streams' threads and per-camera state; restartable (the registry
+    re-sends its streams). Async: one event loop drives all its subscriptions."""
+
+    def __init__(self, ctx: StreamContext) -> None:
+        self._ctx, self._settings = ctx, ctx.settings
+        self._streams: dict[str, _Stream] = {}
+        self._handles: dict[str, Any] = {}
+        self._forwarders: dict[str, ActionForwarder] = {}
+        self._ring = RingBufferSink(
+            self._settings.events_per_subscription, first_id=restart_safe_first_id()
+        )
+        self._hub: Any = None
+        self._publisher = HubPublisher(self._send_to_hub)
+        self._sink = FanoutSink(self._ring, self._publisher)
+        self._local_bucket = TokenBucket(
+            self._settings.reconnects_per_s, self._settings.reconnect_burst
+        )
+        self._registry: Any = None
+        self._started = time.time()
+        self._lock = threading.Lock()
+        self._init_metrics()
+        # Async actors run __init__ with their event loop set (checked on Ray 2.60).
+        self._watchdog = asyncio.get_event_loop().create_task(self._watch())
+        self._publishing = asyncio.get_event_loop().create_task(self._publisher.run())
+
+    async def _send_to_hub(self, events: list[dict[str, Any]], key: tuple[str, int]) -> None:
+        """The app's EventHub, found by name (it may restart: found again on failure)."""
+        try:
+            if self._hub is None:  # a blocking GCS lookup: off the event loop
+                name = hub_name(self._ctx.app_name)
+                self._hub = await asyncio.to_thread(ray.get_actor, name, self._ctx.namespace)
+            await self._hub.publish.remote(events, key)
+        except Exception:
+            self._hub = None
+            raise
+
+    # ---- detector and reconnect budget --------------------------------------------
+    async def _detect(self, model_id: str, request: DetectRequest) -> DetectResult:
+        handle = self._handles.get(model_id)
+        if handle is None:
+            from ray import serve
+
+            name = self._ctx.detector_names[model_id]
+            handle = serve.get_deployment_handle(name, app_name=self._ctx.app_name)
+            self._handles[model_id] = handle
+        try:
+            result: DetectResult = await handle.detect.remote(request)
+        except BackPressureError as exc:  # the processor knows no Ray: camgraph's own error
+            raise DetectorBusy(model_id, str(exc)) from exc
+        return result
+
+    def _handle(self, name: str) -> Any:
+        handle = self._handles.get(name)
+        if handle is None:
+            from ray import serve
+
+            handle = serve.get_deployment_handle(name, app_name=self._ctx.app_name)
+            self._handles[name] = handle
+        return handle
+
+    def _runner(self, sub: Subscription, model_id: str) -> PipelineRunner | None:
+        """The pipeline runner of a subscription whose model is a pipeline's root."""
+        runtime = self._ctx.pipelines.get(model_id)
+        if runtime is None:
+            return None
+
+        async def classify(branch_id: str, crop: Any) -> BranchResult | None:
+            name = runtime.classifier_names[branch_id]
+            label = await self._handle(name).classify.remote(crop)
+            return None if label is None else BranchResult(label.label, label.confidence)
+
+        forwarder = self._forwarders.get(runtime.actions_name)
+        if forwarder is None:
+            actions = self._handle(runtime.actions_name)
+
+            async def send(entries: list[Any]) -> int:
+                return int(await actions.submit.remote(entries))
+
+            forwarder = ActionForwarder(
+                send,
+                self._settings.actions_backlog_bytes,
+                timeout_s=self._settings.actions_send_timeout_s,
+            )
+            self._forwarders[runtime.actions_name] = forwarder
+        base = {
+            "camera_id": sub.camera_id,
+            "display_id": sub.display_id,
+            "subscription_id": sub.subscriptionIdentifier,
+            "session_id": uuid.uuid4().hex[:16],
+            "model_id": model_id,
+        }
+
+        def on_result(track_id: int, class_name: str, results: dict[str, Any]) -> None:
+            event = result_event(
+                sub.subscriptionIdentifier, sub.camera_id, model_id, track_id, class_name, results
+            )
+            self._sink.publish([event])
+
+        return PipelineRunner(
+            runtime.plan, base, classify, forwarder.submit, self._settings.branches, on_result
+        )
+
+    def _acquire_reconnect(self) -> float:
+        """Called from reader threads: the registry's cluster-wide token bucket, or a
+        local one while the registry is unreachable (e.g. restarting)."""
+        try:
+            if self._registry is None:
+                name = registry_name(self._ctx.app_name)
+                self._registry = ray.get_actor(name, self._ctx.namespace)
+            return float(ray.get(self._registry.acquire_reconnect.remote(), timeout=2.0))
+        except Exception:
+            self._registry = None
+            with self._lock:
+                return self._local_bucket.try_acquire()
+
+    async def _watch(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(0.5)
+            for stream in list(self._streams.values()):
+                stream.reader.check_watchdog()
+            ticks += 1
+            if ticks % 10 == 0:
+                try:
+                    self._export_metrics()
+                except Exception:  # metrics must never stop the watchdog
+                    logger.exception("camera actor: exporting metrics failed")
+
+    def _init_metrics(self) -> None:
+        """Gauges for the Ray dashboard / Prometheus, tagged by stream and subscription."""
+        from ray.util import metrics
+
+        self._m_fps_in = metrics.Gauge(
+            "camgraph_stream_fps_in", "frames read per second", tag_keys=("stream",)
+        )
+        self._m_reconnects = metrics.Gauge(
+            "camgraph_stream_reconnects", "reconnect attempts so far", tag_keys=("stream",)
+        )
+        self._m_fps_done = metrics.Gauge(
+            "camgraph_subscription_fps_processed",
+            "frames through the detector per second",
+            tag_keys=("subscription",),
+        )
+        self._m_drops = metrics.Gauge(
+            "camgraph_subscription_drops",
+            "frames dropped so far, by reason",
+            tag_keys=("subscription", "reason"),
+        )
+        self._m_latency = metrics.Gauge(
+            "camgraph_subscription_latency_ms_p50",
+            "capture to detection, median of recent frames",
+            tag_keys=("subscription",),
+        )
+
+    def _export_metrics(self) -> None:
+        for key, stream in list(self._streams.items()):
+            self._m_fps_in.set(stream.reader.fps(), {"stream": key})
+            self._m_reconnects.set(stream.reader.reconnects, {"stream": key})
+            for sub_id, processor in list(stream.processors.items()):
+                status = processor.status()
+                tags = {"subscription": sub_id}
+                self._m_fps_done.set(status["fps_processed"], tags)
+                if status["latency_ms_p50"] is not None:
+                    self._m_latency.set(status["latency_ms_p50"], tags)
+                for reason, count in status["drops"].items():
+                    self._m_drops.set(count, {**tags, "reason": reason})
+
+    # ---- desired state -------------------------------------------------------------
+    async def set_stream(self, spec: dict[str, Any], subs: list[dict[str, Any]]) -> None:
+        """Make this stream and its subscriptions exactly as given (idempotent)."""
+        want = StreamSpec.model_validate(spec)
+        wanted = {s.subscriptionIdentifier: s for s in map(Subscription.model_validate, subs)}
+        stream = self._streams.get(want.key)
+        if stream is not None and stream.reader.spec != want:
+            await self.remove_stream(want.key)  # the source itself changed: reopen
+            stream = None
+        new = stream is None
+        if stream is None:
+            reader = StreamReader(want, self._settings.reader, self._acquire_reconnect)
+            stream = self._streams[want.key] = _Stream(reader)
+        for sub_id in [s for s in stream.subs if stream.subs[s] != wanted.get(s)]:
+            await self._stop_subscription(stream, sub_id)
+        for sub_id, sub in wanted.items():
+            if sub_id in stream.subs:
+                continue
+            model_id = sub.modelId or self._ctx.default_model
+            processor = SubscriptionProcessor(
+                sub,
+                model_id,
+                self._ctx.model_sizes[model_id],
+                self._detect,
+                self._sink,
+                self._settings.processing,
+                self._runner(sub, model_id),
+            )
+            stream.subs[sub_id], stream.processors[sub_id] = sub, processor
+            stream.reader.attach(sub_id, processor.mailbox)
+            processor.start()
+        if new:  # after attaching: a lossless replay must not read frames nobody gets
+            stream.reader.start()
+
+    async def update_context(self, ctx: StreamContext) -> int:
+        """A new pipeline version (or model set) after a redeploy: each subscription whose
+        pipeline changed gets a new runner in place, between two frames. Readers,
+        trackers and subscriptions go on; returns how many runners were swapped."""
+        old, self._ctx = self._ctx, replace(ctx, settings=self._settings)
+        self._handles.clear()  # deployments may have been replaced
+        swapped = 0
+        for stream in self._streams.values():
+            for sub_id, processor in stream.processors.items():
+                model_id = processor.model_id
+                if model_id in ctx.model_sizes:
+                    processor.imgsz = ctx.model_sizes[model_id]
+                if old.pipelines.get(model_id) == ctx.pipelines.get(model_id):
+                    continue
+                previous = processor.runner
+                processor.runner = self._runner(stream.subs[sub_id], model_id)
+                swapped += 1
+                if previous is not None:
+                    await previous.drain(timeout_s=5.0)  # let its passes send what they found
+                    await previous.stop()
+        if swapped:
+            logger.info("pipelines updated in place for %d subscriptions", swapped)
+        return swapped
+
+    async def _stop_subscription(self, stream: _Stream, sub_id: str) -> None:
+        stream.reader.detach(sub_id)
+        stream.subs.pop(sub_id, None)
+        processor = stream.processors.pop(sub_id, None)
+        if processor is not None:
+            await processor.stop()
+        self._ring.forget(sub_id)
+
+    async def remove_stream(self, key: str) -> bool:
+        stream = self._streams.pop(key, None)
+        if stream is None:
+            return False
+        stream.reader.stop()
+        for sub_id in list(stream.subs):
+            await self._stop_subscription(stream, sub_id)
+        # The reader exits within its read timeout; never block the event loop on it.
+        await asyncio.to_thread(stream.reader.join, self._settings.reader.read_timeout_s + 1)
+        return True
+
+    async def streams(self) -> dict[str, Any]:
+        """`streams`: stream key → subscription ids, as running here, and `context`: the
+        revision of the context in use (the registry reconciles both)."""
+        running = {k: sorted(s.subs) for k, s in self._streams.items()}
+        return {"streams": running, "context": context_revision(self._ctx)}
+
+    # ---- reporting -----------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        process = psutil.Process()
+        return {
+            "pid": os.getpid(),
+            "cpu_times_s": round(sum(process.cpu_times()[:2]), 3),
+            "rss_bytes": process.memory_info().rss,
+            "threads": threading.active_count(),
+            "started": self._started,
+            "streams": {
+                key: {
+                    "spec": {**s.reader.spec.model_dump(), "url": redact(s.reader.spec.url)},
+                    **s.reader.status(),
+                    "subscriptions": [p.status() for p in s.processors.values()],
+                }
+                for key, s in self._streams.items()
+            },
+            "actions": {name: f.status() for name, f in self._forwarders.items()},
+            "events": self._publisher.status(),
+        }
+
+    async def latest_jpeg(self, key: str, quality: int = 85) -> bytes | None:
+        stream = self._streams.get(key)
+        latest = stream.reader.latest if stream is not None else None
+        if latest is None:
+            return None
+        ok, data = await asyncio.to_thread(
+            cv2.imencode, ".jpg", latest.image, [cv2.IMWRITE_JPEG_QUALITY, quality]
+        )
+        return data.tobytes() if ok else None
+
+    async def events(self, sub_id: str, after_id: int = 0, limit: int = 1000) -> list[Any]:
+        return [e.to_json() for e in self._ring.after(sub_id, after_id, limit)]

@@ -1,0 +1,343 @@
+"""The stream registry (a Ray shell, a named actor): holds an app's desired
+subscriptions, persists them (data/streams.json), packs streams onto camera actors and
+reconciles: every `reconcile_s` it compares each camera actor's streams with the
+desired state and fixes the difference, so a restarted camera actor or registry heals
+without a caller. What to do is decided in `reconcile.py` (pure); this module calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from graph.common.files import atomic_write_bytes
+from graph.common.names import camera_actor_name
+from graph.common.redaction import redact
+from stream_actors.camera_actor import CameraActor
+from stream_actors.placement import PlacementVerdict, placement_verdict
+from stream_actors.reconcile import (
+    actor_summary,
+    desired_by_actor,
+    failure_text,
+    plan_actor,
+    plan_round,
+    round_error,
+    stream_state,
+    unreachable_status,
+)
+from stream_actors.reconnect import TokenBucket
+from stream_actors.settings import StreamContext, context_revision
+from stream_actors.subscriptions import (
+    Subscription,
+    SubscriptionRefused,
+    SubscriptionTable,
+    load_state,
+    save_state,
+    stream_key,
+)
+
+logger = logging.getLogger("camgraph.streams")
+ACTOR_CALL_TIMEOUT_S = 15.0
+
+
+def context_path(state_path: Path) -> Path:
+    """Where the registry keeps the context it was last configured with."""
+    return state_path.with_name(state_path.stem + ".context.pickle")
+
+
+def load_context(path: Path, first: StreamContext) -> StreamContext:
+    """The context saved at `path`, or `first` when there is none or it cannot be read
+    (e.g. saved by a camgraph whose classes lived in other modules): logged, ignored."""
+    try:
+        ctx = ray.cloudpickle.loads(path.read_bytes())  # camgraph's own file
+    except FileNotFoundError:
+        return first
+    except Exception:
+        logger.exception("registry: the saved context %s is unreadable", path)
+        return first
+    logger.info("registry: restarted with the context saved at %s", path)
+    return ctx if isinstance(ctx, StreamContext) else first
+
+
+class ReconcileError(RuntimeError):
+    """Some camera actors could not be brought to the wanted state (each one named)."""
+
+
+def ray_actor_state(actor: Any) -> str | None:
+    """Ray's state of an actor from the GCS (ALIVE, PENDING_CREATION, RESTARTING, DEAD),
+    or None when it cannot be read. A blocking call: run it off the event loop."""
+    try:
+        from ray._private import state
+
+        info = state.actors(actor_id=actor._actor_id.hex())
+        return str(info["State"]) if info else None
+    except Exception:
+        return None
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class StreamRegistry:
+    """The desired subscriptions of one app, persisted; reference-counted shared streams."""
+
+    def __init__(self, ctx: StreamContext) -> None:
+        self._path = ctx.settings.state_path
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray re-runs the constructor with the first creation's arguments: the
+            # context the ingress gave since (a redeploy's pipelines) comes from disk.
+            ctx = load_context(context_path(self._path), ctx)
+        else:
+            atomic_write_bytes(context_path(self._path), ray.cloudpickle.dumps(ctx))
+        self._ctx, self._settings = ctx, ctx.settings
+        self._app, self._namespace = ctx.app_name, ctx.namespace
+        self._table = SubscriptionTable(self._settings.streams_per_actor, load_state(self._path))
+        self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
+        self._actors: dict[int, Any] = {}
+        self._unplaced: set[int] = set()  # actors Ray has not placed (pending)
+        self._lock = asyncio.Lock()
+        self.last_reconcile_error: str | None = None
+        self._closed = False
+        # Restored state is applied by the repair loop, started right away (also after
+        # a restart of this actor, so streams come back without any caller).
+        self._reconciler = asyncio.get_event_loop().create_task(self._reconcile_forever())
+
+    def _ensure_reconciler(self) -> None:
+        if self._reconciler.done() and not self._closed:
+            self._reconciler = asyncio.create_task(self._reconcile_forever())
+
+    async def configure(self, ctx: StreamContext) -> int:
+        """Called by every ingress replica at start: keeps the registry aware of the
+        served models (its own settings stay as started) and its repair loop running.
+        Returns the number of subscriptions."""
+        changed = ctx.pipelines != self._ctx.pipelines or ctx.model_sizes != self._ctx.model_sizes
+        self._ctx = replace(ctx, settings=self._settings)
+        data = ray.cloudpickle.dumps(self._ctx)  # what a restart of this actor starts from
+        await asyncio.to_thread(atomic_write_bytes, context_path(self._path), data)
+        self._ensure_reconciler()
+        if changed:  # a redeploy with another pipeline version: swap it in, streams go on
+            indices = set(self._actors) | set(self._table.placement.values())
+            results = await asyncio.gather(
+                *(
+                    asyncio.wait_for(
+                        self._actor(i).update_context.remote(self._ctx), ACTOR_CALL_TIMEOUT_S
+                    )
+                    for i in indices
+                ),
+                return_exceptions=True,
+            )
+            for index, result in zip(indices, results, strict=True):
+                if isinstance(result, BaseException):  # it gets the context when restarted
+                    logger.warning("camera actor %d kept its old context: %s", index, result)
+        return len(self._table.subs)
+
+    async def acquire_reconnect(self) -> float:
+        return self._bucket.try_acquire()
+
+    def _actor(self, index: int) -> Any:
+        actor = self._actors.get(index)
+        if actor is None:
+            actor = CameraActor.options(  # type: ignore[attr-defined]
+                name=camera_actor_name(self._app, index),
+                namespace=self._namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=self._settings.camera_actor_cpus,
+                max_concurrency=1000,
+                scheduling_strategy="SPREAD",  # over the nodes, not packed on one
+            ).remote(self._ctx)
+            self._actors[index] = actor
+        return actor
+
+    async def _push(self, key: str) -> None:
+        index = self._table.placement[key]
+        if index in self._unplaced and (problem := await self._placement_problem(index)):
+            raise ReconcileError(problem)  # at once: a call would only time out
+        actor = self._actor(index)
+        subs = [s.model_dump(mode="json") for s in self._table.subscribers(key)]
+        spec = self._table.spec(key).model_dump(mode="json")
+        await asyncio.wait_for(actor.set_stream.remote(spec, subs), ACTOR_CALL_TIMEOUT_S)
+
+    async def _stop(self, key: str, index: int) -> None:
+        await asyncio.wait_for(self._actor(index).remove_stream.remote(key), ACTOR_CALL_TIMEOUT_S)
+
+    async def _apply(self, changed: set[str], stopped: dict[str, int]) -> str | None:
+        """Start/stop streams now; on failure the repair loop finishes the job later."""
+        index: int | None = None  # the actor being called when it failed
+        try:
+            for key, index in stopped.items():
+                await self._stop(key, index)
+            for key in changed:
+                index = self._table.placement[key]
+                await self._push(key)
+        except Exception as exc:
+            logger.warning("registry: applying a change failed, will retry: %s", exc)
+            if isinstance(exc, ReconcileError):
+                return str(exc)
+            problem = None if index is None else await self._placement_problem(index)
+            return failure_text(problem, exc)
+        return None
+
+    async def subscribe(self, sub: dict[str, Any]) -> dict[str, Any]:
+        """Add or replace a subscription; persisted before the stream is started."""
+        self._ensure_reconciler()
+        new = Subscription.model_validate(sub)
+        if (refusal := new.file_refusal(self._settings.file_dirs)) is not None:
+            raise SubscriptionRefused(refusal)
+        async with self._lock:
+            old_placement = dict(self._table.placement)
+            changed, stopped = self._table.add(new)
+            save_state(self._path, self._table.state())
+            pending = await self._apply(changed, {k: old_placement[k] for k in stopped})
+        return {
+            "subscriptionIdentifier": new.subscriptionIdentifier,
+            "stream": stream_key(new),
+            "pending_error": pending,
+        }
+
+    async def unsubscribe(self, subscription_id: str) -> bool:
+        async with self._lock:
+            if subscription_id not in self._table.subs:
+                return False
+            old_placement = dict(self._table.placement)
+            changed, stopped = self._table.remove(subscription_id)
+            save_state(self._path, self._table.state())
+            await self._apply(changed, {k: old_placement[k] for k in stopped})
+        return True
+
+    async def _reconcile_once(self) -> None:
+        async with self._lock:
+            subscribers = {
+                key: [s.subscriptionIdentifier for s in self._table.subscribers(key)]
+                for key in self._table.placement
+            }
+            desired = desired_by_actor(self._table.placement, subscribers)
+            known = set(self._actors)  # before Ray's verdicts drop the dead ones
+            unplaced = {i: await self._placement_verdict(i) for i in sorted(self._unplaced)}
+            plan = plan_round(desired, known, unplaced)
+            errors = dict(plan.skipped)
+            for index in plan.visit:
+                # One actor that fails must not stop the repair of the others: each is
+                # tried, and the errors are reported.
+                try:
+                    await self._reconcile_actor(index, desired.get(index, {}))
+                except Exception as exc:
+                    errors[index] = failure_text(await self._placement_problem(index), exc)
+            if (error := round_error(errors)) is not None:
+                raise ReconcileError(error)
+
+    async def _reconcile_actor(self, index: int, wanted: dict[str, list[str]]) -> None:
+        actor = self._actor(index)
+        reply = await asyncio.wait_for(actor.streams.remote(), ACTOR_CALL_TIMEOUT_S)
+        plan = plan_actor(wanted, reply, context_revision(self._ctx))
+        if plan.update_context:
+            # Ray re-ran the actor's constructor with its first context (a restart after
+            # a crash or an OOM kill): it gets today's before any stream is restored.
+            logger.info("registry: camera actor %d runs an old context: updating it", index)
+            await asyncio.wait_for(actor.update_context.remote(self._ctx), ACTOR_CALL_TIMEOUT_S)
+        for key in plan.stop:
+            await self._stop(key, index)
+        for key in plan.push:
+            logger.info("registry: restoring stream %s on actor %d", key, index)
+            await self._push(key)
+
+    async def _placement_verdict(self, index: int) -> PlacementVerdict:
+        """What Ray says of actor `index` (pending, dead...). Remembers unplaced actors so
+        later calls skip them instead of timing out; forgets dead ones so that the next
+        call creates them anew."""
+        actor = self._actors.get(index)
+        state = None if actor is None else await asyncio.to_thread(ray_actor_state, actor)
+        verdict = placement_verdict(state, self._settings.camera_actor_cpus)
+        if verdict.unplaced:
+            self._unplaced.add(index)
+        else:
+            self._unplaced.discard(index)
+        if verdict.dead:
+            self._actors.pop(index, None)
+        return verdict
+
+    async def _placement_problem(self, index: int) -> str | None:
+        """Why actor `index` cannot answer according to Ray, or None."""
+        return (await self._placement_verdict(index)).problem
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            try:
+                await self._reconcile_once()
+                self.last_reconcile_error = None
+            except Exception as exc:  # an actor restarting: try again next round
+                self.last_reconcile_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("registry: reconcile failed: %s", self.last_reconcile_error)
+            await asyncio.sleep(self._settings.reconcile_s)
+
+    async def _statuses(self) -> dict[int, dict[str, Any]]:
+        indices = sorted(set(self._table.placement.values()))
+
+        async def one(index: int) -> dict[str, Any]:
+            if index in self._unplaced:  # known not placed: ask Ray, not the actor
+                problem = await self._placement_problem(index)
+                if problem is not None:
+                    return unreachable_status(problem)
+            try:
+                return dict(await asyncio.wait_for(self._actor(index).status.remote(), 5))
+            except Exception as exc:
+                return unreachable_status(await self._placement_problem(index), exc)
+
+        return dict(zip(indices, await asyncio.gather(*(one(i) for i in indices)), strict=True))
+
+    async def list_streams(self) -> dict[str, Any]:
+        """Every stream with its state and its subscriptions' figures."""
+        self._ensure_reconciler()
+        statuses = await self._statuses()
+        streams = []
+        for key in self._table.stream_keys():
+            index = self._table.placement[key]
+            spec = self._table.spec(key)
+            entry: dict[str, Any] = {
+                "key": key,
+                "kind": spec.kind,
+                "url": redact(spec.url),
+                "actor": camera_actor_name(self._app, index),
+                "subscription_ids": [
+                    s.subscriptionIdentifier for s in self._table.subscribers(key)
+                ],
+                "subscriptions": [],
+            }
+            entry.update(stream_state(key, statuses.get(index, {})))
+            streams.append(entry)
+        actors = {camera_actor_name(self._app, i): actor_summary(s) for i, s in statuses.items()}
+        return {"streams": streams, "actors": actors, "reconcile_error": self.last_reconcile_error}
+
+    def _key_of_camera(self, camera_id: str) -> str | None:
+        keys = self._table.by_camera(camera_id)
+        return keys[0] if keys else None
+
+    async def latest_jpeg(self, camera_id: str) -> bytes | None:
+        """The newest frame of a camera as JPEG; KeyError when no subscription has it."""
+        key = self._key_of_camera(camera_id)
+        if key is None:
+            raise KeyError(camera_id)
+        data: bytes | None = await self._actor(self._table.placement[key]).latest_jpeg.remote(key)
+        return data
+
+    async def events(self, subscription_id: str, after_id: int = 0) -> list[Any]:
+        sub = self._table.subs.get(subscription_id)
+        if sub is None:
+            raise KeyError(subscription_id)
+        index = self._table.placement[stream_key(sub)]
+        events: list[Any] = await self._actor(index).events.remote(subscription_id, after_id)
+        return events
+
+    async def shutdown(self) -> None:
+        """Stop every stream and camera actor (tests, app deletion); forgets nothing."""
+        self._closed = True
+        self._reconciler.cancel()
+        indices = set(self._actors) | set(self._table.placement.values())
+        for index in indices:
+            with contextlib.suppress(ValueError):  # ValueError: not running
+                ray.kill(ray.get_actor(camera_actor_name(self._app, index), self._namespace))
+        self._actors.clear()
