@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import enum
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from stream_actors.clock import SYSTEM_CLOCK, Clock
 
 
 class DropReason(enum.StrEnum):
@@ -31,8 +32,8 @@ class LazyImage(Protocol):
 class Frame:
     payload: np.ndarray | LazyImage  # an array, or a captured frame converted on first use
     seq: int  # per source, increasing by one for every frame read
-    captured_at: float  # wall clock (time.time()) when the frame was read
-    captured_mono: float  # time.monotonic() at the same moment, for ages
+    captured_at: float  # wall clock (clock.time()) when the frame was read
+    captured_mono: float  # clock.monotonic() at the same moment, for ages
 
     @property
     def image(self) -> np.ndarray:
@@ -41,12 +42,20 @@ class Frame:
 
 
 class LatestFrameMailbox:
-    """Thread-safe single slot. `put` never blocks; `take` waits up to `timeout_s`."""
+    """Thread-safe single slot. `put` never blocks; `take` waits up to `timeout_s`.
+
+    Frame times and ages come from `clock`; the waits for a frame (or for it to be
+    taken) are hand-overs between threads and stay in real time."""
 
     def __init__(
-        self, max_age_s: float | None = None, on_put: Callable[[], None] | None = None
+        self,
+        max_age_s: float | None = None,
+        on_put: Callable[[], None] | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._max_age_s = max_age_s
+        self._clock = clock
         self._on_put = on_put  # e.g. wakes an asyncio consumer (called outside the lock)
         self._cond = threading.Condition()
         self._frame: Frame | None = None
@@ -56,12 +65,11 @@ class LatestFrameMailbox:
         self.drops: Counter[DropReason] = Counter()
 
     def put(self, image: np.ndarray | LazyImage, captured_at: float | None = None) -> Frame:
-        now_mono = time.monotonic()
+        now_mono = self._clock.monotonic()
         with self._cond:
             self._seq += 1
-            frame = Frame(
-                image, self._seq, captured_at if captured_at is not None else time.time(), now_mono
-            )
+            at = captured_at if captured_at is not None else self._clock.time()
+            frame = Frame(image, self._seq, at, now_mono)
             if self._frame is not None:
                 self.drops[DropReason.SUPERSEDED] += 1
             self._frame = frame
@@ -82,7 +90,7 @@ class LatestFrameMailbox:
             self._cond.notify_all()  # wakes a lossless reader waiting in wait_taken
             if (
                 self._max_age_s is not None
-                and time.monotonic() - frame.captured_mono > self._max_age_s
+                and self._clock.monotonic() - frame.captured_mono > self._max_age_s
             ):
                 self.drops[DropReason.TOO_OLD] += 1
                 return None

@@ -7,12 +7,16 @@ breaker and a cluster-wide reconnect budget (`acquire_reconnect`, seconds to wai
 watchdog (`check_watchdog`, called periodically by the owner) catches a source that
 stops delivering without failing (a frozen server): it abandons the stuck thread — it
 exits on its own once its read times out — and starts a fresh one.
+
+Every wait and timestamp goes through an injected `Clock`, so tests step a manual one.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -23,6 +27,7 @@ from pydantic import Field, field_validator
 
 from graph.common.netpolicy import DEFAULT_DENIED, denied, networks
 from graph.common.schemas import StrictModel
+from stream_actors.clock import SYSTEM_CLOCK, Clock
 from stream_actors.mailbox import DropReason, LatestFrameMailbox
 from stream_actors.meter import RateMeter
 from stream_actors.reconnect import Backoff, CircuitBreaker
@@ -73,7 +78,11 @@ class ReaderPolicy(StrictModel):
 
 
 def open_source(
-    spec: StreamSpec, policy: ReaderPolicy, keyframes_only: Callable[[], bool] | None = None
+    spec: StreamSpec,
+    policy: ReaderPolicy,
+    keyframes_only: Callable[[], bool] | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Iterator[CapturedFrame]:
     if spec.kind == "rtsp" and (refusal := denied(spec.url, networks(policy.denied_networks))):
         raise SourceConnectionError(spec.url, refusal)  # before any packet goes there
@@ -83,6 +92,8 @@ def open_source(
             interval_s=spec.snapshot_interval_s,
             timeout_s=policy.read_timeout_s,
             deny=networks(policy.denied_networks),
+            sleep=clock.sleep,
+            clock=clock.monotonic,
         ).frames()
     return PyAVSource(
         spec.url,
@@ -92,6 +103,8 @@ def open_source(
         loop=spec.kind == "file" and spec.loop,
         keyframes_only=keyframes_only,
         media_time=spec.lossless,
+        sleep=clock.sleep,
+        clock=clock.monotonic,
     ).frames()
 
 
@@ -101,13 +114,25 @@ class StreamReader:
         spec: StreamSpec,
         policy: ReaderPolicy,
         acquire_reconnect: Callable[[], float] = lambda: 0.0,
-        source_factory: Callable[..., Iterator[CapturedFrame]] = open_source,
+        source_factory: Callable[..., Iterator[CapturedFrame]] | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
     ) -> None:
+        """`source_factory` defaults to `open_source` on `clock`; `rng` draws the
+        backoff jitter (tests fix it)."""
         self.spec, self.policy = spec, policy
         self._acquire = acquire_reconnect
-        self._open = source_factory
-        self._backoff = Backoff(base_s=policy.backoff_base_s, cap_s=policy.backoff_cap_s)
-        self._breaker = CircuitBreaker(policy.breaker_failures, policy.breaker_open_s)
+        self._open = source_factory or functools.partial(open_source, clock=clock)
+        self._clock = clock
+        self._backoff = Backoff(
+            base_s=policy.backoff_base_s,
+            cap_s=policy.backoff_cap_s,
+            rng=rng if rng is not None else random.Random(),
+        )
+        self._breaker = CircuitBreaker(
+            policy.breaker_failures, policy.breaker_open_s, clock=clock.monotonic
+        )
         self._lock = threading.Lock()
         self._mailboxes: dict[str, LatestFrameMailbox] = {}
         self._stop = threading.Event()
@@ -122,13 +147,13 @@ class StreamReader:
         self.outages_s: deque[float] = deque(maxlen=32)  # failure → first frame again
         self._down_since: float | None = None
         self._last_frame_mono: float | None = None
-        self._reads = RateMeter()
+        self._reads = RateMeter(clock=clock)
         # Adaptive decoding: key frames only while every subscriber takes (far) fewer
         # frames per second than the key frames alone supply.
         self.keyframes_only = False
         self.decode_switches = 0
         self._key_times: deque[float] = deque(maxlen=256)
-        self._demand_since = time.monotonic()
+        self._demand_since = clock.monotonic()
         self._taken_before: dict[str, tuple[int, int]] = {}
         self._low_demand_before = False  # the previous window also had low demand
 
@@ -160,6 +185,7 @@ class StreamReader:
 
     def join(self, timeout_s: float) -> bool:
         """Wait for the reader threads to exit; True when none is left."""
+        # Real time, whatever the clock: threads exit in real time.
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -170,7 +196,7 @@ class StreamReader:
 
     def check_watchdog(self, now: float | None = None) -> bool:
         """Restart the reader when a connected source went silent; True if it did."""
-        now = time.monotonic() if now is None else now
+        now = self._clock.monotonic() if now is None else now
         last = self._last_frame_mono
         if self.state is not StreamState.CONNECTED or last is None:
             return False
@@ -190,7 +216,7 @@ class StreamReader:
         return not self._stop.is_set() and generation == self._generation
 
     def _wait(self, seconds: float) -> None:
-        self._stop.wait(max(0.0, seconds))
+        self._clock.wait(self._stop, max(0.0, seconds))
 
     def _mark_down(self, now: float) -> None:
         if self._down_since is None:
@@ -228,7 +254,7 @@ class StreamReader:
             if not self._current(generation):
                 return
             self.last_error = error
-            self._mark_down(time.monotonic())
+            self._mark_down(self._clock.monotonic())
             self._breaker.record_failure()
             self.state = (
                 StreamState.RECONNECTING if self._breaker.allow() else StreamState.CIRCUIT_OPEN
@@ -237,7 +263,7 @@ class StreamReader:
             self._wait(self._backoff.next_delay_s())
 
     def _deliver(self, captured: CapturedFrame) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if self.state is not StreamState.CONNECTED:
             self.state = StreamState.CONNECTED
             self._breaker.record_success()
@@ -261,7 +287,7 @@ class StreamReader:
             mailboxes = list(self._mailboxes.values())
         for mailbox in mailboxes:
             while self._current(generation) and not mailbox.wait_taken(0.5):
-                self._last_frame_mono = time.monotonic()  # waiting is not a stall
+                self._last_frame_mono = self._clock.monotonic()  # waiting is not a stall
 
     def _wants_keyframes_only(self) -> bool:
         """Polled by the source after each frame; re-judges demand once per window.
@@ -271,7 +297,7 @@ class StreamReader:
         every key frame it was given (none superseded), i.e. it could use more."""
         if not self.policy.adaptive_decode or self.spec.lossless:
             return False
-        now = time.monotonic()
+        now = self._clock.monotonic()
         window = now - self._demand_since
         if window < self.policy.decode_window_s:
             return self.keyframes_only
@@ -323,7 +349,7 @@ class StreamReader:
             "fps_in": round(self.fps(), 2),
             "frames_read": self.frames_read,
             "last_frame_age_s": (
-                round(time.time() - latest.captured_at, 3) if latest is not None else None
+                round(self._clock.time() - latest.captured_at, 3) if latest is not None else None
             ),
             "reconnects": self.reconnects,
             "watchdog_restarts": self.watchdog_restarts,

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from graph.events.hub import EventFilter
+from graph.events.ring import EventFilter
 
 logger = logging.getLogger("ray.serve")
 LATEST = 2**62  # a cursor above any id: the hub answers at once with its last id

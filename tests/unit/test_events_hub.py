@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from graph.events.fanout import LATEST, EventFanout, sse_frame
-from graph.events.hub import EventFilter, EventHubService, EventLog
+from graph.events.hub import EventHubService
 from graph.events.model import HubPublisher, StreamEvent, TrackedDetection, hub_event
+from graph.events.ring import EventFilter, EventLog
 
 
 def sub_event(sub: str, kind: str = "detection", n: int = 0) -> dict[str, Any]:
@@ -436,7 +437,7 @@ def test_a_restarted_hub_numbers_above_the_old_one_and_a_resume_is_told_of_the_g
     """Given a client that saw event N of a hub that then restarted, when it resumes with
     Last-Event-ID N, then it is told events were lost and gets every event of the new hub
     (with 1-based numbering a new hub's first N events were skipped silently)."""
-    from graph.events.hub import restart_safe_first_id
+    from graph.events.ring import restart_safe_first_id
 
     async def main() -> list[dict[str, Any]]:
         old = EventLog(first_id=restart_safe_first_id(1_800_000_000.0))
@@ -460,7 +461,7 @@ def test_a_restarted_hub_numbers_above_the_old_one_and_a_resume_is_told_of_the_g
 
 def test_a_resume_from_this_hubs_own_start_is_not_told_of_a_restart() -> None:
     """Last-Event-ID equal to the hub's start (the client saw it empty) loses nothing."""
-    from graph.events.hub import restart_safe_first_id
+    from graph.events.ring import restart_safe_first_id
 
     async def main() -> list[dict[str, Any]]:
         hub = LogReader(EventLog(first_id=restart_safe_first_id(1_800_000_000.0)))

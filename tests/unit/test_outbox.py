@@ -9,7 +9,7 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ import pytest
 import redis
 
 from deployments.delivery.outbox import (
+    TABLE,
+    DeliveryReport,
     OutboxEntry,
     OutboxUnavailable,
     PostgresOutbox,
@@ -66,11 +68,38 @@ def upsert(table: str, key: str, **fields: str | None) -> dict[str, Any]:
     return {"type": "upsert", "table": table, "object_key": key, "fields": fields}
 
 
-def rows(schema: str, table: str) -> list[dict[str, Any]]:
+def rows(schema: str, table: str, order_by: str = "camgraph_key") -> list[dict[str, Any]]:
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        cur = conn.execute(f'SELECT * FROM "{schema}"."{table}" ORDER BY camgraph_key')
+        cur = conn.execute(f'SELECT * FROM "{schema}"."{table}" ORDER BY "{order_by}"')
         names = [d.name for d in cur.description or []]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def make_due(outbox: SqliteOutbox) -> None:
+    """Every undelivered entry due now: a test skips the backoff waits, not the rounds."""
+    with outbox._lock:
+        outbox._db.execute(f"UPDATE {TABLE} SET next_at = 0 WHERE delivered_at IS NULL")
+
+
+async def deliver_until_drained(
+    outbox: SqliteOutbox,
+    sinks: dict[str, Any],
+    *,
+    max_rounds: int,
+    after_round: Callable[[DeliveryReport], None] | None = None,
+    **options: Any,
+) -> list[DeliveryReport]:
+    """Delivery rounds (each with every entry due) until the outbox holds nothing left to
+    deliver (delivered or dead); fails the test if that takes more than `max_rounds`."""
+    reports: list[DeliveryReport] = []
+    while (depth := (await outbox.stats())["depth"]) > 0:
+        if len(reports) == max_rounds:
+            pytest.fail(f"{depth} entries still undelivered after {max_rounds} rounds")
+        make_due(outbox)
+        reports.append(await deliver(outbox, sinks, **options))
+        if after_round is not None:
+            after_round(reports[-1])
+    return reports
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgres"])
@@ -227,9 +256,19 @@ def test_local_store_applies_the_same_operations(tmp_path: Path) -> None:
 
 
 def test_delivery_retries_a_sink_that_is_down_without_losing_or_duplicating(
-    tmp_path: Path, schema: str
+    tmp_path: Path, schema: str, prefix: str
 ) -> None:
-    async def run() -> None:
+    """Given 5 records and 3 messages, Redis down in the first round, and then a replica
+    that applies the 3 messages but dies before marking them done: when delivery goes on
+    until the outbox is drained, every record and message is there exactly once."""
+    channel = f"{prefix}events"
+    client = redis.Redis.from_url(REDIS_URL)
+    pubsub = client.pubsub()
+    pubsub.subscribe(channel)
+    pubsub.get_message(timeout=1)  # the subscribe confirmation
+    messages = [f"{prefix}m{i}" for i in range(3)]
+
+    async def run() -> tuple[list[DeliveryReport], dict[str, Any]]:
         outbox = SqliteOutbox(tmp_path / "o.sqlite")
         p = pool()
         await p.open()
@@ -238,18 +277,37 @@ def test_delivery_retries_a_sink_that_is_down_without_losing_or_duplicating(
         entries = [
             OutboxEntry(f"r{i}", "postgres", upsert("t", f"o{i}", v=str(i))) for i in range(5)
         ] + [
-            OutboxEntry(f"m{i}", "redis", {"type": "redis_publish", "channel": "c", "message": "m"})
-            for i in range(3)
+            OutboxEntry(key, "redis", {"type": "redis_publish", "channel": channel, "message": key})
+            for key in messages
         ]
         await outbox.add(entries)
         report = await deliver(outbox, {"postgres": good, "redis": down})
         # One connection attempt for the whole round, the other redis entries put back.
         assert report.delivered == 5 and report.retried == 3 and report.unavailable == {"redis"}
         assert (await outbox.stats())["depth"] == 3
+        up = RedisSink(REDIS_URL)
+        make_due(outbox)
+        crashed = await outbox.claim(10, lease_s=0)  # its lease ends at once
+        assert [c.entry.key for c in crashed] == messages
+        for item in crashed:
+            await up.apply(item.entry)
+        reports = await deliver_until_drained(outbox, {"postgres": good, "redis": up}, max_rounds=3)
+        stats = await outbox.stats()
+        await up.close()
         await p.close()
+        return reports, stats
 
-    asyncio.run(run())
-    assert len(rows(schema, "t")) == 5
+    reports, stats = asyncio.run(run())
+    assert [r.delivered for r in reports] == [3]  # delivered again: no effect
+    assert (stats["depth"], stats["dead"]) == (0, 0)
+    assert [(r["camgraph_key"], r["v"]) for r in rows(schema, "t")] == [
+        (f"o{i}", str(i)) for i in range(5)
+    ]
+    received = []
+    while (msg := pubsub.get_message(timeout=0.5)) is not None:
+        received.append(msg["data"].decode())
+    assert received == messages  # each once, in order, though applied twice
+    assert client.exists(*(f"camgraph:published:{key}" for key in messages)) == 3
 
 
 def test_a_silent_connection_is_an_outage_after_the_timeout_not_a_hang(
@@ -365,12 +423,14 @@ def test_the_last_delivered_entries_are_listed_newest_first_without_images(
 
 
 class _FlakySink:
-    """A sink outside the test's scope: down for `down` calls, then rejects once."""
+    """A sink outside the test's scope: down for `down` calls, then rejects once; keeps
+    the key of every entry it took, in order."""
 
     name = "postgres"
 
     def __init__(self, down: int) -> None:
         self.down, self.calls = down, 0
+        self.applied: list[str] = []
 
     async def apply(self, entry: OutboxEntry) -> None:
         self.calls += 1
@@ -378,35 +438,43 @@ class _FlakySink:
             raise SinkUnavailable("connection refused")
         if self.calls == self.down + 1:
             raise SinkRejected("READONLY You can't write against a read only replica")
+        self.applied.append(entry.key)
 
 
 def test_rounds_with_the_sink_down_are_not_rejections(tmp_path: Path) -> None:
-    async def run() -> tuple[list[Any], dict[str, Any]]:
+    sink = _FlakySink(down=12)  # 12 rounds of outage, then one rejection
+
+    async def run() -> tuple[list[DeliveryReport], list[list[float]], dict[str, Any]]:
         outbox = SqliteOutbox(tmp_path / "o.sqlite")
         await outbox.add([OutboxEntry(f"k{i}", "postgres", {"n": i}) for i in range(3)])
-        sink = _FlakySink(down=12)  # 12 rounds of outage, then one rejection
         down_rounds: dict[str, int] = {}
         delays = []
-        for _ in range(14):
-            outbox._db.execute("UPDATE camgraph_outbox SET next_at = 0")  # due now
-            report = await deliver(
-                outbox, {"postgres": sink}, max_attempts=2, down_rounds=down_rounds
-            )
+
+        def after_round(report: DeliveryReport) -> None:
             if report.unavailable:
                 down_rounds["postgres"] = down_rounds.get("postgres", 0) + 1
-                rows = outbox._db.execute(
-                    "SELECT next_at FROM camgraph_outbox ORDER BY id"
-                ).fetchall()
+                rows = outbox._db.execute(f"SELECT next_at FROM {TABLE} ORDER BY id").fetchall()
                 delays.append([r[0] for r in rows])
-        stats = await outbox.stats()
-        return delays, stats
 
-    delays, stats = asyncio.run(run())
+        reports = await deliver_until_drained(
+            outbox,
+            {"postgres": sink},
+            max_rounds=20,
+            after_round=after_round,
+            max_attempts=2,
+            down_rounds=down_rounds,
+        )
+        return reports, delays, await outbox.stats()
+
+    reports, delays, stats = asyncio.run(run())
+    # 12 rounds down; then k0 rejected once (k1, k2 taken); then k0 taken.
+    assert [r.delivered for r in reports] == [0] * 12 + [2, 1]
     assert len(delays) == 12
     for next_at in delays:  # all of a down sink's entries come due in their order
         assert next_at == sorted(next_at) and next_at[-1] - next_at[0] < 0.5
     # One rejection after 12 rounds of outage (max_attempts 2): nothing is dead.
     assert stats["dead"] == 0 and stats["depth"] == 0
+    assert sink.applied == ["k1", "k2", "k0"]  # each entry exactly once
 
 
 def test_an_older_revision_delivered_late_never_overwrites_a_newer_one(
@@ -437,18 +505,28 @@ def test_an_older_revision_delivered_late_never_overwrites_a_newer_one(
             await spill.add(revisions(0, None, b"first crop"))
             await primary.add(revisions(1, "AB123CD", b"better crop"))
             for outbox in (primary, spill):  # the newer first, the older late
-                report = await deliver(outbox, sinks)  # type: ignore[arg-type]
-                assert report.delivered == 2  # the late one is a no-op, not an error
+                reports = await deliver_until_drained(outbox, sinks, max_rounds=3)
+                # In one round, the late one a no-op, not an error.
+                assert [r.delivered for r in reports] == [2]
         await real["redis"].close()  # type: ignore[attr-defined]
         await p.close()
 
     asyncio.run(run())
-    assert [r["plate"] for r in rows(schema, "cars")] == ["AB123CD"]
+    record_slot, image_slot = f"{prefix}obj-7:1", f"{prefix}obj-7:0"
+    assert [(r["camgraph_key"], r["plate"]) for r in rows(schema, "cars")] == [("obj-7", "AB123CD")]
+    assert [(r["slot"], r["seq"]) for r in rows(schema, "camgraph_revisions", "slot")] == [
+        (record_slot, 1)
+    ]
     client = redis.Redis.from_url(REDIS_URL)
     assert client.get(image_key) == b"better crop"
+    assert client.get(f"camgraph:revision:{image_slot}") == b"1"
     local = LocalStoreSink(tmp_path / "local", "local")
-    assert [r["plate"] for r in local.rows("cars")] == ["AB123CD"]
+    assert [(r["camgraph_key"], r["plate"]) for r in local.rows("cars")] == [("obj-7", "AB123CD")]
     assert local.image_path(image_key).read_bytes() == b"better crop"
+    assert sorted((r["slot"], r["seq"]) for r in local.rows("camgraph_revisions")) == [
+        (image_slot, 1),
+        (record_slot, 1),
+    ]
 
 
 def test_a_new_object_writing_the_same_image_key_is_not_held_back_by_an_old_revision(

@@ -6,7 +6,9 @@ import threading
 import numpy as np
 import pytest
 
+from stream_actors.clock import ManualClock
 from stream_actors.mailbox import DropReason, LatestFrameMailbox
+from stream_actors.meter import RateMeter
 from stream_actors.reconnect import Backoff, BreakerState, CircuitBreaker, TokenBucket
 from stream_actors.stability import Observation, StabilityRules, StabilityValidator
 
@@ -36,11 +38,33 @@ def test_mailbox_keeps_only_the_newest_and_counts_every_superseded_frame() -> No
 
 
 def test_mailbox_drops_frames_older_than_the_limit() -> None:
-    box = LatestFrameMailbox(max_age_s=0.0)
+    clock = ManualClock()
+    box = LatestFrameMailbox(max_age_s=0.5, clock=clock)
     box.put(IMG)
-    threading.Event().wait(0.01)
+    clock.advance(0.5)
+    frame = box.take()  # exactly as old as the limit: still fresh
+    assert frame is not None and frame.captured_mono == 0.0
+    assert frame.captured_at == clock.time() - 0.5  # stamped by the same clock
+    box.put(IMG)
+    clock.advance(0.625)
     assert box.take() is None
-    assert box.stats()["drops"]["too_old"] == 1
+    stats = box.stats()
+    assert stats["drops"]["too_old"] == 1 and stats["delivered"] == 1
+
+
+def test_the_rate_meter_counts_its_window_and_its_own_age_on_its_clock() -> None:
+    clock = ManualClock()
+    meter = RateMeter(clock=clock)
+    for _ in range(4):
+        clock.advance(0.25)
+        meter.mark()
+    assert meter.rate(5.0) == 4.0  # 4 events in its first second: not 4 in 5 s
+    clock.advance(4.0)
+    assert meter.rate(5.0) == 0.8
+    clock.advance(0.5)
+    assert meter.rate(5.0) == 0.6  # the mark at 0.25 s left the window
+    meter.mark(now=1.0)  # an event stamped by its caller
+    assert meter.rate(5.0) == 0.8
 
 
 def test_mailbox_take_wakes_when_a_frame_arrives_from_another_thread() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +17,11 @@ from demo.datasets import HELD_OUT_SEED_START, write_clip
 from demo.metrics import id_switches
 from deployments.inference.engines import EngineOptions, load_engine
 from graph.common.detection import DetectRequest, DetectResult
+from graph.common.errors import DetectorBusy
+from graph.common.redaction import redact
 from graph.config import PROJECT_ROOT
 from graph.events.model import RingBufferSink, StreamEvent
-from stream_actors.actors import redact
+from stream_actors.clock import SYSTEM_CLOCK, Clock, ManualClock
 from stream_actors.mailbox import LatestFrameMailbox
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.reader import ReaderPolicy, StreamReader, StreamState
@@ -154,11 +157,12 @@ def test_passwords_are_masked_in_urls() -> None:
 # ---- the reader thread ---------------------------------------------------------------
 class ScriptedSource:
     """A source factory whose connections follow a script: "fail", an int (that many
-    frames, then the stream ends with an error) or "hang" (blocks until released)."""
+    frames, then the stream ends with an error) or "hang" (one frame, then blocks until
+    that connection's event in `hangs` is set). Frames are stamped by `clock`."""
 
-    def __init__(self, script: list[object]) -> None:
-        self.script, self.opens = list(script), 0
-        self.release = threading.Event()
+    def __init__(self, script: list[object], clock: Clock = SYSTEM_CLOCK) -> None:
+        self.script, self.opens, self.clock = list(script), 0, clock
+        self.hangs: list[threading.Event] = []  # one per "hang" connection, in order
 
     def __call__(
         self, spec: StreamSpec, policy: ReaderPolicy, keyframes_only: object = None
@@ -167,24 +171,33 @@ class ScriptedSource:
         step = self.script.pop(0) if self.script else "fail"
         if step == "fail":
             raise SourceConnectionError(spec.url, "refused")
+        if step == "hang":
+            self.hangs.append(threading.Event())
+            return self._hang(self.hangs[-1])
+        assert isinstance(step, int)
         return self._frames(step)
 
-    def _frames(self, step: object) -> Iterator[CapturedFrame]:
-        image = np.zeros((8, 8, 3), np.uint8)
-        if step == "hang":
-            yield CapturedFrame(image, time.time())
-            self.release.wait(30)
-            return
-        assert isinstance(step, int)
-        for _ in range(step):
-            yield CapturedFrame(image, time.time())
-            time.sleep(0.01)
+    def _hang(self, release: threading.Event) -> Iterator[CapturedFrame]:
+        yield CapturedFrame(np.zeros((8, 8, 3), np.uint8), self.clock.time())
+        release.wait(30)
+
+    def _frames(self, count: int) -> Iterator[CapturedFrame]:
+        for _ in range(count):
+            yield CapturedFrame(np.zeros((8, 8, 3), np.uint8), self.clock.time())
         raise SourceConnectionError("x", "stream ended")
 
 
+class NoJitter(random.Random):
+    """Backoff without jitter: every delay is its ceiling, base × 2**attempt."""
+
+    def random(self) -> float:
+        return 0.0
+
+
 SPEC = StreamSpec(key="k", kind="rtsp", url="rtsp://h/x")
-FAST = ReaderPolicy(
-    backoff_base_s=0.01, backoff_cap_s=0.05, breaker_failures=3, breaker_open_s=0.3, watchdog_s=0.2
+# Binary fractions only: the manual clock adds them up exactly.
+STEPPED = ReaderPolicy(
+    backoff_base_s=0.5, backoff_cap_s=2.0, breaker_failures=3, breaker_open_s=8.0, watchdog_s=4.0
 )
 
 
@@ -198,51 +211,103 @@ def wait_for(predicate: object, timeout_s: float = 10) -> None:
 
 
 def test_failures_reconnect_with_backoff_and_frames_reach_every_mailbox() -> None:
-    source = ScriptedSource(["fail", 5, "fail", "hang"])
-    reader = StreamReader(SPEC, FAST, source_factory=source)
-    a, b = LatestFrameMailbox(), LatestFrameMailbox()
+    """Given a camera that refuses, streams 5 frames, refuses again, then streams: each
+    failure waits out its backoff (reset by the frames), and every frame reaches both
+    subscribers."""
+    clock = ManualClock()
+    source = ScriptedSource(["fail", 5, "fail", "hang"], clock)
+    reader = StreamReader(SPEC, STEPPED, source_factory=source, clock=clock, rng=NoJitter())
+    a, b = LatestFrameMailbox(clock=clock), LatestFrameMailbox(clock=clock)
     reader.attach("a", a)
     reader.attach("b", b)
     reader.start()
-    wait_for(lambda: reader.frames_read >= 6)
-    assert reader.state is StreamState.CONNECTED
-    reader.stop()
-    source.release.set()
+    try:
+        clock.run_until(1.0)
+        # Refused at 0 s; 5 frames at 0.5 s, then the end; refused again at 1 s.
+        assert (source.opens, reader.frames_read, reader.reconnects) == (3, 5, 2)
+        assert clock.sleeps == [0.5, 0.5, 1.0]  # 0.5 s, reset by the frames: 0.5, 1 s
+        assert reader.state is StreamState.RECONNECTING
+        clock.advance(1.0)
+        wait_for(lambda: reader.frames_read == 6)
+        assert reader.state is StreamState.CONNECTED and reader.reconnects == 3
+        assert a.received == b.received == 6
+        assert list(reader.outages_s) == [0.5, 1.5]  # down 0 → 0.5 s and 0.5 → 2 s
+        assert "refused" in (reader.last_error or "")
+        status = reader.status()
+        assert status["fps_in"] == 3.0 and status["last_frame_age_s"] == 0.0  # 6 in 2 s
+        clock.advance(0.25)
+        assert reader.status()["last_frame_age_s"] == 0.25
+    finally:
+        reader.stop()
+        for hang in source.hangs:
+            hang.set()
     assert reader.join(2)
-    assert a.received == b.received == 6
-    assert reader.reconnects == 3 and len(reader.outages_s) == 2
-    assert "refused" in (reader.last_error or "")
 
 
 def test_the_circuit_opens_after_repeated_failures_and_the_budget_is_asked() -> None:
-    asked: list[int] = []
+    """Given a camera that always refuses (3 failures open the circuit for 8 s): no
+    attempt while it is open, one trial when it ends, and every reconnect (not the
+    first attempt) asks the cluster-wide budget."""
+    clock = ManualClock()
+    asked: list[float] = []
+
+    def acquire() -> float:
+        asked.append(clock.monotonic())
+        return 0.0
+
     reader = StreamReader(
         SPEC,
-        FAST,
-        acquire_reconnect=lambda: asked.append(1) or 0.0,
-        source_factory=ScriptedSource([]),
+        STEPPED,
+        acquire_reconnect=acquire,
+        source_factory=ScriptedSource([], clock),
+        clock=clock,
+        rng=NoJitter(),
     )
     reader.start()
-    wait_for(lambda: reader.state is StreamState.CIRCUIT_OPEN)
-    assert reader.status()["consecutive_failures"] == 3
-    wait_for(lambda: reader.status()["consecutive_failures"] >= 4)  # one trial after cool-down
-    reader.stop()
+    try:
+        clock.run_until(1.5)  # failures at 0, 0.5 and 1.5 s: the third opens it
+        status = reader.status()
+        assert reader.state is StreamState.CIRCUIT_OPEN and status["circuit"] == "open"
+        assert status["consecutive_failures"] == 3
+        clock.run_until(9.0)  # still open (until 1.5 + 8 s): nothing tried
+        assert reader.status()["consecutive_failures"] == 3 and reader.reconnects == 2
+        clock.run_until(9.5)  # the cool-down is over: one trial, which fails
+        status = reader.status()
+        assert status["consecutive_failures"] == 4 and status["circuit"] == "open"
+        assert asked == [0.5, 1.5, 9.5] and reader.reconnects == 3
+        # Backoff 0.5, 1, 2 s; while open, a look every second (capped at the time left);
+        # after the failed trial the backoff goes on at its cap.
+        assert clock.sleeps == [0.5, 1.0, 2.0, *[1.0] * 6, 2.0]
+    finally:
+        reader.stop()
     assert reader.join(2)
-    assert len(asked) == reader.reconnects >= 3  # every reconnect asked the global budget
 
 
 def test_the_watchdog_replaces_a_frozen_reader_and_the_stuck_thread_exits() -> None:
-    source = ScriptedSource(["hang", 1000])
-    reader = StreamReader(SPEC, FAST, source_factory=source)
+    clock = ManualClock()
+    source = ScriptedSource(["hang", "hang"], clock)
+    reader = StreamReader(SPEC, STEPPED, source_factory=source, clock=clock)
     reader.start()
-    wait_for(lambda: reader.state is StreamState.CONNECTED)
-    wait_for(lambda: reader.check_watchdog())
-    assert reader.threads_alive() == 2  # the stuck one and its replacement
-    wait_for(lambda: reader.frames_read > 20)
-    source.release.set()  # the frozen read finally returns: that thread must exit
-    wait_for(lambda: reader.threads_alive() == 1)
-    assert reader.watchdog_restarts == 1 and reader.state is StreamState.CONNECTED
-    reader.stop()
+    try:
+        wait_for(lambda: reader.frames_read == 1)
+        assert reader.state is StreamState.CONNECTED
+        clock.advance(4.0)
+        assert not reader.check_watchdog()  # silent for exactly watchdog_s: not yet
+        clock.advance(0.5)
+        assert reader.check_watchdog()
+        assert reader.last_error == "no frame for 4.5s (watchdog)"
+        wait_for(lambda: reader.frames_read == 2)  # the replacement connected
+        assert reader.threads_alive() == 2  # the stuck one and its replacement
+        assert list(reader.outages_s) == [0.0]  # it connected at once
+        source.hangs[0].set()  # the frozen read finally returns: that thread must exit
+        wait_for(lambda: reader.threads_alive() == 1)
+        assert reader.watchdog_restarts == 1 and reader.state is StreamState.CONNECTED
+        assert reader.frames_read == 2 and source.opens == 2
+        assert not reader.check_watchdog()
+    finally:
+        reader.stop()
+        for hang in source.hangs:
+            hang.set()
     assert reader.join(2)
 
 
@@ -338,60 +403,87 @@ def test_the_ring_buffer_keeps_the_newest_events_with_increasing_ids() -> None:
 
 
 def test_decoding_drops_to_key_frames_while_nobody_needs_more(tmp_path: Path) -> None:
-    """Given a 10 fps file with a key frame every second, when its only subscriber takes
-    nothing, the reader decodes key frames only; once the subscriber takes every frame
-    it gets again, all frames are decoded."""
+    """Given a 10 fps file (3 s, looped) with a key frame every second, played on a
+    manual clock: when its only subscriber takes nothing, the reader decodes key frames
+    only; once the subscriber takes every frame it gets again, all frames are decoded."""
     clip = write_clip(HELD_OUT_SEED_START + 1, 30, tmp_path / "k.mp4", fps=10, scale=0.25)
     spec = StreamSpec(key="k", kind="file", url=str(clip), loop=True)
-    reader = StreamReader(spec, ReaderPolicy(decode_window_s=1.0))
-    mailbox = LatestFrameMailbox()
+    clock = ManualClock()
+    reader = StreamReader(spec, ReaderPolicy(decode_window_s=1.0), clock=clock)
+    mailbox = LatestFrameMailbox(clock=clock)
     reader.attach("s", mailbox)
+
+    def reads_per_second(seconds: int) -> list[int]:
+        counts = []
+        for _ in range(seconds):
+            before = reader.frames_read
+            clock.run_until(clock.monotonic() + 1.0)
+            counts.append(reader.frames_read - before)
+        return counts
+
     reader.start()
     try:
-        wait_for(lambda: reader.keyframes_only, 10)
-        before, t0 = reader.frames_read, time.monotonic()
-        time.sleep(2.0)
-        keyframe_rate = (reader.frames_read - before) / (time.monotonic() - t0)
-        assert keyframe_rate <= 2.0  # about one a second instead of ten
-
-        def take_all() -> None:
-            while reader.keyframes_only:
-                mailbox.take(0.5)
-
-        taker = threading.Thread(target=take_all)
-        taker.start()
-        wait_for(lambda: not reader.keyframes_only, 10)
-        taker.join(2)
-        before, t0 = reader.frames_read, time.monotonic()
-        time.sleep(1.0)
-        assert (reader.frames_read - before) / (time.monotonic() - t0) >= 5
-        assert reader.decode_switches == 2
+        clock.run_until(1.95)
+        assert reader.frames_read == 20 and reader.fps(1.0) == 10.0
+        assert not reader.keyframes_only
+        clock.run_until(2.0)  # the second window in a row with nothing taken
+        assert reader.keyframes_only and reader.decode_switches == 1
+        clock.run_until(2.5)
+        # One key frame a second, and the clip's first frame (a key frame) where it loops
+        # at once: the skipped rest of the clip is not waited for.
+        assert reads_per_second(4) == [1, 2, 1, 2]
+        taken = []
+        for _ in range(3):  # from 6.5 s the subscriber takes every frame it is given
+            if (frame := mailbox.take()) is not None:
+                taken.append(frame.seq)
+            clock.run_until(clock.monotonic() + 0.5)
+            assert reader.keyframes_only == (clock.monotonic() < 8.0)
+        # Frame 27 was superseded by 28 (the loop's first, at the same instant); in the
+        # window to 8 s every frame given was taken: all frames again.
+        assert taken == [28, 29] and reader.decode_switches == 2
+        clock.run_until(9.95)
+        assert reader.fps(1.0) == 10.0 and reader.decode_switches == 2
     finally:
         reader.stop()
-        assert reader.join(5)
+        clock.advance(60.0)  # wakes the paced read, which then sees the stop
+    assert reader.join(5)
 
 
 def test_a_spent_reconnect_budget_holds_reconnects_back() -> None:
-    """Given the cluster-wide token bucket allowing 5 reconnects/s (burst 1), a camera
-    that fails instantly makes no more than about 5 attempts per second."""
+    """Given the cluster-wide token bucket allowing 4 reconnects/s (burst 1), a camera
+    that fails instantly reconnects exactly 8 times in 2 s: the burst, then one each
+    time a token comes (every 0.25 s), not hundreds."""
     from stream_actors.reconnect import TokenBucket
 
-    bucket = TokenBucket(rate_per_s=5, burst=1)
-    lock = threading.Lock()
+    clock = ManualClock()
+    bucket = TokenBucket(rate_per_s=4, burst=1, clock=clock.monotonic)
+    granted: list[float] = []
 
     def acquire() -> float:
-        with lock:
-            return bucket.try_acquire()
+        wait_s = bucket.try_acquire()
+        if wait_s == 0.0:
+            granted.append(clock.monotonic())
+        return wait_s
 
-    policy = ReaderPolicy(backoff_base_s=0.001, backoff_cap_s=0.001, breaker_failures=1000)
+    policy = ReaderPolicy(backoff_base_s=1 / 64, backoff_cap_s=1 / 64, breaker_failures=1000)
     reader = StreamReader(
-        SPEC, policy, acquire_reconnect=acquire, source_factory=ScriptedSource([])
+        SPEC,
+        policy,
+        acquire_reconnect=acquire,
+        source_factory=ScriptedSource([], clock),
+        clock=clock,
+        rng=NoJitter(),
     )
     reader.start()
-    time.sleep(2.0)
-    reader.stop()
+    try:
+        clock.run_until(2.0)
+        assert reader.reconnects == 8
+        assert granted == [(1 + 16 * k) / 64 for k in range(8)]
+        # After each failure the backoff (1/64 s), then the wait for the next token.
+        assert clock.sleeps == [1 / 64, *[1 / 64, 15 / 64] * 8]
+    finally:
+        reader.stop()
     assert reader.join(2)
-    assert 5 <= reader.reconnects <= 13  # ~5/s over 2 s, plus the burst; not hundreds
 
 
 def test_a_lossless_file_replay_hands_over_every_frame_to_a_slow_consumer(
@@ -455,3 +547,42 @@ def test_a_detector_call_that_never_returns_frees_the_slot_after_its_timeout() -
     assert status["drops"]["detector_error"] == 1  # type: ignore[index]
     assert status["processed"] == 1
     assert status["last_error"] is None  # cleared by the frame that went through
+
+
+def test_a_busy_detector_drops_the_frame_as_back_pressure_not_as_an_error() -> None:
+    """Given a detector that refuses the first frame (its queue full), that frame is
+    counted a back-pressure drop with no error and no pause, and the next one is
+    processed."""
+    calls = 0
+
+    async def detect(model_id: str, request: DetectRequest) -> DetectResult:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise DetectorBusy(model_id, "num_queued_requests=4, max_queued_requests=4")
+        return DetectResult(np.zeros((0, 6), np.float32), {0: "vehicle"})
+
+    async def run() -> dict[str, object]:
+        settings = ProcessingSettings(error_pause_s=30)  # after an error: no frame for 30 s
+        processor = SubscriptionProcessor(
+            sub("d;c"), "demo", 64, detect, RingBufferSink(100), settings
+        )
+        processor.start()
+        image = np.zeros((48, 64, 3), np.uint8)
+        processor.mailbox.put(image, 1e9)
+        for _ in range(200):
+            if processor.status()["drops"]["back_pressure"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        processor.mailbox.put(image, 1e9 + 1)
+        for _ in range(200):
+            if processor.processed == 1:
+                break
+            await asyncio.sleep(0.01)
+        await processor.stop()
+        return processor.status()
+
+    status = asyncio.run(run())
+    assert status["drops"]["back_pressure"] == 1  # type: ignore[index]
+    assert status["drops"]["detector_error"] == 0  # type: ignore[index]
+    assert status["processed"] == 1 and status["last_error"] is None
