@@ -13,6 +13,7 @@ from graph.common.names import ACTIONS, INGRESS, classifier_name, detector_name
 from graph.common.schemas import BranchModelSpec, ModelSpec
 from graph.config import AppConfig, PipelineRef
 from graph.pipeline.archive import LoadedArchive, load_archive
+from graph.wiring import IngressConfig, PipelineWiring
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
     Archives are loaded (checked, extracted to the cache) here, before anything binds."""
     models = config.resolved_models()
     branch_specs: list[BranchModelSpec] = []
-    pipelines: dict[str, Any] = {}
+    pipelines: dict[str, PipelineWiring] = {}
     for ref in config.pipelines:
         source = ref.archive
         if "://" not in source:
@@ -71,11 +72,12 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
             )
         models.append(detector)
         branch_specs += branches
-        pipelines[detector.id] = {
-            "pipeline": loaded.pipeline.model_dump(mode="json", exclude_none=True),
-            "version": loaded.pipeline.version or loaded.sha256[:12],
-            "classifiers": {b.id: classifier_name(b.id) for b in branches},
-        }
+        pipelines[detector.id] = PipelineWiring(
+            pipeline=loaded.pipeline,
+            version=loaded.pipeline.version or loaded.sha256[:12],
+            classifiers={b.id: classifier_name(b.id) for b in branches},
+            actions=ACTIONS,
+        )
     ids = [m.id for m in models] + [b.id for b in branch_specs]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
@@ -104,17 +106,16 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
         actions = deployments.actions.options(name=ACTIONS).bind(
             config.actions.model_dump(mode="json"), str(config.base_dir)
         )
-    return deployments.ingress.options(name=INGRESS).bind(
-        detectors,
-        {m.id: m.imgsz for m in models},
-        config.resolved_ingress().model_dump(mode="json"),
-        config.resolved_streams().model_dump(mode="json"),
-        pipelines,
-        classifiers,
-        actions,
-        config.events.model_dump(mode="json"),
-        config.jobs.resolved(config.base_dir).model_dump(mode="json"),
+    ingress = IngressConfig(
+        detectors={m.id: detector_name(m.id) for m in models},
+        model_sizes={m.id: m.imgsz for m in models},
+        settings=config.resolved_ingress(),
+        streams=config.resolved_streams(),
+        events=config.events,
+        jobs=config.jobs.resolved(config.base_dir),
+        pipelines=pipelines,
     )
+    return deployments.ingress.options(name=INGRESS).bind(ingress, detectors, classifiers, actions)
 
 
 def build_app(args: dict[str, Any]) -> Application:

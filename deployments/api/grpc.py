@@ -5,44 +5,45 @@ method of that name on the ingress deployment of the application named by the ca
 `("application", ...)` metadata. A method with a `grpc_context` parameter receives a
 `RayServegRPCContext`: the client's metadata, and the code and details to answer with.
 
-Errors: a unary call sets the code and details and returns an empty reply (the proxy copies
-the context's code onto the call, so the client gets the error and no message); a streaming
-call sets them and raises, because the context only travels with a yielded message or an
-exception.
+The Ingress keeps `Detect` and `StreamEvents` as its own methods (the proxy finds them by
+name) and delegates to `GrpcApi`, which gets what it uses in a `GrpcDeps`.
+
+Errors: codes come from the one table in `deployments.api.errors`. A unary call sets the
+code and details and returns an empty reply (the proxy copies the context's code onto the
+call, so the client gets the error and no message); a streaming call sets them and
+raises, because the context only travels with a yielded message or an exception.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import grpc
 from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext
 
 from deployments.api.auth import bearer, token_ok
-from graph.common.errors import UnknownModelError
-from graph.common.schemas import DetectConfig
+from deployments.api.detect import Detectors
+from deployments.api.errors import (
+    ApiError,
+    BadRequest,
+    InvalidFields,
+    PayloadTooLarge,
+    Unauthenticated,
+    grpc_status,
+)
+from deployments.api.events import follow_events
+from graph.common.schemas import DetectConfig, IngressSettings
+from graph.events.fanout import EventFanout
 from protos import camgraph_pb2 as pb
-
-if TYPE_CHECKING:
-    from graph.common.schemas import IngressSettings
 
 logger = logging.getLogger("ray.serve")
 
 MAX_DETAILS = 1000  # status details travel in HTTP/2 trailers: keep them short
-
-# DetectFailure's HTTP status → gRPC code.
-STATUS_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 
 EVENT_FIELDS = ("camera_id", "subscription_id", "display_id", "model_id", "session_id", "job_id")
 
@@ -56,9 +57,12 @@ def set_status(grpc_context: RayServegRPCContext, code: grpc.StatusCode, details
     grpc_context.set_details(details[:MAX_DETAILS])
 
 
-def abort(grpc_context: RayServegRPCContext, code: grpc.StatusCode, details: str) -> NoReturn:
-    set_status(grpc_context, code, details)
-    raise GrpcAbort(details[:MAX_DETAILS])
+def abort(grpc_context: RayServegRPCContext, exc: ApiError) -> NoReturn:
+    """End a streaming call with the table's code for `exc`."""
+    status = grpc_status(exc)
+    assert status is not None  # every ApiError has a row
+    set_status(grpc_context, *status)
+    raise GrpcAbort(status[1][:MAX_DETAILS])
 
 
 def metadata_value(grpc_context: RayServegRPCContext, key: str) -> str | None:
@@ -109,10 +113,8 @@ def detect_config(config: pb.DetectConfig) -> DetectConfig:
 
 
 def validation_details(exc: ValidationError) -> str:
-    errors = exc.errors(include_url=False, include_input=False)
-    return "; ".join(
-        "config." + ".".join(str(p) for p in e["loc"]) + f": {e['msg']}" for e in errors
-    )
+    """`config.<field>: <problem>; ...` of a DetectConfig that did not validate."""
+    return InvalidFields.of(exc, "config").message
 
 
 def detect_reply(model_id: str, detections: list[dict[str, Any]]) -> pb.DetectReply:
@@ -162,82 +164,76 @@ def event_filter(request: pb.EventFilter) -> dict[str, list[str] | None]:
     }
 
 
-class GrpcMethods:
-    """Mixed into the Ingress: `Detect` and `StreamEvents` of service camgraph.v1.Camgraph."""
+@dataclass(frozen=True)
+class GrpcDeps:
+    """What the gRPC methods use of their replica."""
 
-    _settings: IngressSettings
-    _auth_token: str | None  # None: authentication off
+    settings: IngressSettings  # max_upload_bytes, grpc_without_token
+    auth_token: str | None  # None: authentication off
+    detectors: Detectors
+    fanout: EventFanout
 
-    if TYPE_CHECKING:  # provided by the Ingress
 
-        def _resolve(self, model: str | None) -> str: ...
+class GrpcApi:
+    """`Detect` and `StreamEvents` of service camgraph.v1.Camgraph."""
 
-        async def _detect_bytes(
-            self, data: bytes, config: DetectConfig, model_id: str
-        ) -> list[dict[str, Any]]: ...
+    def __init__(self, deps: GrpcDeps) -> None:
+        self.deps = deps
 
-        def _follow_events(
-            self, flt: dict[str, Any], after_id: int | None, idle_s: float | None = None
-        ) -> AsyncIterator[dict[str, Any] | None]: ...
+    def _refusal(self, grpc_context: RayServegRPCContext, method: str) -> Unauthenticated | None:
+        settings = self.deps.settings
+        reason = auth_failure(grpc_context, self.deps.auth_token, settings.grpc_without_token)
+        if reason is None:
+            return None
+        logger.warning("gRPC %s refused: %s (peer %s)", method, reason, grpc_context.peer())
+        return Unauthenticated(reason)
 
-    def _grpc_auth_failure(self, grpc_context: RayServegRPCContext, method: str) -> str | None:
-        reason = auth_failure(grpc_context, self._auth_token, self._settings.grpc_without_token)
-        if reason is not None:
-            logger.warning("gRPC %s refused: %s (peer %s)", method, reason, grpc_context.peer())
-        return reason
-
-    async def Detect(
+    async def detect(
         self, request: pb.DetectRequest, grpc_context: RayServegRPCContext
     ) -> pb.DetectReply:
         """Objects in one encoded image; boxes in the image's own pixels."""
-        # Imported here: deployments.ingress imports this module.
-        from deployments.ingress import DetectFailure
-
-        reason = self._grpc_auth_failure(grpc_context, "Detect")
-        if reason is not None:
-            set_status(grpc_context, grpc.StatusCode.UNAUTHENTICATED, reason)
-            return pb.DetectReply()
         try:
-            model_id = self._resolve(request.model or None)
-        except UnknownModelError as exc:
-            set_status(grpc_context, grpc.StatusCode.NOT_FOUND, str(exc))
-            return pb.DetectReply()
-        limit = self._settings.max_upload_bytes
-        if not request.image:
-            set_status(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, "empty image")
-            return pb.DetectReply()
-        if len(request.image) > limit:
-            set_status(
-                grpc_context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"image of {len(request.image)} bytes, larger than the limit of {limit}",
-            )
-            return pb.DetectReply()
-        try:
-            config = detect_config(request.config)
-        except ValidationError as exc:
-            set_status(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, validation_details(exc))
-            return pb.DetectReply()
-        try:
-            detections = await self._detect_bytes(request.image, config, model_id)
-        except DetectFailure as exc:
-            code = STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL)
-            extra = ", ".join(f"{k}={v}" for k, v in exc.fields.items() if v is not None)
-            set_status(grpc_context, code, f"{exc.message} ({extra})" if extra else exc.message)
+            model_id, detections = await self._detect(request, grpc_context)
+        except Exception as exc:
+            status = grpc_status(exc)
+            if status is None:
+                raise
+            set_status(grpc_context, *status)
             return pb.DetectReply()
         return detect_reply(model_id, detections)
 
-    async def StreamEvents(
+    async def _detect(
+        self, request: pb.DetectRequest, grpc_context: RayServegRPCContext
+    ) -> tuple[str, list[dict[str, Any]]]:
+        refused = self._refusal(grpc_context, "Detect")
+        if refused is not None:
+            raise refused
+        detectors = self.deps.detectors
+        model_id = detectors.resolve(request.model or None)
+        limit = self.deps.settings.max_upload_bytes
+        if not request.image:
+            raise BadRequest("empty image")
+        if len(request.image) > limit:
+            raise PayloadTooLarge(
+                f"image of {len(request.image)} bytes, larger than the limit of {limit}"
+            )
+        try:
+            config = detect_config(request.config)
+        except ValidationError as exc:
+            raise InvalidFields.of(exc, "config") from None
+        return model_id, await detectors.detect_bytes(request.image, config, model_id)
+
+    async def stream_events(
         self, request: pb.EventFilter, grpc_context: RayServegRPCContext
-    ) -> AsyncIterator[pb.Event]:
+    ) -> AsyncGenerator[pb.Event, None]:
         """Matching events after `after_id` (unset: from now on), until the client cancels."""
-        reason = self._grpc_auth_failure(grpc_context, "StreamEvents")
-        if reason is not None:
-            abort(grpc_context, grpc.StatusCode.UNAUTHENTICATED, reason)
+        refused = self._refusal(grpc_context, "StreamEvents")
+        if refused is not None:
+            abort(grpc_context, refused)
         after_id = request.after_id if request.HasField("after_id") else None
         if after_id is not None and after_id < 0:
-            abort(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, "after_id must be >= 0")
-        stream = self._follow_events(event_filter(request), after_id)
+            abort(grpc_context, BadRequest("after_id must be >= 0"))
+        stream = follow_events(self.deps.fanout, event_filter(request), after_id)
         try:
             async for event in stream:
                 if event is not None:  # None: idle (no heartbeats asked for)

@@ -1,7 +1,7 @@
 """One WebSocket connection of the detector-worker protocol (docs/protocol.md): its
-subscriptions, the sender of its `imageDetection` events and its `stateReport`s. The
-Ingress owns the registry, hub and fan-out it uses; messages are parsed and rendered by
-`ws_protocol`."""
+subscriptions, the sender of its `imageDetection` events and its `stateReport`s. What it
+uses (registry, hub, fan-out, cached figures) comes in a `WsDeps`; messages are parsed and
+rendered by `ws_protocol`, and errors answered as `deployments.api.errors` says."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import ray
 from fastapi import WebSocket, WebSocketDisconnect
 
 from deployments.api import ws_protocol as wsp
-from graph.events.hub import EventFilter
-from stream_actors.subscriptions import Subscription, SubscriptionRefused
+from deployments.api.errors import ws_error
+from graph.common.schemas import IngressSettings
+from graph.events.fanout import EventFanout
+from graph.events.ring import EventFilter
+from stream_actors.subscriptions import Subscription
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -25,13 +28,27 @@ T = TypeVar("T")
 WS_INTERNAL_ERROR = 1011
 
 
+@dataclass(frozen=True)
+class WsDeps:
+    """What a session uses of its replica: actor handles (their `.remote()` calls are
+    awaited), the replica's fan-out and its cached stream listing and host load."""
+
+    registry: Any  # subscribe, unsubscribe
+    hub: Any  # set_session, patch_session
+    fanout: EventFanout
+    models: Collection[str]  # the model ids a subscription may name
+    settings: IngressSettings  # state_report_s, actor_call_timeout_s
+    streams: Callable[[], Awaitable[list[dict[str, Any]]]]  # `GET /streams`' list
+    system: Callable[[], Awaitable[dict[str, Any]]]  # host load
+
+
 class WsSession:
     """One WebSocket connection: its subscriptions, event sender and state reports."""
 
-    def __init__(self, ingress: Any, websocket: WebSocket) -> None:
-        self.ingress, self.ws = ingress, websocket
+    def __init__(self, deps: WsDeps, websocket: WebSocket) -> None:
+        self.deps, self.ws = deps, websocket
         self.subs: dict[str, Subscription] = {}
-        self.queue = ingress._fanout.register(EventFilter(subscriptions=set(), types={"detection"}))
+        self.queue = deps.fanout.register(EventFilter(subscriptions=set(), types={"detection"}))
         self.send_lock = asyncio.Lock()
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -66,7 +83,7 @@ class WsSession:
         finally:
             for task in (receiver, *background):
                 task.cancel()
-            self.ingress._fanout.unregister(self.queue)
+            self.deps.fanout.unregister(self.queue)
             await asyncio.gather(receiver, *background, return_exceptions=True)
 
     async def _receive(self) -> None:
@@ -84,29 +101,24 @@ class WsSession:
             try:
                 request_type, payload, request_id = wsp.parse(text)
                 await self._handle(request_type, payload, request_id)
-            except wsp.ProtocolError as exc:
-                await self.send(wsp.error_message(exc))
-            except (ray.exceptions.RayError, TimeoutError) as exc:  # registry or hub away
-                unavailable = wsp.ProtocolError(
-                    f"service unavailable, retry: {type(exc).__name__}",
-                    request_type,
-                    None,
-                    request_id,
-                )
-                await self.send(wsp.error_message(unavailable))
+            except Exception as exc:  # e.g. the registry or the hub away: the client retries
+                error = ws_error(exc, request_type, request_id, "service unavailable, retry")
+                if error is None:
+                    raise
+                await self.send(wsp.error_message(error))
 
     async def _call(self, call: Awaitable[T]) -> T:
         """A registry or hub call, bounded: both actors retry while they restart, and a
         client must get an answer (an error to retry) rather than a silent connection."""
-        return await asyncio.wait_for(call, self.ingress._settings.actor_call_timeout_s)
+        return await asyncio.wait_for(call, self.deps.settings.actor_call_timeout_s)
 
     async def _handle(self, kind: str, payload: Any, request_id: Any) -> None:
-        ingress = self.ingress
+        deps = self.deps
         if kind == "subscribe":
             sub: Subscription = payload
-            if sub.modelId is not None and sub.modelId not in ingress._detectors:
+            if sub.modelId is not None and sub.modelId not in deps.models:
                 raise wsp.ProtocolError(
-                    f"unknown modelId {sub.modelId!r}; known: {sorted(ingress._detectors)}",
+                    f"unknown modelId {sub.modelId!r}; known: {sorted(deps.models)}",
                     kind,
                     [
                         {
@@ -119,14 +131,13 @@ class WsSession:
                 )
             try:
                 result = await self._call(
-                    ingress._registry.subscribe.remote(sub.model_dump(mode="json"))
+                    deps.registry.subscribe.remote(sub.model_dump(mode="json"))
                 )
-            except SubscriptionRefused as exc:
-                raise wsp.ProtocolError(exc.reason, kind, None, request_id) from None
-            except (ray.exceptions.RayError, TimeoutError) as exc:
-                raise wsp.ProtocolError(
-                    f"stream registry unavailable: {type(exc).__name__}", kind, None, request_id
-                ) from None
+            except Exception as exc:  # refused by policy, or the registry away
+                error = ws_error(exc, kind, request_id, "stream registry unavailable")
+                if error is None:
+                    raise
+                raise error from None
             self.subs[sub.subscriptionIdentifier] = sub
             self._refilter()
             await self.send(
@@ -142,7 +153,7 @@ class WsSession:
             sub_id = payload.subscriptionIdentifier
             # Forgotten here only once the registry has answered: a client told to retry
             # keeps its events and its stateReport entry meanwhile.
-            known = await self._call(ingress._registry.unsubscribe.remote(sub_id))
+            known = await self._call(deps.registry.unsubscribe.remote(sub_id))
             self.subs.pop(sub_id, None)
             self._refilter()
             if not known:
@@ -153,7 +164,7 @@ class WsSession:
             await self.send(report | ({"requestId": request_id} if request_id is not None else {}))
         elif kind == "setSessionId":
             await self._call(
-                ingress._hub.set_session.remote(payload.displayIdentifier, payload.sessionId)
+                deps.hub.set_session.remote(payload.displayIdentifier, payload.sessionId)
             )
             await self.send(
                 wsp.ack(
@@ -165,7 +176,7 @@ class WsSession:
             )
         elif kind == "patchSession":
             try:
-                await self._call(ingress._hub.patch_session.remote(payload.sessionId, payload.data))
+                await self._call(deps.hub.patch_session.remote(payload.sessionId, payload.data))
                 ok, message = True, "session updated"
             except KeyError:
                 ok, message = False, f"no display has session {payload.sessionId!r}"
@@ -181,7 +192,7 @@ class WsSession:
         self.queue.flt = EventFilter(subscriptions=set(self.subs), types={"detection"})
 
     async def _send_events(self) -> None:
-        stream = self.ingress._fanout.follow(self.queue.flt, None, None, queue=self.queue)
+        stream = self.deps.fanout.follow(self.queue.flt, None, None, queue=self.queue)
         async for event in stream:
             if event is None:
                 continue
@@ -191,11 +202,11 @@ class WsSession:
                 await self.send(wsp.image_detection(event))
 
     async def _state_report(self) -> dict[str, Any]:
-        streams = await self.ingress._streams_cached()
-        system = await self.ingress._system()
+        streams = await self.deps.streams()
+        system = await self.deps.system()
         return wsp.state_report(system, self.subs, streams, self.queue.dropped_total)
 
     async def _report_state(self) -> None:
         while True:
-            await asyncio.sleep(self.ingress._settings.state_report_s)
+            await asyncio.sleep(self.deps.settings.state_report_s)
             await self.send(await self._state_report())

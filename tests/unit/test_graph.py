@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from graph.app import Deployments, build_app, build_graph
 from graph.config import PROJECT_ROOT, AppConfig
+from graph.wiring import IngressConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,15 +47,18 @@ def test_one_detector_per_model_and_an_ingress_routing_to_them() -> None:
     assert spec_a["path"] == str(PROJECT_ROOT / "models" / "a.onnx")
     assert detector.bound[1][1][0]["path"] == "/abs/b.pt"
     assert app[0] == "Ingress"
-    detectors, sizes, settings, streams, pipelines, classifiers, actions, events, jobs = app[1]
-    assert pipelines == {} and classifiers == {} and actions is None
-    assert events["capacity_per_topic"] >= 16
-    assert jobs["jobs_dir"] == str(PROJECT_ROOT / "data" / "jobs")
-    assert set(detectors) == {"a", "b"} and sizes == {"a": 640, "b": 320}
-    assert settings["max_upload_bytes"] > 0
-    assert settings["auth_token_env"] is None and settings["auth_token_file"] is None
+    wiring, detectors, classifiers, actions = app[1]
+    assert isinstance(wiring, IngressConfig)
+    assert wiring.pipelines == {} and classifiers == {} and actions is None
+    assert wiring.events.capacity_per_topic >= 16
+    assert wiring.jobs.jobs_dir == PROJECT_ROOT / "data" / "jobs"
+    assert set(detectors) == {"a", "b"} and wiring.model_sizes == {"a": 640, "b": 320}
+    assert wiring.detectors == {"a": "Detector_a", "b": "Detector_b"}
+    assert wiring.default_model == "a"
+    assert wiring.settings.max_upload_bytes > 0
+    assert wiring.settings.auth_token_env is None and wiring.settings.auth_token_file is None
     # The registry's state file resolves against the checkout, not the replica's cwd.
-    assert streams["state_path"] == str(PROJECT_ROOT / "data" / "streams.json")
+    assert wiring.streams.state_path == PROJECT_ROOT / "data" / "streams.json"
 
 
 @pytest.mark.parametrize(
@@ -109,10 +113,11 @@ def test_a_pipeline_binds_its_detector_a_classifier_per_branch_and_actions(tmp_p
     }
     ((name, (settings, _)),) = actions.bound
     assert name == "Actions" and settings["redis_url"] == "redis://127.0.0.1:6379/0"
-    _, _, _, _, pipelines, classifiers, bound_actions, _, _ = app[1]
-    (root,) = pipelines
-    assert root == "demo_vehicle_det_v1" and len(pipelines[root]["version"]) == 12
-    assert pipelines[root]["classifiers"]["demo_plate_ocr_v1"] == "Classifier_demo_plate_ocr_v1"
+    wiring, _, classifiers, bound_actions = app[1]
+    (root,) = wiring.pipelines
+    assert root == "demo_vehicle_det_v1" and len(wiring.pipelines[root].version) == 12
+    assert wiring.pipelines[root].classifiers["demo_plate_ocr_v1"] == "Classifier_demo_plate_ocr_v1"
+    assert wiring.pipelines[root].actions == "Actions"
     assert set(classifiers) == {"demo_bodytype_cls_v1", "demo_plate_ocr_v1"}
     assert bound_actions[0] == "Actions"
 

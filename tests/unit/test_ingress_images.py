@@ -9,7 +9,8 @@ import zlib
 import cv2
 import numpy as np
 
-from deployments.ingress import header_pixels, prepare
+from deployments.api.detect import prepare
+from graph.common.vision import header_pixels
 
 
 def bomb_png(width: int, height: int) -> bytes:

@@ -21,7 +21,7 @@ from fastapi import FastAPI, WebSocket
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import ClientConnection, connect
 
-from deployments.api.ws_session import WS_INTERNAL_ERROR, WsSession
+from deployments.api.ws_session import WS_INTERNAL_ERROR, WsDeps, WsSession
 from graph.common.schemas import IngressSettings
 from graph.events.fanout import EventFanout
 from graph.events.hub import EventHubService
@@ -60,28 +60,30 @@ class Registry:
         return known
 
 
-class Ingress:
-    """What a session uses of its Ingress replica."""
+def session_deps(registry: Registry, system: Callable[[], dict[str, Any]]) -> WsDeps:
+    """What a session uses of its Ingress replica: the hub's own class, a stand-in
+    registry, and the replica's cached figures."""
+    hub = EventHubService()
 
-    def __init__(self, registry: Registry, system: Callable[[], dict[str, Any]]) -> None:
-        hub = EventHubService()
-        self.hub = hub
-        self._settings = IngressSettings(state_report_s=0.2, actor_call_timeout_s=0.5)
-        self._fanout = EventFanout(hub.read, wait_s=0.1)
-        self._registry = SimpleNamespace(
-            subscribe=remote(registry.subscribe), unsubscribe=remote(registry.unsubscribe)
-        )
-        self._hub = SimpleNamespace(
-            set_session=remote(hub.set_session), patch_session=remote(hub.patch_session)
-        )
-        self._detectors = {"demo": object()}
-        self._system_fn = system
-
-    async def _streams_cached(self) -> list[dict[str, Any]]:
+    async def streams() -> list[dict[str, Any]]:
         return []
 
-    async def _system(self) -> dict[str, Any]:
-        return self._system_fn()
+    async def system_load() -> dict[str, Any]:
+        return system()
+
+    return WsDeps(
+        registry=SimpleNamespace(
+            subscribe=remote(registry.subscribe), unsubscribe=remote(registry.unsubscribe)
+        ),
+        hub=SimpleNamespace(
+            set_session=remote(hub.set_session), patch_session=remote(hub.patch_session)
+        ),
+        fanout=EventFanout(hub.read, wait_s=0.1),
+        models=frozenset({"demo"}),
+        settings=IngressSettings(state_report_s=0.2, actor_call_timeout_s=0.5),
+        streams=streams,
+        system=system_load,
+    )
 
 
 @contextmanager
@@ -94,7 +96,7 @@ def session_socket(
     @app.websocket("/")
     async def ws(websocket: WebSocket) -> None:
         await websocket.accept()
-        await WsSession(Ingress(registry, system), websocket).run()
+        await WsSession(session_deps(registry, system), websocket).run()
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
