@@ -125,6 +125,8 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy deployments graph demo benchmarks stream_actors
+	$(VENV)/bin/lint-imports
+	$(PY) scripts/module_size.py
 
 format: install
 	$(VENV)/bin/ruff format .
