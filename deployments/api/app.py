@@ -92,7 +92,7 @@ def build_api(deps: ApiDeps) -> FastAPI:
         health.router(service),
         detect.router(deps.detectors),
         jobs.router(deps.control, deps.detectors),
-        streams.router(deps.control, deps.detectors),
+        streams.router(deps.control, deps.detectors, deps.settings.actor_call_timeout_s),
         records.router(deps.actions, deps.settings.health_timeout_s),
         events.router(deps.fanout, deps.settings.sse_heartbeat_s),
         ws.router(deps.ws(), deps.auth_token, deps.state),

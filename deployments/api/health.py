@@ -8,16 +8,30 @@ hub's figures at most every 5 s; it never triggers a model load and never fails.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api.detect import Detectors
 from deployments.api.state import Cached, ReplicaState
+from graph.common.redaction import redact_text
 from graph.control import ControlPlane
 from graph.events.fanout import EventFanout
+
+logger = logging.getLogger("camgraph.ingress")
+
+
+def failure(what: str, exc: BaseException) -> str:
+    """What the open /health says of a failed call: the error's kind only. The full text
+    goes to the log, redacted: a Ray error's text is the remote traceback (pid, address,
+    paths, arguments), which an unauthenticated caller must not read."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    logger.warning("health: %s failed: %s", what, redact_text(f"{type(exc).__name__}: {exc}"))
+    return type(cause).__name__
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,7 @@ class Health:
                 "error": f"no replica answered within {timeout_s}s",
             }
         except Exception as exc:  # a replica that died reports as an error, not a 500
-            return {"model": model_id, "state": "error", "error": f"{type(exc).__name__}: {exc}"}
+            return {"model": model_id, "state": "error", "error": failure(model_id, exc)}
         return status
 
     async def _fresh_report(self, _: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +103,7 @@ class Health:
                 self._deps.control.hub.stats.remote(), self._deps.timeout_s
             )
         except Exception as exc:  # failures are cached too
-            return {"error": f"{type(exc).__name__}"}
+            return {"error": failure("the event hub", exc)}
         return stats
 
     async def _actions(self, actions: DeploymentHandle) -> dict[str, Any]:
@@ -100,7 +114,7 @@ class Health:
             )
             return result
         except Exception as exc:
-            return {"error": f"actions: {type(exc).__name__}: {str(exc)[:300]}"}
+            return {"error": f"actions: {failure('actions', exc)}"}
 
     async def _streams(self) -> dict[str, Any]:
         """Streams counted by state (details: GET /streams)."""
@@ -109,7 +123,7 @@ class Health:
                 self._deps.control.registry.list_streams.remote(), self._deps.timeout_s
             )
         except Exception as exc:
-            return {"error": f"stream registry: {type(exc).__name__}"}
+            return {"error": f"stream registry: {failure('the stream registry', exc)}"}
         by_state: dict[str, int] = {}
         for stream in listing["streams"]:
             by_state[stream["state"]] = by_state.get(stream["state"], 0) + 1

@@ -3,6 +3,7 @@ newest frame. The stream registry actor owns them; these routes only ask it."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Path, Query
@@ -14,14 +15,17 @@ from graph.control import ControlPlane
 from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
 
 CAMERA_ID_PATTERN = r"^[^;/\s]{1,128}$"
+UNAVAILABLE = "stream registry unavailable"
 
 
-def router(control: ControlPlane, detectors: Detectors) -> APIRouter:
-    """The stream routes over the app's registry."""
+def router(control: ControlPlane, detectors: Detectors, read_timeout_s: float) -> APIRouter:
+    """The stream routes over the app's registry. Reads are bounded by `read_timeout_s` (a
+    registry Ray is restarting would hold them for ever); a registry that is away, dead or
+    too slow gives 503 with what failed."""
     api = APIRouter()
 
     @api.post("/streams", status_code=201)
-    @with_route_exceptions("stream registry unavailable")
+    @with_route_exceptions(UNAVAILABLE)
     async def subscribe(sub: Subscription) -> Any:
         """Subscribe a camera (the detector-worker `subscribe` payload). Several
         subscriptions on one URL share one stream. An unreachable camera still makes a
@@ -32,7 +36,7 @@ def router(control: ControlPlane, detectors: Detectors) -> APIRouter:
     @api.delete(
         "/streams/{subscription_id}", status_code=204, response_class=Response, response_model=None
     )
-    @with_route_exceptions()
+    @with_route_exceptions(UNAVAILABLE)
     async def unsubscribe(subscription_id: str = Path(pattern=SUBSCRIPTION_ID_PATTERN)) -> Any:
         """Remove a subscription; the last one on a URL stops its stream."""
         if not await control.registry.unsubscribe.remote(subscription_id):
@@ -40,13 +44,14 @@ def router(control: ControlPlane, detectors: Detectors) -> APIRouter:
         return Response(status_code=204)
 
     @api.get("/streams")
+    @with_route_exceptions(UNAVAILABLE)
     async def streams() -> Any:
         """Each stream: state, last error, fps in/processed, drops by reason, age of the
         last frame, reconnects; and each camera actor's pid, CPU time and memory."""
-        return await control.registry.list_streams.remote()
+        return await asyncio.wait_for(control.registry.list_streams.remote(), read_timeout_s)
 
     @api.get("/streams/{subscription_id}/events")
-    @with_route_exceptions()
+    @with_route_exceptions(UNAVAILABLE)
     async def stream_events(
         subscription_id: str = Path(pattern=SUBSCRIPTION_ID_PATTERN),
         after: int = Query(0, ge=0, description="only events with a larger id"),
@@ -54,16 +59,20 @@ def router(control: ControlPlane, detectors: Detectors) -> APIRouter:
         """The newest events of a subscription (detections per frame, object new /
         updated / lost), oldest first, with increasing ids to poll from."""
         try:
-            return await control.registry.events.remote(subscription_id, after)
+            return await asyncio.wait_for(
+                control.registry.events.remote(subscription_id, after), read_timeout_s
+            )
         except KeyError:
             raise NotFound(f"no subscription {subscription_id!r}") from None
 
     @api.get("/cameras/{camera_id}/image", response_class=Response)
-    @with_route_exceptions()
+    @with_route_exceptions(UNAVAILABLE)
     async def camera_image(camera_id: str = Path(pattern=CAMERA_ID_PATTERN)) -> Any:
         """The newest frame of a subscribed camera as JPEG."""
         try:
-            data = await control.registry.latest_jpeg.remote(camera_id)
+            data = await asyncio.wait_for(
+                control.registry.latest_jpeg.remote(camera_id), read_timeout_s
+            )
         except KeyError:
             raise NotFound(f"no subscribed camera {camera_id!r}") from None
         if data is None:

@@ -98,7 +98,11 @@ class IngressSettings(StrictModel):
     )
     state_report_s: float = Field(2.0, gt=0, le=3600, description="WebSocket stateReport")
     actor_call_timeout_s: float = Field(
-        10.0, gt=0, le=300, description="registry and hub calls of a WebSocket message"
+        10.0,
+        gt=0,
+        le=300,
+        description="registry and hub calls of a WebSocket message and of the stream reads "
+        "(GET /streams, a subscription's events, a camera's image)",
     )
     sse_heartbeat_s: float = Field(15.0, gt=0, le=300, description="SSE comment interval")
     client_queue: int = Field(

@@ -201,6 +201,53 @@ def test_every_route_but_health_and_the_live_view_needs_the_token(
     assert client.get("/streams", headers=AUTH).status_code == 200
 
 
+OPEN_PATHS = {"/health", "/ui"}
+
+
+def test_every_route_of_the_openapi_schema_is_refused_without_the_token(
+    api: tuple[TestClient, Fakes],
+) -> None:
+    """Every HTTP route the app declares (read from its own schema, so a route added later
+    is covered), each method, without a token and with a wrong one: 401 before any work."""
+    client, fakes = api
+    paths = client.app.openapi()["paths"]  # type: ignore[attr-defined]
+    tried = []
+    for template, methods in paths.items():
+        path = template.replace("{media_id}", "scene-1").replace("{job_id}", JOB)
+        path = path.replace("{subscription_id}", "display-1;cam-1").replace("{camera_id}", "c")
+        assert "{" not in path, f"a path parameter this test does not fill: {template}"
+        for method in methods:
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                response = client.request(method.upper(), path, headers=headers)
+                expected = 200 if template in OPEN_PATHS else 401
+                assert response.status_code == expected, (method, path, headers)
+            tried.append((method, template))
+    assert len(tried) >= 11 and ("post", "/detect") in tried and ("get", "/events") in tried
+    assert fakes.registry.subs == set() and fakes.jobs.submitted == set()  # nothing ran
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert client.get(path).status_code == 401
+
+
+def test_health_says_what_failed_but_never_the_failure_text() -> None:
+    """/health is open: a failing replica or actor shows as its error's kind, never its
+    text (a Ray error's text is the remote traceback, with paths, addresses, secrets)."""
+    client, fakes = build()
+
+    async def leaking_health() -> dict[str, Any]:
+        raise ValueError("cannot reach postgres://camgraph:hunter2@db/prod from /opt/x.py")
+
+    fakes.detector.health = remote(leaking_health)
+    fakes.registry.mode = "dead"
+    with client:
+        response = client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["models"] == {"demo": {"state": "error", "error": "ValueError"}}
+    assert body["streams"] == {"error": "stream registry: ActorDiedError"}
+    assert "hunter2" not in response.text and "/opt/x.py" not in response.text
+
+
 def test_without_a_token_the_api_is_open() -> None:
     client, _ = build(token=None)
     assert client.get("/streams").status_code == 200
@@ -307,6 +354,9 @@ def test_streams(api: tuple[TestClient, Fakes]) -> None:
     away = client.post("/streams", json=SUB, headers=AUTH)
     assert away.status_code == 503
     assert away.json()["detail"]["message"] == "stream registry unavailable: ActorDiedError"
+    listing = client.get("/streams", headers=AUTH)
+    assert listing.status_code == 503
+    assert listing.json()["detail"]["message"] == "stream registry unavailable: ActorDiedError"
 
 
 def test_records_and_health_with_actions_that_do_not_answer() -> None:
