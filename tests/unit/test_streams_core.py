@@ -6,7 +6,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -511,6 +511,15 @@ def test_a_lossless_file_replay_hands_over_every_frame_to_a_slow_consumer(
     assert seqs == list(range(1, 21)) and sum(mailbox.drops.values()) == 0
 
 
+async def until(predicate: Callable[[], bool], polls: int = 200) -> None:
+    """Let the processor's tasks run until `predicate` holds (at most `polls` x 10 ms);
+    the assertions after it say what was expected."""
+    for _ in range(polls):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_a_detector_call_that_never_returns_frees_the_slot_after_its_timeout() -> None:
     """Given a replica that hangs on its first call, the subscription's only slot is
     freed after `detect_timeout_s` (a detector error, counted and said), and the next
@@ -531,15 +540,9 @@ def test_a_detector_call_that_never_returns_frees_the_slot_after_its_timeout() -
         processor.start()
         image = np.zeros((48, 64, 3), np.uint8)
         processor.mailbox.put(image, 1e9)
-        for _ in range(200):
-            if calls == 1 and processor.status()["drops"]["detector_error"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: calls == 1 and processor.status()["drops"]["detector_error"] == 1)
         processor.mailbox.put(image, 1e9 + 1)
-        for _ in range(200):
-            if processor.processed == 1:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: processor.processed == 1)
         await processor.stop()
         return processor.status()
 
@@ -570,15 +573,9 @@ def test_a_busy_detector_drops_the_frame_as_back_pressure_not_as_an_error() -> N
         processor.start()
         image = np.zeros((48, 64, 3), np.uint8)
         processor.mailbox.put(image, 1e9)
-        for _ in range(200):
-            if processor.status()["drops"]["back_pressure"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: processor.status()["drops"]["back_pressure"] == 1)
         processor.mailbox.put(image, 1e9 + 1)
-        for _ in range(200):
-            if processor.processed == 1:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: processor.processed == 1)
         await processor.stop()
         return processor.status()
 
