@@ -39,13 +39,12 @@ from deployments.api.errors import (
 from deployments.api.events import follow_events
 from graph.common.schemas import DetectConfig, IngressSettings
 from graph.events.fanout import EventFanout
+from graph.events.ring import EVENT_FIELDS
 from protos import camgraph_pb2 as pb
 
 logger = logging.getLogger("ray.serve")
 
 MAX_DETAILS = 1000  # status details travel in HTTP/2 trailers: keep them short
-
-EVENT_FIELDS = ("camera_id", "subscription_id", "display_id", "model_id", "session_id", "job_id")
 
 
 class GrpcAbort(Exception):

@@ -18,10 +18,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from graph.common.schemas import StrictModel
+from graph.common.schemas import MODEL_ID_PATTERN, StrictModel
 from graph.pipeline.templates import template_fields
 
-MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# A pipeline's model ids name deployments (`Detector_<id>`), models of /detect and the
+# `{<model id>.<field>}` templates (a dot would be ambiguous there): the one pattern.
+MODEL_ID = MODEL_ID_PATTERN
 # SQL identifiers: letters, digits, underscore; not starting with a digit; Postgres' 63.
 SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # What a template may name besides branch results ({<branch modelId>.<field>}).
