@@ -55,6 +55,7 @@ class Ingress:
             control=control,
             fanout=fanout,
             state=ReplicaState(control, settings.health_timeout_s),
+            model_versions={root: p.version for root, p in config.pipelines.items()},
         )
         self._grpc = GrpcApi(GrpcDeps(settings, token, found, fanout))
 

@@ -5,15 +5,22 @@ the registry compares what each actor reports running with what it should run: i
 stops what is no longer wanted, (re)sends what is missing or changed, and first gives
 an actor that restarted with an old context today's. An actor Ray has not placed is
 skipped with its problem, one that fails is named in the round's error, and neither
-holds up the others. `registry.py` does the calls; this module decides them.
+holds up the others. Between rounds it ends the WebSocket subscriptions whose
+connections have left (`LeaseBook`), and it refuses a subscription that would open more
+than `streams.max_streams` streams (`adds_stream_over_limit`). `registry.py` does the
+calls; this module decides them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import BaseModel, Field
+
+from graph.common.schemas import StrictModel
 from stream_actors.placement import PlacementVerdict
 
 # actor index → stream key → the sorted ids of the subscriptions on that stream
@@ -123,3 +130,134 @@ def stream_state(key: str, actor_status: Mapping[str, Any]) -> dict[str, Any]:
 def actor_summary(status: Mapping[str, Any]) -> dict[str, Any]:
     """What /streams shows of one camera actor."""
     return {k: status.get(k) for k in ACTOR_FIELDS}
+
+
+# --- Connection leases: WebSocket subscriptions end when their connections have left ---
+
+
+class Hold(StrictModel):
+    """One WebSocket connection's hold on a subscription, on the registry's clock."""
+
+    expires_at: float = Field(description="registry clock (monotonic s) when the hold ends")
+    released: bool = Field(False, description="the connection closed: its grace runs")
+
+
+# subscription id → connection id → its hold; a subscription absent is persistent
+Holds = dict[str, dict[str, Hold]]
+
+
+def iso_utc(epoch_s: float) -> str:
+    """`epoch_s` as ISO 8601 in UTC, to the second ("2026-12-03T07:30:00Z")."""
+    return datetime.fromtimestamp(round(epoch_s), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class LeaseBook:
+    """Which WebSocket connections hold which subscriptions, and until when (pure: every
+    call takes the time). A subscription with no lease here is persistent (made over REST,
+    or with `"persistent": true`) and ends only by an unsubscribe; one with a lease ends
+    once every connection holding it is gone: a connection's hold lasts `grace_s` past
+    its last renewal, or past its release (the connection closed), so a client that
+    reconnects and subscribes again within the grace takes the subscription over and its
+    stream never stops. Held subscriptions are persisted with the desired state; the
+    clock does not survive a registry restart, so `restored` gives each a full grace."""
+
+    def __init__(self, grace_s: float, holds: Holds | None = None) -> None:
+        self.grace_s = grace_s
+        self.holds: Holds = {s: dict(h) for s, h in (holds or {}).items() if h}
+
+    @classmethod
+    def restored(
+        cls, grace_s: float, saved: Holds, subscriptions: Collection[str], now: float
+    ) -> LeaseBook:
+        """The book after a registry restart: the saved holds of the subscriptions that
+        still exist, each for a full grace from `now` (the saved times were on the clock
+        of the process that died)."""
+        fresh = {
+            sub_id: {
+                owner: hold.model_copy(update={"expires_at": now + grace_s})
+                for owner, hold in held.items()
+            }
+            for sub_id, held in saved.items()
+            if sub_id in subscriptions
+        }
+        return cls(grace_s, fresh)
+
+    def subscribed(
+        self, sub_id: str, owner: str | None, persistent: bool, known: bool, now: float
+    ) -> bool:
+        """A subscribe of `sub_id` by connection `owner` (None: over REST) with its
+        payload's `persistent`; `known`: the subscription existed before. Returns whether
+        it is held (False: persistent). Persistence sticks: a subscribe without it on a
+        persistent subscription follows it without ending it at disconnect."""
+        if owner is None or persistent or (known and sub_id not in self.holds):
+            self.holds.pop(sub_id, None)
+            return False
+        self.holds.setdefault(sub_id, {})[owner] = Hold(expires_at=now + self.grace_s)
+        return True
+
+    def removed(self, sub_id: str) -> None:
+        """The subscription was unsubscribed (or ended)."""
+        self.holds.pop(sub_id, None)
+
+    def renew(self, owner: str, now: float) -> int:
+        """A live connection renews its holds for a grace from `now`; how many it holds."""
+        return self._set(owner, Hold(expires_at=now + self.grace_s))
+
+    def release(self, owner: str, now: float) -> int:
+        """A connection closed: its holds end one grace from `now`; how many it held."""
+        return self._set(owner, Hold(expires_at=now + self.grace_s, released=True))
+
+    def _set(self, owner: str, hold: Hold) -> int:
+        held = [h for h in self.holds.values() if owner in h]
+        for h in held:
+            h[owner] = hold
+        return len(held)
+
+    def expire(self, now: float) -> list[str]:
+        """Drops the holds that ended by `now`; returns the subscriptions no connection
+        holds any more (sorted), forgotten here: the registry removes them."""
+        ended = []
+        for sub_id, held in list(self.holds.items()):
+            for owner in [o for o, h in held.items() if h.expires_at <= now]:
+                del held[owner]
+            if not held:
+                del self.holds[sub_id]
+                ended.append(sub_id)
+        return sorted(ended)
+
+    def describe(self, sub_id: str, now: float, wall_now: float) -> dict[str, Any]:
+        """What `GET /streams` shows of a subscription's owner: `persistent`, or
+        `connection` with how many hold it and, once all have left, when it ends
+        (`ends_at`, UTC, from `wall_now`, the wall clock at `now`)."""
+        held = self.holds.get(sub_id)
+        if not held:
+            return {"owner": "persistent"}
+        entry: dict[str, Any] = {"owner": "connection", "connections": len(held)}
+        if all(h.released for h in held.values()):
+            left_s = max(0.0, max(h.expires_at for h in held.values()) - now)
+            entry["ends_in_s"] = round(left_s, 1)
+            entry["ends_at"] = iso_utc(wall_now + left_s)
+        return entry
+
+
+def adds_stream_over_limit(
+    streams: Mapping[str, str], sub_id: str, key: str, max_streams: int | None
+) -> bool:
+    """Whether subscription `sub_id` on stream `key` must be refused: it would open a
+    stream beyond `max_streams` (`streams`: subscription id → its stream key now). A
+    subscription on a stream that already runs, or one that only moves to another stream,
+    opens nothing more and is always accepted (also over a limit lowered since)."""
+    if max_streams is None:
+        return False
+    before = len(set(streams.values()))
+    after = len(set({**streams, sub_id: key}.values()))
+    return after > before and after > max_streams
+
+
+def actor_payload(sub: BaseModel, default_fps: float | None) -> dict[str, Any]:
+    """A subscription as its camera actor gets it: without what only the registry reads
+    (`persistent`), with `streams.target_fps` where the payload asks for no fps."""
+    data: dict[str, Any] = sub.model_dump(mode="json", exclude={"persistent"})
+    if data.get("targetFps") is None and default_fps is not None:
+        data["targetFps"] = default_fps
+    return data

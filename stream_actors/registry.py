@@ -2,7 +2,9 @@
 subscriptions, persists them (data/streams.json), packs streams onto camera actors and
 reconciles: every `reconcile_s` it compares each camera actor's streams with the
 desired state and fixes the difference, so a restarted camera actor or registry heals
-without a caller. What to do is decided in `reconcile.py` (pure); this module calls.
+without a caller. It also ends the WebSocket subscriptions whose connections have left
+(leases renewed by each session, `streams.disconnect_grace_s`) and refuses streams over
+`streams.max_streams`. What to do is decided in `reconcile.py` (pure); this module calls.
 """
 
 from __future__ import annotations
@@ -10,19 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from graph.common.errors import StreamLimitReached
 from graph.common.files import atomic_write_bytes
 from graph.common.names import camera_actor_name
 from graph.common.redaction import redact
 from stream_actors.camera_actor import CameraActor
 from stream_actors.placement import PlacementVerdict, placement_verdict
 from stream_actors.reconcile import (
+    LeaseBook,
+    actor_payload,
     actor_summary,
+    adds_stream_over_limit,
     desired_by_actor,
     failure_text,
     plan_actor,
@@ -95,7 +102,11 @@ class StreamRegistry:
             atomic_write_bytes(context_path(self._path), ray.cloudpickle.dumps(ctx))
         self._ctx, self._settings = ctx, ctx.settings
         self._app, self._namespace = ctx.app_name, ctx.namespace
-        self._table = SubscriptionTable(self._settings.streams_per_actor, load_state(self._path))
+        state = load_state(self._path)
+        self._table = SubscriptionTable(self._settings.streams_per_actor, state)
+        self._leases = LeaseBook.restored(
+            self._settings.disconnect_grace_s, state.leases, self._table.subs, time.monotonic()
+        )
         self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
         self._actors: dict[int, Any] = {}
         self._unplaced: set[int] = set()  # actors Ray has not placed (pending)
@@ -158,7 +169,8 @@ class StreamRegistry:
         if index in self._unplaced and (problem := await self._placement_problem(index)):
             raise ReconcileError(problem)  # at once: a call would only time out
         actor = self._actor(index)
-        subs = [s.model_dump(mode="json") for s in self._table.subscribers(key)]
+        fps = self._settings.target_fps
+        subs = [actor_payload(s, fps) for s in self._table.subscribers(key)]
         spec = self._table.spec(key).model_dump(mode="json")
         await asyncio.wait_for(actor.set_stream.remote(spec, subs), ACTOR_CALL_TIMEOUT_S)
 
@@ -182,32 +194,87 @@ class StreamRegistry:
             return failure_text(problem, exc)
         return None
 
-    async def subscribe(self, sub: dict[str, Any]) -> dict[str, Any]:
-        """Add or replace a subscription; persisted before the stream is started."""
+    def _save(self) -> None:
+        """Persist the desired state: the subscriptions, their placement and leases."""
+        state = self._table.state().model_copy(update={"leases": self._leases.holds})
+        save_state(self._path, state)
+
+    async def subscribe(self, sub: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
+        """Add or replace a subscription; persisted before the stream is started.
+        `owner`: the WebSocket connection subscribing (None: REST), which holds it until
+        it leaves unless the payload is `persistent`. The same payload again (e.g. a
+        client that reconnected) changes nothing of the stream. StreamLimitReached: it
+        would open a stream beyond `streams.max_streams`."""
         self._ensure_reconciler()
         new = Subscription.model_validate(sub)
         if (refusal := new.file_refusal(self._settings.file_dirs)) is not None:
             raise SubscriptionRefused(refusal)
+        sub_id, key, limit = new.subscriptionIdentifier, stream_key(new), self._settings.max_streams
         async with self._lock:
+            streams = {i: stream_key(s) for i, s in self._table.subs.items()}
+            if limit is not None and adds_stream_over_limit(streams, sub_id, key, limit):
+                raise StreamLimitReached(limit)
             old_placement = dict(self._table.placement)
             changed, stopped = self._table.add(new)
-            save_state(self._path, self._table.state())
+            held = self._leases.subscribed(
+                sub_id, owner, new.persistent, sub_id in streams, time.monotonic()
+            )
+            self._save()
             pending = await self._apply(changed, {k: old_placement[k] for k in stopped})
         return {
-            "subscriptionIdentifier": new.subscriptionIdentifier,
-            "stream": stream_key(new),
+            "subscriptionIdentifier": sub_id,
+            "stream": key,
             "pending_error": pending,
+            # None: persistent; else the session renews its hold every grace/3
+            "lease": {"owner": owner, "grace_s": self._leases.grace_s} if held else None,
         }
 
     async def unsubscribe(self, subscription_id: str) -> bool:
         async with self._lock:
             if subscription_id not in self._table.subs:
                 return False
-            old_placement = dict(self._table.placement)
-            changed, stopped = self._table.remove(subscription_id)
-            save_state(self._path, self._table.state())
-            await self._apply(changed, {k: old_placement[k] for k in stopped})
+            self._leases.removed(subscription_id)
+            await self._remove([subscription_id])
         return True
+
+    async def _remove(self, subscription_ids: list[str]) -> None:
+        """Remove subscriptions (under the lock): the last one on a URL stops its stream."""
+        old_placement = dict(self._table.placement)
+        changed: set[str] = set()
+        stopped: set[str] = set()
+        for sub_id in subscription_ids:
+            more, less = self._table.remove(sub_id)
+            changed, stopped = (changed | more) - less, stopped | less
+        self._save()
+        await self._apply(changed, {k: old_placement[k] for k in stopped})
+
+    async def renew(self, owner: str) -> dict[str, Any]:
+        """A live WebSocket connection renews its hold on its subscriptions for one grace
+        (every grace/3): how many it holds, and the grace, which paces the next renewal."""
+        self._ensure_reconciler()  # it is what ends the holds that are not renewed
+        held = self._leases.renew(owner, time.monotonic())
+        return {"held": held, "grace_s": self._leases.grace_s}
+
+    async def release(self, owner: str) -> int:
+        """A WebSocket connection closed: its subscriptions end one grace from now unless
+        a connection subscribes them again meanwhile. Returns how many it held."""
+        held = self._leases.release(owner, time.monotonic())
+        if held:
+            self._save()  # keeps "released" (GET /streams) over a restart
+        return held
+
+    async def _expire_leases(self) -> None:
+        """Remove the subscriptions whose connections have all left for a grace."""
+        async with self._lock:
+            ended = [s for s in self._leases.expire(time.monotonic()) if s in self._table.subs]
+            if ended:
+                logger.info(
+                    "registry: %d subscription(s) ended, their connections gone for %.0f s: %s",
+                    len(ended),
+                    self._leases.grace_s,
+                    ", ".join(ended),
+                )
+                await self._remove(ended)
 
     async def _reconcile_once(self) -> None:
         async with self._lock:
@@ -267,6 +334,7 @@ class StreamRegistry:
     async def _reconcile_forever(self) -> None:
         while True:
             try:
+                await self._expire_leases()
                 await self._reconcile_once()
                 self.last_reconcile_error = None
             except Exception as exc:  # an actor restarting: try again next round
@@ -293,6 +361,7 @@ class StreamRegistry:
         """Every stream with its state and its subscriptions' figures."""
         self._ensure_reconciler()
         statuses = await self._statuses()
+        now, wall_now = time.monotonic(), time.time()
         streams = []
         for key in self._table.stream_keys():
             index = self._table.placement[key]
@@ -308,6 +377,10 @@ class StreamRegistry:
                 "subscriptions": [],
             }
             entry.update(stream_state(key, statuses.get(index, {})))
+            entry["owners"] = {
+                sub_id: self._leases.describe(sub_id, now, wall_now)
+                for sub_id in entry["subscription_ids"]
+            }
             streams.append(entry)
         actors = {camera_actor_name(self._app, i): actor_summary(s) for i, s in statuses.items()}
         return {"streams": streams, "actors": actors, "reconcile_error": self.last_reconcile_error}

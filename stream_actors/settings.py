@@ -8,8 +8,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 
 from graph.common.schemas import StrictModel
 from graph.pipeline.plan import PipelineRuntime
@@ -37,6 +38,34 @@ class StreamSettings(StrictModel):
         "reservations never keep a camera from being placed (a budget, not a limit)",
     )
     reconcile_s: float = Field(2.0, gt=0, le=60, description="registry's repair interval")
+    disconnect_grace_s: float = Field(
+        30.0,
+        ge=1,
+        le=86_400,
+        description="a WebSocket subscription ends this long after its last connection "
+        "left (closed, or stopped renewing: a crashed ingress); `persistent` ones never",
+    )
+    max_streams: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="the seed's config.json limit: camera streams (distinct sources) open "
+        "at once; a subscribe that would open one more is refused; None: no limit",
+    )
+    target_fps: float | None = Field(
+        None,
+        gt=0,
+        le=120,
+        description="the seed's name: frames processed/s of a subscription whose payload "
+        "gives no targetFps; None: as many as the detector takes",
+    )
+    reconnect_interval_sec: float | None = Field(
+        None,
+        gt=0,
+        le=60,
+        description="the seed's name for reader.backoff_base_s (the first reconnect delay, "
+        "doubled per failure up to reader.backoff_cap_s); None: reader.backoff_base_s",
+    )
     reconnects_per_s: float = Field(5.0, gt=0, le=1000, description="cluster-wide cap")
     reconnect_burst: int = Field(10, ge=1, le=10_000)
     events_per_subscription: int = Field(512, ge=16, le=100_000)
@@ -49,6 +78,35 @@ class StreamSettings(StrictModel):
     branches: BranchSettings = BranchSettings()
     reader: ReaderPolicy = ReaderPolicy()
     processing: ProcessingSettings = ProcessingSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_reconnect_interval(cls, data: Any) -> Any:
+        """`reconnect_interval_sec` is `reader.backoff_base_s` under the seed's name:
+        given, it sets it (both given and different: an error, not a silent choice)."""
+        if not isinstance(data, dict) or data.get("reconnect_interval_sec") is None:
+            return data
+        interval = data["reconnect_interval_sec"]
+        reader = data.get("reader") or {}
+        if isinstance(reader, BaseModel):
+            reader = reader.model_dump(exclude_unset=True)
+        given = reader.get("backoff_base_s")
+        if given is not None and given != interval:
+            raise ValueError(
+                f"reconnect_interval_sec ({interval}) and reader.backoff_base_s ({given}) "
+                "name the same setting: give one"
+            )
+        return {**data, "reader": {**reader, "backoff_base_s": interval}}
+
+    @model_validator(mode="after")
+    def _check(self) -> StreamSettings:
+        base, cap = self.reader.backoff_base_s, self.reader.backoff_cap_s
+        if base > cap:
+            raise ValueError(
+                f"the first reconnect delay ({base} s: reconnect_interval_sec or "
+                f"reader.backoff_base_s) exceeds reader.backoff_cap_s ({cap} s): raise the cap"
+            )
+        return self
 
 
 @dataclass(frozen=True)

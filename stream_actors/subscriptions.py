@@ -13,13 +13,21 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from graph.common.files import atomic_write_text
 from graph.common.schemas import MODEL_ID_PATTERN, StrictModel
-from stream_actors.reconcile import first_free_actor
+from stream_actors.reconcile import Hold, first_free_actor
 from stream_actors.stability import StabilityRules
 
 SUBSCRIPTION_ID_PATTERN = r"^[^;/\s]{1,128};[^;/\s]{1,128}$"
@@ -58,7 +66,8 @@ class Subscription(StrictModel):
     modelId: str | None = Field(
         None,
         validation_alias=AliasChoices("modelId", "model_id"),
-        description="detector model id (detector-worker sends a number; it is kept as text)",
+        description="detector model id; a number (as detector-worker sends it) routes as "
+        "text and is echoed back as the number",
     )
     modelName: str | None = Field(None, max_length=256)
     modelUrl: str | None = Field(None, max_length=2048, description="pipeline archive (.mpta)")
@@ -68,6 +77,36 @@ class Subscription(StrictModel):
     cropX2: int | None = Field(None, ge=1)
     cropY2: int | None = Field(None, ge=1)
     stability: StabilityRules | None = Field(None, description="overrides the default rules")
+    persistent: bool = Field(
+        False,
+        description="camgraph: a WebSocket subscription that outlives its connection (ends "
+        "only by unsubscribe); REST subscriptions always do",
+    )
+    # A numeric modelId as the client sent it: `modelId` is its text (what routes and is
+    # validated), and what echoes it back (acks, modelInfo, stateReport, this model's JSON)
+    # gives the number again, so a detector-worker client reads back what it sent.
+    _model_id_number: int | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_model_id_as_sent(
+        cls, data: Any, handler: ModelWrapValidatorHandler[Subscription]
+    ) -> Subscription:
+        sub = handler(data)
+        if isinstance(data, dict):
+            sent = data.get("modelId", data.get("model_id"))
+            if isinstance(sent, int) and not isinstance(sent, bool):
+                sub._model_id_number = sent
+        return sub
+
+    @property
+    def model_id_sent(self) -> int | str | None:
+        """`modelId` as the client sent it: a number stays a number."""
+        return self._model_id_number if self._model_id_number is not None else self.modelId
+
+    @field_serializer("modelId")
+    def _model_id_out(self, value: str | None) -> int | str | None:
+        return self.model_id_sent
 
     @field_validator("modelId", mode="before")
     @classmethod
@@ -119,11 +158,13 @@ class Subscription(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> Subscription:
+        # The seed's own payload (001, "Subscription Format") gives rtspUrl and snapshotUrl
+        # together: the RTSP stream is read, the snapshot URL is kept and unused.
         given = [n for n in ("rtspUrl", "snapshotUrl", "fileUrl") if getattr(self, n)]
-        if len(given) != 1:
-            raise ValueError(
-                f"exactly one of rtspUrl, snapshotUrl, fileUrl is required, got {given or 'none'}"
-            )
+        if not given:
+            raise ValueError("one of rtspUrl, snapshotUrl, fileUrl is required, got none")
+        if self.fileUrl is not None and len(given) > 1:
+            raise ValueError(f"fileUrl cannot be combined with another source, got {given}")
         crop = (self.cropX1, self.cropY1, self.cropX2, self.cropY2)
         if any(c is not None for c in crop):
             if any(c is None for c in crop):
@@ -181,6 +222,10 @@ class RegistryState(StrictModel):
 
     subscriptions: dict[str, Subscription] = Field(default_factory=dict)
     placement: dict[str, int] = Field(default_factory=dict, description="stream key → actor")
+    leases: dict[str, dict[str, Hold]] = Field(
+        default_factory=dict,
+        description="subscription id → the WebSocket connections holding it (none: persistent)",
+    )
 
 
 class SubscriptionTable:

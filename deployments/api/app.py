@@ -6,7 +6,7 @@ routes have always been matched, behind the bearer-token middleware.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,6 +38,7 @@ class ApiDeps:
     control: ControlPlane
     fanout: EventFanout
     state: ReplicaState
+    model_versions: dict[str, str] = field(default_factory=dict)  # pipeline root → version
 
     def ws(self) -> WsDeps:
         """What a WebSocket session uses of these."""
@@ -45,7 +46,7 @@ class ApiDeps:
             registry=self.control.registry,
             hub=self.control.hub,
             fanout=self.fanout,
-            models=frozenset(self.detectors.handles),
+            models={m: self.model_versions.get(m) for m in self.detectors.handles},
             settings=self.settings,
             streams=self.state.streams,
             system=self.state.system,

@@ -34,6 +34,7 @@ from graph.common.errors import (
     InferenceError,
     ModelLoadError,
     ModelNotReadyError,
+    StreamLimitReached,
     UnknownModelError,
 )
 from stream_actors.subscriptions import SubscriptionRefused
@@ -196,6 +197,14 @@ ERRORS: tuple[ErrorRule, ...] = (
     ),
     ErrorRule(JobNotFoundError, 404, grpc.StatusCode.NOT_FOUND, _core(JobNotFoundError)),
     ErrorRule(SubscriptionRefused, 403, grpc.StatusCode.PERMISSION_DENIED, _refused),
+    # 409, not 429: the registry's current state refuses it, and retrying alone cannot
+    # help (429 invites an automatic retry after a while) until a stream ends.
+    ErrorRule(
+        StreamLimitReached,
+        409,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        _core(StreamLimitReached, limit=lambda e: e.limit),
+    ),
     ErrorRule(ValidationError, 422, grpc.StatusCode.INVALID_ARGUMENT, _validation),
     # Serve's and Ray's errors after camgraph's (see the module docstring): a dependency
     # is away or overloaded, so the client should retry.

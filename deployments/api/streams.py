@@ -1,5 +1,6 @@
 """Camera streams: subscribe, unsubscribe, list, a subscription's events, a camera's
-newest frame. The stream registry actor owns them; these routes only ask it."""
+newest frame (`/camera/{id}/image`, as the seeds name it, and `/cameras/{id}/image`).
+The stream registry actor owns them; these routes only ask it."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def router(control: ControlPlane, detectors: Detectors, read_timeout_s: float) -
         except KeyError:
             raise NotFound(f"no subscription {subscription_id!r}") from None
 
+    # `/camera/{camera_id}/image` is the seeds' path (000 "Route Registration", 001 "Core
+    # Components"); `/cameras/...` is camgraph's, kept for its clients.
+    @api.get("/camera/{camera_id}/image", response_class=Response)
     @api.get("/cameras/{camera_id}/image", response_class=Response)
     @with_route_exceptions(UNAVAILABLE)
     async def camera_image(camera_id: str = Path(pattern=CAMERA_ID_PATTERN)) -> Any:

@@ -1,6 +1,11 @@
 """The detector-worker WebSocket protocol: parsing client messages and rendering worker
 messages (pure; the Ingress runs the connection). docs/protocol.md has every message.
 
+The seeds' message shapes are the contract (000 "Subscribe Message Flow" and "Detection
+Result Broadcasting", 001 "WebSocket Protocol"): where a seed gives a key, it is sent
+under that name and at that place; camgraph's own keys are extensions beside them (in
+`imageDetection`, inside `payload`), so a client that reads only the seed's keys works.
+
 A malformed message (not JSON, not an object, unknown `type`, a missing or wrong field)
 raises `ProtocolError`; the connection answers with an `error` message and stays open.
 A client may add a `requestId` to any message; the answer carries it back.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -137,10 +143,46 @@ def ack(kind: str, request_id: Any = None, **fields: Any) -> dict[str, Any]:
     return _with_request({"type": f"{kind}Ack", "status": "success", **fields}, request_id)
 
 
-def image_detection(event: dict[str, Any]) -> dict[str, Any]:
-    """An EventHub `detection` event as `imageDetection`: every detection of the frame,
-    and `detection`, the most confident one (what detector-worker clients read)."""
+def subscribe_ack(
+    sub: Subscription, stream: str, pending_error: str | None, request_id: Any = None
+) -> dict[str, Any]:
+    """`subscribeAck`: the seed's `type`, `status`, `subscriptionId` (000, "Subscribe
+    Message Flow"), then camgraph's extensions."""
+    return ack(
+        "subscribe",
+        request_id,
+        subscriptionId=sub.subscriptionIdentifier,
+        subscriptionIdentifier=sub.subscriptionIdentifier,
+        modelId=sub.model_id_sent,
+        stream=stream,
+        pendingError=pending_error,
+    )
+
+
+def unsubscribe_ack(subscription_id: str, request_id: Any = None) -> dict[str, Any]:
+    """`unsubscribeAck`, shaped as the seed's `subscribeAck`, then camgraph's extensions."""
+    return ack(
+        "unsubscribe",
+        request_id,
+        subscriptionId=subscription_id,
+        subscriptionIdentifier=subscription_id,
+    )
+
+
+def image_detection(
+    event: dict[str, Any],
+    sub: Subscription | None = None,
+    versions: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """An EventHub `detection` event as the seed's `imageDetection` (000, "Detection
+    Result Broadcasting"): `payload` with `subscriptionId`, `detections`, `timestamp` and
+    `modelInfo`, then camgraph's extensions inside `payload` (`detection`, the most
+    confident one; the event id, frame number and session id). `sub` is the connection's
+    subscription, whose `modelId` is echoed as it was sent (a number stays a number);
+    `versions` gives a model's pipeline version."""
     data = event.get("data") or {}
+    model_id = event.get("model_id")
+    sent = sub.model_id_sent if sub is not None and sub.modelId == model_id else model_id
     detections = [
         {
             "class": d["label"],
@@ -155,15 +197,19 @@ def image_detection(event: dict[str, Any]) -> dict[str, Any]:
     best = max(detections, key=lambda d: d["confidence"]) if detections else None
     return {
         "type": "imageDetection",
-        "subscriptionIdentifier": event["subscription_id"],
-        "timestamp": iso(data.get("captured_at", event.get("time"))),
-        "eventId": event.get("id"),
-        "data": {
-            "detection": best,
+        "payload": {
+            "subscriptionId": event["subscription_id"],
             "detections": detections,
+            "timestamp": iso(data.get("captured_at", event.get("time"))),
+            "modelInfo": {
+                "modelId": sent,
+                "modelName": data.get("model_name"),
+                "version": (versions or {}).get(model_id) if model_id is not None else None,
+            },
+            # camgraph extensions
+            "detection": best,
+            "eventId": event.get("id"),
             "frameSeq": data.get("frame_seq"),
-            "modelId": event.get("model_id"),
-            "modelName": data.get("model_name"),
             "sessionId": event.get("session_id"),
         },
     }
@@ -193,7 +239,7 @@ def camera_connection(sub: Subscription, stream: dict[str, Any] | None) -> dict[
     state = stream.get("state", "starting") if stream is not None else "unknown"
     return {
         "subscriptionIdentifier": sub.subscriptionIdentifier,
-        "modelId": sub.modelId,
+        "modelId": sub.model_id_sent,
         "modelName": sub.modelName,
         "online": state == "connected",
         "state": state,
@@ -217,7 +263,8 @@ def state_report(
     streams: list[dict[str, Any]],
     events_dropped_total: int,
 ) -> dict[str, Any]:
-    """`stateReport`: host load, and each camera this connection subscribed."""
+    """`stateReport`: the seed's "periodic heartbeat with system metrics" (001, "Message
+    Types"; it names no keys): host load, and each camera this connection subscribed."""
     by_sub = {sid: s for s in streams for sid in s.get("subscription_ids", [])}
     return {
         "type": "stateReport",

@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Collection
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,10 +34,10 @@ class WsDeps:
     """What a session uses of its replica: actor handles (their `.remote()` calls are
     awaited), the replica's fan-out and its cached stream listing and host load."""
 
-    registry: Any  # subscribe, unsubscribe
+    registry: Any  # subscribe, unsubscribe, renew, release
     hub: Any  # set_session, patch_session
     fanout: EventFanout
-    models: Collection[str]  # the model ids a subscription may name
+    models: Mapping[str, str | None]  # model ids a subscription may name → pipeline version
     settings: IngressSettings  # state_report_s, actor_call_timeout_s
     streams: Callable[[], Awaitable[list[dict[str, Any]]]]  # `GET /streams`' list
     system: Callable[[], Awaitable[dict[str, Any]]]  # host load
@@ -50,6 +51,12 @@ class WsSession:
         self.subs: dict[str, Subscription] = {}
         self.queue = deps.fanout.register(EventFilter(subscriptions=set(), types={"detection"}))
         self.send_lock = asyncio.Lock()
+        # The owner of this connection's subscriptions in the registry: they end one grace
+        # after it stops renewing (closed, or this replica died). Known once a subscribe
+        # answers with a lease (a `persistent` one has none).
+        self.connection_id = uuid.uuid4().hex
+        self.lease_grace_s: float | None = None
+        self._leased = asyncio.Event()
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self.send_lock:
@@ -59,6 +66,7 @@ class WsSession:
         background = [
             asyncio.create_task(self._send_events(), name="ws-events"),
             asyncio.create_task(self._report_state(), name="ws-state"),
+            asyncio.create_task(self._renew_lease(), name="ws-lease"),
         ]
         receiver = asyncio.create_task(self._receive(), name="ws-receive")
         try:
@@ -85,6 +93,7 @@ class WsSession:
                 task.cancel()
             self.deps.fanout.unregister(self.queue)
             await asyncio.gather(receiver, *background, return_exceptions=True)
+            await self._release_lease()
 
     async def _receive(self) -> None:
         while True:
@@ -131,7 +140,9 @@ class WsSession:
                 )
             try:
                 result = await self._call(
-                    deps.registry.subscribe.remote(sub.model_dump(mode="json"))
+                    deps.registry.subscribe.remote(
+                        sub.model_dump(mode="json"), owner=self.connection_id
+                    )
                 )
             except Exception as exc:  # refused by policy, or the registry away
                 error = ws_error(exc, kind, request_id, "stream registry unavailable")
@@ -140,14 +151,11 @@ class WsSession:
                 raise error from None
             self.subs[sub.subscriptionIdentifier] = sub
             self._refilter()
+            if result.get("lease") is not None:  # held by this connection: renew it
+                self.lease_grace_s = float(result["lease"]["grace_s"])
+                self._leased.set()
             await self.send(
-                wsp.ack(
-                    kind,
-                    request_id,
-                    subscriptionIdentifier=sub.subscriptionIdentifier,
-                    stream=result["stream"],
-                    pendingError=result["pending_error"],
-                )
+                wsp.subscribe_ack(sub, result["stream"], result["pending_error"], request_id)
             )
         elif kind == "unsubscribe":
             sub_id = payload.subscriptionIdentifier
@@ -158,7 +166,7 @@ class WsSession:
             self._refilter()
             if not known:
                 raise wsp.ProtocolError(f"no subscription {sub_id!r}", kind, None, request_id)
-            await self.send(wsp.ack(kind, request_id, subscriptionIdentifier=sub_id))
+            await self.send(wsp.unsubscribe_ack(sub_id, request_id))
         elif kind == "requestState":
             report = await self._state_report()
             await self.send(report | ({"requestId": request_id} if request_id is not None else {}))
@@ -188,6 +196,34 @@ class WsSession:
             }
             await self.send(reply | ({"requestId": request_id} if request_id is not None else {}))
 
+    async def _renew_lease(self) -> None:
+        """Every grace/3, one registry call renews all this connection's subscriptions. A
+        failure is logged and retried at the next turn, never ending the session: the
+        grace outlasts two missed renewals."""
+        await self._leased.wait()
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            assert self.lease_grace_s is not None
+            due += self.lease_grace_s / 3
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due = loop.time()  # paced from each call's start: a slow one delays no other
+            try:
+                reply = await self._call(self.deps.registry.renew.remote(self.connection_id))
+                self.lease_grace_s = float(reply["grace_s"])
+            except Exception as exc:
+                logger.warning("WebSocket session: renewing its subscriptions failed: %r", exc)
+
+    async def _release_lease(self) -> None:
+        """The connection closed: its subscriptions' grace starts now (best effort: if the
+        registry does not hear it, they end one grace after the last renewal)."""
+        if not self._leased.is_set():
+            return
+        try:
+            await self._call(self.deps.registry.release.remote(self.connection_id))
+        except Exception as exc:
+            logger.warning("WebSocket session: releasing its subscriptions failed: %r", exc)
+
     def _refilter(self) -> None:
         self.queue.flt = EventFilter(subscriptions=set(self.subs), types={"detection"})
 
@@ -199,7 +235,8 @@ class WsSession:
             if event["type"] == "dropped":
                 await self.send(wsp.events_dropped(event))
             else:
-                await self.send(wsp.image_detection(event))
+                sub = self.subs.get(event.get("subscription_id", ""))
+                await self.send(wsp.image_detection(event, sub, self.deps.models))
 
     async def _state_report(self) -> dict[str, Any]:
         streams = await self.deps.streams()

@@ -51,3 +51,19 @@ class DetectorBusy(CamgraphError):
 
     def __str__(self) -> str:
         return f"detector of model {self.model_id!r} is busy: {self.detail}"
+
+
+class StreamLimitReached(CamgraphError):
+    """A subscription that would open a camera stream beyond `streams.max_streams` (the
+    seed's `max_streams`): refused until a stream ends. One on a URL already streamed is
+    never refused (it opens nothing)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (
+            f"stream limit reached: at most {self.limit} camera streams (streams.max_streams); "
+            "unsubscribe one first (subscriptions to a URL already streamed are accepted)"
+        )

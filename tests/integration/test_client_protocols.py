@@ -126,18 +126,25 @@ def test_websocket_protocol_end_to_end(app: str, rtsp: RtspServer) -> None:
         async with client(app) as ws:
             await send(ws, {**subscription(sub_id, rtsp, "scene0"), "requestId": 1})
             ack = await next_of(ws, {"subscribeAck", "error"})
-            assert ack["type"] == "subscribeAck", ack
-            assert ack["subscriptionIdentifier"] == sub_id and ack["requestId"] == 1
-            detection = await next_of(ws, {"imageDetection"}, 90, lambda m: m["data"]["detections"])
-            assert detection["subscriptionIdentifier"] == sub_id
-            assert detection["data"]["modelId"] == "demo"
-            assert detection["data"]["modelName"] == "Demo vehicles"
-            best = detection["data"]["detection"]
-            assert best["confidence"] == max(
-                d["confidence"] for d in detection["data"]["detections"]
+            # The seed's subscribeAck (000, "Subscribe Message Flow"), camgraph's keys beside.
+            assert ack["type"] == "subscribeAck" and ack["status"] == "success", ack
+            assert ack["subscriptionId"] == sub_id and ack["requestId"] == 1
+            assert ack["subscriptionIdentifier"] == sub_id and ack["modelId"] == "demo"
+            detection = await next_of(
+                ws, {"imageDetection"}, 90, lambda m: m["payload"]["detections"]
             )
+            # The seed's imageDetection (000, "Detection Result Broadcasting"): everything
+            # inside `payload`, camgraph's extensions beside the seed's keys there.
+            assert set(detection) == {"type", "payload"}, detection
+            payload = detection["payload"]
+            assert payload["subscriptionId"] == sub_id
+            assert payload["modelInfo"]["modelId"] == "demo"
+            assert payload["modelInfo"]["modelName"] == "Demo vehicles"
+            assert "version" in payload["modelInfo"]
+            best = payload["detection"]
+            assert best["confidence"] == max(d["confidence"] for d in payload["detections"])
             assert len(best["bbox"]) == 4 and best["class"] in DETECT_CLASSES
-            assert detection["timestamp"].endswith("Z")
+            assert payload["timestamp"].endswith("Z")
 
             await send(
                 ws,
@@ -148,9 +155,9 @@ def test_websocket_protocol_end_to_end(app: str, rtsp: RtspServer) -> None:
             )
             assert (await next_of(ws, {"setSessionIdAck"}))["sessionId"] == 4242
             stamped = await next_of(
-                ws, {"imageDetection"}, 30, lambda m: m["data"]["sessionId"] == 4242
+                ws, {"imageDetection"}, 30, lambda m: m["payload"]["sessionId"] == 4242
             )
-            assert stamped["subscriptionIdentifier"] == sub_id
+            assert stamped["payload"]["subscriptionId"] == sub_id
 
             await send(
                 ws,
@@ -187,7 +194,8 @@ def test_websocket_protocol_end_to_end(app: str, rtsp: RtspServer) -> None:
             assert asked["cameraConnections"][0]["subscriptionIdentifier"] == sub_id
 
             await send(ws, {"type": "unsubscribe", "payload": {"subscriptionIdentifier": sub_id}})
-            assert (await next_of(ws, {"unsubscribeAck"}))["subscriptionIdentifier"] == sub_id
+            unsubscribed = await next_of(ws, {"unsubscribeAck"})
+            assert unsubscribed["status"] == "success" and unsubscribed["subscriptionId"] == sub_id
             # After the ack not one more detection of it.
             deadline = time.monotonic() + 4
             while (left := deadline - time.monotonic()) > 0:
@@ -220,7 +228,7 @@ MALFORMED: list[tuple[str | bytes, str | None, str]] = [
         "subscriptionIdentifier",
     ),
     (bad_subscribe(cropX1="left"), "subscribe", "cropX1"),
-    (bad_subscribe(snapshotUrl="http://h/s.jpg"), "subscribe", "exactly one of"),
+    (bad_subscribe(fileUrl="/data/clip.mp4"), "subscribe", "fileUrl cannot be combined"),
     (bad_subscribe(modelId="nope"), "subscribe", "unknown modelId"),
     (
         '{"type": "subscribe", "payload": {"subscriptionIdentifier": "no-semicolon", "rtspUrl": "rtsp://h/s"}}',
@@ -376,7 +384,7 @@ def test_a_client_that_stops_reading_slows_no_one_and_its_session_ends(
             ended_after_s = None
             while time.monotonic() - start_t < 90:
                 message = await next_of(reader, {"imageDetection"})
-                ids.append(int(message["eventId"]))
+                ids.append(int(message["payload"]["eventId"]))
                 now = replica_websockets(app)
                 if ended_after_s is None and now == before + 1:
                     ended_after_s = time.monotonic() - start_t

@@ -134,11 +134,15 @@ def test_bad_subscribe_bodies_get_422_naming_the_field(app: str) -> None:
         response = httpx.post(f"{app}/streams", json=body, timeout=30)
         assert response.status_code == 422, (field, response.text)
         assert field in json.dumps(response.json()["detail"]), (field, response.text)
-    both = {"subscriptionIdentifier": "d;c", "rtspUrl": "rtsp://h/", "snapshotUrl": "http://h/"}
-    response = httpx.post(f"{app}/streams", json=both, timeout=30)
-    assert response.status_code == 422 and "exactly one" in response.text
+    mixed = {"subscriptionIdentifier": "d;c", "rtspUrl": "rtsp://h/", "fileUrl": "/data/a.mp4"}
+    response = httpx.post(f"{app}/streams", json=mixed, timeout=30)
+    assert response.status_code == 422 and "fileUrl cannot be combined" in response.text
+    none = {"subscriptionIdentifier": "d;c"}
+    response = httpx.post(f"{app}/streams", json=none, timeout=30)
+    assert response.status_code == 422 and "one of rtspUrl, snapshotUrl, fileUrl" in response.text
     assert httpx.delete(f"{app}/streams/d;unknown", timeout=30).status_code == 404
     assert httpx.get(f"{app}/cameras/unknown/image", timeout=30).status_code == 404
+    assert httpx.get(f"{app}/camera/unknown/image", timeout=30).status_code == 404
 
 
 def aligned_tracks(
@@ -288,6 +292,8 @@ def test_two_subscriptions_share_one_stream_until_the_last_leaves(
     )
     image = httpx.get(f"{app}/cameras/cam-shared/image", timeout=30)
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    seed_path = httpx.get(f"{app}/camera/cam-shared/image", timeout=30)  # the seeds' path
+    assert seed_path.status_code == 200 and seed_path.headers["content-type"] == "image/jpeg"
     decoded = cv2.imdecode(np.frombuffer(image.content, np.uint8), cv2.IMREAD_COLOR)
     assert decoded.shape == (360, 640, 3)
     # The crop subscription only sees the left half: every box lies inside it.

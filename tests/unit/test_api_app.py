@@ -78,7 +78,7 @@ class Registry:
         if self.mode == "dead":
             raise ActorDiedError()
 
-    async def _subscribe(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _subscribe(self, body: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
         self._behave()
         if body.get("rtspUrl", "").endswith("/forbidden"):
             raise SubscriptionRefused("this source is not allowed")
@@ -343,13 +343,23 @@ def test_streams(api: tuple[TestClient, Fakes]) -> None:
     assert client.get("/streams/display-1;nope/events", headers=AUTH).status_code == 404
     assert client.delete("/streams/display-1;cam-1", headers=AUTH).status_code == 204
     assert client.delete("/streams/display-1;cam-1", headers=AUTH).status_code == 404
-    assert client.get("/cameras/unknown/image", headers=AUTH).status_code == 404
-    dark = client.get("/cameras/dark/image", headers=AUTH)
-    assert dark.status_code == 503 and dark.json()["detail"]["message"] == (
-        "camera 'dark' has no frame yet"
-    )
-    image = client.get("/cameras/cam-1/image", headers=AUTH)
-    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    # The seeds' `/camera/{camera_id}/image` and camgraph's `/cameras/...`: the same route.
+    for prefix in ("/camera", "/cameras"):
+        assert client.get(f"{prefix}/unknown/image", headers=AUTH).status_code == 404
+        dark = client.get(f"{prefix}/dark/image", headers=AUTH)
+        assert dark.status_code == 503 and dark.json()["detail"]["message"] == (
+            "camera 'dark' has no frame yet"
+        )
+        image = client.get(f"{prefix}/cam-1/image", headers=AUTH)
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+        assert image.content == b"\xff\xd8jpeg" and image.headers["cache-control"] == "no-store"
+        assert client.get(f"{prefix}/cam-1/image").status_code == 401
+        assert client.get(f"{prefix}/a;b/image", headers=AUTH).status_code == 422
+    # The seed's example payload gives rtspUrl and snapshotUrl: taken; fileUrl goes alone.
+    both = {**SUB, "subscriptionIdentifier": "display-1;cam-2", "snapshotUrl": "http://h/s.jpg"}
+    assert client.post("/streams", json=both, headers=AUTH).status_code == 201
+    mixed = client.post("/streams", json={**SUB, "fileUrl": "/data/a.mp4"}, headers=AUTH)
+    assert mixed.status_code == 422 and "fileUrl cannot be combined" in mixed.text
     fakes.registry.mode = "dead"
     away = client.post("/streams", json=SUB, headers=AUTH)
     assert away.status_code == 503
@@ -425,6 +435,7 @@ def test_websocket_subscribe_and_errors() -> None:
         ws.send(json.dumps({"type": "subscribe", "requestId": 1, "payload": SUB}))
         ack = json.loads(ws.recv(timeout=5))
         assert ack["type"] == "subscribeAck" and ack["requestId"] == 1
+        assert ack["status"] == "success" and ack["subscriptionId"] == SUB["subscriptionIdentifier"]
         ws.send("not json")
         assert json.loads(ws.recv(timeout=5))["type"] == "error"
         fakes.registry.mode = "dead"

@@ -24,6 +24,7 @@ from graph.common.errors import (
     InferenceError,
     ModelLoadError,
     ModelNotReadyError,
+    StreamLimitReached,
     UnknownModelError,
 )
 from stream_actors.subscriptions import SubscriptionRefused
@@ -238,6 +239,14 @@ ROWS = [
         "file cameras read only from data/",
         CODE.PERMISSION_DENIED,
         "file cameras read only from data/",
+    ),
+    Row(
+        StreamLimitReached(8),
+        409,
+        {"detail": {"message": str(StreamLimitReached(8)), "limit": 8}},
+        str(StreamLimitReached(8)),
+        CODE.RESOURCE_EXHAUSTED,
+        str(StreamLimitReached(8)),
     ),
     Row(
         validation_error(),

@@ -74,7 +74,11 @@ def test_the_detector_worker_payload_is_accepted_and_ids_are_split() -> None:
     "body, field",
     [
         ({"subscriptionIdentifier": "nocamera", "rtspUrl": "rtsp://h/"}, "subscriptionIdentifier"),
-        ({"subscriptionIdentifier": "d;c"}, "exactly one"),
+        ({"subscriptionIdentifier": "d;c"}, "one of rtspUrl, snapshotUrl, fileUrl is required"),
+        (
+            {"subscriptionIdentifier": "d;c", "rtspUrl": "rtsp://h/", "fileUrl": "/a.mp4"},
+            "fileUrl cannot be combined",
+        ),
         ({"subscriptionIdentifier": "d;c", "rtspUrl": "http://h/"}, "rtspUrl"),
         ({"subscriptionIdentifier": "d;c", "snapshotUrl": "ftp://h/"}, "snapshotUrl"),
         ({"subscriptionIdentifier": "d;c", "fileUrl": "../etc/passwd"}, "fileUrl"),

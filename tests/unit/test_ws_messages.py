@@ -1,7 +1,8 @@
 """The worker's messages of the detector-worker WebSocket protocol
 (deployments.api.ws_protocol), without Ray or a network: `error`, acks, `eventsDropped`,
 `imageDetection` from real EventHub events (`hub_event` through `EventLog.publish`), and
-`stateReport`. Parsing client messages is in test_ws_protocol.py."""
+`stateReport`; the seeds' own messages (tests/unit/seed_messages.py) are the oracle of
+the acks and `imageDetection`. Parsing client messages is in test_ws_protocol.py."""
 
 import json
 import re
@@ -13,7 +14,13 @@ from deployments.api import ws_protocol as wsp
 from graph.events.model import StreamEvent, TrackedDetection, hub_event
 from graph.events.ring import EventLog
 from stream_actors.stability import ObjectEvent
-from stream_actors.subscriptions import Subscription
+from stream_actors.subscriptions import RegistryState, Subscription
+from tests.unit.seed_messages import (
+    assert_seed_keys_kept,
+    seed_image_detection,
+    seed_subscribe_ack,
+    subscribe_example,
+)
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 SUB = "display-1;cam-1"
@@ -41,12 +48,12 @@ def test_error_message_renders_the_protocol_error() -> None:
 
 
 def test_ack_and_events_dropped() -> None:
-    assert wsp.ack("subscribe", None, subscriptionIdentifier=SUB) == {
-        "type": "subscribeAck",
+    assert wsp.ack("setSessionId", 0, sessionId=None) == {
+        "type": "setSessionIdAck",
         "status": "success",
-        "subscriptionIdentifier": SUB,
+        "sessionId": None,
+        "requestId": 0,  # falsy ids come back
     }
-    assert wsp.ack("setSessionId", 0, sessionId=None)["requestId"] == 0  # falsy ids come back
     dropped = wsp.events_dropped({"type": "dropped", "count": 7, "reason": "slow_client"})
     assert dropped["type"] == "eventsDropped" and dropped["count"] == 7
     assert dropped["reason"] == "slow_client" and ISO.match(dropped["timestamp"])
@@ -83,15 +90,19 @@ def test_image_detection_from_a_real_hub_event() -> None:
     (event,) = published(log, detection_event(PERSON, CAR, TRUCK, model_name="Demo vehicles"))
     rendered = wsp.image_detection(event)
     json.dumps(rendered)
+    assert set(rendered) == {"type", "payload"}  # extensions live inside payload
     assert rendered["type"] == "imageDetection"
-    assert rendered["subscriptionIdentifier"] == SUB
-    assert rendered["eventId"] == 2
-    assert rendered["timestamp"] == "2023-11-14T22:13:20.123Z"  # the capture time
-    data = rendered["data"]
-    assert data["frameSeq"] == 17 and data["modelId"] == "demo"
-    assert data["modelName"] == "Demo vehicles" and data["sessionId"] is None
-    assert [d["class"] for d in data["detections"]] == ["person", "car", "truck"]
-    assert data["detection"] == {
+    payload = rendered["payload"]
+    assert payload["subscriptionId"] == SUB
+    assert payload["timestamp"] == "2023-11-14T22:13:20.123Z"  # the capture time
+    assert payload["modelInfo"] == {
+        "modelId": "demo",
+        "modelName": "Demo vehicles",
+        "version": None,
+    }
+    assert payload["eventId"] == 2 and payload["frameSeq"] == 17 and payload["sessionId"] is None
+    assert [d["class"] for d in payload["detections"]] == ["person", "car", "truck"]
+    assert payload["detection"] == {
         "class": "car",
         "classId": 2,
         "confidence": 0.91,
@@ -99,7 +110,7 @@ def test_image_detection_from_a_real_hub_event() -> None:
         "trackId": 3,
         "stable": True,
     }
-    assert data["detections"][0] == {
+    assert payload["detections"][0] == {
         "class": "person",
         "classId": 0,
         "confidence": 0.55,
@@ -107,13 +118,128 @@ def test_image_detection_from_a_real_hub_event() -> None:
         "trackId": None,
         "stable": False,
     }
+    assert list(payload)[:4] == ["subscriptionId", "detections", "timestamp", "modelInfo"]
 
 
 def test_a_frame_without_detections_has_no_best_detection() -> None:
     (event,) = published(EventLog(), detection_event())
-    data = wsp.image_detection(event)["data"]
-    assert data["detection"] is None and data["detections"] == []
-    assert data["modelName"] is None
+    payload = wsp.image_detection(event)["payload"]
+    assert payload["detection"] is None and payload["detections"] == []
+    assert payload["modelInfo"]["modelName"] is None
+
+
+# ---- the seeds' messages as the oracle --------------------------------------------
+def seed_subscription() -> Subscription:
+    """001's example subscribe payload: rtspUrl and snapshotUrl, modelId 101, a crop."""
+    return Subscription.model_validate(subscribe_example()["payload"])
+
+
+def test_subscribe_and_unsubscribe_acks_are_the_seeds() -> None:
+    sub = seed_subscription()
+    ack = wsp.subscribe_ack(sub, "rtsp-6f1c0e2b9a7d4410", None, 1)
+    json.dumps(ack)
+    seed = seed_subscribe_ack("display-001;cam-001")
+    assert_seed_keys_kept(ack, seed)
+    assert list(ack)[:3] == ["type", "status", "subscriptionId"]
+    extensions = {"subscriptionIdentifier", "modelId", "stream", "pendingError", "requestId"}
+    assert set(ack) - set(seed) == extensions
+    assert ack["modelId"] == 101 and type(ack["modelId"]) is int  # as the client sent it
+    assert ack["subscriptionIdentifier"] == "display-001;cam-001"
+    assert ack["stream"] == "rtsp-6f1c0e2b9a7d4410" and ack["pendingError"] is None
+    assert ack["requestId"] == 1
+    pending = wsp.subscribe_ack(sub, "rtsp-0", "OSError: refused")
+    assert "requestId" not in pending and pending["pendingError"] == "OSError: refused"
+    # The seed's unsubscribeAck is "likewise" (000 shows only its type): subscribeAck's keys.
+    unsub = wsp.unsubscribe_ack("display-001;cam-001", 2)
+    seed_unsub = {**seed, "type": "unsubscribeAck"}
+    assert_seed_keys_kept(unsub, seed_unsub)
+    assert set(unsub) - set(seed_unsub) == {"subscriptionIdentifier", "requestId"}
+    assert "requestId" not in wsp.unsubscribe_ack("display-001;cam-001")
+
+
+def seed_camera_event(sub: Subscription, model_id: str | None) -> dict[str, Any]:
+    """The hub event the seed subscription's camera emits for one frame with a car (the
+    camera actor runs the model by its text id)."""
+    event = StreamEvent(
+        "detection",
+        subscription_id=sub.subscriptionIdentifier,
+        camera_id=sub.camera_id,
+        model_id=model_id or "demo",
+        frame_seq=17,
+        captured_at=1_700_000_000.1239,
+        detected_at=1_700_000_000.3,
+        detections=(CAR,),
+        extra={"model_name": sub.modelName},
+    )
+    (published_event,) = published(EventLog(), event)
+    return published_event
+
+
+def test_image_detection_is_the_seeds_message_with_the_model_id_as_sent() -> None:
+    sub = seed_subscription()
+    event = seed_camera_event(sub, sub.modelId)
+    assert event["model_id"] == "101"  # what routed to the detector
+    rendered = wsp.image_detection(event, sub, {"101": "v7", "demo": None})
+    json.dumps(rendered)
+    expected = seed_image_detection(
+        "display-001;cam-001",
+        {
+            "detections": [
+                {
+                    "class": "car",
+                    "classId": 2,
+                    "confidence": 0.91,
+                    "bbox": [10.0, 20.0, 110.0, 90.0],
+                    "trackId": 3,
+                    "stable": True,
+                }
+            ],
+            "timestamp": "2023-11-14T22:13:20.123Z",
+            "model_info": {"modelId": 101, "modelName": "Vehicle Detection", "version": "v7"},
+        },
+    )
+    assert set(rendered) == set(expected)  # nothing beside the seed's keys at the top
+    assert_seed_keys_kept(rendered, expected)
+    assert rendered["payload"]["modelInfo"] == expected["payload"]["modelInfo"]
+    assert type(rendered["payload"]["modelInfo"]["modelId"]) is int
+    extensions = {"detection", "eventId", "frameSeq", "sessionId"}
+    assert set(rendered["payload"]) - set(expected["payload"]) == extensions
+
+
+def test_model_info_without_the_connections_subscription_or_a_model_id() -> None:
+    sub = seed_subscription()
+    event = seed_camera_event(sub, sub.modelId)
+    # An event that outran its unsubscribe: no subscription left to echo, the text id.
+    assert wsp.image_detection(event)["payload"]["modelInfo"] == {
+        "modelId": "101",
+        "modelName": "Vehicle Detection",
+        "version": None,
+    }
+    # The subscription named no model: the default model that ran, with its version.
+    unnamed = Subscription.model_validate({**subscribe_example()["payload"], "modelId": None})
+    default = seed_camera_event(unnamed, None)
+    info = wsp.image_detection(default, unnamed, {"demo": "1.2"})["payload"]["modelInfo"]
+    assert info == {"modelId": "demo", "modelName": "Vehicle Detection", "version": "1.2"}
+    # Replaced by another connection with another model: the model that ran, as text.
+    other = wsp.image_detection(seed_camera_event(sub, "demo"), sub)["payload"]["modelInfo"]
+    assert other["modelId"] == "demo"
+
+
+def test_state_report_and_the_registry_keep_the_model_id_as_sent() -> None:
+    sub = seed_subscription()
+    report = wsp.state_report({}, {sub.subscriptionIdentifier: sub}, [], 0)
+    assert report["type"] == "stateReport"  # the one key the seeds give it
+    (camera,) = report["cameraConnections"]
+    assert camera["modelId"] == 101 and type(camera["modelId"]) is int
+    assert camera["subscriptionIdentifier"] == "display-001;cam-001"
+    assert camera["modelName"] == "Vehicle Detection"
+    crop = (camera["cropX1"], camera["cropY1"], camera["cropX2"], camera["cropY2"])
+    assert crop == (100, 200, 300, 400)
+    # Persisted by the registry and read back after its restart: still 101.
+    state = RegistryState(subscriptions={sub.subscriptionIdentifier: sub})
+    restored = RegistryState.model_validate(json.loads(state.model_dump_json()))
+    again = restored.subscriptions["display-001;cam-001"]
+    assert again.modelId == "101" and again.model_id_sent == 101 and again == sub
 
 
 def test_session_id_is_stamped_by_the_hub_after_set_session() -> None:
@@ -124,7 +250,7 @@ def test_session_id_is_stamped_by_the_hub_after_set_session() -> None:
     (during,) = published(log, detection_event(CAR))
     log.set_session("display-1", None)  # null clears
     (after,) = published(log, detection_event(CAR))
-    sessions = [wsp.image_detection(e)["data"]["sessionId"] for e in (before, during, after)]
+    sessions = [wsp.image_detection(e)["payload"]["sessionId"] for e in (before, during, after)]
     assert sessions == [None, 4242, None]
     assert during["session_id"] == 4242 and during["display_id"] == "display-1"
 
@@ -143,7 +269,7 @@ def test_only_detection_events_carry_detections() -> None:
     (event,) = published(EventLog(), lifecycle)
     assert event["type"] == "new" and "detections" not in event["data"]
     assert event["data"]["object"]["track_id"] == 3
-    assert wsp.image_detection(event)["data"]["detection"] is None
+    assert wsp.image_detection(event)["payload"]["detection"] is None
 
 
 def stream_listing() -> dict[str, Any]:
@@ -196,7 +322,7 @@ def test_camera_connection_of_a_connected_stream_with_a_crop() -> None:
     s = sub("display-1;cam-1", modelId=42, modelName="Demo", cropX1=0, cropY1=0, cropX2=8, cropY2=9)
     assert wsp.camera_connection(s, stream) == {
         "subscriptionIdentifier": "display-1;cam-1",
-        "modelId": "42",
+        "modelId": 42,  # as the subscription sent it
         "modelName": "Demo",
         "online": True,
         "state": "connected",

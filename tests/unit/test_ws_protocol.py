@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from deployments.api import ws_protocol as wsp
-from stream_actors.subscriptions import Subscription
+from stream_actors.subscriptions import Subscription, stream_key
+from tests.unit.seed_messages import subscribe_example
 
 SUB = "display-1;cam-1"
 
@@ -55,6 +56,23 @@ def test_subscribe_rtsp_with_every_option() -> None:
     assert sub.stability is not None and sub.stability.min_hits == 2
 
 
+def test_the_seeds_subscribe_example_is_taken_as_it_is() -> None:
+    """001's example carries rtspUrl and snapshotUrl, a numeric modelId, a crop."""
+    example = subscribe_example()
+    kind, sub, request_id = wsp.parse(json.dumps(example))
+    assert kind == "subscribe" and request_id is None and isinstance(sub, Subscription)
+    payload = example["payload"]
+    assert sub.subscriptionIdentifier == payload["subscriptionIdentifier"] == "display-001;cam-001"
+    assert (sub.display_id, sub.camera_id) == ("display-001", "cam-001")
+    assert sub.kind == "rtsp" and sub.url == payload["rtspUrl"]  # the RTSP stream is read
+    assert sub.snapshotUrl == payload["snapshotUrl"] and sub.snapshotInterval == 5000
+    assert sub.modelUrl == payload["modelUrl"] and sub.modelName == "Vehicle Detection"
+    assert sub.modelId == "101" and sub.model_id_sent == 101  # routes as text, echoes 101
+    assert sub.crop == (100, 200, 300, 400)
+    # Every key the client sent comes back unchanged where camgraph echoes the payload.
+    assert sub.model_dump(mode="json", exclude_unset=True) == payload
+
+
 def test_subscribe_snapshot_and_file() -> None:
     payload = {"subscriptionIdentifier": SUB, "snapshotUrl": "http://cam/snap.jpg"}
     _, snap, _ = wsp.parse(msg("subscribe", {**payload, "snapshotInterval": 500}))
@@ -68,11 +86,22 @@ def test_subscribe_snapshot_and_file() -> None:
 
 
 @pytest.mark.parametrize(("given", "kept"), [(42, "42"), ("42", "42"), ("demo", "demo")])
-def test_model_id_number_or_text_is_kept_as_text(given: Any, kept: str) -> None:
+def test_model_id_routes_as_text_and_is_kept_as_sent(given: Any, kept: str) -> None:
     _, sub, _ = wsp.parse(msg("subscribe", sub_payload(modelId=given)))
-    assert sub.modelId == kept
+    assert sub.modelId == kept  # what routes to Detector_<id>
+    assert sub.model_id_sent == given and type(sub.model_id_sent) is type(given)
+    assert sub.model_dump(mode="json")["modelId"] == given  # what the registry stores
+    again = Subscription.model_validate(sub.model_dump(mode="json"))  # a registry restart
+    assert again.modelId == kept and again.model_id_sent == given and again == sub
     _, alias, _ = wsp.parse(msg("subscribe", sub_payload(model_id=given)))
-    assert alias.modelId == kept
+    assert alias.modelId == kept and alias.model_id_sent == given
+
+
+def test_rtsp_and_snapshot_together_read_the_rtsp_stream() -> None:
+    _, sub, _ = wsp.parse(msg("subscribe", sub_payload(snapshotUrl="http://cam/snap.jpg")))
+    assert sub.kind == "rtsp" and sub.url == "rtsp://10.0.0.7/s1"
+    _, alone, _ = wsp.parse(msg("subscribe", sub_payload()))
+    assert stream_key(sub) == stream_key(alone)  # the snapshot URL is unused
 
 
 def test_model_id_is_optional() -> None:
@@ -189,17 +218,31 @@ MALFORMED: list[tuple[str | bytes, str | None, Any, str, list[Any] | None]] = [
         ["payload", "targetFps"],
     ),
     (
-        bad_subscribe(snapshotUrl="http://h/s.jpg"),
+        bad_subscribe(fileUrl="/data/clip.mp4"),
         "subscribe",
         "bad",
-        "exactly one of rtspUrl, snapshotUrl, fileUrl is required, got ['rtspUrl', 'snapshotUrl']",
+        "fileUrl cannot be combined with another source, got ['rtspUrl', 'fileUrl']",
+        ["payload"],
+    ),
+    (
+        msg(
+            "subscribe",
+            {
+                "subscriptionIdentifier": SUB,
+                "snapshotUrl": "http://h/s.jpg",
+                "fileUrl": "/data/clip.mp4",
+            },
+        ),
+        "subscribe",
+        None,
+        "fileUrl cannot be combined with another source, got ['snapshotUrl', 'fileUrl']",
         ["payload"],
     ),
     (
         msg("subscribe", {"subscriptionIdentifier": SUB}),
         "subscribe",
         None,
-        "exactly one of rtspUrl, snapshotUrl, fileUrl is required, got none",
+        "one of rtspUrl, snapshotUrl, fileUrl is required, got none",
         ["payload"],
     ),
     (

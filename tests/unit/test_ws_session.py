@@ -25,7 +25,9 @@ from deployments.api.ws_session import WS_INTERNAL_ERROR, WsDeps, WsSession
 from graph.common.schemas import IngressSettings
 from graph.events.fanout import EventFanout
 from graph.events.hub import EventHubService
+from graph.events.model import StreamEvent, TrackedDetection, hub_event
 from tests.peers import free_port
+from tests.unit.seed_messages import seed_subscribe_ack, subscribe_example
 
 SUB = {"subscriptionIdentifier": "display-1;cam-1", "rtspUrl": "rtsp://127.0.0.1:8554/cam"}
 
@@ -33,6 +35,16 @@ SUB = {"subscriptionIdentifier": "display-1;cam-1", "rtspUrl": "rtsp://127.0.0.1
 def remote(fn: Callable[..., Awaitable[Any]]) -> SimpleNamespace:
     """An actor method as the session calls it: `.remote(...)` gives an awaitable."""
     return SimpleNamespace(remote=fn)
+
+
+class Hub(EventHubService):
+    """The EventHub's own class, and the server's loop it runs on (tests publish there)."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def publish_from_test(self, events: list[dict[str, Any]]) -> None:
+        assert self.loop is not None
+        asyncio.run_coroutine_threadsafe(self.publish(events), self.loop).result(5)
 
 
 class Registry:
@@ -48,7 +60,7 @@ class Registry:
         if self.mode == "fail":
             raise ray.exceptions.RayActorError()
 
-    async def subscribe(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def subscribe(self, body: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
         await self._behave()
         self.subs.add(body["subscriptionIdentifier"])
         return {"stream": "rtsp-0", "pending_error": None}
@@ -60,10 +72,9 @@ class Registry:
         return known
 
 
-def session_deps(registry: Registry, system: Callable[[], dict[str, Any]]) -> WsDeps:
+def session_deps(registry: Registry, system: Callable[[], dict[str, Any]], hub: Hub) -> WsDeps:
     """What a session uses of its Ingress replica: the hub's own class, a stand-in
     registry, and the replica's cached figures."""
-    hub = EventHubService()
 
     async def streams() -> list[dict[str, Any]]:
         return []
@@ -79,7 +90,7 @@ def session_deps(registry: Registry, system: Callable[[], dict[str, Any]]) -> Ws
             set_session=remote(hub.set_session), patch_session=remote(hub.patch_session)
         ),
         fanout=EventFanout(hub.read, wait_s=0.1),
-        models=frozenset({"demo"}),
+        models={"demo": None, "101": "v7"},  # model id → its pipeline's version
         settings=IngressSettings(state_report_s=0.2, actor_call_timeout_s=0.5),
         streams=streams,
         system=system_load,
@@ -88,15 +99,19 @@ def session_deps(registry: Registry, system: Callable[[], dict[str, Any]]) -> Ws
 
 @contextmanager
 def session_socket(
-    registry: Registry, system: Callable[[], dict[str, Any]] = lambda: {"cpuUsage": 1.0}
+    registry: Registry,
+    system: Callable[[], dict[str, Any]] = lambda: {"cpuUsage": 1.0},
+    hub: Hub | None = None,
 ) -> Iterator[ClientConnection]:
     """A client connected to a real uvicorn server whose `/` runs one WsSession."""
     app = FastAPI()
+    the_hub = hub or Hub()
 
     @app.websocket("/")
     async def ws(websocket: WebSocket) -> None:
+        the_hub.loop = asyncio.get_running_loop()
         await websocket.accept()
-        await WsSession(session_deps(registry, system), websocket).run()
+        await WsSession(session_deps(registry, system, the_hub), websocket).run()
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -136,9 +151,7 @@ def test_a_registry_that_does_not_answer_gets_an_error_and_the_connection_stays_
         assert "stream registry unavailable: TimeoutError" in error["message"]
         registry.mode = "ok"
         send(ws, {"type": "subscribe", "payload": SUB})
-        assert (
-            receive(ws, "subscribeAck")["subscriptionIdentifier"] == SUB["subscriptionIdentifier"]
-        )
+        assert receive(ws, "subscribeAck")["subscriptionId"] == SUB["subscriptionIdentifier"]
 
 
 def test_an_unsubscribe_the_registry_failed_keeps_the_subscription() -> None:
@@ -176,3 +189,50 @@ def test_a_failed_state_reporter_closes_the_connection_with_1011() -> None:
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == WS_INTERNAL_ERROR
         assert "ws-state failed" in closed.value.rcvd.reason
+
+
+def test_the_seeds_subscribe_gets_the_seeds_ack_and_image_detections() -> None:
+    """001's example subscribe (modelId 101) over a real socket: the seed's subscribeAck,
+    then the seed's imageDetection for its camera's frame, modelId 101 a number in both."""
+    hub = Hub()
+    with session_socket(Registry(), hub=hub) as ws:
+        send(ws, {**subscribe_example(), "requestId": "s-1"})
+        ack = receive(ws, "subscribeAck")
+        assert {k: ack[k] for k in ("type", "status", "subscriptionId")} == seed_subscribe_ack(
+            "display-001;cam-001"
+        )
+        assert ack["modelId"] == 101 and type(ack["modelId"]) is int
+        assert ack["requestId"] == "s-1"
+        car = TrackedDetection(3, 2, "car", 0.91, (10.0, 20.0, 110.0, 90.0), True)
+        frame = StreamEvent(
+            "detection",
+            subscription_id="display-001;cam-001",
+            camera_id="cam-001",
+            model_id="101",  # the camera actor runs the model by its text id
+            frame_seq=1,
+            captured_at=1_700_000_000.0,
+            detected_at=1_700_000_000.1,
+            detections=(car,),
+            extra={"model_name": "Vehicle Detection"},
+        )
+        hub.publish_from_test([hub_event(frame)])
+        detection = receive(ws, "imageDetection")
+        assert set(detection) == {"type", "payload"}
+        payload = detection["payload"]
+        assert payload["subscriptionId"] == "display-001;cam-001"
+        assert payload["timestamp"] == "2023-11-14T22:13:20.000Z"
+        assert payload["modelInfo"] == {
+            "modelId": 101,
+            "modelName": "Vehicle Detection",
+            "version": "v7",
+        }
+        assert [d["class"] for d in payload["detections"]] == ["car"]
+        send(ws, {"type": "requestState"})
+        (camera,) = receive(ws, "stateReport")["cameraConnections"]
+        assert camera["modelId"] == 101
+        send(
+            ws,
+            {"type": "unsubscribe", "payload": {"subscriptionIdentifier": "display-001;cam-001"}},
+        )
+        unsub = receive(ws, "unsubscribeAck")
+        assert unsub["status"] == "success" and unsub["subscriptionId"] == "display-001;cam-001"
