@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -23,12 +24,17 @@ from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import DetectorBusy
 from graph.common.names import hub_name, registry_name
 from graph.common.redaction import redact
-from graph.events.model import FanoutSink, HubPublisher, RingBufferSink, result_event
+from graph.events.model import (
+    FanoutSink,
+    HubPublisher,
+    RingBufferSink,
+    state_event,
+)
 from graph.events.ring import restart_safe_first_id
-from graph.pipeline.runner import BranchResult, PipelineRunner
+from graph.pipeline.runner import BranchResult, PipelineRunner, ResultFn
 from stream_actors.forwarding import ActionForwarder
 from stream_actors.processor import SubscriptionProcessor
-from stream_actors.reader import StreamReader
+from stream_actors.reader import StreamReader, StreamState
 from stream_actors.reconnect import TokenBucket
 from stream_actors.settings import StreamContext, context_revision
 from stream_actors.subscriptions import StreamSpec, Subscription
@@ -105,8 +111,11 @@ class CameraActor:
             self._handles[name] = handle
         return handle
 
-    def _runner(self, sub: Subscription, model_id: str) -> PipelineRunner | None:
-        """The pipeline runner of a subscription whose model is a pipeline's root."""
+    def _runner(
+        self, sub: Subscription, model_id: str, on_result: ResultFn
+    ) -> PipelineRunner | None:
+        """The pipeline runner of a subscription whose model is a pipeline's root; it
+        tells `on_result` (its processor's) each improvement of an object's results."""
         runtime = self._ctx.pipelines.get(model_id)
         if runtime is None:
             return None
@@ -136,13 +145,6 @@ class CameraActor:
             "session_id": uuid.uuid4().hex[:16],
             "model_id": model_id,
         }
-
-        def on_result(track_id: int, class_name: str, results: dict[str, Any]) -> None:
-            event = result_event(
-                sub.subscriptionIdentifier, sub.camera_id, model_id, track_id, class_name, results
-            )
-            self._sink.publish([event])
-
         return PipelineRunner(
             runtime.plan, base, classify, forwarder.submit, self._settings.branches, on_result
         )
@@ -213,8 +215,12 @@ class CameraActor:
                     self._m_drops.set(count, {**tags, "reason": reason})
 
     # ---- desired state -------------------------------------------------------------
-    async def set_stream(self, spec: dict[str, Any], subs: list[dict[str, Any]]) -> None:
-        """Make this stream and its subscriptions exactly as given (idempotent)."""
+    async def set_stream(
+        self, spec: dict[str, Any], subs: list[dict[str, Any]], revive: bool = False
+    ) -> None:
+        """Make this stream and its subscriptions exactly as given (idempotent). `revive`
+        (a subscribe asked for the stream, not a repair round): a stream that gave up
+        (`failed`, streams.max_retries) starts again."""
         want = StreamSpec.model_validate(spec)
         wanted = {s.subscriptionIdentifier: s for s in map(Subscription.model_validate, subs)}
         stream = self._streams.get(want.key)
@@ -223,7 +229,13 @@ class CameraActor:
             stream = None
         new = stream is None
         if stream is None:
-            reader = StreamReader(want, self._settings.reader, self._acquire_reconnect)
+            reader = StreamReader(
+                want,
+                self._settings.reader,
+                self._acquire_reconnect,
+                max_retries=self._settings.max_retries,
+                on_failed=self._failure_hook(want.key),
+            )
             stream = self._streams[want.key] = _Stream(reader)
         for sub_id in [s for s in stream.subs if stream.subs[s] != wanted.get(s)]:
             await self._stop_subscription(stream, sub_id)
@@ -238,13 +250,35 @@ class CameraActor:
                 self._detect,
                 self._sink,
                 self._settings.processing,
-                self._runner(sub, model_id),
             )
+            processor.runner = self._runner(sub, model_id, processor.on_result)
             stream.subs[sub_id], stream.processors[sub_id] = sub, processor
             stream.reader.attach(sub_id, processor.mailbox)
             processor.start()
         if new:  # after attaching: a lossless replay must not read frames nobody gets
             stream.reader.start()
+        elif revive:
+            stream.reader.revive()
+
+    def _failure_hook(self, key: str) -> Callable[[str], None]:
+        """What a reader thread calls when its stream gives up: each subscription of the
+        stream gets a `state` event (SSE, gRPC, /streams/{id}/events), on this loop."""
+        loop = asyncio.get_running_loop()
+
+        def publish(error: str) -> None:
+            stream = self._streams.get(key)
+            if stream is None or stream.reader.state is not StreamState.FAILED:
+                return  # removed or revived meanwhile
+            events = [
+                state_event(sub_id, p.sub.camera_id, p.model_id, "failed", error)
+                for sub_id, p in stream.processors.items()
+            ]
+            self._sink.publish(events)
+
+        def hook(error: str) -> None:  # on the reader thread
+            loop.call_soon_threadsafe(publish, error)
+
+        return hook
 
     async def update_context(self, ctx: StreamContext) -> int:
         """A new pipeline version (or model set) after a redeploy: each subscription whose
@@ -261,7 +295,7 @@ class CameraActor:
                 if old.pipelines.get(model_id) == ctx.pipelines.get(model_id):
                     continue
                 previous = processor.runner
-                processor.runner = self._runner(stream.subs[sub_id], model_id)
+                processor.runner = self._runner(stream.subs[sub_id], model_id, processor.on_result)
                 swapped += 1
                 if previous is not None:
                     await previous.drain(timeout_s=5.0)  # let its passes send what they found

@@ -23,7 +23,13 @@ from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import DetectorBusy
 from graph.common.schemas import StrictModel
 from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
-from graph.events.model import EventSink, StreamEvent, TrackedDetection
+from graph.events.model import (
+    BranchResults,
+    EventSink,
+    StreamEvent,
+    TrackedDetection,
+    result_event,
+)
 from graph.pipeline.runner import PipelineRunner
 from stream_actors.mailbox import DropReason, Frame, LatestFrameMailbox
 from stream_actors.meter import RateMeter
@@ -86,6 +92,8 @@ class SubscriptionProcessor:
         self.latencies_ms: deque[float] = deque(maxlen=512)  # capture → detection
         self._done = RateMeter()
         self.stable_tracks = 0
+        # Each live stable track's latest branch results, carried by its detections.
+        self.track_results: dict[int, BranchResults] = {}
 
     def start(self) -> None:
         self._tasks = [
@@ -189,18 +197,24 @@ class SubscriptionProcessor:
         object_events = self._stability.update([o for _, o in tracked], frame.seq)
         stable = self._stability.stable_ids()
         self.stable_tracks = len(stable)
+        lost = [e.track_id for e in object_events if e.kind == "lost"]
+        known = self.track_results
+        for track_id in lost:
+            known.pop(track_id, None)
         track_of = {index: ob.track_id for index, ob in tracked}
+        track_ids = [track_of.get(i) for i in range(len(rows))]
         names = result.names
         detections = tuple(
             TrackedDetection(
-                track_of.get(i),
+                track_id,
                 int(c),
                 names.get(int(c), str(int(c))),
                 round(float(s), 4),
                 (round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)),
-                track_of.get(i) in stable,
+                track_id in stable,
+                None if track_id is None else known.get(track_id),
             )
-            for i, (x1, y1, x2, y2, s, c) in enumerate(rows.tolist())
+            for track_id, (x1, y1, x2, y2, s, c) in zip(track_ids, rows.tolist(), strict=True)
         )
         self.processed += 1
         self._done.mark()
@@ -219,8 +233,25 @@ class SubscriptionProcessor:
         events += [StreamEvent(e.kind, obj=e, extra=extra, **common) for e in object_events]  # type: ignore[arg-type]
         self._sink.publish(events)
         if self.runner is not None:
-            lost = [e.track_id for e in object_events if e.kind == "lost"]
             self.runner.observe(frame.image, frame.captured_at, frame.seq, detections, lost)
+
+    def on_result(self, track_id: int, class_name: str, results: dict[str, dict[str, Any]]) -> None:
+        """The pipeline runner's hook, once per improvement of a stable object's branch
+        results: clients get a `result` event, and the track's detections carry the
+        results from the next frame on, until it is lost (a pass that ends after its
+        track was lost still tells clients, and keeps nothing)."""
+        event = result_event(
+            self.sub.subscriptionIdentifier,
+            self.sub.camera_id,
+            self.model_id,
+            track_id,
+            class_name,
+            results,
+            self.sub.modelName,
+        )
+        if track_id in self._stability.stable_ids():
+            self.track_results[track_id] = event.extra["results"]
+        self._sink.publish([event])
 
     def fps(self, window_s: float = 5.0) -> float:
         return self._done.rate(window_s)

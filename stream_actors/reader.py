@@ -8,6 +8,10 @@ watchdog (`check_watchdog`, called periodically by the owner) catches a source t
 stops delivering without failing (a frozen server): it abandons the stuck thread — it
 exits on its own once its read times out — and starts a fresh one.
 
+With `max_retries` (`streams.max_retries`, -1: unlimited) a stream whose attempts keep
+failing gives up: `failed`, its thread ends, `on_failed` is called once with the error;
+only `revive` (a new subscribe) starts it again, with a fresh count.
+
 Every wait and timestamp goes through an injected `Clock`, so tests step a manual one.
 """
 
@@ -30,7 +34,7 @@ from graph.common.schemas import StrictModel
 from stream_actors.clock import SYSTEM_CLOCK, Clock
 from stream_actors.mailbox import DropReason, LatestFrameMailbox
 from stream_actors.meter import RateMeter
-from stream_actors.reconnect import Backoff, CircuitBreaker
+from stream_actors.reconnect import Backoff, CircuitBreaker, RetryLimit
 from stream_actors.sources import (
     CapturedFrame,
     PyAVSource,
@@ -49,6 +53,7 @@ class StreamState(enum.StrEnum):
     RECONNECTING = "reconnecting"
     CIRCUIT_OPEN = "circuit_open"
     ENDED = "ended"  # a file played once to its end
+    FAILED = "failed"  # gave up: streams.max_retries reconnects failed in a row
     STOPPED = "stopped"
 
 
@@ -118,9 +123,12 @@ class StreamReader:
         *,
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
+        max_retries: int = -1,
+        on_failed: Callable[[str], None] | None = None,
     ) -> None:
         """`source_factory` defaults to `open_source` on `clock`; `rng` draws the
-        backoff jitter (tests fix it)."""
+        backoff jitter (tests fix it). `on_failed(last_error)` is called on the reader
+        thread when the stream gives up (`max_retries`, -1: never)."""
         self.spec, self.policy = spec, policy
         self._acquire = acquire_reconnect
         self._open = source_factory or functools.partial(open_source, clock=clock)
@@ -133,6 +141,8 @@ class StreamReader:
         self._breaker = CircuitBreaker(
             policy.breaker_failures, policy.breaker_open_s, clock=clock.monotonic
         )
+        self._retries = RetryLimit(max_retries)
+        self._on_failed = on_failed
         self._lock = threading.Lock()
         self._mailboxes: dict[str, LatestFrameMailbox] = {}
         self._stop = threading.Event()
@@ -182,6 +192,19 @@ class StreamReader:
         with self._lock:
             self._generation += 1
         self.state = StreamState.STOPPED
+
+    def revive(self) -> bool:
+        """Start a `failed` stream again with a fresh count (a new subscribe asked for
+        it); False, doing nothing, when it is not failed."""
+        if self.state is not StreamState.FAILED or self._stop.is_set():
+            return False
+        self._retries.reset()
+        self._breaker.record_success()
+        self._backoff.reset()
+        self.state = StreamState.CONNECTING
+        logger.info("stream %s: started again after it gave up", self.spec.key)
+        self.start()
+        return True
 
     def join(self, timeout_s: float) -> bool:
         """Wait for the reader threads to exit; True when none is left."""
@@ -256,11 +279,25 @@ class StreamReader:
             self.last_error = error
             self._mark_down(self._clock.monotonic())
             self._breaker.record_failure()
+            if self._retries.record_failure():
+                self._give_up(error)
+                return
             self.state = (
                 StreamState.RECONNECTING if self._breaker.allow() else StreamState.CIRCUIT_OPEN
             )
             logger.warning("stream %s: %s (state %s)", self.spec.key, error, self.state)
             self._wait(self._backoff.next_delay_s())
+
+    def _give_up(self, error: str) -> None:
+        """No more attempts (the thread ends); the owner is told once."""
+        self.last_error = self._retries.gave_up(error)
+        self.state = StreamState.FAILED
+        logger.error("stream %s: %s", self.spec.key, self.last_error)
+        if self._on_failed is not None:
+            try:
+                self._on_failed(self.last_error)
+            except Exception:  # the owner's hook must not hide the state
+                logger.exception("stream %s: the failure hook failed", self.spec.key)
 
     def _deliver(self, captured: CapturedFrame) -> None:
         now = self._clock.monotonic()
@@ -268,6 +305,7 @@ class StreamReader:
             self.state = StreamState.CONNECTED
             self._breaker.record_success()
             self._backoff.reset()
+            self._retries.reset()
             if self._down_since is not None:
                 self.outages_s.append(now - self._down_since)
                 self._down_since = None

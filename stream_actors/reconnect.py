@@ -1,6 +1,7 @@
-"""Reconnect policy: jittered exponential backoff, a per-camera circuit breaker, and a
-token bucket that caps reconnect attempts per second across all cameras (so a switch
-rebooting 100 cameras does not become a reconnect storm). Clocks are injectable."""
+"""Reconnect policy: jittered exponential backoff, a per-camera circuit breaker, the
+limit on failed attempts in a row after which a stream gives up, and a token bucket that
+caps reconnect attempts per second across all cameras (so a switch rebooting 100 cameras
+does not become a reconnect storm). Clocks are injectable."""
 
 from __future__ import annotations
 
@@ -29,6 +30,34 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+@dataclass
+class RetryLimit:
+    """`streams.max_retries` (the seed's config.json key): a stream gives up once that
+    many reconnect attempts failed in a row, i.e. at failed attempt max_retries + 1 (the
+    first open, or the read that broke, then each retry) with no frame between; -1 never
+    gives up. Waiting (backoff, an open circuit, the reconnect budget) is no attempt."""
+
+    max_retries: int = -1
+    failures: int = 0  # failed attempts since the last frame
+
+    def record_failure(self) -> bool:
+        """Count one failed attempt; True when the stream must give up now."""
+        self.failures += 1
+        return 0 <= self.max_retries < self.failures
+
+    def reset(self) -> None:
+        """A frame came, or the stream was started again: a fresh count."""
+        self.failures = 0
+
+    def gave_up(self, error: str) -> str:
+        """The `last_error` of a stream that gave up, naming the limit and the last error."""
+        attempts = "attempt" if self.failures == 1 else "attempts"
+        return (
+            f"gave up after {self.failures} failed {attempts} in a row "
+            f"(streams.max_retries: {self.max_retries}): {error}"
+        )
 
 
 class BreakerState(enum.StrEnum):

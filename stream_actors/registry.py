@@ -164,7 +164,10 @@ class StreamRegistry:
             self._actors[index] = actor
         return actor
 
-    async def _push(self, key: str) -> None:
+    async def _push(self, key: str, revive: bool = False) -> None:
+        """Send a stream and its subscriptions to its actor; `revive`: a `failed` stream
+        (streams.max_retries) starts again, which only a subscribe asks, never a repair
+        round (else the limit would be pointless)."""
         index = self._table.placement[key]
         if index in self._unplaced and (problem := await self._placement_problem(index)):
             raise ReconcileError(problem)  # at once: a call would only time out
@@ -172,20 +175,23 @@ class StreamRegistry:
         fps = self._settings.target_fps
         subs = [actor_payload(s, fps) for s in self._table.subscribers(key)]
         spec = self._table.spec(key).model_dump(mode="json")
-        await asyncio.wait_for(actor.set_stream.remote(spec, subs), ACTOR_CALL_TIMEOUT_S)
+        await asyncio.wait_for(actor.set_stream.remote(spec, subs, revive), ACTOR_CALL_TIMEOUT_S)
 
     async def _stop(self, key: str, index: int) -> None:
         await asyncio.wait_for(self._actor(index).remove_stream.remote(key), ACTOR_CALL_TIMEOUT_S)
 
-    async def _apply(self, changed: set[str], stopped: dict[str, int]) -> str | None:
-        """Start/stop streams now; on failure the repair loop finishes the job later."""
+    async def _apply(
+        self, changed: set[str], stopped: dict[str, int], revive: str | None = None
+    ) -> str | None:
+        """Start/stop streams now; on failure the repair loop finishes the job later.
+        `revive`: the stream a subscribe named, started again if it had given up."""
         index: int | None = None  # the actor being called when it failed
         try:
             for key, index in stopped.items():
                 await self._stop(key, index)
             for key in changed:
                 index = self._table.placement[key]
-                await self._push(key)
+                await self._push(key, revive=key == revive)
         except Exception as exc:
             logger.warning("registry: applying a change failed, will retry: %s", exc)
             if isinstance(exc, ReconcileError):
@@ -220,7 +226,8 @@ class StreamRegistry:
                 sub_id, owner, new.persistent, sub_id in streams, time.monotonic()
             )
             self._save()
-            pending = await self._apply(changed, {k: old_placement[k] for k in stopped})
+            stopping = {k: old_placement[k] for k in stopped}
+            pending = await self._apply(changed, stopping, revive=key)
         return {
             "subscriptionIdentifier": sub_id,
             "stream": key,

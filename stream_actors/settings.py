@@ -66,6 +66,14 @@ class StreamSettings(StrictModel):
         description="the seed's name for reader.backoff_base_s (the first reconnect delay, "
         "doubled per failure up to reader.backoff_cap_s); None: reader.backoff_base_s",
     )
+    max_retries: int = Field(
+        -1,
+        ge=-1,
+        le=1_000_000,
+        description="the seed's config.json limit: a stream gives up (state `failed`, no "
+        "more attempts) once this many reconnects failed in a row, no frame between; a new "
+        "subscribe on its URL starts it again; -1: never gives up",
+    )
     reconnects_per_s: float = Field(5.0, gt=0, le=1000, description="cluster-wide cap")
     reconnect_burst: int = Field(10, ge=1, le=10_000)
     events_per_subscription: int = Field(512, ge=16, le=100_000)

@@ -4,7 +4,9 @@ messages (pure; the Ingress runs the connection). docs/protocol.md has every mes
 The seeds' message shapes are the contract (000 "Subscribe Message Flow" and "Detection
 Result Broadcasting", 001 "WebSocket Protocol"): where a seed gives a key, it is sent
 under that name and at that place; camgraph's own keys are extensions beside them (in
-`imageDetection`, inside `payload`), so a client that reads only the seed's keys works.
+`imageDetection`, inside `payload` and its detection items), and its own messages have
+types of their own (`objectResult`, `eventsDropped`, ...), so a client that reads only
+the seed's keys and types works.
 
 A malformed message (not JSON, not an object, unknown `type`, a missing or wrong field)
 raises `ProtocolError`; the connection answers with an `error` message and stays open.
@@ -26,6 +28,9 @@ from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
 
 MAX_MESSAGE_BYTES = 64 * 1024
 SessionId = int | str | None
+# The EventHub event types a connection receives: each frame's detections
+# (`imageDetection`) and a stable object's branch results per improvement (`objectResult`).
+EVENT_TYPES = frozenset({"detection", "result"})
 
 
 class ProtocolError(Exception):
@@ -169,6 +174,34 @@ def unsubscribe_ack(subscription_id: str, request_id: Any = None) -> dict[str, A
     )
 
 
+def _model_info(
+    event: dict[str, Any], sub: Subscription | None, versions: Mapping[str, str | None] | None
+) -> dict[str, Any]:
+    """`modelInfo`: the model that ran, its `modelId` as the connection's subscription
+    sent it (a number stays a number), its pipeline version."""
+    model_id = event.get("model_id")
+    sent = sub.model_id_sent if sub is not None and sub.modelId == model_id else model_id
+    return {
+        "modelId": sent,
+        "modelName": (event.get("data") or {}).get("model_name"),
+        "version": (versions or {}).get(model_id) if model_id is not None else None,
+    }
+
+
+def _detection(d: dict[str, Any]) -> dict[str, Any]:
+    item = {
+        "class": d["label"],
+        "classId": d["class_id"],
+        "confidence": d["confidence"],
+        "bbox": list(d["box"]),
+        "trackId": d.get("track_id"),
+        "stable": d.get("stable", False),
+    }
+    if d.get("results"):  # ext: the track's branch results, as its last objectResult
+        item["results"] = d["results"]
+    return item
+
+
 def image_detection(
     event: dict[str, Any],
     sub: Subscription | None = None,
@@ -177,23 +210,12 @@ def image_detection(
     """An EventHub `detection` event as the seed's `imageDetection` (000, "Detection
     Result Broadcasting"): `payload` with `subscriptionId`, `detections`, `timestamp` and
     `modelInfo`, then camgraph's extensions inside `payload` (`detection`, the most
-    confident one; the event id, frame number and session id). `sub` is the connection's
-    subscription, whose `modelId` is echoed as it was sent (a number stays a number);
-    `versions` gives a model's pipeline version."""
+    confident one; the event id, frame number and session id) and inside an item whose
+    track has branch results (`results`). `sub` is the connection's subscription, whose
+    `modelId` is echoed as it was sent (a number stays a number); `versions` gives a
+    model's pipeline version."""
     data = event.get("data") or {}
-    model_id = event.get("model_id")
-    sent = sub.model_id_sent if sub is not None and sub.modelId == model_id else model_id
-    detections = [
-        {
-            "class": d["label"],
-            "classId": d["class_id"],
-            "confidence": d["confidence"],
-            "bbox": list(d["box"]),
-            "trackId": d.get("track_id"),
-            "stable": d.get("stable", False),
-        }
-        for d in data.get("detections", [])
-    ]
+    detections = [_detection(d) for d in data.get("detections", [])]
     best = max(detections, key=lambda d: d["confidence"]) if detections else None
     return {
         "type": "imageDetection",
@@ -201,15 +223,37 @@ def image_detection(
             "subscriptionId": event["subscription_id"],
             "detections": detections,
             "timestamp": iso(data.get("captured_at", event.get("time"))),
-            "modelInfo": {
-                "modelId": sent,
-                "modelName": data.get("model_name"),
-                "version": (versions or {}).get(model_id) if model_id is not None else None,
-            },
+            "modelInfo": _model_info(event, sub, versions),
             # camgraph extensions
             "detection": best,
             "eventId": event.get("id"),
             "frameSeq": data.get("frame_seq"),
+            "sessionId": event.get("session_id"),
+        },
+    }
+
+
+def object_result(
+    event: dict[str, Any],
+    sub: Subscription | None = None,
+    versions: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """An EventHub `result` event as camgraph's `objectResult` (ext: the seeds have no
+    message for branch results), sent once per improvement of a stable object's results:
+    `payload` with `subscriptionId`, `trackId`, `class`, `results` (per branch model id,
+    `label` and `confidence`), `timestamp` and `modelInfo` as `imageDetection` has them,
+    the event id and session id."""
+    data = event.get("data") or {}
+    return {
+        "type": "objectResult",
+        "payload": {
+            "subscriptionId": event["subscription_id"],
+            "trackId": data.get("track_id"),
+            "class": data.get("class"),
+            "results": data.get("results") or {},
+            "timestamp": iso(data.get("captured_at", event.get("time"))),
+            "modelInfo": _model_info(event, sub, versions),
+            "eventId": event.get("id"),
             "sessionId": event.get("session_id"),
         },
     }

@@ -1,7 +1,8 @@
 """One WebSocket connection of the detector-worker protocol (docs/protocol.md): its
-subscriptions, the sender of its `imageDetection` events and its `stateReport`s. What it
-uses (registry, hub, fan-out, cached figures) comes in a `WsDeps`; messages are parsed and
-rendered by `ws_protocol`, and errors answered as `deployments.api.errors` says."""
+subscriptions, the sender of its `imageDetection` and `objectResult` events and its
+`stateReport`s. What it uses (registry, hub, fan-out, cached figures) comes in a
+`WsDeps`; messages are parsed and rendered by `ws_protocol`, and errors answered as
+`deployments.api.errors` says."""
 
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ class WsSession:
     def __init__(self, deps: WsDeps, websocket: WebSocket) -> None:
         self.deps, self.ws = deps, websocket
         self.subs: dict[str, Subscription] = {}
-        self.queue = deps.fanout.register(EventFilter(subscriptions=set(), types={"detection"}))
+        self.queue = deps.fanout.register(
+            EventFilter(subscriptions=set(), types=set(wsp.EVENT_TYPES))
+        )
         self.send_lock = asyncio.Lock()
         # The owner of this connection's subscriptions in the registry: they end one grace
         # after it stops renewing (closed, or this replica died). Known once a subscribe
@@ -225,7 +228,7 @@ class WsSession:
             logger.warning("WebSocket session: releasing its subscriptions failed: %r", exc)
 
     def _refilter(self) -> None:
-        self.queue.flt = EventFilter(subscriptions=set(self.subs), types={"detection"})
+        self.queue.flt = EventFilter(subscriptions=set(self.subs), types=set(wsp.EVENT_TYPES))
 
     async def _send_events(self) -> None:
         stream = self.deps.fanout.follow(self.queue.flt, None, None, queue=self.queue)
@@ -236,7 +239,8 @@ class WsSession:
                 await self.send(wsp.events_dropped(event))
             else:
                 sub = self.subs.get(event.get("subscription_id", ""))
-                await self.send(wsp.image_detection(event, sub, self.deps.models))
+                render = wsp.object_result if event["type"] == "result" else wsp.image_detection
+                await self.send(render(event, sub, self.deps.models))
 
     async def _state_report(self) -> dict[str, Any]:
         streams = await self.deps.streams()

@@ -1,7 +1,9 @@
 """Events a camera produces, and the sink interface they are handed to.
 
-Per processed frame a `DetectionEvent` (tracked detections in full-frame pixels) and,
-when the stability validator says so, `ObjectEvent`s (new stable object, updated, lost).
+Per processed frame a `DetectionEvent` (tracked detections in full-frame pixels, each
+with its track's latest branch results once there are some) and, when the stability
+validator says so, `ObjectEvent`s (new stable object, updated, lost); per improvement of a
+stable object's branch results, a `result` event (`result_event`).
 The camera actor hands them to an `EventSink`; the protocols (WebSocket, SSE, gRPC)
 connect through the same interface: `HubPublisher` batches them to the EventHub without
 blocking. `RingBufferSink` keeps the newest events per subscription in the camera actor,
@@ -22,6 +24,9 @@ from typing import Any, Literal, Protocol
 
 from stream_actors.stability import ObjectEvent
 
+# Per branch model id, what clients are told of an object: {"label", "confidence"}.
+BranchResults = dict[str, dict[str, Any]]
+
 
 @dataclass(frozen=True)
 class TrackedDetection:
@@ -31,14 +36,17 @@ class TrackedDetection:
     confidence: float
     box: tuple[float, float, float, float]  # x1 y1 x2 y2, full-frame pixels
     stable: bool
+    # The track's latest branch results, as its last `result` event told them (None: none).
+    results: BranchResults | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True)
 class StreamEvent:
     """One event of one subscription. `kind` is "detection", an object lifecycle kind, or
-    "result": a stable object's branch results (body type, plate, ...) appeared or changed."""
+    "result": a stable object's branch results (body type, plate, ...) appeared or changed,
+    or "state": the subscription's stream changed state (`state_event`)."""
 
-    kind: Literal["detection", "new", "updated", "lost", "result"]
+    kind: Literal["detection", "new", "updated", "lost", "result", "state"]
     subscription_id: str
     camera_id: str
     model_id: str
@@ -54,6 +62,15 @@ class StreamEvent:
         return asdict(self)
 
 
+def branch_results(results: dict[str, dict[str, Any]]) -> BranchResults:
+    """What clients are told of an object's branch results (the runner's winners, which
+    also hold the class and aliases): per branch, the winning label and its vote share."""
+    return {
+        branch: {"label": r["label"], "confidence": r["confidence"]}
+        for branch, r in results.items()
+    }
+
+
 def result_event(
     subscription_id: str,
     camera_id: str,
@@ -61,13 +78,18 @@ def result_event(
     track_id: int,
     class_name: str,
     results: dict[str, dict[str, Any]],
+    model_name: str | None = None,
 ) -> StreamEvent:
-    """A `result` event: the object's winning label and vote share per branch."""
+    """A `result` event: the object's winning label and vote share per branch;
+    `model_name` as on the subscription's other events (when it has one)."""
     now = time.time()
-    branches = {
-        branch: {"label": r["label"], "confidence": r["confidence"]}
-        for branch, r in results.items()
+    extra: dict[str, Any] = {
+        "track_id": track_id,
+        "class": class_name,
+        "results": branch_results(results),
     }
+    if model_name:
+        extra["model_name"] = model_name
     return StreamEvent(
         "result",
         subscription_id,
@@ -76,7 +98,25 @@ def result_event(
         frame_seq=-1,
         captured_at=now,
         detected_at=now,
-        extra={"track_id": track_id, "class": class_name, "results": branches},
+        extra=extra,
+    )
+
+
+def state_event(
+    subscription_id: str, camera_id: str, model_id: str, state: str, last_error: str | None
+) -> StreamEvent:
+    """A `state` event: the subscription's stream went to `state` (today only `failed`:
+    it gave up after `streams.max_retries`), with its last error."""
+    now = time.time()
+    return StreamEvent(
+        "state",
+        subscription_id,
+        camera_id,
+        model_id,
+        frame_seq=-1,
+        captured_at=now,
+        detected_at=now,
+        extra={"state": state, "last_error": last_error},
     )
 
 
@@ -125,6 +165,20 @@ def _with_id(event: StreamEvent, event_id: int) -> StreamEvent:
     return replace(event, id=event_id)
 
 
+def _hub_detection(d: TrackedDetection) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "track_id": d.track_id,
+        "class_id": d.class_id,
+        "label": d.label,
+        "confidence": d.confidence,
+        "box": d.box,
+        "stable": d.stable,
+    }
+    if d.results is not None:  # only a track with branch results: others are as before
+        item["results"] = d.results
+    return item
+
+
 def hub_event(event: StreamEvent) -> dict[str, Any]:
     """A stream event as the EventHub's JSON dict (topic `sub:<subscription id>`)."""
     data: dict[str, Any] = {
@@ -133,17 +187,7 @@ def hub_event(event: StreamEvent) -> dict[str, Any]:
         "detected_at": event.detected_at,
     }
     if event.kind == "detection":  # by hand: asdict() deep-copies, per frame per box
-        data["detections"] = [
-            {
-                "track_id": d.track_id,
-                "class_id": d.class_id,
-                "label": d.label,
-                "confidence": d.confidence,
-                "box": d.box,
-                "stable": d.stable,
-            }
-            for d in event.detections
-        ]
+        data["detections"] = [_hub_detection(d) for d in event.detections]
     if event.obj is not None:
         data["object"] = asdict(event.obj)
     data.update(event.extra)

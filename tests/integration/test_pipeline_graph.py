@@ -4,8 +4,10 @@ test cuts for real. Records are checked against the scene's ground truth."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ import pytest
 import redis
 from ray import serve
 from ray.serve import Application
+from websockets.sync.client import connect
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from deployments.actions import Actions
@@ -113,16 +116,36 @@ def app(
         yield url
 
 
-def run_camera(url: str, clip: Path, display: str, replay: bool = True) -> None:
-    body = {
+def camera_body(clip: Path, display: str, replay: bool = True) -> dict[str, Any]:
+    return {
         "subscriptionIdentifier": f"{display};cam",
         "fileUrl": str(clip),
         "fileLoop": not replay,
         "fileRealtime": not replay,  # replay: every frame, as fast as the graph goes
         "modelId": "demo_vehicle_det_v1",
     }
-    r = httpx.post(f"{url}/streams", json=body, timeout=30)
+
+
+def run_camera(url: str, clip: Path, display: str, replay: bool = True) -> None:
+    r = httpx.post(f"{url}/streams", json=camera_body(clip, display, replay), timeout=30)
     assert r.status_code == 201, r.text
+
+
+@contextlib.contextmanager
+def ws_camera(url: str, clip: Path, display: str) -> Iterator[list[dict[str, Any]]]:
+    """The camera subscribed over a WebSocket (persistent), collecting what it receives."""
+    got: list[dict[str, Any]] = []
+    payload = {**camera_body(clip, display), "persistent": True}
+    with connect(url.replace("http://", "ws://") + "/ws", open_timeout=30) as ws:
+        ws.send(json.dumps({"type": "subscribe", "payload": payload}))
+        while not got or got[-1]["type"] not in ("subscribeAck", "error"):
+            got.append(json.loads(ws.recv(timeout=60)))
+        assert got[-1]["type"] == "subscribeAck", got[-1]
+        # Until the client closes (a normal close ends the iteration).
+        reader = threading.Thread(target=lambda: got.extend(map(json.loads, ws)), daemon=True)
+        reader.start()
+        yield got
+    reader.join(10)
 
 
 def unsubscribe(url: str, display: str) -> None:
@@ -245,6 +268,18 @@ def check_results_reached_clients(url: str, display: str, rows: list[dict[str, A
     assert listed and all("fields" in r for r in listed)
 
 
+def check_results_reached_ws(got: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """`objectResult`s (the last per object as its record) and items with `results`."""
+    results = [m["payload"] for m in got if m["type"] == "objectResult"]
+    told = {p["trackId"]: p["results"] for p in results}
+    items = [d for m in got if m["type"] == "imageDetection" for d in m["payload"]["detections"]]
+    assert told and any("results" in d for d in items), [m["type"] for m in got[-20:]]
+    complete = not any(m["type"] == "eventsDropped" for m in got)  # else a slow reader lost some
+    for row in rows:
+        if row["body_type"] is not None and complete:
+            assert told[int(row["track_id"])]["demo_bodytype_cls_v1"]["label"] == row["body_type"]
+
+
 def demo_version() -> str:
     """The demo pipeline's version (it names none): its archive's sha256, 12 digits."""
     import hashlib
@@ -257,13 +292,14 @@ def test_a_scene_yields_one_record_per_vehicle_with_branch_fields_and_crops(
 ) -> None:
     truth = json.loads(clip.with_suffix(".json").read_text())
     display = f"d{uuid.uuid4().hex[:8]}"
-    run_camera(app, clip, display)
-    status = wait_until(lambda: camera_done(app, display), 600, "the clip to be processed")
+    with ws_camera(app, clip, display) as messages:  # subscribed over the WebSocket
+        status = wait_until(lambda: camera_done(app, display), 600, "the clip to be processed")
     assert status["pipeline"]["branch_errors"] == {}, status
     wait_until(lambda: outbox_empty(app), 120, "every action to be delivered")
     rows = records(schema, display)
     check_records(rows, truth, display)
     check_results_reached_clients(app, display, rows)
+    check_results_reached_ws(messages, rows)
     unsubscribe(app, display)
     health = httpx.get(f"{app}/health", timeout=30).json()
     assert health["actions"]["sinks"]["postgres"]["kind"] == "postgres"

@@ -31,6 +31,9 @@ WATCHDOG_S = 4.0
 BACKOFF_CAP_S = 2.0
 OPEN_TIMEOUT_S = 3.0
 BREAKER_OPEN_S = 5.0
+# Far above what an outage of the other tests costs (≤ 5 failures in a row), reached by
+# a dead URL in about 30 s (the circuit's trials come every BREAKER_OPEN_S).
+MAX_RETRIES = 8
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,7 @@ def app(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> It
         streams={
             "streams_per_actor": 4,
             "reconcile_s": 1.0,
+            "max_retries": MAX_RETRIES,
             "reader": {
                 "open_timeout_s": OPEN_TIMEOUT_S,
                 "read_timeout_s": 3.0,
@@ -357,6 +361,37 @@ def test_bad_url_opens_the_circuit_without_slowing_other_cameras(
     assert fps_during >= 0.8 * fps_before, (fps_before, fps_during, states, others)
     unsubscribe(app, bad)
     unsubscribe(app, good)
+
+
+def test_a_dead_url_gives_up_after_max_retries_until_subscribed_again(app: str) -> None:
+    """Given a refused URL: after MAX_RETRIES reconnects failed in a row it is `failed`,
+    its thread gone, nothing more tried (repair rounds included), its subscription told
+    by a `state` event; subscribing again starts it with a fresh count."""
+    dead = "d;cam-dead"
+    body = {"subscriptionIdentifier": dead, "rtspUrl": "rtsp://127.0.0.1:9/dead"}
+    subscribe(app, body)
+    stream = wait_until(lambda: in_state(app, dead, "failed"), 90, "the stream to give up")
+    attempts = MAX_RETRIES + 1
+    limit = f"(streams.max_retries: {MAX_RETRIES})"
+    expected = f"gave up after {attempts} failed attempts in a row {limit}: "
+    assert stream["last_error"].startswith(expected), stream
+    assert "Connection refused" in stream["last_error"], stream
+    assert stream["consecutive_failures"] == attempts and stream["reconnects"] == MAX_RETRIES
+    time.sleep(BREAKER_OPEN_S + 2)  # a cool-down and several repair rounds later
+    later = in_state(app, dead, "failed")
+    assert later is not None and later["reconnects"] == MAX_RETRIES, later
+    assert later["reader_threads"] == 0, later
+    told = [e for e in events(app, dead) if e["kind"] == "state"]
+    assert [(e["extra"]["state"], e["extra"]["last_error"]) for e in told] == [
+        ("failed", stream["last_error"])
+    ]
+    subscribe(app, body)  # the same payload again: a fresh start
+    wait_until(
+        lambda: (s := stream_of(app, dead)) and s["state"] != "failed" and s["reader_threads"],
+        30,
+        "the stream to start again",
+    )
+    unsubscribe(app, dead)
 
 
 def test_snapshot_camera_is_polled_at_its_interval(app: str, tmp_path: Path, clip: Path) -> None:

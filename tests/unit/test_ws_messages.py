@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from deployments.api import ws_protocol as wsp
-from graph.events.model import StreamEvent, TrackedDetection, hub_event
+from graph.events.model import StreamEvent, TrackedDetection, hub_event, result_event
 from graph.events.ring import EventLog
 from stream_actors.stability import ObjectEvent
 from stream_actors.subscriptions import RegistryState, Subscription
@@ -383,3 +383,99 @@ def test_iso_is_utc_with_milliseconds() -> None:
     assert wsp.iso(1_700_000_000.1239) == "2023-11-14T22:13:20.123Z"  # truncated
     assert wsp.iso(1_700_000_000.9999) == "2023-11-14T22:13:20.999Z"
     assert ISO.match(wsp.iso())
+
+
+# ---- branch results (camgraph extensions: the seeds have no message for them) -----
+BODY, PLATE = "demo_bodytype_cls_v1", "demo_plate_ocr_v1"
+RESULTS = {
+    BODY: {"label": "van", "confidence": 1.0},
+    PLATE: {"label": "AB123CD", "confidence": 0.67},
+}
+
+
+def test_a_detection_whose_track_has_results_carries_them_inside_its_item() -> None:
+    sub = seed_subscription()
+    van = TrackedDetection(3, 2, "car", 0.91, (10.0, 20.0, 110.0, 90.0), True, RESULTS)
+    frame = StreamEvent(
+        "detection",
+        subscription_id=sub.subscriptionIdentifier,
+        camera_id=sub.camera_id,
+        model_id="101",
+        frame_seq=17,
+        captured_at=1_700_000_000.1239,
+        detected_at=1_700_000_000.3,
+        detections=(PERSON, van),
+        extra={"model_name": sub.modelName},
+    )
+    (event,) = published(EventLog(), frame)
+    rendered = wsp.image_detection(event, sub, {"101": "v7"})
+    json.dumps(rendered)
+    person, car = rendered["payload"]["detections"]
+    assert car == {
+        "class": "car",
+        "classId": 2,
+        "confidence": 0.91,
+        "bbox": [10.0, 20.0, 110.0, 90.0],
+        "trackId": 3,
+        "stable": True,
+        "results": RESULTS,  # ext: per branch model id, as the `result` event says
+    }
+    assert "results" not in person  # an item without results is as before
+    assert rendered["payload"]["detection"] == car
+    # The seed's message, keys and places unchanged: the results are inside the item.
+    expected = seed_image_detection(
+        "display-001;cam-001",
+        {
+            "detections": [person, car],
+            "timestamp": "2023-11-14T22:13:20.123Z",
+            "model_info": {"modelId": 101, "modelName": "Vehicle Detection", "version": "v7"},
+        },
+    )
+    assert set(rendered) == set(expected)
+    assert_seed_keys_kept(rendered, expected)
+    extensions = {"detection", "eventId", "frameSeq", "sessionId"}
+    assert set(rendered["payload"]) - set(expected["payload"]) == extensions
+
+
+def test_a_result_event_is_an_object_result_message() -> None:
+    sub = seed_subscription()
+    log = EventLog()
+    log.set_session("display-001", 4242)
+    runner_results = {
+        BODY: {"label": "van", "class": "van", "confidence": 1.0, "body_type": "van"},
+        PLATE: {"label": "AB123CD", "class": "AB123CD", "confidence": 0.67},
+    }
+    told = result_event(
+        sub.subscriptionIdentifier,
+        sub.camera_id,
+        "101",
+        3,
+        "car",
+        runner_results,
+        model_name=sub.modelName,
+    )
+    (event,) = published(log, told)
+    assert event["type"] == "result"  # SSE and gRPC carry it as it is
+    assert event["data"]["results"] == RESULTS and event["data"]["track_id"] == 3
+    rendered = wsp.object_result(event, sub, {"101": "v7"})
+    json.dumps(rendered)
+    assert set(rendered) == {"type", "payload"}  # shaped as imageDetection
+    assert rendered["type"] == "objectResult"
+    payload = rendered["payload"]
+    assert ISO.match(payload["timestamp"])
+    assert payload == {
+        "subscriptionId": "display-001;cam-001",
+        "trackId": 3,
+        "class": "car",
+        "results": RESULTS,
+        "timestamp": payload["timestamp"],  # when the result was found
+        "modelInfo": {"modelId": 101, "modelName": "Vehicle Detection", "version": "v7"},
+        "eventId": 1,
+        "sessionId": 4242,
+    }
+    # The same modelInfo as the subscription's imageDetection, without a subscription too.
+    frame = wsp.image_detection(seed_camera_event(sub, "101"), sub, {"101": "v7"})
+    assert frame["payload"]["modelInfo"] == payload["modelInfo"]
+    bare = wsp.object_result(event)["payload"]["modelInfo"]
+    assert bare == {"modelId": "101", "modelName": "Vehicle Detection", "version": None}
+    assert sorted(wsp.EVENT_TYPES) == ["detection", "result"]  # what a connection receives

@@ -25,7 +25,7 @@ from deployments.api.ws_session import WS_INTERNAL_ERROR, WsDeps, WsSession
 from graph.common.schemas import IngressSettings
 from graph.events.fanout import EventFanout
 from graph.events.hub import EventHubService
-from graph.events.model import StreamEvent, TrackedDetection, hub_event
+from graph.events.model import StreamEvent, TrackedDetection, hub_event, result_event
 from tests.peers import free_port
 from tests.unit.seed_messages import seed_subscribe_ack, subscribe_example
 
@@ -236,3 +236,38 @@ def test_the_seeds_subscribe_gets_the_seeds_ack_and_image_detections() -> None:
         )
         unsub = receive(ws, "unsubscribeAck")
         assert unsub["status"] == "success" and unsub["subscriptionId"] == "display-001;cam-001"
+
+
+def test_branch_results_reach_a_subscribed_connection() -> None:
+    """A `result` event of the connection's subscription comes as one `objectResult`
+    (another subscription's does not), and the frames after it carry the object's
+    results inside its `imageDetection` item."""
+    hub = Hub()
+    with session_socket(Registry(), hub=hub) as ws:
+        send(ws, {"type": "subscribe", "payload": SUB})
+        receive(ws, "subscribeAck")
+        van = {"demo_bodytype_cls_v1": {"label": "van", "class": "van", "confidence": 1.0}}
+        told = result_event("display-1;cam-1", "cam-1", "demo", 3, "car", van)
+        elsewhere = result_event("display-2;cam-1", "cam-1", "demo", 4, "car", van)
+        car = TrackedDetection(
+            3, 2, "car", 0.91, (10.0, 20.0, 110.0, 90.0), True, told.extra["results"]
+        )
+        frame = StreamEvent(
+            "detection",
+            subscription_id="display-1;cam-1",
+            camera_id="cam-1",
+            model_id="demo",
+            frame_seq=2,
+            captured_at=1_700_000_000.0,
+            detected_at=1_700_000_000.1,
+            detections=(car,),
+        )
+        hub.publish_from_test([hub_event(e) for e in (elsewhere, told, frame)])
+        result = receive(ws, "objectResult")
+        assert set(result) == {"type", "payload"}
+        payload = result["payload"]
+        assert payload["subscriptionId"] == "display-1;cam-1" and payload["trackId"] == 3
+        assert payload["results"] == {"demo_bodytype_cls_v1": {"label": "van", "confidence": 1.0}}
+        assert payload["class"] == "car" and payload["modelInfo"]["modelId"] == "demo"
+        (item,) = receive(ws, "imageDetection")["payload"]["detections"]
+        assert item["trackId"] == 3 and item["results"] == payload["results"]
