@@ -228,6 +228,10 @@ class StreamRegistry:
             self._save()
             stopping = {k: old_placement[k] for k in stopped}
             pending = await self._apply(changed, stopping, revive=key)
+            if held and owner is not None:
+                # Its grace counts from the answer, not from before the stream was started
+                # (which can take longer than the grace): the session renews from there.
+                self._leases.renew(owner, time.monotonic())
         return {
             "subscriptionIdentifier": sub_id,
             "stream": key,
@@ -265,10 +269,9 @@ class StreamRegistry:
     async def release(self, owner: str) -> int:
         """A WebSocket connection closed: its subscriptions end one grace from now unless
         a connection subscribes them again meanwhile. Returns how many it held."""
-        held = self._leases.release(owner, time.monotonic())
-        if held:
-            self._save()  # keeps "released" (GET /streams) over a restart
-        return held
+        # Not persisted: a restart gives every hold a full grace anyway, and a file write
+        # per closing connection would queue renewals behind fsyncs.
+        return self._leases.release(owner, time.monotonic())
 
     async def _expire_leases(self) -> None:
         """Remove the subscriptions whose connections have all left for a grace."""
@@ -340,8 +343,11 @@ class StreamRegistry:
 
     async def _reconcile_forever(self) -> None:
         while True:
-            try:
+            try:  # apart: a failed expiry must not skip this round's repair
                 await self._expire_leases()
+            except Exception as exc:
+                logger.warning("registry: ending expired subscriptions failed: %r", exc)
+            try:
                 await self._reconcile_once()
                 self.last_reconcile_error = None
             except Exception as exc:  # an actor restarting: try again next round

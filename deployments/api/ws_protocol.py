@@ -81,6 +81,8 @@ def parse(text: str | bytes) -> tuple[str, Any, Any]:
         message = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"invalid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, nesting
+        raise ProtocolError(f"invalid JSON: {type(exc).__name__}") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object with a 'type'")
     request_id = message.get("requestId")

@@ -168,6 +168,10 @@ MALFORMED: list[tuple[str | bytes, str | None, Any, str, list[Any] | None]] = [
     ("{not json", None, None, "invalid JSON: ", None),
     (b"\xff\xfe\x00", None, None, "invalid JSON: ", None),
     ("", None, None, "invalid JSON: ", None),
+    # Under the size limit, but beyond what json.loads takes: an integer of 5000 digits
+    # (ValueError) and deep nesting (RecursionError) are errors, not a dead session.
+    ('{"type": "subscribe", "requestId": ' + "9" * 5000 + "}", None, None, "ValueError", None),
+    ("[" * 20000 + "]" * 20000, None, None, "invalid JSON: RecursionError", None),
     ("[1, 2]", None, None, "a message must be a JSON object with a 'type'", None),
     ('"subscribe"', None, None, "a message must be a JSON object", None),
     ("null", None, None, "a message must be a JSON object", None),
