@@ -82,7 +82,6 @@ def result_event(
 ) -> StreamEvent:
     """A `result` event: the object's winning label and vote share per branch;
     `model_name` as on the subscription's other events (when it has one)."""
-    now = time.time()
     extra: dict[str, Any] = {
         "track_id": track_id,
         "class": class_name,
@@ -90,16 +89,7 @@ def result_event(
     }
     if model_name:
         extra["model_name"] = model_name
-    return StreamEvent(
-        "result",
-        subscription_id,
-        camera_id,
-        model_id,
-        frame_seq=-1,
-        captured_at=now,
-        detected_at=now,
-        extra=extra,
-    )
+    return _frameless("result", subscription_id, camera_id, model_id, extra)
 
 
 def state_event(
@@ -107,16 +97,28 @@ def state_event(
 ) -> StreamEvent:
     """A `state` event: the subscription's stream went to `state` (today only `failed`:
     it gave up after `streams.max_retries`), with its last error."""
+    extra = {"state": state, "last_error": last_error}
+    return _frameless("state", subscription_id, camera_id, model_id, extra)
+
+
+def _frameless(
+    kind: Literal["result", "state"],
+    subscription_id: str,
+    camera_id: str,
+    model_id: str,
+    extra: dict[str, Any],
+) -> StreamEvent:
+    """An event of no particular frame (frame_seq -1), stamped now."""
     now = time.time()
     return StreamEvent(
-        "state",
+        kind,
         subscription_id,
         camera_id,
         model_id,
         frame_seq=-1,
         captured_at=now,
         detected_at=now,
-        extra={"state": state, "last_error": last_error},
+        extra=extra,
     )
 
 

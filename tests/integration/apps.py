@@ -13,7 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from demo.datasets import HELD_OUT_SEED_START, write_clip
 from graph.config import PROJECT_ROOT, AppConfig
+from tests.peers import RtspServer
 
 DEMO_DETECTOR = PROJECT_ROOT / "models" / "demo-detector.onnx"
 
@@ -32,6 +34,24 @@ def app_config(data: Path, models: list[dict[str, Any]] | None = None, **args: A
     if raw.get("pipelines"):
         raw.setdefault("archive_cache_dir", str(data / "archives"))
     return AppConfig.model_validate(raw)
+
+
+@contextlib.contextmanager
+def scene_camera(directory: Path, seed: int, copies: int = 1) -> Iterator[RtspServer]:
+    """A real RTSP server (GStreamer) playing held-out synthetic scene `seed` (10 s,
+    640x360, 10 fps) at mount `scene` (with copies > 1: `scene0`, `scene1`, ...)."""
+    clip = write_clip(
+        HELD_OUT_SEED_START + seed,
+        n_frames=100,
+        video_path=directory / "scene.mp4",
+        fps=10,
+        scale=0.5,
+    )
+    server = RtspServer({"scene": clip}, copies=copies).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def wait_until(predicate: Any, timeout_s: float = 120, what: Any = "condition") -> Any:

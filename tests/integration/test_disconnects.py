@@ -19,12 +19,11 @@ import pytest
 import ray
 from websockets.asyncio.client import ClientConnection, connect
 
-from demo.datasets import HELD_OUT_SEED_START, write_clip
 from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.common.names import STREAMS_NAMESPACE
-from tests.integration.apps import app_config, deployed, healthy, wait_until
+from tests.integration.apps import app_config, deployed, healthy, scene_camera, wait_until
 from tests.peers import RtspServer
 
 pytestmark = pytest.mark.integration
@@ -36,11 +35,8 @@ CAMERA_FPS = 2
 
 @pytest.fixture(scope="module")
 def rtsp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RtspServer]:
-    out = tmp_path_factory.mktemp("clip") / "scene.mp4"
-    clip = write_clip(HELD_OUT_SEED_START + 37, n_frames=100, video_path=out, fps=10, scale=0.5)
-    server = RtspServer({"scene": clip}, copies=2).start()
-    yield server
-    server.stop()
+    with scene_camera(tmp_path_factory.mktemp("clip"), 37, copies=2) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from demo.datasets import HELD_OUT_SEED_START, write_clip
 from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.config import PROJECT_ROOT
-from tests.integration.apps import app_config, deployed, healthy, wait_until
+from tests.integration.apps import app_config, deployed, healthy, scene_camera, wait_until
 from tests.peers import RtspServer
 
 pytestmark = pytest.mark.integration
@@ -32,11 +31,8 @@ SCREENSHOT = PROJECT_ROOT / "data" / "test-output" / "live-view.png"
 
 @pytest.fixture(scope="module")
 def rtsp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RtspServer]:
-    out = tmp_path_factory.mktemp("clip") / "scene.mp4"
-    clip = write_clip(HELD_OUT_SEED_START + 41, n_frames=100, video_path=out, fps=10, scale=0.5)
-    server = RtspServer({"scene": clip}).start()
-    yield server
-    server.stop()
+    with scene_camera(tmp_path_factory.mktemp("clip"), 41) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
