@@ -200,8 +200,13 @@ class LeaseBook:
         self.holds.pop(sub_id, None)
 
     def renew(self, owner: str, now: float) -> int:
-        """A live connection renews its holds for a grace from `now`; how many it holds."""
-        return self._set(owner, Hold(expires_at=now + self.grace_s))
+        """A live connection renews its holds for a grace from `now`; how many it holds.
+        A released hold stays released: a renewal still on its way when the connection
+        closed must not undo the release."""
+        held = [h for h in self.holds.values() if owner in h and not h[owner].released]
+        for h in held:
+            h[owner] = Hold(expires_at=now + self.grace_s)
+        return len(held)
 
     def release(self, owner: str, now: float) -> int:
         """A connection closed: its holds end one grace from `now`; how many it held."""

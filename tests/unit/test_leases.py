@@ -253,3 +253,14 @@ def test_bad_stream_settings_are_refused_with_what_is_wrong(
 ) -> None:
     with pytest.raises(ValidationError, match=problem):
         StreamSettings.model_validate(streams)
+
+
+def test_a_renewal_arriving_after_the_release_does_not_undo_it() -> None:
+    """The session's last renewal can still be on its way when it releases: the release
+    stands (the subscription ends one grace after it, and GET /streams says when)."""
+    leases = book()
+    leases.subscribed("d;c", "conn-1", persistent=False, known=False, now=0.0)
+    assert leases.release("conn-1", now=1.0) == 1
+    assert leases.renew("conn-1", now=2.0) == 0
+    assert leases.describe("d;c", now=2.0, wall_now=0.0)["ends_in_s"] == GRACE - 1.0
+    assert leases.expire(1.0 + GRACE) == ["d;c"]
