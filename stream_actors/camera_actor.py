@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -59,6 +58,8 @@ class CameraActor:
         self._streams: dict[str, _Stream] = {}
         self._handles: dict[str, Any] = {}
         self._forwarders: dict[str, ActionForwarder] = {}
+        # display id → {"id", "data"}: the displays' sessions, as the registry sends them
+        self._sessions: dict[str, dict[str, Any]] = {}
         self._ring = RingBufferSink(
             self._settings.events_per_subscription, first_id=restart_safe_first_id()
         )
@@ -142,12 +143,14 @@ class CameraActor:
             "camera_id": sub.camera_id,
             "display_id": sub.display_id,
             "subscription_id": sub.subscriptionIdentifier,
-            "session_id": uuid.uuid4().hex[:16],
             "model_id": model_id,
         }
-        return PipelineRunner(
+        runner = PipelineRunner(
             runtime.plan, base, classify, forwarder.submit, self._settings.branches, on_result
         )
+        if (session := self._sessions.get(sub.display_id)) is not None:
+            runner.set_session(session["id"], session["data"])
+        return runner
 
     def _acquire_reconnect(self) -> float:
         """Called from reader threads: the registry's cluster-wide token bucket, or a
@@ -216,11 +219,18 @@ class CameraActor:
 
     # ---- desired state -------------------------------------------------------------
     async def set_stream(
-        self, spec: dict[str, Any], subs: list[dict[str, Any]], revive: bool = False
+        self,
+        spec: dict[str, Any],
+        subs: list[dict[str, Any]],
+        revive: bool = False,
+        sessions: dict[str, dict[str, Any] | None] | None = None,
     ) -> None:
         """Make this stream and its subscriptions exactly as given (idempotent). `revive`
         (a subscribe asked for the stream, not a repair round): a stream that gave up
-        (`failed`, streams.max_retries) starts again."""
+        (`failed`, streams.max_retries) starts again. `sessions`: the sessions of the
+        subscriptions' displays (None: no session), applied first."""
+        for display_id, session in (sessions or {}).items():
+            await self.set_session(display_id, session)
         want = StreamSpec.model_validate(spec)
         wanted = {s.subscriptionIdentifier: s for s in map(Subscription.model_validate, subs)}
         stream = self._streams.get(want.key)
@@ -259,6 +269,26 @@ class CameraActor:
             stream.reader.start()
         elif revive:
             stream.reader.revive()
+
+    async def set_session(self, display_id: str, session: dict[str, Any] | None) -> int:
+        """A display's session (`{"id", "data"}`; None: none any more) for its
+        subscriptions' pipelines, and the ones it subscribes later. Returns how many
+        pipelines it changed."""
+        if session is None:
+            self._sessions.pop(display_id, None)
+        else:
+            self._sessions[display_id] = session
+        changed = 0
+        for stream in self._streams.values():
+            for processor in stream.processors.values():
+                runner = processor.runner
+                if runner is None or processor.sub.display_id != display_id:
+                    continue
+                if session is None:
+                    changed += runner.set_session(None)
+                else:
+                    changed += runner.set_session(session["id"], session["data"])
+        return changed
 
     def _failure_hook(self, key: str) -> Callable[[str], None]:
         """What a reader thread calls when its stream gives up: each subscription of the

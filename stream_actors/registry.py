@@ -4,7 +4,9 @@ reconciles: every `reconcile_s` it compares each camera actor's streams with the
 desired state and fixes the difference, so a restarted camera actor or registry heals
 without a caller. It also ends the WebSocket subscriptions whose connections have left
 (leases renewed by each session, `streams.disconnect_grace_s`) and refuses streams over
-`streams.max_streams`. What to do is decided in `reconcile.py` (pure); this module calls.
+`streams.max_streams`, and keeps the displays' sessions (`sessions.py`), which it sends
+to the camera actors of their subscriptions. What to do is decided in `reconcile.py`
+(pure); this module calls.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from stream_actors.reconcile import (
     unreachable_status,
 )
 from stream_actors.reconnect import TokenBucket
+from stream_actors.sessions import SessionBook
 from stream_actors.settings import StreamContext, context_revision
 from stream_actors.subscriptions import (
     Subscription,
@@ -107,6 +110,8 @@ class StreamRegistry:
         self._leases = LeaseBook.restored(
             self._settings.disconnect_grace_s, state.leases, self._table.subs, time.monotonic()
         )
+        self._sessions = SessionBook(state.sessions)
+        self._sessions_stale: set[int] = set()  # actors a session change did not reach
         self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
         self._actors: dict[int, Any] = {}
         self._unplaced: set[int] = set()  # actors Ray has not placed (pending)
@@ -173,9 +178,13 @@ class StreamRegistry:
             raise ReconcileError(problem)  # at once: a call would only time out
         actor = self._actor(index)
         fps = self._settings.target_fps
-        subs = [actor_payload(s, fps) for s in self._table.subscribers(key)]
+        subscribers = self._table.subscribers(key)
+        subs = [actor_payload(s, fps) for s in subscribers]
+        sessions = {s.display_id: self._sessions.of(s.display_id) for s in subscribers}
         spec = self._table.spec(key).model_dump(mode="json")
-        await asyncio.wait_for(actor.set_stream.remote(spec, subs, revive), ACTOR_CALL_TIMEOUT_S)
+        await asyncio.wait_for(
+            actor.set_stream.remote(spec, subs, revive, sessions), ACTOR_CALL_TIMEOUT_S
+        )
 
     async def _stop(self, key: str, index: int) -> None:
         await asyncio.wait_for(self._actor(index).remove_stream.remote(key), ACTOR_CALL_TIMEOUT_S)
@@ -201,8 +210,11 @@ class StreamRegistry:
         return None
 
     def _save(self) -> None:
-        """Persist the desired state: the subscriptions, their placement and leases."""
-        state = self._table.state().model_copy(update={"leases": self._leases.holds})
+        """Persist the desired state: the subscriptions, their placement, leases and the
+        displays' sessions."""
+        state = self._table.state().model_copy(
+            update={"leases": self._leases.holds, "sessions": self._sessions.sessions}
+        )
         save_state(self._path, state)
 
     async def subscribe(self, sub: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
@@ -258,6 +270,43 @@ class StreamRegistry:
             changed, stopped = (changed | more) - less, stopped | less
         self._save()
         await self._apply(changed, {k: old_placement[k] for k in stopped})
+
+    async def set_session(self, display_id: str, session_id: Any) -> bool:
+        """A display's session (None: none), persisted, then sent to the camera actors
+        of the display's subscriptions (one that misses it gets it from the repair
+        loop). Returns whether it changed."""
+        async with self._lock:
+            changed = self._sessions.set(display_id, session_id)
+            if changed:
+                self._save()
+                await self._send_session(display_id)
+        return changed
+
+    async def patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
+        """Merge data into a session (its `{session.<field>}` values): the merged data.
+        KeyError: no display has that session; SessionDataTooLarge: over the cap."""
+        async with self._lock:
+            displays, merged = self._sessions.patch(session_id, data)
+            self._save()
+            for display_id in displays:
+                await self._send_session(display_id)
+        return merged
+
+    async def _send_session(self, display_id: str) -> None:
+        """(Under the lock.) The display's session to each actor running one of its
+        subscriptions; an actor that cannot be reached gets its streams pushed again
+        (with the sessions) by the next repair round."""
+        session = self._sessions.of(display_id)
+        keys = {stream_key(s) for s in self._table.subs.values() if s.display_id == display_id}
+        for index in sorted({self._table.placement[k] for k in keys}):
+            if index in self._unplaced:
+                continue  # nothing runs there; its streams are pushed when it is placed
+            try:
+                call = self._actor(index).set_session.remote(display_id, session)
+                await asyncio.wait_for(call, ACTOR_CALL_TIMEOUT_S)
+            except Exception as exc:
+                logger.warning("camera actor %d missed a session change: %s", index, exc)
+                self._sessions_stale.add(index)
 
     async def renew(self, owner: str) -> dict[str, Any]:
         """A live WebSocket connection renews its hold on its subscriptions for one grace
@@ -321,6 +370,10 @@ class StreamRegistry:
         for key in plan.push:
             logger.info("registry: restoring stream %s on actor %d", key, index)
             await self._push(key)
+        if index in self._sessions_stale:  # a session change did not reach it
+            for key in set(wanted) - set(plan.push):
+                await self._push(key)  # idempotent; carries the sessions
+            self._sessions_stale.discard(index)
 
     async def _placement_verdict(self, index: int) -> PlacementVerdict:
         """What Ray says of actor `index` (pending, dead...). Remembers unplaced actors so

@@ -22,6 +22,7 @@ from deployments.api.errors import ws_error
 from graph.common.schemas import IngressSettings
 from graph.events.fanout import EventFanout
 from graph.events.ring import EventFilter
+from stream_actors.sessions import SessionDataTooLarge
 from stream_actors.subscriptions import Subscription
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ class WsDeps:
     """What a session uses of its replica: actor handles (their `.remote()` calls are
     awaited), the replica's fan-out and its cached stream listing and host load."""
 
-    registry: Any  # subscribe, unsubscribe, renew, release
-    hub: Any  # set_session, patch_session
+    registry: Any  # subscribe, unsubscribe, renew, release, set_session, patch_session
+    hub: Any  # set_session
     fanout: EventFanout
     models: Mapping[str, str | None]  # model ids a subscription may name → pipeline version
     settings: IngressSettings  # state_report_s, actor_call_timeout_s
@@ -174,9 +175,11 @@ class WsSession:
             report = await self._state_report()
             await self.send(report | ({"requestId": request_id} if request_id is not None else {}))
         elif kind == "setSessionId":
-            await self._call(
-                deps.hub.set_session.remote(payload.displayIdentifier, payload.sessionId)
-            )
+            # The registry's (persisted) session keys the display's records; the hub's
+            # stamps its events. The registry first: an error leaves the events unstamped.
+            display, session_id = payload.displayIdentifier, payload.sessionId
+            await self._call(deps.registry.set_session.remote(display, session_id))
+            await self._call(deps.hub.set_session.remote(display, session_id))
             await self.send(
                 wsp.ack(
                     kind,
@@ -187,10 +190,13 @@ class WsSession:
             )
         elif kind == "patchSession":
             try:
-                await self._call(deps.hub.patch_session.remote(payload.sessionId, payload.data))
+                call = deps.registry.patch_session.remote(payload.sessionId, payload.data)
+                await self._call(call)
                 ok, message = True, "session updated"
             except KeyError:
                 ok, message = False, f"no display has session {payload.sessionId!r}"
+            except SessionDataTooLarge as exc:
+                ok, message = False, exc.message
             reply = {
                 "type": "patchSessionResult",
                 "sessionId": payload.sessionId,

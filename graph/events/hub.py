@@ -70,9 +70,6 @@ class EventHubService:
     async def set_session(self, display_id: str, session_id: Any) -> None:
         self._log.set_session(display_id, session_id)
 
-    async def patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
-        return self._log.patch_session(session_id, data)
-
     async def stats(self) -> dict[str, Any]:
         return {**self._log.stats(), "started": self._started}
 

@@ -6,9 +6,10 @@ Producers publish batches of JSON-ready event dicts; a reader reads with a curso
 last id it saw) and a filter, so a client can resume from its `Last-Event-ID` on any
 ingress replica. Topics are `sub:<subscription>` and `job:<job id>`; each keeps its
 newest `capacity` events, so a busy camera never evicts a quiet one's. A reader that fell
-behind is told how many of its events were evicted. Sessions (`setSessionId` /
-`patchSession` of the WebSocket protocol) live here too, so every replica stamps the same
-`session_id` on a display's events.
+behind is told how many of its events were evicted. The displays' session ids
+(`setSessionId` of the WebSocket protocol) are kept here too, so every replica stamps the
+same `session_id` on a display's events; sessions' data and the records they key live in
+the stream registry (`stream_actors.sessions`).
 """
 
 from __future__ import annotations
@@ -140,7 +141,6 @@ class EventLog:
     last_id: int = 0
     _topics: OrderedDict[str, _Topic] = field(default_factory=OrderedDict)
     sessions: dict[str, Any] = field(default_factory=dict)  # display id → session id
-    session_data: dict[str, dict[str, Any]] = field(default_factory=dict)  # by session id
     topics_dropped: int = 0
     epoch: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     max_sessions: int = 100_000
@@ -244,26 +244,14 @@ class EventLog:
         )
 
     def set_session(self, display_id: str, session_id: Any) -> None:
-        """Set (or with None clear) a display's session; data of sessions no display
-        has any more is forgotten. At most `max_sessions` displays (oldest go)."""
-        if session_id is None:
-            self.sessions.pop(display_id, None)
-        else:
-            self.sessions.pop(display_id, None)
+        """Set (or with None clear) a display's session, stamped on its later events. At
+        most `max_sessions` displays (oldest go). Its data (patchSession) and what it
+        keys (records) live in the stream registry."""
+        self.sessions.pop(display_id, None)
+        if session_id is not None:
             self.sessions[display_id] = session_id  # newest last
             while len(self.sessions) > self.max_sessions:
                 self.sessions.pop(next(iter(self.sessions)))
-        live = {str(v) for v in self.sessions.values()}
-        for key in [k for k in self.session_data if k not in live]:
-            del self.session_data[key]
-
-    def patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
-        """Merge `data` into a session's data; KeyError when no display has the session."""
-        if str(session_id) not in {str(v) for v in self.sessions.values()}:
-            raise KeyError(session_id)
-        merged = {**self.session_data.get(str(session_id), {}), **data}
-        self.session_data[str(session_id)] = merged
-        return merged
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -19,7 +19,7 @@ from graph.pipeline.spec import (
     action_templates,
     branch_result_fields,
 )
-from graph.pipeline.templates import template_fields
+from graph.pipeline.templates import SESSION_NAMESPACE, template_fields
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class PipelinePlan:
                 needs = set(own)
                 for template in action_templates(action):
                     needs |= {n.partition(".")[0] for n in template_fields(template) if "." in n}
+                needs.discard(SESSION_NAMESPACE)  # session data never waits for a branch
                 if isinstance(action, PostgresUpdateCombined):
                     needs |= set(action.waitForBranches)
                 actions.append(ActionPlan(len(actions), node.modelId, action, frozenset(needs)))

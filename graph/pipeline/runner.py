@@ -14,6 +14,10 @@ idempotency key built from (pipeline, version, camera, session, track, action, r
 So a record is written once per object and updated only when a better crop changed what
 it says.
 
+The session (`setSessionId` of the display, else an id of the runner's own) is part of
+every record's key: a new session starts new records, at once for the objects in view.
+Its data (`patchSession`) fills `{session.<field>}`; new data updates what it changed.
+
 Classification and submission are injected coroutines: the camera actor passes Serve
 handle calls, tests pass real engines and a real outbox.
 """
@@ -23,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +43,7 @@ from graph.pipeline.plan import BranchPlan, PipelinePlan
 from graph.pipeline.quality import CropQuality, crop_box, crop_quality
 from graph.pipeline.render import iso_time, jpeg_images, object_key, render_entry
 from graph.pipeline.spec import RedisSaveImage
-from graph.pipeline.templates import MissingFieldError, idempotency_key
+from graph.pipeline.templates import SESSION_NAMESPACE, MissingFieldError, idempotency_key
 
 logger = logging.getLogger("camgraph.branches")
 REVISIONS_PER_GENERATION = 1_000_000  # a track that comes back orders after all before
@@ -105,6 +110,11 @@ class PipelineRunner:
         self._on_result = on_result
         self._base = dict(base_context)
         self._base.update(pipeline_id=plan.pipeline_id, pipeline_version=plan.version)
+        self._base.setdefault("session_id", None)
+        if self._base["session_id"] is None:
+            self._base["session_id"] = uuid.uuid4().hex[:16]
+        self._session: Any = None  # the display's session id as set; None: the own id
+        self._session_data: dict[str, Any] = {}
         self._classify, self._submit = classify, submit
         self._tracks: dict[int, TrackState] = {}
         self._history: dict[int, tuple[int, float]] = {}  # track → (generation, first)
@@ -122,6 +132,31 @@ class PipelineRunner:
         self.actions_lost = 0  # rendered, refused, and still refused when the track ended
         self.submit_errors = 0
         self.last_error: str | None = None
+
+    # -- the display's session -------------------------------------------------------
+
+    def set_session(self, session_id: Any, data: Mapping[str, Any] | None = None) -> bool:
+        """The display's session (None: none) and its data. A new session starts new
+        records: every object in view has its actions rendered again at once, keyed by
+        the new session (revisions go on rising). New data only re-renders them, and
+        what it did not change is not sent again. Returns whether anything changed."""
+        data = dict(data or {})
+        same_id = session_id == self._session and type(session_id) is type(self._session)
+        if same_id and data == self._session_data:
+            return False
+        self._session_data = data
+        if not same_id:
+            self._session = session_id
+            # Cleared: an id of its own again, not the one of before the session.
+            self._base["session_id"] = uuid.uuid4().hex[:16] if session_id is None else session_id
+        for st in list(self._tracks.values()):
+            if st.context:
+                st.context["session_id"] = self._base["session_id"]
+            if not same_id:
+                st.sent.clear()  # the new session's records get every action
+            if st.announced and not st.lost:
+                self._spawn(self._emit(st), self._emits)
+        return True
 
     # -- per frame (synchronous, called by the processor) --------------------------
 
@@ -331,6 +366,7 @@ class PipelineRunner:
     async def _emit_locked(self, st: TrackState) -> None:
         obj_key = object_key(self._base, st.track_id)
         images = jpeg_images(*self._crops.get(st.track_id, (None, None)))
+        results = {**st.results, SESSION_NAMESPACE: self._session_data}
         entries = []
         for plan in self.plan.actions:
             if not plan.needs <= st.completed:
@@ -340,7 +376,7 @@ class PipelineRunner:
                 if region is not None and region != st.class_name:
                     continue  # the region names another class: nothing of this object
             try:
-                digest, entry = render_entry(plan, st.context, st.results, obj_key, images)
+                digest, entry = render_entry(plan, st.context, results, obj_key, images)
             except MissingFieldError:
                 continue  # a key, channel or message waits for a branch's value
             if st.sent.get(plan.index) == digest:
@@ -409,6 +445,7 @@ class PipelineRunner:
         return {
             "pipeline_id": self.plan.pipeline_id,
             "pipeline_version": self.plan.version,
+            "session_id": self._session,
             "tracks": len(self._tracks),
             "passes": self.passes,
             "passes_in_flight": len(self._tasks) + len(self._emits),

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from graph.common.schemas import MODEL_ID_PATTERN, StrictModel
-from graph.pipeline.templates import template_fields
+from graph.pipeline.templates import SESSION_NAMESPACE, template_fields
 
 # A pipeline's model ids name deployments (`Detector_<id>`), models of /detect and the
 # `{<model id>.<field>}` templates (a dot would be ambiguous there): the one pattern.
@@ -178,6 +178,11 @@ class PipelineFile(StrictModel):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"modelId must be unique in a pipeline, repeated: {duplicates}")
+        if SESSION_NAMESPACE in ids:
+            raise ValueError(
+                f"modelId {SESSION_NAMESPACE!r} is reserved: {{{SESSION_NAMESPACE}.<field>}} "
+                "names the session's data in templates"
+            )
         branch_fields = {n.modelId: branch_result_fields(n) for n in nodes[1:]}
         branch_ids = set(branch_fields)
         problems = []
@@ -237,9 +242,12 @@ def _template_problems(action: Any, branch_fields: dict[str, set[str]]) -> list[
                 continue
             if not field and name in CONTEXT_FIELDS:
                 continue
+            if head == SESSION_NAMESPACE and field:
+                continue  # any field of the session's data (patchSession); NULL while absent
             problems.append(
-                f"{action.type}: template field {{{name}}} is neither a context field "
-                f"({', '.join(sorted(CONTEXT_FIELDS))}) nor <branch modelId>.<field>"
+                f"{action.type}: template field {{{name}}} is not a context field "
+                f"({', '.join(sorted(CONTEXT_FIELDS))}), <branch modelId>.<field> "
+                "nor session.<field>"
             )
     return problems
 

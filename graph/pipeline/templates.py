@@ -10,6 +10,10 @@ from typing import Any
 
 from graph.common.errors import CamgraphError
 
+# `{session.<field>}`: a field of the display's session data (`patchSession`), which a
+# template names like a branch's result; no branch may take this name.
+SESSION_NAMESPACE = "session"
+
 
 class MissingFieldError(CamgraphError):
     """A template names a value the context does not have (yet)."""

@@ -132,11 +132,20 @@ def run_camera(url: str, clip: Path, display: str, replay: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def ws_camera(url: str, clip: Path, display: str) -> Iterator[list[dict[str, Any]]]:
-    """The camera subscribed over a WebSocket (persistent), collecting what it receives."""
+def ws_camera(
+    url: str, clip: Path, display: str, session_id: int
+) -> Iterator[list[dict[str, Any]]]:
+    """The display's session set (the seeds' setSessionId), then the camera subscribed
+    over a WebSocket (persistent), collecting what it receives."""
     got: list[dict[str, Any]] = []
     payload = {**camera_body(clip, display), "persistent": True}
     with connect(url.replace("http://", "ws://") + "/ws", open_timeout=30) as ws:
+        session = {"displayIdentifier": display, "sessionId": session_id}
+        ws.send(json.dumps({"type": "setSessionId", "payload": session}))
+        ack = json.loads(ws.recv(timeout=60))
+        while ack["type"] == "stateReport":
+            ack = json.loads(ws.recv(timeout=60))
+        assert ack["type"] == "setSessionIdAck" and ack["sessionId"] == session_id, ack
         ws.send(json.dumps({"type": "subscribe", "payload": payload}))
         while not got or got[-1]["type"] not in ("subscribeAck", "error"):
             got.append(json.loads(ws.recv(timeout=60)))
@@ -196,9 +205,9 @@ def undrained(url: str, schema: str) -> str:
     return f"the outbox to drain after the outages; health: {actions}; pending: {rows}"
 
 
-def records(schema: str, display: str) -> list[dict[str, Any]]:
+def records(schema: str, display: str, column: str = "display_id") -> list[dict[str, Any]]:
     with psycopg.connect(PG.format(port=5432), autocommit=True) as conn:
-        cur = conn.execute(f'SELECT * FROM "{schema}"."{TABLE}" WHERE display_id = %s', (display,))
+        cur = conn.execute(f'SELECT * FROM "{schema}"."{TABLE}" WHERE {column} = %s', (display,))
         names = [d.name for d in cur.description or []]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
@@ -292,12 +301,19 @@ def test_a_scene_yields_one_record_per_vehicle_with_branch_fields_and_crops(
 ) -> None:
     truth = json.loads(clip.with_suffix(".json").read_text())
     display = f"d{uuid.uuid4().hex[:8]}"
-    with ws_camera(app, clip, display) as messages:  # subscribed over the WebSocket
+    session_id = uuid.uuid4().int % 10**9  # a number, as a CMS sends it
+    with ws_camera(app, clip, display, session_id) as messages:  # subscribed over the WebSocket
         status = wait_until(lambda: camera_done(app, display), 600, "the clip to be processed")
     assert status["pipeline"]["branch_errors"] == {}, status
+    assert status["pipeline"]["session_id"] == session_id
     wait_until(lambda: outbox_empty(app), 120, "every action to be delivered")
     rows = records(schema, display)
     check_records(rows, truth, display)
+    # The backend finds its display's records by the session it set.
+    by_session = records(schema, str(session_id), column="session_id")
+    assert sorted(by_session, key=lambda r: r["camgraph_key"]) == sorted(
+        rows, key=lambda r: r["camgraph_key"]
+    )
     check_results_reached_clients(app, display, rows)
     check_results_reached_ws(messages, rows)
     unsubscribe(app, display)

@@ -7,8 +7,6 @@ import json
 import time
 from typing import Any
 
-import pytest
-
 from graph.events.fanout import LATEST, EventFanout, sse_frame
 from graph.events.hub import EventHubService
 from graph.events.model import HubPublisher, StreamEvent, TrackedDetection, hub_event
@@ -84,9 +82,6 @@ def test_sessions_stamp_later_events_of_their_display() -> None:
     log.publish([sub_event("disp;cam"), sub_event("other;cam")])
     events = log.read(0).events
     assert [e["session_id"] for e in events] == [None, 42, None]
-    assert log.patch_session(42, {"plate": "AB123"}) == {"plate": "AB123"}
-    with pytest.raises(KeyError):
-        log.patch_session(7, {})
     log.set_session("disp", None)
     log.publish([sub_event("disp;cam")])
     assert log.read(3).events[0]["session_id"] is None

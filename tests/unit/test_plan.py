@@ -31,6 +31,7 @@ def test_the_plan_knows_what_each_action_waits_for(demo: LoadedArchive) -> None:
         "vehicle_events": {
             "camera_id",
             "display_id",
+            "session_id",
             "track_id",
             "detected_at",
             "confidence",

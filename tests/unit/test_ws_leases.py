@@ -83,9 +83,7 @@ def deps(registry: Registry) -> WsDeps:
             renew=remote(registry.renew),
             release=remote(registry.release),
         ),
-        hub=SimpleNamespace(
-            set_session=remote(hub.set_session), patch_session=remote(hub.patch_session)
-        ),
+        hub=SimpleNamespace(set_session=remote(hub.set_session)),
         fanout=EventFanout(hub.read, wait_s=0.1),
         models={"demo": None},
         settings=IngressSettings(state_report_s=60, actor_call_timeout_s=0.5),

@@ -26,6 +26,7 @@ from graph.common.schemas import IngressSettings
 from graph.events.fanout import EventFanout
 from graph.events.hub import EventHubService
 from graph.events.model import StreamEvent, TrackedDetection, hub_event, result_event
+from stream_actors.sessions import MAX_SESSION_DATA_BYTES, SessionBook
 from tests.peers import free_port
 from tests.unit.seed_messages import seed_subscribe_ack, subscribe_example
 
@@ -48,11 +49,13 @@ class Hub(EventHubService):
 
 
 class Registry:
-    """The stream registry actor's two calls; `mode` makes them answer, hang or fail."""
+    """The stream registry actor's calls (its sessions are the registry's own book);
+    `mode` makes them answer, hang or fail."""
 
     def __init__(self) -> None:
         self.mode = "ok"
         self.subs: set[str] = set()
+        self.sessions = SessionBook()
 
     async def _behave(self) -> None:
         if self.mode == "hang":
@@ -71,6 +74,14 @@ class Registry:
         self.subs.discard(sub_id)
         return known
 
+    async def set_session(self, display_id: str, session_id: Any) -> bool:
+        await self._behave()
+        return self.sessions.set(display_id, session_id)
+
+    async def patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
+        await self._behave()
+        return self.sessions.patch(session_id, data)[1]
+
 
 def session_deps(registry: Registry, system: Callable[[], dict[str, Any]], hub: Hub) -> WsDeps:
     """What a session uses of its Ingress replica: the hub's own class, a stand-in
@@ -84,11 +95,12 @@ def session_deps(registry: Registry, system: Callable[[], dict[str, Any]], hub: 
 
     return WsDeps(
         registry=SimpleNamespace(
-            subscribe=remote(registry.subscribe), unsubscribe=remote(registry.unsubscribe)
+            subscribe=remote(registry.subscribe),
+            unsubscribe=remote(registry.unsubscribe),
+            set_session=remote(registry.set_session),
+            patch_session=remote(registry.patch_session),
         ),
-        hub=SimpleNamespace(
-            set_session=remote(hub.set_session), patch_session=remote(hub.patch_session)
-        ),
+        hub=SimpleNamespace(set_session=remote(hub.set_session)),
         fanout=EventFanout(hub.read, wait_s=0.1),
         models={"demo": None, "101": "v7"},  # model id → its pipeline's version
         settings=IngressSettings(state_report_s=0.2, actor_call_timeout_s=0.5),
@@ -271,3 +283,37 @@ def test_branch_results_reach_a_subscribed_connection() -> None:
         assert payload["class"] == "car" and payload["modelInfo"]["modelId"] == "demo"
         (item,) = receive(ws, "imageDetection")["payload"]["detections"]
         assert item["trackId"] == 3 and item["results"] == payload["results"]
+
+
+def test_sessions_go_to_the_registry_and_patches_answer_from_its_book() -> None:
+    """setSessionId is kept by the registry (it keys the display's records) and acked;
+    patchSession merges into it, and answers success False for a session no display has
+    or data over the cap, the connection staying open."""
+    registry = Registry()
+    with session_socket(registry) as ws:
+        set_4242 = {"displayIdentifier": "display-1", "sessionId": 4242}
+        send(ws, {"type": "setSessionId", "requestId": 1, "payload": set_4242})
+        ack = receive(ws, "setSessionIdAck")
+        assert ack["sessionId"] == 4242 and ack["displayIdentifier"] == "display-1"
+        assert registry.sessions.of("display-1") == {"id": 4242, "data": {}}
+        for data in ({"lane": 2}, {"driver": "Ann"}):
+            send(ws, {"type": "patchSession", "payload": {"sessionId": 4242, "data": data}})
+            assert receive(ws, "patchSessionResult")["success"] is True
+        assert registry.sessions.of("display-1") == {
+            "id": 4242,
+            "data": {"lane": 2, "driver": "Ann"},
+        }
+        send(ws, {"type": "patchSession", "payload": {"sessionId": 7, "data": {"x": 1}}})
+        unknown = receive(ws, "patchSessionResult")
+        assert unknown["success"] is False and "no display has session 7" in unknown["message"]
+        half = "x" * (MAX_SESSION_DATA_BYTES // 2 + 100)  # two halves: over the cap
+        send(ws, {"type": "patchSession", "payload": {"sessionId": 4242, "data": {"a": half}}})
+        assert receive(ws, "patchSessionResult")["success"] is True
+        send(ws, {"type": "patchSession", "payload": {"sessionId": 4242, "data": {"b": half}}})
+        refused = receive(ws, "patchSessionResult")
+        assert refused["success"] is False and "at most" in refused["message"]
+        assert "b" not in registry.sessions.of("display-1")["data"]
+        registry.mode = "fail"
+        send(ws, {"type": "setSessionId", "payload": {**set_4242, "sessionId": 5}})
+        assert "RayActorError" in receive(ws, "error")["message"]
+        assert registry.sessions.of("display-1")["id"] == 4242
