@@ -208,6 +208,15 @@ class LeaseBook:
             h[owner] = Hold(expires_at=now + self.grace_s)
         return len(held)
 
+    def extend(self, by_s: float) -> None:
+        """Every hold lasts `by_s` longer: the registry could not run for that long (a
+        starved process), so renewals and re-subscribes sent meanwhile are still queued
+        and must not find their subscriptions ended. A grace counts only time in which
+        the registry could hear them."""
+        for held in self.holds.values():
+            for owner, hold in held.items():
+                held[owner] = hold.model_copy(update={"expires_at": hold.expires_at + by_s})
+
     def release(self, owner: str, now: float) -> int:
         """A connection closed: its holds end one grace from `now`; how many it held."""
         return self._set(owner, Hold(expires_at=now + self.grace_s, released=True))

@@ -54,6 +54,8 @@ from stream_actors.subscriptions import (
 
 logger = logging.getLogger("camgraph.streams")
 ACTOR_CALL_TIMEOUT_S = 15.0
+STALL_PROBE_S = 0.25  # how often the registry checks that its event loop ran on time
+STALL_TOLERANCE_S = 0.05  # lateness below this is scheduling noise, not a stall
 
 
 def context_path(state_path: Path) -> Path:
@@ -121,6 +123,23 @@ class StreamRegistry:
         # Restored state is applied by the repair loop, started right away (also after
         # a restart of this actor, so streams come back without any caller).
         self._reconciler = asyncio.get_event_loop().create_task(self._reconcile_forever())
+        self._stall_watch = asyncio.get_event_loop().create_task(self._watch_stalls())
+        self.stalled_s = 0.0  # time this registry's loop ran late, in all
+
+    async def _watch_stalls(self) -> None:
+        """Holds are extended by the time this actor's event loop could not run (a
+        starved process on a busy node): a renewal or re-subscribe queued meanwhile
+        would otherwise come too late for a grace that ran out while nothing was heard."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + STALL_PROBE_S
+            await asyncio.sleep(STALL_PROBE_S)
+            late = loop.time() - due
+            if late > STALL_TOLERANCE_S:
+                self._leases.extend(late)
+                self.stalled_s += late
+                if late >= 1.0:
+                    logger.warning("registry: event loop stalled %.1f s; holds extended", late)
 
     def _ensure_reconciler(self) -> None:
         if self._reconciler.done() and not self._closed:
@@ -449,7 +468,13 @@ class StreamRegistry:
             }
             streams.append(entry)
         actors = {camera_actor_name(self._app, i): actor_summary(s) for i, s in statuses.items()}
-        return {"streams": streams, "actors": actors, "reconcile_error": self.last_reconcile_error}
+        return {
+            "streams": streams,
+            "actors": actors,
+            "reconcile_error": self.last_reconcile_error,
+            # how long the registry's loop could not run, in all (holds were extended so)
+            "registry_stalled_s": round(self.stalled_s, 2),
+        }
 
     def _key_of_camera(self, camera_id: str) -> str | None:
         keys = self._table.by_camera(camera_id)
@@ -475,6 +500,7 @@ class StreamRegistry:
         """Stop every stream and camera actor (tests, app deletion); forgets nothing."""
         self._closed = True
         self._reconciler.cancel()
+        self._stall_watch.cancel()
         indices = set(self._actors) | set(self._table.placement.values())
         for index in indices:
             with contextlib.suppress(ValueError):  # ValueError: not running

@@ -262,14 +262,20 @@ class SubscriptionTable:
         if not subs:
             raise KeyError(key)
         first = subs[0]
+        kind = first.kind
+        # Only the fields the kind reads come from the subscribers, the others keep their
+        # defaults: a subscriber that joins or leaves with, say, another `fileLoop` on an
+        # RTSP stream must not change the spec, which would reopen the camera.
         return StreamSpec(
             key=key,
-            kind=first.kind,
+            kind=kind,
             url=first.url,
             # Shared snapshot URLs are polled as often as the most demanding subscriber.
-            snapshot_interval_s=min(s.snapshotInterval for s in subs) / 1000.0,
-            loop=any(s.fileLoop for s in subs),
-            lossless=first.kind == "file" and any(not s.fileRealtime for s in subs),
+            snapshot_interval_s=(
+                min(s.snapshotInterval for s in subs) / 1000.0 if kind == "snapshot" else 1.0
+            ),
+            loop=any(s.fileLoop for s in subs) if kind == "file" else True,
+            lossless=kind == "file" and any(not s.fileRealtime for s in subs),
         )
 
     def _free_actor(self) -> int:

@@ -76,11 +76,15 @@ def subscribe(sub_id: str, url: str, **extra: Any) -> dict[str, Any]:
 
 
 def listed(app: str, sub_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The stream carrying `sub_id` in `GET /streams` and what it says of the
-    subscription's owner, or None when no stream carries it."""
-    for stream in httpx.get(f"{app}/streams", timeout=30).json()["streams"]:
+    """The stream carrying `sub_id` in `GET /streams` (with its camera actor's pid and
+    the registry's stall time) and what it says of the subscription's owner, or None
+    when no stream carries it."""
+    listing = httpx.get(f"{app}/streams", timeout=30).json()
+    for stream in listing["streams"]:
         if sub_id in stream["subscription_ids"]:
-            return stream, stream["owners"][sub_id]
+            actor = listing["actors"].get(stream["actor"], {})
+            extra = {"pid": actor.get("pid"), "stalled_s": listing.get("registry_stalled_s")}
+            return {**stream, **extra}, stream["owners"][sub_id]
     return None
 
 
@@ -164,10 +168,14 @@ def test_a_client_back_within_the_grace_keeps_its_stream_and_one_gone_for_longer
         going = samples[first_reading:]
         read = [s["frames_read"] for s in going if "frames_read" in s]
         reconnects = {s["reconnects"] for s in going if "reconnects" in s}
-        actors = {s.get("actor") for s in going}
+        actors = {(s.get("actor"), s.get("pid")) for s in going}
+        stalled = [s.get("stalled_s") for s in going]
         went_on = read == sorted(read) and read[-1] > read[0] and len(reconnects) == 1
         if not went_on:
-            pytest.xfail(f"stream restarted at the take-over: read {read}, actors {actors}")
+            pytest.xfail(
+                f"stream restarted at the take-over: read {read}, actors {actors}, "
+                f"registry stalled {stalled[0]} → {stalled[-1]} s"
+            )
     finally:
         for sub_id in (held, kept):
             httpx.delete(f"{app}/streams/{sub_id}", timeout=30)

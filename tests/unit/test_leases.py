@@ -264,3 +264,17 @@ def test_a_renewal_arriving_after_the_release_does_not_undo_it() -> None:
     assert leases.renew("conn-1", now=2.0) == 0
     assert leases.describe("d;c", now=2.0, wall_now=0.0)["ends_in_s"] == GRACE - 1.0
     assert leases.expire(1.0 + GRACE) == ["d;c"]
+
+
+def test_holds_last_longer_by_the_time_the_registry_could_not_run() -> None:
+    """A registry stalled for 5 s (a starved process) heard no renewal or re-subscribe
+    meanwhile: every hold, released ones included, lasts 5 s longer."""
+    leases = book()
+    leases.subscribed(SUB, "conn-a", persistent=False, known=False, now=0.0)
+    leases.subscribed("display-2;cam-1", "conn-b", persistent=False, known=False, now=0.0)
+    leases.release("conn-b", now=1.0)
+    leases.extend(5.0)
+    assert leases.expire(now=GRACE + 4.9) == []
+    assert leases.expire(now=GRACE + 5.0) == [SUB]
+    assert leases.expire(now=1.0 + GRACE + 4.9) == []
+    assert leases.expire(now=1.0 + GRACE + 5.0) == ["display-2;cam-1"]
