@@ -311,6 +311,10 @@ class StreamRegistry:
                 await self._send_session(display_id)
         return merged
 
+    async def session_of(self, display_id: str) -> dict[str, Any] | None:
+        """A display's session ({"id", "data"}), or None."""
+        return self._sessions.of(display_id)
+
     async def _send_session(self, display_id: str) -> None:
         """(Under the lock.) The display's session to each actor running one of its
         subscriptions; an actor that cannot be reached gets its streams pushed again

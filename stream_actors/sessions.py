@@ -10,7 +10,7 @@ from the data.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -18,6 +18,11 @@ from graph.common.schemas import StrictModel
 
 MAX_SESSIONS = 10_000  # displays with a session; the oldest set goes first
 MAX_SESSION_DATA_BYTES = 64 * 1024  # one session's data, as JSON
+# A session id as a CMS sends it: a number (a 64-bit integer, never a boolean) or a text.
+SessionId = (
+    Annotated[int, Field(strict=True, ge=-(2**63), lt=2**63)]
+    | Annotated[str, Field(min_length=1, max_length=256)]
+)
 
 
 class SessionDataTooLarge(ValueError):
@@ -29,7 +34,7 @@ class SessionDataTooLarge(ValueError):
 
 
 class DisplaySession(StrictModel):
-    id: int | str = Field(description="as the client sent it (setSessionId)")
+    id: SessionId = Field(description="as the client sent it (setSessionId)")
     data: dict[str, Any] = Field(default_factory=dict, description="merged patchSession data")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from ray.serve.handle import DeploymentHandle
 
-from deployments.api import detect, events, health, jobs, records, streams, ws
+from deployments.api import detect, events, health, jobs, records, sessions, streams, ws
 from deployments.api.auth import OPEN_PATHS, bearer, token_ok
 from deployments.api.detect import Detectors
 from deployments.api.errors import Unauthenticated, http_response
@@ -94,6 +94,7 @@ def build_api(deps: ApiDeps) -> FastAPI:
         detect.router(deps.detectors),
         jobs.router(deps.control, deps.detectors),
         streams.router(deps.control, deps.detectors, deps.settings.actor_call_timeout_s),
+        sessions.router(deps.control),
         records.router(deps.actions, deps.settings.health_timeout_s),
         events.router(deps.fanout, deps.settings.sse_heartbeat_s),
         ws.router(deps.ws(), deps.auth_token, deps.state),

@@ -24,10 +24,10 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from graph.common.schemas import StrictModel
+from stream_actors.sessions import SessionId
 from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
 
 MAX_MESSAGE_BYTES = 64 * 1024
-SessionId = int | str | None
 # The EventHub event types a connection receives: each frame's detections
 # (`imageDetection`) and a stable object's branch results per improvement (`objectResult`).
 EVENT_TYPES = frozenset({"detection", "result"})
@@ -54,11 +54,11 @@ class UnsubscribePayload(StrictModel):
 
 class SetSessionPayload(StrictModel):
     displayIdentifier: str = Field(pattern=r"^[^;/\s]{1,128}$")
-    sessionId: int | str | None = Field(description="null clears the display's session")
+    sessionId: SessionId | None = Field(description="null clears the display's session")
 
 
 class PatchSessionPayload(StrictModel):
-    sessionId: int | str
+    sessionId: SessionId
     data: dict[str, Any]
 
 

@@ -34,6 +34,7 @@ from graph.control import ControlPlane
 from graph.events.fanout import EventFanout
 from graph.events.hub import EventHubService
 from graph.wiring import IngressConfig
+from stream_actors.sessions import MAX_SESSION_DATA_BYTES, SessionBook
 from stream_actors.subscriptions import SubscriptionRefused
 from tests.peers import free_port
 
@@ -71,7 +72,9 @@ class Registry:
     def __init__(self) -> None:
         self.mode = "ok"
         self.subs: set[str] = set()
-        for name in ("subscribe", "unsubscribe", "list_streams", "events", "latest_jpeg"):
+        self.sessions = SessionBook()  # the registry's own book
+        names = ("subscribe", "unsubscribe", "list_streams", "events", "latest_jpeg")
+        for name in (*names, "set_session", "patch_session", "session_of"):
             setattr(self, name, remote(getattr(self, f"_{name}")))
 
     def _behave(self) -> None:
@@ -98,6 +101,16 @@ class Registry:
         if sub_id not in self.subs:
             raise KeyError(sub_id)
         return [{"id": after + 1}]
+
+    async def _set_session(self, display_id: str, session_id: Any) -> bool:
+        self._behave()
+        return self.sessions.set(display_id, session_id)
+
+    async def _patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
+        return self.sessions.patch(session_id, data)[1]
+
+    async def _session_of(self, display_id: str) -> dict[str, Any] | None:
+        return self.sessions.of(display_id)
 
     async def _latest_jpeg(self, camera_id: str) -> bytes | None:
         if camera_id == "unknown":
@@ -159,7 +172,12 @@ def build(token: str | None = TOKEN, actions: Actions | None = None) -> tuple[Te
     config = IngressConfig(detectors={"demo": "Detector_demo"}, model_sizes={"demo": 32})
     fakes = Fakes(detector=Detector(), registry=Registry(), jobs=Jobs())
     hub = EventHubService()
-    control = ControlPlane("test", config, fakes.registry, SimpleNamespace(stats=remote(hub.stats)))
+    control = ControlPlane(
+        "test",
+        config,
+        fakes.registry,
+        SimpleNamespace(stats=remote(hub.stats), set_session=remote(hub.set_session)),
+    )
     control._jobs = fakes.jobs  # found already: no actor to start
     deps = ApiDeps(
         settings=settings,
@@ -215,6 +233,7 @@ def test_every_route_of_the_openapi_schema_is_refused_without_the_token(
     for template, methods in paths.items():
         path = template.replace("{media_id}", "scene-1").replace("{job_id}", JOB)
         path = path.replace("{subscription_id}", "display-1;cam-1").replace("{camera_id}", "c")
+        path = path.replace("{display_id}", "display-1").replace("{session_id}", "4242")
         assert "{" not in path, f"a path parameter this test does not fill: {template}"
         for method in methods:
             for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -224,6 +243,7 @@ def test_every_route_of_the_openapi_schema_is_refused_without_the_token(
             tried.append((method, template))
     assert len(tried) >= 11 and ("post", "/detect") in tried and ("get", "/events") in tried
     assert fakes.registry.subs == set() and fakes.jobs.submitted == set()  # nothing ran
+    assert fakes.registry.sessions.sessions == {}
     for path in ("/docs", "/openapi.json", "/redoc"):
         assert client.get(path).status_code == 401
 
@@ -367,6 +387,38 @@ def test_streams(api: tuple[TestClient, Fakes]) -> None:
     listing = client.get("/streams", headers=AUTH)
     assert listing.status_code == 503
     assert listing.json()["detail"]["message"] == "stream registry unavailable: ActorDiedError"
+
+
+def test_sessions_over_http(api: tuple[TestClient, Fakes]) -> None:
+    """setSessionId and patchSession for REST backends: PUT a display's session, PATCH a
+    session's data, GET both back; bad ids 422, unknown sessions 404, over the cap 413."""
+    client, fakes = api
+    put = client.put("/displays/display-7/session", json={"sessionId": 4242}, headers=AUTH)
+    assert put.status_code == 200
+    assert put.json() == {"displayIdentifier": "display-7", "sessionId": 4242, "changed": True}
+    again = client.put("/displays/display-7/session", json={"sessionId": 4242}, headers=AUTH)
+    assert again.json()["changed"] is False
+    patched = client.patch("/sessions/4242", json={"data": {"lane": 2}}, headers=AUTH)
+    assert patched.status_code == 200 and patched.json()["data"] == {"lane": 2}
+    got = client.get("/displays/display-7/session", headers=AUTH).json()
+    assert got == {"displayIdentifier": "display-7", "sessionId": 4242, "data": {"lane": 2}}
+    assert client.patch("/sessions/99", json={"data": {}}, headers=AUTH).status_code == 404
+    half = "x" * (MAX_SESSION_DATA_BYTES // 2 + 100)
+    assert client.patch("/sessions/4242", json={"data": {"a": half}}, headers=AUTH).is_success
+    over = client.patch("/sessions/4242", json={"data": {"b": half}}, headers=AUTH)
+    assert over.status_code == 413 and "at most" in over.json()["detail"]["message"]
+    for bad in (True, 2**64, "", "x" * 300, 1.5):
+        refused = client.put("/displays/display-7/session", json={"sessionId": bad}, headers=AUTH)
+        assert refused.status_code == 422, bad
+    assert (
+        client.put("/displays/a;b/session", json={"sessionId": 1}, headers=AUTH).status_code == 422
+    )
+    cleared = client.put("/displays/display-7/session", json={"sessionId": None}, headers=AUTH)
+    assert cleared.json()["changed"] is True
+    assert client.get("/displays/display-7/session", headers=AUTH).status_code == 404
+    fakes.registry.mode = "dead"
+    away = client.put("/displays/display-7/session", json={"sessionId": 1}, headers=AUTH)
+    assert away.status_code == 503
 
 
 def test_records_and_health_with_actions_that_do_not_answer() -> None:
