@@ -30,7 +30,7 @@ class Classifier:
     def __init__(self, spec: dict[str, Any]) -> None:
         self._spec = BranchModelSpec.model_validate(spec)
         self._slot: ModelSlot[BranchEngine] = ModelSlot(self._spec.id)
-        self._slot.start(lambda _converting: BranchEngine(self._spec))
+        self._slot.start(lambda converting: BranchEngine(self._spec, converting))
         self._batch_sizes: Counter[int] = Counter()
         self._m_batch = metrics.Histogram(
             "camgraph_classifier_batch_size",

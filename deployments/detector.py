@@ -55,6 +55,7 @@ class Detector:
             self._spec.trt_cache_dir,
             self._spec.fp16,
             gpu=bool(ray.get_gpu_ids()),
+            onnx_cache_dir=self._spec.onnx_cache_dir,
         )
         self._slot: ModelSlot[Engine] = ModelSlot(self._spec.id)
         path = Path(self._spec.path)

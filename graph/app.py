@@ -70,6 +70,9 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
             detector = detector.model_copy(
                 update={"trt_cache_dir": config.absolute(ref.trt_cache_dir)}
             )
+        exports = {"onnx_cache_dir": config.absolute(config.onnx_cache_dir)}
+        detector = detector.model_copy(update=exports)
+        branches = [b.model_copy(update=exports) for b in branches]
         models.append(detector)
         branch_specs += branches
         pipelines[detector.id] = PipelineWiring(

@@ -37,6 +37,9 @@ class AppConfig(StrictModel):
     models: list[ModelSpec] = Field(default_factory=list, description="plain detector models")
     pipelines: list[PipelineRef] = Field(default_factory=list, description=".mpta pipelines")
     archive_cache_dir: Path = Field(Path("data/archives"), description="extracted archives")
+    onnx_cache_dir: Path = Field(
+        Path("data/onnx-cache"), description=".pt models exported to ONNX, keyed by sha256"
+    )
     archive_limits: ArchiveLimits = ArchiveLimits()
     ingress: IngressSettings = IngressSettings()
     streams: StreamSettings = StreamSettings()
@@ -66,6 +69,7 @@ class AppConfig(StrictModel):
                 updates["path"] = (self.base_dir / m.path).resolve()
             if m.trt_cache_dir is not None and not m.trt_cache_dir.is_absolute():
                 updates["trt_cache_dir"] = (self.base_dir / m.trt_cache_dir).resolve()
+            updates["onnx_cache_dir"] = self.absolute(m.onnx_cache_dir or self.onnx_cache_dir)
             out.append(m.model_copy(update=updates))
         return out
 

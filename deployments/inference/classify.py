@@ -1,9 +1,11 @@
-"""Branch engines (no Ray): a YOLO classification model in ONNX Runtime, and a licence
-plate reader on RapidOCR's pretrained PP-OCR models (shipped inside its wheel)."""
+"""Branch engines (no Ray): a YOLO classification model in ONNX Runtime (a `.pt` one
+exported to ONNX once: `pt_models`), and a licence plate reader on RapidOCR's pretrained
+PP-OCR models (shipped inside its wheel)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from deployments.inference.engines import make_session, parse_names
+from deployments.inference.pt_models import pt_as_onnx
 from graph.common.errors import InferenceError, ModelLoadError
 from graph.common.schemas import BranchModelSpec
 from graph.common.vision import crop_square, to_model_input
@@ -52,6 +55,26 @@ class ClassifierEngine:
         ]
 
 
+def load_classifier(
+    spec: BranchModelSpec, on_converting: Callable[[], None] | None = None
+) -> ClassifierEngine:
+    """A branch's `.onnx` classifier, or its `.pt` one exported to ONNX (at the size it
+    was trained at; `on_converting` while that runs), served the same way."""
+    assert spec.path is not None
+    if spec.path.suffix == ".onnx":
+        return ClassifierEngine(spec.path, spec.intra_op_threads)
+    if spec.path.suffix != ".pt":
+        raise ModelLoadError(f"branch {spec.id}: classifiers are .onnx or .pt files")
+    with pt_as_onnx(spec.path, "classify", spec.onnx_cache_dir, None, on_converting) as (
+        onnx_path,
+        names,
+    ):
+        engine = ClassifierEngine(onnx_path, spec.intra_op_threads)
+    if engine.names != names:
+        raise ModelLoadError(f"{spec.path.name}: its ONNX export names other classes than it")
+    return engine
+
+
 def normalise_plate(text: str) -> str:
     return re.sub(r"[^A-Z0-9]", "", text.upper())
 
@@ -84,7 +107,9 @@ class BranchEngine:
     """What a Classifier replica runs: crops of any size in (already padded by the
     camera), one Label or None (nothing readable) out per crop."""
 
-    def __init__(self, spec: BranchModelSpec) -> None:
+    def __init__(
+        self, spec: BranchModelSpec, on_converting: Callable[[], None] | None = None
+    ) -> None:
         self.kind = spec.kind
         if spec.kind == "ocr":
             self._plates: PlateReader | None = PlateReader()
@@ -93,12 +118,8 @@ class BranchEngine:
         else:
             if spec.path is None:
                 raise ModelLoadError(f"branch {spec.id}: a classifier needs a model file")
-            if spec.path.suffix != ".onnx":
-                raise ModelLoadError(f"branch {spec.id}: classifiers are ONNX files")
-            self._plates, self._classifier = (
-                None,
-                ClassifierEngine(spec.path, spec.intra_op_threads),
-            )
+            self._plates = None
+            self._classifier = load_classifier(spec, on_converting)
             inner = self._classifier
         self.providers, self.imgsz, self.names = inner.providers, inner.imgsz, inner.names
 

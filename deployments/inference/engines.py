@@ -1,6 +1,7 @@
-"""Inference engines (no Ray): ONNX Runtime with the best provider present, or Ultralytics
-for `.pt` files, behind one `detect(images, params)` call; and `ModelSlot`, the loading
-state machine that `/health` reports without ever triggering a load."""
+"""Inference engines (no Ray): ONNX Runtime with the best provider present, behind one
+`detect(images, params)` call (`.pt` files are exported to ONNX once: `pt_models`); and
+`ModelSlot`, the loading state machine that `/health` reports without ever triggering a
+load."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from deployments.inference.pt_models import checked_yolo, pt_as_onnx
 from graph.common.errors import InferenceError, ModelLoadError, ModelNotReadyError
 from graph.common.vision import DetectParams, decode_batch, to_model_input
 
@@ -154,61 +156,10 @@ class OnnxEngine:
             raise InferenceError(str(exc)) from exc
 
 
-def checked_yolo(path: Path) -> Any:
-    """`ultralytics.YOLO(path)`, except for how the checkpoint is read.
-
-    Ultralytics reads a `.pt` with `torch.load(weights_only=False)` (and may download or
-    pip-install what a file names). Its checkpoints pickle whole `nn.Module` objects, so
-    `weights_only=True` would need every layer class as a safe global, and torch would then
-    let the pickle *call* those classes with its own arguments. Instead `safe_torch_load`
-    reads the file once, scans those bytes and unpickles the same bytes through a restricted
-    unpickler (`graph.pipeline.ptload`); the model is then prepared as Ultralytics'
-    `nn.tasks.load_checkpoint` does. Raises ModelLoadError (UnsafeModelError: refused)."""
-    import torch
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import guess_model_task
-    from ultralytics.utils import DEFAULT_CFG_DICT
-
-    from graph.pipeline.ptload import UnsafeModelError, module_problems, safe_torch_load
-
-    class CheckedYOLO(YOLO):  # type: ignore[misc]
-        def _load(self, weights: str, task: str | None = None) -> None:
-            ckpt = safe_torch_load(path)
-            module = None
-            if isinstance(ckpt, dict):
-                module = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
-            if not isinstance(module, torch.nn.Module):
-                raise ModelLoadError(f"{path.name} is not an Ultralytics checkpoint (no model)")
-            if ckpt.get("modelopt"):
-                raise ModelLoadError(f"{path.name}: quantization-aware checkpoints are not served")
-            if problems := module_problems(module, path.name):
-                raise UnsafeModelError(problems)
-            model: Any = module.float()
-            model.args = {**DEFAULT_CFG_DICT, **ckpt.get("train_args", {})}
-            model.pt_path = str(path)
-            model.task = getattr(model, "task", guess_model_task(model))
-            if not hasattr(model, "stride"):
-                model.stride = torch.tensor([32.0])
-            model = model.eval()
-            for m in model.modules():
-                if hasattr(m, "inplace"):
-                    m.inplace = True
-                elif isinstance(m, torch.nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
-                    m.recompute_scale_factor = None
-            self.model, self.ckpt = model, ckpt
-            self.task = model.task
-            self.overrides = model.args = self._reset_ckpt_args(model.args)
-            self.ckpt_path = model.pt_path
-            self.overrides["model"] = weights
-            self.overrides["task"] = self.task
-            self.model_name = weights
-
-    return CheckedYOLO(str(path), task="detect")
-
-
 class UltralyticsEngine:
     """A `.pt` model served through Ultralytics, read by `checked_yolo` (never unpickled
-    unchecked)."""
+    unchecked). Not what `load_engine` serves (it exports `.pt` files to ONNX): kept for
+    the GPU batch benchmark's comparison."""
 
     def __init__(self, path: Path, imgsz: int, device: str | None = None) -> None:
         if not path.is_file():
@@ -254,6 +205,7 @@ class EngineOptions:
     trt_cache_dir: Path | None = None
     fp16: bool = True
     gpu: bool | None = None  # None: any GPU present; replicas pass what Ray assigned them
+    onnx_cache_dir: Path | None = None  # `.pt` exports; None: a temporary one per load
 
 
 def trt_engine_cached(trt_cache_dir: Path | None) -> bool:
@@ -263,11 +215,18 @@ def trt_engine_cached(trt_cache_dir: Path | None) -> bool:
 def load_engine(
     path: Path, options: EngineOptions, on_converting: Callable[[], None] | None = None
 ) -> Engine:
-    """Build the engine a model file calls for; reports `converting` when TensorRT will
-    build an engine that is not cached yet (minutes on first start)."""
-    if path.suffix == ".pt":  # checked and loaded with the checks enforced (checked_yolo)
-        gpu = gpu_present() if options.gpu is None else options.gpu
-        return UltralyticsEngine(path, options.imgsz, device="0" if gpu else "cpu")
+    """Build the engine a model file calls for; reports `converting` while a `.pt` is
+    exported to ONNX (not cached yet) and when TensorRT will build an engine that is not
+    cached yet (minutes on first start)."""
+    if path.suffix == ".pt":
+        with pt_as_onnx(path, "detect", options.onnx_cache_dir, options.imgsz, on_converting) as (
+            onnx_path,
+            names,
+        ):
+            engine = load_engine(onnx_path, options, on_converting)
+        if engine.names != names:
+            raise ModelLoadError(f"{path.name}: its ONNX export names other classes than it")
+        return engine
     if path.suffix != ".onnx":
         raise ModelLoadError(f"unsupported model format {path.suffix!r} (use .onnx or .pt)")
     import onnxruntime as ort

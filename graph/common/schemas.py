@@ -66,6 +66,9 @@ class ModelSpec(StrictModel):
         None, description="TensorRT engine cache; TensorRT is used only when this is set"
     )
     fp16: bool = Field(True, description="TensorRT FP16 kernels")
+    onnx_cache_dir: Path | None = Field(
+        None, description="where a .pt is exported to ONNX once (default: the app's)"
+    )
 
 
 class DetectorUserConfig(StrictModel):
@@ -130,8 +133,9 @@ class BranchModelSpec(StrictModel):
 
     id: str = Field(pattern=MODEL_ID_PATTERN)
     kind: Literal["classifier", "ocr"]
-    path: Path | None = Field(None, description="the ONNX classifier (None for OCR)")
+    path: Path | None = Field(None, description="the .onnx or .pt classifier (None for OCR)")
     intra_op_threads: int = Field(1, ge=1, le=64)
+    onnx_cache_dir: Path | None = Field(None, description="where a .pt is exported to ONNX")
 
 
 class BatchUserConfig(StrictModel):

@@ -78,10 +78,11 @@ def test_batched_inference_equals_one_by_one(engine: OnnxEngine) -> None:
         np.testing.assert_allclose(together[k], alone, atol=1e-3)
 
 
-def test_pt_model_is_served_by_ultralytics_and_agrees_with_its_onnx_export(
-    engine: OnnxEngine,
+def test_pt_model_is_exported_and_agrees_with_the_committed_onnx_export(
+    engine: OnnxEngine, tmp_path: Path
 ) -> None:
-    pt_engine = load_engine(PROJECT_ROOT / "models" / "demo-detector.pt", EngineOptions())
+    pt = PROJECT_ROOT / "models" / "demo-detector.pt"
+    pt_engine = load_engine(pt, EngineOptions(onnx_cache_dir=tmp_path))
     assert pt_engine.names == {0: "vehicle", 1: "person"}
     boxed, _ = letterbox(IMAGES["scene1"], 640)
     from_pt = pt_engine.detect(boxed[None], [DetectParams()])[0]

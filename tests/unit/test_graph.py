@@ -94,6 +94,7 @@ def test_a_pipeline_binds_its_detector_a_classifier_per_branch_and_actions(tmp_p
         {
             "pipelines": [{"archive": "models/demo.mpta"}],
             "archive_cache_dir": str(tmp_path / "cache"),
+            "onnx_cache_dir": str(tmp_path / "onnx"),
             "actions": {"redis_url": "redis://127.0.0.1:6379/0"},
         }
     )
@@ -101,6 +102,7 @@ def test_a_pipeline_binds_its_detector_a_classifier_per_branch_and_actions(tmp_p
     detector, _, classifier, actions = recorded
     ((name, (spec,)),) = detector.bound
     assert name == "Detector_demo_vehicle_det_v1" and Path(spec["path"]).is_file()
+    assert spec["onnx_cache_dir"] == str(tmp_path / "onnx")  # where .pt models are exported
     assert Path(spec["path"]).is_relative_to(tmp_path / "cache")  # extracted from the archive
     branches = {n: args[0] for n, args in classifier.bound}
     assert set(branches) == {"Classifier_demo_bodytype_cls_v1", "Classifier_demo_plate_ocr_v1"}
@@ -110,6 +112,7 @@ def test_a_pipeline_binds_its_detector_a_classifier_per_branch_and_actions(tmp_p
         "kind": "ocr",
         "path": None,
         "intra_op_threads": 1,
+        "onnx_cache_dir": str(tmp_path / "onnx"),
     }
     ((name, (settings, _)),) = actions.bound
     assert name == "Actions" and settings["redis_url"] == "redis://127.0.0.1:6379/0"

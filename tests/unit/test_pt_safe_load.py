@@ -243,7 +243,7 @@ def test_a_freshly_built_ultralytics_checkpoint_passes_and_serves(
     fresh.save(tmp_path / "fresh.pt")
     assert pt_problems(tmp_path / "fresh.pt") == []
     engine = load_engine(tmp_path / "fresh.pt", EngineOptions(64, gpu=False))
-    assert len(engine.names) == 80 and engine.providers == ["ultralytics:cpu"]
+    assert len(engine.names) == 80 and engine.providers == ["CPUExecutionProvider"]  # exported
     from graph.common.vision import DetectParams
 
     image = torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()
