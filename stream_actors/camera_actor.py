@@ -35,6 +35,7 @@ from stream_actors.forwarding import ActionForwarder
 from stream_actors.processor import SubscriptionProcessor
 from stream_actors.reader import StreamReader, StreamState
 from stream_actors.reconnect import TokenBucket
+from stream_actors.sessions import session_digest
 from stream_actors.settings import StreamContext, context_revision
 from stream_actors.subscriptions import StreamSpec, Subscription
 
@@ -58,7 +59,8 @@ class CameraActor:
         self._streams: dict[str, _Stream] = {}
         self._handles: dict[str, Any] = {}
         self._forwarders: dict[str, ActionForwarder] = {}
-        # display id → {"id", "data"}: the displays' sessions, as the registry sends them
+        # display id → {"id", "data", "seq"}: the displays' sessions, as the registry
+        # sends them; a cleared one stays as {"id": None, ...} so that its seq orders
         self._sessions: dict[str, dict[str, Any]] = {}
         self._ring = RingBufferSink(
             self._settings.events_per_subscription, first_id=restart_safe_first_id()
@@ -151,6 +153,12 @@ class CameraActor:
         if (session := self._sessions.get(sub.display_id)) is not None:
             runner.set_session(session["id"], session["data"])
         return runner
+
+    def _session_of(self, display_id: str) -> dict[str, Any] | None:
+        session = self._sessions.get(display_id)
+        if session is None or session["id"] is None:
+            return None
+        return {"id": session["id"], "data": session["data"]}
 
     def _acquire_reconnect(self) -> float:
         """Called from reader threads: the registry's cluster-wide token bucket, or a
@@ -271,9 +279,14 @@ class CameraActor:
             stream.reader.revive()
 
     async def set_session(self, display_id: str, session: dict[str, Any] | None) -> int:
-        """A display's session (`{"id", "data"}`; None: none any more) for its
-        subscriptions' pipelines, and the ones it subscribes later. Returns how many
+        """A display's session (`{"id", "data", "seq"}`; None: none any more) for its
+        subscriptions' pipelines, and the ones it subscribes later. One older (`seq`)
+        than the one held is ignored: calls may arrive out of order. Returns how many
         pipelines it changed."""
+        held = self._sessions.get(display_id)
+        seq = None if session is None else session.get("seq")
+        if seq is not None and held is not None and held.get("seq", 0) > seq:
+            return 0
         if session is None:
             self._sessions.pop(display_id, None)
         else:
@@ -284,7 +297,7 @@ class CameraActor:
                 runner = processor.runner
                 if runner is None or processor.sub.display_id != display_id:
                     continue
-                if session is None:
+                if session is None or session["id"] is None:
                     changed += runner.set_session(None)
                 else:
                     changed += runner.set_session(session["id"], session["data"])
@@ -357,7 +370,9 @@ class CameraActor:
         """`streams`: stream key → subscription ids, as running here, and `context`: the
         revision of the context in use (the registry reconciles both)."""
         running = {k: sorted(s.subs) for k, s in self._streams.items()}
-        return {"streams": running, "context": context_revision(self._ctx)}
+        displays = {sub.display_id for s in self._streams.values() for sub in s.subs.values()}
+        sessions = {d: session_digest(self._session_of(d)) for d in displays}
+        return {"streams": running, "context": context_revision(self._ctx), "sessions": sessions}
 
     # ---- reporting -----------------------------------------------------------------
     async def status(self) -> dict[str, Any]:

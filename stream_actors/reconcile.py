@@ -140,6 +140,7 @@ class Hold(StrictModel):
 
     expires_at: float = Field(description="registry clock (monotonic s) when the hold ends")
     released: bool = Field(False, description="the connection closed: its grace runs")
+    extended_s: float = Field(0.0, description="added for the registry's stalls, one grace at most")
 
 
 # subscription id → connection id → its hold; a subscription absent is persistent
@@ -174,7 +175,7 @@ class LeaseBook:
         of the process that died)."""
         fresh = {
             sub_id: {
-                owner: hold.model_copy(update={"expires_at": now + grace_s})
+                owner: hold.model_copy(update={"expires_at": now + grace_s, "extended_s": 0.0})
                 for owner, hold in held.items()
             }
             for sub_id, held in saved.items()
@@ -212,10 +213,18 @@ class LeaseBook:
         """Every hold lasts `by_s` longer: the registry could not run for that long (a
         starved process), so renewals and re-subscribes sent meanwhile are still queued
         and must not find their subscriptions ended. A grace counts only time in which
-        the registry could hear them."""
+        the registry could hear them; a hold gains one grace at most this way, so even a
+        registry that is always late ends the subscriptions of connections gone."""
         for held in self.holds.values():
             for owner, hold in held.items():
-                held[owner] = hold.model_copy(update={"expires_at": hold.expires_at + by_s})
+                add = min(by_s, self.grace_s - hold.extended_s)
+                if add > 0:
+                    held[owner] = hold.model_copy(
+                        update={
+                            "expires_at": hold.expires_at + add,
+                            "extended_s": hold.extended_s + add,
+                        }
+                    )
 
     def release(self, owner: str, now: float) -> int:
         """A connection closed: its holds end one grace from `now`; how many it held."""
@@ -275,3 +284,43 @@ def actor_payload(sub: BaseModel, default_fps: float | None) -> dict[str, Any]:
     if data.get("targetFps") is None and default_fps is not None:
         data["targetFps"] = default_fps
     return data
+
+
+def stale_session_streams(
+    wanted: Mapping[str, Sequence[str]],
+    display_of: Mapping[str, str],
+    expected: Mapping[str, str | None],
+    reported: Mapping[str, str | None] | None,
+) -> list[str]:
+    """The streams to push again because their camera actor holds another session for
+    one of their displays than the registry (a change it missed, an eviction, a
+    restart): `wanted` stream key → subscription ids, `display_of` subscription id →
+    display, `expected` / `reported` display → session digest (None: no session). An
+    actor that reports no sessions (an older camgraph) is left alone."""
+    if reported is None:
+        return []
+    return [
+        key
+        for key, subs in wanted.items()
+        if any(reported.get(display_of[s]) != expected.get(display_of[s]) for s in subs)
+    ]
+
+
+class StallMeter:
+    """How long a loop could not run: called every `probe_s` (a watcher) and before
+    anything is judged by elapsed time (expiry), whichever comes first after a stall
+    credits it, exactly once. A registry starved of CPU extends its holds by it."""
+
+    def __init__(self, probe_s: float, tolerance_s: float, now: float) -> None:
+        self.probe_s, self.tolerance_s = probe_s, tolerance_s
+        self.heard_at = now  # when the loop was last seen running
+        self.total_s = 0.0
+
+    def credit(self, now: float) -> float:
+        """The stall that ended by `now` (0 when the loop ran on time)."""
+        late = now - self.heard_at - self.probe_s
+        self.heard_at = now
+        if late <= self.tolerance_s:
+            return 0.0
+        self.total_s += late
+        return late

@@ -29,6 +29,7 @@ from stream_actors.camera_actor import CameraActor
 from stream_actors.placement import PlacementVerdict, placement_verdict
 from stream_actors.reconcile import (
     LeaseBook,
+    StallMeter,
     actor_payload,
     actor_summary,
     adds_stream_over_limit,
@@ -37,11 +38,12 @@ from stream_actors.reconcile import (
     plan_actor,
     plan_round,
     round_error,
+    stale_session_streams,
     stream_state,
     unreachable_status,
 )
 from stream_actors.reconnect import TokenBucket
-from stream_actors.sessions import SessionBook
+from stream_actors.sessions import SessionBook, session_digest
 from stream_actors.settings import StreamContext, context_revision
 from stream_actors.subscriptions import (
     Subscription,
@@ -113,7 +115,6 @@ class StreamRegistry:
             self._settings.disconnect_grace_s, state.leases, self._table.subs, time.monotonic()
         )
         self._sessions = SessionBook(state.sessions)
-        self._sessions_stale: set[int] = set()  # actors a session change did not reach
         self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
         self._actors: dict[int, Any] = {}
         self._unplaced: set[int] = set()  # actors Ray has not placed (pending)
@@ -123,23 +124,25 @@ class StreamRegistry:
         # Restored state is applied by the repair loop, started right away (also after
         # a restart of this actor, so streams come back without any caller).
         self._reconciler = asyncio.get_event_loop().create_task(self._reconcile_forever())
+        self._stalls = StallMeter(STALL_PROBE_S, STALL_TOLERANCE_S, time.monotonic())
         self._stall_watch = asyncio.get_event_loop().create_task(self._watch_stalls())
-        self.stalled_s = 0.0  # time this registry's loop ran late, in all
 
-    async def _watch_stalls(self) -> None:
+    def _credit_stall(self) -> None:
         """Holds are extended by the time this actor's event loop could not run (a
         starved process on a busy node): a renewal or re-subscribe queued meanwhile
-        would otherwise come too late for a grace that ran out while nothing was heard."""
-        loop = asyncio.get_running_loop()
+        would otherwise come too late for a grace that ran out while nothing was heard.
+        Called every STALL_PROBE_S and right before holds are expired, whichever of the
+        two the loop runs first after a stall."""
+        late = self._stalls.credit(time.monotonic())
+        if late > 0:
+            self._leases.extend(late)
+            if late >= 1.0:
+                logger.warning("registry: event loop stalled %.1f s; holds extended", late)
+
+    async def _watch_stalls(self) -> None:
         while True:
-            due = loop.time() + STALL_PROBE_S
             await asyncio.sleep(STALL_PROBE_S)
-            late = loop.time() - due
-            if late > STALL_TOLERANCE_S:
-                self._leases.extend(late)
-                self.stalled_s += late
-                if late >= 1.0:
-                    logger.warning("registry: event loop stalled %.1f s; holds extended", late)
+            self._credit_stall()
 
     def _ensure_reconciler(self) -> None:
         if self._reconciler.done() and not self._closed:
@@ -199,7 +202,7 @@ class StreamRegistry:
         fps = self._settings.target_fps
         subscribers = self._table.subscribers(key)
         subs = [actor_payload(s, fps) for s in subscribers]
-        sessions = {s.display_id: self._sessions.of(s.display_id) for s in subscribers}
+        sessions = {s.display_id: self._session_payload(s.display_id) for s in subscribers}
         spec = self._table.spec(key).model_dump(mode="json")
         await asyncio.wait_for(
             actor.set_stream.remote(spec, subs, revive, sessions), ACTOR_CALL_TIMEOUT_S
@@ -232,7 +235,7 @@ class StreamRegistry:
         """Persist the desired state: the subscriptions, their placement, leases and the
         displays' sessions."""
         state = self._table.state().model_copy(
-            update={"leases": self._leases.holds, "sessions": self._sessions.sessions}
+            update={"leases": self._leases.holds, "sessions": self._sessions.state()}
         )
         save_state(self._path, state)
 
@@ -292,44 +295,62 @@ class StreamRegistry:
 
     async def set_session(self, display_id: str, session_id: Any) -> bool:
         """A display's session (None: none), persisted, then sent to the camera actors
-        of the display's subscriptions (one that misses it gets it from the repair
-        loop). Returns whether it changed."""
+        of the display's subscriptions. Returns whether it changed."""
         async with self._lock:
-            changed = self._sessions.set(display_id, session_id)
-            if changed:
-                self._save()
-                await self._send_session(display_id)
-        return changed
+            subscribed = {s.display_id for s in self._table.subs.values()}
+            changed = self._sessions.set(display_id, session_id, subscribed)
+            if not changed:
+                return False
+            self._save()
+            sends = self._session_sends([display_id])
+        await self._send_sessions(sends)
+        return True
 
     async def patch_session(self, session_id: Any, data: dict[str, Any]) -> dict[str, Any]:
         """Merge data into a session (its `{session.<field>}` values): the merged data.
-        KeyError: no display has that session; SessionDataTooLarge: over the cap."""
+        KeyError: no display has that session; SessionDataTooLarge: refused."""
         async with self._lock:
             displays, merged = self._sessions.patch(session_id, data)
             self._save()
-            for display_id in displays:
-                await self._send_session(display_id)
+            sends = self._session_sends(displays)
+        await self._send_sessions(sends)
         return merged
 
     async def session_of(self, display_id: str) -> dict[str, Any] | None:
         """A display's session ({"id", "data"}), or None."""
         return self._sessions.of(display_id)
 
-    async def _send_session(self, display_id: str) -> None:
-        """(Under the lock.) The display's session to each actor running one of its
-        subscriptions; an actor that cannot be reached gets its streams pushed again
-        (with the sessions) by the next repair round."""
-        session = self._sessions.of(display_id)
-        keys = {stream_key(s) for s in self._table.subs.values() if s.display_id == display_id}
-        for index in sorted({self._table.placement[k] for k in keys}):
-            if index in self._unplaced:
-                continue  # nothing runs there; its streams are pushed when it is placed
+    def _session_payload(self, display_id: str) -> dict[str, Any]:
+        """What a camera actor gets for a display (`id` None: no session), stamped with
+        when it was taken (under the lock): an actor keeps the newest, whatever order
+        the calls arrive in."""
+        session = self._sessions.of(display_id) or {"id": None, "data": {}}
+        return {**session, "seq": time.time_ns()}
+
+    def _session_sends(self, displays: list[str]) -> list[tuple[int, str, Any]]:
+        """(Under the lock.) (actor, display, payload) for every actor running one of
+        the displays' subscriptions."""
+        sends = []
+        for display_id in displays:
+            payload = self._session_payload(display_id)
+            subs = self._table.subs.values()
+            keys = {stream_key(s) for s in subs if s.display_id == display_id}
+            for index in sorted({self._table.placement[k] for k in keys} - self._unplaced):
+                sends.append((index, display_id, payload))
+        return sends
+
+    async def _send_sessions(self, sends: list[tuple[int, str, Any]]) -> None:
+        """Outside the lock, to all actors at once: an actor that misses one is found by
+        the repair loop (its sessions' digests differ) and gets its streams again."""
+
+        async def one(index: int, display_id: str, payload: Any) -> None:
             try:
-                call = self._actor(index).set_session.remote(display_id, session)
+                call = self._actor(index).set_session.remote(display_id, payload)
                 await asyncio.wait_for(call, ACTOR_CALL_TIMEOUT_S)
             except Exception as exc:
                 logger.warning("camera actor %d missed a session change: %s", index, exc)
-                self._sessions_stale.add(index)
+
+        await asyncio.gather(*(one(*send) for send in sends))
 
     async def renew(self, owner: str) -> dict[str, Any]:
         """A live WebSocket connection renews its hold on its subscriptions for one grace
@@ -348,6 +369,7 @@ class StreamRegistry:
     async def _expire_leases(self) -> None:
         """Remove the subscriptions whose connections have all left for a grace."""
         async with self._lock:
+            self._credit_stall()  # a stall that just ended counts before anything expires
             ended = [s for s in self._leases.expire(time.monotonic()) if s in self._table.subs]
             if ended:
                 logger.info(
@@ -393,10 +415,13 @@ class StreamRegistry:
         for key in plan.push:
             logger.info("registry: restoring stream %s on actor %d", key, index)
             await self._push(key)
-        if index in self._sessions_stale:  # a session change did not reach it
-            for key in set(wanted) - set(plan.push):
-                await self._push(key)  # idempotent; carries the sessions
-            self._sessions_stale.discard(index)
+        # An actor holding another session for a display than this registry (a change
+        # it missed, an eviction) gets those streams again: idempotent, with sessions.
+        display_of = {s: self._table.subs[s].display_id for subs in wanted.values() for s in subs}
+        expected = {d: session_digest(self._sessions.of(d)) for d in display_of.values()}
+        for key in stale_session_streams(wanted, display_of, expected, reply.get("sessions")):
+            if key not in plan.push:
+                await self._push(key)
 
     async def _placement_verdict(self, index: int) -> PlacementVerdict:
         """What Ray says of actor `index` (pending, dead...). Remembers unplaced actors so
@@ -477,7 +502,7 @@ class StreamRegistry:
             "actors": actors,
             "reconcile_error": self.last_reconcile_error,
             # how long the registry's loop could not run, in all (holds were extended so)
-            "registry_stalled_s": round(self.stalled_s, 2),
+            "registry_stalled_s": round(self._stalls.total_s, 2),
         }
 
     def _key_of_camera(self, camera_id: str) -> str | None:

@@ -28,7 +28,7 @@ from pydantic import (
 from graph.common.files import atomic_write_text
 from graph.common.schemas import MODEL_ID_PATTERN, StrictModel
 from stream_actors.reconcile import Hold, first_free_actor
-from stream_actors.sessions import DisplaySession
+from stream_actors.sessions import Sessions
 from stream_actors.stability import StabilityRules
 
 SUBSCRIPTION_ID_PATTERN = r"^[^;/\s]{1,128};[^;/\s]{1,128}$"
@@ -227,8 +227,8 @@ class RegistryState(StrictModel):
         default_factory=dict,
         description="subscription id → the WebSocket connections holding it (none: persistent)",
     )
-    sessions: dict[str, DisplaySession] = Field(
-        default_factory=dict, description="display id → its session (setSessionId)"
+    sessions: Sessions = Field(
+        default_factory=Sessions, description="the displays' sessions (setSessionId)"
     )
 
 

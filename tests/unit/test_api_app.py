@@ -243,7 +243,7 @@ def test_every_route_of_the_openapi_schema_is_refused_without_the_token(
             tried.append((method, template))
     assert len(tried) >= 11 and ("post", "/detect") in tried and ("get", "/events") in tried
     assert fakes.registry.subs == set() and fakes.jobs.submitted == set()  # nothing ran
-    assert fakes.registry.sessions.sessions == {}
+    assert fakes.registry.sessions.displays == {}
     for path in ("/docs", "/openapi.json", "/redoc"):
         assert client.get(path).status_code == 401
 

@@ -15,13 +15,16 @@ from graph.common.errors import StreamLimitReached
 from graph.config import AppConfig
 from stream_actors.reconcile import (
     LeaseBook,
+    StallMeter,
     actor_payload,
     adds_stream_over_limit,
+    stale_session_streams,
 )
 from stream_actors.settings import StreamSettings
 from stream_actors.subscriptions import (
     RegistryState,
     Subscription,
+    StreamSpec,
     SubscriptionTable,
     load_state,
     save_state,
@@ -278,3 +281,55 @@ def test_holds_last_longer_by_the_time_the_registry_could_not_run() -> None:
     assert leases.expire(now=GRACE + 5.0) == [SUB]
     assert leases.expire(now=1.0 + GRACE + 4.9) == []
     assert leases.expire(now=1.0 + GRACE + 5.0) == ["display-2;cam-1"]
+
+
+def test_stalls_extend_a_hold_by_one_grace_at_most_and_a_renewal_resets_that() -> None:
+    """A registry that is always late still ends the subscriptions of connections gone:
+    a hold gains at most one grace from stalls until its connection renews it."""
+    leases = book()
+    leases.subscribed(SUB, "conn-a", persistent=False, known=False, now=0.0)
+    for _ in range(10):
+        leases.extend(GRACE / 4)
+    assert leases.expire(now=2 * GRACE - 0.1) == []
+    leases.renew("conn-a", now=10.0)
+    leases.extend(GRACE * 3)
+    assert leases.expire(now=10.0 + 2 * GRACE - 0.1) == []
+    assert leases.expire(now=10.0 + 2 * GRACE) == [SUB]
+
+
+def test_streams_whose_actor_holds_another_session_are_pushed_again() -> None:
+    wanted = {"rtsp-a": ["d1;c1"], "rtsp-b": ["d2;c1", "d3;c1"], "rtsp-c": ["d4;c1"]}
+    display_of = {"d1;c1": "d1", "d2;c1": "d2", "d3;c1": "d3", "d4;c1": "d4"}
+    expected = {"d1": "x", "d2": None, "d3": "y", "d4": None}
+    reported = {"d1": "x", "d2": None, "d3": "old", "d4": "evicted"}
+    assert stale_session_streams(wanted, display_of, expected, reported) == ["rtsp-b", "rtsp-c"]
+    assert stale_session_streams(wanted, display_of, expected, dict(expected)) == []
+    # An actor of an older camgraph reports no sessions: left alone.
+    assert stale_session_streams(wanted, display_of, expected, None) == []
+
+
+def test_subscribers_change_only_the_spec_fields_their_streams_kind_reads() -> None:
+    """Another subscriber on the same RTSP camera with its own fileLoop, fileRealtime or
+    snapshotInterval (or one leaving) leaves the spec as it was: a changed spec reopens
+    the camera for everyone on it."""
+    table = SubscriptionTable(4)
+    table.add(camera("d1;c", url="rtsp://h/cam"))
+    (key,) = table.stream_keys()
+    alone = table.spec(key)
+    table.add(camera("d2;c", url="rtsp://h/cam", fileLoop=False, snapshotInterval=200))
+    table.add(camera("d3;c", url="rtsp://h/cam", fileRealtime=False))
+    assert table.spec(key) == alone
+    assert alone == StreamSpec(key=key, kind="rtsp", url="rtsp://h/cam")
+    # What a camera actor compares: the spec after its trip through JSON.
+    assert StreamSpec.model_validate(alone.model_dump(mode="json")) == alone
+
+
+def test_a_stall_is_credited_once_by_whichever_caller_runs_first_after_it() -> None:
+    """The watcher probes every 0.25 s and the expiry credits too; after a 4 s freeze
+    the first of the two to run credits 3.75 s, the other nothing."""
+    meter = StallMeter(0.25, 0.05, now=100.0)
+    assert meter.credit(100.25) == 0.0  # on time
+    assert meter.credit(100.3) == 0.0  # an expiry between two probes
+    assert meter.credit(104.3) == pytest.approx(3.75)
+    assert meter.credit(104.31) == 0.0
+    assert meter.total_s == pytest.approx(3.75)

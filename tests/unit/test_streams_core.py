@@ -142,22 +142,6 @@ def test_a_shared_snapshot_is_polled_for_its_most_demanding_subscriber() -> None
     )
 
 
-def test_subscribers_change_only_the_spec_fields_their_streams_kind_reads() -> None:
-    """Another subscriber on the same RTSP camera with its own fileLoop, fileRealtime or
-    snapshotInterval (or one leaving) leaves the spec as it was: a changed spec reopens
-    the camera for everyone on it."""
-    table = SubscriptionTable(4)
-    table.add(sub("d1;c", rtspUrl="rtsp://h/cam"))
-    (key,) = table.stream_keys()
-    alone = table.spec(key)
-    table.add(sub("d2;c", rtspUrl="rtsp://h/cam", fileLoop=False, snapshotInterval=200))
-    table.add(sub("d3;c", rtspUrl="rtsp://h/cam", fileRealtime=False))
-    assert table.spec(key) == alone
-    assert alone == StreamSpec(key=key, kind="rtsp", url="rtsp://h/cam")
-    # What a camera actor compares: the spec after its trip through JSON.
-    assert StreamSpec.model_validate(alone.model_dump(mode="json")) == alone
-
-
 def test_state_round_trips_through_an_atomic_file(tmp_path: Path) -> None:
     path = tmp_path / "state" / "streams.json"
     assert load_state(path) == RegistryState()
