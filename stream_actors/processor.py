@@ -1,5 +1,6 @@
 """The per-frame flow of one subscription (no Ray): newest frame → crop → letterbox →
-detector (at most `max_in_flight` frames outstanding) → tracker → stability → events.
+detector (at most `max_in_flight` frames outstanding) → the pipeline's `expectedClasses`
+→ tracker → stability → events.
 
 The detector is an injected coroutine function, so the camera actor passes a Serve
 handle call and tests pass a real engine. It raises `DetectorBusy` for a frame the
@@ -30,6 +31,7 @@ from graph.events.model import (
     TrackedDetection,
     result_event,
 )
+from graph.pipeline.plan import PipelinePlan
 from graph.pipeline.runner import PipelineRunner
 from stream_actors.mailbox import DropReason, Frame, LatestFrameMailbox
 from stream_actors.meter import RateMeter
@@ -193,6 +195,9 @@ class SubscriptionProcessor:
         rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
         rows[:, [0, 2]] += offset[0]
         rows[:, [1, 3]] += offset[1]
+        names = result.names
+        if self.runner is not None and self.runner.plan.expected_classes is not None:
+            rows = rows[self._expected(rows, names, self.runner.plan)]
         tracked = self._tracker.update(rows, frame.captured_at)
         object_events = self._stability.update([o for _, o in tracked], frame.seq)
         stable = self._stability.stable_ids()
@@ -203,7 +208,6 @@ class SubscriptionProcessor:
             known.pop(track_id, None)
         track_of = {index: ob.track_id for index, ob in tracked}
         track_ids = [track_of.get(i) for i in range(len(rows))]
-        names = result.names
         detections = tuple(
             TrackedDetection(
                 track_id,
@@ -234,6 +238,15 @@ class SubscriptionProcessor:
         self._sink.publish(events)
         if self.runner is not None:
             self.runner.observe(frame.image, frame.captured_at, frame.seq, detections, lost)
+
+    @staticmethod
+    def _expected(rows: np.ndarray, names: dict[int, str], plan: PipelinePlan) -> np.ndarray:
+        """Which rows the pipeline expects (the detector-worker's `expectedClasses`): the
+        others are dropped before tracking, so they never become tracks, events' items
+        or triggers."""
+        return np.fromiter(
+            (plan.keeps(names.get(int(c), str(int(c)))) for c in rows[:, 5]), bool, len(rows)
+        )
 
     def on_result(self, track_id: int, class_name: str, results: dict[str, dict[str, Any]]) -> None:
         """The pipeline runner's hook, once per improvement of a stable object's branch

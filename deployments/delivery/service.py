@@ -52,7 +52,8 @@ def delivered_summary(entry: OutboxEntry, store: str, at: float) -> dict[str, An
     op = entry.op
     summary: dict[str, Any] = {"delivered_at": at, "store": store, "sink": entry.sink}
     summary["type"] = op.get("type")
-    for name in ("table", "object_key", "fields", "key", "ttl_s", "channel", "message", "slot"):
+    names = ("table", "object_key", "key_field", "fields", "key", "ttl_s", "channel", "message")
+    for name in (*names, "slot"):
         if name in op:
             summary[name] = op[name]
     if "seq" in op:

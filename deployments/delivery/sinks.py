@@ -4,9 +4,11 @@ so delivering an entry twice changes nothing.
 - `RedisSink` (redis.asyncio): `redis_save_image` is `SET key jpeg EX ttl`; `redis_publish`
   runs a Lua script that sets a guard key named after the entry and publishes only if the
   guard was new, so a redelivered entry is never published twice.
-- `PostgresSink` (psycopg_pool async): both record actions are upserts keyed by the
-  object (`camgraph_key`: pipeline, camera, session, track), identifiers composed with
-  `psycopg.sql.Identifier`, values bound as parameters.
+- `PostgresSink` (psycopg_pool async): the record actions as the seeds define them,
+  `insert` and `update` by the action's key column on the user's own table
+  (`tables.py`); `upsert` keyed by the object (`camgraph_key`) for entries queued by an
+  older camgraph. Identifiers composed with `psycopg.sql.Identifier`, values bound as
+  parameters.
 - `LocalStoreSink`: the embedded default when no Redis or PostgreSQL is configured:
   records and published messages in a SQLite file, images as files with their expiry.
 """
@@ -19,7 +21,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,16 @@ from deployments.delivery.outbox import (
     off_loop,
     sqlite_transaction,
 )
+from deployments.delivery.tables import (
+    RECORD_OPS,
+    RecordWrite,
+    apply_pg,
+    apply_sqlite,
+    ensure_pg_table,
+    ensure_sqlite_table,
+    record_write,
+)
+from graph.common.names import is_reserved_table
 
 OBJECT_KEY = "camgraph_key"
 # Same rule as pipeline validation; checked again here because a sink composes SQL.
@@ -75,6 +87,8 @@ def revision(op: dict[str, Any]) -> tuple[str, int] | None:
 def upsert_columns(op: dict[str, Any]) -> tuple[str, list[str], list[str | None]]:
     """(table, columns, values) of an upsert op, identifiers checked."""
     table = checked_identifier(op["table"])
+    if is_reserved_table(table):
+        raise SinkRejected(f"{table!r} is one of camgraph's own tables")
     fields: dict[str, str | None] = op["fields"]
     columns = [checked_identifier(c) for c in fields]
     if OBJECT_KEY in columns:
@@ -216,6 +230,11 @@ class PostgresSink:
     async def _newer(self, conn: Any, slot: str, seq: int) -> bool:
         """Record `seq` for `slot` if it is newer than the one held (in the caller's
         transaction; the row lock orders concurrent writers); True when it was."""
+        return await self._claim(conn, slot, seq) is not None
+
+    async def _claim(self, conn: Any, slot: str, seq: int) -> bool | None:
+        """As `_newer`: None when not newer, else whether the slot is new (no revision
+        of it was applied before: `xmax = 0` on the row an INSERT made)."""
         from psycopg import sql
 
         table = sql.Identifier(self._schema, REVISIONS_TABLE)
@@ -223,19 +242,41 @@ class PostgresSink:
             sql.SQL(
                 "INSERT INTO {t} AS r (slot, seq) VALUES (%s, %s) ON CONFLICT (slot) DO UPDATE"
                 " SET seq = EXCLUDED.seq, updated_at = now() WHERE r.seq < EXCLUDED.seq"
-                " RETURNING 1"
+                " RETURNING (xmax = 0)"
             ).format(t=table),
             (slot, seq),
         )
-        return await cur.fetchone() is not None
+        row = await cur.fetchone()
+        return None if row is None else bool(row[0])
+
+    async def _apply_record(self, write: RecordWrite, rev: tuple[str, int] | None) -> None:
+        async with asyncio.timeout(self._timeout_s), self._pool.connection() as conn:
+            marker = (write.table, frozenset(write.columns))
+            if self._create and marker not in self._ensured:
+                await ensure_pg_table(conn, self._schema, write)
+                self._ensured.add(marker)
+            if rev is not None and not self._revisions_ready:
+                await self._ensure_revisions(conn)
+            async with conn.transaction():  # the revision and the row together
+                first = True if rev is None else await self._claim(conn, *rev)
+                if first is None:
+                    return  # an older revision than the one applied: nothing to do
+                await apply_pg(conn, self._schema, write, first)
 
     async def apply(self, entry: OutboxEntry) -> None:
-        import psycopg
-        from psycopg import sql
-
         op = entry.op
+        if op["type"] in RECORD_OPS:
+            write = record_write(op, checked_identifier)
+            await self._guarded(self._apply_record(write, revision(op)))
+            return
         if op["type"] != "upsert":
             raise SinkRejected(f"postgres cannot apply {op['type']!r}")
+        await self._guarded(self._upsert(op))
+
+    async def _upsert(self, op: dict[str, Any]) -> None:
+        """An `upsert` (entries of an older camgraph): keyed by `camgraph_key`."""
+        from psycopg import sql
+
         table, columns, values = upsert_columns(op)
         names = [sql.Identifier(OBJECT_KEY), *(sql.Identifier(c) for c in columns)]
         sets: list[sql.Composable] = [
@@ -253,25 +294,39 @@ class PostgresSink:
             sets=sql.SQL(", ").join(sets),
         )
         rev = revision(op)
+        async with asyncio.timeout(self._timeout_s), self._pool.connection() as conn:
+            await self._ensure(conn, table, columns)
+            if rev is not None and not self._revisions_ready:
+                await self._ensure_revisions(conn)
+            async with conn.transaction():  # the revision and the row together
+                if rev is not None and not await self._newer(conn, *rev):
+                    return  # an older revision than the one applied: nothing to do
+                await conn.execute(statement, [op["object_key"], *values])
+
+    async def _guarded(self, write: Awaitable[None]) -> None:
+        """A write, bounded (a connection that went silent is an outage, not a hang),
+        with the database's errors sorted into outages and rejections."""
+        import psycopg
+
         try:
-            # Bounded: a connection that went silent is an outage, not a hang.
-            async with asyncio.timeout(self._timeout_s), self._pool.connection() as conn:
-                await self._ensure(conn, table, columns)
-                if rev is not None and not self._revisions_ready:
-                    await self._ensure_revisions(conn)
-                async with conn.transaction():  # the revision and the row together
-                    if rev is not None and not await self._newer(conn, *rev):
-                        return  # an older revision than the one applied: nothing to do
-                    await conn.execute(statement, [op["object_key"], *values])
+            await write
         except TimeoutError as exc:
             raise SinkUnavailable(f"postgres: no answer in {self._timeout_s:g}s") from exc
         except psycopg.OperationalError as exc:
             raise SinkUnavailable(f"postgres: {exc}") from exc
-        except psycopg.errors.UniqueViolation as exc:  # two replicas creating one table
+        except psycopg.errors.DuplicateTable as exc:  # made meanwhile: seen next round
+            self._ensured.clear()
             raise SinkUnavailable(f"postgres: {exc}") from exc
+        except psycopg.errors.UniqueViolation as exc:
+            if (exc.diag.constraint_name or "").startswith("pg_"):
+                # two replicas creating one table at once: the next round finds it
+                raise SinkUnavailable(f"postgres: {exc}") from exc
+            raise SinkRejected(f"postgres: {type(exc).__name__}: {exc}") from exc
         except psycopg.errors.UndefinedTable as exc:  # dropped since: create it again
             self._revisions_ready = False
             self._ensured.clear()
+            if not self._create:  # a table the deployment says exists: a real error
+                raise SinkRejected(f"postgres: {exc}") from exc
             raise SinkUnavailable(f"postgres: {exc}") from exc
         except psycopg.Error as exc:
             raise SinkRejected(f"postgres: {type(exc).__name__}: {exc}") from exc
@@ -331,6 +386,21 @@ class LocalStoreSink:
         )
         return cur.rowcount > 0
 
+    def _record(self, write: RecordWrite, rev: tuple[str, int] | None) -> None:
+        with self._transaction():  # the revision and the row together
+            first = True
+            if rev is not None:
+                held = self._db.execute(
+                    f"SELECT seq FROM {REVISIONS_TABLE} WHERE slot = ?", (rev[0],)
+                ).fetchone()
+                if held is not None and held[0] >= rev[1]:
+                    return  # an older revision than the one applied: nothing to do
+                first = held is None
+                self._newer(rev)
+            known = self._columns.setdefault(write.table, set())
+            ensure_sqlite_table(self._db, write, known)
+            apply_sqlite(self._db, write, first, time.time())
+
     def image_path(self, key: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:200]
         return self.data_dir / "images" / safe
@@ -348,6 +418,8 @@ class LocalStoreSink:
                     "INSERT OR IGNORE INTO published_messages VALUES (?, ?, ?, ?)",
                     (entry.key, op["channel"], op["message"], time.time()),
                 )
+            elif op["type"] in RECORD_OPS:
+                self._record(record_write(op, checked_identifier), revision(op))
             elif op["type"] == "upsert":
                 with self._transaction():  # the revision and the row together
                     if self._newer(revision(op)):

@@ -39,3 +39,12 @@ def hub_name(app_name: str) -> str:
 
 def jobs_actor_name(app_name: str) -> str:
     return f"camgraph-jobs-{app_name}"
+
+
+# camgraph's own tables beside a user's (the outbox, revisions, the local store's
+# bookkeeping): no pipeline action may write them.
+RESERVED_TABLES = frozenset({"saved_images", "published_messages"})
+
+
+def is_reserved_table(name: str) -> bool:
+    return name.lower().startswith("camgraph_") or name.lower() in RESERVED_TABLES

@@ -6,17 +6,29 @@ triggers. It classifies again only when a clearly better crop arrives
 (`graph.pipeline.quality`; at most `max_passes` times) or when a branch failed, and keeps
 a confidence-weighted vote per branch, so one bad crop does not decide a field.
 
+Each branch classifies its own input (`graph.pipeline.branches`: the object's crop, the
+crop of its `cropClass` detection, or the whole frame), within its own `timeout_seconds`
+when the archive sets one; a result below the branch's `minConfidence` counts as
+nothing found.
+
 After every pass each action is rendered (`graph.pipeline.render`) from the object's
 context and the branches' winning results. An action waits until every branch it names
-(in templates or `waitForBranches`) has run without error. An action is handed to the
-outbox only when its rendered content changed since it was last sent, under an
-idempotency key built from (pipeline, version, camera, session, track, action, revision).
-So a record is written once per object and updated only when a better crop changed what
-it says.
+(in templates or `waitForBranches`) has run without error, or has been given up for
+this object: after `branch_attempts` consecutive failures or timeouts, when the object's
+`max_passes` are spent, or when its track ends (after at least one pass). Then it goes
+out with what arrived: the missing branches' columns are NULL (counted per branch in
+`actions_partial`), while a key, channel or message naming them still waits, and a later
+pass that gets the branch's result updates the record. A branch's own actions wait for
+the branch itself. An action is handed to the outbox only when its rendered content
+changed since it was last sent, under an idempotency key built from (pipeline, version,
+camera, session, track, action, revision). So a record is written once per object and
+updated only when a better crop changed what it says.
 
-The session (`setSessionId` of the display, else an id of the runner's own) is part of
-every record's key: a new session starts new records, at once for the objects in view.
-Its data (`patchSession`) fills `{session.<field>}`; new data updates what it changed.
+The session (`setSessionId` of the display) is part of every record's key: a new session
+starts new records, at once for the objects in view; an object lost before it keeps the
+session it was seen in. Without a session each object is its own (`{session_id}` is its
+`{object_id}`, `render.py`). Its data (`patchSession`) fills `{session.<field>}`; new data
+updates what it changed.
 
 Classification and submission are injected coroutines: the camera actor passes Serve
 handle calls, tests pass real engines and a real outbox.
@@ -39,6 +51,7 @@ from pydantic import Field
 from deployments.delivery.outbox import OutboxEntry
 from graph.common.schemas import StrictModel
 from graph.events.model import TrackedDetection
+from graph.pipeline.branches import branch_inputs
 from graph.pipeline.plan import BranchPlan, PipelinePlan
 from graph.pipeline.quality import CropQuality, crop_box, crop_quality
 from graph.pipeline.render import iso_time, jpeg_images, object_key, render_entry
@@ -66,7 +79,15 @@ class BranchSettings(StrictModel):
     max_passes: int = Field(4, ge=1, le=50, description="classifications per track, at most")
     min_pass_interval_s: float = Field(0.5, ge=0, le=60, description="between passes")
     retry_after_s: float = Field(2.0, ge=0, le=600, description="after a failed branch")
-    branch_timeout_s: float = Field(10.0, gt=0, le=300)
+    branch_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="per classification, unless the branch sets its own"
+    )
+    branch_attempts: int = Field(
+        3,
+        ge=1,
+        le=50,
+        description="consecutive failures of a branch on one object before its actions go on",
+    )
     crop_padding: float = Field(0.04, ge=0, le=1, description="context around the box")
     max_concurrent_passes: int = Field(4, ge=1, le=64, description="per subscription")
     max_tracks: int = Field(512, ge=1, le=100_000, description="per-track states kept")
@@ -78,6 +99,9 @@ class TrackState:
     class_name: str
     first_stable_at: float
     generation: int = 0  # a track that was lost and came back gets a fresh state
+    session: Any = None  # the display's session it belongs to (None: none)
+    scope: Any = None  # what keys its records: the session, else an id of the runner's
+    session_data: dict[str, Any] = field(default_factory=dict)  # its session's data
     quality: CropQuality | None = None
     context: dict[str, Any] = field(default_factory=dict)
     passes: int = 0
@@ -85,6 +109,8 @@ class TrackState:
     last_pass_at: float = 0.0
     retry_at: float | None = None  # set when a branch failed or found nothing
     completed: set[str] = field(default_factory=set)  # branches that ran without error
+    failures: Counter[str] = field(default_factory=Counter)  # consecutive, per branch
+    given_up: set[str] = field(default_factory=set)  # actions no longer wait for these
     lost: bool = False
     announced: bool = False  # the no-branch actions went out when it became stable
     emitting: asyncio.Lock = field(default_factory=asyncio.Lock)  # one revision at a time
@@ -110,10 +136,10 @@ class PipelineRunner:
         self._on_result = on_result
         self._base = dict(base_context)
         self._base.update(pipeline_id=plan.pipeline_id, pipeline_version=plan.version)
-        self._base.setdefault("session_id", None)
-        if self._base["session_id"] is None:
-            self._base["session_id"] = uuid.uuid4().hex[:16]
-        self._session: Any = None  # the display's session id as set; None: the own id
+        # The display's session as set (a base context may carry one), and what keys the
+        # records of objects seen meanwhile: the session, else an id of this runner's own.
+        self._session: Any = self._base.setdefault("session_id", None)
+        self._scope: Any = self._session if self._session is not None else uuid.uuid4().hex[:16]
         self._session_data: dict[str, Any] = {}
         self._classify, self._submit = classify, submit
         self._tracks: dict[int, TrackState] = {}
@@ -124,9 +150,14 @@ class PipelineRunner:
         self._saves_frames = any(
             isinstance(p.action, RedisSaveImage) and p.action.region is None for p in plan.actions
         )
+        self._branches = plan.all_branches()
+        self._needed = frozenset().union(*(p.needs for p in plan.actions))
         self.passes = 0
         self.branch_errors: Counter[str] = Counter()
-        self.branch_timeouts: Counter[str] = Counter()  # no answer within branch_timeout_s
+        self.branch_timeouts: Counter[str] = Counter()  # no answer within its timeout
+        self.branch_no_input: Counter[str] = Counter()  # no `cropClass` detection in view
+        self.branch_low_confidence: Counter[str] = Counter()  # results below minConfidence
+        self.actions_partial: Counter[str] = Counter()  # sent without this branch's result
         self.actions_submitted = 0
         self.actions_incomplete = 0  # tracks lost before an action's inputs were there
         self.actions_lost = 0  # rendered, refused, and still refused when the track ended
@@ -146,17 +177,24 @@ class PipelineRunner:
             return False
         self._session_data = data
         if not same_id:
-            self._session = session_id
+            self._session = self._base["session_id"] = session_id
             # Cleared: an id of its own again, not the one of before the session.
-            self._base["session_id"] = uuid.uuid4().hex[:16] if session_id is None else session_id
+            self._scope = uuid.uuid4().hex[:16] if session_id is None else session_id
         for st in list(self._tracks.values()):
-            if st.context:
-                st.context["session_id"] = self._base["session_id"]
+            if st.lost:
+                continue  # gone before this change: its records stay in its session
+            self._join_session(st)
             if not same_id:
                 st.sent.clear()  # the new session's records get every action
-            if st.announced and not st.lost:
+            if st.announced:
                 self._spawn(self._emit(st), self._emits)
         return True
+
+    def _join_session(self, st: TrackState) -> None:
+        """The track belongs to the display's current session from now on."""
+        st.session, st.scope, st.session_data = self._session, self._scope, self._session_data
+        if st.context:
+            st.context["session_id"] = self._session
 
     # -- per frame (synchronous, called by the processor) --------------------------
 
@@ -198,7 +236,7 @@ class PipelineRunner:
         wanted.sort(key=lambda w: (w[0].passes, w[0].last_pass_at, w[0].first_stable_at))
         free = self.settings.max_concurrent_passes - len(self._tasks)
         for st, det, quality in wanted[: max(0, free)]:
-            self._start_pass(st, image, det, quality, frame_seq, now)
+            self._start_pass(st, image, det, quality, frame_seq, now, detections)
         for track_id in lost:
             st = self._tracks.get(track_id)
             if st is not None:
@@ -216,7 +254,9 @@ class PipelineRunner:
         self._history[track_id] = (generation + 1, first)
         while len(self._history) > 8 * self.settings.max_tracks:
             del self._history[next(iter(self._history))]  # the oldest
-        return TrackState(track_id, det.label, first, generation + 1)
+        st = TrackState(track_id, det.label, first, generation + 1)
+        self._join_session(st)
+        return st
 
     def _evict(self) -> None:
         idle = [s for s in self._tracks.values() if not s.busy]
@@ -241,6 +281,7 @@ class PipelineRunner:
         bx1, by1, bx2, by2 = det.box
         st.context = {
             **self._base,
+            "session_id": st.session,  # its own, which a lost track keeps
             "track_id": det.track_id,
             "class": det.label,
             "label": det.label,
@@ -273,13 +314,23 @@ class PipelineRunner:
         quality: CropQuality,
         frame_seq: int,
         now: float,
+        detections: Sequence[TrackedDetection],
     ) -> None:
         crop = self._capture(st, image, det, quality, frame_seq)
         if crop is None:
             return
+        inputs = branch_inputs(
+            self._branches,
+            st.class_name,
+            image,
+            det,
+            crop,
+            detections,
+            self.settings.crop_padding,
+        )
         st.busy, st.last_pass_at, st.retry_at = True, now, None
         st.passes += 1
-        self._spawn(self._pass(st, crop), self._tasks)
+        self._spawn(self._pass(st, inputs), self._tasks)
 
     @staticmethod
     def _spawn(coro: Any, into: set[asyncio.Task[None]]) -> None:
@@ -289,13 +340,13 @@ class PipelineRunner:
 
     # -- a pass (asynchronous) ------------------------------------------------------
 
-    async def _pass(self, st: TrackState, crop: np.ndarray) -> None:
+    async def _pass(self, st: TrackState, inputs: dict[str | None, np.ndarray]) -> None:
         try:
             self.passes += 1
             await self._emit(st)  # actions that need no branch go out at once
-            await self._run_branches(
-                self.plan.branches, st.class_name, st.context["confidence"], crop, st
-            )
+            await self._run_branches(self.plan.branches, st.class_name, inputs, st)
+            if st.passes >= self.settings.max_passes:
+                self._give_up(st, self._needed, "its passes are spent")
             await self._emit(st)
         except Exception as exc:  # a bug must not kill the camera: report it
             logger.exception("pipeline pass failed for track %s", st.track_id)
@@ -309,36 +360,45 @@ class PipelineRunner:
         self,
         branches: Sequence[BranchPlan],
         parent_label: str,
-        parent_confidence: float,
-        crop: np.ndarray,
+        inputs: dict[str | None, np.ndarray],
         st: TrackState,
     ) -> None:
-        eligible = [b for b in branches if b.triggers(parent_label, parent_confidence)]
+        eligible = [b for b in branches if b.triggers(parent_label)]
         parallel = [b for b in eligible if b.parallel]
         if parallel:
-            await asyncio.gather(*(self._branch(b, crop, st) for b in parallel))
+            await asyncio.gather(*(self._branch(b, inputs, st) for b in parallel))
         for b in eligible:
             if not b.parallel:
-                await self._branch(b, crop, st)
+                await self._branch(b, inputs, st)
 
-    async def _branch(self, b: BranchPlan, crop: np.ndarray, st: TrackState) -> None:
+    async def _branch(
+        self, b: BranchPlan, inputs: dict[str | None, np.ndarray], st: TrackState
+    ) -> None:
+        image = inputs.get(b.source(st.class_name))
+        if image is None:  # no detection of its cropClass in this object: not run, not failed
+            self.branch_no_input[b.model_id] += 1
+            st.retry_at = time.monotonic() + self.settings.retry_after_s
+            return
+        timeout_s = self.settings.branch_timeout_s if b.timeout_s is None else b.timeout_s
         try:
-            result = await asyncio.wait_for(
-                self._classify(b.model_id, crop), self.settings.branch_timeout_s
-            )
+            result = await asyncio.wait_for(self._classify(b.model_id, image), timeout_s)
         except asyncio.CancelledError:
             raise
-        except TimeoutError:  # a busy classifier, not a failure: tried again later
+        except TimeoutError:  # a busy classifier: tried again later, and counted
             self.branch_timeouts[b.model_id] += 1
-            st.retry_at = time.monotonic() + self.settings.retry_after_s
+            self._failed(st, b.model_id, f"no answer within {timeout_s:g}s")
             return
         except Exception as exc:  # isolated: the other branches go on
             self.branch_errors[b.model_id] += 1
             self.last_error = f"branch {b.model_id}: {type(exc).__name__}: {str(exc)[:300]}"
             logger.warning("%s (track %s)", self.last_error, st.track_id)
-            st.retry_at = time.monotonic() + self.settings.retry_after_s
+            self._failed(st, b.model_id, self.last_error)
             return
+        st.failures.pop(b.model_id, None)
         st.completed.add(b.model_id)
+        if result is not None and not b.accepts(result.confidence):
+            self.branch_low_confidence[b.model_id] += 1
+            result = None  # below the branch's minConfidence: as if nothing was found
         if result is None:  # e.g. no readable plate in this crop: try again on a later one
             st.retry_at = time.monotonic() + self.settings.retry_after_s
             return
@@ -357,19 +417,43 @@ class PipelineRunner:
                 self._on_result(st.track_id, st.class_name, dict(st.results))
             except Exception:  # telling clients must never stop the pipeline
                 logger.exception("result callback failed for track %s", st.track_id)
-        await self._run_branches(b.children, result.label, result.confidence, crop, st)
+        await self._run_branches(b.children, result.label, inputs, st)
+
+    def _failed(self, st: TrackState, branch: str, why: str) -> None:
+        """A branch failed or timed out on this object: retried after `retry_after_s`,
+        given up (for its actions' sake) after `branch_attempts` in a row."""
+        st.retry_at = time.monotonic() + self.settings.retry_after_s
+        st.failures[branch] += 1
+        if st.failures[branch] >= self.settings.branch_attempts:
+            reason = f"{st.failures[branch]} failures in a row, last: {why}"
+            self._give_up(st, {branch}, reason, logging.WARNING)
+
+    def _give_up(
+        self, st: TrackState, branches: Iterable[str], why: str, level: int = logging.INFO
+    ) -> bool:
+        """Actions stop waiting for these branches on this object (those that did not
+        run yet): they go out without them. A later result still updates them. Returns
+        whether any branch was newly given up."""
+        new = set(branches) - st.completed - st.given_up
+        if new:
+            st.given_up |= new
+            logger.log(
+                level, "track %s: actions go on without %s (%s)", st.track_id, sorted(new), why
+            )
+        return bool(new)
 
     async def _emit(self, st: TrackState) -> None:
         async with st.emitting:
             await self._emit_locked(st)
 
     async def _emit_locked(self, st: TrackState) -> None:
-        obj_key = object_key(self._base, st.track_id)
+        obj_key = object_key({**self._base, "record_scope": st.scope}, st.track_id)
         images = jpeg_images(*self._crops.get(st.track_id, (None, None)))
-        results = {**st.results, SESSION_NAMESPACE: self._session_data}
+        results = {**st.results, SESSION_NAMESPACE: st.session_data}
         entries = []
+        settled = st.completed | st.given_up
         for plan in self.plan.actions:
-            if not plan.needs <= st.completed:
+            if not (plan.needs <= settled and plan.requires <= st.completed):
                 continue
             if isinstance(plan.action, RedisSaveImage):
                 region = plan.action.region
@@ -405,29 +489,39 @@ class PipelineRunner:
         for index, digest, revision, _ in entries:
             st.sent[index], st.revisions[index] = digest, revision
             st.unsent.discard(index)
+            self.actions_partial.update(self.plan.actions[index].needs - st.completed)
         self.actions_submitted += len(entries)
 
     def _finish(self, st: TrackState) -> None:
-        missing = [
-            p for p in self.plan.actions if p.index not in st.sent and not p.needs <= st.completed
-        ]
-        if missing and st.passes:
-            self.actions_incomplete += len(missing)
         self._tracks.pop(st.track_id, None)
-        if st.unsent:  # rendered but refused (e.g. BacklogFull): one more try, then count
+        # A track that had a pass ends its branches' chances: its actions go out with
+        # what arrived. One never classified (no free slot) keeps its actions back.
+        gave_up = st.passes > 0 and self._give_up(st, self._needed, "its track ended")
+        if st.unsent or gave_up:  # refused (e.g. BacklogFull) or newly partial: one more try
             self._spawn(self._last_chance(st), self._emits)
         else:
-            self._crops.pop(st.track_id, None)
+            self._end(st)
 
     async def _last_chance(self, st: TrackState) -> None:
-        """A lost track's actions that were refused are sent once more; what still
-        cannot be sent is counted as `actions_lost` (never silently gone)."""
+        """A lost track's actions that were refused (or wait only for branches given up)
+        are sent once more; what still cannot be sent is counted as `actions_lost`
+        (never silently gone)."""
         try:
             await self._emit(st)
         finally:
             self.actions_lost += len(st.unsent)
-            if st.track_id not in self._tracks:  # the track did not come back meanwhile
-                self._crops.pop(st.track_id, None)
+            self._end(st)
+
+    def _end(self, st: TrackState) -> None:
+        """Count the actions never sent for want of a branch's result (e.g. a key that
+        names it), and drop the track's crops unless it came back meanwhile."""
+        if st.passes:
+            self.actions_incomplete += sum(
+                p.index not in st.sent and p.index not in st.unsent and not p.needs <= st.completed
+                for p in self.plan.actions
+            )
+        if st.track_id not in self._tracks:
+            self._crops.pop(st.track_id, None)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Wait for the passes in flight (tests, shutdown)."""
@@ -451,7 +545,10 @@ class PipelineRunner:
             "passes_in_flight": len(self._tasks) + len(self._emits),
             "branch_errors": dict(self.branch_errors),
             "branch_timeouts": dict(self.branch_timeouts),
+            "branch_no_input": dict(self.branch_no_input),
+            "branch_low_confidence": dict(self.branch_low_confidence),
             "actions_submitted": self.actions_submitted,
+            "actions_partial": dict(self.actions_partial),
             "actions_incomplete": self.actions_incomplete,
             "actions_lost": self.actions_lost,
             "submit_errors": self.submit_errors,

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from graph.common.names import is_reserved_table
 from graph.common.schemas import MODEL_ID_PATTERN, StrictModel
 from graph.pipeline.templates import SESSION_NAMESPACE, template_fields
 
@@ -42,6 +43,7 @@ CONTEXT_FIELDS = frozenset(
         "pipeline_id",
         "pipeline_version",
         "model_id",
+        "object_id",
         "x1",
         "y1",
         "x2",
@@ -54,6 +56,34 @@ def _identifier(value: str) -> str:
     if not SQL_IDENTIFIER.match(value):
         raise ValueError(
             f"{value!r} is not a plain SQL identifier (letters, digits, _; at most 63)"
+        )
+    return value
+
+
+def _user_table(value: str) -> str:
+    """A table an archive may write: not one of camgraph's own (its outbox, revisions,
+    the local store's bookkeeping), whose rows an archive must never reach."""
+    _identifier(value)
+    if is_reserved_table(value):
+        raise ValueError(f"{value!r} is one of camgraph's own tables")
+    return value
+
+
+# Context fields that identify an object's record and never change for it: what a record
+# key may be built from (a branch result may change between passes, session data is a
+# client's), and one of the first two must be in it (else one key could name many rows).
+KEY_FIELDS = frozenset({"session_id", "object_id", "camera_id", "display_id", "track_id"})
+KEY_ANCHORS = frozenset({"session_id", "object_id"})
+
+
+def _key_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    names = set(template_fields(value))
+    if not names <= KEY_FIELDS or not names & KEY_ANCHORS:
+        raise ValueError(
+            f"key_value {value!r}: a record key may name only {sorted(KEY_FIELDS)}, and "
+            "must name {session_id} or {object_id}"
         )
     return value
 
@@ -73,11 +103,28 @@ class RedisPublish(StrictModel):
 
 
 class PostgresCreateRecord(StrictModel):
+    """The seed's create: INSERT a row (once per object) whose `key_field` holds the
+    object's key. Without `key_field` (the seeds' archives name none) it takes the key
+    of an update of the same table in the pipeline; with neither, the row is inserted
+    once and never updated."""
+
     type: Literal["postgresql_create_record"]
     table: str
     fields: dict[str, str] = Field(min_length=1, max_length=200)
+    key_field: str | None = Field(
+        None, description="camgraph: the column the row's key goes to (default: the update's)"
+    )
+    key_value: str | None = Field(
+        None, description="camgraph: template of the key (default: the update's, {session_id})"
+    )
 
-    _table = field_validator("table")(_identifier)
+    _table = field_validator("table")(_user_table)
+    _key_value = field_validator("key_value")(_key_template)
+
+    @field_validator("key_field")
+    @classmethod
+    def _key_column(cls, value: str | None) -> str | None:
+        return None if value is None else _identifier(value)
 
     @field_validator("fields")
     @classmethod
@@ -88,12 +135,14 @@ class PostgresCreateRecord(StrictModel):
 
 
 class PostgresUpdateCombined(PostgresCreateRecord):
-    type: Literal["postgresql_update_combined"]  # type: ignore[assignment]
-    key_field: str = Field(description="column that identifies the record (e.g. track_id)")
-    key_value: str = Field("{track_id}", description="template of the key's value")
-    waitForBranches: list[str] = Field(default_factory=list)
+    """The seed's update: `UPDATE <table> SET <fields> WHERE <key_field> = <key>`, the key
+    being the object's `{session_id}` as in the seed (`key_value`: camgraph's, to name
+    another)."""
 
-    _key = field_validator("key_field")(_identifier)
+    type: Literal["postgresql_update_combined"]  # type: ignore[assignment]
+    key_field: str = Field(description="column that identifies the record (e.g. session_id)")
+    key_value: str = Field("{session_id}", description="camgraph: template of the key")
+    waitForBranches: list[str] = Field(default_factory=list)
 
 
 Action = Annotated[
@@ -111,10 +160,27 @@ class Node(StrictModel):
     engine: str | None = Field(None, max_length=64, description="e.g. rapidocr for OCR")
     imgsz: int | None = Field(None, ge=32, le=4096, multiple_of=32)
     triggerClasses: list[str] = Field(default_factory=list, max_length=1000)
-    expectedClasses: list[str] | None = Field(None, max_length=1000)
-    minConfidence: float = Field(0.5, ge=0, le=1)
-    crop: bool = False
-    cropClass: str | None = None
+    expectedClasses: list[str] | None = Field(
+        None,
+        max_length=1000,
+        description="root: detections of other classes are dropped before tracking",
+    )
+    minConfidence: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="root: the detection's; branch: its own result's (below: no result)",
+    )
+    crop: bool = Field(False, description="branch: classify a crop (false: the whole frame)")
+    cropClass: str | None = Field(
+        None, max_length=128, description="branch: the class whose crop (default the object's)"
+    )
+    timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        le=300,
+        description="branch: how long one classification may take (default: settings)",
+    )
     parallel: bool = False
     resultField: str | None = Field(
         None,
@@ -186,6 +252,13 @@ class PipelineFile(StrictModel):
         branch_fields = {n.modelId: branch_result_fields(n) for n in nodes[1:]}
         branch_ids = set(branch_fields)
         problems = []
+        expected = self.pipeline.expectedClasses
+        for node in nodes[1:]:
+            if expected and node.crop and node.cropClass and node.cropClass not in expected:
+                problems.append(
+                    f"branch {node.modelId}: cropClass {node.cropClass!r} is not in "
+                    "expectedClasses, whose other detections are dropped: it would never run"
+                )
         for node in nodes:
             for action in [*node.actions, *node.parallelActions]:
                 problems += _template_problems(action, branch_fields)
@@ -223,6 +296,16 @@ def branch_result_fields(node: Node) -> set[str]:
     return fields
 
 
+def _client_free(action: Any) -> set[str]:
+    """Templates that must not hold client data: a Redis key or channel (a client could
+    otherwise write any key or publish on any channel under the pipeline's prefix)."""
+    if isinstance(action, RedisSaveImage):
+        return {action.key}
+    if isinstance(action, RedisPublish):
+        return {action.channel}
+    return set()
+
+
 def _template_problems(action: Any, branch_fields: dict[str, set[str]]) -> list[str]:
     problems = []
     for template in action_templates(action):
@@ -243,6 +326,11 @@ def _template_problems(action: Any, branch_fields: dict[str, set[str]]) -> list[
             if not field and name in CONTEXT_FIELDS:
                 continue
             if head == SESSION_NAMESPACE and field:
+                if template in _client_free(action):
+                    problems.append(
+                        f"{action.type}: {{{name}}} is data a client sets (patchSession): "
+                        "not allowed in a Redis key or channel"
+                    )
                 continue  # any field of the session's data (patchSession); NULL while absent
             problems.append(
                 f"{action.type}: template field {{{name}}} is not a context field "

@@ -4,6 +4,7 @@ the idempotency keys of actions. Pure: no I/O."""
 from __future__ import annotations
 
 import hashlib
+import json
 import string
 from collections.abc import Mapping
 from typing import Any
@@ -46,7 +47,8 @@ def render(
     branches: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Fill a template from context values and `<branch>.<field>` branch results.
-    Values are inserted as text; a missing value raises MissingFieldError."""
+    Values are inserted as text (containers and booleans as JSON: `{"a": 1}`, `true`);
+    a missing value raises MissingFieldError."""
     out = []
     for literal, name, _, _ in string.Formatter().parse(template):
         out.append(literal)
@@ -62,8 +64,15 @@ def render(
             if name not in context or context[name] is None:
                 raise MissingFieldError(template, name)
             value = context[name]
-        out.append(str(value))
+        out.append(as_text(value))
     return "".join(out)
+
+
+def as_text(value: Any) -> str:
+    """A value as a template inserts it: session data may hold any JSON."""
+    if isinstance(value, bool | dict | list):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return str(value)
 
 
 def idempotency_key(*parts: object) -> str:

@@ -240,7 +240,8 @@ def check_last_revisions(url: str, display: str, rows: list[dict[str, Any]]) -> 
     for row in rows:
         newest: dict[str, dict[str, Any]] = {}  # slot → its newest delivered revision
         for entry in delivered:
-            if entry.get("object_key") == row["camgraph_key"] and "revision" in entry:
+            record = entry.get("type") in ("insert", "update")
+            if record and entry.get("key") == row["object_id"] and "revision" in entry:
                 slot = newest.get(entry["slot"])
                 if slot is None or entry["revision"] > slot["revision"]:
                     newest[entry["slot"]] = entry
@@ -273,7 +274,9 @@ def check_results_reached_clients(url: str, display: str, rows: list[dict[str, A
             assert results["demo_plate_ocr_v1"]["label"] == row["plate"], row
     assert sum(r["body_type"] is not None for r in rows) >= len(rows) // 2
     recent = httpx.get(f"{url}/records", params={"limit": 200}, timeout=30).json()
-    listed = [r for r in recent if r["type"] == "upsert" and r["table"] == "vehicle_events"]
+    listed = [
+        r for r in recent if r["type"] in ("insert", "update") and r["table"] == "vehicle_events"
+    ]
     assert listed and all("fields" in r for r in listed)
 
 
@@ -311,8 +314,8 @@ def test_a_scene_yields_one_record_per_vehicle_with_branch_fields_and_crops(
     check_records(rows, truth, display)
     # The backend finds its display's records by the session it set.
     by_session = records(schema, str(session_id), column="session_id")
-    assert sorted(by_session, key=lambda r: r["camgraph_key"]) == sorted(
-        rows, key=lambda r: r["camgraph_key"]
+    assert sorted(by_session, key=lambda r: r["object_id"]) == sorted(
+        rows, key=lambda r: r["object_id"]
     )
     check_results_reached_clients(app, display, rows)
     check_results_reached_ws(messages, rows)

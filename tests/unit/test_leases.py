@@ -23,8 +23,8 @@ from stream_actors.reconcile import (
 from stream_actors.settings import StreamSettings
 from stream_actors.subscriptions import (
     RegistryState,
-    Subscription,
     StreamSpec,
+    Subscription,
     SubscriptionTable,
     load_state,
     save_state,

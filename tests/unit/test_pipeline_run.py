@@ -176,7 +176,7 @@ def test_a_failing_branch_is_isolated_and_its_actions_wait_for_it(demo: LoadedAr
         await runner.drain()
         assert runner.branch_errors == Counter({PLATE: 1})
         # The body type ran; the actions that need the plate wait, the others went out.
-        assert sorted(e.op["type"] for e in submitted) == ["redis_save_image", "upsert"]
+        assert sorted(e.op["type"] for e in submitted) == ["insert", "redis_save_image"]
         plate_up = True
         runner.observe(image, 1e9 + 0.1, 2, [det])  # a retry is due: same crop, new pass
         await runner.drain()
@@ -188,13 +188,14 @@ def test_a_failing_branch_is_isolated_and_its_actions_wait_for_it(demo: LoadedAr
     runner = asyncio.run(run())
     assert calls == Counter({BODY: 2, PLATE: 2})
     kinds = [e.op["type"] for e in submitted]
-    assert sorted(kinds) == ["redis_publish", "redis_save_image", "upsert", "upsert"]
-    update = next(e for e in submitted if e.op["type"] == "upsert" and "plate" in e.op["fields"])
-    assert update.op["fields"] == {"body_type": "van", "plate": "AB123CD", "track_id": "3"}
-    create = next(
-        e for e in submitted if e.op["type"] == "upsert" and "plate" not in e.op["fields"]
-    )
-    assert create.op["object_key"] == update.op["object_key"]  # one row per object
+    assert sorted(kinds) == ["insert", "redis_publish", "redis_save_image", "update"]
+    update = next(e for e in submitted if e.op["type"] == "update")
+    assert update.op["fields"] == {"body_type": "van", "plate": "AB123CD"}
+    create = next(e for e in submitted if e.op["type"] == "insert")
+    # One row per object: the update finds the row the create inserted, by its key.
+    assert create.op["key_field"] == update.op["key_field"] == "object_id"
+    assert create.op["key"] == update.op["key"]
+    assert create.op["object_key"] == update.op["object_key"]
     assert len({e.key for e in submitted}) == len(submitted)
     assert runner.status()["tracks"] == 0 and runner.actions_incomplete == 0
 
@@ -301,7 +302,7 @@ def test_actions_refused_by_a_full_backlog_are_retried_when_the_track_ends_or_co
     status = runner.status()
     if backlog_clears:
         assert sorted(e.op["type"] for e in submitted) == sorted(
-            ["redis_save_image", "upsert", "upsert", "redis_publish"]
+            ["redis_save_image", "insert", "update", "redis_publish"]
         )
         assert status["actions_lost"] == 0
     else:

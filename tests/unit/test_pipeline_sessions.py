@@ -6,6 +6,7 @@ the runner hands to the outbox."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from deployments.delivery.outbox import OutboxEntry
 from graph.events.model import TrackedDetection
 from graph.pipeline.plan import PipelinePlan
+from graph.pipeline.render import object_key, object_uuid
 from graph.pipeline.runner import BranchResult, BranchSettings, PipelineRunner
 from graph.pipeline.spec import PipelineFile
 
@@ -32,6 +34,8 @@ def pipeline(**root_extra: Any) -> dict[str, Any]:
                 {
                     "type": "postgresql_create_record",
                     "table": "visits",
+                    "key_field": "visit_id",
+                    "key_value": "{object_id}",
                     "fields": {
                         "session_id": "{session_id}",
                         "lane": "{session.lane}",
@@ -90,14 +94,19 @@ class Runs:
 
 
 def upserts(entries: list[OutboxEntry]) -> list[dict[str, Any]]:
-    return [e.op for e in entries if e.op["type"] == "upsert"]
+    """The record writes (the seeds' create is an `insert`, once per object and
+    session; later revisions update its row by its key)."""
+    return [e.op for e in entries if e.op["type"] in ("insert", "update")]
 
 
 def publishes(entries: list[OutboxEntry]) -> list[dict[str, Any]]:
     return [e.op for e in entries if e.op["type"] == "redis_publish"]
 
 
-def test_without_a_session_records_are_keyed_by_an_id_of_the_runner() -> None:
+def test_without_a_session_each_object_is_its_own_session() -> None:
+    """As in the detector-worker: the object's {session_id} is its {object_id}, a UUID
+    derived from its record identity, and the row's key."""
+
     async def main() -> list[OutboxEntry]:
         runs = Runs()
         runs.runner.observe(IMAGE, 1e9, 1, [CAR])
@@ -106,7 +115,9 @@ def test_without_a_session_records_are_keyed_by_an_id_of_the_runner() -> None:
 
     (record,) = upserts(asyncio.run(main()))
     own = record["fields"]["session_id"]
-    assert len(own) == 16 and int(own, 16) >= 0  # hex, generated
+    assert own == record["key"] == str(uuid.UUID(own))
+    assert own == object_uuid(record["object_key"])
+    assert (record["type"], record["key_field"]) == ("insert", "visit_id")
     assert record["fields"]["lane"] is None  # no session data: NULL, the record goes out
 
 
@@ -121,6 +132,7 @@ def test_a_session_keys_records_its_data_fills_templates_and_a_new_one_starts_ne
         first = runs.take()
         (record,) = upserts(first)
         assert record["fields"] == {"session_id": "4242", "lane": None, "track_id": "3"}
+        assert record["key"] == object_uuid(record["object_key"])
         # The publish names {session.lane}, in its message: it waits for the value.
         assert publishes(first) == []
         assert runner.status()["session_id"] == 4242
@@ -131,7 +143,8 @@ def test_a_session_keys_records_its_data_fills_templates_and_a_new_one_starts_ne
         patched = runs.take()
         (update,) = upserts(patched)
         assert update["fields"]["lane"] == "2"
-        assert update["object_key"] == record["object_key"]  # the same row
+        assert update["object_key"] == record["object_key"]  # the same row, by its key
+        assert update["key"] == record["key"] and update["slot"] == record["slot"]
         assert update["seq"] > record["seq"]
         (message,) = publishes(patched)
         assert message == {
@@ -158,14 +171,49 @@ def test_a_session_keys_records_its_data_fills_templates_and_a_new_one_starts_ne
             "track_id": "3",
         }
         assert new_record["object_key"] != record["object_key"]
+        assert new_record["key"] != record["key"] and new_record["slot"] != record["slot"]
         assert publishes(renewed) == []  # its lane is not known in this session
 
         # Cleared: an id of the runner's own again, not the one of before any session.
         assert runner.set_session(None) is True
         await runner.drain()
         (cleared,) = upserts(runs.take())
-        assert cleared["fields"]["session_id"] not in {"4242", "visit-77"}
+        assert cleared["fields"]["session_id"] == cleared["key"]  # its own again
         assert cleared["object_key"] not in {record["object_key"], new_record["object_key"]}
+
+    asyncio.run(main())
+
+
+def test_an_object_lost_before_a_new_session_keeps_its_records_in_the_old_one() -> None:
+    """A track that left before the session changed is not moved: what it still sends
+    (here its last chance after a refused hand-over) says and is keyed by its session."""
+
+    async def main() -> None:
+        runs = Runs()
+        runner = runs.runner
+        runner.set_session(4242, {"lane": 1})
+        refuse = True
+        submit = runner._submit
+
+        async def refusing(entries: list[OutboxEntry]) -> None:
+            if refuse:
+                raise ConnectionError("actions away")
+            await submit(entries)
+
+        runner._submit = refusing
+        runner.observe(IMAGE, 1e9, 1, [CAR])
+        await runner.drain()
+        assert runs.take() == [] and runner.submit_errors > 0
+        runner.observe(IMAGE, 1e9 + 0.1, 2, [], lost=[3])  # gone, its last chance pending
+        runner.set_session("visit-77")
+        refuse = False
+        await runner.drain()
+        records = upserts(runs.take())
+        assert records and {r["fields"]["session_id"] for r in records} == {"4242"}
+        assert {r["fields"]["lane"] for r in records} == {"1"}
+        in_4242 = {"pipeline_id": "det", "pipeline_version": "v1", "camera_id": "cam"}
+        keys = {r["object_key"] for r in records}
+        assert keys == {object_key({**in_4242, "record_scope": 4242}, 3)}
 
     asyncio.run(main())
 
@@ -182,3 +230,44 @@ def test_session_templates_are_valid_and_the_name_session_is_reserved() -> None:
     unknown["pipeline"]["actions"][0]["fields"]["lane"] = "{sesion.lane}"
     with pytest.raises(ValidationError, match=r"template field \{sesion.lane\}"):
         PipelineFile.model_validate(unknown)
+    # Client data never names a Redis key or channel (a client would pick any key).
+    for action in (
+        {"type": "redis_publish", "channel": "lane:{session.lane}", "message": "m"},
+        {"type": "redis_save_image", "key": "crops:{session.lane}.jpg"},
+    ):
+        hostile = pipeline()
+        hostile["pipeline"]["actions"].append(action)
+        with pytest.raises(ValidationError, match="a client sets"):
+            PipelineFile.model_validate(hostile)
+
+
+def test_session_values_render_as_text_and_json() -> None:
+    from graph.pipeline.templates import render
+
+    data = {"n": 2, "ok": True, "tags": ["a", "b"], "who": {"name": "Ann"}}
+    got = render("{session.n} {session.ok} {session.tags} {session.who}", {}, {"session": data})
+    assert got == '2 true ["a","b"] {"name":"Ann"}'
+
+
+def test_a_seed_create_takes_the_key_of_its_tables_update() -> None:
+    """The seeds' archives name no key on the create: it takes the update's (the
+    `session_id` column, `{session_id}` by default), so the update finds its row."""
+    seed = pipeline()
+    root = seed["pipeline"]
+    del root["actions"][0]["key_field"], root["actions"][0]["key_value"]
+    root["parallelActions"].append(
+        {
+            "type": "postgresql_update_combined",
+            "table": "visits",
+            "key_field": "session_id",
+            "waitForBranches": ["body_cls"],
+            "fields": {"body": "{body_cls.label}"},
+        }
+    )
+    plan_ = PipelinePlan.of(PipelineFile.model_validate(seed), "v1")
+    keys = [(p.action.type, p.key_field, p.key_value) for p in plan_.actions]
+    assert keys == [
+        ("postgresql_create_record", "session_id", "{session_id}"),
+        ("redis_publish", None, None),
+        ("postgresql_update_combined", "session_id", "{session_id}"),
+    ]

@@ -32,6 +32,7 @@ def test_the_plan_knows_what_each_action_waits_for(demo: LoadedArchive) -> None:
             "camera_id",
             "display_id",
             "session_id",
+            "object_id",
             "track_id",
             "detected_at",
             "confidence",
@@ -41,6 +42,10 @@ def test_the_plan_knows_what_each_action_waits_for(demo: LoadedArchive) -> None:
     }
     assert [b.model_id for b in plan.branches] == [BODY, PLATE]
     assert plan.branches[0].aliases == ("body_type",)
+    # The create takes the update's key: the row the update looks for is the one it made.
+    keys = {p.action.type: (p.key_field, p.key_value) for p in plan.actions}
+    assert keys["postgresql_create_record"] == ("object_id", "{object_id}")
+    assert keys["postgresql_update_combined"] == ("object_id", "{object_id}")
 
 
 def test_the_plan_triggers_on_vehicles_above_the_minimum_confidence(demo: LoadedArchive) -> None:
@@ -49,6 +54,10 @@ def test_the_plan_triggers_on_vehicles_above_the_minimum_confidence(demo: Loaded
     assert not plan.triggers("vehicle", 0.49)
     assert not plan.triggers("person", 0.99)
     body = plan.branches[0]
-    assert body.triggers("vehicle", 0.9)
-    assert not body.triggers("person", 0.9)
-    assert not body.triggers("vehicle", 0.1)
+    # A branch triggers on its parent's label only; its minConfidence is for its own
+    # result (the detector-worker's semantics), whatever the parent's confidence.
+    assert body.triggers("vehicle")
+    assert not body.triggers("person")
+    assert body.accepts(0.5) and not body.accepts(0.49)
+    assert body.source("vehicle") == "vehicle"  # crop: true, cropClass: the object's own
+    assert plan.expected_classes is None and plan.keeps("person")
