@@ -107,7 +107,10 @@ class Detector:
         return await self.detect(request)
 
     def health(self) -> dict[str, Any]:
-        return {"model": self._spec.id, **self._slot.status()}
+        status = {"model": self._spec.id, **self._slot.status()}
+        if self._spec.warnings:
+            status["warnings"] = list(self._spec.warnings)
+        return status
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters (for tests and the benchmark; metrics go to Prometheus)."""

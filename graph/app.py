@@ -35,6 +35,7 @@ def pipeline_models(
     detector = ModelSpec(
         id=root.modelId,
         path=loaded.model_path(root.modelFile),
+        warnings=loaded.pipeline.connection_warnings(),
         imgsz=root.imgsz or 640,
         intra_op_threads=ref.intra_op_threads,
         trt_cache_dir=ref.trt_cache_dir,
@@ -76,7 +77,7 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
         models.append(detector)
         branch_specs += branches
         pipelines[detector.id] = PipelineWiring(
-            pipeline=loaded.pipeline,
+            pipeline=loaded.pipeline.without_connections(),  # no archive password travels
             version=loaded.pipeline.version or loaded.sha256[:12],
             classifiers={b.id: classifier_name(b.id) for b in branches},
             actions=ACTIONS,

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
+    for warning in pipeline.connection_warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(pipeline.model_dump(mode="json", exclude_none=True), indent=2))
     elif args.command == "inspect":

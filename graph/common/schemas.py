@@ -69,6 +69,9 @@ class ModelSpec(StrictModel):
     onnx_cache_dir: Path | None = Field(
         None, description="where a .pt is exported to ONNX once (default: the app's)"
     )
+    warnings: list[str] = Field(
+        default_factory=list, description="what /health says of it (e.g. ignored sections)"
+    )
 
 
 class DetectorUserConfig(StrictModel):

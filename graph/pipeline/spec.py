@@ -223,19 +223,32 @@ class PipelineFile(StrictModel):
     pipeline: Node
     version: str | None = Field(None, max_length=64, description="pipeline version label")
 
-    # Declared only to be refused with a clear message (listed with any other problem).
-    redis: Any = Field(None, description="not allowed: connections come from config")
-    postgresql: Any = Field(None, description="not allowed: connections come from config")
+    # The seeds' connection sections (001 "MPTA Structure": Redis configuration in the
+    # archive). Accepted and ignored: a downloaded archive must not choose where data
+    # goes or hold a password camgraph would keep. Never dumped (`mpta validate --json`),
+    # dropped before a pipeline travels (`without_connections`), named in warnings by
+    # their keys only.
+    redis: dict[str, Any] | None = Field(None, exclude=True, repr=False)
+    postgresql: dict[str, Any] | None = Field(None, exclude=True, repr=False)
 
-    @field_validator("redis", "postgresql")
-    @classmethod
-    def _no_secrets(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError(
-                "connection settings do not belong in an archive: configure Redis and "
-                "PostgreSQL in serve_config.yaml"
-            )
-        return value
+    def connection_warnings(self) -> list[str]:
+        """What `mpta validate` and `/health` say of the connection sections."""
+        out = []
+        for name, section, setting in (
+            ("redis", self.redis, "actions.redis_url"),
+            ("postgresql", self.postgresql, "actions.postgres_dsn"),
+        ):
+            if section is not None:
+                keys = ", ".join(sorted(map(str, section))[:20]) or "empty"
+                out.append(
+                    f"pipeline.json's {name} section ({keys}) is ignored: an archive does "
+                    f"not choose where data goes; {setting} in serve_config.yaml does"
+                )
+        return out
+
+    def without_connections(self) -> PipelineFile:
+        """This pipeline without its connection sections (passwords stay in the file)."""
+        return self.model_copy(update={"redis": None, "postgresql": None})
 
     @model_validator(mode="after")
     def _references(self) -> PipelineFile:

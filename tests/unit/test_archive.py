@@ -130,10 +130,38 @@ def test_a_model_file_named_but_missing_is_refused(tmp_path: Path) -> None:
     refused(tmp_path, write_zip(tmp_path / "m.mpta", members), "'body-type.onnx' is not in")
 
 
-def test_secrets_inside_an_archive_are_refused(tmp_path: Path) -> None:
-    bad = {**copy.deepcopy(DEMO), "redis": {"host": "10.0.0.1", "password": "hunter2"}}
-    problems = refused(tmp_path, write_zip(tmp_path / "s.mpta", good_members(bad)), "$.redis")
-    assert not any("hunter2" in p for p in problems)  # the secret is not echoed
+def test_the_seeds_connection_sections_are_accepted_ignored_and_never_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An archive with the seeds' redis / postgresql sections loads; their settings are
+    ignored (the deployment's config says where data goes), `mpta validate` warns by
+    their keys, and the password appears nowhere: not in the warning, not in
+    `--json`, not in the pipeline that travels to the camera actors."""
+    from graph.app import pipeline_models
+    from graph.config import PipelineRef
+
+    seed = {
+        **copy.deepcopy(DEMO),
+        "redis": {"host": "10.0.0.1", "port": 6379, "password": "hunter2"},
+        "postgresql": {"host": "10.0.0.2", "database": "cms", "password": "hunter3"},
+    }
+    archive = write_zip(tmp_path / "s.mpta", good_members(seed))
+    loaded = load_archive(str(archive), tmp_path / "cache", ArchiveLimits())
+    warnings = loaded.pipeline.connection_warnings()
+    assert [w.split(" section")[0] for w in warnings] == [
+        "pipeline.json's redis",
+        "pipeline.json's postgresql",
+    ]
+    assert "(host, password, port)" in warnings[0] and "actions.redis_url" in warnings[0]
+    assert cli(["mpta", "validate", str(archive), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("warning: pipeline.json's") == 2
+    travelling = loaded.pipeline.without_connections()
+    assert travelling.redis is None and travelling.postgresql is None
+    detector, _ = pipeline_models(PipelineRef(archive=str(archive)), loaded)
+    assert detector.warnings == warnings
+    for text in (out, err, repr(loaded.pipeline), *warnings, repr(travelling.__dict__)):
+        assert "hunter" not in text and "10.0.0." not in text
 
 
 @pytest.mark.parametrize(
