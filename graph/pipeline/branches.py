@@ -33,15 +33,33 @@ def inside_share(inner: Box, outer: Box) -> float:
     return max(0.0, w) * max(0.0, h) / area
 
 
+def _area(box: Box) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
 def belonging(
     detections: Iterable[TrackedDetection], obj: TrackedDetection, label: str
 ) -> TrackedDetection | None:
     """The detection of class `label` in the same frame that belongs to `obj`: at least
-    `MIN_INSIDE` of its box inside the object's box, the most confident of several."""
+    `MIN_INSIDE` of its box inside the object's box, and no other object of `obj`'s
+    class holding more of it (a plate between two overlapping cars is the one of the
+    car it lies in most, the tighter box on a tie: never credited to both); the most
+    confident of several."""
+    detections = list(detections)
+    order = {id(o): i for i, o in enumerate(detections) if o.label == obj.label}
+
+    def fit(d: TrackedDetection, o: TrackedDetection) -> tuple[float, float, int]:
+        # more of it inside, then the tighter box, then the first listed: one owner
+        return inside_share(d.box, o.box), -_area(o.box), -order.get(id(o), -1)
+
+    objects = [o for o in detections if o.label == obj.label and o is not obj]
     candidates = [
         d
         for d in detections
-        if d is not obj and d.label == label and inside_share(d.box, obj.box) >= MIN_INSIDE
+        if d is not obj
+        and d.label == label
+        and inside_share(d.box, obj.box) >= MIN_INSIDE
+        and all(fit(d, o) < fit(d, obj) for o in objects)
     ]
     return max(candidates, key=lambda d: d.confidence, default=None)
 

@@ -111,6 +111,7 @@ class TrackState:
     completed: set[str] = field(default_factory=set)  # branches that ran without error
     failures: Counter[str] = field(default_factory=Counter)  # consecutive, per branch
     given_up: set[str] = field(default_factory=set)  # actions no longer wait for these
+    partial: set[tuple[int, str]] = field(default_factory=set)  # (action, branch) counted
     lost: bool = False
     announced: bool = False  # the no-branch actions went out when it became stable
     emitting: asyncio.Lock = field(default_factory=asyncio.Lock)  # one revision at a time
@@ -489,7 +490,10 @@ class PipelineRunner:
         for index, digest, revision, _ in entries:
             st.sent[index], st.revisions[index] = digest, revision
             st.unsent.discard(index)
-            self.actions_partial.update(self.plan.actions[index].needs - st.completed)
+            missing = self.plan.actions[index].needs - st.completed
+            new = {(index, b) for b in missing} - st.partial
+            st.partial |= new  # once per object and action, not per revision
+            self.actions_partial.update(b for _, b in new)
         self.actions_submitted += len(entries)
 
     def _finish(self, st: TrackState) -> None:
