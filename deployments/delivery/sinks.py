@@ -33,6 +33,7 @@ from deployments.delivery.outbox import (
     sqlite_transaction,
 )
 from deployments.delivery.tables import (
+    LEGACY_KEY,
     RECORD_OPS,
     RecordWrite,
     apply_pg,
@@ -399,7 +400,7 @@ class LocalStoreSink:
                 self._newer(rev)
             known = self._columns.setdefault(write.table, set())
             ensure_sqlite_table(self._db, write, known)
-            apply_sqlite(self._db, write, first, time.time())
+            apply_sqlite(self._db, write, first, time.time(), LEGACY_KEY in known)
 
     def image_path(self, key: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:200]

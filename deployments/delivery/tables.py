@@ -15,7 +15,9 @@ no column, no index. Idempotency and order live in camgraph's own bookkeeping
   backoff, counted, never dropped silently.
 
 `create_tables` creates a missing table (text columns, marked as camgraph's with a
-comment) and adds columns only to tables so marked: a user's table is never altered.
+comment) and adds columns only to tables so marked: a user's table is never altered. A
+table an older camgraph created (`camgraph_key` its primary key) is marked on first
+sight, and inserts fill `camgraph_key` wherever that column exists.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from deployments.delivery.outbox import SinkRejected
 from graph.common.names import is_reserved_table
 
 RECORD_OPS = frozenset({"insert", "update"})
+# The key column of tables an older camgraph created (`camgraph_key text PRIMARY KEY`) or
+# added to a user's table (unique): an INSERT fills it with the object's record identity.
+LEGACY_KEY = "camgraph_key"
 OURS = "created by camgraph (actions.create_tables)"
 
 
@@ -43,6 +48,7 @@ class RecordWrite:
     values: list[str | None]
     key_field: str | None
     key: str | None
+    object_key: str = ""  # camgraph's record identity (for tables an older camgraph made)
 
 
 def record_write(op: dict[str, Any], checked: Any) -> RecordWrite:
@@ -68,7 +74,8 @@ def record_write(op: dict[str, Any], checked: Any) -> RecordWrite:
     columns = [checked(c) for c in fields]
     if kind == "update" and not columns:
         raise SinkRejected(f"{table}: an update with no field")
-    return RecordWrite(kind, table, columns, list(fields.values()), key_field, key)
+    object_key = str(op.get("object_key") or "")
+    return RecordWrite(kind, table, columns, list(fields.values()), key_field, key, object_key)
 
 
 # ---- PostgreSQL --------------------------------------------------------------------
@@ -83,13 +90,22 @@ async def ensure_pg_table(conn: Any, schema: str, write: RecordWrite) -> None:
     target = sql.Identifier(schema, write.table)
     async with conn.transaction():
         await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        # The comment, and whether `camgraph_key` is the primary key: a table an older
+        # camgraph created (and so is camgraph's own), not a user's it only added to.
         cur = await conn.execute(
-            "SELECT obj_description(c.oid, 'pg_class') FROM pg_class c"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s"
-            " AND c.relname = %s",
-            (schema, write.table),
+            "SELECT obj_description(c.oid, 'pg_class'), EXISTS (SELECT 1 FROM pg_index i"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+            " WHERE i.indrelid = c.oid AND i.indisprimary AND a.attname = %s)"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s",
+            (LEGACY_KEY, schema, write.table),
         )
         found = await cur.fetchone()
+        if found is not None and found[0] is None and found[1]:
+            await conn.execute(
+                sql.SQL("COMMENT ON TABLE {} IS {}").format(target, sql.Literal(OURS))
+            )
+            found = (OURS, True)
         if found is None:
             columns = sql.SQL("").join(
                 sql.SQL(", {} text").format(sql.Identifier(c)) for c in write.columns
@@ -120,13 +136,22 @@ async def apply_pg(conn: Any, schema: str, write: RecordWrite, first: bool) -> N
 
     target = sql.Identifier(schema, write.table)
     if write.kind == "insert" and first:
+        columns, values = list(write.columns), list(write.values)
+        cur = await conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND"
+            " table_name = %s AND column_name = %s",
+            (schema, write.table, LEGACY_KEY),
+        )
+        if await cur.fetchone() is not None:  # made or extended by an older camgraph
+            columns.append(LEGACY_KEY)
+            values.append(write.object_key)
         await conn.execute(
             sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
                 target,
-                sql.SQL(", ").join(map(sql.Identifier, write.columns)),
-                sql.SQL(", ").join(sql.Placeholder() * len(write.columns)),
+                sql.SQL(", ").join(map(sql.Identifier, columns)),
+                sql.SQL(", ").join(sql.Placeholder() * len(columns)),
             ),
-            write.values,
+            values,
         )
         return
     if write.key_field is None:
@@ -161,12 +186,19 @@ def ensure_sqlite_table(db: sqlite3.Connection, write: RecordWrite, known: set[s
             known.add(column)
 
 
-def apply_sqlite(db: sqlite3.Connection, write: RecordWrite, first: bool, now: float) -> None:
-    """As `apply_pg`, on the store's connection inside the caller's transaction."""
+def apply_sqlite(
+    db: sqlite3.Connection, write: RecordWrite, first: bool, now: float, legacy: bool = False
+) -> None:
+    """As `apply_pg`, on the store's connection inside the caller's transaction
+    (`legacy`: the table has an older camgraph's `camgraph_key`, filled on insert)."""
     if write.kind == "insert" and first:
-        cols = ", ".join(f'"{c}"' for c in [*write.columns, "camgraph_created_at"])
-        marks = ", ".join("?" * (len(write.columns) + 1))
-        db.execute(f'INSERT INTO "{write.table}" ({cols}) VALUES ({marks})', [*write.values, now])
+        columns, values = [*write.columns, "camgraph_created_at"], [*write.values, now]
+        if legacy:
+            columns.append(LEGACY_KEY)
+            values.append(write.object_key)
+        cols = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join("?" * len(columns))
+        db.execute(f'INSERT INTO "{write.table}" ({cols}) VALUES ({marks})', values)
         return
     if write.key_field is None:
         return

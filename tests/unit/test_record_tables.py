@@ -230,3 +230,58 @@ def test_an_archive_may_not_reach_camgraphs_own_tables_nor_key_rows_by_anything_
     ):
         with pytest.raises(SinkRejected, match="camgraph's own tables"):
             record_write(op, checked_identifier)
+
+
+def test_tables_an_older_camgraph_made_or_extended_keep_working(
+    schema: str, tmp_path: Path
+) -> None:
+    """An upgrade: `vehicle_events` made by an older camgraph (`camgraph_key` its primary
+    key) is recognised as camgraph's (marked, grown) and its inserts fill `camgraph_key`;
+    a user's table that an older camgraph gave a `camgraph_key` column gets it filled,
+    and is still never altered."""
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE TABLE "{schema}".vehicle_events (camgraph_key text PRIMARY KEY,'
+            " camgraph_created_at timestamptz NOT NULL DEFAULT now(),"
+            " camgraph_updated_at timestamptz NOT NULL DEFAULT now(), camera_id text)"
+        )
+        conn.execute(f'ALTER TABLE "{schema}".car_frontal_info ADD COLUMN camgraph_key text')
+    user_before = shape(schema)
+
+    def legacy(seq: int, table: str, **fields: Any) -> dict[str, Any]:
+        return {**insert(seq, table, **fields), "key_field": "object_id", "slot": f"{table}:0"}
+
+    async def run() -> None:
+        pool, sink = postgres_sink(schema, True)
+        await pool.open()
+        await sink.apply(OutboxEntry("a", "postgres", legacy(0, "vehicle_events", plate="X1")))
+        grown = {**update(1, plate="X2"), "table": "vehicle_events", "key_field": "object_id"}
+        await sink.apply(OutboxEntry("b", "postgres", grown))
+        cms = {**insert(0, camera_id="c"), "slot": "cms:0"}
+        await sink.apply(OutboxEntry("c", "postgres", cms))
+        await pool.close()
+
+    asyncio.run(run())
+    (row,) = table_rows(schema, "vehicle_events")
+    assert (row["camgraph_key"], row["object_id"], row["plate"]) == ("obj", KEY, "X2")
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        (comment,) = conn.execute(
+            "SELECT obj_description(%s::regclass, 'pg_class')", (f'"{schema}".vehicle_events',)
+        ).fetchone() or (None,)
+    assert comment == OURS
+    (cms_row,) = table_rows(schema)
+    assert cms_row["camgraph_key"] == "obj" and str(cms_row["session_id"]) == KEY
+    assert shape(schema) == user_before  # the user's table: still not altered
+
+    async def local() -> LocalStoreSink:
+        store = LocalStoreSink(tmp_path, "local")
+        old = {"type": "upsert", "table": "visits", "object_key": "o1", "fields": {"a": "1"}}
+        await store.apply(OutboxEntry("u", "local", old))  # as an older camgraph wrote it
+        await store.apply(OutboxEntry("i", "local", legacy(0, "visits", a="2")))
+        return store
+
+    rows = sorted(asyncio.run(local()).rows("visits"), key=lambda r: r["a"])
+    assert [(r["camgraph_key"], r["a"], r.get("object_id")) for r in rows] == [
+        ("o1", "1", None),
+        ("obj", "2", KEY),
+    ]
