@@ -18,7 +18,6 @@ import contextlib
 import fcntl
 import hashlib
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from graph.common.errors import ModelLoadError
+from graph.common.files import atomic_write_bytes
 from graph.common.schemas import StrictModel
 
 logger = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ def export_onnx(
             if hit := _cached(cache_dir, key, sha256, task, pt.name):
                 return hit  # another replica exported it while this one waited
             onnx_bytes = _export(yolo, copy, size, pt.name)
-            _write_atomic(cache_dir / f"{key}.onnx", onnx_bytes)
-            _write_atomic(cache_dir / f"{key}.json", record.model_dump_json().encode())
+            atomic_write_bytes(cache_dir / f"{key}.onnx", onnx_bytes)
+            atomic_write_bytes(cache_dir / f"{key}.json", record.model_dump_json().encode())
     logger.info("exported %s (%s, %d px) to %s.onnx", pt.name, task, size, key)
     return OnnxExport(cache_dir / f"{key}.onnx", record, cached=False)
 
@@ -233,20 +233,6 @@ def _export(yolo: Any, copy: Path, imgsz: int, label: str) -> bytes:
     except Exception as exc:  # torch.onnx / onnx raise many types
         raise ModelLoadError(f"{label}: export to ONNX failed: {exc}") from exc
     return bytes(model.SerializeToString())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
