@@ -37,6 +37,7 @@ class Ingress:
         detectors: dict[str, DeploymentHandle],
         classifiers: dict[str, DeploymentHandle] | None = None,
         actions: DeploymentHandle | None = None,
+        url_models: list[DeploymentHandle] | None = None,  # bound so that Serve deploys them
     ) -> None:
         settings = config.settings
         # The registry and EventHub outlive ingress replicas (detached, restartable):

@@ -9,7 +9,14 @@ from typing import Any, cast
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from graph.common.names import ACTIONS, INGRESS, classifier_name, detector_name
+from graph.common.names import (
+    ACTIONS,
+    INGRESS,
+    PIPELINE_CLASSIFIER,
+    PIPELINE_DETECTOR,
+    classifier_name,
+    detector_name,
+)
 from graph.common.schemas import BranchModelSpec, ModelSpec
 from graph.config import AppConfig, PipelineRef
 from graph.pipeline.archive import LoadedArchive, load_archive
@@ -24,6 +31,9 @@ class Deployments:
     ingress: Deployment
     classifier: Deployment | None = None
     actions: Deployment | None = None
+    # The multiplexed deployments of modelUrl pipelines (pipelines.allowed_urls).
+    url_detector: Deployment | None = None
+    url_classifier: Deployment | None = None
 
 
 def pipeline_models(
@@ -97,8 +107,10 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
         for m in models
     }
     classifiers: dict[str, Any] = {}
+    url_models: list[Any] = []
     actions: Any = None
-    if pipelines:
+    url_spec = config.url_pipeline_spec()
+    if pipelines or url_spec is not None:
         if deployments.classifier is None or deployments.actions is None:
             raise ValueError("pipelines need the Classifier and Actions deployments")
         classifiers = {
@@ -107,6 +119,14 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
             )
             for b in branch_specs
         }
+        if url_spec is not None:
+            if deployments.url_detector is None or deployments.url_classifier is None:
+                raise ValueError("pipelines.allowed_urls needs the Pipeline* deployments")
+            dumped = url_spec.model_dump(mode="json")
+            url_models = [
+                deployments.url_detector.options(name=PIPELINE_DETECTOR).bind(dumped),
+                deployments.url_classifier.options(name=PIPELINE_CLASSIFIER).bind(dumped),
+            ]
         actions = deployments.actions.options(name=ACTIONS).bind(
             config.actions.model_dump(mode="json"), str(config.base_dir)
         )
@@ -118,8 +138,11 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
         events=config.events,
         jobs=config.jobs.resolved(config.base_dir),
         pipelines=pipelines,
+        url_pipelines=url_spec,
     )
-    return deployments.ingress.options(name=INGRESS).bind(ingress, detectors, classifiers, actions)
+    return deployments.ingress.options(name=INGRESS).bind(
+        ingress, detectors, classifiers, actions, url_models
+    )
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -127,6 +150,7 @@ def build_app(args: dict[str, Any]) -> Application:
     from deployments.actions import Actions
     from deployments.classifier import Classifier
     from deployments.detector import Detector
+    from deployments.dynamic import PipelineClassifier, PipelineDetector
     from deployments.ingress import Ingress
 
     # @serve.deployment turns the classes into Deployments; mypy sees the classes.
@@ -137,5 +161,7 @@ def build_app(args: dict[str, Any]) -> Application:
             ingress=cast(Deployment, Ingress),
             classifier=cast(Deployment, Classifier),
             actions=cast(Deployment, Actions),
+            url_detector=cast(Deployment, PipelineDetector),
+            url_classifier=cast(Deployment, PipelineClassifier),
         ),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,6 +16,7 @@ from graph.common.schemas import (
     StrictModel,
 )
 from graph.pipeline.archive import ArchiveLimits
+from graph.pipeline.catalog import UrlPipelineSettings, UrlPipelinesSpec
 from stream_actors.settings import StreamSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +35,14 @@ class PipelineRef(StrictModel):
 
 
 class AppConfig(StrictModel):
+    """`pipelines` is a list of archives, or a mapping: `archives` (that list) and the
+    settings of pipelines loaded from a subscription's modelUrl (`allowed_urls`, ...)."""
+
     models: list[ModelSpec] = Field(default_factory=list, description="plain detector models")
     pipelines: list[PipelineRef] = Field(default_factory=list, description=".mpta pipelines")
+    url_pipelines: UrlPipelineSettings = Field(
+        UrlPipelineSettings(), description="modelUrl pipelines (from pipelines: {...})"
+    )
     archive_cache_dir: Path = Field(Path("data/archives"), description="extracted archives")
     onnx_cache_dir: Path = Field(
         Path("data/onnx-cache"), description=".pt models exported to ONNX, keyed by sha256"
@@ -47,6 +54,17 @@ class AppConfig(StrictModel):
     events: EventHubSettings = EventHubSettings()
     jobs: MediaJobSettings = MediaJobSettings()
     base_dir: Path = Field(PROJECT_ROOT, description="where relative model paths resolve")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pipelines_mapping(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("pipelines"), dict):
+            if "url_pipelines" in data:
+                raise ValueError("give modelUrl settings in pipelines: {...} only")
+            mapping = dict(data["pipelines"])
+            archives = mapping.pop("archives", [])
+            return {**data, "pipelines": archives, "url_pipelines": mapping}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:
@@ -72,6 +90,20 @@ class AppConfig(StrictModel):
             updates["onnx_cache_dir"] = self.absolute(m.onnx_cache_dir or self.onnx_cache_dir)
             out.append(m.model_copy(update=updates))
         return out
+
+    def url_pipeline_spec(self) -> UrlPipelinesSpec | None:
+        """What the catalog and the multiplexed deployments run with; None: modelUrl off."""
+        if not self.url_pipelines.enabled:
+            return None
+        return UrlPipelinesSpec(
+            settings=self.url_pipelines,
+            archive_cache_dir=self.absolute(self.archive_cache_dir),
+            onnx_cache_dir=self.absolute(self.onnx_cache_dir),
+            trt_cache_dir=next(
+                (self.absolute(p.trt_cache_dir) for p in self.pipelines if p.trt_cache_dir), None
+            ),
+            limits=self.archive_limits,
+        )
 
     def resolved_ingress(self) -> IngressSettings:
         """Ingress settings with the token file's path made absolute."""

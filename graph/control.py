@@ -11,9 +11,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from deployments.catalog import CatalogActor
 from deployments.jobs.actor import MediaJobs
-from graph.common.names import STREAMS_NAMESPACE, hub_name, jobs_actor_name, registry_name
+from graph.common.names import (
+    STREAMS_NAMESPACE,
+    catalog_name,
+    hub_name,
+    jobs_actor_name,
+    registry_name,
+)
 from graph.events.hub import EventHub
+from graph.pipeline.catalog import UrlRefused, url_refusal
 from graph.pipeline.plan import PipelineRuntime
 from graph.wiring import IngressConfig
 from stream_actors.registry import StreamRegistry
@@ -36,16 +44,22 @@ def stream_context(app_name: str, config: IngressConfig) -> StreamContext:
             model_id: PipelineRuntime.of(p.pipeline, p.version, p.classifiers, p.actions)
             for model_id, p in config.pipelines.items()
         },
+        url_touch_s=(
+            None if config.url_pipelines is None else config.url_pipelines.settings.touch_interval_s
+        ),
     )
 
 
 class ControlPlane:
     """Handles on one app's registry, EventHub and (lazily) media jobs actors."""
 
-    def __init__(self, app_name: str, config: IngressConfig, registry: Any, hub: Any) -> None:
+    def __init__(
+        self, app_name: str, config: IngressConfig, registry: Any, hub: Any, catalog: Any = None
+    ) -> None:
         self.app_name, self._config = app_name, config
         self.registry: ActorHandle = registry
         self.hub: ActorHandle = hub
+        self.catalog: ActorHandle | None = catalog  # None: modelUrl pipelines are off
         self._jobs: ActorHandle | None = None
 
     @classmethod
@@ -70,7 +84,37 @@ class ControlPlane:
             num_cpus=0,
             max_concurrency=1000,
         ).remote(config.events.capacity_per_topic, config.events.max_topics)
-        return cls(app_name, config, registry, hub)
+        catalog = None
+        if config.url_pipelines is not None:
+            spec = config.url_pipelines.model_dump(mode="json")
+            catalog = CatalogActor.options(  # type: ignore[attr-defined]
+                name=catalog_name(app_name),
+                namespace=STREAMS_NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_concurrency=256,
+            ).remote(app_name, spec)
+            catalog.configure.remote(spec)  # one started by an earlier deploy
+        return cls(app_name, config, registry, hub, catalog)
+
+    async def load_pipeline(self, url: str) -> dict[str, Any]:
+        """The modelUrl pipeline at `url`, loaded by the catalog (or already held); raises
+        UrlRefused or PipelineUnavailable naming the problem."""
+        spec = self._config.url_pipelines
+        if self.catalog is None or spec is None:
+            raise UrlRefused(url, url_refusal(url, ()) or "off")
+        info: dict[str, Any] = (
+            await asyncio.wait_for(self.catalog.load.remote(url), spec.settings.load_timeout_s + 30)
+        )["info"]
+        return info
+
+    async def pipelines(self) -> dict[str, Any]:
+        """Each modelUrl pipeline's state (`/health`), bounded like any actor call."""
+        if self.catalog is None:
+            return {}
+        status: dict[str, Any] = await asyncio.wait_for(self.catalog.status.remote(), 10.0)
+        return status
 
     async def read_events(
         self, after_id: int, flt: dict[str, Any] | None, limit: int, wait_s: float

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from deployments.jobs.settings import MediaJobSettings
 from graph.common.names import ACTIONS
 from graph.common.schemas import EventHubSettings, IngressSettings
+from graph.pipeline.catalog import UrlPipelinesSpec
 from graph.pipeline.spec import PipelineFile
 from stream_actors.settings import StreamSettings
 
@@ -37,6 +38,7 @@ class IngressConfig:
     events: EventHubSettings = field(default_factory=EventHubSettings)
     jobs: MediaJobSettings = field(default_factory=MediaJobSettings)
     pipelines: dict[str, PipelineWiring] = field(default_factory=dict)  # by root model id
+    url_pipelines: UrlPipelinesSpec | None = None  # None: a modelUrl is never fetched
 
     def __post_init__(self) -> None:
         if not self.detectors:

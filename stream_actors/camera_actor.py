@@ -21,7 +21,14 @@ from ray.serve.exceptions import BackPressureError
 
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import DetectorBusy
-from graph.common.names import hub_name, registry_name
+from graph.common.names import (
+    ACTIONS,
+    PIPELINE_CLASSIFIER,
+    PIPELINE_DETECTOR,
+    catalog_name,
+    hub_name,
+    registry_name,
+)
 from graph.common.redaction import redact
 from graph.events.model import (
     FanoutSink,
@@ -30,6 +37,8 @@ from graph.events.model import (
     state_event,
 )
 from graph.events.ring import restart_safe_first_id
+from graph.pipeline.catalog import PipelineInfo
+from graph.pipeline.plan import PipelineRuntime
 from graph.pipeline.runner import BranchResult, PipelineRunner, ResultFn
 from stream_actors.forwarding import ActionForwarder
 from stream_actors.processor import SubscriptionProcessor
@@ -37,9 +46,10 @@ from stream_actors.reader import StreamReader, StreamState
 from stream_actors.reconnect import TokenBucket
 from stream_actors.sessions import session_digest
 from stream_actors.settings import StreamContext, context_revision
-from stream_actors.subscriptions import StreamSpec, Subscription
+from stream_actors.subscriptions import StreamSpec, Subscription, url_pipeline
 
 logger = logging.getLogger("camgraph.streams")
+URL_LOAD_WAIT_S = 3600.0  # the catalog bounds a load itself (pipelines.load_timeout_s)
 
 
 class _Stream:
@@ -58,6 +68,10 @@ class CameraActor:
         self._ctx, self._settings = ctx, ctx.settings
         self._streams: dict[str, _Stream] = {}
         self._handles: dict[str, Any] = {}
+        self._mux: dict[tuple[str, str], Any] = {}  # (deployment, multiplexed id) → handle
+        self._catalog: Any = None
+        self._url_used: dict[str, tuple[str, str]] = {}  # sub id → (sha256, modelUrl)
+        self._touching: asyncio.Future[None] | None = None
         self._forwarders: dict[str, ActionForwarder] = {}
         # display id → {"id", "data", "seq"}: the displays' sessions, as the registry
         # sends them; a cleared one stays as {"id": None, ...} so that its seq orders
@@ -99,11 +113,55 @@ class CameraActor:
             name = self._ctx.detector_names[model_id]
             handle = serve.get_deployment_handle(name, app_name=self._ctx.app_name)
             self._handles[model_id] = handle
+        return await self._call_detector(handle, model_id, request)
+
+    @staticmethod
+    async def _call_detector(handle: Any, model_id: str, request: DetectRequest) -> DetectResult:
         try:
             result: DetectResult = await handle.detect.remote(request)
         except BackPressureError as exc:  # the processor knows no Ray: camgraph's own error
             raise DetectorBusy(model_id, str(exc)) from exc
         return result
+
+    def _mux_handle(self, name: str, model_id: str) -> Any:
+        """A handle on a multiplexed deployment for one model (routed to the replicas
+        that hold it); all share the deployment's router."""
+        handle = self._mux.get((name, model_id))
+        if handle is None:
+            handle = self._handle(name).options(multiplexed_model_id=model_id)
+            self._mux[(name, model_id)] = handle
+        return handle
+
+    # ---- modelUrl pipelines ------------------------------------------------------
+    async def _catalog_handle(self) -> Any:
+        if self._catalog is None:  # a blocking GCS lookup: off the event loop
+            name = catalog_name(self._ctx.app_name)
+            self._catalog = await asyncio.to_thread(ray.get_actor, name, self._ctx.namespace)
+        return self._catalog
+
+    async def _url_pipeline(self, url: str) -> tuple[PipelineInfo, PipelineRuntime]:
+        """The pipeline at `url`, from the catalog (loaded there first if need be)."""
+        try:
+            catalog = await self._catalog_handle()
+            reply = await asyncio.wait_for(catalog.load.remote(url), URL_LOAD_WAIT_S)
+        except (ray.exceptions.RayActorError, ValueError):
+            self._catalog = None  # restarting, or not found: looked up again next time
+            raise
+        raw = reply["info"]
+        info = PipelineInfo(**{**raw, "branches": tuple(raw["branches"])})
+        ids = {b: f"{info.key}:{b}" for b in info.branches}
+        return info, PipelineRuntime.of(reply["pipeline"], info.version, ids, ACTIONS)
+
+    async def _touch(self) -> None:
+        """Tell the catalog which URL pipelines run here (idle ones are unloaded)."""
+        used = dict(self._url_used.values())
+        if not used:
+            return
+        try:
+            await asyncio.wait_for((await self._catalog_handle()).touch.remote(used), 10.0)
+        except Exception as exc:
+            self._catalog = None
+            logger.warning("pipeline catalog: touch failed: %s", type(exc).__name__)
 
     def _handle(self, name: str) -> Any:
         handle = self._handles.get(name)
@@ -115,17 +173,26 @@ class CameraActor:
         return handle
 
     def _runner(
-        self, sub: Subscription, model_id: str, on_result: ResultFn
+        self,
+        sub: Subscription,
+        model_id: str,
+        on_result: ResultFn,
+        url_runtime: PipelineRuntime | None = None,
     ) -> PipelineRunner | None:
-        """The pipeline runner of a subscription whose model is a pipeline's root; it
+        """The pipeline runner of a subscription whose model is a pipeline's root (or
+        of its modelUrl pipeline: `url_runtime`, branches on PipelineClassifier); it
         tells `on_result` (its processor's) each improvement of an object's results."""
-        runtime = self._ctx.pipelines.get(model_id)
+        runtime = url_runtime or self._ctx.pipelines.get(model_id)
         if runtime is None:
             return None
 
         async def classify(branch_id: str, crop: Any) -> BranchResult | None:
             name = runtime.classifier_names[branch_id]
-            label = await self._handle(name).classify.remote(crop)
+            if url_runtime is not None:
+                handle = self._mux_handle(PIPELINE_CLASSIFIER, name)
+            else:
+                handle = self._handle(name)
+            label = await handle.classify.remote(crop)
             return None if label is None else BranchResult(label.label, label.confidence)
 
         forwarder = self._forwarders.get(runtime.actions_name)
@@ -180,6 +247,9 @@ class CameraActor:
             for stream in list(self._streams.values()):
                 stream.reader.check_watchdog()
             ticks += 1
+            touch_s = self._ctx.url_touch_s
+            if touch_s is not None and ticks % max(1, round(touch_s / 0.5)) == 0:
+                self._touching = asyncio.ensure_future(self._touch())
             if ticks % 10 == 0:
                 try:
                     self._export_metrics()
@@ -260,16 +330,22 @@ class CameraActor:
         for sub_id, sub in wanted.items():
             if sub_id in stream.subs:
                 continue
-            model_id = sub.modelId or self._ctx.default_model
-            processor = SubscriptionProcessor(
-                sub,
-                model_id,
-                self._ctx.model_sizes[model_id],
-                self._detect,
-                self._sink,
-                self._settings.processing,
-            )
-            processor.runner = self._runner(sub, model_id, processor.on_result)
+            url = url_pipeline(sub, self._ctx.model_sizes, self._ctx.url_touch_s is not None)
+            if url is not None:
+                processor = await self._url_processor(sub, url)
+                if processor is None:
+                    continue  # reported; the registry's repair rounds ask again
+            else:
+                model_id = sub.modelId or self._ctx.default_model
+                processor = SubscriptionProcessor(
+                    sub,
+                    model_id,
+                    self._ctx.model_sizes[model_id],
+                    self._detect,
+                    self._sink,
+                    self._settings.processing,
+                )
+                processor.runner = self._runner(sub, model_id, processor.on_result)
             stream.subs[sub_id], stream.processors[sub_id] = sub, processor
             stream.reader.attach(sub_id, processor.mailbox)
             processor.start()
@@ -277,6 +353,34 @@ class CameraActor:
             stream.reader.start()
         elif revive:
             stream.reader.revive()
+
+    async def _url_processor(self, sub: Subscription, url: str) -> SubscriptionProcessor | None:
+        """The processor of a subscription that runs its modelUrl's pipeline: detections
+        on PipelineDetector (the archive's sha256 as multiplexed id), events under the
+        client's own modelId (the root's when it sent none). None when the pipeline
+        cannot be had now: the subscription gets a `failed` state event."""
+        sub_id = sub.subscriptionIdentifier
+        try:
+            info, runtime = await self._url_pipeline(url)
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            error = f"pipeline: {type(cause).__name__}: {str(cause)[:500]}"
+            logger.warning("%s: %s", sub_id, error)
+            model_id = sub.modelId or ""
+            self._sink.publish([state_event(sub_id, sub.camera_id, model_id, "failed", error)])
+            return None
+        model_id = sub.modelId or info.model_id
+        handle = self._mux_handle(PIPELINE_DETECTOR, info.key)
+
+        async def detect(_: str, request: DetectRequest) -> DetectResult:
+            return await self._call_detector(handle, model_id, request)
+
+        processor = SubscriptionProcessor(
+            sub, model_id, info.imgsz, detect, self._sink, self._settings.processing
+        )
+        processor.runner = self._runner(sub, model_id, processor.on_result, runtime)
+        self._url_used[sub_id] = (info.key, url)
+        return processor
 
     async def set_session(self, display_id: str, session: dict[str, Any] | None) -> int:
         """A display's session (`{"id", "data", "seq"}`; None: none any more) for its
@@ -329,10 +433,13 @@ class CameraActor:
         trackers and subscriptions go on; returns how many runners were swapped."""
         old, self._ctx = self._ctx, replace(ctx, settings=self._settings)
         self._handles.clear()  # deployments may have been replaced
+        self._mux.clear()
         swapped = 0
         for stream in self._streams.values():
             for sub_id, processor in stream.processors.items():
                 model_id = processor.model_id
+                if sub_id in self._url_used:
+                    continue  # a modelUrl pipeline: its archive's content does not change
                 if model_id in ctx.model_sizes:
                     processor.imgsz = ctx.model_sizes[model_id]
                 if old.pipelines.get(model_id) == ctx.pipelines.get(model_id):
@@ -350,6 +457,7 @@ class CameraActor:
     async def _stop_subscription(self, stream: _Stream, sub_id: str) -> None:
         stream.reader.detach(sub_id)
         stream.subs.pop(sub_id, None)
+        self._url_used.pop(sub_id, None)
         processor = stream.processors.pop(sub_id, None)
         if processor is not None:
             await processor.stop()

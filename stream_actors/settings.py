@@ -128,6 +128,9 @@ class StreamContext:
     detector_names: dict[str, str]  # model id → Serve deployment name
     settings: StreamSettings
     pipelines: dict[str, PipelineRuntime] = field(default_factory=dict)  # by root model id
+    # modelUrl pipelines (the catalog actor): how often camera actors say which they use;
+    # None: off (a subscription's modelUrl is never fetched)
+    url_touch_s: float | None = None
 
 
 def context_revision(ctx: StreamContext) -> str:

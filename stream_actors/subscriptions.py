@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,6 +210,17 @@ class StreamSpec(StrictModel):
     snapshot_interval_s: float = 1.0
     loop: bool = True
     lossless: bool = False  # files only: the reader waits until each frame was taken
+
+
+def url_pipeline(sub: Subscription, configured: Container[str], enabled: bool) -> str | None:
+    """The `modelUrl` whose pipeline this subscription runs, or None: its `modelId` is a
+    configured model (which wins: the URL is not fetched), or it names no URL, or
+    modelUrl pipelines are off (`pipelines.allowed_urls` empty)."""
+    if not enabled or sub.modelUrl is None:
+        return None
+    if sub.modelId is not None and sub.modelId in configured:
+        return None
+    return sub.modelUrl
 
 
 def stream_key(sub: Subscription) -> str:

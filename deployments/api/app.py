@@ -50,6 +50,7 @@ class ApiDeps:
             settings=self.settings,
             streams=self.state.streams,
             system=self.state.system,
+            load_pipeline=self.control.load_pipeline if self.control.catalog is not None else None,
         )
 
 

@@ -37,6 +37,7 @@ from graph.common.errors import (
     StreamLimitReached,
     UnknownModelError,
 )
+from graph.pipeline.catalog import PipelineUnavailable, UrlRefused
 from stream_actors.subscriptions import SubscriptionRefused
 
 P = ParamSpec("P")
@@ -197,6 +198,12 @@ ERRORS: tuple[ErrorRule, ...] = (
     ),
     ErrorRule(JobNotFoundError, 404, grpc.StatusCode.NOT_FOUND, _core(JobNotFoundError)),
     ErrorRule(SubscriptionRefused, 403, grpc.StatusCode.PERMISSION_DENIED, _refused),
+    # A subscription's modelUrl: not on pipelines.allowed_urls, or its archive cannot be
+    # served (the message names the problem: a member, a pickle, a schema error, ...).
+    ErrorRule(UrlRefused, 403, grpc.StatusCode.PERMISSION_DENIED, _core(UrlRefused)),
+    ErrorRule(
+        PipelineUnavailable, 422, grpc.StatusCode.FAILED_PRECONDITION, _core(PipelineUnavailable)
+    ),
     # 409, not 429: the registry's current state refuses it, and retrying alone cannot
     # help (429 invites an automatic retry after a while) until a stream ends.
     ErrorRule(

@@ -85,6 +85,8 @@ class Health:
             "models": models,
             "streams": await self._streams(),
         }
+        if deps.control.catalog is not None:
+            report["pipelines"] = await self._pipelines()
         if deps.actions is not None:
             report["actions"] = await self._actions(deps.actions)
             if "error" in report["actions"]:
@@ -115,6 +117,15 @@ class Health:
             return result
         except Exception as exc:
             return {"error": f"actions: {failure('actions', exc)}"}
+
+    async def _pipelines(self) -> dict[str, Any]:
+        """Pipelines loaded from a subscription's modelUrl, by (redacted) URL: the seed's
+        state (downloading, converting, enabled, error, and loading) and the error text.
+        A failed pipeline affects only its own subscriptions: the status stays ok."""
+        try:
+            return await self._deps.control.pipelines()
+        except Exception as exc:
+            return {"error": f"pipeline catalog: {failure('the pipeline catalog', exc)}"}
 
     async def _streams(self) -> dict[str, Any]:
         """Streams counted by state (details: GET /streams)."""

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from deployments.api.detect import Detectors
 from deployments.api.errors import NotFound, Unavailable, with_route_exceptions
 from graph.control import ControlPlane
-from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
+from stream_actors.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription, url_pipeline
 
 CAMERA_ID_PATTERN = r"^[^;/\s]{1,128}$"
 UNAVAILABLE = "stream registry unavailable"
@@ -31,7 +31,11 @@ def router(control: ControlPlane, detectors: Detectors, read_timeout_s: float) -
         """Subscribe a camera (the detector-worker `subscribe` payload). Several
         subscriptions on one URL share one stream. An unreachable camera still makes a
         subscription: its state and last error show in `GET /streams`."""
-        detectors.check_body_model("modelId", sub.modelId)
+        url = url_pipeline(sub, detectors.handles, control.catalog is not None)
+        if url is not None:  # its pipeline is loaded (or refused, naming why) first
+            await control.load_pipeline(url)
+        else:
+            detectors.check_body_model("modelId", sub.modelId)
         return await control.registry.subscribe.remote(sub.model_dump(mode="json"))
 
     @api.delete(

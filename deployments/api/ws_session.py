@@ -23,7 +23,7 @@ from graph.common.schemas import IngressSettings
 from graph.events.fanout import EventFanout
 from graph.events.ring import EventFilter
 from stream_actors.sessions import SessionDataTooLarge
-from stream_actors.subscriptions import Subscription
+from stream_actors.subscriptions import Subscription, url_pipeline
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +43,8 @@ class WsDeps:
     settings: IngressSettings  # state_report_s, actor_call_timeout_s
     streams: Callable[[], Awaitable[list[dict[str, Any]]]]  # `GET /streams`' list
     system: Callable[[], Awaitable[dict[str, Any]]]  # host load
+    # Loads a subscription's modelUrl pipeline (the catalog); None: modelUrl is off.
+    load_pipeline: Callable[[str], Awaitable[Any]] | None = None
 
 
 class WsSession:
@@ -129,7 +131,19 @@ class WsSession:
         deps = self.deps
         if kind == "subscribe":
             sub: Subscription = payload
-            if sub.modelId is not None and sub.modelId not in deps.models:
+            url = url_pipeline(sub, deps.models, deps.load_pipeline is not None)
+            if url is not None and deps.load_pipeline is not None:
+                try:  # its pipeline is loaded (or refused, naming why) before the ack
+                    await deps.load_pipeline(url)
+                except Exception as exc:
+                    error = ws_error(exc, kind, request_id, "pipeline catalog unavailable")
+                    if error is None:
+                        raise
+                    error.details = [
+                        {"loc": ["payload", "modelUrl"], "msg": error.message, "type": "pipeline"}
+                    ]
+                    raise error from None
+            elif sub.modelId is not None and sub.modelId not in deps.models:
                 raise wsp.ProtocolError(
                     f"unknown modelId {sub.modelId!r}; known: {sorted(deps.models)}",
                     kind,

@@ -13,6 +13,10 @@ STREAMS_NAMESPACE = "camgraph"
 
 ACTIONS = "Actions"
 INGRESS = "Ingress"
+# The multiplexed deployments of pipelines loaded from a subscription's modelUrl: the
+# detector keyed by the archive's sha256, the classifier by "<sha256>:<branch modelId>".
+PIPELINE_DETECTOR = "PipelineDetector"
+PIPELINE_CLASSIFIER = "PipelineClassifier"
 
 
 def detector_name(model_id: str) -> str:
@@ -39,6 +43,11 @@ def hub_name(app_name: str) -> str:
 
 def jobs_actor_name(app_name: str) -> str:
     return f"camgraph-jobs-{app_name}"
+
+
+def catalog_name(app_name: str) -> str:
+    """The actor that loads and tracks the pipelines subscriptions name by modelUrl."""
+    return f"camgraph-pipelines-{app_name}"
 
 
 # camgraph's own tables beside a user's (the outbox, revisions, the local store's

@@ -11,14 +11,18 @@ cache when complete, so a half-extracted or unsafe archive is never used.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import re
 import shutil
 import stat
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -61,8 +65,37 @@ class LoadedArchive:
         return self.root / model_file
 
 
-def _fetch(source: str, into: Path, limits: ArchiveLimits) -> Path:
-    """A local copy of the archive (URLs downloaded with a size cap)."""
+# Why a URL may not be fetched (None: it may): checked before the download and again
+# for every redirect, so an allowed server cannot send the loader elsewhere.
+UrlCheck = Callable[[str], "str | None"]
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, check: UrlCheck) -> None:
+        self._check = check
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        reason = self._check(newurl)
+        if reason is not None:
+            raise ArchiveError(req.full_url, [f"redirect refused: {reason}"])
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _open(source: str, timeout_s: float, check: UrlCheck | None) -> object:
+    if check is None:
+        return urllib.request.urlopen(source, timeout=timeout_s)
+    reason = check(source)
+    if reason is not None:
+        raise ArchiveError(source, [f"refused: {reason}"])
+    opener = urllib.request.build_opener(_CheckedRedirects(check))
+    return opener.open(source, timeout=timeout_s)
+
+
+def _fetch(source: str, into: Path, limits: ArchiveLimits, check: UrlCheck | None = None) -> Path:
+    """A local copy of the archive (URLs downloaded with a size cap; `check`: an URL
+    policy applied to the URL and to each redirect, and local paths refused)."""
+    if check is not None and not source.startswith(("http://", "https://")):
+        raise ArchiveError(source, ["only http(s) URLs are fetched"])
     if not source.startswith(("http://", "https://")):
         path = Path(source.removeprefix("file://"))
         if not path.is_file():
@@ -73,7 +106,7 @@ def _fetch(source: str, into: Path, limits: ArchiveLimits) -> Path:
     target = into / "download.mpta"
     try:
         with (
-            urllib.request.urlopen(source, timeout=limits.download_timeout_s) as response,
+            _open(source, limits.download_timeout_s, check) as response,  # type: ignore[attr-defined]
             target.open("wb") as out,
         ):
             declared = response.headers.get("Content-Length")
@@ -145,6 +178,11 @@ def read_pipeline(archive: zipfile.ZipFile, source: str) -> PipelineFile:
             raw = member.read(1024**2 + 1)
     except KeyError:
         raise ArchiveError(source, [f"no {PIPELINE_JSON} at the top of the archive"]) from None
+    return parse_pipeline(raw, source)
+
+
+def parse_pipeline(raw: bytes, source: str) -> PipelineFile:
+    """`pipeline.json`'s bytes, checked (size, JSON, schema); raises ArchiveError."""
     if len(raw) > 1024**2:
         raise ArchiveError(source, [f"{PIPELINE_JSON} larger than 1 MiB"])
     try:
@@ -210,30 +248,66 @@ def _extract(path: Path, target: Path, limits: ArchiveLimits, source: str) -> No
                     dst.write(chunk)
 
 
-def load_archive(source: str | Path, cache_dir: Path, limits: ArchiveLimits) -> LoadedArchive:
-    """Validate and extract an archive into `cache_dir/<sha256>/` (reused when present)."""
+@contextmanager
+def _node_lock(cache_dir: Path, digest: str) -> Iterator[None]:
+    """One extraction of an archive at a time on this node: replicas (processes) that
+    load the same archive at once must not replace each other's directory."""
+    locks = cache_dir / ".locks"
+    locks.mkdir(exist_ok=True)
+    with (locks / digest).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_archive(
+    source: str | Path, cache_dir: Path, limits: ArchiveLimits, check: UrlCheck | None = None
+) -> LoadedArchive:
+    """Validate and extract an archive into `cache_dir/<sha256>/` (reused when present).
+    `check`: the URL policy of an archive a client named (see `_fetch`)."""
     source = str(source)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".incoming-") as tmp:
-        local = _fetch(source, Path(tmp), limits)
+        local = _fetch(source, Path(tmp), limits, check)
         digest = sha256_of(local)
         final = cache_dir / digest
         pipeline = inspect_archive(local, limits, source)
-        if not (final / PIPELINE_JSON).is_file():
-            staging = Path(tmp) / "extract"
-            staging.mkdir()
-            _extract(local, staging, limits, source)
-            # .pt files are pickles: check what they would import before anyone loads them.
-            unsafe = [
-                p
-                for pt in sorted(staging.rglob("*.pt"))
-                for p in pt_problems(pt, str(pt.relative_to(staging)))
-            ]
-            if unsafe:
-                raise ArchiveError(source, unsafe)
-            if final.exists():  # a partial leftover from a crash: replace it
-                shutil.rmtree(final)
-            staging.rename(final)
+        with _node_lock(cache_dir, digest):
+            if not (final / PIPELINE_JSON).is_file():
+                staging = Path(tmp) / "extract"
+                staging.mkdir()
+                _extract(local, staging, limits, source)
+                # .pt files are pickles: check what they would import before anyone
+                # loads them.
+                unsafe = [
+                    p
+                    for pt in sorted(staging.rglob("*.pt"))
+                    for p in pt_problems(pt, str(pt.relative_to(staging)))
+                ]
+                if unsafe:
+                    raise ArchiveError(source, unsafe)
+                if final.exists():  # a partial leftover from a crash: replace it
+                    shutil.rmtree(final)
+                staging.rename(final)
+    return LoadedArchive(digest, final, pipeline)
+
+
+def cached_archive(cache_dir: Path, digest: str, source: str) -> LoadedArchive | None:
+    """The archive with this sha256 when this node extracted it already (it passed
+    every check then), else None: a replica skips the download."""
+    if re.fullmatch(r"[0-9a-f]{64}", digest) is None:
+        return None
+    final = cache_dir / digest
+    try:
+        with _node_lock(cache_dir, digest):
+            if not (final / PIPELINE_JSON).is_file():
+                return None
+            with (final / PIPELINE_JSON).open("rb") as f:
+                pipeline = parse_pipeline(f.read(1024**2 + 1), source)
+    except (OSError, ArchiveError):  # unreadable: fetched and checked again
+        return None
     return LoadedArchive(digest, final, pipeline)
 
 

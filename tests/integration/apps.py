@@ -107,12 +107,19 @@ def detector_stats(app: str, model_id: str = "demo") -> dict[str, Any]:
 
 def remove_app(app: str) -> None:
     """Delete a test app and its detached actors, which outlive it: the stream registry
-    (stopping its camera actors first), the EventHub and the media jobs actor. Each step
+    (stopping its camera actors first), the EventHub, the media jobs actor and the
+    pipeline catalog. Each step
     runs whatever the previous one did."""
     import ray
     from ray import serve
 
-    from graph.common.names import STREAMS_NAMESPACE, hub_name, jobs_actor_name, registry_name
+    from graph.common.names import (
+        STREAMS_NAMESPACE,
+        catalog_name,
+        hub_name,
+        jobs_actor_name,
+        registry_name,
+    )
 
     def kill(name: str, shutdown: bool = False) -> None:
         try:
@@ -133,3 +140,4 @@ def remove_app(app: str) -> None:
         finally:
             kill(hub_name(app))
             kill(jobs_actor_name(app))
+            kill(catalog_name(app))

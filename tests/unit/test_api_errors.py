@@ -27,6 +27,7 @@ from graph.common.errors import (
     StreamLimitReached,
     UnknownModelError,
 )
+from graph.pipeline.catalog import PipelineUnavailable, UrlRefused
 from stream_actors.subscriptions import SubscriptionRefused
 
 CODE = grpc.StatusCode
@@ -239,6 +240,22 @@ ROWS = [
         "file cameras read only from data/",
         CODE.PERMISSION_DENIED,
         "file cameras read only from data/",
+    ),
+    Row(
+        UrlRefused("http://evil/x.mpta", "not under any of pipelines.allowed_urls"),
+        403,
+        {"detail": {"message": "modelUrl refused: not under any of pipelines.allowed_urls"}},
+        "modelUrl refused: not under any of pipelines.allowed_urls",
+        CODE.PERMISSION_DENIED,
+        "modelUrl refused: not under any of pipelines.allowed_urls",
+    ),
+    Row(
+        PipelineUnavailable("http://cms/x.mpta: 'm.pt': a pickle imports os.system"),
+        422,
+        {"detail": {"message": "http://cms/x.mpta: 'm.pt': a pickle imports os.system"}},
+        "http://cms/x.mpta: 'm.pt': a pickle imports os.system",
+        CODE.FAILED_PRECONDITION,
+        "http://cms/x.mpta: 'm.pt': a pickle imports os.system",
     ),
     Row(
         StreamLimitReached(8),

@@ -47,9 +47,10 @@ def test_one_detector_per_model_and_an_ingress_routing_to_them() -> None:
     assert spec_a["path"] == str(PROJECT_ROOT / "models" / "a.onnx")
     assert detector.bound[1][1][0]["path"] == "/abs/b.pt"
     assert app[0] == "Ingress"
-    wiring, detectors, classifiers, actions = app[1]
+    wiring, detectors, classifiers, actions, url_models = app[1]
     assert isinstance(wiring, IngressConfig)
     assert wiring.pipelines == {} and classifiers == {} and actions is None
+    assert url_models == [] and wiring.url_pipelines is None  # modelUrl is off by default
     assert wiring.events.capacity_per_topic >= 16
     assert wiring.jobs.jobs_dir == PROJECT_ROOT / "data" / "jobs"
     assert set(detectors) == {"a", "b"} and wiring.model_sizes == {"a": 640, "b": 320}
@@ -116,7 +117,7 @@ def test_a_pipeline_binds_its_detector_a_classifier_per_branch_and_actions(tmp_p
     }
     ((name, (settings, _)),) = actions.bound
     assert name == "Actions" and settings["redis_url"] == "redis://127.0.0.1:6379/0"
-    wiring, _, classifiers, bound_actions = app[1]
+    wiring, _, classifiers, bound_actions, _ = app[1]
     (root,) = wiring.pipelines
     assert root == "demo_vehicle_det_v1" and len(wiring.pipelines[root].version) == 12
     assert wiring.pipelines[root].classifiers["demo_plate_ocr_v1"] == "Classifier_demo_plate_ocr_v1"
@@ -141,3 +142,56 @@ def test_model_ids_must_be_unique_across_models_and_pipelines(tmp_path: Path) ->
     )
     with pytest.raises(ValueError, match="not one of"):
         build_graph(config.model_copy(update={"models": []}), Deployments(*recorded))  # type: ignore[arg-type]
+
+
+def test_allowed_urls_bind_the_multiplexed_deployments_and_keep_the_archives(
+    tmp_path: Path,
+) -> None:
+    """`pipelines` as a mapping: its archives as before, and modelUrl pipelines on (the
+    PipelineDetector and PipelineClassifier deployments, the Actions beside them)."""
+    parts = {n: RecordingDeployment(n) for n in ("Detector", "Ingress", "Classifier", "Actions")}
+    url_det, url_cls = RecordingDeployment("PD"), RecordingDeployment("PC")
+    config = AppConfig.model_validate(
+        {
+            "models": [{"id": "a", "path": "models/a.onnx"}],
+            "pipelines": {
+                "archives": [],
+                "allowed_urls": ["https://CMS.example/models/", "http://10.0.0.5:8080"],
+                "idle_unload_s": 60,
+            },
+            "archive_cache_dir": str(tmp_path / "archives"),
+        }
+    )
+    assert config.url_pipelines.allowed_urls == (
+        "https://cms.example/models/",
+        "http://10.0.0.5:8080/",
+    )
+    app = build_graph(
+        config,
+        Deployments(
+            parts["Detector"],  # type: ignore[arg-type]
+            parts["Ingress"],  # type: ignore[arg-type]
+            parts["Classifier"],  # type: ignore[arg-type]
+            parts["Actions"],  # type: ignore[arg-type]
+            url_det,  # type: ignore[arg-type]
+            url_cls,  # type: ignore[arg-type]
+        ),
+    )
+    wiring, _, classifiers, actions, url_models = app[1]
+    assert [name for name, _ in url_models] == ["PipelineDetector", "PipelineClassifier"]
+    spec = url_det.bound[0][1][0]
+    assert spec["archive_cache_dir"] == str(tmp_path / "archives")
+    assert spec["settings"]["idle_unload_s"] == 60
+    assert actions[0] == "Actions" and classifiers == {}
+    assert wiring.url_pipelines is not None and wiring.url_pipelines.settings.idle_unload_s == 60
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["ftp://cms/models/", "https:///models/", "https://cms/models/x.mpta", "https://u:p@cms/m/"],
+)
+def test_a_bad_allowed_url_is_refused_at_load(prefix: str) -> None:
+    with pytest.raises(ValidationError, match="allowed_urls"):
+        AppConfig.model_validate(
+            {"models": [{"id": "a", "path": "a.onnx"}], "pipelines": {"allowed_urls": [prefix]}}
+        )

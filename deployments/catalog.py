@@ -1,0 +1,186 @@
+"""The catalog actor: one per app (detached, restartable), the Ray shell over
+`graph.pipeline.catalog.PipelineCatalog`.
+
+A subscribe naming a `modelUrl` calls `load(url)`: the archive is fetched once here
+(allow-list, size caps, pickle scan, schema, sha256), then the multiplexed detector and
+classifier deployments are asked to load it (`warm`), and the answer comes when the
+pipeline is enabled or has failed (its error names the problem). Camera actors get the
+pipeline file from `load` too, and `touch` what they use; idle pipelines are unloaded.
+After a restart the catalog learns again, from the touches, what is in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import ray
+from ray import serve
+
+from graph.common.names import PIPELINE_CLASSIFIER, PIPELINE_DETECTOR
+from graph.common.redaction import redact, redact_text
+from graph.pipeline.archive import ArchiveError, load_archive
+from graph.pipeline.catalog import (
+    PipelineCatalog,
+    PipelineInfo,
+    PipelineState,
+    PipelineUnavailable,
+    UrlPipelinesSpec,
+)
+from graph.pipeline.plan import PipelinePlan
+from graph.pipeline.spec import PipelineFile
+
+logger = logging.getLogger("camgraph.pipelines")
+
+
+def remote_error(exc: BaseException) -> str:
+    """A replica's failure as its cause's text (not Ray's remote traceback)."""
+    cause = getattr(exc, "cause", None) or exc
+    return redact_text(f"{type(cause).__name__}: {cause}")[:2000]
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class CatalogActor:
+    def __init__(self, app_name: str, spec: dict[str, Any]) -> None:
+        self._app = app_name
+        self._spec = UrlPipelinesSpec.model_validate(spec)
+        self._catalog = PipelineCatalog(self._spec.settings)
+        self._pipelines: dict[str, PipelineFile] = {}  # by sha256, connections removed
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # URL → its load
+        self._warnings: dict[str, list[str]] = {}  # by sha256: branch models that failed
+        self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
+
+    def configure(self, spec: dict[str, Any]) -> None:
+        """A redeploy's settings (allow-list, limits) apply from the next load on."""
+        self._spec = UrlPipelinesSpec.model_validate(spec)
+        self._catalog.settings = self._spec.settings
+
+    async def load(self, url: str) -> dict[str, Any]:
+        """The pipeline at `url`, loaded (or shared) and enabled: `info` and `pipeline`.
+        Raises UrlRefused or PipelineUnavailable (with the problem) otherwise."""
+        task = self._tasks.get(url)
+        if task is None:
+            info = self._catalog.begin(url)  # raises for a refused or recently failed URL
+            if info is not None:
+                return self._answer(info)
+            task = self._start(url)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self._spec.settings.load_timeout_s)
+        except TimeoutError:
+            state, _, _ = self._catalog.state_of(url)
+            raise PipelineUnavailable(
+                f"pipeline still {state.value} after {self._spec.settings.load_timeout_s:g}s:"
+                " subscribe again later"
+            ) from None
+        state, error, info = self._catalog.state_of(url)
+        if state is not PipelineState.ENABLED or info is None:
+            raise PipelineUnavailable(error or f"pipeline {state.value}")
+        return self._answer(info)
+
+    def _start(self, url: str) -> asyncio.Task[None]:
+        task = self._tasks[url] = asyncio.get_running_loop().create_task(self._load(url))
+
+        def forget(_: asyncio.Task[None]) -> None:
+            if self._tasks.get(url) is task:
+                del self._tasks[url]
+
+        task.add_done_callback(forget)
+        return task
+
+    def _answer(self, info: PipelineInfo) -> dict[str, Any]:
+        return {"info": asdict(info), "pipeline": self._pipelines[info.key]}
+
+    async def _load(self, url: str) -> None:
+        spec, key = self._spec, None
+        try:
+            loaded = await asyncio.to_thread(
+                load_archive, url, spec.archive_cache_dir, spec.limits, spec.url_check()
+            )
+            key, pipeline = loaded.sha256, loaded.pipeline.without_connections()
+            version = pipeline.version or key[:12]
+            PipelinePlan.of(pipeline, version)  # what a camera actor will build must build
+            root = pipeline.pipeline
+            info = PipelineInfo(
+                key,
+                root.modelId,
+                version,
+                root.imgsz or 640,
+                tuple(n.modelId for n in root.walk()[1:]),
+            )
+            self._pipelines[key] = pipeline
+            if self._catalog.downloaded(url, info):
+                await self._warm(info)
+                self._catalog.report(key, PipelineState.ENABLED)
+                logger.info("pipeline %s (%s) enabled from %s", root.modelId, key[:12], redact(url))
+        except ArchiveError as exc:
+            self._catalog.failed(url, redact_text(str(exc))[:2000], key)
+        except PipelineUnavailable as exc:
+            self._catalog.failed(url, exc.message, key)
+        except Exception as exc:
+            logger.warning("pipeline at %s failed: %s", redact(url), remote_error(exc))
+            self._catalog.failed(url, remote_error(exc), key)
+
+    async def _warm(self, info: PipelineInfo) -> None:
+        """One replica of each deployment loads the pipeline's models (a .pt exports to
+        ONNX here, once per node). The root model failing fails the pipeline (the
+        subscribe's error); a branch model failing leaves it enabled with a warning, as
+        a configured pipeline whose Classifier is in error: that branch then fails on
+        each object and the actions go on with the other branches' results."""
+        detector = serve.get_deployment_handle(PIPELINE_DETECTOR, app_name=self._app)
+        classifier = serve.get_deployment_handle(PIPELINE_CLASSIFIER, app_name=self._app)
+        branches = [
+            classifier.options(multiplexed_model_id=f"{info.key}:{b}").warm.remote()
+            for b in info.branches
+        ]
+        try:
+            await detector.options(multiplexed_model_id=info.key).warm.remote()
+        except Exception as exc:
+            raise PipelineUnavailable(f"the detector failed to load: {remote_error(exc)}") from exc
+        results = await asyncio.gather(*branches, return_exceptions=True)
+        warnings = [
+            f"branch {b}: failed to load: {remote_error(r)}"
+            for b, r in zip(info.branches, results, strict=True)
+            if isinstance(r, BaseException)
+        ]
+        if warnings:
+            logger.warning("pipeline %s: %s", info.key[:12], "; ".join(warnings))
+            self._warnings[info.key] = warnings
+
+    def report(self, key: str, state: str, error: str | None = None) -> None:
+        self._catalog.report(key, PipelineState(state), error)
+
+    def source_of(self, key: str) -> str | None:
+        return self._catalog.source_of(key)
+
+    def retired(self) -> list[str]:
+        return list(self._catalog.retired)
+
+    async def touch(self, used: dict[str, str]) -> None:
+        """Camera actors' pipelines in use (sha256 → URL); ones this catalog does not
+        hold (it restarted) are loaded again in the background."""
+        for key in self._catalog.touch(used):
+            url = used[key]
+            if url not in self._tasks:
+                try:
+                    if self._catalog.begin(url) is None:
+                        self._start(url)
+                except Exception as exc:  # refused now (the allow-list changed)
+                    logger.warning("pipeline at %s in use but %s", redact(url), exc)
+
+    def status(self) -> dict[str, Any]:
+        status = self._catalog.status(redact)
+        for item in status.values():
+            warnings = self._warnings.get(item.get("sha256", ""))
+            if warnings:
+                item["warnings"] = warnings
+        return status
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._spec.settings.touch_interval_s)
+            for key in self._catalog.sweep():
+                self._pipelines.pop(key, None)
+                self._warnings.pop(key, None)
+                logger.info("pipeline %s unloaded (idle)", key[:12])
