@@ -404,8 +404,10 @@ def bench_serve_config(
     app = config["applications"][0]
     args = app.setdefault("args", {})
     threads = 1
-    if args.get("pipelines"):
-        threads = args["pipelines"][0].get("intra_op_threads", 1)
+    pipelines = args.get("pipelines")
+    archives = pipelines.get("archives", []) if isinstance(pipelines, dict) else pipelines
+    if archives:
+        threads = archives[0].get("intra_op_threads", 1)
     args.pop("pipelines", None)
     args.pop("actions", None)
     args["models"] = [

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import metrics
 
 from deployments.delivery.outbox import DeliveryReport, OutboxEntry
 from deployments.delivery.service import ActionService
+from graph.common.names import STREAMS_NAMESPACE, catalog_name
 from graph.common.schemas import ActionsSettings
+from graph.pipeline.connections import Route
 
 
 @serve.deployment(
@@ -20,7 +24,11 @@ from graph.common.schemas import ActionsSettings
     max_queued_requests=512,
 )
 class Actions:
-    def __init__(self, settings: dict[str, Any], base_dir: str) -> None:
+    def __init__(
+        self, settings: dict[str, Any], base_dir: str, routes: dict[str, Any] | None = None
+    ) -> None:
+        """`routes`: the configured archives' own connections (archive_connections: use);
+        a modelUrl archive's are asked of the catalog actor at the route's first entry."""
         self._m_delivered = metrics.Counter(
             "camgraph_actions_delivered_total", "outbox entries delivered", tag_keys=("store",)
         )
@@ -33,10 +41,31 @@ class Actions:
         self._m_lag = metrics.Gauge(
             "camgraph_outbox_lag_s", "age of the oldest undelivered entry", tag_keys=("store",)
         )
+        self._catalog: Any = None
         self._service = ActionService(
-            ActionsSettings.model_validate(settings), Path(base_dir), on_report=self._count
+            ActionsSettings.model_validate(settings),
+            Path(base_dir),
+            on_report=self._count,
+            routes={name: Route(**r) for name, r in (routes or {}).items()},
+            lookup=self._lookup,
         )
         self._gauges_at = 0.0
+
+    async def _lookup(self, name: str) -> Route | None:
+        """A modelUrl archive's route, from the catalog actor (None: not known there)."""
+        try:
+            if self._catalog is None:  # a blocking GCS lookup: off the event loop
+                app = serve.get_replica_context().app_name
+                self._catalog = await asyncio.to_thread(
+                    ray.get_actor, catalog_name(app), STREAMS_NAMESPACE
+                )
+            found = await asyncio.wait_for(self._catalog.route.remote(name), 10.0)
+        except ValueError:  # no catalog: modelUrl pipelines are off
+            return None
+        except Exception:
+            self._catalog = None
+            raise
+        return None if found is None else Route(**found)
 
     def _count(self, store: str, report: DeliveryReport) -> None:
         tags = {"store": store}

@@ -29,6 +29,12 @@ from graph.pipeline.catalog import (
     PipelineUnavailable,
     UrlPipelinesSpec,
 )
+from graph.pipeline.connections import (
+    ConnectionSectionError,
+    Route,
+    archive_routes,
+    route_names,
+)
 from graph.pipeline.plan import PipelinePlan
 from graph.pipeline.spec import PipelineFile
 
@@ -50,6 +56,8 @@ class CatalogActor:
         self._pipelines: dict[str, PipelineFile] = {}  # by sha256, connections removed
         self._tasks: dict[str, asyncio.Task[None]] = {}  # URL → its load
         self._warnings: dict[str, list[str]] = {}  # by sha256: branch models that failed
+        self._routes: dict[str, Route] = {}  # archive_connections: use, by route name
+        self._route_names: dict[str, dict[str, str]] = {}  # by sha256: sink → route
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
 
     def configure(self, spec: dict[str, Any]) -> None:
@@ -90,7 +98,11 @@ class CatalogActor:
         return task
 
     def _answer(self, info: PipelineInfo) -> dict[str, Any]:
-        return {"info": asdict(info), "pipeline": self._pipelines[info.key]}
+        return {
+            "info": asdict(info),
+            "pipeline": self._pipelines[info.key],
+            "routes": self._route_names.get(info.key, {}),
+        }
 
     async def _load(self, url: str) -> None:
         spec, key = self._spec, None
@@ -99,6 +111,14 @@ class CatalogActor:
                 load_archive, url, spec.archive_cache_dir, spec.limits, spec.url_check()
             )
             key, pipeline = loaded.sha256, loaded.pipeline.without_connections()
+            warnings, names = loaded.pipeline.connection_warnings(), {}
+            if spec.use_connections:  # where this archive's actions go: its own servers
+                try:
+                    own = archive_routes(loaded.pipeline.redis, loaded.pipeline.postgresql)
+                except ConnectionSectionError as exc:
+                    raise PipelineUnavailable(f"connection sections: {exc}") from None
+                self._routes.update((r.name, r) for r in own)
+                warnings, names = [], route_names(own)
             version = pipeline.version or key[:12]
             PipelinePlan.of(pipeline, version)  # what a camera actor will build must build
             root = pipeline.pipeline
@@ -110,6 +130,8 @@ class CatalogActor:
                 tuple(n.modelId for n in root.walk()[1:]),
             )
             self._pipelines[key] = pipeline
+            self._route_names[key] = names
+            self._warnings[key] = warnings
             if self._catalog.downloaded(url, info):
                 await self._warm(info)
                 self._catalog.report(key, PipelineState.ENABLED)
@@ -146,10 +168,15 @@ class CatalogActor:
         ]
         if warnings:
             logger.warning("pipeline %s: %s", info.key[:12], "; ".join(warnings))
-            self._warnings[info.key] = warnings
+            self._warnings[info.key] = [*self._warnings.get(info.key, []), *warnings]
 
     def report(self, key: str, state: str, error: str | None = None) -> None:
         self._catalog.report(key, PipelineState(state), error)
+
+    def route(self, name: str) -> dict[str, Any] | None:
+        """A route's connection, for the Actions deployment only (it holds a password)."""
+        route = self._routes.get(name)
+        return None if route is None else asdict(route)
 
     def source_of(self, key: str) -> str | None:
         return self._catalog.source_of(key)
@@ -183,4 +210,5 @@ class CatalogActor:
             for key in self._catalog.sweep():
                 self._pipelines.pop(key, None)
                 self._warnings.pop(key, None)
+                self._route_names.pop(key, None)  # routes stay: entries may still wait
                 logger.info("pipeline %s unloaded (idle)", key[:12])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,6 +20,12 @@ from graph.common.names import (
 from graph.common.schemas import BranchModelSpec, ModelSpec
 from graph.config import AppConfig, PipelineRef
 from graph.pipeline.archive import LoadedArchive, load_archive
+from graph.pipeline.connections import (
+    ConnectionSectionError,
+    Route,
+    archive_routes,
+    route_names,
+)
 from graph.wiring import IngressConfig, PipelineWiring
 
 
@@ -37,7 +43,7 @@ class Deployments:
 
 
 def pipeline_models(
-    ref: PipelineRef, loaded: LoadedArchive
+    ref: PipelineRef, loaded: LoadedArchive, use_connections: bool = False
 ) -> tuple[ModelSpec, list[BranchModelSpec]]:
     """The detector spec of a pipeline's root and the spec of every branch model."""
     root = loaded.pipeline.pipeline
@@ -45,7 +51,7 @@ def pipeline_models(
     detector = ModelSpec(
         id=root.modelId,
         path=loaded.model_path(root.modelFile),
-        warnings=loaded.pipeline.connection_warnings(),
+        warnings=[] if use_connections else loaded.pipeline.connection_warnings(),
         imgsz=root.imgsz or 640,
         intra_op_threads=ref.intra_op_threads,
         trt_cache_dir=ref.trt_cache_dir,
@@ -69,6 +75,8 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
     models = config.resolved_models()
     branch_specs: list[BranchModelSpec] = []
     pipelines: dict[str, PipelineWiring] = {}
+    use_connections = config.actions.archive_connections == "use"
+    routes: dict[str, Route] = {}  # the archives' own connections, by route name
     for ref in config.pipelines:
         source = ref.archive
         if "://" not in source:
@@ -76,7 +84,14 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
         loaded = load_archive(
             source, config.absolute(config.archive_cache_dir), config.archive_limits
         )
-        detector, branches = pipeline_models(ref, loaded)
+        detector, branches = pipeline_models(ref, loaded, use_connections)
+        own: list[Route] = []
+        if use_connections:
+            try:
+                own = archive_routes(loaded.pipeline.redis, loaded.pipeline.postgresql)
+            except ConnectionSectionError as exc:
+                raise ValueError(f"{ref.archive}: connection sections: {exc}") from None
+            routes.update((r.name, r) for r in own)
         if ref.trt_cache_dir is not None:
             detector = detector.model_copy(
                 update={"trt_cache_dir": config.absolute(ref.trt_cache_dir)}
@@ -91,6 +106,7 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
             version=loaded.pipeline.version or loaded.sha256[:12],
             classifiers={b.id: classifier_name(b.id) for b in branches},
             actions=ACTIONS,
+            sink_routes=route_names(own),
         )
     ids = [m.id for m in models] + [b.id for b in branch_specs]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -128,7 +144,9 @@ def build_graph(config: AppConfig, deployments: Deployments) -> Application:
                 deployments.url_classifier.options(name=PIPELINE_CLASSIFIER).bind(dumped),
             ]
         actions = deployments.actions.options(name=ACTIONS).bind(
-            config.actions.model_dump(mode="json"), str(config.base_dir)
+            config.actions.model_dump(mode="json"),
+            str(config.base_dir),
+            {name: asdict(r) for name, r in routes.items()},
         )
     ingress = IngressConfig(
         detectors={m.id: detector_name(m.id) for m in models},

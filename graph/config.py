@@ -103,6 +103,7 @@ class AppConfig(StrictModel):
                 (self.absolute(p.trt_cache_dir) for p in self.pipelines if p.trt_cache_dir), None
             ),
             limits=self.archive_limits,
+            use_connections=self.actions.archive_connections == "use",
         )
 
     def resolved_ingress(self) -> IngressSettings:

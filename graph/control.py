@@ -41,7 +41,9 @@ def stream_context(app_name: str, config: IngressConfig) -> StreamContext:
         detector_names=dict(config.detectors),
         settings=config.streams,
         pipelines={
-            model_id: PipelineRuntime.of(p.pipeline, p.version, p.classifiers, p.actions)
+            model_id: PipelineRuntime.of(
+                p.pipeline, p.version, p.classifiers, p.actions, p.sink_routes
+            )
             for model_id, p in config.pipelines.items()
         },
         url_touch_s=(

@@ -25,6 +25,7 @@ class PipelineWiring:
     version: str
     classifiers: dict[str, str]  # branch model id → Classifier deployment name
     actions: str = ACTIONS  # the Actions deployment name
+    sink_routes: dict[str, str] = field(default_factory=dict)  # archive_connections: use
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +19,7 @@ import psutil
 import ray
 from ray.serve.exceptions import BackPressureError
 
+from deployments.delivery.outbox import OutboxEntry
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import DetectorBusy
 from graph.common.names import (
@@ -50,6 +51,17 @@ from stream_actors.subscriptions import StreamSpec, Subscription, url_pipeline
 
 logger = logging.getLogger("camgraph.streams")
 URL_LOAD_WAIT_S = 3600.0  # the catalog bounds a load itself (pipelines.load_timeout_s)
+
+
+def rerouted(
+    submit: Callable[[Sequence[OutboxEntry]], Awaitable[None]], routes: dict[str, str]
+) -> Callable[[Sequence[OutboxEntry]], Awaitable[None]]:
+    """`submit` with each entry's sink renamed by `routes` (sink → route name)."""
+
+    async def send(entries: Sequence[OutboxEntry]) -> None:
+        await submit([replace(e, sink=routes.get(e.sink, e.sink)) for e in entries])
+
+    return send
 
 
 class _Stream:
@@ -150,7 +162,8 @@ class CameraActor:
         raw = reply["info"]
         info = PipelineInfo(**{**raw, "branches": tuple(raw["branches"])})
         ids = {b: f"{info.key}:{b}" for b in info.branches}
-        return info, PipelineRuntime.of(reply["pipeline"], info.version, ids, ACTIONS)
+        routes = reply.get("routes") or {}
+        return info, PipelineRuntime.of(reply["pipeline"], info.version, ids, ACTIONS, routes)
 
     async def _touch(self) -> None:
         """Tell the catalog which URL pipelines run here (idle ones are unloaded)."""
@@ -214,8 +227,11 @@ class CameraActor:
             "subscription_id": sub.subscriptionIdentifier,
             "model_id": model_id,
         }
+        submit: Callable[[Sequence[OutboxEntry]], Awaitable[None]] = forwarder.submit
+        if runtime.sink_routes:  # the archive's own servers (archive_connections: use)
+            submit = rerouted(forwarder.submit, runtime.sink_routes)
         runner = PipelineRunner(
-            runtime.plan, base, classify, forwarder.submit, self._settings.branches, on_result
+            runtime.plan, base, classify, submit, self._settings.branches, on_result
         )
         if (session := self._sessions.get(sub.display_id)) is not None:
             runner.set_session(session["id"], session["data"])

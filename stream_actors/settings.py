@@ -137,7 +137,13 @@ def context_revision(ctx: StreamContext) -> str:
     """A digest of what a camera actor runs with (models, pipeline versions, deployment
     names): the registry compares it to find actors that restarted with an old one."""
     pipelines = {
-        m: (r.plan.pipeline_id, r.plan.version, sorted(r.classifier_names.items()), r.actions_name)
+        m: (
+            r.plan.pipeline_id,
+            r.plan.version,
+            sorted(r.classifier_names.items()),
+            r.actions_name,
+            sorted(r.sink_routes.items()),
+        )
         for m, r in ctx.pipelines.items()
     }
     key = [sorted(ctx.model_sizes.items()), sorted(ctx.detector_names.items()), ctx.default_model]

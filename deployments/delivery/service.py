@@ -29,8 +29,10 @@ from deployments.delivery.outbox import (
     SqliteOutbox,
     run_delivery,
 )
+from deployments.delivery.routes import Resolver, RoutedSinks, RouteSink
 from deployments.delivery.sinks import LocalStoreSink, PostgresSink, RedisSink
 from graph.common.schemas import ActionsSettings
+from graph.pipeline.connections import Route
 
 logger = logging.getLogger("camgraph.actions")
 
@@ -70,7 +72,11 @@ class ActionService:
         base_dir: Path,
         environ: dict[str, str] | None = None,
         on_report: Callable[[str, DeliveryReport], None] | None = None,
+        routes: dict[str, Route] | None = None,
+        lookup: Resolver | None = None,
     ) -> None:
+        """`routes` / `lookup`: the archives' own connections by route name (from the
+        config's archives / asked of the catalog), used with archive_connections: use."""
         env = dict(os.environ if environ is None else environ)
         self.settings = settings
         data_dir = (
@@ -113,6 +119,17 @@ class ActionService:
             self._local = LocalStoreSink(data_dir, "local")
             self.sinks.setdefault("redis", self._local)
             self.sinks.setdefault("postgres", self._local)
+        if settings.archive_connections == "use":
+            known = dict(routes or {})
+
+            async def resolve(name: str) -> Route | None:
+                if name not in known and lookup is not None:
+                    found = await lookup(name)
+                    if found is not None:
+                        known[name] = found
+                return known.get(name)
+
+            self.sinks = RoutedSinks(self.sinks, resolve, settings)
         self.spill = SqliteOutbox(data_dir / "outbox.sqlite")
         use_pg = settings.outbox == "postgres" or (settings.outbox == "auto" and self._pg_dsn)
         if settings.outbox == "postgres" and not self._pg_dsn:
@@ -221,8 +238,10 @@ class ActionService:
 
     async def health(self) -> dict[str, Any]:
         sinks: dict[str, Any] = {}
-        for role, sink in self.sinks.items():
-            if isinstance(sink, LocalStoreSink):
+        for role, sink in list(self.sinks.items()):
+            if isinstance(sink, RouteSink):
+                sinks[role] = sink.describe()
+            elif isinstance(sink, LocalStoreSink):
                 sinks[role] = {"kind": "local", "path": str(sink.data_dir)}
             elif isinstance(sink, RedisSink):
                 sinks[role] = {
@@ -252,6 +271,9 @@ class ActionService:
         redis = self.sinks.get("redis")
         if isinstance(redis, RedisSink):
             await redis.close()
+        for sink in list(self.sinks.values()):
+            if isinstance(sink, RouteSink):
+                await sink.close()
         if self._pool is not None:
             await self._pool.close()
         self.spill.close()

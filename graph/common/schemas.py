@@ -162,6 +162,10 @@ class ActionsSettings(StrictModel):
     )
     postgres_schema: str = Field("public", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     create_tables: bool = Field(True, description="create missing tables and columns (text)")
+    archive_connections: Literal["ignore", "use"] = Field(
+        "ignore",
+        description="an archive's redis/postgresql sections: ignored, or where its actions go",
+    )
     outbox: Literal["auto", "postgres", "sqlite"] = Field(
         "auto", description="auto: PostgreSQL when configured, else SQLite under data_dir"
     )

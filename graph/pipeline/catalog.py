@@ -68,6 +68,7 @@ class UrlPipelinesSpec(StrictModel):
     onnx_cache_dir: Path
     trt_cache_dir: Path | None = None
     limits: ArchiveLimits = ArchiveLimits()
+    use_connections: bool = False  # actions.archive_connections: use
 
     def url_check(self) -> UrlCheck:
         """The policy of every fetch (the URL and each redirect): the allow-list, then

@@ -10,7 +10,7 @@ pipeline holds, each with the branches it waits for: those it names in its templ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from graph.pipeline.spec import (
@@ -164,6 +164,9 @@ class PipelineRuntime:
     plan: PipelinePlan
     classifier_names: dict[str, str]  # branch model id → Serve deployment name
     actions_name: str
+    # sink → route name ("redis" → "redis@<digest>"): the archive's own connections
+    # (actions.archive_connections: use); empty: the deployment's sinks
+    sink_routes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -172,8 +175,14 @@ class PipelineRuntime:
         version: str,
         classifier_names: dict[str, str],
         actions_name: str,
+        sink_routes: dict[str, str] | None = None,
     ) -> PipelineRuntime:
-        return cls(PipelinePlan.of(pipeline, version), dict(classifier_names), actions_name)
+        return cls(
+            PipelinePlan.of(pipeline, version),
+            dict(classifier_names),
+            actions_name,
+            dict(sink_routes or {}),
+        )
 
 
 def _with_keys(actions: list[ActionPlan]) -> list[ActionPlan]:

@@ -2,7 +2,9 @@
 local HTTP server: `.pt` detector and `.pt` classifier (exported to ONNX on load), the
 seeds' `redis` section, `timeout_seconds`, `expectedClasses`, `cropClass`, a numeric
 client `modelId`, and a branch that always fails. Records land in a PostgreSQL table
-the test created with typed columns (the CMS's), crops in Redis. A second subscription
+the test created with typed columns (the CMS's), crops in the Redis database the
+archive's section names (the deployment opts in: `archive_connections: use`; the catalog
+tells the Actions deployment the route). A second subscription
 reuses the loaded pipeline (one download), a hostile archive and a URL off the
 allow-list are refused without touching the running camera, and the pipeline is
 unloaded from the catalog and the replicas once idle."""
@@ -47,9 +49,9 @@ TABLE = "car_events"
 DETECTOR_ID, BODY_ID, BROKEN_ID = "car_frontal_detection_v1", "car_bodytype_cls_v1", "car_color_v1"
 
 SEED_PIPELINE = {
-    # The seeds' connection section: accepted, and ignored (a downloaded archive does
-    # not choose where data goes); the password must never travel or show.
-    "redis": {"host": "10.9.9.9", "port": 6379, "password": "archive-secret"},
+    # The seeds' connection section, used: this deployment opts in (archive_connections:
+    # use), so the crops go to the archive's Redis database, not the deployment's.
+    "redis": {"host": "127.0.0.1", "port": 6379, "db": 7},
     "pipeline": {
         "modelId": DETECTOR_ID,
         "modelFile": "car_frontal.pt",
@@ -209,6 +211,7 @@ def app(
             "postgres_dsn": PG,
             "postgres_schema": schema,
             "data_dir": str(data / "actions"),
+            "archive_connections": "use",
         },
     )
     small = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
@@ -264,6 +267,10 @@ def rows(schema: str) -> list[dict[str, Any]]:
 def test_a_seed_archive_from_its_url_runs_and_is_shared_refused_and_unloaded(
     app: str, server: str, schema: str, clip: Path
 ) -> None:
+    for db in (0, 7):  # crops an earlier run left
+        leftover = redis.Redis(port=6379, db=db).keys("camgraph-urltest:*")
+        if leftover:
+            redis.Redis(port=6379, db=db).delete(*leftover)
     shape = table_shape(schema)
     seed_url = f"{server}/ok/seed.mpta"
     camera = {
@@ -282,7 +289,7 @@ def test_a_seed_archive_from_its_url_runs_and_is_shared_refused_and_unloaded(
         entry = health["pipelines"][seed_url]
         assert entry["state"] == "enabled" and entry["modelId"] == DETECTOR_ID, entry
         assert any(BROKEN_ID in w for w in entry["warnings"]), entry
-        assert "archive-secret" not in json.dumps(health)
+        assert health["actions"]["sinks"] and "127.0.0.1:6379/7" not in json.dumps(entry)
         # The client's numeric modelId comes back as a number in its detections.
         got = []
         while not any(m["type"] == "imageDetection" and m["payload"]["detections"] for m in got):
@@ -332,7 +339,8 @@ def test_a_seed_archive_from_its_url_runs_and_is_shared_refused_and_unloaded(
     assert mine and all(r["color"] is None for r in found), found
     assert sum(r["car_body_type"] is not None for r in mine) >= len(mine) // 2, mine
     assert len({r["session_id"] for r in found}) == len(found)
-    client = redis.Redis(port=6379)
+    client = redis.Redis(port=6379, db=7)  # the archive's own Redis database
+    assert not redis.Redis(port=6379).keys("camgraph-urltest:*")
     crops = client.keys("camgraph-urltest:cam-1:*.jpg")
     assert crops and all(0 < client.ttl(k) <= 600 for k in crops), crops
     client.delete(*crops, *client.keys("camgraph-urltest:*"))

@@ -115,7 +115,8 @@ def test_a_pipeline_binds_its_detector_a_classifier_per_branch_and_actions(tmp_p
         "intra_op_threads": 1,
         "onnx_cache_dir": str(tmp_path / "onnx"),
     }
-    ((name, (settings, _)),) = actions.bound
+    ((name, (settings, _, routes)),) = actions.bound
+    assert routes == {}  # archive_connections: ignore (the default)
     assert name == "Actions" and settings["redis_url"] == "redis://127.0.0.1:6379/0"
     wiring, _, classifiers, bound_actions, _ = app[1]
     (root,) = wiring.pipelines

@@ -1,0 +1,113 @@
+"""Sinks at an archive's own servers (`actions.archive_connections: use`; no Ray).
+
+Entries of an opted-in pipeline name their sink by route (`redis@<digest>`,
+`graph.pipeline.connections`). The first entry of a route builds its sink: a RedisSink or
+a PostgresSink over its own small pool, at the URL the route resolves to (the config's
+archives, else the catalog actor for modelUrl archives). A route that cannot be resolved
+yet (the catalog restarting, the pipeline not loaded again) is a sink that is down: its
+entries wait in the outbox and none is lost or reordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from deployments.delivery.outbox import OutboxEntry, Sink, SinkUnavailable
+from deployments.delivery.sinks import PostgresSink, RedisSink
+from graph.common.redaction import redact
+from graph.common.schemas import ActionsSettings
+from graph.pipeline.connections import ROUTE_NAME, Route
+
+Resolver = Callable[[str], Awaitable[Route | None]]
+
+
+class RouteSink:
+    """One route's sink, built at its first entry."""
+
+    def __init__(self, name: str, resolve: Resolver, settings: ActionsSettings) -> None:
+        self.name = name
+        self._resolve, self._settings = resolve, settings
+        self._inner: Any = None
+        self._pool: Any = None
+        self.route: Route | None = None
+        self._lock = asyncio.Lock()
+
+    async def _sink(self) -> Any:
+        async with self._lock:
+            if self._inner is not None:
+                return self._inner
+            try:
+                route = await self._resolve(self.name)
+            except Exception as exc:
+                message = f"{self.name}: resolving it failed: {type(exc).__name__}"
+                raise SinkUnavailable(message) from None
+            if route is None:
+                raise SinkUnavailable(f"{self.name}: its pipeline's connection is not known here")
+            settings = self._settings
+            if route.sink == "redis":
+                inner: Any = RedisSink(
+                    route.url,
+                    connect_timeout_s=settings.connect_timeout_s,
+                    timeout_s=settings.operation_timeout_s,
+                )
+            else:
+                from psycopg_pool import AsyncConnectionPool
+
+                self._pool = AsyncConnectionPool(
+                    route.url,
+                    min_size=0,
+                    max_size=2,
+                    open=False,
+                    timeout=settings.connect_timeout_s,
+                    kwargs={
+                        "autocommit": True,
+                        "connect_timeout": max(1, int(settings.connect_timeout_s)),
+                    },
+                    check=AsyncConnectionPool.check_connection,
+                )
+                await self._pool.open(wait=False)
+                inner = PostgresSink(
+                    self._pool,
+                    route.schema,
+                    settings.create_tables,
+                    timeout_s=settings.operation_timeout_s,
+                )
+            inner.name = self.name  # outages are tracked per route
+            self._inner, self.route = inner, route
+            return inner
+
+    async def apply(self, entry: OutboxEntry) -> None:
+        sink = await self._sink()
+        await sink.apply(entry)
+
+    def describe(self) -> dict[str, Any]:
+        """For /health: where the route goes (password masked), once known."""
+        if self.route is None:
+            return {"kind": "archive", "resolved": False}
+        return {
+            "kind": f"archive {self.route.sink}",
+            "url": redact(self.route.url),
+            **({"schema": self.route.schema} if self.route.sink == "postgres" else {}),
+        }
+
+    async def close(self) -> None:
+        if isinstance(self._inner, RedisSink):
+            await self._inner.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+
+class RoutedSinks(dict[str, Sink]):
+    """The deployment's sinks by role, and a route's sink made at its first lookup."""
+
+    def __init__(self, base: dict[str, Sink], resolve: Resolver, settings: ActionsSettings):
+        super().__init__(base)
+        self._resolve, self._settings = resolve, settings
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        sink = super().get(name)
+        if sink is None and ROUTE_NAME.fullmatch(name):
+            sink = self[name] = RouteSink(name, self._resolve, self._settings)
+        return sink if sink is not None else default
