@@ -12,19 +12,23 @@ After a restart the catalog learns again, from the touches, what is in use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray import serve
 
+from graph.common.files import atomic_write_text
 from graph.common.names import PIPELINE_CLASSIFIER, PIPELINE_DETECTOR
 from graph.common.redaction import redact, redact_text
 from graph.pipeline.archive import ArchiveError, load_archive
 from graph.pipeline.catalog import (
     PipelineCatalog,
     PipelineInfo,
+    PipelineLoading,
     PipelineState,
     PipelineUnavailable,
     UrlPipelinesSpec,
@@ -47,12 +51,28 @@ def remote_error(exc: BaseException) -> str:
     return redact_text(f"{type(cause).__name__}: {cause}")[:2000]
 
 
+DOWNLOADS_AT_ONCE = 2  # archive downloads (threads, memory, disk) running at once
+
+
+def spec_path(spec: UrlPipelinesSpec) -> Path:
+    return spec.archive_cache_dir / "catalog-spec.json"
+
+
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class CatalogActor:
     def __init__(self, app_name: str, spec: dict[str, Any]) -> None:
         self._app = app_name
         self._spec = UrlPipelinesSpec.model_validate(spec)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray re-runs the constructor with the first creation's arguments: the
+            # settings a redeploy gave since (the allow-list!) come from disk.
+            with contextlib.suppress(OSError, ValueError):
+                saved = spec_path(self._spec).read_text()
+                self._spec = UrlPipelinesSpec.model_validate_json(saved)
+        else:
+            self._save_spec()
         self._catalog = PipelineCatalog(self._spec.settings)
+        self._downloads = asyncio.Semaphore(DOWNLOADS_AT_ONCE)
         self._pipelines: dict[str, PipelineFile] = {}  # by sha256, connections removed
         self._tasks: dict[str, asyncio.Task[None]] = {}  # URL → its load
         self._warnings: dict[str, list[str]] = {}  # by sha256: branch models that failed
@@ -60,31 +80,44 @@ class CatalogActor:
         self._route_names: dict[str, dict[str, str]] = {}  # by sha256: sink → route
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
 
+    def _save_spec(self) -> None:
+        try:
+            atomic_write_text(spec_path(self._spec), self._spec.model_dump_json())
+        except OSError as exc:  # a restart then runs with the first deploy's settings
+            logger.warning("pipeline catalog: cannot save its settings: %s", exc)
+
     def configure(self, spec: dict[str, Any]) -> None:
-        """A redeploy's settings (allow-list, limits) apply from the next load on."""
+        """A redeploy's settings (allow-list, limits) apply from the next load and the
+        next sweep on (URLs no longer allowed are then unloaded); kept for restarts."""
         self._spec = UrlPipelinesSpec.model_validate(spec)
         self._catalog.settings = self._spec.settings
+        self._save_spec()
 
-    async def load(self, url: str) -> dict[str, Any]:
+    async def load(self, url: str, wait_s: float | None = None) -> dict[str, Any]:
         """The pipeline at `url`, loaded (or shared) and enabled: `info` and `pipeline`.
-        Raises UrlRefused or PipelineUnavailable (with the problem) otherwise."""
+        Raises UrlRefused or PipelineUnavailable (with the problem) otherwise, and
+        PipelineLoading when it is not enabled within `wait_s` (default: the load
+        timeout); the load goes on."""
         task = self._tasks.get(url)
         if task is None:
             info = self._catalog.begin(url)  # raises for a refused or recently failed URL
             if info is not None:
                 return self._answer(info)
             task = self._start(url)
+        limit_s = self._spec.settings.load_timeout_s
+        wait_s = limit_s if wait_s is None else min(wait_s, limit_s)
         try:
-            await asyncio.wait_for(asyncio.shield(task), self._spec.settings.load_timeout_s)
+            await asyncio.wait_for(asyncio.shield(task), wait_s)
         except TimeoutError:
             state, _, _ = self._catalog.state_of(url)
-            raise PipelineUnavailable(
-                f"pipeline still {state.value} after {self._spec.settings.load_timeout_s:g}s:"
-                " subscribe again later"
+            raise PipelineLoading(
+                f"pipeline still {state.value} after {wait_s:g}s: subscribe again later"
             ) from None
         state, error, info = self._catalog.state_of(url)
+        if state is PipelineState.ERROR:
+            raise PipelineUnavailable(error or "failed")
         if state is not PipelineState.ENABLED or info is None:
-            raise PipelineUnavailable(error or f"pipeline {state.value}")
+            raise PipelineLoading(f"pipeline {state.value}: subscribe again later")
         return self._answer(info)
 
     def _start(self, url: str) -> asyncio.Task[None]:
@@ -107,9 +140,19 @@ class CatalogActor:
     async def _load(self, url: str) -> None:
         spec, key = self._spec, None
         try:
-            loaded = await asyncio.to_thread(
-                load_archive, url, spec.archive_cache_dir, spec.limits, spec.url_check()
-            )
+            async with asyncio.timeout(spec.settings.load_timeout_s):
+                key = await self._load_within(url)
+        except TimeoutError:
+            message = f"not loaded within {spec.settings.load_timeout_s:g}s (load_timeout_s)"
+            self._catalog.failed(url, message, key)
+
+    async def _load_within(self, url: str) -> str | None:
+        spec, key = self._spec, None
+        try:
+            async with self._downloads:
+                loaded = await asyncio.to_thread(
+                    load_archive, url, spec.archive_cache_dir, spec.limits, spec.url_check()
+                )
             key, pipeline = loaded.sha256, loaded.pipeline.without_connections()
             warnings, names = loaded.pipeline.connection_warnings(), {}
             if spec.use_connections:  # where this archive's actions go: its own servers
@@ -136,13 +179,14 @@ class CatalogActor:
                 await self._warm(info)
                 self._catalog.report(key, PipelineState.ENABLED)
                 logger.info("pipeline %s (%s) enabled from %s", root.modelId, key[:12], redact(url))
-        except ArchiveError as exc:
-            self._catalog.failed(url, redact_text(str(exc))[:2000], key)
+        except ArchiveError as exc:  # its problems, not the URL (a signed one) again
+            self._catalog.failed(url, redact_text("; ".join(exc.problems))[:2000], key)
         except PipelineUnavailable as exc:
             self._catalog.failed(url, exc.message, key)
         except Exception as exc:
             logger.warning("pipeline at %s failed: %s", redact(url), remote_error(exc))
             self._catalog.failed(url, remote_error(exc), key)
+        return key
 
     async def _warm(self, info: PipelineInfo) -> None:
         """One replica of each deployment loads the pipeline's models (a .pt exports to
@@ -170,6 +214,13 @@ class CatalogActor:
             logger.warning("pipeline %s: %s", info.key[:12], "; ".join(warnings))
             self._warnings[info.key] = [*self._warnings.get(info.key, []), *warnings]
 
+    def replica_failed(self, key: str, text: str) -> None:
+        """A replica could not load this pipeline's model (e.g. the archive at its URL
+        changed, for a replica on a node without it): shown as a warning."""
+        warnings = self._warnings.setdefault(key, [])
+        if text not in warnings and len(warnings) < 10:
+            warnings.append(f"a replica failed to load: {text}")
+
     def report(self, key: str, state: str, error: str | None = None) -> None:
         self._catalog.report(key, PipelineState(state), error)
 
@@ -196,7 +247,16 @@ class CatalogActor:
                 except Exception as exc:  # refused now (the allow-list changed)
                     logger.warning("pipeline at %s in use but %s", redact(url), exc)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, public: bool = False) -> dict[str, Any]:
+        """By URL (`GET /pipelines`), or without URLs (`public`: the open /health)."""
+        if public:
+            status = self._catalog.public_status()
+            key_of = {k[:12]: k for k in self._warnings}
+            for pid, item in status.items():
+                warnings = self._warnings.get(key_of.get(pid, ""))
+                if warnings:
+                    item["warnings"] = warnings
+            return status
         status = self._catalog.status(redact)
         for item in status.values():
             warnings = self._warnings.get(item.get("sha256", ""))
@@ -208,7 +268,10 @@ class CatalogActor:
         while True:
             await asyncio.sleep(self._spec.settings.touch_interval_s)
             for key in self._catalog.sweep():
+                logger.info("pipeline %s unloaded (idle)", key[:12])
+            # What the catalog no longer holds (unloaded, evicted, refused, failed);
+            # routes stay: their entries may still wait in the outbox.
+            for key in [k for k in self._pipelines if not self._catalog.holds(k)]:
                 self._pipelines.pop(key, None)
                 self._warnings.pop(key, None)
-                self._route_names.pop(key, None)  # routes stay: entries may still wait
-                logger.info("pipeline %s unloaded (idle)", key[:12])
+                self._route_names.pop(key, None)

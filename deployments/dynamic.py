@@ -29,9 +29,10 @@ from deployments.inference.classify import BranchEngine, Label
 from deployments.inference.engines import Engine, EngineOptions, load_engine
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.names import STREAMS_NAMESPACE, catalog_name
+from graph.common.redaction import redact_text
 from graph.common.schemas import BatchUserConfig, BranchModelSpec, DetectorUserConfig
-from graph.pipeline.archive import LoadedArchive, cached_archive, load_archive
-from graph.pipeline.catalog import PipelineUnavailable, UrlPipelinesSpec
+from graph.pipeline.archive import ArchiveError, LoadedArchive, cached_archive, load_archive
+from graph.pipeline.catalog import PipelineLoading, PipelineUnavailable, UrlPipelinesSpec
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,6 +51,7 @@ class _Archives:
         self._catalog: Any = None
         self._failed: dict[str, tuple[float, str]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._telling: asyncio.Future[None] | None = None
 
     async def catalog(self) -> Any:
         if self._catalog is None:  # a blocking GCS lookup: off the event loop
@@ -67,7 +69,16 @@ class _Archives:
             del self._failed[model_id]
 
     def record_failure(self, model_id: str, exc: BaseException) -> None:
-        self._failed[model_id] = (time.monotonic(), f"{type(exc).__name__}: {exc}")
+        text = redact_text(f"{type(exc).__name__}: {exc}")[:1000]
+        self._failed[model_id] = (time.monotonic(), text)
+        self._telling = asyncio.ensure_future(self._tell_failed(model_id.partition(":")[0], text))
+
+    async def _tell_failed(self, key: str, text: str) -> None:
+        """The catalog shows a replica's failure as a warning of the pipeline."""
+        try:
+            await (await self.catalog()).replica_failed.remote(key, text)
+        except Exception:
+            logger.warning("pipeline %s: could not report a failed load", key[:12])
 
     async def archive(self, key: str) -> LoadedArchive:
         """The archive with this sha256: from the node's cache, else fetched from the
@@ -80,9 +91,12 @@ class _Archives:
         url = await (await self.catalog()).source_of.remote(key)
         if url is None:
             raise PipelineUnavailable(f"{source} is not loaded: subscribe with its modelUrl")
-        loaded = await asyncio.to_thread(
-            load_archive, url, spec.archive_cache_dir, spec.limits, spec.url_check()
-        )
+        try:
+            loaded = await asyncio.to_thread(
+                load_archive, url, spec.archive_cache_dir, spec.limits, spec.url_check()
+            )
+        except ArchiveError as exc:  # named by its content, not its URL (a signed one)
+            raise ArchiveError(source, [redact_text(p) for p in exc.problems]) from None
         if loaded.sha256 != key:
             raise PipelineUnavailable(f"{source}: the archive at its URL changed since it loaded")
         return loaded
@@ -130,6 +144,17 @@ class _Archives:
 class _Model:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+
+
+def held(owner: object, model_id: str) -> _Model:
+    """The replica's model for a batch, without loading: a batch must never wait on a
+    load (it would hold up every pipeline's batches); one unloaded meanwhile fails
+    these frames, and the next ones load it again before batching."""
+    wrapper = getattr(owner, MULTIPLEX_ATTR, None)
+    model = None if wrapper is None else wrapper.models.get(model_id)
+    if model is None:
+        raise PipelineLoading(f"pipeline model {model_id[:12]} was unloaded: retry")
+    return model  # type: ignore[no-any-return]
 
 
 @serve.deployment(
@@ -193,7 +218,7 @@ class PipelineDetector:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _detect(self, requests: list[DetectRequest]) -> list[DetectResult]:
-        engine = (await self._loaded()).engine  # one model per batch (Serve splits them)
+        engine = held(self, serve.get_multiplexed_model_id()).engine  # one model per batch
         results = engine.detect(np.stack([r.image for r in requests]), [r.params for r in requests])
         self._batch_sizes[len(requests)] += 1
         return [DetectResult(rows, engine.names) for rows in results]
@@ -264,7 +289,7 @@ class PipelineClassifier:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _classify(self, crops: list[np.ndarray]) -> list[Label | None]:
-        engine = (await self._loaded()).engine
+        engine = held(self, serve.get_multiplexed_model_id()).engine
         self._batch_sizes[len(crops)] += 1
         out: list[Label | None] = engine.classify(crops)
         return out

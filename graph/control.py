@@ -111,11 +111,13 @@ class ControlPlane:
         )["info"]
         return info
 
-    async def pipelines(self) -> dict[str, Any]:
-        """Each modelUrl pipeline's state (`/health`), bounded like any actor call."""
+    async def pipelines(self, public: bool, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Each modelUrl pipeline's state: by URL (`GET /pipelines`), or without URLs
+        (`public`: the open `/health`)."""
         if self.catalog is None:
             return {}
-        status: dict[str, Any] = await asyncio.wait_for(self.catalog.status.remote(), 10.0)
+        call = self.catalog.status.remote(public)
+        status: dict[str, Any] = await asyncio.wait_for(call, timeout_s)
         return status
 
     async def read_events(

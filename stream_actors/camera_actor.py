@@ -30,7 +30,7 @@ from graph.common.names import (
     hub_name,
     registry_name,
 )
-from graph.common.redaction import redact
+from graph.common.redaction import redact, redact_text
 from graph.events.model import (
     FanoutSink,
     HubPublisher,
@@ -50,7 +50,9 @@ from stream_actors.settings import StreamContext, context_revision
 from stream_actors.subscriptions import StreamSpec, Subscription, url_pipeline
 
 logger = logging.getLogger("camgraph.streams")
-URL_LOAD_WAIT_S = 3600.0  # the catalog bounds a load itself (pipelines.load_timeout_s)
+# How long set_stream waits for a modelUrl pipeline (the catalog goes on loading it; a
+# later repair round attaches the subscription): well under the registry's call timeout.
+URL_LOAD_WAIT_S = 8.0
 
 
 def rerouted(
@@ -155,7 +157,8 @@ class CameraActor:
         """The pipeline at `url`, from the catalog (loaded there first if need be)."""
         try:
             catalog = await self._catalog_handle()
-            reply = await asyncio.wait_for(catalog.load.remote(url), URL_LOAD_WAIT_S)
+            call = catalog.load.remote(url, URL_LOAD_WAIT_S)
+            reply = await asyncio.wait_for(call, URL_LOAD_WAIT_S + 2.0)
         except (ray.exceptions.RayActorError, ValueError):
             self._catalog = None  # restarting, or not found: looked up again next time
             raise
@@ -327,6 +330,9 @@ class CameraActor:
             await self.set_session(display_id, session)
         want = StreamSpec.model_validate(spec)
         wanted = {s.subscriptionIdentifier: s for s in map(Subscription.model_validate, subs)}
+        # modelUrl pipelines first, before anything changes: nothing below waits on them,
+        # so two calls for this stream cannot interleave between a check and an attach.
+        urls = await self._url_pipelines(wanted)
         stream = self._streams.get(want.key)
         if stream is not None and stream.reader.spec != want:
             await self.remove_stream(want.key)  # the source itself changed: reopen
@@ -346,9 +352,8 @@ class CameraActor:
         for sub_id, sub in wanted.items():
             if sub_id in stream.subs:
                 continue
-            url = url_pipeline(sub, self._ctx.model_sizes, self._ctx.url_touch_s is not None)
-            if url is not None:
-                processor = await self._url_processor(sub, url)
+            if sub_id in urls:
+                processor = self._url_processor(sub, urls[sub_id])
                 if processor is None:
                     continue  # reported; the registry's repair rounds ask again
             else:
@@ -370,21 +375,43 @@ class CameraActor:
         elif revive:
             stream.reader.revive()
 
-    async def _url_processor(self, sub: Subscription, url: str) -> SubscriptionProcessor | None:
+    async def _url_pipelines(
+        self, wanted: dict[str, Subscription]
+    ) -> dict[str, tuple[str, PipelineInfo, PipelineRuntime] | Exception]:
+        """Each modelUrl subscription's pipeline (or why it cannot run now), asked of the
+        catalog at once and for at most URL_LOAD_WAIT_S (an enabled one answers at once)."""
+        todo: dict[str, str] = {}
+        for sub_id, sub in wanted.items():
+            url = url_pipeline(sub, self._ctx.model_sizes, self._ctx.url_touch_s is not None)
+            if url is not None:
+                todo[sub_id] = url
+        found = await asyncio.gather(
+            *(self._url_pipeline(u) for u in todo.values()), return_exceptions=True
+        )
+        out: dict[str, tuple[str, PipelineInfo, PipelineRuntime] | Exception] = {}
+        for (sub_id, url), result in zip(todo.items(), found, strict=True):
+            if isinstance(result, BaseException):
+                out[sub_id] = result if isinstance(result, Exception) else RuntimeError()
+            else:
+                out[sub_id] = (url, *result)
+        return out
+
+    def _url_processor(
+        self, sub: Subscription, found: tuple[str, PipelineInfo, PipelineRuntime] | Exception
+    ) -> SubscriptionProcessor | None:
         """The processor of a subscription that runs its modelUrl's pipeline: detections
         on PipelineDetector (the archive's sha256 as multiplexed id), events under the
         client's own modelId (the root's when it sent none). None when the pipeline
         cannot be had now: the subscription gets a `failed` state event."""
         sub_id = sub.subscriptionIdentifier
-        try:
-            info, runtime = await self._url_pipeline(url)
-        except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc
-            error = f"pipeline: {type(cause).__name__}: {str(cause)[:500]}"
+        if isinstance(found, Exception):
+            cause = getattr(found, "cause", None) or found
+            error = redact_text(f"pipeline: {type(cause).__name__}: {str(cause)[:500]}")
             logger.warning("%s: %s", sub_id, error)
             model_id = sub.modelId or ""
             self._sink.publish([state_event(sub_id, sub.camera_id, model_id, "failed", error)])
             return None
+        url, info, runtime = found
         model_id = sub.modelId or info.model_id
         handle = self._mux_handle(PIPELINE_DETECTOR, info.key)
 
@@ -395,7 +422,7 @@ class CameraActor:
             sub, model_id, info.imgsz, detect, self._sink, self._settings.processing
         )
         processor.runner = self._runner(sub, model_id, processor.on_result, runtime)
-        self._url_used[sub_id] = (info.key, url)
+        self._url_used[sub_id] = (info.key, url)  # attached by the caller right away
         return processor
 
     async def set_session(self, display_id: str, session: dict[str, Any] | None) -> int:

@@ -152,7 +152,11 @@ class StreamRegistry:
         """Called by every ingress replica at start: keeps the registry aware of the
         served models (its own settings stay as started) and its repair loop running.
         Returns the number of subscriptions."""
-        changed = ctx.pipelines != self._ctx.pipelines or ctx.model_sizes != self._ctx.model_sizes
+        changed = (
+            ctx.pipelines != self._ctx.pipelines
+            or ctx.model_sizes != self._ctx.model_sizes
+            or ctx.url_touch_s != self._ctx.url_touch_s  # modelUrl pipelines on or off
+        )
         self._ctx = replace(ctx, settings=self._settings)
         data = ray.cloudpickle.dumps(self._ctx)  # what a restart of this actor starts from
         await asyncio.to_thread(atomic_write_bytes, context_path(self._path), data)

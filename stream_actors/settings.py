@@ -148,4 +148,5 @@ def context_revision(ctx: StreamContext) -> str:
     }
     key = [sorted(ctx.model_sizes.items()), sorted(ctx.detector_names.items()), ctx.default_model]
     key.append(sorted(pipelines.items()))
+    key.append(ctx.url_touch_s)
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]

@@ -37,7 +37,12 @@ from graph.common.errors import (
     StreamLimitReached,
     UnknownModelError,
 )
-from graph.pipeline.catalog import PipelineUnavailable, UrlRefused
+from graph.pipeline.catalog import (
+    PipelineLoading,
+    PipelinesFull,
+    PipelineUnavailable,
+    UrlRefused,
+)
 from stream_actors.subscriptions import SubscriptionRefused
 
 P = ParamSpec("P")
@@ -201,6 +206,9 @@ ERRORS: tuple[ErrorRule, ...] = (
     # A subscription's modelUrl: not on pipelines.allowed_urls, or its archive cannot be
     # served (the message names the problem: a member, a pickle, a schema error, ...).
     ErrorRule(UrlRefused, 403, grpc.StatusCode.PERMISSION_DENIED, _core(UrlRefused)),
+    # Still downloading or loading (retry later), or max_loaded pipelines in use.
+    ErrorRule(PipelineLoading, 503, grpc.StatusCode.UNAVAILABLE, _core(PipelineLoading)),
+    ErrorRule(PipelinesFull, 409, grpc.StatusCode.RESOURCE_EXHAUSTED, _core(PipelinesFull)),
     ErrorRule(
         PipelineUnavailable, 422, grpc.StatusCode.FAILED_PRECONDITION, _core(PipelineUnavailable)
     ),

@@ -119,11 +119,12 @@ class Health:
             return {"error": f"actions: {failure('actions', exc)}"}
 
     async def _pipelines(self) -> dict[str, Any]:
-        """Pipelines loaded from a subscription's modelUrl, by (redacted) URL: the seed's
-        state (downloading, converting, enabled, error, and loading) and the error text.
-        A failed pipeline affects only its own subscriptions: the status stays ok."""
+        """Pipelines loaded from a subscription's modelUrl, by content id (no URL here:
+        `GET /pipelines`, behind the token, has them): the seed's state (downloading,
+        converting, enabled, error, and loading) and the error text. A failed pipeline
+        affects only its own subscriptions: the status stays ok."""
         try:
-            return await self._deps.control.pipelines()
+            return await self._deps.control.pipelines(public=True, timeout_s=self._deps.timeout_s)
         except Exception as exc:
             return {"error": f"pipeline catalog: {failure('the pipeline catalog', exc)}"}
 

@@ -48,6 +48,14 @@ def router(control: ControlPlane, detectors: Detectors, read_timeout_s: float) -
             raise NotFound(f"no subscription {subscription_id!r}")
         return Response(status_code=204)
 
+    @api.get("/pipelines")
+    @with_route_exceptions("pipeline catalog unavailable")
+    async def pipelines() -> Any:
+        """Pipelines loaded from subscriptions' modelUrl, by URL (masked credentials):
+        state, error, content (sha256, modelId, version), idle time, warnings. Behind
+        the token when one is set (the open /health names them by content only)."""
+        return await control.pipelines(public=False, timeout_s=read_timeout_s)
+
     @api.get("/streams")
     @with_route_exceptions(UNAVAILABLE)
     async def streams() -> Any:

@@ -12,6 +12,7 @@ to unload (idle ones, least recently used first when more than `max_loaded` are 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from graph.common.errors import CamgraphError
 from graph.common.netpolicy import DEFAULT_DENIED, denied, networks
@@ -54,6 +55,15 @@ class UrlPipelineSettings(StrictModel):
     @classmethod
     def _prefixes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(normalise_prefix(v) for v in value)
+
+    @model_validator(mode="after")
+    def _touches_fit(self) -> UrlPipelineSettings:
+        if self.idle_unload_s < 3 * self.touch_interval_s:
+            raise ValueError(
+                f"idle_unload_s ({self.idle_unload_s:g}) must be at least 3 touch intervals"
+                f" ({3 * self.touch_interval_s:g} s): pipelines in use would be unloaded"
+            )
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -99,6 +109,14 @@ class PipelineUnavailable(CamgraphError):
         return self.message
 
 
+class PipelineLoading(PipelineUnavailable):
+    """Not enabled yet (still downloading or loading): subscribe again later."""
+
+
+class PipelinesFull(PipelineUnavailable):
+    """`max_loaded` pipelines are in use: none can be unloaded for another."""
+
+
 def normalise_prefix(prefix: str) -> str:
     """An allow-list entry: http(s), a host, a path ending in `/` (a bare host gets `/`,
     so `https://cms.example` can never match `https://cms.example.evil.org/`)."""
@@ -114,6 +132,16 @@ def normalise_prefix(prefix: str) -> str:
 
 
 _TRAVERSAL = re.compile(r"(^|/)\.\.?(/|$)|%2e|%2f|%5c|\\", re.IGNORECASE)
+# A path segment: no empty one (`//`), none starting with '.', no ';' (path parameters,
+# `..;/` on some servers), and escapes only of letters, digits, '-', '_', '~' (no `%25`:
+# servers that decode twice; no `%00`).
+_UNRESERVED_ESCAPE = r"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[dD]|5[fF]|7[eE])"
+_SEGMENT = re.compile(rf"^(?!\.)(?:[A-Za-z0-9._~!$&'()*+,=:@-]|{_UNRESERVED_ESCAPE})+$")
+
+
+def _path_problem(path: str) -> bool:
+    segments = path.split("/")[1:]
+    return bool(_TRAVERSAL.search(path)) or any(not _SEGMENT.match(x) for x in segments)
 
 
 def url_refusal(url: str, allowed: tuple[str, ...]) -> str | None:
@@ -129,8 +157,11 @@ def url_refusal(url: str, allowed: tuple[str, ...]) -> str | None:
         return "only http(s) URLs with a host are fetched"
     if parts.username or parts.password:
         return "credentials in the URL are not accepted"
-    if _TRAVERSAL.search(parts.path):
-        return "the URL's path has '.', '..' or encoded separators"
+    if _path_problem(parts.path):
+        return (
+            "the URL's path has '.', '..', an empty segment, ';' or an escape of something"
+            " other than a letter, digit, '-', '_' or '~'"
+        )
     host = parts.hostname.lower()
     host = f"[{host}]" if ":" in host else host  # IPv6, bracketed as in the prefixes
     netloc = host + (f":{port}" if port is not None else "")
@@ -209,8 +240,22 @@ class PipelineCatalog:
             if loaded.state is PipelineState.ENABLED:
                 loaded.last_used = now
                 return loaded.info
+        # No more downloads at once than max_loaded (whether the content is one held
+        # already is known only once downloaded: downloaded() checks the room then).
+        if self._downloading() >= self.settings.max_loaded:
+            raise PipelinesFull(
+                f"{self._downloading()} pipelines are downloading (pipelines.max_loaded"
+                f" {self.settings.max_loaded}): subscribe again later"
+            )
         self._urls[url] = _Url(PipelineState.DOWNLOADING, at=now)
         return None
+
+    def _downloading(self) -> int:
+        return sum(e.state is PipelineState.DOWNLOADING for e in self._urls.values())
+
+    def holds(self, key: str) -> bool:
+        """Whether the content with this sha256 is loaded or loading here."""
+        return key in self._loaded
 
     def downloaded(self, url: str, info: PipelineInfo) -> bool:
         """The archive at `url` is checked and extracted; returns True when its content
@@ -235,7 +280,7 @@ class PipelineCatalog:
                     f"{self.settings.max_loaded}): unsubscribe one or raise the limit"
                 )
                 self.failed(url, message, key=info.key)
-                raise PipelineUnavailable(message)
+                raise PipelinesFull(message)
         self._loaded[info.key] = _Loaded(info, PipelineState.LOADING, now, now, urls={url})
         return True
 
@@ -294,6 +339,7 @@ class PipelineCatalog:
         are forgotten once they may be retried and an hour has passed (a client naming
         ever new URLs cannot grow the catalog without bound)."""
         now = self._clock()
+        self._revoke(now)
         keep_s = max(self.settings.retry_after_error_s, 3600.0)
         for url in [
             u
@@ -302,6 +348,18 @@ class PipelineCatalog:
         ]:
             del self._urls[url]
         return self._unload_idle(now, need=0)
+
+    def _revoke(self, now: float) -> None:
+        """URLs the allow-list no longer allows (a redeploy removed their prefix) are
+        forgotten; content left with no allowed URL is unloaded (retired)."""
+        allowed = self.settings.allowed_urls
+        for url in [u for u in self._urls if url_refusal(u, allowed) is not None]:
+            del self._urls[url]
+        for key, loaded in list(self._loaded.items()):
+            loaded.urls = {u for u in loaded.urls if url_refusal(u, allowed) is None}
+            if not loaded.urls and loaded.state is PipelineState.ENABLED:
+                del self._loaded[key]
+                self.retired[key] = now
 
     def _unload_idle(self, now: float, need: int) -> list[str]:
         """Unload every pipeline idle past `idle_unload_s`, and then, least recently used
@@ -325,12 +383,14 @@ class PipelineCatalog:
         return out
 
     def status(self, redact: Callable[[str], str] = lambda u: u) -> dict[str, Any]:
-        """`/health`'s `pipelines`: each URL's state, the error text, and the content."""
+        """`GET /pipelines` (behind the token): each URL's state, the error text, and the
+        content."""
         now = self._clock()
         out: dict[str, Any] = {}
         for url, entry in sorted(self._urls.items()):
             loaded = self._loaded.get(entry.key) if entry.key else None
-            item: dict[str, Any] = {"state": entry.state.value, "error": entry.error}
+            item: dict[str, Any] = {"id": public_id(url, entry.key), "state": entry.state.value}
+            item["error"] = entry.error
             if loaded is not None:
                 item.update(
                     sha256=loaded.info.key,
@@ -340,3 +400,23 @@ class PipelineCatalog:
                 )
             out[redact(url)] = item
         return out
+
+    def public_status(self) -> dict[str, Any]:
+        """The open `/health`'s `pipelines`: no URL (one may be a capability), each
+        pipeline by its content's id (`sha256[:12]`; a URL that never loaded: `url-` and
+        a digest of it) with its state, error text, modelId and version."""
+        out: dict[str, Any] = {}
+        for url, entry in sorted(self._urls.items()):
+            loaded = self._loaded.get(entry.key) if entry.key else None
+            item: dict[str, Any] = {"state": entry.state.value, "error": entry.error}
+            if loaded is not None:
+                item.update(modelId=loaded.info.model_id, version=loaded.info.version)
+            out.setdefault(public_id(url, entry.key), item)
+        return out
+
+
+def public_id(url: str, key: str | None) -> str:
+    """How the open /health names a pipeline: its content, else a digest of its URL."""
+    if key is not None:
+        return key[:12]
+    return "url-" + hashlib.sha256(url.encode()).hexdigest()[:12]

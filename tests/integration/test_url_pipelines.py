@@ -285,11 +285,13 @@ def test_a_seed_archive_from_its_url_runs_and_is_shared_refused_and_unloaded(
     ws, reply = subscribe_ws(app, camera)
     with ws:
         assert reply["type"] == "subscribeAck", reply
-        health = httpx.get(f"{app}/health", timeout=30).json()
-        entry = health["pipelines"][seed_url]
+        listed = httpx.get(f"{app}/pipelines", timeout=30).json()
+        entry = listed[seed_url]
         assert entry["state"] == "enabled" and entry["modelId"] == DETECTOR_ID, entry
         assert any(BROKEN_ID in w for w in entry["warnings"]), entry
-        assert health["actions"]["sinks"] and "127.0.0.1:6379/7" not in json.dumps(entry)
+        health = httpx.get(f"{app}/health", timeout=30).json()  # open: no URL in it
+        assert health["pipelines"][entry["id"]]["state"] == "enabled", health["pipelines"]
+        assert server not in json.dumps(health), health["pipelines"]
         # The client's numeric modelId comes back as a number in its detections.
         got = []
         while not any(m["type"] == "imageDetection" and m["payload"]["detections"] for m in got):
@@ -311,6 +313,9 @@ def test_a_seed_archive_from_its_url_runs_and_is_shared_refused_and_unloaded(
         bad_ws.close()
         assert bad["type"] == "error" and "AutoBackend" in bad["message"], bad
         assert bad["details"][0]["loc"] == ["payload", "modelUrl"], bad
+        listed = httpx.get(f"{app}/pipelines", timeout=30).json()[hostile["modelUrl"]]
+        assert listed["state"] == "error" and "AutoBackend" in listed["error"], listed
+        assert server not in listed["error"]  # the problems, not the (maybe signed) URL
         hostile["modelUrl"] = f"{server}/other/seed.mpta"
         r = httpx.post(f"{app}/streams", json=hostile, timeout=60)
         assert r.status_code == 403 and "allowed_urls" in r.json()["detail"]["message"], r.text
@@ -349,7 +354,7 @@ def test_a_seed_archive_from_its_url_runs_and_is_shared_refused_and_unloaded(
     for sub_id in ("disp-url;cam-1", "disp-url;cam-2"):
         assert httpx.delete(f"{app}/streams/{sub_id}", timeout=30).status_code in (204, 404)
     wait_until(
-        lambda: seed_url not in httpx.get(f"{app}/health", timeout=30).json()["pipelines"],
+        lambda: seed_url not in httpx.get(f"{app}/pipelines", timeout=30).json(),
         60,
         "the idle pipeline to be unloaded",
     )

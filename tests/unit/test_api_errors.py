@@ -27,7 +27,12 @@ from graph.common.errors import (
     StreamLimitReached,
     UnknownModelError,
 )
-from graph.pipeline.catalog import PipelineUnavailable, UrlRefused
+from graph.pipeline.catalog import (
+    PipelineLoading,
+    PipelinesFull,
+    PipelineUnavailable,
+    UrlRefused,
+)
 from stream_actors.subscriptions import SubscriptionRefused
 
 CODE = grpc.StatusCode
@@ -248,6 +253,22 @@ ROWS = [
         "modelUrl refused: not under any of pipelines.allowed_urls",
         CODE.PERMISSION_DENIED,
         "modelUrl refused: not under any of pipelines.allowed_urls",
+    ),
+    Row(
+        PipelineLoading("pipeline still downloading after 8s: subscribe again later"),
+        503,
+        {"detail": {"message": "pipeline still downloading after 8s: subscribe again later"}},
+        "pipeline still downloading after 8s: subscribe again later",
+        CODE.UNAVAILABLE,
+        "pipeline still downloading after 8s: subscribe again later",
+    ),
+    Row(
+        PipelinesFull("8 pipelines are in use"),
+        409,
+        {"detail": {"message": "8 pipelines are in use"}},
+        "8 pipelines are in use",
+        CODE.RESOURCE_EXHAUSTED,
+        "8 pipelines are in use",
     ),
     Row(
         PipelineUnavailable("http://cms/x.mpta: 'm.pt': a pickle imports os.system"),

@@ -7,30 +7,29 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from graph.common.netpolicy import REFUSED
 from graph.common.redaction import redact
 from graph.pipeline.catalog import (
     PipelineCatalog,
     PipelineInfo,
+    PipelinesFull,
     PipelineState,
     PipelineUnavailable,
     UrlPipelineSettings,
-    UrlPipelinesSpec,
     UrlRefused,
-    normalise_prefix,
-    url_refusal,
+    public_id,
 )
 
 PREFIX = "https://cms.example/models/"
 ALLOWED = (PREFIX,)
 OFF = "loading pipelines from modelUrl is off (set pipelines.allowed_urls)"
 NOT_UNDER = "not under any of pipelines.allowed_urls"
-TRAVERSAL = "the URL's path has '.', '..' or encoded separators"
+TRAVERSAL = (
+    "the URL's path has '.', '..', an empty segment, ';' or an escape of something"
+    " other than a letter, digit, '-', '_' or '~'"
+)
 NOT_HTTP = "only http(s) URLs with a host are fetched"
 CREDENTIALS = "credentials in the URL are not accepted"
 
@@ -91,167 +90,6 @@ def enable(cat: PipelineCatalog, u: str, i: PipelineInfo) -> None:
 # ---- settings and the allow-list ----------------------------------------------------
 
 
-def test_settings_are_off_by_default_with_the_documented_defaults() -> None:
-    settings = UrlPipelineSettings()
-    assert settings.enabled is False and settings.allowed_urls == ()
-    assert (settings.idle_unload_s, settings.max_loaded, settings.load_timeout_s) == (600, 8, 300)
-    assert (settings.retry_after_error_s, settings.touch_interval_s) == (30, 5)
-    assert settings.intra_op_threads == 1
-    assert UrlPipelineSettings(allowed_urls=ALLOWED).enabled is True
-    with pytest.raises(ValidationError):
-        UrlPipelineSettings(idle_unload_s=1)  # below 5 s
-    with pytest.raises(ValidationError):
-        UrlPipelineSettings(max_loaded=0)
-    with pytest.raises(ValidationError):
-        UrlPipelineSettings(bogus=1)  # type: ignore[call-arg]
-
-
-@pytest.mark.parametrize(
-    "prefix, normalised",
-    [
-        ("https://cms.example", "https://cms.example/"),  # a bare host gets '/'
-        ("https://cms.example/", "https://cms.example/"),
-        ("HTTPS://CMS.Example/Models/", "https://cms.example/Models/"),  # path case kept
-        ("  http://H:8080/a/b/ ", "http://h:8080/a/b/"),
-        ("http://127.0.0.1:9000/m/", "http://127.0.0.1:9000/m/"),
-    ],
-)
-def test_allow_list_prefixes_are_normalised(prefix: str, normalised: str) -> None:
-    assert normalise_prefix(prefix) == normalised
-    assert UrlPipelineSettings(allowed_urls=(prefix,)).allowed_urls == (normalised,)
-
-
-@pytest.mark.parametrize(
-    "prefix, message",
-    [
-        ("https://cms.example/models", "must end with '/'"),
-        ("https://cms.example/models/a.mpta", "must end with '/'"),
-        ("ftp://cms.example/", "not an http(s) URL prefix"),
-        ("file:///srv/models/", "not an http(s) URL prefix"),
-        ("cms.example/models/", "not an http(s) URL prefix"),
-        ("https:///models/", "not an http(s) URL prefix"),
-        ("https://user:pw@cms.example/", "must not hold credentials"),
-        ("https://user@cms.example/", "must not hold credentials"),
-        ("https://cms.example/?x=1", "must not hold credentials, query"),
-        ("https://cms.example/#frag", "must not hold credentials, query or fragment"),
-    ],
-)
-def test_allow_list_prefixes_with_no_folder_or_with_secrets_are_refused(
-    prefix: str, message: str
-) -> None:
-    with pytest.raises(ValueError, match="allowed_urls") as exc:
-        normalise_prefix(prefix)
-    assert message in str(exc.value)
-    with pytest.raises(ValidationError) as invalid:
-        UrlPipelineSettings(allowed_urls=(PREFIX, prefix))
-    assert message in str(invalid.value)
-
-
-def test_url_refusal_refuses_everything_when_the_allow_list_is_empty() -> None:
-    assert url_refusal(url("a"), ()) == OFF
-    assert url_refusal("not a url", ()) == OFF
-
-
-@pytest.mark.parametrize(
-    "candidate",
-    [
-        url("a"),
-        "https://cms.example/models/sub/dir/a.mpta",
-        "https://CMS.EXAMPLE/models/a.mpta",  # host case does not matter
-        "HTTPS://Cms.Example/models/a.mpta",
-        "https://cms.example/models/a.mpta?sig=abc&exp=1",  # signed CMS URLs
-        "https://cms.example/models/a..b.mpta",  # dots inside a name are no traversal
-    ],
-)
-def test_url_refusal_accepts_urls_under_an_allowed_prefix(candidate: str) -> None:
-    assert url_refusal(candidate, ALLOWED) is None
-
-
-@pytest.mark.parametrize(
-    "candidate, reason",
-    [
-        ("https://cms.example.evil.org/models/a.mpta", NOT_UNDER),  # host suffix
-        ("https://cms.example@evil.org/models/a.mpta", CREDENTIALS),  # userinfo
-        ("https://cms.example:x@evil.org/models/a.mpta", CREDENTIALS),
-        ("https://user:pw@cms.example/models/a.mpta", CREDENTIALS),
-        ("https://cms.example/models/../secrets/a.mpta", TRAVERSAL),
-        ("https://cms.example/models/..", TRAVERSAL),
-        ("https://cms.example/models/./a.mpta", TRAVERSAL),
-        ("https://cms.example/models/%2e%2e/secrets/a.mpta", TRAVERSAL),
-        ("https://cms.example/models/%2E%2E/secrets/a.mpta", TRAVERSAL),
-        ("https://cms.example/models/.%2e/a.mpta", TRAVERSAL),
-        ("https://cms.example/models/..%2fsecrets%2fa.mpta", TRAVERSAL),
-        ("https://cms.example/models/a%2Fb.mpta", TRAVERSAL),
-        ("https://cms.example/models/..%5csecrets.mpta", TRAVERSAL),
-        ("https://cms.example/models/..\\secrets.mpta", TRAVERSAL),
-        ("ftp://cms.example/models/a.mpta", NOT_HTTP),
-        ("file:///cms.example/models/a.mpta", NOT_HTTP),
-        ("gopher://cms.example/models/a.mpta", NOT_HTTP),
-        ("https:///models/a.mpta", NOT_HTTP),
-        ("/models/a.mpta", NOT_HTTP),
-        ("http://cms.example/models/a.mpta", NOT_UNDER),  # scheme differs
-        ("https://cms.example/modelsX/a.mpta", NOT_UNDER),  # prefix is a folder
-        ("https://cms.example/models", NOT_UNDER),
-        ("https://cms.example/Models/a.mpta", NOT_UNDER),  # path case matters
-        ("https://cms.example:8443/models/a.mpta", NOT_UNDER),  # another port
-        ("https://other.example/models/a.mpta", NOT_UNDER),
-        ("https://cms.example:99999/models/a.mpta", "not a valid URL"),
-        ("https://[::1/models/a.mpta", "not a valid URL"),
-    ],
-)
-def test_url_refusal_refuses_url_tricks(candidate: str, reason: str) -> None:
-    assert url_refusal(candidate, ALLOWED) == reason
-
-
-def test_url_refusal_matches_ports_exactly() -> None:
-    allowed = (normalise_prefix("http://h:8080/"),)
-    assert url_refusal("http://h:8080/x", allowed) is None
-    assert url_refusal("http://H:8080/x", allowed) is None
-    assert url_refusal("http://h:8081/x", allowed) == NOT_UNDER
-    assert url_refusal("http://h/x", allowed) == NOT_UNDER
-    assert url_refusal("http://h:80800/x", allowed) == "not a valid URL"
-    # A prefix without a port does not allow other ports of the same host.
-    assert url_refusal("https://cms.example:443/models/a.mpta", ALLOWED) == NOT_UNDER
-
-
-def test_url_refusal_matches_any_of_several_prefixes() -> None:
-    allowed = tuple(normalise_prefix(p) for p in ("https://a.example/x/", "http://b.example"))
-    assert url_refusal("https://a.example/x/p.mpta", allowed) is None
-    assert url_refusal("http://b.example/anything/p.mpta", allowed) is None
-    assert url_refusal("https://b.example/p.mpta", allowed) == NOT_UNDER
-    assert url_refusal("https://a.example/y/p.mpta", allowed) == NOT_UNDER
-
-
-def test_url_refusal_matches_ipv6_hosts() -> None:
-    allowed = (normalise_prefix("http://[2001:DB8::1]:8080/m/"),)
-    assert allowed == ("http://[2001:db8::1]:8080/m/",)
-    assert url_refusal("http://[2001:db8::1]:8080/m/a.mpta", allowed) is None
-    assert url_refusal("http://[2001:db8::2]:8080/m/a.mpta", allowed) == NOT_UNDER
-
-
-def spec(tmp_path: Path, *allowed: str) -> UrlPipelinesSpec:
-    return UrlPipelinesSpec(
-        settings=UrlPipelineSettings(allowed_urls=allowed),
-        archive_cache_dir=tmp_path / "archives",
-        onnx_cache_dir=tmp_path / "onnx",
-    )
-
-
-def test_url_check_applies_the_allow_list_then_the_denied_networks(tmp_path: Path) -> None:
-    check = spec(tmp_path, "http://169.254.169.254/", "http://127.0.0.1:8000/m/").url_check()
-    # Cloud metadata is refused by policy even when an operator allowed it.
-    assert check("http://169.254.169.254/latest/a.mpta") == REFUSED
-    assert check("http://127.0.0.1:8000/m/a.mpta") is None
-    assert check("http://127.0.0.1:8000/other/a.mpta") == NOT_UNDER
-    assert check("http://169.254.169.254@127.0.0.1:8000/m/a.mpta") == CREDENTIALS
-    assert spec(tmp_path).url_check()("http://127.0.0.1:8000/m/a.mpta") == OFF
-
-
-def test_url_check_refuses_ipv6_metadata_addresses_even_when_allowed(tmp_path: Path) -> None:
-    check = spec(tmp_path, "http://[fd00:ec2::254]/").url_check()
-    assert check("http://[fd00:ec2::254]/latest/a.mpta") == REFUSED
-
-
 def test_errors_keep_their_fields_across_pickling() -> None:
     refused = pickle.loads(pickle.dumps(UrlRefused("https://x/", "nope")))
     assert (refused.url, refused.reason, str(refused)) == (
@@ -286,7 +124,9 @@ def test_a_pipeline_goes_through_the_seeds_states_then_is_served_from_the_catalo
     cat = catalog(clock)
     assert cat.begin(url("a")) is None
     assert cat.state_of(url("a")) == (DOWNLOADING, None, None)
-    assert cat.status() == {url("a"): {"state": "downloading", "error": None}}
+    assert cat.status() == {
+        url("a"): {"id": public_id(url("a"), None), "state": "downloading", "error": None}
+    }
     assert cat.downloaded(url("a"), a) is True
     assert cat.state_of(url("a")) == (LOADING, None, a)
     cat.report(a.key, CONVERTING)
@@ -340,7 +180,13 @@ def test_errors_are_cached_for_retry_after_error_s_then_retried() -> None:
     assert cat.begin(url("bad")) is None
     cat.failed(url("bad"), "download failed: HTTP 404")
     assert cat.state_of(url("bad")) == (ERROR, "download failed: HTTP 404", None)
-    assert cat.status() == {url("bad"): {"state": "error", "error": "download failed: HTTP 404"}}
+    assert cat.status() == {
+        url("bad"): {
+            "id": public_id(url("bad"), None),
+            "state": "error",
+            "error": "download failed: HTTP 404",
+        }
+    }
     clock.now += 29.9
     with pytest.raises(PipelineUnavailable) as exc:
         cat.begin(url("bad"))
@@ -562,6 +408,7 @@ def test_status_shows_redacted_urls_states_and_errors() -> None:
     clock.now = 2.54
     assert cat.status(redact) == {
         f"{PREFIX}a.mpta?token=***&v=1": {
+            "id": a.key[:12],
             "state": "enabled",
             "error": None,
             "sha256": a.key,
@@ -569,11 +416,45 @@ def test_status_shows_redacted_urls_states_and_errors() -> None:
             "version": "v1",
             "idle_s": 2.5,
         },
-        url("bad"): {"state": "error", "error": "download failed: HTTP 404"},
-        url("slow"): {"state": "downloading", "error": None},
+        url("bad"): {
+            "id": public_id(url("bad"), None),
+            "state": "error",
+            "error": "download failed: HTTP 404",
+        },
+        url("slow"): {"id": public_id(url("slow"), None), "state": "downloading", "error": None},
     }
     assert "hunter2" not in repr(cat.status(redact))
     assert secret in cat.status()  # without redact, the URL as given
+    # The open /health's view: no URL at all, each pipeline by its content's id.
+    public = cat.public_status()
+    assert public == {
+        a.key[:12]: {"state": "enabled", "error": None, "modelId": "det_a", "version": "v1"},
+        public_id(url("bad"), None): {"state": "error", "error": "download failed: HTTP 404"},
+        public_id(url("slow"), None): {"state": "downloading", "error": None},
+    }
+    assert "cms.example" not in repr(public) and public_id(url("bad"), None).startswith("url-")
+
+
+def test_the_download_count_is_bounded_before_any_download() -> None:
+    cat = catalog(Clock(), max_loaded=2)
+    assert cat.begin(url("a")) is None and cat.begin(url("b")) is None
+    with pytest.raises(PipelinesFull, match="2 pipelines are downloading"):
+        cat.begin(url("c"))
+    cat.failed(url("a"), "download failed: HTTP 404")
+    assert cat.begin(url("c")) is None  # a download ended: room again
+
+
+def test_a_url_the_allow_list_no_longer_allows_is_unloaded_at_the_next_sweep() -> None:
+    clock, a, b = Clock(0.0), info("a"), info("b")
+    cat = catalog(clock)
+    enable(cat, url("a"), a)
+    other = "https://other.example/m/b.mpta"
+    cat.settings = UrlPipelineSettings(allowed_urls=(PREFIX, "https://other.example/m/"))
+    enable(cat, other, b)
+    cat.settings = UrlPipelineSettings(allowed_urls=(PREFIX,))  # a redeploy removed it
+    assert cat.sweep() == []
+    assert cat.retired == {b.key: 0.0} and not cat.holds(b.key) and cat.holds(a.key)
+    assert other not in cat.status() and cat.touch({b.key: other}) == []  # not re-learnt
 
 
 def test_failed_urls_are_forgotten_after_an_hour() -> None:
