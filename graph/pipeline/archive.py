@@ -18,6 +18,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -52,7 +53,10 @@ class ArchiveLimits(StrictModel):
     max_members: int = Field(64, ge=1, le=100_000)
     max_total_bytes: int = Field(4 * 1024**3, ge=1024, description="uncompressed, all members")
     max_ratio: float = Field(200.0, ge=1, description="uncompressed / compressed per member")
-    download_timeout_s: float = Field(60.0, gt=0, le=3600)
+    download_timeout_s: float = Field(60.0, gt=0, le=3600, description="per read")
+    download_total_s: float = Field(
+        1800.0, gt=0, le=86400, description="a whole download (a slow-drip server ends here)"
+    )
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,10 @@ def _fetch(source: str, into: Path, limits: ArchiveLimits, check: UrlCheck | Non
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limits.max_archive_bytes:
                 raise ArchiveError(source, [f"larger than {limits.max_archive_bytes} bytes"])
-            size = 0
+            size, deadline = 0, time.monotonic() + limits.download_total_s
             while chunk := response.read(1024 * 1024):
+                if time.monotonic() > deadline:
+                    raise ArchiveError(source, [f"download took over {limits.download_total_s:g}s"])
                 size += len(chunk)
                 if size > limits.max_archive_bytes:
                     raise ArchiveError(source, [f"larger than {limits.max_archive_bytes} bytes"])
