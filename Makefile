@@ -25,7 +25,7 @@ evaluate: install
 	$(PY) -m demo.evaluate --out data/evaluation.json
 
 .DEFAULT_GOAL := help
-.PHONY: help peers services ray-token evaluate install protos run stop status test test-unit test-integration check-run lint format bench bench-quick bench-detect demo-models clean
+.PHONY: help peers services ray-token evaluate install protos run stop status test test-unit test-integration check-run lint format bench bench-quick bench-tax bench-detect demo-models clean
 
 install: $(STAMP) protos
 
@@ -142,6 +142,11 @@ bench-detect: run
 # Extra options: make bench BENCH_ARGS="--cameras 1,8 --seconds 20" (see --help).
 bench: install ray-token models/demo-detector.onnx peers
 	$(PY) -m benchmarks.harness --deploy serve_config.yaml $(BENCH_ARGS)
+
+# The per-frame tax (issue 19): raw ONNX Runtime and camgraph at saturation with a
+# near-free detector built here (benchmarks/tiny_detector.py): what the graph itself costs.
+bench-tax: install ray-token
+	$(PY) -m benchmarks.harness --tax --deploy serve_config.yaml $(BENCH_ARGS)
 
 # The short run to make before stopping (about 3 minutes): 1 and 4 cameras, 8 s windows.
 bench-quick: install ray-token models/demo-detector.onnx

@@ -34,7 +34,9 @@ from benchmarks.report import (
     comparisons,
     environment,
     markdown,
+    per_frame_tax,
     targets,
+    tax_target,
     write_json,
     write_plot,
 )
@@ -90,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-frames", type=int, default=100, help="frames per looped clip")
     parser.add_argument("--cache-dir", type=Path, default=Path("data/bench-clips"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--tax",
+        action="store_true",
+        help="the per-frame tax phase: raw and camgraph at saturation with a near-free "
+        "detector (benchmarks/tiny_detector.py) instead of --onnx",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -139,6 +147,14 @@ class Plan:
     """Which runs to make, from the options."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        if args.tax:  # the graph's own cost: saturation only, against raw ONNX Runtime
+            from benchmarks.tiny_detector import build
+
+            args.onnx = build(args.cache_dir.parent / "bench-models" / "tiny-detector.onnx")
+            args.systems = "raw,camgraph"
+            args.cameras = str(args.saturation_cameras or 4)
+            args.saturation_cameras = args.saturation_cameras or 4
+            args.no_overload = True
         if args.quick:
             args.cameras, args.systems = QUICK["cameras"], QUICK["systems"]
             args.seconds, args.warmup_s = QUICK["seconds"], QUICK["warmup_s"]
@@ -146,6 +162,7 @@ class Plan:
         self.systems = parse_systems(str(args.systems))
         self.saturation = args.saturation_cameras
         self.overload = not args.no_overload and not args.quick
+        self.realtime = not args.tax  # the tax phase compares saturation runs only
         self.max_cameras = max([*self.counts, self.saturation])
 
     def needs_rtsp(self, source: str) -> bool:
@@ -178,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
         if peer is not None:
             peer.stop()
     single = single_inference_ms(args.onnx, args.imgsz, clips[0])
-    tgts = targets(phases, single, float(args.fps))
+    tax = per_frame_tax(phases, float(args.fps)) if args.tax else None
+    tgts = [tax_target(tax)] if args.tax else targets(phases, single, float(args.fps))
     import cv2
 
     cap = cv2.VideoCapture(str(clips[0]))
@@ -201,12 +219,13 @@ def run(args: argparse.Namespace) -> int:
         "single_inference_ms": round(single, 2),
         "capacity_fps": capacity_fps(phases),
         "comparisons": comparisons(phases),
+        "per_frame_tax": tax,
         "targets": [t.__dict__ | {"verdict": t.verdict} for t in tgts],
         "phases": [p.to_json() for p in phases],
         "notes": notes,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench-quick" if args.quick else "bench"
+    stem = "bench-tax" if args.tax else "bench-quick" if args.quick else "bench"
     write_json(args.out / f"{stem}.json", report)
     text = markdown(report, phases, tgts)
     (args.out / f"{stem}.md").write_text(text)
@@ -283,7 +302,7 @@ def _run_all(
             (baselines, plan.saturation, "saturation"),
             (camgraph, plan.saturation, "saturation"),
         ]
-    for n in plan.counts:
+    for n in plan.counts if plan.realtime else []:
         runs += [(baselines, n, "realtime"), (camgraph, n, "realtime")]
     for step, n, mode in runs:
         step(n, mode)

@@ -66,6 +66,41 @@ def comparisons(phases: Sequence[PhaseResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_ms_per_frame(phase: PhaseResult) -> float | None:
+    """CPU time spent per processed frame (all the system's processes)."""
+    if phase.usage.cpu_pct is None or phase.fps <= 0:
+        return None
+    return phase.usage.cpu_pct / 100.0 * 1000.0 / phase.fps
+
+
+def per_frame_tax(phases: Sequence[PhaseResult], camera_fps: float) -> dict[str, Any] | None:
+    """With the near-free detector (`--tax`), at saturation: camgraph's frames/s against
+    raw ONNX Runtime's (same decode, letterbox and inference), and the CPU-ms per frame
+    camgraph spends beyond raw's, i.e. outside decode and inference; translated into the
+    cameras at `camera_fps` that one CPU core of that overhead feeds."""
+    sat = [p for p in phases if p.mode == "saturation" and p.error is None]
+    raw, cg = (
+        best_raw(sat),
+        _one(sat, "camgraph", "saturation", max((p.cameras for p in sat), default=0)),
+    )
+    if raw is None or cg is None:
+        return None
+    raw_ms, cg_ms = cpu_ms_per_frame(raw), cpu_ms_per_frame(cg)
+    tax = None if raw_ms is None or cg_ms is None else max(0.0, cg_ms - raw_ms)
+    return {
+        "cameras": cg.cameras,
+        "raw": raw.name,
+        "raw_fps": round(raw.fps, 1),
+        "camgraph_fps": round(cg.fps, 1),
+        "camgraph_over_raw": round(cg.fps / raw.fps, 3) if raw.fps else None,
+        "raw_cpu_ms_per_frame": None if raw_ms is None else round(raw_ms, 2),
+        "camgraph_cpu_ms_per_frame": None if cg_ms is None else round(cg_ms, 2),
+        "tax_cpu_ms_per_frame": None if tax is None else round(tax, 2),
+        "cameras_per_core_of_tax": (None if not tax else round(1000.0 / (tax * camera_fps), 1)),
+        "camera_fps": camera_fps,
+    }
+
+
 def capacity_fps(phases: Sequence[PhaseResult]) -> float | None:
     """The machine's limit for this job: the best raw run at saturation, else the best
     realtime raw run that could not take everything offered (else unknown)."""
@@ -177,6 +212,14 @@ def _fairness_target(phases: Sequence[PhaseResult]) -> Target:
     return check(name, widest.fairness, ">=", FAIRNESS_MIN, f"{widest.cameras} cameras")
 
 
+def tax_target(tax: dict[str, Any] | None) -> Target:
+    """Issue 19: frames/s with the near-free detector, camgraph / raw, at least 0.8."""
+    name = "frames/s with the near-free detector, camgraph / raw"
+    if tax is None:
+        return check(name, None, ">=", 0.8, "no saturation pair")
+    return check(name, tax["camgraph_over_raw"], ">=", 0.8, f"{tax['cameras']} cameras")
+
+
 # ---- environment ----------------------------------------------------------------------
 
 
@@ -286,6 +329,17 @@ def markdown(report: dict[str, Any], phases: Sequence[PhaseResult], tgts: Sequen
             f"| {_fmt(lat.p95_ms, 0)} | {_fmt(lat.p99_ms, 0)} | {p.account.dropped} "
             f"| {_fmt(p.usage.cpu_pct, 0)} | {_fmt(rss / 2**20 if rss else None, 0)} |"
         )
+    tax = report.get("per_frame_tax")
+    if tax:
+        lines += [
+            "",
+            f"Per-frame tax (near-free detector, {tax['cameras']} cameras at saturation): "
+            f"camgraph {tax['camgraph_fps']} fps, raw ({tax['raw']}) {tax['raw_fps']} fps, "
+            f"ratio {tax['camgraph_over_raw']}; CPU per frame {tax['camgraph_cpu_ms_per_frame']}"
+            f" ms vs {tax['raw_cpu_ms_per_frame']} ms, so {tax['tax_cpu_ms_per_frame']} ms of"
+            f" graph overhead per frame: one CPU core of it feeds "
+            f"{tax['cameras_per_core_of_tax']} cameras at {tax['camera_fps']:g} fps.",
+        ]
     lines += ["", "Targets:", "", "```", *[t.line() for t in tgts], "```", ""]
     cores = [p for p in phases if p.system == "camgraph" and p.usage.cpu_pct_by_role]
     if cores:

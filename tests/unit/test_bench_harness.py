@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -398,3 +399,36 @@ def test_process_roles_come_from_ray_process_titles() -> None:
     assert process_role("raylet", ["/x/ray/core/src/ray/raylet/raylet", "--a=1"]) == "raylet"
     dash = ["/v/bin/python", "-u", "/v/site-packages/ray/dashboard/dashboard.py", "--x"]
     assert process_role("python", dash) == "dashboard.py"
+
+
+def test_the_per_frame_tax_is_camgraphs_cpu_per_frame_beyond_raws() -> None:
+    from benchmarks.report import per_frame_tax, tax_target
+
+    raw = phase("raw", "saturation", 4, [50] * 4, name="raw ORT 2 procs x 1 thread")
+    raw.usage.cpu_pct = 200.0  # 2 cores for 200 frames/s: 10 ms of CPU per frame
+    cg = phase("camgraph", "saturation", 4, [40] * 4)
+    cg.usage.cpu_pct = 200.0  # 2 cores for 160 frames/s: 12.5 ms per frame
+    tax = per_frame_tax([raw, cg], camera_fps=10.0)
+    assert tax is not None
+    assert tax["camgraph_over_raw"] == 0.8 and tax["raw_cpu_ms_per_frame"] == 10.0
+    assert tax["camgraph_cpu_ms_per_frame"] == 12.5 and tax["tax_cpu_ms_per_frame"] == 2.5
+    assert tax["cameras_per_core_of_tax"] == 40.0  # 1000 ms / (2.5 ms x 10 fps)
+    assert tax_target(tax).passed is True
+    cg.per_camera = cg.per_camera[:2]  # 80 frames/s: 0.4 of raw
+    assert tax_target(per_frame_tax([raw, cg], 10.0)).passed is False
+    assert per_frame_tax([raw], 10.0) is None
+
+
+def test_the_near_free_detector_speaks_the_demo_detectors_format(tmp_path: Path) -> None:
+    """Its output goes through the same engine code as the real detector's (names from
+    its metadata, three boxes per image, batched)."""
+    from benchmarks.tiny_detector import NAMES, build
+    from deployments.inference.engines import EngineOptions, load_engine
+    from graph.common.vision import DetectParams
+
+    engine = load_engine(build(tmp_path / "tiny.onnx"), EngineOptions(640, 1, gpu=False))
+    rows = engine.detect(
+        np.zeros((2, 640, 640, 3), np.uint8), [DetectParams(0.25, 0.7, None, 300)] * 2
+    )
+    assert engine.names == NAMES and len(rows) == 2
+    assert [int(r[5]) for r in rows[1]] == [0, 0, 1] and rows[0][0][4] == pytest.approx(0.91)
