@@ -56,10 +56,10 @@ class Actions:
         try:
             if self._catalog is None:  # a blocking GCS lookup: off the event loop
                 app = serve.get_replica_context().app_name
-                self._catalog = await asyncio.to_thread(
-                    ray.get_actor, catalog_name(app), STREAMS_NAMESPACE
+                self._catalog = await asyncio.wait_for(
+                    asyncio.to_thread(ray.get_actor, catalog_name(app), STREAMS_NAMESPACE), 3.0
                 )
-            found = await asyncio.wait_for(self._catalog.route.remote(name), 10.0)
+            found = await asyncio.wait_for(self._catalog.route.remote(name), 3.0)
         except ValueError:  # no catalog: modelUrl pipelines are off
             return None
         except Exception:

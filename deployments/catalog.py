@@ -12,16 +12,14 @@ After a restart the catalog learns again, from the touches, what is in use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray import serve
+from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 
-from graph.common.files import atomic_write_text
 from graph.common.names import PIPELINE_CLASSIFIER, PIPELINE_DETECTOR
 from graph.common.redaction import redact, redact_text
 from graph.pipeline.archive import ArchiveError, load_archive
@@ -54,8 +52,9 @@ def remote_error(exc: BaseException) -> str:
 DOWNLOADS_AT_ONCE = 2  # archive downloads (threads, memory, disk) running at once
 
 
-def spec_path(spec: UrlPipelinesSpec) -> Path:
-    return spec.archive_cache_dir / "catalog-spec.json"
+def spec_key(app_name: str) -> str:
+    """Where the catalog's latest settings are kept (Ray's key-value store)."""
+    return f"camgraph:pipeline-catalog-spec:{app_name}"
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
@@ -65,9 +64,12 @@ class CatalogActor:
         self._spec = UrlPipelinesSpec.model_validate(spec)
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray re-runs the constructor with the first creation's arguments: the
-            # settings a redeploy gave since (the allow-list!) come from disk.
-            with contextlib.suppress(OSError, ValueError):
-                saved = spec_path(self._spec).read_text()
+            # settings a redeploy gave since (the allow-list!) come from the cluster's
+            # key-value store, under the app's name.
+            saved = _internal_kv_get(spec_key(app_name))
+            if saved is None:
+                logger.warning("pipeline catalog: no saved settings: the first deploy's apply")
+            else:
                 self._spec = UrlPipelinesSpec.model_validate_json(saved)
         else:
             self._save_spec()
@@ -81,15 +83,15 @@ class CatalogActor:
         self._sweeper = asyncio.get_event_loop().create_task(self._sweep())
 
     def _save_spec(self) -> None:
-        try:
-            atomic_write_text(spec_path(self._spec), self._spec.model_dump_json())
-        except OSError as exc:  # a restart then runs with the first deploy's settings
-            logger.warning("pipeline catalog: cannot save its settings: %s", exc)
+        _internal_kv_put(spec_key(self._app), self._spec.model_dump_json(), overwrite=True)
 
     def configure(self, spec: dict[str, Any]) -> None:
         """A redeploy's settings (allow-list, limits) apply from the next load and the
         next sweep on (URLs no longer allowed are then unloaded); kept for restarts."""
-        self._spec = UrlPipelinesSpec.model_validate(spec)
+        spec_now = UrlPipelinesSpec.model_validate(spec)
+        if spec_now.use_connections != self._spec.use_connections:
+            self._route_names.clear()  # pipelines loaded from now on say where they go
+        self._spec = spec_now
         self._catalog.settings = self._spec.settings
         self._save_spec()
 
@@ -131,11 +133,8 @@ class CatalogActor:
         return task
 
     def _answer(self, info: PipelineInfo) -> dict[str, Any]:
-        return {
-            "info": asdict(info),
-            "pipeline": self._pipelines[info.key],
-            "routes": self._route_names.get(info.key, {}),
-        }
+        routes = self._route_names.get(info.key, {}) if self._spec.use_connections else {}
+        return {"info": asdict(info), "pipeline": self._pipelines[info.key], "routes": routes}
 
     async def _load(self, url: str) -> None:
         spec, key = self._spec, None
@@ -149,21 +148,19 @@ class CatalogActor:
     async def _load_within(self, url: str) -> str | None:
         spec, key = self._spec, None
         try:
-            async with self._downloads:
-                loaded = await asyncio.to_thread(
-                    load_archive, url, spec.archive_cache_dir, spec.limits, spec.url_check()
-                )
+            loaded = await self._download(url)
             key, pipeline = loaded.sha256, loaded.pipeline.without_connections()
             warnings, names = loaded.pipeline.connection_warnings(), {}
+            own: list[Route] = []
             if spec.use_connections:  # where this archive's actions go: its own servers
                 try:
                     own = archive_routes(loaded.pipeline.redis, loaded.pipeline.postgresql)
                 except ConnectionSectionError as exc:
                     raise PipelineUnavailable(f"connection sections: {exc}") from None
-                self._routes.update((r.name, r) for r in own)
                 warnings, names = [], route_names(own)
             version = pipeline.version or key[:12]
             PipelinePlan.of(pipeline, version)  # what a camera actor will build must build
+            self._routes.update((r.name, r) for r in own)
             root = pipeline.pipeline
             info = PipelineInfo(
                 key,
@@ -187,6 +184,20 @@ class CatalogActor:
             logger.warning("pipeline at %s failed: %s", redact(url), remote_error(exc))
             self._catalog.failed(url, remote_error(exc), key)
         return key
+
+    async def _download(self, url: str) -> Any:
+        """`load_archive` in a thread, at most DOWNLOADS_AT_ONCE at a time. The slot is
+        held until the thread ends, also when the load's deadline cancels the wait (the
+        thread stops at the download's own deadline, download_total_s)."""
+        spec = self._spec
+        await self._downloads.acquire()
+        future = asyncio.ensure_future(
+            asyncio.to_thread(
+                load_archive, url, spec.archive_cache_dir, spec.limits, spec.url_check()
+            )
+        )
+        future.add_done_callback(lambda _: self._downloads.release())
+        return await asyncio.shield(future)
 
     async def _warm(self, info: PipelineInfo) -> None:
         """One replica of each deployment loads the pipeline's models (a .pt exports to

@@ -85,12 +85,14 @@ class _Archives:
         URL the catalog has for it, and refused when the content there changed."""
         spec = self.spec
         source = f"pipeline {key[:12]}"
-        found = await asyncio.to_thread(cached_archive, spec.archive_cache_dir, key, source)
-        if found is not None:
-            return found
+        # Asked of the catalog first, also for an archive this node has: one it unloaded
+        # (idle, or its URL no longer allowed) is not loaded again behind its back.
         url = await (await self.catalog()).source_of.remote(key)
         if url is None:
             raise PipelineUnavailable(f"{source} is not loaded: subscribe with its modelUrl")
+        found = await asyncio.to_thread(cached_archive, spec.archive_cache_dir, key, source)
+        if found is not None:
+            return found
         try:
             loaded = await asyncio.to_thread(
                 load_archive, url, spec.archive_cache_dir, spec.limits, spec.url_check()

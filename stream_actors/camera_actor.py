@@ -38,7 +38,7 @@ from graph.events.model import (
     state_event,
 )
 from graph.events.ring import restart_safe_first_id
-from graph.pipeline.catalog import PipelineInfo
+from graph.pipeline.catalog import PipelineInfo, PipelineLoading
 from graph.pipeline.plan import PipelineRuntime
 from graph.pipeline.runner import BranchResult, PipelineRunner, ResultFn
 from stream_actors.forwarding import ActionForwarder
@@ -85,6 +85,7 @@ class CameraActor:
         self._mux: dict[tuple[str, str], Any] = {}  # (deployment, multiplexed id) → handle
         self._catalog: Any = None
         self._url_used: dict[str, tuple[str, str]] = {}  # sub id → (sha256, modelUrl)
+        self._stream_locks: dict[str, asyncio.Lock] = {}
         self._touching: asyncio.Future[None] | None = None
         self._forwarders: dict[str, ActionForwarder] = {}
         # display id → {"id", "data", "seq"}: the displays' sessions, as the registry
@@ -325,17 +326,31 @@ class CameraActor:
         """Make this stream and its subscriptions exactly as given (idempotent). `revive`
         (a subscribe asked for the stream, not a repair round): a stream that gave up
         (`failed`, streams.max_retries) starts again. `sessions`: the sessions of the
-        subscriptions' displays (None: no session), applied first."""
+        subscriptions' displays (None: no session), applied first. One call per stream
+        at a time: a repair round's call that its caller gave up on may still run."""
         for display_id, session in (sessions or {}).items():
             await self.set_session(display_id, session)
         want = StreamSpec.model_validate(spec)
+        async with self._stream_lock(want.key):
+            await self._set_stream(want, subs, revive)
+
+    def _stream_lock(self, key: str) -> asyncio.Lock:
+        lock = self._stream_locks.get(key)
+        if lock is None:
+            lock = self._stream_locks[key] = asyncio.Lock()
+        return lock
+
+    async def _set_stream(self, want: StreamSpec, subs: list[dict[str, Any]], revive: bool) -> None:
         wanted = {s.subscriptionIdentifier: s for s in map(Subscription.model_validate, subs)}
-        # modelUrl pipelines first, before anything changes: nothing below waits on them,
-        # so two calls for this stream cannot interleave between a check and an attach.
-        urls = await self._url_pipelines(wanted)
+        # modelUrl pipelines of the subscriptions to attach, before anything changes.
+        stream = self._streams.get(want.key)
+        kept = set()
+        if stream is not None and stream.reader.spec == want:
+            kept = {i for i, s in stream.subs.items() if wanted.get(i) == s}
+        urls = await self._url_pipelines({i: s for i, s in wanted.items() if i not in kept})
         stream = self._streams.get(want.key)
         if stream is not None and stream.reader.spec != want:
-            await self.remove_stream(want.key)  # the source itself changed: reopen
+            await self._remove_stream(want.key)  # the source itself changed: reopen
             stream = None
         new = stream is None
         if stream is None:
@@ -408,8 +423,10 @@ class CameraActor:
             cause = getattr(found, "cause", None) or found
             error = redact_text(f"pipeline: {type(cause).__name__}: {str(cause)[:500]}")
             logger.warning("%s: %s", sub_id, error)
-            model_id = sub.modelId or ""
-            self._sink.publish([state_event(sub_id, sub.camera_id, model_id, "failed", error)])
+            if not isinstance(cause, PipelineLoading):  # still loading: not given up
+                model_id = sub.modelId or ""
+                event = state_event(sub_id, sub.camera_id, model_id, "failed", error)
+                self._sink.publish([event])
             return None
         url, info, runtime = found
         model_id = sub.modelId or info.model_id
@@ -507,6 +524,10 @@ class CameraActor:
         self._ring.forget(sub_id)
 
     async def remove_stream(self, key: str) -> bool:
+        async with self._stream_lock(key):
+            return await self._remove_stream(key)
+
+    async def _remove_stream(self, key: str) -> bool:
         stream = self._streams.pop(key, None)
         if stream is None:
             return False

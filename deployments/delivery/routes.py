@@ -11,6 +11,7 @@ entries wait in the outbox and none is lost or reordered.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ from graph.common.schemas import ActionsSettings
 from graph.pipeline.connections import ROUTE_NAME, Route
 
 Resolver = Callable[[str], Awaitable[Route | None]]
+RESOLVE_TIMEOUT_S = 5.0
+logger = logging.getLogger("camgraph.actions")
 
 
 class RouteSink:
@@ -32,60 +35,71 @@ class RouteSink:
         self._inner: Any = None
         self._pool: Any = None
         self.route: Route | None = None
-        self._lock = asyncio.Lock()
+        self._resolving: asyncio.Task[None] | None = None
+        self._warned = False
+        self.error: str | None = None
 
-    async def _sink(self) -> Any:
-        async with self._lock:
-            if self._inner is not None:
-                return self._inner
-            try:
-                route = await self._resolve(self.name)
-            except Exception as exc:
-                message = f"{self.name}: resolving it failed: {type(exc).__name__}"
-                raise SinkUnavailable(message) from None
-            if route is None:
-                raise SinkUnavailable(f"{self.name}: its pipeline's connection is not known here")
-            settings = self._settings
-            if route.sink == "redis":
-                inner: Any = RedisSink(
-                    route.url,
-                    connect_timeout_s=settings.connect_timeout_s,
-                    timeout_s=settings.operation_timeout_s,
-                )
-            else:
-                from psycopg_pool import AsyncConnectionPool
+    def _sink(self) -> Any:
+        """The built sink; else a resolution starts in the background and this entry
+        waits (SinkUnavailable): a delivery round never blocks on a lookup."""
+        if self._inner is not None:
+            return self._inner
+        if self._resolving is None or self._resolving.done():
+            self._resolving = asyncio.get_running_loop().create_task(self._build())
+        raise SinkUnavailable(f"{self.name}: {self.error or 'resolving its connection'}")
 
-                self._pool = AsyncConnectionPool(
-                    route.url,
-                    min_size=0,
-                    max_size=2,
-                    open=False,
-                    timeout=settings.connect_timeout_s,
-                    kwargs={
-                        "autocommit": True,
-                        "connect_timeout": max(1, int(settings.connect_timeout_s)),
-                    },
-                    check=AsyncConnectionPool.check_connection,
-                )
-                await self._pool.open(wait=False)
-                inner = PostgresSink(
-                    self._pool,
-                    route.schema,
-                    settings.create_tables,
-                    timeout_s=settings.operation_timeout_s,
-                )
-            inner.name = self.name  # outages are tracked per route
-            self._inner, self.route = inner, route
-            return inner
+    async def _build(self) -> None:
+        try:
+            route = await asyncio.wait_for(self._resolve(self.name), RESOLVE_TIMEOUT_S)
+        except Exception as exc:
+            self.error = f"resolving its connection failed: {type(exc).__name__}"
+            return
+        if route is None:
+            self.error = "its pipeline's connection is not known here (entries wait)"
+            if not self._warned:  # once per route: its entries wait, visibly
+                logger.warning("actions: route %s is not known: its entries wait", self.name)
+                self._warned = True
+            return
+        settings = self._settings
+        if route.sink == "redis":
+            inner: Any = RedisSink(
+                route.url,
+                connect_timeout_s=settings.connect_timeout_s,
+                timeout_s=settings.operation_timeout_s,
+            )
+        else:
+            from psycopg_pool import AsyncConnectionPool
+
+            self._pool = AsyncConnectionPool(
+                route.url,
+                min_size=0,
+                max_size=2,
+                open=False,
+                timeout=settings.connect_timeout_s,
+                kwargs={
+                    "autocommit": True,
+                    "connect_timeout": max(1, int(settings.connect_timeout_s)),
+                },
+                check=AsyncConnectionPool.check_connection,
+            )
+            await self._pool.open(wait=False)
+            inner = PostgresSink(
+                self._pool,
+                route.schema,
+                settings.create_tables,
+                timeout_s=settings.operation_timeout_s,
+            )
+        inner.name = self.name  # outages are tracked per route
+        self._inner, self.route, self.error = inner, route, None
+        logger.info("actions: route %s resolved", self.name)
 
     async def apply(self, entry: OutboxEntry) -> None:
-        sink = await self._sink()
-        await sink.apply(entry)
+        await self._sink().apply(entry)
 
     def describe(self) -> dict[str, Any]:
         """For /health: where the route goes (password masked), once known."""
         if self.route is None:
-            return {"kind": "archive", "resolved": False}
+            return {"kind": "archive", "resolved": False, "error": self.error}
         return {
             "kind": f"archive {self.route.sink}",
             "url": redact(self.route.url),
@@ -100,14 +114,20 @@ class RouteSink:
 
 
 class RoutedSinks(dict[str, Sink]):
-    """The deployment's sinks by role, and a route's sink made at its first lookup."""
+    """The deployment's sinks by role, and a route's sink made at its first lookup.
+    Without `resolve` (archive_connections: ignore), a route's entries (written while
+    it was `use`) go to the deployment's sink of their role, never to the dead list."""
 
-    def __init__(self, base: dict[str, Sink], resolve: Resolver, settings: ActionsSettings):
+    def __init__(
+        self, base: dict[str, Sink], resolve: Resolver | None, settings: ActionsSettings
+    ) -> None:
         super().__init__(base)
         self._resolve, self._settings = resolve, settings
 
     def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
         sink = super().get(name)
         if sink is None and ROUTE_NAME.fullmatch(name):
+            if self._resolve is None:
+                return super().get(name.partition("@")[0], default)
             sink = self[name] = RouteSink(name, self._resolve, self._settings)
         return sink if sink is not None else default

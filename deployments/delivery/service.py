@@ -119,17 +119,19 @@ class ActionService:
             self._local = LocalStoreSink(data_dir, "local")
             self.sinks.setdefault("redis", self._local)
             self.sinks.setdefault("postgres", self._local)
-        if settings.archive_connections == "use":
-            known = dict(routes or {})
+        known = dict(routes or {})
 
-            async def resolve(name: str) -> Route | None:
-                if name not in known and lookup is not None:
-                    found = await lookup(name)
-                    if found is not None:
-                        known[name] = found
-                return known.get(name)
+        async def resolve(name: str) -> Route | None:
+            if name not in known and lookup is not None:
+                found = await lookup(name)
+                if found is not None:
+                    known[name] = found
+            return known.get(name)
 
-            self.sinks = RoutedSinks(self.sinks, resolve, settings)
+        # Routes of archives' own servers (archive_connections: use); when ignored, the
+        # entries a route still has go to the deployment's sink of their role.
+        use = settings.archive_connections == "use"
+        self.sinks = RoutedSinks(self.sinks, resolve if use else None, settings)
         self.spill = SqliteOutbox(data_dir / "outbox.sqlite")
         use_pg = settings.outbox == "postgres" or (settings.outbox == "auto" and self._pg_dsn)
         if settings.outbox == "postgres" and not self._pg_dsn:

@@ -117,7 +117,9 @@ def _fetch(source: str, into: Path, limits: ArchiveLimits, check: UrlCheck | Non
             if declared and declared.isdigit() and int(declared) > limits.max_archive_bytes:
                 raise ArchiveError(source, [f"larger than {limits.max_archive_bytes} bytes"])
             size, deadline = 0, time.monotonic() + limits.download_total_s
-            while chunk := response.read(1024 * 1024):
+            # read1: what one socket read brings (a read of a full MiB would wait for all
+            # of it, so a server dripping bytes would never meet the deadline check)
+            while chunk := response.read1(1024 * 1024):
                 if time.monotonic() > deadline:
                     raise ArchiveError(source, [f"download took over {limits.download_total_s:g}s"])
                 size += len(chunk)

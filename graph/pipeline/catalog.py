@@ -261,6 +261,10 @@ class PipelineCatalog:
         """The archive at `url` is checked and extracted; returns True when its content
         still has to be loaded by the replicas (False: another URL loaded it already)."""
         now = self._clock()
+        reason = url_refusal(url, self.settings.allowed_urls)
+        if reason is not None:  # the allow-list changed while it downloaded
+            self._urls.pop(url, None)
+            raise UrlRefused(url, reason)
         self._urls[url] = _Url(PipelineState.LOADING, info.key, at=now)
         self.retired.pop(info.key, None)
         loaded = self._loaded.get(info.key)

@@ -37,7 +37,7 @@ class RedisSection(StrictModel):
 
 
 class PostgresSection(StrictModel):
-    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\-\[\]/]+$")
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\-\[\]]+$")
     port: int = Field(5432, ge=1, le=65535)
     database: str = Field(min_length=1, max_length=63)
     user: str | None = Field(None, max_length=63)
@@ -61,7 +61,18 @@ class Route:
 
 
 def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+    """An IPv6 address in brackets; a name with ':' is not a host."""
+    if ":" in host and not host.startswith("["):
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConnectionSectionError(
+                f"host: {host!r} is neither a name nor an address"
+            ) from None
+        return f"[{host}]"
+    return host
 
 
 def _userinfo(user: str | None, password: str | None) -> str:
@@ -78,15 +89,15 @@ def archive_routes(redis: dict[str, Any] | None, postgres: dict[str, Any] | None
         if redis is not None:
             r = RedisSection.model_validate(redis)
             url = f"redis://{_userinfo(r.username, r.password)}{_host(r.host)}:{r.port}/{r.db}"
-            routes.append(_route("redis", url))
+            public = f"redis://{_userinfo(r.username, None)}{_host(r.host)}:{r.port}/{r.db}"
+            routes.append(_route("redis", url, public))
         if postgres is not None:
             p = PostgresSection.model_validate(postgres)
             user = p.user or p.username
-            url = (
-                f"postgresql://{_userinfo(user, p.password)}{_host(p.host)}:{p.port}/"
-                f"{quote(p.database, safe='')}"
-            )
-            routes.append(_route("postgres", url, p.schema_))
+            where = f"{_host(p.host)}:{p.port}/{quote(p.database, safe='')}"
+            url = f"postgresql://{_userinfo(user, p.password)}{where}"
+            public = f"postgresql://{_userinfo(user, None)}{where}"
+            routes.append(_route("postgres", url, public, p.schema_))
     except ValidationError as exc:
         problems = [
             f"{'redis' if 'Redis' in exc.title else 'postgresql'}."
@@ -97,8 +108,11 @@ def archive_routes(redis: dict[str, Any] | None, postgres: dict[str, Any] | None
     return routes
 
 
-def _route(sink: str, url: str, schema: str = "public") -> Route:
-    digest = hashlib.sha256(f"{sink}\n{url}\n{schema}".encode()).hexdigest()[:16]
+def _route(sink: str, url: str, public: str, schema: str = "public") -> Route:
+    """The route's name digests the connection *without* its password (`public`): a
+    name shown anywhere cannot be used to test password guesses, and a new password for
+    the same server keeps the name (its waiting entries go on with the new one)."""
+    digest = hashlib.sha256(f"{sink}\n{public}\n{schema}".encode()).hexdigest()[:16]
     return Route(f"{sink}@{digest}", sink, url, schema)
 
 

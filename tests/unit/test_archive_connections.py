@@ -51,13 +51,12 @@ def test_sections_become_routes_whose_names_hold_no_secret() -> None:
         "redis": redis_route.name,
         "postgres": pg_route.name,
     }
-    # The same connection is the same route; another password is another one.
-    assert archive_routes({"host": "10.0.0.1", "port": 6380, "password": "p@ss/w", "db": 2}, None)[
-        0
-    ].name == (redis_route.name)
-    assert archive_routes({"host": "10.0.0.1", "port": 6380, "password": "other", "db": 2}, None)[
-        0
-    ].name != (redis_route.name)
+    # The name digests the connection without its password: no guess can be tested
+    # against it, and a new password keeps the route (its waiting entries go on).
+    same = {"host": "10.0.0.1", "port": 6380, "password": "rotated", "db": 2}
+    assert archive_routes(same, None)[0].name == redis_route.name
+    other_db = {"host": "10.0.0.1", "port": 6380, "password": "p@ss/w", "db": 3}
+    assert archive_routes(other_db, None)[0].name != redis_route.name
     assert archive_routes(None, None) == []
 
 
@@ -69,6 +68,7 @@ def test_sections_become_routes_whose_names_hold_no_secret() -> None:
         ({"host": "h x"}, None, "redis.host"),
         (None, {"host": "h"}, "postgresql.database: Field required"),
         (None, {"host": "h", "database": "d", "schema": "a;drop"}, "postgresql.schema"),
+        (None, {"host": "/var/run/postgresql", "database": "d"}, "postgresql.host"),
     ],
 )
 def test_a_bad_section_is_named_by_its_fields_never_its_values(
@@ -215,3 +215,30 @@ def test_routed_entries_reach_the_archives_servers_and_unknown_routes_wait(
     assert count == 1
     described = health["sinks"][redis_route.name]
     assert described == {"kind": "archive redis", "url": f"redis://127.0.0.1:6379/{ARCHIVE_DB}"}
+
+
+def test_with_connections_ignored_a_routes_waiting_entries_go_to_the_deployments_sink(
+    tmp_path: Path, targets: dict[str, str]
+) -> None:
+    """A deployment switched back to `ignore` delivers what a route still has in the
+    outbox to its own sink of that role: nothing dead, nothing at the archive's server."""
+    prefix = targets["prefix"]
+    route = archive_routes({"host": "127.0.0.1", "db": ARCHIVE_DB}, None)[0]
+    image = {"type": "redis_save_image", "key": f"{prefix}:late.jpg", "ttl_s": 600}
+
+    async def run() -> dict[str, Any]:
+        settings = ActionsSettings(redis_url="redis://127.0.0.1:6379/0", data_dir=Path("a"))
+        service = ActionService(settings, tmp_path, environ={})
+        await service.submit([OutboxEntry("r1", route.name, image, b"jpeg")])
+        for _ in range(100):
+            health = await service.health()
+            if health["outbox"][0]["depth"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        await service.close()
+        return health
+
+    health = asyncio.run(run())
+    assert health["delivered"] == 1 and health["dead"] == 0
+    assert redis.Redis(port=6379, db=0).get(f"{prefix}:late.jpg") == b"jpeg"
+    assert redis.Redis(port=6379, db=ARCHIVE_DB).get(f"{prefix}:late.jpg") is None
