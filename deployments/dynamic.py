@@ -159,24 +159,54 @@ def held(owner: object, model_id: str) -> _Model:
     return model  # type: ignore[no-any-return]
 
 
+class _Multiplexed:
+    """What both deployments share: the archives helper, the batching settings of their
+    batched method (`user_config`), loading the request's model outside any batch, and
+    their counters."""
+
+    CONFIG: type[BatchUserConfig] | type[DetectorUserConfig] = BatchUserConfig
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self._archives = _Archives(UrlPipelinesSpec.model_validate(spec))
+        self._batch_sizes: Counter[int] = Counter()
+
+    def _batched(self) -> Any:
+        raise NotImplementedError
+
+    async def _model(self, model_id: str) -> _Model:
+        raise NotImplementedError
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = self.CONFIG.model_validate(user_config)
+        batched: Any = self._batched()  # @serve.batch adds these setters at runtime
+        batched.set_max_batch_size(config.max_batch_size)
+        batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    async def _loaded(self) -> _Model:
+        self._archives.start_sweeper(self)
+        return await self._model(serve.get_multiplexed_model_id())
+
+    def stats(self) -> dict[str, Any]:
+        wrapper = getattr(self, MULTIPLEX_ATTR, None)
+        return {
+            "models": list(wrapper.models) if wrapper is not None else [],
+            "batch_sizes": dict(self._batch_sizes),
+        }
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.5},
     max_ongoing_requests=16,
     max_queued_requests=64,
     user_config=DetectorUserConfig().model_dump(),
 )
-class PipelineDetector:
+class PipelineDetector(_Multiplexed):
     """The root models of URL pipelines, one multiplexed model per archive."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self._archives = _Archives(UrlPipelinesSpec.model_validate(spec))
-        self._batch_sizes: Counter[int] = Counter()
+    CONFIG = DetectorUserConfig
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        config = DetectorUserConfig.model_validate(user_config)
-        batched: Any = self._detect
-        batched.set_max_batch_size(config.max_batch_size)
-        batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+    def _batched(self) -> Any:
+        return self._detect
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def _model(self, key: str) -> _Model:
@@ -203,10 +233,6 @@ class PipelineDetector:
         logger.info("pipeline %s: detector loaded on %s", key[:12], engine.providers)
         return _Model(engine)
 
-    async def _loaded(self) -> _Model:
-        self._archives.start_sweeper(self)
-        return await self._model(serve.get_multiplexed_model_id())
-
     async def warm(self) -> dict[str, Any]:
         """Load this request's pipeline (the catalog calls it once per new pipeline)."""
         engine = (await self._loaded()).engine
@@ -225,13 +251,6 @@ class PipelineDetector:
         self._batch_sizes[len(requests)] += 1
         return [DetectResult(rows, engine.names) for rows in results]
 
-    def stats(self) -> dict[str, Any]:
-        wrapper = getattr(self, MULTIPLEX_ATTR, None)
-        return {
-            "models": list(wrapper.models) if wrapper is not None else [],
-            "batch_sizes": dict(self._batch_sizes),
-        }
-
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.1},
@@ -239,18 +258,11 @@ class PipelineDetector:
     max_queued_requests=128,
     user_config=BatchUserConfig().model_dump(),
 )
-class PipelineClassifier:
+class PipelineClassifier(_Multiplexed):
     """The branch models of URL pipelines, one multiplexed model per `<sha256>:<branch>`."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self._archives = _Archives(UrlPipelinesSpec.model_validate(spec))
-        self._batch_sizes: Counter[int] = Counter()
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        config = BatchUserConfig.model_validate(user_config)
-        batched: Any = self._classify
-        batched.set_max_batch_size(config.max_batch_size)
-        batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+    def _batched(self) -> Any:
+        return self._classify
 
     @serve.multiplexed(max_num_models_per_replica=BRANCHES_PER_REPLICA)
     async def _model(self, model_id: str) -> _Model:
@@ -277,10 +289,6 @@ class PipelineClassifier:
             raise
         return _Model(engine)
 
-    async def _loaded(self) -> _Model:
-        self._archives.start_sweeper(self)
-        return await self._model(serve.get_multiplexed_model_id())
-
     async def warm(self) -> dict[str, Any]:
         engine = (await self._loaded()).engine
         return {"providers": list(engine.providers), "kind": engine.kind}
@@ -295,10 +303,3 @@ class PipelineClassifier:
         self._batch_sizes[len(crops)] += 1
         out: list[Label | None] = engine.classify(crops)
         return out
-
-    def stats(self) -> dict[str, Any]:
-        wrapper = getattr(self, MULTIPLEX_ATTR, None)
-        return {
-            "models": list(wrapper.models) if wrapper is not None else [],
-            "batch_sizes": dict(self._batch_sizes),
-        }

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from deployments.delivery.outbox import OutboxEntry, Sink, SinkUnavailable
-from deployments.delivery.sinks import PostgresSink, RedisSink
+from deployments.delivery.sinks import PostgresSink, RedisSink, postgres_pool
 from graph.common.redaction import redact
 from graph.common.schemas import ActionsSettings
 from graph.pipeline.connections import ROUTE_NAME, Route
@@ -68,20 +68,7 @@ class RouteSink:
                 timeout_s=settings.operation_timeout_s,
             )
         else:
-            from psycopg_pool import AsyncConnectionPool
-
-            self._pool = AsyncConnectionPool(
-                route.url,
-                min_size=0,
-                max_size=2,
-                open=False,
-                timeout=settings.connect_timeout_s,
-                kwargs={
-                    "autocommit": True,
-                    "connect_timeout": max(1, int(settings.connect_timeout_s)),
-                },
-                check=AsyncConnectionPool.check_connection,
-            )
+            self._pool = postgres_pool(route.url, settings.connect_timeout_s, 0, 2)
             await self._pool.open(wait=False)
             inner = PostgresSink(
                 self._pool,

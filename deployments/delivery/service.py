@@ -30,7 +30,7 @@ from deployments.delivery.outbox import (
     run_delivery,
 )
 from deployments.delivery.routes import Resolver, RoutedSinks, RouteSink
-from deployments.delivery.sinks import LocalStoreSink, PostgresSink, RedisSink
+from deployments.delivery.sinks import LocalStoreSink, PostgresSink, RedisSink, postgres_pool
 from graph.common.schemas import ActionsSettings
 from graph.pipeline.connections import Route
 
@@ -95,20 +95,7 @@ class ActionService:
                 timeout_s=settings.operation_timeout_s,
             )
         if self._pg_dsn:
-            from psycopg_pool import AsyncConnectionPool
-
-            self._pool = AsyncConnectionPool(
-                self._pg_dsn,
-                min_size=1,
-                max_size=4,
-                open=False,
-                timeout=settings.connect_timeout_s,
-                kwargs={
-                    "autocommit": True,
-                    "connect_timeout": max(1, int(settings.connect_timeout_s)),
-                },
-                check=AsyncConnectionPool.check_connection,
-            )
+            self._pool = postgres_pool(self._pg_dsn, settings.connect_timeout_s, 1, 4)
             self.sinks["postgres"] = PostgresSink(
                 self._pool,
                 settings.postgres_schema,

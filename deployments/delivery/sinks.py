@@ -159,6 +159,22 @@ class RedisSink:
         await self._client.aclose()
 
 
+def postgres_pool(dsn: str, connect_timeout_s: float, min_size: int, max_size: int) -> Any:
+    """A psycopg pool as the sinks and the outbox use it: autocommit, checked
+    connections, not opened yet (the caller opens it without waiting for the server)."""
+    from psycopg_pool import AsyncConnectionPool
+
+    return AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        timeout=connect_timeout_s,
+        kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout_s))},
+        check=AsyncConnectionPool.check_connection,
+    )
+
+
 class PostgresSink:
     """Upserts into `<schema>.<table>`; with `create_tables`, missing tables and columns
     are created (text columns) the first time a table is written."""
