@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,14 +38,17 @@ def raw_output(imgsz: int = 640) -> np.ndarray:
     return out
 
 
-def build(path: Path, imgsz: int = 640) -> Path:
-    """Write the model (unchanged when it is there already)."""
-    if path.is_file():
-        return path
-    import onnx
+def constant_detector_model(
+    raw: np.ndarray,
+    props: dict[str, str] | None = None,
+    batch: int | str = "batch",
+    size: int | str = "size",
+) -> Any:
+    """An ONNX 'detector' whose output is `raw` (4 + nc, N) for every image of the batch
+    (plus 0 x the image mean, so the output's batch dimension follows the input's), with
+    `props` as its metadata (e.g. the class names). Also the engine tests' model."""
     from onnx import TensorProto, helper, numpy_helper
 
-    raw = raw_output(imgsz)
     rows, n = raw.shape
     nodes = [
         helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2, 3], keepdims=1),
@@ -53,15 +57,28 @@ def build(path: Path, imgsz: int = 640) -> Path:
         helper.make_node("Add", ["zeros", "raw"], ["output0"]),
     ]
     inits = [
-        numpy_helper.from_array(raw[None], "raw"),
+        numpy_helper.from_array(raw[None].astype(np.float32), "raw"),
         numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
         numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
     ]
-    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, imgsz, imgsz])
-    out = helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", rows, n])
-    graph = helper.make_graph(nodes, "tiny_detector", [images], [out], inits)
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, size, size])
+    out = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [batch, rows, n])
+    graph = helper.make_graph(nodes, "constant_detector", [images], [out], inits)
+    # IR 8: readable by every ONNX Runtime we support (the newest onnx writes 14)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    helper.set_model_props(model, {"names": repr(NAMES), "imgsz": repr([imgsz, imgsz])})
+    if props is not None:
+        helper.set_model_props(model, props)
+    return model
+
+
+def build(path: Path, imgsz: int = 640) -> Path:
+    """Write the model (unchanged when it is there already)."""
+    if path.is_file():
+        return path
+    import onnx
+
+    props = {"names": repr(NAMES), "imgsz": repr([imgsz, imgsz])}
+    model = constant_detector_model(raw_output(imgsz), props, size=imgsz)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     onnx.save(model, tmp)

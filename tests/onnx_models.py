@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from benchmarks.tiny_detector import constant_detector_model
 
 OPSET = [helper.make_opsetid("", 17)]
 IR_VERSION = 8  # readable by every ONNX Runtime we support (newest onnx writes 14)
@@ -24,25 +26,10 @@ def constant_detector(
     size: int | str = "size",
 ) -> Path:
     """A 'detector' whose output is `raw` (4 + nc, N) for every image of the batch, plus
-    0 x the image mean, so the output's batch dimension follows the input's."""
-    rows, n = raw.shape
-    nodes = [
-        helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2, 3], keepdims=1),
-        helper.make_node("Reshape", ["mean", "shape"], ["mean3"]),
-        helper.make_node("Mul", ["mean3", "zero"], ["zeros"]),
-        helper.make_node("Add", ["zeros", "raw"], ["output0"]),
-    ]
-    inits = [
-        numpy_helper.from_array(raw[None].astype(np.float32), "raw"),
-        numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
-        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-    ]
-    out = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [batch, rows, n])
-    graph = helper.make_graph(nodes, "constant_detector", [_image_input(batch, size)], [out], inits)
-    model = helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
-    if names is not None:
-        helper.set_model_props(model, {"names": repr(names)})
-    onnx.save(model, path)
+    0 x the image mean, so the output's batch dimension follows the input's (the
+    benchmark's near-free detector is built the same way)."""
+    props = None if names is None else {"names": repr(names)}
+    onnx.save(constant_detector_model(raw, props, batch, size), path)
     return path
 
 

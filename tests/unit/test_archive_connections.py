@@ -131,6 +131,16 @@ def test_a_bad_section_of_an_opted_in_archive_fails_the_deploy_naming_it(tmp_pat
         bound_app(tmp_path, archive, "use")
 
 
+async def drained(service: ActionService, rounds: int) -> dict[str, Any]:
+    """The service's health once its outbox is empty, or after `rounds` polls."""
+    for _ in range(rounds):
+        health = await service.health()
+        if health["outbox"][0]["depth"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    return health
+
+
 @pytest.fixture
 def targets() -> Iterator[dict[str, str]]:
     """The archive's servers: Redis database 7 and a schema of its own on PostgreSQL."""
@@ -193,11 +203,7 @@ def test_routed_entries_reach_the_archives_servers_and_unknown_routes_wait(
             await asyncio.sleep(0.05)
         assert health["outbox"][0]["depth"] == 1 and health["dead"] == 0, health
         catalog[late.name] = late  # the catalog learns it (e.g. the pipeline loaded again)
-        for _ in range(200):
-            health = await service.health()
-            if health["outbox"][0]["depth"] == 0:
-                break
-            await asyncio.sleep(0.05)
+        health = await drained(service, rounds=200)
         await service.close()
         return health
 
@@ -230,11 +236,7 @@ def test_with_connections_ignored_a_routes_waiting_entries_go_to_the_deployments
         settings = ActionsSettings(redis_url="redis://127.0.0.1:6379/0", data_dir=Path("a"))
         service = ActionService(settings, tmp_path, environ={})
         await service.submit([OutboxEntry("r1", route.name, image, b"jpeg")])
-        for _ in range(100):
-            health = await service.health()
-            if health["outbox"][0]["depth"] == 0:
-                break
-            await asyncio.sleep(0.05)
+        health = await drained(service, rounds=100)
         await service.close()
         return health
 
