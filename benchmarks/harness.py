@@ -292,6 +292,7 @@ def _run_all(
                     args.warmup_s,
                     mode=mode,
                     model_id=args.model_id,
+                    max_in_flight=2,  # the most streams.processing.max_in_flight allows
                     progress=progress,
                 )
             )

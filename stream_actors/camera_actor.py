@@ -41,7 +41,8 @@ from graph.events.ring import restart_safe_first_id
 from graph.pipeline.catalog import PipelineInfo, PipelineLoading
 from graph.pipeline.plan import PipelineRuntime
 from graph.pipeline.runner import BranchResult, PipelineRunner, ResultFn
-from stream_actors.forwarding import ActionForwarder
+from stream_actors.dispatch import AdmitFn, BranchClock, DetectDispatcher, TakeFn
+from stream_actors.forwarding import ActionForwarder, rerouted
 from stream_actors.processor import SubscriptionProcessor
 from stream_actors.reader import StreamReader, StreamState
 from stream_actors.reconnect import TokenBucket
@@ -53,17 +54,6 @@ logger = logging.getLogger("camgraph.streams")
 # How long set_stream waits for a modelUrl pipeline (the catalog goes on loading it; a
 # later repair round attaches the subscription): well under the registry's call timeout.
 URL_LOAD_WAIT_S = 8.0
-
-
-def rerouted(
-    submit: Callable[[Sequence[OutboxEntry]], Awaitable[None]], routes: dict[str, str]
-) -> Callable[[Sequence[OutboxEntry]], Awaitable[None]]:
-    """`submit` with each entry's sink renamed by `routes` (sink → route name)."""
-
-    async def send(entries: Sequence[OutboxEntry]) -> None:
-        await submit([replace(e, sink=routes.get(e.sink, e.sink)) for e in entries])
-
-    return send
 
 
 class _Stream:
@@ -83,6 +73,10 @@ class CameraActor:
         self._streams: dict[str, _Stream] = {}
         self._handles: dict[str, Any] = {}
         self._mux: dict[tuple[str, str], Any] = {}  # (deployment, multiplexed id) → handle
+        # One dispatcher per detector target: ("model", model id) or (deployment,
+        # multiplexed id); all the actor's subscriptions on it share its calls.
+        self._dispatchers: dict[tuple[str, str], DetectDispatcher] = {}
+        self._branch_clock = BranchClock()  # pending classification passes
         self._catalog: Any = None
         self._url_used: dict[str, tuple[str, str]] = {}  # sub id → (sha256, modelUrl)
         self._stream_locks: dict[str, asyncio.Lock] = {}
@@ -120,23 +114,37 @@ class CameraActor:
             raise
 
     # ---- detector and reconnect budget --------------------------------------------
-    async def _detect(self, model_id: str, request: DetectRequest) -> DetectResult:
-        handle = self._handles.get(model_id)
-        if handle is None:
-            from ray import serve
+    def _admitter(self, target: tuple[str, str], model_id: str) -> AdmitFn:
+        """A subscription's admission to its detector target's dispatcher (looked up per
+        frame: a redeploy replaces the dispatchers, see update_context)."""
 
-            name = self._ctx.detector_names[model_id]
-            handle = serve.get_deployment_handle(name, app_name=self._ctx.app_name)
-            self._handles[model_id] = handle
-        return await self._call_detector(handle, model_id, request)
+        async def admit(take: TakeFn) -> DetectResult | None:
+            return await self._dispatcher(target, model_id).admit(take)
 
-    @staticmethod
-    async def _call_detector(handle: Any, model_id: str, request: DetectRequest) -> DetectResult:
-        try:
-            result: DetectResult = await handle.detect.remote(request)
-        except BackPressureError as exc:  # the processor knows no Ray: camgraph's own error
-            raise DetectorBusy(model_id, str(exc)) from exc
-        return result
+        return admit
+
+    def _dispatcher(self, target: tuple[str, str], model_id: str) -> DetectDispatcher:
+        dispatcher = self._dispatchers.get(target)
+        if dispatcher is not None:
+            return dispatcher
+        kind, name = target
+        if kind == "model":
+            handle = self._handle(self._ctx.detector_names[name])
+        else:  # a multiplexed deployment (modelUrl pipelines), by the archive's sha256
+            handle = self._mux_handle(kind, name)
+
+        async def send(requests: list[DetectRequest]) -> list[DetectResult]:
+            try:
+                results: list[DetectResult] = await handle.detect_many.remote(requests)
+            except BackPressureError as exc:  # the processor knows no Ray: camgraph's own
+                raise DetectorBusy(model_id, str(exc)) from exc
+            return results
+
+        dispatcher = DetectDispatcher(
+            send, self._settings.dispatch, branch_age=self._branch_clock.oldest_age
+        )
+        self._dispatchers[target] = dispatcher
+        return dispatcher
 
     def _mux_handle(self, name: str, model_id: str) -> Any:
         """A handle on a multiplexed deployment for one model (routed to the replicas
@@ -209,7 +217,11 @@ class CameraActor:
                 handle = self._mux_handle(PIPELINE_CLASSIFIER, name)
             else:
                 handle = self._handle(name)
-            label = await handle.classify.remote(crop)
+            token = self._branch_clock.start()  # the dispatchers yield to branch work
+            try:
+                label = await handle.classify.remote(crop)
+            finally:
+                self._branch_clock.end(token)
             return None if label is None else BranchResult(label.label, label.confidence)
 
         forwarder = self._forwarders.get(runtime.actions_name)
@@ -377,9 +389,10 @@ class CameraActor:
                     sub,
                     model_id,
                     self._ctx.model_sizes[model_id],
-                    self._detect,
+                    None,
                     self._sink,
                     self._settings.processing,
+                    admit=self._admitter(("model", model_id), model_id),
                 )
                 processor.runner = self._runner(sub, model_id, processor.on_result)
             stream.subs[sub_id], stream.processors[sub_id] = sub, processor
@@ -430,13 +443,9 @@ class CameraActor:
             return None
         url, info, runtime = found
         model_id = sub.modelId or info.model_id
-        handle = self._mux_handle(PIPELINE_DETECTOR, info.key)
-
-        async def detect(_: str, request: DetectRequest) -> DetectResult:
-            return await self._call_detector(handle, model_id, request)
-
+        admit = self._admitter((PIPELINE_DETECTOR, info.key), model_id)
         processor = SubscriptionProcessor(
-            sub, model_id, info.imgsz, detect, self._sink, self._settings.processing
+            sub, model_id, info.imgsz, None, self._sink, self._settings.processing, admit=admit
         )
         processor.runner = self._runner(sub, model_id, processor.on_result, runtime)
         self._url_used[sub_id] = (info.key, url)  # attached by the caller right away
@@ -494,6 +503,8 @@ class CameraActor:
         old, self._ctx = self._ctx, replace(ctx, settings=self._settings)
         self._handles.clear()  # deployments may have been replaced
         self._mux.clear()
+        # New frames go to new dispatchers; the old ones finish what they admitted.
+        self._dispatchers.clear()
         swapped = 0
         for stream in self._streams.values():
             for sub_id, processor in stream.processors.items():
@@ -564,6 +575,8 @@ class CameraActor:
                 for key, s in self._streams.items()
             },
             "actions": {name: f.status() for name, f in self._forwarders.items()},
+            "dispatch": {"/".join(target): d.status() for target, d in self._dispatchers.items()},
+            "branch_passes_pending": self._branch_clock.pending,
             "events": self._publisher.status(),
         }
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from deployments.delivery.outbox import OutboxEntry, backoff_s
@@ -107,3 +108,14 @@ class ActionForwarder:
             "refused": self.refused,
             "last_error": self.last_error,
         }
+
+
+def rerouted(
+    submit: Callable[[Sequence[OutboxEntry]], Awaitable[None]], routes: dict[str, str]
+) -> Callable[[Sequence[OutboxEntry]], Awaitable[None]]:
+    """`submit` with each entry's sink renamed by `routes` (sink → route name)."""
+
+    async def send(entries: Sequence[OutboxEntry]) -> None:
+        await submit([replace(e, sink=routes.get(e.sink, e.sink)) for e in entries])
+
+    return send

@@ -97,6 +97,11 @@ class LatestFrameMailbox:
             self.delivered += 1
             return frame
 
+    def ready(self) -> bool:
+        """Whether a frame waits to be taken (it may still be too old when taken)."""
+        with self._cond:
+            return self._frame is not None
+
     def wait_taken(self, timeout_s: float) -> bool:
         """Wait until the slot is empty (its frame was taken); False on timeout."""
         with self._cond:

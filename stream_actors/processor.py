@@ -2,10 +2,13 @@
 detector (at most `max_in_flight` frames outstanding) → the pipeline's `expectedClasses`
 → tracker → stability → events.
 
-The detector is an injected coroutine function, so the camera actor passes a Serve
-handle call and tests pass a real engine. It raises `DetectorBusy` for a frame the
-detector refused (queue full): a drop, not an error. Results are handled strictly in
-frame order (the tracker needs that) even when two frames are in flight.
+The detector is injected. The camera actor passes its dispatcher's `admit`
+(`dispatch.py`): the subscription says it is ready and its newest frame is taken only
+when the dispatcher can send it, in one call with other subscriptions' frames. Tests may
+pass a plain coroutine function instead (a real engine), called once per frame. Either
+raises `DetectorBusy` for a frame the detector refused (queue full): a drop, not an
+error. Results are handled strictly in frame order (the tracker needs that) even when
+two frames are in flight.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from graph.events.model import (
 )
 from graph.pipeline.plan import PipelinePlan
 from graph.pipeline.runner import PipelineRunner
+from stream_actors.dispatch import AdmitFn, TakeFn
 from stream_actors.mailbox import DropReason, Frame, LatestFrameMailbox
 from stream_actors.meter import RateMeter
 from stream_actors.stability import StabilityRules, StabilityValidator
@@ -44,8 +48,38 @@ logger = logging.getLogger("camgraph.streams")
 DetectFn = Callable[[str, DetectRequest], Coroutine[Any, Any, DetectResult]]
 
 
+def direct(detect: DetectFn, model_id: str) -> AdmitFn:
+    """An admission that takes the frame at once and calls `detect` with it alone."""
+
+    async def admit(take: TakeFn) -> DetectResult | None:
+        request = take()
+        return None if request is None else await detect(model_id, request)
+
+    return admit
+
+
+class _Taken:
+    """What a subscription's admission took: set by its take function, read by the
+    consumer (None: nothing taken yet, so nothing to count as dropped)."""
+
+    __slots__ = ("failed", "frame", "lb", "offset")
+
+    def __init__(self) -> None:
+        self.frame: Frame | None = None
+        self.lb: Any = None
+        self.offset = (0, 0)
+        self.failed = False  # taken, but its preparation raised
+
+
 class ProcessingSettings(StrictModel):
-    max_in_flight: int = Field(1, ge=1, le=2, description="frames at the detector per camera")
+    max_in_flight: int = Field(
+        2,
+        ge=1,
+        le=2,
+        description="frames per camera at the detector or waiting for admission: a second "
+        "one is taken only when the dispatcher sends it, so it pipelines decode and "
+        "detection without queueing stale frames at the replicas",
+    )
     max_frame_age_s: float = Field(2.0, gt=0, le=60, description="older frames are dropped")
     conf: float = Field(0.1, gt=0, le=1, description="detector threshold (ByteTrack uses lows)")
     iou: float = Field(0.7, ge=0, le=1)
@@ -64,14 +98,20 @@ class SubscriptionProcessor:
         sub: Subscription,
         model_id: str,
         imgsz: int,
-        detect: DetectFn,
+        detect: DetectFn | None,
         sink: EventSink,
         settings: ProcessingSettings,
         runner: PipelineRunner | None = None,
+        *,
+        admit: AdmitFn | None = None,
     ) -> None:
         self.sub, self.model_id, self.imgsz = sub, model_id, imgsz
         self.runner = runner  # the pipeline's branches and actions, if the model has one
-        self._detect, self._sink, self._settings = detect, sink, settings
+        if admit is None:
+            if detect is None:
+                raise ValueError("a processor needs detect or admit")
+            admit = direct(detect, model_id)
+        self._admit, self._sink, self._settings = admit, sink, settings
         self._wakeup = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -85,7 +125,7 @@ class SubscriptionProcessor:
         self._tracker = Tracker(settings.tracker)
         self._stability = StabilityValidator(sub.stability or settings.stability)
         self._slots = asyncio.Semaphore(settings.max_in_flight)
-        self._pending: asyncio.Queue[tuple[Frame, Any, asyncio.Task[DetectResult]]] = (
+        self._pending: asyncio.Queue[tuple[_Taken, asyncio.Task[DetectResult | None]]] = (
             asyncio.Queue()
         )
         self._tasks: list[asyncio.Task[Any]] = []
@@ -110,19 +150,31 @@ class SubscriptionProcessor:
         if self.runner is not None:
             await self.runner.stop()
         while not self._pending.empty():
-            _, _, task = self._pending.get_nowait()
+            _, task = self._pending.get_nowait()
             task.cancel()
 
-    async def _next_frame(self) -> Frame:
-        while True:
-            frame = self.mailbox.take()
-            if frame is not None:
-                return frame
+    async def _frame_waiting(self) -> None:
+        """Until the mailbox holds a frame (not taken: the admission takes it)."""
+        while not self.mailbox.ready():
             self._wakeup.clear()
-            frame = self.mailbox.take()  # a put may have landed between take and clear
-            if frame is not None:
-                return frame
+            if self.mailbox.ready():  # a put may have landed between the check and clear
+                return
             await self._wakeup.wait()
+
+    def _taker(self, taken: _Taken) -> TakeFn:
+        def take() -> DetectRequest | None:
+            frame = self.mailbox.take()
+            if frame is None:
+                return None  # too old by now (counted by the mailbox)
+            taken.frame = frame
+            try:
+                boxed, taken.lb, taken.offset = self._prepare(frame)
+            except Exception:
+                taken.failed = True
+                raise
+            return DetectRequest(boxed, self._params)
+
+        return take
 
     def _prepare(self, frame: Frame) -> tuple[np.ndarray, Any, tuple[int, int]]:
         image, offset = frame.image, (0, 0)
@@ -149,20 +201,17 @@ class SubscriptionProcessor:
                 if delay > 0:
                     await asyncio.sleep(delay)  # frames arriving meanwhile are superseded
                 next_due = max(next_due + period, time.monotonic())
-            frame = await self._next_frame()
-            boxed, lb, offset = self._prepare(frame)
+            await self._frame_waiting()
+            taken = _Taken()
             # Bounded: a hung replica must not hold the subscription's only slot for ever.
             task = asyncio.ensure_future(
-                asyncio.wait_for(
-                    self._detect(self.model_id, DetectRequest(boxed, self._params)),
-                    self._settings.detect_timeout_s,
-                )
+                asyncio.wait_for(self._admit(self._taker(taken)), self._settings.detect_timeout_s)
             )
-            await self._pending.put((frame, (lb, offset), task))
+            await self._pending.put((taken, task))
 
     async def _consume(self) -> None:
         while True:
-            frame, (lb, offset), task = await self._pending.get()
+            taken, task = await self._pending.get()
             try:
                 result = await task
             except DetectorBusy:
@@ -171,19 +220,27 @@ class SubscriptionProcessor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.mailbox.record_drop(DropReason.DETECTOR_ERROR)
-                self.last_error = (
-                    f"detector: no answer within {self._settings.detect_timeout_s:g}s"
-                    if isinstance(exc, TimeoutError)
-                    else f"detector: {type(exc).__name__}: {str(exc)[:300]}"
-                )
+                if taken.frame is not None:  # else its frame is still in the mailbox
+                    reason = DropReason.PROCESSING_ERROR if taken.failed else None
+                    self.mailbox.record_drop(reason or DropReason.DETECTOR_ERROR)
+                if isinstance(exc, TimeoutError):
+                    self.last_error = (
+                        f"detector: no answer within {self._settings.detect_timeout_s:g}s"
+                        if taken.frame is not None
+                        else f"detector: no capacity within {self._settings.detect_timeout_s:g}s"
+                    )
+                else:
+                    where = "processing" if taken.failed else "detector"
+                    self.last_error = f"{where}: {type(exc).__name__}: {str(exc)[:300]}"
                 logger.warning("%s: %s", self.sub.subscriptionIdentifier, self.last_error)
                 await asyncio.sleep(self._settings.error_pause_s)
                 continue
             finally:
                 self._slots.release()
+            if result is None or taken.frame is None:
+                continue  # its frame grew too old before its turn (counted)
             try:
-                self._handle(frame, lb, offset, result)
+                self._handle(taken.frame, taken.lb, taken.offset, result)
             except Exception as exc:  # a bug must not kill the camera: report it
                 self.mailbox.record_drop(DropReason.PROCESSING_ERROR)
                 logger.exception("%s: processing failed", self.sub.subscriptionIdentifier)

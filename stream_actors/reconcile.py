@@ -27,7 +27,17 @@ from stream_actors.placement import PlacementVerdict
 Desired = dict[int, dict[str, list[str]]]
 
 # What /streams shows of each camera actor's status.
-ACTOR_FIELDS = ("pid", "cpu_times_s", "rss_bytes", "threads", "error", "actions", "events")
+ACTOR_FIELDS = (
+    "pid",
+    "cpu_times_s",
+    "rss_bytes",
+    "threads",
+    "error",
+    "actions",
+    "events",
+    "dispatch",
+    "branch_passes_pending",
+)
 
 
 def first_free_actor(placement: Mapping[str, int], streams_per_actor: int) -> int:

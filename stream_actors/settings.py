@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 from graph.common.schemas import StrictModel
 from graph.pipeline.plan import PipelineRuntime
 from graph.pipeline.runner import BranchSettings
+from stream_actors.dispatch import DispatchSettings
 from stream_actors.processor import ProcessingSettings
 from stream_actors.reader import ReaderPolicy
 
@@ -86,6 +87,7 @@ class StreamSettings(StrictModel):
     branches: BranchSettings = BranchSettings()
     reader: ReaderPolicy = ReaderPolicy()
     processing: ProcessingSettings = ProcessingSettings()
+    dispatch: DispatchSettings = DispatchSettings()
 
     @model_validator(mode="before")
     @classmethod

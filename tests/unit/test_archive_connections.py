@@ -31,7 +31,7 @@ from graph.pipeline.connections import (
     archive_routes,
     route_names,
 )
-from stream_actors.camera_actor import rerouted
+from stream_actors.forwarding import rerouted
 from tests.unit.test_graph import RecordingDeployment
 
 PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"

@@ -1,0 +1,296 @@
+"""The camera actor's frame admission (stream_actors/dispatch.py), without Ray: real
+asyncio, a real mailbox and processor, and a detector that records what it was sent."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from graph.common.detection import DetectRequest, DetectResult
+from graph.common.errors import DetectorBusy
+from graph.events.model import RingBufferSink
+from stream_actors.dispatch import BranchClock, DetectDispatcher, DispatchSettings
+from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
+from stream_actors.subscriptions import Subscription
+
+
+def sync(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    @functools.wraps(test)
+    def run() -> None:
+        asyncio.run(test())
+
+    return run
+
+
+def _request(value: int) -> DetectRequest:
+    return DetectRequest(np.full((4, 4, 3), value, np.uint8))
+
+
+def _result(request: DetectRequest) -> DetectResult:
+    value = float(request.image[0, 0, 0])
+    return DetectResult(np.array([[0, 0, 1, 1, value / 255, 0]], np.float32), {0: "x"})
+
+
+class Recorder:
+    """A detector whose calls end when the test says (gate), recording each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail: Exception | None = None
+
+    async def send(self, requests: list[DetectRequest]) -> list[DetectResult]:
+        self.calls.append([int(r.image[0, 0, 0]) for r in requests])
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return [_result(r) for r in requests]
+
+
+@sync
+async def test_one_waiter_is_sent_at_once_and_gets_its_own_result() -> None:
+    det = Recorder()
+    dispatcher = DetectDispatcher(det.send)
+    result = await dispatcher.admit(lambda: _request(7))
+    assert det.calls == [[7]]
+    assert result is not None and round(float(result.rows[0, 4]) * 255) == 7
+
+
+@sync
+async def test_waiters_share_one_call_longest_waiting_first() -> None:
+    """While its calls are busy, ready subscriptions queue; the next free call carries
+    all of them, oldest first, and each gets its own frame's result."""
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
+    first = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    await asyncio.sleep(0.01)
+    assert det.calls == [[1]] and dispatcher.in_flight == 1
+    later = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in (5, 3, 9)]
+    await asyncio.sleep(0.01)
+    assert det.calls == [[1]] and dispatcher.waiting == 3  # nothing taken meanwhile
+    det.gate.set()
+    results = await asyncio.gather(first, *later)
+    assert det.calls == [[1], [5, 3, 9]]
+    assert [round(float(r.rows[0, 4]) * 255) for r in results] == [1, 5, 3, 9]
+    assert dispatcher.status()["frames_per_call"] == 2.0
+
+
+@sync
+async def test_frames_are_taken_when_sent_not_when_queued() -> None:
+    """A subscription's frame is taken at its turn: a newer frame arriving while it
+    waits is the one sent (freshness), and the take function runs exactly once."""
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
+    blocker = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    await asyncio.sleep(0.01)
+    newest = {"value": 10}
+    takes = []
+
+    def take() -> DetectRequest:
+        takes.append(newest["value"])
+        return _request(newest["value"])
+
+    waiting = asyncio.create_task(dispatcher.admit(take))
+    await asyncio.sleep(0.01)
+    newest["value"] = 11  # a newer frame superseded it in the mailbox meanwhile
+    det.gate.set()
+    await asyncio.gather(blocker, waiting)
+    assert takes == [11] and det.calls[-1] == [11]
+
+
+@sync
+async def test_calls_carry_at_most_max_frames_and_keep_calls_in_flight_bounded() -> None:
+    det = Recorder()
+    det.gate.clear()
+    settings = DispatchSettings(calls_in_flight=2, max_frames_per_call=3)
+    dispatcher = DetectDispatcher(det.send, settings)
+    tasks = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in range(8)]
+    await asyncio.sleep(0.02)
+    assert dispatcher.in_flight == 2 and len(det.calls) == 2
+    det.gate.set()
+    await asyncio.gather(*tasks)
+    assert all(len(c) <= 3 for c in det.calls)
+    assert sorted(v for c in det.calls for v in c) == list(range(8))
+
+
+@sync
+async def test_a_cancelled_waiter_is_never_taken() -> None:
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
+    blocker = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    await asyncio.sleep(0.01)
+    taken = []
+    gone = asyncio.create_task(dispatcher.admit(lambda: taken.append(1) or _request(2)))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    det.gate.set()
+    await blocker
+    await asyncio.sleep(0.01)
+    assert taken == [] and det.calls == [[1]]
+
+
+@sync
+async def test_a_failed_call_fails_each_of_its_frames_and_none_other() -> None:
+    det = Recorder()
+    det.fail = DetectorBusy("m", "queue full")
+    dispatcher = DetectDispatcher(det.send)
+    with pytest.raises(DetectorBusy):
+        await dispatcher.admit(lambda: _request(1))
+    det.fail = None
+    assert (await dispatcher.admit(lambda: _request(2))) is not None
+
+
+@sync
+async def test_no_frame_and_a_bad_frame_fail_only_their_own_subscription() -> None:
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
+    blocker = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    await asyncio.sleep(0.01)
+
+    def bad() -> DetectRequest:
+        raise ValueError("crop outside the image")
+
+    none = asyncio.create_task(dispatcher.admit(lambda: None))
+    broken = asyncio.create_task(dispatcher.admit(bad))
+    good = asyncio.create_task(dispatcher.admit(lambda: _request(4)))
+    await asyncio.sleep(0.01)
+    det.gate.set()
+    assert await none is None
+    with pytest.raises(ValueError, match="crop outside"):
+        await broken
+    assert (await good) is not None
+    await blocker
+    assert det.calls == [[1], [4]]
+
+
+@sync
+async def test_a_short_answer_is_an_error_not_a_shifted_result() -> None:
+    async def short(requests: list[DetectRequest]) -> list[DetectResult]:
+        return [_result(r) for r in requests[:-1]]
+
+    dispatcher = DetectDispatcher(short)
+    with pytest.raises(RuntimeError, match="answered 0 of 1"):
+        await dispatcher.admit(lambda: _request(3))
+
+
+@sync
+async def test_starved_branch_work_limits_detection_to_one_call_at_a_time() -> None:
+    """While a classification pass waits longer than the grace, a second detector call
+    waits (up to the hold) for it: detection slows, it never stops."""
+    det = Recorder()
+    det.gate.clear()
+    clock = BranchClock()
+    token = clock.start()
+    settings = DispatchSettings(
+        calls_in_flight=2, max_frames_per_call=1, branch_grace_s=0.0, branch_hold_s=5.0
+    )
+    dispatcher = DetectDispatcher(det.send, settings, branch_age=clock.oldest_age)
+    await asyncio.sleep(0.01)
+    tasks = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in (1, 2)]
+    await asyncio.sleep(0.1)
+    assert det.calls == [[1]]  # the first call went; the second waits for branch work
+    clock.end(token)  # the pass finished
+    await asyncio.sleep(0.1)
+    assert det.calls == [[1], [2]]
+    det.gate.set()
+    await asyncio.gather(*tasks)
+    assert dispatcher.status()["branch_holds"] == 1
+
+
+@sync
+async def test_the_hold_for_branch_work_ends() -> None:
+    det = Recorder()
+    det.gate.clear()
+    clock = BranchClock()
+    clock.start()  # a pass that never ends (a hung classifier)
+    settings = DispatchSettings(branch_grace_s=0.0, branch_hold_s=0.05, max_frames_per_call=1)
+    dispatcher = DetectDispatcher(det.send, settings, branch_age=clock.oldest_age)
+    tasks = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in (1, 2)]
+    await asyncio.sleep(0.3)
+    assert det.calls == [[1], [2]]
+    det.gate.set()
+    await asyncio.gather(*tasks)
+
+
+@sync
+async def test_close_cancels_waiters_and_lets_calls_end() -> None:
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
+    sent = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(dispatcher.admit(lambda: _request(2)))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(dispatcher.close())
+    await asyncio.sleep(0.01)
+    det.gate.set()
+    await closing
+    assert (await sent) is not None
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+# ---- processors sharing one dispatcher -------------------------------------------------
+
+
+def _sub(sid: str) -> Subscription:
+    return Subscription(
+        subscriptionIdentifier=sid, rtspUrl="rtsp://cam.example/stream", modelId="demo"
+    )
+
+
+@sync
+async def test_subscriptions_of_an_actor_share_calls_and_account_for_every_frame() -> None:
+    """Three subscriptions on one dispatcher with one call at a time: while the detector
+    is busy with the first one's frame, each subscription's frames supersede one another
+    in its mailbox; the next call carries the newest frame of both waiting ones, then
+    the first one's newest; every frame put is processed, superseded or pending."""
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
+    settings = ProcessingSettings(error_pause_s=0)
+    sink = RingBufferSink(1000)
+    procs = [
+        SubscriptionProcessor(
+            _sub(f"d{i};c{i}"), "demo", 32, None, sink, settings, admit=dispatcher.admit
+        )
+        for i in range(3)
+    ]
+    for p in procs:
+        p.start()
+    image = np.zeros((32, 32, 3), np.uint8)  # the model's size: letterboxed as it is
+    procs[0].mailbox.put(image + 1, 1e9)
+    await _until(lambda: len(det.calls) == 1)
+    for k in range(4):  # the detector is busy: these wait, newest kept
+        for i, p in enumerate(procs):
+            p.mailbox.put(image + 10 * (i + 1) + k, 1e9 + k)
+    await asyncio.sleep(0.05)
+    assert len(det.calls) == 1
+    det.gate.set()
+    await _until(lambda: sum(p.processed for p in procs) == 4)
+    # The frames carry the pixel value put: the newest (k=3) of each went.
+    assert det.calls == [[1], [23, 33], [13]]
+    for p in procs:
+        await p.stop()
+        s = p.mailbox.stats()
+        drops = s["drops"]
+        assert isinstance(drops, dict)
+        assert s["received"] == p.processed + sum(drops.values()) + s["pending"]
+    assert [p.mailbox.stats()["drops"]["superseded"] for p in procs] == [3, 3, 3]
+
+
+async def _until(predicate: Callable[[], bool], polls: int = 300) -> None:
+    for _ in range(polls):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
