@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from ray.serve import metrics
 from deployments.inference.engines import Engine, EngineOptions, ModelSlot, load_engine
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.schemas import DetectorUserConfig, ModelSpec
+from graph.scaling import FramesInFlight
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,6 +64,7 @@ class Detector:
         self._slot.start(lambda converting: load_engine(path, options, converting))
         self._config = DetectorUserConfig()
         self._batch_sizes: Counter[int] = Counter()
+        self._frames = FramesInFlight()  # queued or running here: the autoscaling signal
         self._started = time.time()
         # Serve tags every metric with its deployment (Detector_<model id>) and replica.
         self._m_batch = metrics.Histogram(
@@ -80,7 +83,7 @@ class Detector:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._config = DetectorUserConfig.model_validate(user_config)
-        batched: Any = self.detect  # @serve.batch adds these setters at runtime
+        batched: Any = self._detect_batch  # @serve.batch adds these setters at runtime
         batched.set_max_batch_size(self._config.max_batch_size)
         batched.set_batch_wait_timeout_s(self._config.batch_wait_timeout_s)
         logger.info("detector %s reconfigured: %s", self._spec.id, self._config)
@@ -89,7 +92,7 @@ class Detector:
         max_batch_size=DEFAULT_BATCHING.max_batch_size,
         batch_wait_timeout_s=DEFAULT_BATCHING.batch_wait_timeout_s,
     )
-    async def detect(self, requests: list[DetectRequest]) -> list[DetectResult]:
+    async def _detect_batch(self, requests: list[DetectRequest]) -> list[DetectResult]:
         """One result per request, in request order."""
         engine = self._slot.engine()
         # Same-size images stack into one batch; the session runs synchronously on
@@ -103,8 +106,27 @@ class Detector:
         self._m_images.inc(len(requests))
         return [DetectResult(rows, engine.names) for rows in results]
 
+    async def detect(self, request: DetectRequest) -> DetectResult:
+        """One frame (the ingress's /detect, media jobs)."""
+        with self._frames.hold(1):
+            result: DetectResult = await self._detect_batch(request)
+        return result
+
     async def __call__(self, request: DetectRequest) -> DetectResult:
         return await self.detect(request)
+
+    async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult]:
+        """Several frames in one call (a camera actor's dispatcher: one handle call and
+        one request for all its ready subscriptions). They join the same batches as
+        single requests, so frames of several callers still batch together."""
+        with self._frames.hold(len(requests)):
+            return list(await asyncio.gather(*(self._detect_batch(r) for r in requests)))
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric: frames here, queued or running. A call of
+        a camera actor carries several frames, so requests undercount the load; the
+        policy `graph.scaling:frames_policy` scales on this instead."""
+        return self._frames.stats()
 
     def health(self) -> dict[str, Any]:
         status = {"model": self._spec.id, **self._slot.status()}

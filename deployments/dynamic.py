@@ -33,6 +33,7 @@ from graph.common.redaction import redact_text
 from graph.common.schemas import BatchUserConfig, BranchModelSpec, DetectorUserConfig
 from graph.pipeline.archive import ArchiveError, LoadedArchive, cached_archive, load_archive
 from graph.pipeline.catalog import PipelineLoading, PipelineUnavailable, UrlPipelinesSpec
+from graph.scaling import FramesInFlight
 
 logger = logging.getLogger("ray.serve")
 
@@ -205,6 +206,10 @@ class PipelineDetector(_Multiplexed):
 
     CONFIG = DetectorUserConfig
 
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self._frames = FramesInFlight()
+
     def _batched(self) -> Any:
         return self._detect
 
@@ -241,8 +246,20 @@ class PipelineDetector(_Multiplexed):
     async def detect(self, request: DetectRequest) -> DetectResult:
         # Loaded first, outside the batch: a pipeline loading here must not hold up the
         # batches of the pipelines already loaded.
-        await self._loaded()
-        return await self._detect(request)
+        with self._frames.hold(1):
+            await self._loaded()
+            result: DetectResult = await self._detect(request)
+        return result
+
+    async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult]:
+        """Several frames of one pipeline in one call (see Detector.detect_many)."""
+        with self._frames.hold(len(requests)):
+            await self._loaded()
+            return list(await asyncio.gather(*(self._detect(r) for r in requests)))
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Frames here, queued or running (see Detector.record_autoscaling_stats)."""
+        return self._frames.stats()
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _detect(self, requests: list[DetectRequest]) -> list[DetectResult]:
