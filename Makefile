@@ -15,7 +15,7 @@ RAY_CPUS ?= 2
 RAY_PORT ?= 6380
 
 help:
-	@echo "make run | stop | status | test | check-run | lint | bench-quick | bench | bench-detect | evaluate | demo-models"
+	@echo "make run | stop | status | test | check-run | lint | bench-quick | bench | bench-tax | bench-pipeline | bench-detect | evaluate | demo-models"
 	@echo "README.md explains each; 'make run' and 'make test' are the two that matter."
 
 # Evaluate the committed demo models against their quality bars (held-out scenes);
@@ -25,7 +25,7 @@ evaluate: install
 	$(PY) -m demo.evaluate --out data/evaluation.json
 
 .DEFAULT_GOAL := help
-.PHONY: help peers services ray-token evaluate install protos run stop status test test-unit test-integration check-run lint format bench bench-quick bench-tax bench-detect demo-models clean
+.PHONY: help peers services ray-token evaluate install protos run stop status test test-unit test-integration check-run lint format bench bench-quick bench-tax bench-pipeline bench-detect demo-models clean
 
 install: $(STAMP) protos
 
@@ -147,6 +147,13 @@ bench: install ray-token models/demo-detector.onnx peers
 # near-free detector built here (benchmarks/tiny_detector.py): what the graph itself costs.
 bench-tax: install ray-token
 	$(PY) -m benchmarks.harness --tax --deploy serve_config.yaml $(BENCH_ARGS)
+
+# The demo pipeline under 2x and 4x overload (issue 19): generated scenes with ground truth
+# played as cameras through make run's graph, records in a PostgreSQL schema of its own;
+# records per vehicle, plate recall, body type, branch timeouts, with and without the
+# dispatcher's priority for branch work (about 10 minutes).
+bench-pipeline: install ray-token models/demo.mpta services
+	$(PY) -m benchmarks.pipeline_phase --deploy serve_config.yaml $(BENCH_ARGS)
 
 # The short run to make before stopping (about 3 minutes): 1 and 4 cameras, 8 s windows.
 bench-quick: install ray-token models/demo-detector.onnx

@@ -1,0 +1,437 @@
+"""`make bench-pipeline`: the demo pipeline's output under overload, against ground truth.
+
+Generated scenes (held-out seeds, 1280x720, each vehicle with its body type and plate)
+are played once, in real time, as file cameras through the full graph that `make run`
+deploys (serve_config.yaml: the demo pipeline, its detector, body-type and plate
+deployments, and the actions), with records going to a PostgreSQL schema of this run's
+own. The number of cameras sets the overload: `--overload 2,4` plays enough cameras
+to offer 2x and 4x what the detector replicas can take, from one inference measured
+just before. Each level runs twice, in one run, side by side: with the dispatcher's
+priority for branch work (the default) and without it (`branch_hold_s: 0`).
+
+It reports, per level and variant:
+- records per ground-truth vehicle (a vehicle: at least half visible in 10 frames);
+- plate exact recall: readable plates (at least 30 px high in some frame) found
+  exactly in a record of their camera;
+- body type: share of records with one, and accuracy on the records whose plate
+  identifies their vehicle;
+- branch passes and timeouts, frames processed and dropped.
+Results go to benchmarks/results/bench-pipeline.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+VEHICLE_MIN_VISIBLE = 0.5
+VEHICLE_MIN_FRAMES = 10  # 1 s at 10 fps: a vehicle a camera could track to stable
+READABLE_PLATE_PX = 30  # as demo/evaluate.py's plate bar
+PIPELINE_SEED_START = 300_000  # scenes of this benchmark only: never in training or eval
+DISPLAY_ID = "benchpipe"
+TABLE = "vehicle_events"  # the demo pipeline's postgresql_create_record table
+
+
+# ---- ground truth and scoring (pure) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VehicleTruth:
+    object_id: int
+    body_type: str | None
+    plate: str | None
+    readable: bool  # its plate is at least READABLE_PLATE_PX high in some frame
+
+
+def vehicles_of(truth: Mapping[str, Any]) -> dict[int, VehicleTruth]:
+    """The vehicles a camera could report, from a clip's ground truth (write_clip's)."""
+    frames: dict[int, int] = defaultdict(int)
+    info: dict[int, dict[str, Any]] = {}
+    readable: set[int] = set()
+    for frame in truth["frames"]:
+        for obj in frame["objects"]:
+            if obj["cls"] != "vehicle":
+                continue
+            oid = int(obj["object_id"])
+            info.setdefault(oid, obj)
+            if obj["visible_fraction"] >= VEHICLE_MIN_VISIBLE:
+                frames[oid] += 1
+            box = obj.get("plate_box")
+            if obj.get("plate") and box and box[3] - box[1] >= READABLE_PLATE_PX:
+                readable.add(oid)
+    return {
+        oid: VehicleTruth(oid, info[oid].get("body_type"), info[oid].get("plate"), oid in readable)
+        for oid, n in frames.items()
+        if n >= VEHICLE_MIN_FRAMES
+    }
+
+
+@dataclass
+class PipelineScore:
+    vehicles: int = 0
+    records: int = 0
+    readable_plates: int = 0
+    plates_exact: int = 0
+    records_with_body_type: int = 0
+    records_matched: int = 0  # records whose plate names a ground-truth vehicle
+    body_type_correct: int = 0
+
+    @property
+    def records_per_vehicle(self) -> float | None:
+        return self.records / self.vehicles if self.vehicles else None
+
+    @property
+    def plate_recall(self) -> float | None:
+        return self.plates_exact / self.readable_plates if self.readable_plates else None
+
+    @property
+    def body_type_present(self) -> float | None:
+        return self.records_with_body_type / self.records if self.records else None
+
+    @property
+    def body_type_accuracy(self) -> float | None:
+        return self.body_type_correct / self.records_matched if self.records_matched else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "records_per_vehicle": _r(self.records_per_vehicle),
+            "plate_recall": _r(self.plate_recall),
+            "body_type_present": _r(self.body_type_present),
+            "body_type_accuracy": _r(self.body_type_accuracy),
+        }
+
+
+def score(
+    truths: Mapping[str, Mapping[int, VehicleTruth]], records: Iterable[Mapping[str, Any]]
+) -> PipelineScore:
+    """Records (camera_id, body_type, plate) against each camera's vehicles. A record is
+    matched to the vehicle of its camera whose plate it read exactly."""
+    out = PipelineScore()
+    found: set[tuple[str, int]] = set()
+    by_plate = {(cam, v.plate): v for cam, vs in truths.items() for v in vs.values() if v.plate}
+    for vs in truths.values():
+        out.vehicles += len(vs)
+        out.readable_plates += sum(v.readable for v in vs.values())
+    for rec in records:
+        cam = str(rec.get("camera_id"))
+        if cam not in truths:
+            continue
+        out.records += 1
+        body = rec.get("body_type") or None
+        out.records_with_body_type += body is not None
+        vehicle = by_plate.get((cam, rec.get("plate") or ""))
+        if vehicle is None:
+            continue
+        out.records_matched += 1
+        out.body_type_correct += body is not None and body == vehicle.body_type
+        if vehicle.readable:
+            found.add((cam, vehicle.object_id))
+    out.plates_exact = len(found)
+    return out
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+# ---- one run through a deployed graph ------------------------------------------------
+
+
+@dataclass
+class PipelineRun:
+    variant: str
+    overload: float  # offered / capacity
+    cameras: int
+    score: PipelineScore
+    processed: int = 0
+    offered: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    passes: int = 0
+    branch_timeouts: dict[str, int] = field(default_factory=dict)
+    branch_errors: dict[str, int] = field(default_factory=dict)
+    dispatch: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "score": self.score.to_json()}
+
+
+def run_level(
+    url: str,
+    dsn: str,
+    schema: str,
+    clips: Sequence[Path],
+    variant: str,
+    overload: float,
+    settle_s: float = 20.0,
+    timeout_s: float = 240.0,
+) -> PipelineRun:
+    """Play every clip once (real time) as a camera, wait until they ended and the
+    pipeline's work settled, then score the records of this run's cameras."""
+    import psycopg
+
+    tag = uuid.uuid4().hex[:6]
+    cams = {f"{variant}-{overload:g}x-{i}-{tag}": clip for i, clip in enumerate(clips)}
+    truths = {
+        cam: vehicles_of(json.loads(clip.with_suffix(".json").read_text()))
+        for cam, clip in cams.items()
+    }
+    run = PipelineRun(variant, overload, len(cams), PipelineScore())
+    with httpx.Client(base_url=url, timeout=30) as client:
+        try:
+            for cam, clip in cams.items():
+                body = {
+                    "subscriptionIdentifier": f"{DISPLAY_ID};{cam}",
+                    "fileUrl": str(clip.resolve()),
+                    "fileLoop": False,
+                    "fileRealtime": True,
+                }
+                client.post("/streams", json=body).raise_for_status()
+            subs = _wait_ended(client, set(cams), timeout_s)
+            _settle(dsn, schema, list(cams), settle_s)
+            subs = _subscriptions(client, set(cams))
+            _account(run, subs, client)
+        except (httpx.HTTPError, RuntimeError) as exc:
+            run.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            for cam in cams:
+                with contextlib.suppress(httpx.HTTPError):
+                    client.delete(f"/streams/{DISPLAY_ID};{cam}")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            f'SELECT camera_id, body_type, plate FROM "{schema}"."{TABLE}" '
+            "WHERE camera_id = ANY(%s)",
+            (list(cams),),
+        ).fetchall()
+    run.score = score(truths, [{"camera_id": c, "body_type": b, "plate": p} for c, b, p in rows])
+    return run
+
+
+def _subscriptions(client: httpx.Client, cams: set[str]) -> dict[str, dict[str, Any]]:
+    listing = client.get("/streams").raise_for_status().json()
+    out: dict[str, dict[str, Any]] = {}
+    for stream in listing.get("streams", []):
+        for sub in stream.get("subscriptions", []):
+            if sub.get("camera_id") in cams:
+                out[sub["camera_id"]] = {**sub, "state": stream.get("state")}
+    out["_actors"] = listing.get("actors", {})
+    return out
+
+
+def _wait_ended(client: httpx.Client, cams: set[str], timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        subs = _subscriptions(client, cams)
+        if all(subs.get(c, {}).get("state") == "ended" for c in cams):
+            return subs
+        time.sleep(2)
+    raise RuntimeError(f"the clips did not end within {timeout_s:g}s")
+
+
+def _settle(dsn: str, schema: str, cams: list[str], settle_s: float) -> None:
+    """Until the records of these cameras stop changing for `settle_s` (branch passes
+    and the outbox finish after the last frame), at most 6 x settle_s."""
+    import psycopg
+
+    last, stable_since, deadline = None, time.monotonic(), time.monotonic() + 6 * settle_s
+    while time.monotonic() < deadline:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            try:
+                now = conn.execute(
+                    f'SELECT count(*), count(body_type), count(plate) FROM "{schema}"."{TABLE}" '
+                    "WHERE camera_id = ANY(%s)",
+                    (cams,),
+                ).fetchone()
+            except psycopg.errors.UndefinedTable:
+                now = None
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= settle_s:
+            return
+        time.sleep(2)
+
+
+def _account(run: PipelineRun, subs: dict[str, Any], client: httpx.Client) -> None:
+    drops: dict[str, int] = defaultdict(int)
+    timeouts: dict[str, int] = defaultdict(int)
+    errors: dict[str, int] = defaultdict(int)
+    for cam, sub in subs.items():
+        if cam == "_actors":
+            continue
+        run.processed += int(sub.get("processed") or 0)
+        run.offered += int(sub.get("received") or 0)
+        for reason, n in (sub.get("drops") or {}).items():
+            drops[reason] += int(n)
+        pipeline = sub.get("pipeline") or {}
+        run.passes += int(pipeline.get("passes") or 0)
+        for branch, n in (pipeline.get("branch_timeouts") or {}).items():
+            timeouts[branch] += int(n)
+        for branch, n in (pipeline.get("branch_errors") or {}).items():
+            errors[branch] += int(n)
+    run.drops = {k: v for k, v in drops.items() if v}
+    run.branch_timeouts, run.branch_errors = dict(timeouts), dict(errors)
+    run.dispatch = {
+        name: actor.get("dispatch") for name, actor in (subs.get("_actors") or {}).items()
+    }
+
+
+# ---- the whole phase -----------------------------------------------------------------
+
+
+def pipeline_config(base: dict[str, Any], dsn: str, schema: str, hold: bool) -> dict[str, Any]:
+    """serve_config.yaml as `make run` deploys it, with records in PostgreSQL (this
+    run's schema) and the dispatcher's branch priority on or off."""
+    config = json.loads(json.dumps(base))
+    args = config["applications"][0].setdefault("args", {})
+    args["actions"] = {
+        **(args.get("actions") or {}),
+        "redis_url": os.environ.get("CAMGRAPH_BENCH_REDIS", "redis://127.0.0.1:6379/0"),
+        "postgres_dsn": dsn,
+        "postgres_schema": schema,
+    }
+    streams = args.setdefault("streams", {})
+    if not hold:
+        streams["dispatch"] = {**(streams.get("dispatch") or {}), "branch_hold_s": 0}
+    return config
+
+
+def make_clips(n: int, frames: int, cache_dir: Path, fps: int = 10) -> list[Path]:
+    from demo.datasets import write_clip
+
+    out = []
+    for i in range(n):
+        seed = PIPELINE_SEED_START + i
+        path = cache_dir / f"pipe{i:03d}-s{seed}-n{frames}-f{fps}.mp4"
+        if not path.exists() or not path.with_suffix(".json").exists():
+            write_clip(seed, frames, path, fps=fps, scale=1.0)
+        out.append(path)
+    return out
+
+
+def capacity_fps(onnx: Path, imgsz: int, replicas: int) -> tuple[float, float]:
+    """(one inference in ms on one thread, frames/s the detector replicas can take)."""
+    import numpy as np
+
+    from deployments.inference.engines import OnnxEngine
+    from graph.common.vision import DetectParams
+
+    engine = OnnxEngine(onnx, imgsz, intra_op_threads=1)
+    image = np.full((1, imgsz, imgsz, 3), 114, np.uint8)
+    for _ in range(3):
+        engine.detect(image, [DetectParams()])
+    start, runs = time.perf_counter(), 10
+    for _ in range(runs):
+        engine.detect(image, [DetectParams()])
+    ms = (time.perf_counter() - start) / runs * 1000
+    return ms, replicas * 1000 / ms
+
+
+def render(runs: Sequence[PipelineRun], meta: dict[str, Any]) -> str:
+    lines = [
+        f"# camgraph pipeline under overload, {meta['date']}",
+        "",
+        f"{meta['environment']}. One inference {meta['single_inference_ms']:.1f} ms; "
+        f"detector capacity {meta['capacity_fps']:.1f} frames/s; clips of {meta['frames']} "
+        "frames at 10 fps, 1280x720, played once in real time.",
+        "",
+        "| variant | overload | cameras | processed / offered | records / vehicle | "
+        "plate exact | body type present | body type accuracy | passes | branch timeouts |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        s = r.score
+        lines.append(
+            f"| {r.variant} | {r.overload:g}x | {r.cameras} | {r.processed} / {r.offered} | "
+            f"{_fmt(s.records_per_vehicle)} ({s.records}/{s.vehicles}) | "
+            f"{_fmt(s.plate_recall)} ({s.plates_exact}/{s.readable_plates}) | "
+            f"{_fmt(s.body_type_present)} | {_fmt(s.body_type_accuracy)} "
+            f"({s.body_type_correct}/{s.records_matched}) | {r.passes} | "
+            f"{sum(r.branch_timeouts.values())} |" + (f" error: {r.error}" if r.error else "")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import psycopg
+    import yaml
+
+    from benchmarks.camgraph_phase import local_camgraph
+    from benchmarks.report import environment
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--deploy", type=Path, default=Path("serve_config.yaml"))
+    parser.add_argument("--overload", default="2,4", help="offered / capacity levels")
+    parser.add_argument("--frames", type=int, default=300, help="frames per clip (10 fps)")
+    parser.add_argument("--variants", default="priority,no-priority")
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("CAMGRAPH_BENCH_DSN", "host=127.0.0.1 port=5432 dbname=test"),
+    )
+    parser.add_argument("--onnx", type=Path, default=Path("models/demo-detector.onnx"))
+    parser.add_argument("--replicas", type=int, default=2, help="the detector's replicas")
+    parser.add_argument("--max-cameras", type=int, default=16)
+    parser.add_argument("--ray-cpus", type=int, default=2, help="as make run starts Ray")
+    parser.add_argument("--cache-dir", type=Path, default=Path("data/bench-pipeline"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+
+    levels = [float(x) for x in args.overload.split(",") if x.strip()]
+    ms, capacity = capacity_fps(args.onnx, 640, args.replicas)
+    counts = {lv: max(1, min(args.max_cameras, round(lv * capacity / 10))) for lv in levels}
+    clips = make_clips(max(counts.values()), args.frames, args.cache_dir)
+    base = yaml.safe_load(args.deploy.read_text())
+    runs: list[PipelineRun] = []
+    schema = f"camgraph_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            config = pipeline_config(base, args.dsn, schema, hold=variant == "priority")
+            path = args.cache_dir / f"serve_config-{variant}.yaml"
+            with local_camgraph(config, path, cpus=args.ray_cpus) as url:
+                for level in levels:
+                    n = counts[level]
+                    run = run_level(url, args.dsn, schema, clips[:n], variant, n * 10 / capacity)
+                    print(json.dumps(run.to_json()), flush=True)
+                    runs.append(run)
+    finally:
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    env = environment()
+    machine = env["machine"]
+    meta = {
+        "date": env["date"],
+        "environment": f"{machine['cores']} cores ({machine['cpu']}), "
+        f"{machine['memory_gib']} GiB, Python {env['python']}, commit {env['commit']}"
+        + (" (dirty)" if env["dirty"] else ""),
+        "versions": env["versions"],
+        "single_inference_ms": ms,
+        "capacity_fps": capacity,
+        "frames": args.frames,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench-pipeline.json").write_text(
+        json.dumps({**meta, "runs": [r.to_json() for r in runs]}, indent=2)
+    )
+    text = render(runs, meta)
+    (args.out / "bench-pipeline.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

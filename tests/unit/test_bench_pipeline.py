@@ -1,0 +1,106 @@
+"""The pipeline benchmark's ground truth and scoring (benchmarks/pipeline_phase.py), on
+a clip the scene generator wrote and records shaped as the demo pipeline writes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.pipeline_phase import (
+    READABLE_PLATE_PX,
+    VEHICLE_MIN_FRAMES,
+    PipelineRun,
+    VehicleTruth,
+    pipeline_config,
+    render,
+    score,
+    vehicles_of,
+)
+from demo.datasets import write_clip
+
+
+def _obj(oid: int, visible: float, plate_h: int, cls: str = "vehicle") -> dict[str, object]:
+    return {
+        "object_id": oid,
+        "cls": cls,
+        "box": [0, 0, 100, 60],
+        "body_type": "sedan" if cls == "vehicle" else None,
+        "plate": f"AB{oid:03d}" if cls == "vehicle" else None,
+        "plate_box": [10, 10, 60, 10 + plate_h] if cls == "vehicle" else None,
+        "visible_fraction": visible,
+        "occluded": False,
+        "truncated": False,
+    }
+
+
+def test_vehicles_need_enough_visible_frames_and_readable_plates_enough_pixels() -> None:
+    frames = []
+    for i in range(VEHICLE_MIN_FRAMES):
+        objs = [_obj(1, 0.9, READABLE_PLATE_PX if i == 3 else 12), _obj(2, 0.9, 12)]
+        objs.append(_obj(9, 1.0, 0, cls="person"))
+        if i < VEHICLE_MIN_FRAMES - 1:
+            objs.append(_obj(3, 0.9, 40))  # one frame short
+        objs.append(_obj(4, 0.3, 40))  # never half visible
+        frames.append({"index": i, "objects": objs})
+    vehicles = vehicles_of({"frames": frames})
+    assert set(vehicles) == {1, 2}
+    assert vehicles[1].readable and not vehicles[2].readable
+    assert vehicles[1] == VehicleTruth(1, "sedan", "AB001", True)
+
+
+def test_score_matches_records_by_plate_within_their_camera() -> None:
+    truths = {
+        "c1": {
+            1: VehicleTruth(1, "sedan", "AAA111", True),
+            2: VehicleTruth(2, "bus", "BBB222", True),
+        },
+        "c2": {3: VehicleTruth(3, "truck", "CCC333", False)},
+    }
+    records = [
+        {"camera_id": "c1", "body_type": "sedan", "plate": "AAA111"},  # right
+        {"camera_id": "c1", "body_type": "sedan", "plate": "AAA111"},  # a second record
+        {"camera_id": "c1", "body_type": None, "plate": "BBB22"},  # misread plate
+        {"camera_id": "c2", "body_type": "bus", "plate": "CCC333"},  # wrong type
+        {"camera_id": "c2", "body_type": "truck", "plate": "AAA111"},  # other camera's plate
+        {"camera_id": "elsewhere", "body_type": "sedan", "plate": "AAA111"},  # not this run
+    ]
+    s = score(truths, records)
+    assert (s.vehicles, s.records, s.readable_plates) == (3, 5, 2)
+    assert s.plates_exact == 1  # AAA111 on c1; CCC333 was found but is not readable
+    assert s.records_matched == 3 and s.body_type_correct == 2
+    assert s.records_with_body_type == 4
+    assert s.records_per_vehicle == pytest.approx(5 / 3)
+    assert s.plate_recall == pytest.approx(0.5)
+    assert s.body_type_accuracy == pytest.approx(2 / 3)
+    text = render(
+        [PipelineRun("priority", 2.0, 2, s)],
+        {
+            "date": "d",
+            "environment": "e",
+            "single_inference_ms": 40.0,
+            "capacity_fps": 50.0,
+            "frames": 300,
+        },
+    )
+    assert "| priority | 2x | 2 | 0 / 0 | 1.67 (5/3) | 0.50 (1/2) |" in text
+
+
+def test_a_generated_clip_has_vehicles_with_types_and_readable_plates(tmp_path: Path) -> None:
+    clip = write_clip(300_000, 60, tmp_path / "c.mp4", fps=10, scale=1.0)
+    vehicles = vehicles_of(json.loads(clip.with_suffix(".json").read_text()))
+    assert vehicles and all(v.body_type and v.plate for v in vehicles.values())
+    assert any(v.readable for v in vehicles.values())
+
+
+def test_the_config_is_make_runs_with_records_in_this_runs_schema() -> None:
+    base = {"applications": [{"args": {"actions": {"data_dir": "x"}, "pipelines": ["p"]}}]}
+    on = pipeline_config(base, "dbname=test", "bench_1", hold=True)
+    args = on["applications"][0]["args"]
+    assert args["actions"]["postgres_schema"] == "bench_1"
+    assert args["actions"]["postgres_dsn"] == "dbname=test" and args["pipelines"] == ["p"]
+    assert "dispatch" not in args.get("streams", {})
+    off = pipeline_config(base, "dbname=test", "bench_1", hold=False)
+    assert off["applications"][0]["args"]["streams"]["dispatch"]["branch_hold_s"] == 0
+    assert "streams" not in base["applications"][0]["args"]  # the base is not changed
