@@ -210,11 +210,14 @@ def run_level(
                 with contextlib.suppress(httpx.HTTPError):
                     client.delete(f"/streams/{DISPLAY_ID};{cam}")
     with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            f'SELECT camera_id, body_type, plate FROM "{schema}"."{TABLE}" '
-            "WHERE camera_id = ANY(%s)",
-            (list(cams),),
-        ).fetchall()
+        try:
+            rows = conn.execute(
+                f'SELECT camera_id, body_type, plate FROM "{schema}"."{TABLE}" '
+                "WHERE camera_id = ANY(%s)",
+                (list(cams),),
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:  # no record at all (yet): scored as such
+            rows = []
     run.score = score(truths, [{"camera_id": c, "body_type": b, "plate": p} for c, b, p in rows])
     return run
 
@@ -290,15 +293,19 @@ def _account(run: PipelineRun, subs: dict[str, Any], client: httpx.Client) -> No
 # ---- the whole phase -----------------------------------------------------------------
 
 
-def pipeline_config(base: dict[str, Any], dsn: str, schema: str, hold: bool) -> dict[str, Any]:
+DSN_ENV = "CAMGRAPH_BENCH_PG_DSN"  # the DSN reaches Actions by environment, not in args
+
+
+def pipeline_config(base: dict[str, Any], schema: str, hold: bool) -> dict[str, Any]:
     """serve_config.yaml as `make run` deploys it, with records in PostgreSQL (this
-    run's schema) and the dispatcher's branch priority on or off."""
+    run's schema, the DSN from DSN_ENV) and the dispatcher's branch priority on or off."""
     config = json.loads(json.dumps(base))
     args = config["applications"][0].setdefault("args", {})
+    actions = {k: v for k, v in (args.get("actions") or {}).items() if k != "postgres_dsn"}
     args["actions"] = {
-        **(args.get("actions") or {}),
+        **actions,
         "redis_url": os.environ.get("CAMGRAPH_BENCH_REDIS", "redis://127.0.0.1:6379/0"),
-        "postgres_dsn": dsn,
+        "postgres_dsn_env": DSN_ENV,
         "postgres_schema": schema,
     }
     streams = args.setdefault("streams", {})
@@ -398,19 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     base = yaml.safe_load(args.deploy.read_text())
     runs: list[PipelineRun] = []
     schema = f"camgraph_bench_{uuid.uuid4().hex[:8]}"
-    try:
-        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-            config = pipeline_config(base, args.dsn, schema, hold=variant == "priority")
-            path = args.cache_dir / f"serve_config-{variant}.yaml"
-            with local_camgraph(config, path, cpus=args.ray_cpus) as url:
-                for level in levels:
-                    n = counts[level]
-                    run = run_level(url, args.dsn, schema, clips[:n], variant, n * 10 / capacity)
-                    print(json.dumps(run.to_json()), flush=True)
-                    runs.append(run)
-    finally:
-        with psycopg.connect(args.dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    os.environ[DSN_ENV] = args.dsn  # the harness's Ray cluster inherits it
     env = environment()
     machine = env["machine"]
     meta = {
@@ -424,12 +419,30 @@ def main(argv: list[str] | None = None) -> int:
         "frames": args.frames,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench-pipeline.json").write_text(
-        json.dumps({**meta, "runs": [r.to_json() for r in runs]}, indent=2)
-    )
-    text = render(runs, meta)
-    (args.out / "bench-pipeline.md").write_text(text)
-    print(text)
+
+    def write() -> str:  # after every level: a failure later keeps what was measured
+        (args.out / "bench-pipeline.json").write_text(
+            json.dumps({**meta, "runs": [r.to_json() for r in runs]}, indent=2)
+        )
+        text = render(runs, meta)
+        (args.out / "bench-pipeline.md").write_text(text)
+        return text
+
+    try:
+        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            config = pipeline_config(base, schema, hold=variant == "priority")
+            path = args.cache_dir / f"serve_config-{variant}.yaml"
+            with local_camgraph(config, path, cpus=args.ray_cpus) as url:
+                for level in levels:
+                    n = counts[level]
+                    run = run_level(url, args.dsn, schema, clips[:n], variant, n * 10 / capacity)
+                    print(json.dumps(run.to_json()), flush=True)
+                    runs.append(run)
+                    write()
+    finally:
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    print(write())
     return 0
 
 

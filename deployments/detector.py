@@ -18,7 +18,7 @@ from ray.serve import metrics
 from deployments.inference.engines import Engine, EngineOptions, ModelSlot, load_engine
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.schemas import DetectorUserConfig, ModelSpec
-from graph.scaling import FramesInFlight
+from graph.scaling import FramesInFlight, per_frame
 
 logger = logging.getLogger("ray.serve")
 
@@ -115,12 +115,17 @@ class Detector:
     async def __call__(self, request: DetectRequest) -> DetectResult:
         return await self.detect(request)
 
-    async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult]:
+    async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult | Exception]:
         """Several frames in one call (a camera actor's dispatcher: one handle call and
         one request for all its ready subscriptions). They join the same batches as
-        single requests, so frames of several callers still batch together."""
+        single requests, so frames of several callers still batch together. A frame
+        that fails gets its error in its place; the others keep their results."""
         with self._frames.hold(len(requests)):
-            return list(await asyncio.gather(*(self._detect_batch(r) for r in requests)))
+            return per_frame(
+                await asyncio.gather(
+                    *(self._detect_batch(r) for r in requests), return_exceptions=True
+                )
+            )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric: frames here, queued or running. A call of

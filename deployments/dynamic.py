@@ -33,7 +33,7 @@ from graph.common.redaction import redact_text
 from graph.common.schemas import BatchUserConfig, BranchModelSpec, DetectorUserConfig
 from graph.pipeline.archive import ArchiveError, LoadedArchive, cached_archive, load_archive
 from graph.pipeline.catalog import PipelineLoading, PipelineUnavailable, UrlPipelinesSpec
-from graph.scaling import FramesInFlight
+from graph.scaling import FramesInFlight, per_frame
 
 logger = logging.getLogger("ray.serve")
 
@@ -251,11 +251,13 @@ class PipelineDetector(_Multiplexed):
             result: DetectResult = await self._detect(request)
         return result
 
-    async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult]:
+    async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult | Exception]:
         """Several frames of one pipeline in one call (see Detector.detect_many)."""
         with self._frames.hold(len(requests)):
             await self._loaded()
-            return list(await asyncio.gather(*(self._detect(r) for r in requests)))
+            return per_frame(
+                await asyncio.gather(*(self._detect(r) for r in requests), return_exceptions=True)
+            )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Frames here, queued or running (see Detector.record_autoscaling_stats)."""

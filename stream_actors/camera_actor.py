@@ -133,16 +133,14 @@ class CameraActor:
         else:  # a multiplexed deployment (modelUrl pipelines), by the archive's sha256
             handle = self._mux_handle(kind, name)
 
-        async def send(requests: list[DetectRequest]) -> list[DetectResult]:
+        async def send(requests: list[DetectRequest]) -> list[DetectResult | Exception]:
             try:
-                results: list[DetectResult] = await handle.detect_many.remote(requests)
+                results: list[DetectResult | Exception] = await handle.detect_many.remote(requests)
             except BackPressureError as exc:  # the processor knows no Ray: camgraph's own
                 raise DetectorBusy(model_id, str(exc)) from exc
             return results
 
-        dispatcher = DetectDispatcher(
-            send, self._settings.dispatch, branch_age=self._branch_clock.oldest_age
-        )
+        dispatcher = DetectDispatcher(send, self._settings.dispatch, self._branch_clock)
         self._dispatchers[target] = dispatcher
         return dispatcher
 
@@ -217,11 +215,17 @@ class CameraActor:
                 handle = self._mux_handle(PIPELINE_CLASSIFIER, name)
             else:
                 handle = self._handle(name)
-            token = self._branch_clock.start()  # the dispatchers yield to branch work
+            token, timed_out = self._branch_clock.start(), True  # dispatchers yield to it
             try:
                 label = await handle.classify.remote(crop)
+                timed_out = False
+            except asyncio.CancelledError:  # the runner's timeout (or a stop)
+                raise
+            except Exception:
+                timed_out = False
+                raise
             finally:
-                self._branch_clock.end(token)
+                self._branch_clock.end(token, timed_out)
             return None if label is None else BranchResult(label.label, label.confidence)
 
         forwarder = self._forwarders.get(runtime.actions_name)
@@ -577,6 +581,7 @@ class CameraActor:
             "actions": {name: f.status() for name, f in self._forwarders.items()},
             "dispatch": {"/".join(target): d.status() for target, d in self._dispatchers.items()},
             "branch_passes_pending": self._branch_clock.pending,
+            "branch_timeouts": self._branch_clock.timeouts,
             "events": self._publisher.status(),
         }
 

@@ -12,11 +12,12 @@ newest frame of every waiting subscription, longest waiting first and at most
 where newer ones supersede them, instead of in a replica's queue; the handle call, the
 router and the replica's per-request work are paid once per call instead of per frame.
 
-Branch work comes first: while a classification pass of this actor has waited longer
-than `branch_grace_s`, the dispatcher keeps at most one detector call outstanding (a
-second waits up to `branch_hold_s`), so that under overload the frames per camera go
-down before the classifiers starve (an object already stable is worth more than one
-more frame). Detection itself never stops for branch work.
+Branch work comes first. The actor's classification passes are starved when one has
+waited longer than `branch_grace_s`, or one timed out in the last `branch_window_s`.
+While they are, the dispatcher keeps one detector call outstanding at a time and
+starts calls at least `branch_hold_s` apart: under overload the frames per camera go
+down (to about 1 / branch_hold_s) before the classifiers starve, since an object
+already stable is worth more than one more frame of it. Detection never stops for it.
 """
 
 from __future__ import annotations
@@ -31,13 +32,19 @@ from typing import Any
 from pydantic import Field
 
 from graph.common.detection import DetectRequest, DetectResult
+from graph.common.errors import CamgraphError
 from graph.common.schemas import StrictModel
 
 TakeFn = Callable[[], DetectRequest | None]
 """Takes the subscription's newest frame (prepared) at the moment it is admitted; None:
 there is none any more (e.g. it grew too old)."""
 AdmitFn = Callable[[TakeFn], Awaitable[DetectResult | None]]
-SendFn = Callable[[list[DetectRequest]], Awaitable[Sequence[DetectResult]]]
+SendFn = Callable[[list[DetectRequest]], Awaitable[Sequence[DetectResult | Exception]]]
+"""One call for several frames: a result, or the error of that frame alone, per frame."""
+
+
+class DispatcherClosed(CamgraphError):
+    """The dispatcher stopped (a redeploy replaced it) before this frame's turn."""
 
 
 class DispatchSettings(StrictModel):
@@ -49,17 +56,24 @@ class DispatchSettings(StrictModel):
     max_frames_per_call: int = Field(
         8, ge=1, le=64, description="frames of several subscriptions carried by one call"
     )
+    call_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="a detector call longer than this fails its frames"
+    )
     branch_grace_s: float = Field(
-        0.15,
+        2.0,
         ge=0,
-        le=10,
-        description="a classification pass waiting longer than this holds detector calls",
+        le=60,
+        description="a classification pass waiting longer than this: branch work is starved",
+    )
+    branch_window_s: float = Field(
+        10.0, ge=0, le=600, description="a pass timed out this recently: branch work is starved"
     )
     branch_hold_s: float = Field(
         0.25,
         ge=0,
         le=5,
-        description="the longest a detector call is held back for branch work (0: never)",
+        description="while branch work is starved: one detector call at a time, started "
+        "at least this far apart (0: no priority for branch work)",
     )
 
 
@@ -90,11 +104,12 @@ class DetectDispatcher:
         self,
         send: SendFn,
         settings: DispatchSettings | None = None,
-        branch_age: Callable[[], float] | None = None,
+        branches: BranchClock | None = None,
     ) -> None:
         self._send = send
         self._settings = settings or DispatchSettings()
-        self._branch_age = branch_age  # seconds the oldest pending branch pass has waited
+        self._branches = branches  # the actor's pending and timed-out classifications
+        self._last_start = 0.0
         self._waiting: deque[_Waiter] = deque()
         self._in_flight = 0
         self._changed = asyncio.Event()
@@ -119,20 +134,30 @@ class DetectDispatcher:
         return self._in_flight
 
     async def close(self) -> None:
-        """Stop sending; waiters not yet admitted are cancelled, calls in flight end."""
+        """Stop sending; waiters not yet admitted fail with `DispatcherClosed` (their
+        frames stay in their mailboxes), calls in flight end."""
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
         while self._waiting:
             waiter = self._waiting.popleft()
             if not waiter.future.done():
-                waiter.future.cancel()
+                waiter.future.set_exception(DispatcherClosed("the detector dispatcher closed"))
         await asyncio.gather(*self._calls, return_exceptions=True)
 
-    def _branch_waiting(self) -> bool:
-        if self._branch_age is None or self._settings.branch_hold_s <= 0:
+    def _branch_starved(self) -> bool:
+        s = self._settings
+        if self._branches is None or s.branch_hold_s <= 0:
             return False
-        return self._branch_age() > self._settings.branch_grace_s
+        return self._branches.starved(s.branch_grace_s, s.branch_window_s)
+
+    def _held(self) -> bool:
+        """Whether the next call waits for branch work: starved, and a call outstanding
+        or the last one started less than branch_hold_s ago."""
+        if not self._branch_starved():
+            return False
+        recent = time.monotonic() - self._last_start < self._settings.branch_hold_s
+        return self._in_flight > 0 or recent
 
     async def _wait_change(self) -> None:
         self._changed.clear()
@@ -148,19 +173,15 @@ class DetectDispatcher:
             if self._in_flight >= settings.calls_in_flight:
                 await self._wait_change()
                 continue
-            if self._in_flight and self._branch_waiting():
-                # Overloaded branch work: one detector call at a time, until it catches
-                # up or the hold ends (never none: detection never stops).
+            if self._held():
+                # Starved branch work: one detector call at a time, branch_hold_s apart,
+                # until it catches up (never none: detection never stops).
                 start = time.monotonic()
-                deadline = start + settings.branch_hold_s
-                while (
-                    self._in_flight
-                    and self._branch_waiting()
-                    and (left := deadline - time.monotonic()) > 0
-                ):
-                    await asyncio.sleep(min(0.02, left))
+                while self._held():
+                    await asyncio.sleep(0.02)
                 self.stats.holds += 1
                 self.stats.held_s += time.monotonic() - start
+                continue  # waiters may have been cancelled meanwhile
             self._start_call()
 
     def _start_call(self) -> None:
@@ -182,6 +203,7 @@ class DetectDispatcher:
             batch.append((request, waiter))
         if not batch:
             return
+        self._last_start = now
         self._in_flight += 1
         self.stats.calls += 1
         self.stats.frames += len(batch)
@@ -192,13 +214,16 @@ class DetectDispatcher:
 
     async def _call(self, batch: list[tuple[DetectRequest, _Waiter]]) -> None:
         try:
-            results = await self._send([request for request, _ in batch])
+            # Bounded: a hung replica must not hold one of the calls for ever.
+            results = await asyncio.wait_for(
+                self._send([request for request, _ in batch]), self._settings.call_timeout_s
+            )
             if len(results) != len(batch):
                 raise RuntimeError(f"detector answered {len(results)} of {len(batch)} frames")
         except asyncio.CancelledError:
             for _, waiter in batch:
                 if not waiter.future.done():
-                    waiter.future.cancel()
+                    waiter.future.set_exception(DispatcherClosed("the detector call was stopped"))
             raise
         except Exception as exc:
             for _, waiter in batch:
@@ -206,7 +231,11 @@ class DetectDispatcher:
                     waiter.future.set_exception(exc)
         else:
             for (_, waiter), result in zip(batch, results, strict=True):
-                if not waiter.future.done():
+                if waiter.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    waiter.future.set_exception(result)
+                else:
                     waiter.future.set_result(result)
         finally:
             self._in_flight -= 1
@@ -228,25 +257,37 @@ class DetectDispatcher:
 
 
 class BranchClock:
-    """When each pending classification pass of a camera actor started: the age of the
-    oldest is what the dispatchers yield to."""
+    """A camera actor's classification calls: when each pending one started, and when
+    one last timed out. The dispatchers yield to them when they are starved (on a
+    shared CPU every detector competes with every classifier)."""
 
     def __init__(self) -> None:
         self._started: dict[int, float] = {}
         self._next = 0
+        self.last_timeout = -float("inf")
+        self.timeouts = 0
 
     def start(self) -> int:
         self._next += 1
         self._started[self._next] = time.monotonic()
         return self._next
 
-    def end(self, token: int) -> None:
+    def end(self, token: int, timed_out: bool = False) -> None:
         self._started.pop(token, None)
+        if timed_out:
+            self.timeouts += 1
+            self.last_timeout = time.monotonic()
 
     def oldest_age(self) -> float:
         if not self._started:
             return 0.0
         return time.monotonic() - min(self._started.values())
+
+    def starved(self, grace_s: float, window_s: float) -> bool:
+        """A call has waited longer than `grace_s`, or one timed out in `window_s`."""
+        if time.monotonic() - self.last_timeout < window_s:
+            return True
+        return self.oldest_age() > grace_s
 
     @property
     def pending(self) -> int:

@@ -62,13 +62,14 @@ class _Taken:
     """What a subscription's admission took: set by its take function, read by the
     consumer (None: nothing taken yet, so nothing to count as dropped)."""
 
-    __slots__ = ("failed", "frame", "lb", "offset")
+    __slots__ = ("claim_open", "failed", "frame", "lb", "offset")
 
     def __init__(self) -> None:
         self.frame: Frame | None = None
         self.lb: Any = None
         self.offset = (0, 0)
         self.failed = False  # taken, but its preparation raised
+        self.claim_open = True  # admitted or given up on: no longer blocks the next one
 
 
 class ProcessingSettings(StrictModel):
@@ -129,6 +130,10 @@ class SubscriptionProcessor:
             asyncio.Queue()
         )
         self._tasks: list[asyncio.Task[Any]] = []
+        # Admissions that have not taken their frame yet (0 or 1): a second one waits
+        # for the next frame, so that frames are taken in order (the tracker needs it)
+        # and never two admissions for one frame.
+        self._open_claims = 0
         self.processed = 0
         self.last_error: str | None = None
         self.latencies_ms: deque[float] = deque(maxlen=512)  # capture → detection
@@ -153,16 +158,27 @@ class SubscriptionProcessor:
             _, task = self._pending.get_nowait()
             task.cancel()
 
+    def _can_admit(self) -> bool:
+        return self._open_claims == 0 and self.mailbox.ready()
+
     async def _frame_waiting(self) -> None:
-        """Until the mailbox holds a frame (not taken: the admission takes it)."""
-        while not self.mailbox.ready():
+        """Until the mailbox holds a frame that no admission is waiting for (the
+        admission takes it when the dispatcher sends it)."""
+        while not self._can_admit():
             self._wakeup.clear()
-            if self.mailbox.ready():  # a put may have landed between the check and clear
+            if self._can_admit():  # a put may have landed between the check and clear
                 return
             await self._wakeup.wait()
 
+    def _close_claim(self, taken: _Taken) -> None:
+        if taken.claim_open:
+            taken.claim_open = False
+            self._open_claims -= 1
+            self._wakeup.set()  # a frame may already wait for the next admission
+
     def _taker(self, taken: _Taken) -> TakeFn:
         def take() -> DetectRequest | None:
+            self._close_claim(taken)
             frame = self.mailbox.take()
             if frame is None:
                 return None  # too old by now (counted by the mailbox)
@@ -203,10 +219,12 @@ class SubscriptionProcessor:
                 next_due = max(next_due + period, time.monotonic())
             await self._frame_waiting()
             taken = _Taken()
+            self._open_claims += 1
             # Bounded: a hung replica must not hold the subscription's only slot for ever.
             task = asyncio.ensure_future(
                 asyncio.wait_for(self._admit(self._taker(taken)), self._settings.detect_timeout_s)
             )
+            task.add_done_callback(lambda _, taken=taken: self._close_claim(taken))
             await self._pending.put((taken, task))
 
     async def _consume(self) -> None:
@@ -218,21 +236,15 @@ class SubscriptionProcessor:
                 self.mailbox.record_drop(DropReason.BACK_PRESSURE)
                 continue
             except asyncio.CancelledError:
-                raise
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this subscription stops
+                # Only the frame's call was stopped: an error for it, not for the camera.
+                self._failed(taken, RuntimeError("the detector call was cancelled"))
+                await asyncio.sleep(self._settings.error_pause_s)
+                continue
             except Exception as exc:
-                if taken.frame is not None:  # else its frame is still in the mailbox
-                    reason = DropReason.PROCESSING_ERROR if taken.failed else None
-                    self.mailbox.record_drop(reason or DropReason.DETECTOR_ERROR)
-                if isinstance(exc, TimeoutError):
-                    self.last_error = (
-                        f"detector: no answer within {self._settings.detect_timeout_s:g}s"
-                        if taken.frame is not None
-                        else f"detector: no capacity within {self._settings.detect_timeout_s:g}s"
-                    )
-                else:
-                    where = "processing" if taken.failed else "detector"
-                    self.last_error = f"{where}: {type(exc).__name__}: {str(exc)[:300]}"
-                logger.warning("%s: %s", self.sub.subscriptionIdentifier, self.last_error)
+                self._failed(taken, exc)
                 await asyncio.sleep(self._settings.error_pause_s)
                 continue
             finally:
@@ -245,6 +257,24 @@ class SubscriptionProcessor:
                 self.mailbox.record_drop(DropReason.PROCESSING_ERROR)
                 logger.exception("%s: processing failed", self.sub.subscriptionIdentifier)
                 self.last_error = f"processing: {type(exc).__name__}: {exc}"
+
+    def _failed(self, taken: _Taken, exc: BaseException) -> None:
+        """A frame's admission or call failed: its frame (if it was taken) is counted
+        dropped, and the error is said."""
+        if taken.frame is not None:  # else its frame is still in the mailbox
+            reason = DropReason.PROCESSING_ERROR if taken.failed else None
+            self.mailbox.record_drop(reason or DropReason.DETECTOR_ERROR)
+        timeout = self._settings.detect_timeout_s
+        if isinstance(exc, TimeoutError):
+            self.last_error = (
+                f"detector: no answer within {timeout:g}s"
+                if taken.frame is not None
+                else f"detector: no capacity within {timeout:g}s"
+            )
+        else:
+            where = "processing" if taken.failed else "detector"
+            self.last_error = f"{where}: {type(exc).__name__}: {str(exc)[:300]}"
+        logger.warning("%s: %s", self.sub.subscriptionIdentifier, self.last_error)
 
     def _handle(self, frame: Frame, lb: Any, offset: tuple[int, int], result: DetectResult) -> None:
         detected_at = time.time()

@@ -37,6 +37,7 @@ ACTOR_FIELDS = (
     "events",
     "dispatch",
     "branch_passes_pending",
+    "branch_timeouts",
 )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.pipeline_phase import (
+    DSN_ENV,
     READABLE_PLATE_PX,
     VEHICLE_MIN_FRAMES,
     PipelineRun,
@@ -96,11 +97,12 @@ def test_a_generated_clip_has_vehicles_with_types_and_readable_plates(tmp_path: 
 
 def test_the_config_is_make_runs_with_records_in_this_runs_schema() -> None:
     base = {"applications": [{"args": {"actions": {"data_dir": "x"}, "pipelines": ["p"]}}]}
-    on = pipeline_config(base, "dbname=test", "bench_1", hold=True)
+    on = pipeline_config(base, "bench_1", hold=True)
     args = on["applications"][0]["args"]
     assert args["actions"]["postgres_schema"] == "bench_1"
-    assert args["actions"]["postgres_dsn"] == "dbname=test" and args["pipelines"] == ["p"]
+    assert args["actions"]["postgres_dsn_env"] == DSN_ENV and args["pipelines"] == ["p"]
+    assert "postgres_dsn" not in args["actions"]  # never in the deployed config
     assert "dispatch" not in args.get("streams", {})
-    off = pipeline_config(base, "dbname=test", "bench_1", hold=False)
+    off = pipeline_config(base, "bench_1", hold=False)
     assert off["applications"][0]["args"]["streams"]["dispatch"]["branch_hold_s"] == 0
     assert "streams" not in base["applications"][0]["args"]  # the base is not changed

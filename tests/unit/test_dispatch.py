@@ -14,7 +14,12 @@ import pytest
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import DetectorBusy
 from graph.events.model import RingBufferSink
-from stream_actors.dispatch import BranchClock, DetectDispatcher, DispatchSettings
+from stream_actors.dispatch import (
+    BranchClock,
+    DetectDispatcher,
+    DispatcherClosed,
+    DispatchSettings,
+)
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.subscriptions import Subscription
 
@@ -186,15 +191,15 @@ async def test_a_short_answer_is_an_error_not_a_shifted_result() -> None:
 @sync
 async def test_starved_branch_work_limits_detection_to_one_call_at_a_time() -> None:
     """While a classification pass waits longer than the grace, a second detector call
-    waits (up to the hold) for it: detection slows, it never stops."""
+    waits for the first to end: detection slows, it never stops."""
     det = Recorder()
     det.gate.clear()
     clock = BranchClock()
     token = clock.start()
     settings = DispatchSettings(
-        calls_in_flight=2, max_frames_per_call=1, branch_grace_s=0.0, branch_hold_s=5.0
+        calls_in_flight=2, max_frames_per_call=1, branch_grace_s=0.0, branch_hold_s=0.0001
     )
-    dispatcher = DetectDispatcher(det.send, settings, branch_age=clock.oldest_age)
+    dispatcher = DetectDispatcher(det.send, settings, clock)
     await asyncio.sleep(0.01)
     tasks = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in (1, 2)]
     await asyncio.sleep(0.1)
@@ -208,22 +213,77 @@ async def test_starved_branch_work_limits_detection_to_one_call_at_a_time() -> N
 
 
 @sync
-async def test_the_hold_for_branch_work_ends() -> None:
+async def test_while_starved_calls_start_at_least_the_hold_apart() -> None:
+    """A recent branch timeout counts as starved: calls go one at a time and start at
+    least branch_hold_s apart (the frames per camera go down), and back to normal once
+    the window has passed."""
     det = Recorder()
-    det.gate.clear()
     clock = BranchClock()
-    clock.start()  # a pass that never ends (a hung classifier)
-    settings = DispatchSettings(branch_grace_s=0.0, branch_hold_s=0.05, max_frames_per_call=1)
-    dispatcher = DetectDispatcher(det.send, settings, branch_age=clock.oldest_age)
-    tasks = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in (1, 2)]
-    await asyncio.sleep(0.3)
-    assert det.calls == [[1], [2]]
-    det.gate.set()
-    await asyncio.gather(*tasks)
+    clock.end(clock.start(), timed_out=True)
+    settings = DispatchSettings(max_frames_per_call=1, branch_hold_s=0.2, branch_window_s=0.5)
+    dispatcher = DetectDispatcher(det.send, settings, clock)
+    start = asyncio.get_running_loop().time()
+    await dispatcher.admit(lambda: _request(1))
+    await dispatcher.admit(lambda: _request(2))
+    assert asyncio.get_running_loop().time() - start >= 0.19
+    await asyncio.sleep(0.5)  # the timeout is out of the window
+    start = asyncio.get_running_loop().time()
+    await dispatcher.admit(lambda: _request(3))
+    await dispatcher.admit(lambda: _request(4))
+    assert asyncio.get_running_loop().time() - start < 0.15
+    assert det.calls == [[1], [2], [3], [4]]
 
 
 @sync
-async def test_close_cancels_waiters_and_lets_calls_end() -> None:
+async def test_a_hung_classifier_never_stops_detection() -> None:
+    det = Recorder()
+    clock = BranchClock()
+    clock.start()  # a pass that never ends
+    settings = DispatchSettings(branch_grace_s=0.0, branch_hold_s=0.05, max_frames_per_call=1)
+    dispatcher = DetectDispatcher(det.send, settings, clock)
+    for v in range(4):
+        await asyncio.wait_for(dispatcher.admit(lambda v=v: _request(v)), 1.0)
+    assert det.calls == [[0], [1], [2], [3]]
+
+
+@sync
+async def test_a_hung_call_fails_its_frames_and_frees_its_slot() -> None:
+    """A replica that never answers: after call_timeout_s the call's frames fail and
+    the next frames get through (the dispatcher is not blocked for ever)."""
+    det = Recorder()
+    det.gate.clear()
+    settings = DispatchSettings(calls_in_flight=1, call_timeout_s=0.1)
+    dispatcher = DetectDispatcher(det.send, settings)
+    with pytest.raises(TimeoutError):
+        await dispatcher.admit(lambda: _request(1))
+    det.gate.set()
+    assert (await dispatcher.admit(lambda: _request(2))) is not None
+    assert dispatcher.in_flight == 0
+
+
+@sync
+async def test_a_frame_that_failed_in_the_replica_fails_alone() -> None:
+    async def send(requests: list[DetectRequest]) -> list[DetectResult | Exception]:
+        return [_result(requests[0]), RuntimeError("frame 2 failed")]
+
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
+    blocker = asyncio.create_task(dispatcher.admit(lambda: _request(9)))
+    await asyncio.sleep(0.01)
+    dispatcher._send = send  # the next call answers one result and one error
+    ok = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    bad = asyncio.create_task(dispatcher.admit(lambda: _request(2)))
+    await asyncio.sleep(0.01)
+    det.gate.set()
+    await blocker
+    assert (await ok) is not None
+    with pytest.raises(RuntimeError, match="frame 2 failed"):
+        await bad
+
+
+@sync
+async def test_close_fails_waiters_and_lets_calls_end() -> None:
     det = Recorder()
     det.gate.clear()
     dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
@@ -236,7 +296,7 @@ async def test_close_cancels_waiters_and_lets_calls_end() -> None:
     det.gate.set()
     await closing
     assert (await sent) is not None
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(DispatcherClosed):
         await waiting
 
 
@@ -253,8 +313,8 @@ def _sub(sid: str) -> Subscription:
 async def test_subscriptions_of_an_actor_share_calls_and_account_for_every_frame() -> None:
     """Three subscriptions on one dispatcher with one call at a time: while the detector
     is busy with the first one's frame, each subscription's frames supersede one another
-    in its mailbox; the next call carries the newest frame of both waiting ones, then
-    the first one's newest; every frame put is processed, superseded or pending."""
+    in its mailbox; the next call carries the newest frame of all three (the first one's
+    second slot pipelines), and every frame put is processed, superseded or pending."""
     det = Recorder()
     det.gate.clear()
     dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
@@ -279,7 +339,7 @@ async def test_subscriptions_of_an_actor_share_calls_and_account_for_every_frame
     det.gate.set()
     await _until(lambda: sum(p.processed for p in procs) == 4)
     # The frames carry the pixel value put: the newest (k=3) of each went.
-    assert det.calls == [[1], [23, 33], [13]]
+    assert det.calls == [[1], [13, 23, 33]]
     for p in procs:
         await p.stop()
         s = p.mailbox.stats()
@@ -294,3 +354,29 @@ async def _until(predicate: Callable[[], bool], polls: int = 300) -> None:
         if predicate():
             return
         await asyncio.sleep(0.01)
+
+
+@sync
+async def test_a_subscription_takes_its_frames_in_order_one_admission_per_frame() -> None:
+    """A lossless replay through a dispatcher with two calls and two slots: every frame
+    is detected exactly once and in order (the tracker's contract), though a second
+    admission waits while the first one's frame is still in the mailbox."""
+    det = Recorder()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=2))
+    sub = Subscription(
+        subscriptionIdentifier="d;c", fileUrl="/data/clip.mp4", fileRealtime=False, modelId="m"
+    )
+    processor = SubscriptionProcessor(
+        sub, "m", 32, None, RingBufferSink(1000), ProcessingSettings(), admit=dispatcher.admit
+    )
+    processor.start()
+    image = np.zeros((32, 32, 3), np.uint8)
+    for k in range(40):
+        processor.mailbox.put(image + k, 1e9 + k)
+        await _until(lambda: not processor.mailbox.ready(), polls=500)
+    await _until(lambda: processor.processed == 40)
+    await processor.stop()
+    sent = [v for call in det.calls for v in call]
+    assert sent == list(range(40))
+    drops = processor.mailbox.stats()["drops"]
+    assert isinstance(drops, dict) and not any(drops.values())

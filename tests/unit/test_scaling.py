@@ -3,6 +3,7 @@ controller calls a custom policy: with Serve's own AutoscalingContext and config
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -90,3 +91,14 @@ def test_frames_in_flight_counts_what_is_held() -> None:
             raise RuntimeError("engine failed")
         assert frames.value == 3
     assert frames.value == 0
+
+
+def test_per_frame_keeps_each_frames_error_in_its_place() -> None:
+    from graph.common.errors import InferenceError
+    from graph.scaling import per_frame
+
+    out = per_frame(["r1", KeyError("gone"), "r3"])
+    assert out[0] == "r1" and out[2] == "r3"
+    assert isinstance(out[1], InferenceError) and "KeyError" in str(out[1])
+    with pytest.raises(asyncio.CancelledError):
+        per_frame(["r1", asyncio.CancelledError()])
