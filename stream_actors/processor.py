@@ -14,6 +14,7 @@ two frames are in flight.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -176,6 +177,9 @@ class SubscriptionProcessor:
             self._open_claims -= 1
             self._wakeup.set()  # a frame may already wait for the next admission
 
+    def _claim_ended(self, taken: _Taken, _: object) -> None:
+        self._close_claim(taken)  # the admission ended without taking (timeout, error)
+
     def _taker(self, taken: _Taken) -> TakeFn:
         def take() -> DetectRequest | None:
             self._close_claim(taken)
@@ -224,7 +228,7 @@ class SubscriptionProcessor:
             task = asyncio.ensure_future(
                 asyncio.wait_for(self._admit(self._taker(taken)), self._settings.detect_timeout_s)
             )
-            task.add_done_callback(lambda _, taken=taken: self._close_claim(taken))
+            task.add_done_callback(functools.partial(self._claim_ended, taken))
             await self._pending.put((taken, task))
 
     async def _consume(self) -> None:
