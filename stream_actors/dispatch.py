@@ -66,10 +66,10 @@ class DispatchSettings(StrictModel):
         description="a classification pass waiting longer than this: branch work is starved",
     )
     branch_window_s: float = Field(
-        10.0, ge=0, le=600, description="a pass timed out this recently: branch work is starved"
+        3.0, ge=0, le=600, description="a pass timed out this recently: branch work is starved"
     )
     branch_hold_s: float = Field(
-        0.25,
+        0.1,
         ge=0,
         le=5,
         description="while branch work is starved: one detector call at a time, started "
