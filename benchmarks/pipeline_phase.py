@@ -360,7 +360,7 @@ def render(runs: Sequence[PipelineRun], meta: dict[str, Any]) -> str:
     for r in runs:
         s = r.score
         lines.append(
-            f"| {r.variant} | {r.overload:g}x | {r.cameras} | {r.processed} / {r.offered} | "
+            f"| {r.variant} | {r.overload:.1f}x | {r.cameras} | {r.processed} / {r.offered} | "
             f"{_fmt(s.records_per_vehicle)} ({s.records}/{s.vehicles}) | "
             f"{_fmt(s.plate_recall)} ({s.plates_exact}/{s.readable_plates}) | "
             f"{_fmt(s.body_type_present)} | {_fmt(s.body_type_accuracy)} "

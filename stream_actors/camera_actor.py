@@ -41,6 +41,7 @@ from graph.events.ring import restart_safe_first_id
 from graph.pipeline.catalog import PipelineInfo, PipelineLoading
 from graph.pipeline.plan import PipelineRuntime
 from graph.pipeline.runner import BranchResult, PipelineRunner, ResultFn
+from stream_actors.actor_metrics import CameraMetrics
 from stream_actors.dispatch import AdmitFn, BranchClock, DetectDispatcher, TakeFn
 from stream_actors.forwarding import ActionForwarder, rerouted
 from stream_actors.processor import SubscriptionProcessor
@@ -97,7 +98,7 @@ class CameraActor:
         self._registry: Any = None
         self._started = time.time()
         self._lock = threading.Lock()
-        self._init_metrics()
+        self._metrics = CameraMetrics()  # gauges for the Ray dashboard / Prometheus
         # Async actors run __init__ with their event loop set (checked on Ray 2.60).
         self._watchdog = asyncio.get_event_loop().create_task(self._watch())
         self._publishing = asyncio.get_event_loop().create_task(self._publisher.run())
@@ -134,10 +135,14 @@ class CameraActor:
             handle = self._mux_handle(kind, name)
 
         async def send(requests: list[DetectRequest]) -> list[DetectResult | Exception]:
+            response = handle.detect_many.remote(requests)
             try:
-                results: list[DetectResult | Exception] = await handle.detect_many.remote(requests)
+                results: list[DetectResult | Exception] = await response
             except BackPressureError as exc:  # the processor knows no Ray: camgraph's own
                 raise DetectorBusy(model_id, str(exc)) from exc
+            except asyncio.CancelledError:  # timed out: the replica must not go on with it
+                response.cancel()
+                raise
             return results
 
         dispatcher = DetectDispatcher(send, self._settings.dispatch, self._branch_clock)
@@ -215,17 +220,15 @@ class CameraActor:
                 handle = self._mux_handle(PIPELINE_CLASSIFIER, name)
             else:
                 handle = self._handle(name)
-            token, timed_out = self._branch_clock.start(), True  # dispatchers yield to it
+            token = self._branch_clock.start()  # the dispatchers yield to pending passes
+            response = handle.classify.remote(crop)
             try:
-                label = await handle.classify.remote(crop)
-                timed_out = False
-            except asyncio.CancelledError:  # the runner's timeout (or a stop)
-                raise
-            except Exception:
-                timed_out = False
+                label = await response
+            except asyncio.CancelledError:  # the runner's timeout, or a stop
+                response.cancel()  # the classifier must not spend its CPU on it
                 raise
             finally:
-                self._branch_clock.end(token, timed_out)
+                self._branch_clock.end(token)
             return None if label is None else BranchResult(label.label, label.confidence)
 
         forwarder = self._forwarders.get(runtime.actions_name)
@@ -251,7 +254,13 @@ class CameraActor:
         if runtime.sink_routes:  # the archive's own servers (archive_connections: use)
             submit = rerouted(forwarder.submit, runtime.sink_routes)
         runner = PipelineRunner(
-            runtime.plan, base, classify, submit, self._settings.branches, on_result
+            runtime.plan,
+            base,
+            classify,
+            submit,
+            self._settings.branches,
+            on_result,
+            on_timeout=lambda _branch: self._branch_clock.timed_out(),
         )
         if (session := self._sessions.get(sub.display_id)) is not None:
             runner.set_session(session["id"], session["data"])
@@ -288,48 +297,9 @@ class CameraActor:
                 self._touching = asyncio.ensure_future(self._touch())
             if ticks % 10 == 0:
                 try:
-                    self._export_metrics()
+                    self._metrics.export(list(self._streams.items()))
                 except Exception:  # metrics must never stop the watchdog
                     logger.exception("camera actor: exporting metrics failed")
-
-    def _init_metrics(self) -> None:
-        """Gauges for the Ray dashboard / Prometheus, tagged by stream and subscription."""
-        from ray.util import metrics
-
-        self._m_fps_in = metrics.Gauge(
-            "camgraph_stream_fps_in", "frames read per second", tag_keys=("stream",)
-        )
-        self._m_reconnects = metrics.Gauge(
-            "camgraph_stream_reconnects", "reconnect attempts so far", tag_keys=("stream",)
-        )
-        self._m_fps_done = metrics.Gauge(
-            "camgraph_subscription_fps_processed",
-            "frames through the detector per second",
-            tag_keys=("subscription",),
-        )
-        self._m_drops = metrics.Gauge(
-            "camgraph_subscription_drops",
-            "frames dropped so far, by reason",
-            tag_keys=("subscription", "reason"),
-        )
-        self._m_latency = metrics.Gauge(
-            "camgraph_subscription_latency_ms_p50",
-            "capture to detection, median of recent frames",
-            tag_keys=("subscription",),
-        )
-
-    def _export_metrics(self) -> None:
-        for key, stream in list(self._streams.items()):
-            self._m_fps_in.set(stream.reader.fps(), {"stream": key})
-            self._m_reconnects.set(stream.reader.reconnects, {"stream": key})
-            for sub_id, processor in list(stream.processors.items()):
-                status = processor.status()
-                tags = {"subscription": sub_id}
-                self._m_fps_done.set(status["fps_processed"], tags)
-                if status["latency_ms_p50"] is not None:
-                    self._m_latency.set(status["latency_ms_p50"], tags)
-                for reason, count in status["drops"].items():
-                    self._m_drops.set(count, {**tags, "reason": reason})
 
     # ---- desired state -------------------------------------------------------------
     async def set_stream(

@@ -272,11 +272,13 @@ class BranchClock:
         self._started[self._next] = time.monotonic()
         return self._next
 
-    def end(self, token: int, timed_out: bool = False) -> None:
+    def end(self, token: int) -> None:
         self._started.pop(token, None)
-        if timed_out:
-            self.timeouts += 1
-            self.last_timeout = time.monotonic()
+
+    def timed_out(self) -> None:
+        """A pass of the actor gave up on a classifier (the runner's branch timeout)."""
+        self.timeouts += 1
+        self.last_timeout = time.monotonic()
 
     def oldest_age(self) -> float:
         if not self._started:

@@ -135,6 +135,7 @@ class SubscriptionProcessor:
         # for the next frame, so that frames are taken in order (the tracker needs it)
         # and never two admissions for one frame.
         self._open_claims = 0
+        self._current: asyncio.Task[DetectResult | None] | None = None  # consumer's
         self.processed = 0
         self.last_error: str | None = None
         self.latencies_ms: deque[float] = deque(maxlen=512)  # capture → detection
@@ -150,14 +151,20 @@ class SubscriptionProcessor:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        admissions = [task for _, task in self._pending_items()]
+        if self._current is not None:
+            admissions.append(self._current)
+        for task in [*admissions, *self._tasks]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *admissions, return_exceptions=True)
         if self.runner is not None:
             await self.runner.stop()
+
+    def _pending_items(self) -> list[tuple[_Taken, asyncio.Task[DetectResult | None]]]:
+        items = []
         while not self._pending.empty():
-            _, task = self._pending.get_nowait()
-            task.cancel()
+            items.append(self._pending.get_nowait())
+        return items
 
     def _can_admit(self) -> bool:
         return self._open_claims == 0 and self.mailbox.ready()
@@ -234,16 +241,20 @@ class SubscriptionProcessor:
     async def _consume(self) -> None:
         while True:
             taken, task = await self._pending.get()
+            self._current = task
+            # Waited on, not awaited: awaiting would pass a stop's cancellation into the
+            # admission, whose wait_for can swallow it when the result is already in
+            # (Python 3.11), and the subscription would never stop.
+            await asyncio.wait({task})
+            self._current = None
             try:
-                result = await task
+                result = task.result()
             except DetectorBusy:
                 self.mailbox.record_drop(DropReason.BACK_PRESSURE)
                 continue
             except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # this subscription stops
-                # Only the frame's call was stopped: an error for it, not for the camera.
+                # The frame's call was stopped (this task's own stop raises in wait):
+                # an error for the frame, not for the camera.
                 self._failed(taken, RuntimeError("the detector call was cancelled"))
                 await asyncio.sleep(self._settings.error_pause_s)
                 continue

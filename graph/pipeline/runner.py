@@ -132,9 +132,11 @@ class PipelineRunner:
         submit: SubmitFn,
         settings: BranchSettings,
         on_result: ResultFn | None = None,
+        on_timeout: Callable[[str], None] | None = None,
     ) -> None:
         self.plan, self.settings = plan, settings
         self._on_result = on_result
+        self._on_timeout = on_timeout  # told of each branch timeout (starved classifiers)
         self._base = dict(base_context)
         self._base.update(pipeline_id=plan.pipeline_id, pipeline_version=plan.version)
         # The display's session as set (a base context may carry one), and what keys the
@@ -387,6 +389,8 @@ class PipelineRunner:
             raise
         except TimeoutError:  # a busy classifier: tried again later, and counted
             self.branch_timeouts[b.model_id] += 1
+            if self._on_timeout is not None:
+                self._on_timeout(b.model_id)
             self._failed(st, b.model_id, f"no answer within {timeout_s:g}s")
             return
         except Exception as exc:  # isolated: the other branches go on

@@ -85,7 +85,7 @@ def test_score_matches_records_by_plate_within_their_camera() -> None:
             "frames": 300,
         },
     )
-    assert "| priority | 2x | 2 | 0 / 0 | 1.67 (5/3) | 0.50 (1/2) |" in text
+    assert "| priority | 2.0x | 2 | 0 / 0 | 1.67 (5/3) | 0.50 (1/2) |" in text
 
 
 def test_a_generated_clip_has_vehicles_with_types_and_readable_plates(tmp_path: Path) -> None:
