@@ -295,6 +295,11 @@ class PipelineCatalog:
             return
         if loaded.state is PipelineState.ENABLED and state is PipelineState.CONVERTING:
             return  # one more replica converting: the pipeline stays usable
+        if state is PipelineState.ENABLED and loaded.state is not PipelineState.ENABLED:
+            # Idle time counts from when it could first be used: a load that took
+            # longer than idle_unload_s must not be unloaded before its subscriber
+            # attaches and touches it.
+            loaded.last_used = self._clock()
         loaded.state, loaded.error = state, error
         for url in loaded.urls:
             if url in self._urls:

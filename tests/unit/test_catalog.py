@@ -279,6 +279,20 @@ def test_pipelines_that_are_not_enabled_yet_are_never_unloaded() -> None:
     assert cat.state_of(url("a")) == (CONVERTING, None, a)
 
 
+def test_a_long_load_is_not_unloaded_before_its_subscriber_can_touch_it() -> None:
+    """A load slower than idle_unload_s (a .pt export on a busy box): its idle time
+    starts when it is enabled, not when its download ended."""
+    clock, a = Clock(0.0), info("a")
+    cat = catalog(clock, idle_unload_s=60)
+    assert cat.begin(url("a")) is None and cat.downloaded(url("a"), a) is True
+    clock.now = 100.0  # the replicas took 100 s to load it
+    cat.report(a.key, ENABLED)
+    clock.now = 159.9
+    assert cat.sweep() == []  # not idle yet: enabled at 100
+    clock.now = 160.0
+    assert cat.sweep() == [a.key]
+
+
 def test_retired_keys_are_forgotten_after_a_day() -> None:
     clock, a = Clock(0.0), info("a")
     cat = catalog(clock, idle_unload_s=60)
