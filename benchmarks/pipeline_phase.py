@@ -199,7 +199,7 @@ def run_level(
                     "fileRealtime": True,
                 }
                 client.post("/streams", json=body).raise_for_status()
-            subs = _wait_ended(client, set(cams), timeout_s)
+            _wait_ended(client, set(cams), timeout_s)
             _settle(dsn, schema, list(cams), settle_s)
             subs = _subscriptions(client, set(cams))
             _account(run, subs, client)
@@ -233,12 +233,12 @@ def _subscriptions(client: httpx.Client, cams: set[str]) -> dict[str, dict[str, 
     return out
 
 
-def _wait_ended(client: httpx.Client, cams: set[str], timeout_s: float) -> dict[str, Any]:
+def _wait_ended(client: httpx.Client, cams: set[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         subs = _subscriptions(client, cams)
         if all(subs.get(c, {}).get("state") == "ended" for c in cams):
-            return subs
+            return
         time.sleep(2)
     raise RuntimeError(f"the clips did not end within {timeout_s:g}s")
 
@@ -249,8 +249,8 @@ def _settle(dsn: str, schema: str, cams: list[str], settle_s: float) -> None:
     import psycopg
 
     last, stable_since, deadline = None, time.monotonic(), time.monotonic() + 6 * settle_s
-    while time.monotonic() < deadline:
-        with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:  # one connection for the polls
+        while time.monotonic() < deadline:
             try:
                 now = conn.execute(
                     f'SELECT count(*), count(body_type), count(plate) FROM "{schema}"."{TABLE}" '
@@ -259,11 +259,11 @@ def _settle(dsn: str, schema: str, cams: list[str], settle_s: float) -> None:
                 ).fetchone()
             except psycopg.errors.UndefinedTable:
                 now = None
-        if now != last:
-            last, stable_since = now, time.monotonic()
-        elif time.monotonic() - stable_since >= settle_s:
-            return
-        time.sleep(2)
+            if now != last:
+                last, stable_since = now, time.monotonic()
+            elif time.monotonic() - stable_since >= settle_s:
+                return
+            time.sleep(2)
 
 
 def _account(run: PipelineRun, subs: dict[str, Any], client: httpx.Client) -> None:

@@ -16,9 +16,9 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.inference.engines import Engine, EngineOptions, ModelSlot, load_engine
-from graph.common.detection import DetectRequest, DetectResult
+from graph.common.detection import DetectRequest, DetectResult, per_frame
 from graph.common.schemas import DetectorUserConfig, ModelSpec
-from graph.scaling import FramesInFlight, per_frame
+from graph.scaling import FramesInFlight
 
 logger = logging.getLogger("ray.serve")
 

@@ -27,13 +27,13 @@ from ray import serve
 
 from deployments.inference.classify import BranchEngine, Label
 from deployments.inference.engines import Engine, EngineOptions, load_engine
-from graph.common.detection import DetectRequest, DetectResult
+from graph.common.detection import DetectRequest, DetectResult, per_frame
 from graph.common.names import STREAMS_NAMESPACE, catalog_name
 from graph.common.redaction import redact_text
 from graph.common.schemas import BatchUserConfig, BranchModelSpec, DetectorUserConfig
 from graph.pipeline.archive import ArchiveError, LoadedArchive, cached_archive, load_archive
 from graph.pipeline.catalog import PipelineLoading, PipelineUnavailable, UrlPipelinesSpec
-from graph.scaling import FramesInFlight, per_frame
+from graph.scaling import FramesInFlight
 
 logger = logging.getLogger("ray.serve")
 

@@ -14,10 +14,8 @@ up/down delays around it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
-
-from graph.common.errors import InferenceError
 
 FRAMES_IN_FLIGHT = "frames_in_flight"
 
@@ -69,17 +67,3 @@ class FramesInFlight:
 
     def stats(self) -> dict[str, float]:
         return {FRAMES_IN_FLIGHT: float(self.value)}
-
-
-def per_frame(results: Sequence[Any]) -> list[Any]:
-    """`gather(..., return_exceptions=True)` of one call's frames, ready to go back: a
-    frame's error stays in its place as a plain `InferenceError` (always picklable),
-    and a cancellation is not swallowed."""
-    out: list[Any] = []
-    for result in results:
-        if isinstance(result, BaseException) and not isinstance(result, Exception):
-            raise result  # CancelledError, KeyboardInterrupt: not a frame's failure
-        if isinstance(result, Exception):
-            result = InferenceError(f"{type(result).__name__}: {str(result)[:500]}")
-        out.append(result)
-    return out

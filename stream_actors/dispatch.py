@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +90,6 @@ class DispatchStats:
     frames: int = 0
     held_s: float = 0.0  # detector time given to branch work
     holds: int = 0
-    frames_per_call: Counter[int] = field(default_factory=Counter)
     wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=512))
 
 
@@ -207,7 +206,6 @@ class DetectDispatcher:
         self._in_flight += 1
         self.stats.calls += 1
         self.stats.frames += len(batch)
-        self.stats.frames_per_call[len(batch)] += 1
         task = asyncio.create_task(self._call(batch))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)

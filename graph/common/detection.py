@@ -4,10 +4,13 @@ actors, the ingress, the media jobs and the Detector deployment."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from graph.common.errors import InferenceError
 from graph.common.vision import DetectParams
 
 
@@ -26,3 +29,17 @@ class DetectResult:
 
     rows: np.ndarray
     names: dict[int, str]
+
+
+def per_frame(results: Sequence[Any]) -> list[Any]:
+    """`gather(..., return_exceptions=True)` of one call's frames, ready to go back: a
+    frame's error stays in its place as a plain `InferenceError` (always picklable),
+    and a cancellation is not swallowed."""
+    out: list[Any] = []
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, Exception):
+            raise result  # CancelledError, KeyboardInterrupt: not a frame's failure
+        if isinstance(result, Exception):
+            result = InferenceError(f"{type(result).__name__}: {str(result)[:500]}")
+        out.append(result)
+    return out

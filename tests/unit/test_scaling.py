@@ -94,8 +94,8 @@ def test_frames_in_flight_counts_what_is_held() -> None:
 
 
 def test_per_frame_keeps_each_frames_error_in_its_place() -> None:
+    from graph.common.detection import per_frame
     from graph.common.errors import InferenceError
-    from graph.scaling import per_frame
 
     out = per_frame(["r1", KeyError("gone"), "r3"])
     assert out[0] == "r1" and out[2] == "r3"
