@@ -16,8 +16,9 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.inference.engines import Engine, EngineOptions, ModelSlot, load_engine
-from graph.common.detection import DetectRequest, DetectResult, per_frame
+from graph.common.detection import DetectRequest, DetectResult, EncodedImage, per_frame
 from graph.common.schemas import DetectorUserConfig, ModelSpec
+from graph.common.vision import decode_letterboxed
 from graph.scaling import FramesInFlight
 
 logger = logging.getLogger("ray.serve")
@@ -111,6 +112,19 @@ class Detector:
         with self._frames.hold(1):
             result: DetectResult = await self._detect_batch(request)
         return result
+
+    async def detect_image(self, request: EncodedImage) -> DetectResult:
+        """One encoded image (the ingress's /detect and gRPC Detect): decoded and
+        letterboxed here, in a worker thread that runs beside the engine, then batched
+        like any frame. The bytes cross Ray's object store instead of the model-sized
+        pixels, and the ingress's event loop never decodes. BadImageError: the client's
+        image (HTTP 400)."""
+        with self._frames.hold(1):
+            boxed, lb = await asyncio.to_thread(
+                decode_letterboxed, request.data, self._spec.imgsz, request.max_pixels
+            )
+            result: DetectResult = await self._detect_batch(DetectRequest(boxed, request.params))
+        return DetectResult(result.rows, result.names, lb)
 
     async def __call__(self, request: DetectRequest) -> DetectResult:
         return await self.detect(request)

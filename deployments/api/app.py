@@ -7,10 +7,11 @@ routes have always been matched, behind the bearer-token middleware.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.api import detect, events, health, jobs, records, sessions, streams, ws
 from deployments.api.auth import OPEN_PATHS, bearer, token_ok
@@ -54,20 +55,29 @@ class ApiDeps:
         )
 
 
-def add_token_check(app: FastAPI, expected: str | None) -> None:
-    """Bearer token on every HTTP route but the open ones (when a token is configured)."""
+class TokenCheck:
+    """Bearer token on every HTTP route but the open ones (when a token is configured).
+    A plain ASGI middleware: Starlette's `@app.middleware("http")` costs a task group
+    and two memory streams per request, on the path every /detect takes."""
 
-    @app.middleware("http")
-    async def require_token(request: Request, call_next: Any) -> Any:
-        path = request.scope["path"].removeprefix(request.scope.get("root_path", "")) or "/"
-        if path in OPEN_PATHS:
-            return await call_next(request)
-        presented = bearer(request.headers.get("authorization"))
-        if presented is None and path == "/events":  # EventSource sets no headers
-            presented = request.query_params.get("access_token")
-        if not token_ok(presented, expected):
-            return http_response(UNAUTHENTICATED)
-        return await call_next(request)
+    def __init__(self, app: ASGIApp, expected: str | None) -> None:
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        if path not in OPEN_PATHS:
+            presented = bearer(Headers(scope=scope).get("authorization"))
+            if presented is None and path == "/events":  # EventSource sets no headers
+                presented = QueryParams(scope.get("query_string", b"")).get("access_token")
+            if not token_ok(presented, self.expected):
+                refusal = http_response(UNAUTHENTICATED)
+                assert refusal is not None  # the error table names it: 401
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def build_api(deps: ApiDeps) -> FastAPI:
@@ -77,7 +87,7 @@ def build_api(deps: ApiDeps) -> FastAPI:
         description="Camera-scale object detection on a Ray Serve deployment graph.",
         version="0.1.0",
     )
-    add_token_check(app, deps.auth_token)
+    app.add_middleware(TokenCheck, expected=deps.auth_token)
     add_live_view(app)
     service = health.Health(
         health.HealthDeps(

@@ -1,7 +1,8 @@
 """`POST /detect`: one uploaded image through a detector deployment (also gRPC `Detect`).
 
-Images are decoded and letterboxed here, so the detector receives only the model-sized
-input; boxes come back in the image's own pixels.
+The ingress forwards the encoded bytes; the detector replica decodes and letterboxes
+them beside its engine (a replica's spare CPU, not the one ingress event loop) and
+says how, so boxes come back in the image's own pixels.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
-import numpy as np
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from ray.serve.exceptions import BackPressureError
@@ -31,10 +30,14 @@ from deployments.api.errors import (
     Unavailable,
     with_route_exceptions,
 )
-from graph.common.detection import DetectRequest
-from graph.common.errors import InferenceError, ModelNotReadyError, UnknownModelError
+from graph.common.detection import EncodedImage
+from graph.common.errors import (
+    BadImageError,
+    InferenceError,
+    ModelNotReadyError,
+    UnknownModelError,
+)
 from graph.common.schemas import MODEL_ID_PATTERN, DetectConfig, IngressSettings, image_detections
-from graph.common.vision import Letterbox, header_pixels, letterbox
 
 logger = logging.getLogger("ray.serve")
 MULTIPART_SLACK = 64 * 1024  # the form's boundaries and headers around the file
@@ -64,31 +67,6 @@ DETECT_BODY = {
         },
     }
 }
-
-
-def decode_image(data: bytes) -> np.ndarray | None:
-    """BGR image from encoded bytes, or None when OpenCV cannot decode them."""
-    try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:  # e.g. over OpenCV's own pixel limit
-        return None
-    return image if image is not None and image.size else None
-
-
-def prepare(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, Letterbox] | str:
-    """Decode and letterbox in one worker-thread hop, or say why not. A small file that
-    would decode to gigapixels is refused from its header, before any decoding."""
-    pixels = header_pixels(data)
-    if pixels is None:  # a format whose size cannot be read before decoding (e.g. HDR)
-        return "the upload is not a decodable image"
-    if pixels > max_pixels:
-        return f"the image has {pixels} pixels, more than the limit of {max_pixels}"
-    image = decode_image(data)
-    if image is None:
-        return "the upload is not a decodable image"
-    if image.shape[0] * image.shape[1] > max_pixels:
-        return f"the image has more pixels than the limit of {max_pixels}"
-    return letterbox(image, size)
 
 
 @dataclass(frozen=True)
@@ -124,20 +102,17 @@ class Detectors:
     async def detect_bytes(
         self, data: bytes, config: DetectConfig, model_id: str
     ) -> list[dict[str, Any]]:
-        """Decode, letterbox, detect: boxes in the image's own pixels. Failures raise
-        ApiErrors carrying the model (and state, queue, error id) for every protocol."""
-        prepared = await asyncio.to_thread(
-            prepare, data, self.sizes[model_id], self.settings.max_image_pixels
-        )
-        if isinstance(prepared, str):
-            raise BadRequest(prepared)
-        boxed, lb = prepared
+        """Detect on an encoded image (the replica decodes it): boxes in the image's own
+        pixels. Failures raise ApiErrors carrying the model (and state, queue, error id)
+        for every protocol."""
+        request = EncodedImage(data, self.settings.max_image_pixels, config.params())
         timeout_s = self.settings.detect_timeout_s
+        response = self.handles[model_id].detect_image.remote(request)
         try:
-            result = await asyncio.wait_for(
-                self.handles[model_id].detect.remote(DetectRequest(boxed, config.params())),
-                timeout_s,
-            )
+            result = await asyncio.wait_for(response, timeout_s)
+        except BadImageError as exc:
+            # Ray re-raises it as a subclass whose str() is the remote traceback.
+            raise BadRequest(str(getattr(exc, "cause", exc))) from None
         except ModelNotReadyError as exc:
             # Ray re-raises it as a subclass whose str() is the remote traceback.
             message = ModelNotReadyError.__str__(exc)
@@ -152,6 +127,7 @@ class Detectors:
                 queued=getattr(exc, "num_queued_requests", None),
             ) from None
         except TimeoutError:
+            response.cancel()  # the replica stops working for a client that gave up
             raise DeadlineExceeded(
                 f"detection took longer than {timeout_s}s", model=model_id
             ) from None
@@ -160,7 +136,9 @@ class Detectors:
             kind = "inference" if isinstance(exc, InferenceError) else type(exc).__name__
             logger.exception("detect failed error_id=%s model=%s kind=%s", error_id, model_id, kind)
             raise InternalError("inference failed", error_id=error_id, model=model_id) from None
-        return image_detections(result.rows, result.names, lb)
+        if result.letterbox is None:  # a replica must say how it fitted the image
+            raise InternalError("detector returned no letterbox", model=model_id)
+        return image_detections(result.rows, result.names, result.letterbox)
 
 
 async def read_upload(request: Request, limit: int) -> tuple[bytes, str | None]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from graph.common.errors import InferenceError
-from graph.common.vision import DetectParams
+from graph.common.vision import DetectParams, Letterbox
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,25 @@ class DetectRequest:
 
 
 @dataclass(frozen=True)
+class EncodedImage:
+    """An uploaded image as its client sent it (JPEG, PNG...): the detector replica
+    decodes and letterboxes it, so the ingress forwards bytes, not pixels. Refused
+    (BadImageError) past `max_pixels`, from its header before decoding."""
+
+    data: bytes
+    max_pixels: int
+    params: DetectParams = dataclasses.field(default_factory=DetectParams)
+
+
+@dataclass(frozen=True)
 class DetectResult:
     """Rows (K, 6) x1 y1 x2 y2 conf cls in letterboxed pixels, and the model's class
-    names, so labels always come from the engine that produced the boxes."""
+    names, so labels always come from the engine that produced the boxes. For an
+    `EncodedImage`, `letterbox` says how the replica fitted it to the model input."""
 
     rows: np.ndarray
     names: dict[int, str]
+    letterbox: Letterbox | None = None
 
 
 def per_frame(results: Sequence[Any]) -> list[Any]:

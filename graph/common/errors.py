@@ -37,6 +37,11 @@ class ModelLoadError(CamgraphError):
     """A model file could not be turned into an engine (missing, corrupt, wrong shape)."""
 
 
+class BadImageError(CamgraphError, ValueError):
+    """An uploaded image that cannot be detected on: not decodable, or too many pixels.
+    The client's fault (HTTP 400), raised where the image is decoded."""
+
+
 class InferenceError(CamgraphError):
     """The engine ran but its output could not be used."""
 

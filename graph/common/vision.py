@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from graph.common.errors import BadImageError
+
 PAD_VALUE = 114
 CLASS_OFFSET_PX = 7680.0  # Ultralytics' max_wh: separates classes for class-aware NMS
 MAX_NMS_CANDIDATES = 30_000
@@ -193,3 +195,29 @@ def header_pixels(data: bytes) -> int | None:
         # ImportError: a PIL plugin registered by another library (ultralytics' HEIF
         # opener) whose module is missing; the format is simply unknown here.
         return None
+
+
+def decode_image(data: bytes) -> np.ndarray | None:
+    """BGR image from encoded bytes, or None when OpenCV cannot decode them."""
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:  # e.g. over OpenCV's own pixel limit
+        return None
+    return image if image is not None and image.size else None
+
+
+def decode_letterboxed(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, Letterbox]:
+    """An uploaded image decoded and letterboxed, or BadImageError saying why not. A
+    small file that would decode to gigapixels is refused from its header, before any
+    decoding."""
+    pixels = header_pixels(data)
+    if pixels is None:  # a format whose size cannot be read before decoding (e.g. HDR)
+        raise BadImageError("the upload is not a decodable image")
+    if pixels > max_pixels:
+        raise BadImageError(f"the image has {pixels} pixels, more than the limit of {max_pixels}")
+    image = decode_image(data)
+    if image is None:
+        raise BadImageError("the upload is not a decodable image")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise BadImageError(f"the image has more pixels than the limit of {max_pixels}")
+    return letterbox(image, size)

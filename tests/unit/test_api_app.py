@@ -27,9 +27,10 @@ from deployments.api.app import ApiDeps, build_api
 from deployments.api.detect import Detectors
 from deployments.api.state import ReplicaState
 from deployments.jobs.records import DuplicateJobError, JobNotFoundError
-from graph.common.detection import DetectResult
+from graph.common.detection import DetectResult, EncodedImage
 from graph.common.errors import ModelNotReadyError
 from graph.common.schemas import IngressSettings
+from graph.common.vision import decode_letterboxed
 from graph.control import ControlPlane
 from graph.events.fanout import EventFanout
 from graph.events.hub import EventHubService
@@ -49,18 +50,42 @@ def remote(fn: Callable[..., Awaitable[Any]]) -> SimpleNamespace:
     return SimpleNamespace(remote=fn)
 
 
+class Response:
+    """A DeploymentResponse: awaited for the result, cancelled when its caller gives up."""
+
+    def __init__(self, result: Awaitable[Any]) -> None:
+        self._result = result
+        self.cancelled = False
+
+    def __await__(self) -> Any:
+        return self._result.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class Detector:
-    """A Detector deployment: one box per image, or the failure it is told to raise."""
+    """A Detector deployment: decodes the image as the replica does (the real
+    `decode_letterboxed`), then one box per image, or the failure it is told to raise."""
 
     def __init__(self) -> None:
         self.failure: Exception | None = None
-        self.detect = remote(self._detect)
+        self.delay_s = 0.0
+        self.responses: list[Response] = []
+        self.detect_image = SimpleNamespace(remote=self._remote)
         self.health = remote(self._health)
 
-    async def _detect(self, request: Any) -> DetectResult:
+    def _remote(self, request: EncodedImage) -> Response:
+        self.responses.append(Response(self._detect_image(request)))
+        return self.responses[-1]
+
+    async def _detect_image(self, request: EncodedImage) -> DetectResult:
         if self.failure is not None:
             raise self.failure
-        return DetectResult(np.array([[8, 8, 24, 24, 0.9, 0]], np.float32), {0: "car"})
+        await asyncio.sleep(self.delay_s)
+        _, lb = decode_letterboxed(request.data, 32, request.max_pixels)
+        rows = np.array([[8, 8, 24, 24, 0.9, 0]], np.float32)
+        return DetectResult(rows, {0: "car"}, lb)
 
     async def _health(self) -> dict[str, Any]:
         return {"model": "demo", "state": "enabled"}
@@ -166,9 +191,11 @@ class Fakes(SimpleNamespace):
     jobs: Jobs
 
 
-def build(token: str | None = TOKEN, actions: Actions | None = None) -> tuple[TestClient, Fakes]:
+def build(
+    token: str | None = TOKEN, actions: Actions | None = None, **overrides: Any
+) -> tuple[TestClient, Fakes]:
     """One replica's app over stand-ins, as the Ingress builds it."""
-    settings = IngressSettings(max_upload_bytes=4096, health_timeout_s=0.2)
+    settings = IngressSettings(max_upload_bytes=4096, health_timeout_s=0.2, **overrides)
     config = IngressConfig(detectors={"demo": "Detector_demo"}, model_sizes={"demo": 32})
     fakes = Fakes(detector=Detector(), registry=Registry(), jobs=Jobs())
     hub = EventHubService()
@@ -315,6 +342,25 @@ def test_detect_answers_boxes_and_maps_failures(api: tuple[TestClient, Fakes]) -
     assert failed.status_code == 500
     assert failed.json()["detail"]["message"] == "inference failed"
     assert len(failed.json()["detail"]["error_id"]) == 12
+
+
+def test_detect_boxes_are_in_the_uploaded_images_pixels(api: tuple[TestClient, Fakes]) -> None:
+    client, _ = api
+    _, wide = cv2.imencode(".png", np.zeros((16, 64, 3), np.uint8))  # 64x16 into 32x32
+    r = client.post("/detect", files={"file": ("a.png", wide.tobytes())}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    # Gain 0.5 and 12 px of padding on top: the model's (8, 8, 24, 24) is (16, 0, 48, 16).
+    assert r.json()[0]["box"] == {"x1": 16.0, "y1": 0.0, "x2": 48.0, "y2": 16.0}
+
+
+def test_a_detection_past_its_deadline_is_a_504_and_its_request_is_cancelled() -> None:
+    client, fakes = build(detect_timeout_s=0.2)
+    fakes.detector.delay_s = 5
+    with client:
+        r = client.post("/detect", files={"file": ("a.jpg", jpeg())}, headers=AUTH)
+    assert r.status_code == 504, r.text
+    assert r.json()["detail"]["message"] == "detection took longer than 0.2s"
+    assert [x.cancelled for x in fakes.detector.responses] == [True]
 
 
 def test_media_jobs(api: tuple[TestClient, Fakes]) -> None:
