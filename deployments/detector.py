@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import ray
 from ray import serve
@@ -66,6 +67,8 @@ class Detector:
         self._config = DetectorUserConfig()
         self._batch_sizes: Counter[int] = Counter()
         self._frames = FramesInFlight()  # queued or running here: the autoscaling signal
+        self._decoding = asyncio.Semaphore(1)  # uploads decoded here (detect_image)
+        cv2.setNumThreads(1)  # a resize must not spread over every core of the node
         self._started = time.time()
         # Serve tags every metric with its deployment (Detector_<model id>) and replica.
         self._m_batch = metrics.Histogram(
@@ -108,7 +111,7 @@ class Detector:
         return [DetectResult(rows, engine.names) for rows in results]
 
     async def detect(self, request: DetectRequest) -> DetectResult:
-        """One frame (the ingress's /detect, media jobs)."""
+        """One letterboxed frame (media jobs; tests)."""
         with self._frames.hold(1):
             result: DetectResult = await self._detect_batch(request)
         return result
@@ -119,10 +122,14 @@ class Detector:
         like any frame. The bytes cross Ray's object store instead of the model-sized
         pixels, and the ingress's event loop never decodes. BadImageError: the client's
         image (HTTP 400)."""
+        self._slot.engine()  # ModelNotReadyError before any decoding
         with self._frames.hold(1):
-            boxed, lb = await asyncio.to_thread(
-                decode_letterboxed, request.data, self._spec.imgsz, request.max_pixels
-            )
+            # One decode at a time: a 50-megapixel upload takes ~0.3 GB and half a CPU
+            # second, and this replica's cores belong to the cameras' frames too.
+            async with self._decoding:
+                boxed, lb = await asyncio.to_thread(
+                    decode_letterboxed, request.data, self._spec.imgsz, request.max_pixels
+                )
             result: DetectResult = await self._detect_batch(DetectRequest(boxed, request.params))
         return DetectResult(result.rows, result.names, lb)
 

@@ -44,7 +44,7 @@ class Ingress:
         # streams keep running through an ingress restart or a redeploy of the app.
         control = ControlPlane.connect(serve.get_replica_context().app_name, config)
         fanout = EventFanout(control.read_events, settings.client_queue)
-        found = Detectors(detectors, dict(config.model_sizes), config.default_model, settings)
+        found = Detectors(detectors, config.default_model, settings)
         # Loaded last: a replica that cannot read its token fails to start (never open).
         token = load_token(settings.auth_token_env, settings.auth_token_file)
         self._api = ApiDeps(

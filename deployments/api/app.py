@@ -6,6 +6,7 @@ routes have always been matched, behind the bearer-token middleware.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
@@ -25,6 +26,14 @@ from graph.control import ControlPlane
 from graph.events.fanout import EventFanout
 
 UNAUTHENTICATED = Unauthenticated("missing or wrong bearer token")
+
+
+def refusal(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+    """The 401 answer, as the error table writes it for every route."""
+    response = http_response(UNAUTHENTICATED)
+    if response is None:  # the table names Unauthenticated: never
+        raise RuntimeError("no HTTP answer for Unauthenticated")
+    return response(scope, receive, send)
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,6 @@ class TokenCheck:
             if presented is None and path == "/events":  # EventSource sets no headers
                 presented = QueryParams(scope.get("query_string", b"")).get("access_token")
             if not token_ok(presented, self.expected):
-                refusal = http_response(UNAUTHENTICATED)
-                assert refusal is not None  # the error table names it: 401
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)

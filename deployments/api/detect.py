@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
+from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -38,6 +39,7 @@ from graph.common.errors import (
     UnknownModelError,
 )
 from graph.common.schemas import MODEL_ID_PATTERN, DetectConfig, IngressSettings, image_detections
+from graph.common.vision import check_header
 
 logger = logging.getLogger("ray.serve")
 MULTIPART_SLACK = 64 * 1024  # the form's boundaries and headers around the file
@@ -74,7 +76,6 @@ class Detectors:
     """The app's detector deployments by model id, and how an image reaches them."""
 
     handles: dict[str, DeploymentHandle]
-    sizes: dict[str, int]
     default: str
     settings: IngressSettings
 
@@ -105,16 +106,21 @@ class Detectors:
         """Detect on an encoded image (the replica decodes it): boxes in the image's own
         pixels. Failures raise ApiErrors carrying the model (and state, queue, error id)
         for every protocol."""
-        request = EncodedImage(data, self.settings.max_image_pixels, config.params())
-        timeout_s = self.settings.detect_timeout_s
-        response = self.handles[model_id].detect_image.remote(request)
+        max_pixels = self.settings.max_image_pixels
         try:
+            check_header(data, max_pixels)  # bombs and non-images never reach a replica
+        except BadImageError as exc:
+            raise BadRequest(str(exc)) from None
+        request = EncodedImage(data, max_pixels, config.params())
+        timeout_s = self.settings.detect_timeout_s
+        response = None
+        try:
+            response = self.handles[model_id].detect_image.remote(request)
             result = await asyncio.wait_for(response, timeout_s)
         except BadImageError as exc:
             # Ray re-raises it as a subclass whose str() is the remote traceback.
             raise BadRequest(str(getattr(exc, "cause", exc))) from None
         except ModelNotReadyError as exc:
-            # Ray re-raises it as a subclass whose str() is the remote traceback.
             message = ModelNotReadyError.__str__(exc)
             raise Unavailable(
                 message, model=exc.model_id, state=exc.state, error=exc.message
@@ -126,19 +132,29 @@ class Detectors:
                 state="overloaded",
                 queued=getattr(exc, "num_queued_requests", None),
             ) from None
-        except TimeoutError:
-            response.cancel()  # the replica stops working for a client that gave up
+        except TimeoutError as exc:
+            if isinstance(exc, RayTaskError):  # raised in the replica: not our deadline
+                raise internal_error(exc, model_id) from None
+            if response is not None:
+                response.cancel()  # the replica stops working for a client that gave up
             raise DeadlineExceeded(
                 f"detection took longer than {timeout_s}s", model=model_id
             ) from None
         except Exception as exc:
-            error_id = uuid.uuid4().hex[:12]
-            kind = "inference" if isinstance(exc, InferenceError) else type(exc).__name__
-            logger.exception("detect failed error_id=%s model=%s kind=%s", error_id, model_id, kind)
-            raise InternalError("inference failed", error_id=error_id, model=model_id) from None
+            raise internal_error(exc, model_id) from None
         if result.letterbox is None:  # a replica must say how it fitted the image
-            raise InternalError("detector returned no letterbox", model=model_id)
+            raise internal_error(InferenceError("the detector returned no letterbox"), model_id)
         return image_detections(result.rows, result.names, result.letterbox)
+
+
+def internal_error(exc: BaseException, model_id: str) -> InternalError:
+    """A 500 whose error id is in the ingress replica's log with the cause."""
+    error_id = uuid.uuid4().hex[:12]
+    kind = "inference" if isinstance(exc, InferenceError) else type(exc).__name__
+    logger.error(
+        "detect failed error_id=%s model=%s kind=%s", error_id, model_id, kind, exc_info=exc
+    )
+    return InternalError("inference failed", error_id=error_id, model=model_id)
 
 
 async def read_upload(request: Request, limit: int) -> tuple[bytes, str | None]:

@@ -206,15 +206,20 @@ def decode_image(data: bytes) -> np.ndarray | None:
     return image if image is not None and image.size else None
 
 
-def decode_letterboxed(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, Letterbox]:
-    """An uploaded image decoded and letterboxed, or BadImageError saying why not. A
-    small file that would decode to gigapixels is refused from its header, before any
-    decoding."""
+def check_header(data: bytes, max_pixels: int) -> None:
+    """BadImageError unless the upload's header names an image of at most `max_pixels`:
+    a small file that would decode to gigapixels is refused before any decoding."""
     pixels = header_pixels(data)
     if pixels is None:  # a format whose size cannot be read before decoding (e.g. HDR)
         raise BadImageError("the upload is not a decodable image")
     if pixels > max_pixels:
         raise BadImageError(f"the image has {pixels} pixels, more than the limit of {max_pixels}")
+
+
+def decode_letterboxed(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, Letterbox]:
+    """An uploaded image decoded and letterboxed, or BadImageError saying why not (its
+    header is checked first, see `check_header`)."""
+    check_header(data, max_pixels)
     image = decode_image(data)
     if image is None:
         raise BadImageError("the upload is not a decodable image")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from ray.exceptions import ActorDiedError
+from ray.exceptions import ActorDiedError, RayTaskError
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -28,7 +28,7 @@ from deployments.api.detect import Detectors
 from deployments.api.state import ReplicaState
 from deployments.jobs.records import DuplicateJobError, JobNotFoundError
 from graph.common.detection import DetectResult, EncodedImage
-from graph.common.errors import ModelNotReadyError
+from graph.common.errors import BadImageError, ModelNotReadyError
 from graph.common.schemas import IngressSettings
 from graph.common.vision import decode_letterboxed
 from graph.control import ControlPlane
@@ -38,6 +38,7 @@ from graph.wiring import IngressConfig
 from stream_actors.sessions import MAX_SESSION_DATA_BYTES, SessionBook
 from stream_actors.subscriptions import SubscriptionRefused
 from tests.peers import free_port
+from tests.unit.test_ingress_images import bomb_png
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -209,7 +210,7 @@ def build(
     deps = ApiDeps(
         settings=settings,
         auth_token=token,
-        detectors=Detectors({"demo": fakes.detector}, {"demo": 32}, "demo", settings),  # type: ignore[dict-item]
+        detectors=Detectors({"demo": fakes.detector}, "demo", settings),  # type: ignore[dict-item]
         classifiers={},
         actions=actions,  # type: ignore[arg-type]
         control=control,
@@ -351,6 +352,42 @@ def test_detect_boxes_are_in_the_uploaded_images_pixels(api: tuple[TestClient, F
     assert r.status_code == 200, r.text
     # Gain 0.5 and 12 px of padding on top: the model's (8, 8, 24, 24) is (16, 0, 48, 16).
     assert r.json()[0]["box"] == {"x1": 16.0, "y1": 0.0, "x2": 48.0, "y2": 16.0}
+
+
+def remote_error(cause: Exception) -> Exception:
+    """`cause` raised in a replica, as Ray hands it to the caller: a RayTaskError that is
+    also an instance of the cause's class, whose str() is the remote traceback."""
+    return RayTaskError(
+        "detect_image", "Traceback (most recent call last): ...", cause
+    ).as_instanceof_cause()
+
+
+def test_replica_errors_keep_their_status_and_message(api: tuple[TestClient, Fakes]) -> None:
+    client, fakes = api
+    fakes.detector.failure = remote_error(BadImageError("the upload is not a decodable image"))
+    bad = client.post("/detect", files={"file": ("a.jpg", jpeg())}, headers=AUTH)
+    assert bad.status_code == 400
+    assert bad.json()["detail"] == {"message": "the upload is not a decodable image"}
+    fakes.detector.failure = remote_error(ModelNotReadyError("demo", "converting"))
+    converting = client.post("/detect", files={"file": ("a.jpg", jpeg())}, headers=AUTH)
+    assert converting.status_code == 503
+    assert converting.json()["detail"]["message"] == "model 'demo' is converting"
+    # A timeout inside the replica is its failure, not the client's deadline.
+    fakes.detector.failure = remote_error(TimeoutError("engine lock"))
+    failed = client.post("/detect", files={"file": ("a.jpg", jpeg())}, headers=AUTH)
+    assert failed.status_code == 500 and len(failed.json()["detail"]["error_id"]) == 12
+    assert not any(r.cancelled for r in fakes.detector.responses)
+
+
+def test_an_upload_that_is_no_image_never_reaches_a_replica(api: tuple[TestClient, Fakes]) -> None:
+    client, fakes = api
+    garbage = client.post("/detect", files={"file": ("a.png", b"\x00garbage")}, headers=AUTH)
+    assert garbage.status_code == 400
+    assert garbage.json()["detail"]["message"] == "the upload is not a decodable image"
+    bomb = client.post("/detect", files={"file": ("a.png", bomb_png(30_000, 30_000))}, headers=AUTH)
+    assert bomb.status_code == 400
+    assert "900000000 pixels, more than the limit" in bomb.json()["detail"]["message"]
+    assert fakes.detector.responses == []
 
 
 def test_a_detection_past_its_deadline_is_a_504_and_its_request_is_cancelled() -> None:
