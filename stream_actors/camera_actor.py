@@ -119,8 +119,8 @@ class CameraActor:
         """A subscription's admission to its detector target's dispatcher (looked up per
         frame: a redeploy replaces the dispatchers, see update_context)."""
 
-        async def admit(take: TakeFn) -> DetectResult | None:
-            return await self._dispatcher(target, model_id).admit(take)
+        async def admit(take: TakeFn, live: bool) -> DetectResult | None:
+            return await self._dispatcher(target, model_id).admit(take, live)
 
         return admit
 

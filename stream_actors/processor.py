@@ -52,7 +52,7 @@ DetectFn = Callable[[str, DetectRequest], Coroutine[Any, Any, DetectResult]]
 def direct(detect: DetectFn, model_id: str) -> AdmitFn:
     """An admission that takes the frame at once and calls `detect` with it alone."""
 
-    async def admit(take: TakeFn) -> DetectResult | None:
+    async def admit(take: TakeFn, live: bool) -> DetectResult | None:
         request = take()
         return None if request is None else await detect(model_id, request)
 
@@ -121,7 +121,8 @@ class SubscriptionProcessor:
             loop.call_soon_threadsafe(self._wakeup.set)
 
         # A lossless file replay keeps every frame, however long it waits for the detector.
-        max_age = settings.max_frame_age_s if sub.fileRealtime else None
+        self._live = sub.fileRealtime  # cameras and paced files: frames worth their freshness
+        max_age = settings.max_frame_age_s if self._live else None
         self.mailbox = LatestFrameMailbox(max_age, on_put=wake)
         self._params = DetectParams(settings.conf, settings.iou, None, settings.max_det)
         self._tracker = Tracker(settings.tracker)
@@ -233,7 +234,9 @@ class SubscriptionProcessor:
             self._open_claims += 1
             # Bounded: a hung replica must not hold the subscription's only slot for ever.
             task = asyncio.ensure_future(
-                asyncio.wait_for(self._admit(self._taker(taken)), self._settings.detect_timeout_s)
+                asyncio.wait_for(
+                    self._admit(self._taker(taken), self._live), self._settings.detect_timeout_s
+                )
             )
             task.add_done_callback(functools.partial(self._claim_ended, taken))
             await self._pending.put((taken, task))

@@ -24,10 +24,10 @@ from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.subscriptions import Subscription
 
 
-def sync(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+def sync(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     @functools.wraps(test)
-    def run() -> None:
-        asyncio.run(test())
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
 
     return run
 
@@ -68,16 +68,19 @@ async def test_one_waiter_is_sent_at_once_and_gets_its_own_result() -> None:
 
 
 @sync
-async def test_waiters_share_one_call_longest_waiting_first() -> None:
+async def test_replay_waiters_share_one_call_longest_waiting_first() -> None:
     """While its calls are busy, ready subscriptions queue; the next free call carries
-    all of them, oldest first, and each gets its own frame's result."""
+    the frames of all waiting lossless replays, oldest first, and each gets its own
+    frame's result."""
     det = Recorder()
     det.gate.clear()
     dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
-    first = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    first = asyncio.create_task(dispatcher.admit(lambda: _request(1), False))
     await _settle()
     assert det.calls == [[1]] and dispatcher.in_flight == 1
-    later = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in (5, 3, 9)]
+    later = [
+        asyncio.create_task(dispatcher.admit(lambda v=v: _request(v), False)) for v in (5, 3, 9)
+    ]
     await _settle()
     assert det.calls == [[1]] and dispatcher.waiting == 3  # nothing taken meanwhile
     det.gate.set()
@@ -85,6 +88,41 @@ async def test_waiters_share_one_call_longest_waiting_first() -> None:
     assert det.calls == [[1], [5, 3, 9]]
     assert [round(float(r.rows[0, 4]) * 255) for r in results] == [1, 5, 3, 9]
     assert dispatcher.status()["frames_per_call"] == 2.0
+
+
+@sync
+async def test_a_call_with_a_live_frame_carries_at_most_live_frames_per_call() -> None:
+    """A live camera's frame rides in a call of at most live_frames_per_call frames: a
+    CPU replica runs a call's frames one after another, so a bigger call adds
+    inferences to its wait. Replay frames queued before it fill their own call."""
+    det = Recorder()
+    det.gate.clear()
+    settings = DispatchSettings(calls_in_flight=1, max_frames_per_call=8, live_frames_per_call=2)
+    dispatcher = DetectDispatcher(det.send, settings)
+    blocker = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    await _settle()
+    waiting = [(20, False), (21, False), (30, True), (22, False), (31, True), (32, True)]
+    tasks = [
+        asyncio.create_task(dispatcher.admit(lambda v=v: _request(v), live)) for v, live in waiting
+    ]
+    await _settle()
+    det.gate.set()
+    await asyncio.gather(blocker, *tasks)
+    # Two replays, then a live frame: the call stops at the live limit (2) with the
+    # replays; the rest goes in order, two live frames at most per call.
+    assert det.calls == [[1], [20, 21], [30, 22], [31, 32]]
+
+
+@sync
+async def test_live_frames_go_one_per_call_by_default() -> None:
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
+    tasks = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in (1, 2, 3)]
+    await _settle()
+    det.gate.set()
+    await asyncio.gather(*tasks)
+    assert det.calls == [[1], [2], [3]]
 
 
 @sync
@@ -213,6 +251,23 @@ async def test_starved_branch_work_limits_detection_to_one_call_at_a_time() -> N
 
 
 @sync
+async def test_while_starved_a_call_carries_live_frames_up_to_max_frames() -> None:
+    """Starved branch work: one call at a time, so it carries every waiting frame (the
+    least detector CPU per frame) instead of one live frame."""
+    det = Recorder()
+    det.gate.clear()
+    clock = BranchClock()
+    clock.timed_out()
+    settings = DispatchSettings(max_frames_per_call=3, branch_hold_s=0.0001, branch_window_s=60)
+    dispatcher = DetectDispatcher(det.send, settings, clock)
+    tasks = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in range(5)]
+    await _settle()
+    det.gate.set()
+    await asyncio.gather(*tasks)
+    assert det.calls == [[0, 1, 2], [3, 4]]
+
+
+@sync
 async def test_while_starved_calls_start_at_least_the_hold_apart() -> None:
     """A recent branch timeout counts as starved: calls go one at a time and start at
     least branch_hold_s apart (the frames per camera go down), and back to normal once
@@ -272,8 +327,8 @@ async def test_a_frame_that_failed_in_the_replica_fails_alone() -> None:
     blocker = asyncio.create_task(dispatcher.admit(lambda: _request(9)))
     await _settle()
     dispatcher._send = send  # the next call answers one result and one error
-    ok = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
-    bad = asyncio.create_task(dispatcher.admit(lambda: _request(2)))
+    ok = asyncio.create_task(dispatcher.admit(lambda: _request(1), False))
+    bad = asyncio.create_task(dispatcher.admit(lambda: _request(2), False))
     await _settle()
     det.gate.set()
     await blocker
@@ -309,12 +364,27 @@ def _sub(sid: str) -> Subscription:
     )
 
 
+def _replay(sid: str) -> Subscription:
+    return Subscription(
+        subscriptionIdentifier=sid, fileUrl="/data/clip.mp4", fileRealtime=False, modelId="demo"
+    )
+
+
 @sync
-async def test_subscriptions_of_an_actor_share_calls_and_account_for_every_frame() -> None:
+@pytest.mark.parametrize(
+    ("make_sub", "calls"),
+    [(_sub, [[1], [13], [23], [33]]), (_replay, [[1], [13, 23, 33]])],
+    ids=["live", "replay"],
+)
+async def test_subscriptions_of_an_actor_share_calls_and_account_for_every_frame(
+    make_sub: Callable[[str], Subscription], calls: list[list[int]]
+) -> None:
     """Three subscriptions on one dispatcher with one call at a time: while the detector
     is busy with the first one's frame, each subscription's frames supersede one another
-    in its mailbox; the next call carries the newest frame of all three (the first one's
-    second slot pipelines), and every frame put is processed, superseded or pending."""
+    in its mailbox (a replay's too: its mailbox keeps one). Then the newest frame of all
+    three goes, longest waiting first (the first one's second slot pipelines): one call
+    each for live cameras, one call for all the replays. Every frame put is processed,
+    superseded or pending."""
     det = Recorder()
     det.gate.clear()
     dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=1))
@@ -322,7 +392,7 @@ async def test_subscriptions_of_an_actor_share_calls_and_account_for_every_frame
     sink = RingBufferSink(1000)
     procs = [
         SubscriptionProcessor(
-            _sub(f"d{i};c{i}"), "demo", 32, None, sink, settings, admit=dispatcher.admit
+            make_sub(f"d{i};c{i}"), "demo", 32, None, sink, settings, admit=dispatcher.admit
         )
         for i in range(3)
     ]
@@ -339,7 +409,7 @@ async def test_subscriptions_of_an_actor_share_calls_and_account_for_every_frame
     det.gate.set()
     await _until(lambda: sum(p.processed for p in procs) == 4)
     # The frames carry the pixel value put: the newest (k=3) of each went.
-    assert det.calls == [[1], [13, 23, 33]]
+    assert det.calls == calls
     for p in procs:
         await p.stop()
         s = p.mailbox.stats()
