@@ -2,8 +2,11 @@
 `graph.scaling:frames_policy`, from `autoscaling_config.policy` in serve_config.yaml).
 
 Serve's default policy scales on ongoing requests per replica. A camera actor's
-dispatcher sends the frames of all its ready subscriptions in one request, so requests
-undercount the load: 4 cameras waiting on one replica are 1 request, not 4. Detector
+dispatcher sends several frames in one request (lossless replays, and every camera
+while branch work is starved), so requests undercount the load: 4 cameras waiting on
+one replica can be 1 request, not 4. The frames that wait in the camera actors'
+mailboxes are not in this signal: a camera actor holds at most `calls_in_flight` ×
+`live_frames_per_call` live frames in the replicas. Detector
 replicas report the frames they hold, queued or running (`record_autoscaling_stats`),
 and this policy reads `target_ongoing_requests` as frames per replica. Until replicas
 report (just started, or an older deployment without the metric) it falls back to

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import CamgraphError
@@ -96,6 +96,12 @@ class DispatchSettings(StrictModel):
         "at least this far apart (0: no priority for branch work)",
     )
 
+    @model_validator(mode="after")
+    def _live_within_max(self) -> DispatchSettings:
+        if self.live_frames_per_call > self.max_frames_per_call:
+            raise ValueError("live_frames_per_call must not exceed max_frames_per_call")
+        return self
+
 
 @dataclass
 class _Waiter:
@@ -115,8 +121,8 @@ class DispatchStats:
 
 
 class DetectDispatcher:
-    """One per (camera actor, detector target). `admit(take)` resolves with the result
-    of the frame `take` gave, or None when it gave none; it raises what the call raised
+    """One per (camera actor, detector target). `admit(take, live)` resolves with the
+    result of the frame `take` gave, or None when it gave none; it raises what the call raised
     (e.g. `DetectorBusy`). Cancelling `admit` (a timeout, a stopped subscription) before
     its turn means its frame is never taken."""
 
@@ -216,9 +222,9 @@ class DetectDispatcher:
             if waiter.future.done():
                 self._waiting.popleft()
                 continue
-            live = live or waiter.live  # one live frame: the call is as short as live ones
-            limit = short if live and short is not None else settings.max_frames_per_call
-            if len(batch) >= limit:
+            # A call that holds a live frame is as short as live calls are.
+            limit = short if (live or waiter.live) and short is not None else None
+            if len(batch) >= (limit or settings.max_frames_per_call):
                 break  # it goes first in the next call
             self._waiting.popleft()
             try:
@@ -231,6 +237,7 @@ class DetectDispatcher:
                 continue
             self.stats.wait_ms.append((now - waiter.since) * 1000)
             batch.append((request, waiter))
+            live = live or waiter.live
         if not batch:
             return
         self._last_start = now

@@ -121,7 +121,9 @@ class SubscriptionProcessor:
             loop.call_soon_threadsafe(self._wakeup.set)
 
         # A lossless file replay keeps every frame, however long it waits for the detector.
-        self._live = sub.fileRealtime  # cameras and paced files: frames worth their freshness
+        # Cameras and paced files: frames worth their freshness (`fileRealtime` means
+        # nothing for a camera, whatever a client sends).
+        self._live = sub.fileUrl is None or sub.fileRealtime
         max_age = settings.max_frame_age_s if self._live else None
         self.mailbox = LatestFrameMailbox(max_age, on_put=wake)
         self._params = DetectParams(settings.conf, settings.iou, None, settings.max_det)

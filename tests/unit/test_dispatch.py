@@ -114,6 +114,36 @@ async def test_a_call_with_a_live_frame_carries_at_most_live_frames_per_call() -
 
 
 @sync
+@pytest.mark.parametrize(
+    ("first", "calls"),
+    [(lambda: _request(30), [[1], [30], [20, 21]]), (lambda: None, [[1], [20, 21]])],
+    ids=["live-frame", "live-without-frame"],
+)
+async def test_replays_behind_a_live_frame_wait_for_the_next_call(
+    first: Callable[[], DetectRequest | None], calls: list[list[int]]
+) -> None:
+    """Once a call holds a live frame it stays as short as a live call, whatever follows;
+    a live waiter whose frame is gone (too old) does not shorten the replays' call."""
+    det = Recorder()
+    det.gate.clear()
+    settings = DispatchSettings(calls_in_flight=1, max_frames_per_call=8)
+    dispatcher = DetectDispatcher(det.send, settings)
+    blocker = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    await _settle()
+    waiting = [(first, True), (lambda: _request(20), False), (lambda: _request(21), False)]
+    tasks = [asyncio.create_task(dispatcher.admit(take, live)) for take, live in waiting]
+    await _settle()
+    det.gate.set()
+    await asyncio.gather(blocker, *tasks)
+    assert det.calls == calls
+
+
+def test_live_frames_per_call_may_not_exceed_max_frames_per_call() -> None:
+    with pytest.raises(ValueError, match="must not exceed"):
+        DispatchSettings(max_frames_per_call=4, live_frames_per_call=8)
+
+
+@sync
 async def test_live_frames_go_one_per_call_by_default() -> None:
     det = Recorder()
     det.gate.clear()
@@ -155,12 +185,14 @@ async def test_calls_carry_at_most_max_frames_and_keep_calls_in_flight_bounded()
     det.gate.clear()
     settings = DispatchSettings(calls_in_flight=2, max_frames_per_call=3)
     dispatcher = DetectDispatcher(det.send, settings)
-    tasks = [asyncio.create_task(dispatcher.admit(lambda v=v: _request(v))) for v in range(8)]
+    tasks = [
+        asyncio.create_task(dispatcher.admit(lambda v=v: _request(v), False)) for v in range(8)
+    ]
     await _settle()
     assert dispatcher.in_flight == 2 and len(det.calls) == 2
     det.gate.set()
     await asyncio.gather(*tasks)
-    assert all(len(c) <= 3 for c in det.calls)
+    assert max(len(c) for c in det.calls) == 3
     assert sorted(v for c in det.calls for v in c) == list(range(8))
 
 
