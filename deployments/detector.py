@@ -136,11 +136,15 @@ class Detector:
     async def __call__(self, request: DetectRequest) -> DetectResult:
         return await self.detect(request)
 
-    async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult | Exception]:
+    async def detect_many(
+        self, requests: list[DetectRequest], caller: str | None = None, waiting: int = 0
+    ) -> list[DetectResult | Exception]:
         """Several frames in one call (a camera actor's dispatcher: one handle call and
         one request for all its ready subscriptions). They join the same batches as
         single requests, so frames of several callers still batch together. A frame
-        that fails gets its error in its place; the others keep their results."""
+        that fails gets its error in its place; the others keep their results.
+        `waiting`: the frames the caller still holds back (the autoscaling signal)."""
+        self._frames.note_waiting(caller, waiting)
         with self._frames.hold(len(requests)):
             return per_frame(
                 await asyncio.gather(
@@ -149,9 +153,10 @@ class Detector:
             )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metric: frames here, queued or running. A call of
-        a camera actor carries several frames, so requests undercount the load; the
-        policy `graph.scaling:frames_policy` scales on this instead."""
+        """Serve's custom autoscaling metrics: frames here, queued or running, and the
+        frames its callers hold back. A call of a camera actor carries several frames,
+        and most waiting frames never reach a replica, so requests undercount the load;
+        the policy `graph.scaling:frames_policy` scales on these instead."""
         return self._frames.stats()
 
     def health(self) -> dict[str, Any]:

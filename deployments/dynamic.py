@@ -251,8 +251,11 @@ class PipelineDetector(_Multiplexed):
             result: DetectResult = await self._detect(request)
         return result
 
-    async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult | Exception]:
+    async def detect_many(
+        self, requests: list[DetectRequest], caller: str | None = None, waiting: int = 0
+    ) -> list[DetectResult | Exception]:
         """Several frames of one pipeline in one call (see Detector.detect_many)."""
+        self._frames.note_waiting(caller, waiting)
         with self._frames.hold(len(requests)):
             await self._loaded()
             return per_frame(
@@ -260,7 +263,7 @@ class PipelineDetector(_Multiplexed):
             )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Frames here, queued or running (see Detector.record_autoscaling_stats)."""
+        """Frames here, and held back by callers (see Detector.record_autoscaling_stats)."""
         return self._frames.stats()
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -134,8 +135,12 @@ class CameraActor:
         else:  # a multiplexed deployment (modelUrl pipelines), by the archive's sha256
             handle = self._mux_handle(kind, name)
 
-        async def send(requests: list[DetectRequest]) -> list[DetectResult | Exception]:
-            response = handle.detect_many.remote(requests)
+        caller = uuid.uuid4().hex[:16]  # this dispatcher, in the replicas' load reports
+
+        async def send(
+            requests: list[DetectRequest], waiting: int
+        ) -> list[DetectResult | Exception]:
+            response = handle.detect_many.remote(requests, caller, waiting)
             try:
                 results: list[DetectResult | Exception] = await response
             except BackPressureError as exc:  # the processor knows no Ray: camgraph's own

@@ -52,8 +52,10 @@ there is none any more (e.g. it grew too old)."""
 AdmitFn = Callable[[TakeFn, bool], Awaitable[DetectResult | None]]
 """`admit(take, live)`: live frames (cameras) go `live_frames_per_call` to a call, replay
 frames (lossless files) `max_frames_per_call`."""
-SendFn = Callable[[list[DetectRequest]], Awaitable[Sequence[DetectResult | Exception]]]
-"""One call for several frames: a result, or the error of that frame alone, per frame."""
+SendFn = Callable[[list[DetectRequest], int], Awaitable[Sequence[DetectResult | Exception]]]
+"""`send(frames, waiting)`: one call for several frames, and how many more wait behind
+it (the autoscaling signal: most waiting frames never reach a replica). Answers a
+result, or the error of that frame alone, per frame."""
 
 
 class DispatcherClosed(CamgraphError):
@@ -244,15 +246,16 @@ class DetectDispatcher:
         self._in_flight += 1
         self.stats.calls += 1
         self.stats.frames += len(batch)
-        task = asyncio.create_task(self._call(batch))
+        task = asyncio.create_task(self._call(batch, self.waiting))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
-    async def _call(self, batch: list[tuple[DetectRequest, _Waiter]]) -> None:
+    async def _call(self, batch: list[tuple[DetectRequest, _Waiter]], waiting: int) -> None:
         try:
             # Bounded: a hung replica must not hold one of the calls for ever.
             results = await asyncio.wait_for(
-                self._send([request for request, _ in batch]), self._settings.call_timeout_s
+                self._send([request for request, _ in batch], waiting),
+                self._settings.call_timeout_s,
             )
             if len(results) != len(batch):
                 raise RuntimeError(f"detector answered {len(results)} of {len(batch)} frames")

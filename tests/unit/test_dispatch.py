@@ -46,12 +46,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[list[int]] = []
+        self.waiting: list[int] = []  # what each call said waits behind it
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail: Exception | None = None
 
-    async def send(self, requests: list[DetectRequest]) -> list[DetectResult]:
+    async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
         self.calls.append([int(r.image[0, 0, 0]) for r in requests])
+        self.waiting.append(waiting)
         await self.gate.wait()
         if self.fail is not None:
             raise self.fail
@@ -111,6 +113,8 @@ async def test_a_call_with_a_live_frame_carries_at_most_live_frames_per_call() -
     # Two replays, then a live frame: the call stops at the live limit (2) with the
     # replays; the rest goes in order, two live frames at most per call.
     assert det.calls == [[1], [20, 21], [30, 22], [31, 32]]
+    # Each call says how many frames still wait behind it: the autoscaling signal.
+    assert det.waiting == [0, 4, 2, 0]
 
 
 @sync
@@ -250,7 +254,7 @@ async def test_no_frame_and_a_bad_frame_fail_only_their_own_subscription() -> No
 
 @sync
 async def test_a_short_answer_is_an_error_not_a_shifted_result() -> None:
-    async def short(requests: list[DetectRequest]) -> list[DetectResult]:
+    async def short(requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
         return [_result(r) for r in requests[:-1]]
 
     dispatcher = DetectDispatcher(short)
@@ -350,7 +354,7 @@ async def test_a_hung_call_fails_its_frames_and_frees_its_slot() -> None:
 
 @sync
 async def test_a_frame_that_failed_in_the_replica_fails_alone() -> None:
-    async def send(requests: list[DetectRequest]) -> list[DetectResult | Exception]:
+    async def send(requests: list[DetectRequest], waiting: int) -> list[DetectResult | Exception]:
         return [_result(requests[0]), RuntimeError("frame 2 failed")]
 
     det = Recorder()

@@ -10,10 +10,24 @@ import pytest
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from graph.scaling import FRAMES_IN_FLIGHT, FramesInFlight, desired_replicas, frames_policy
+from graph.scaling import (
+    FRAMES_IN_FLIGHT,
+    FRAMES_WAITING,
+    MAX_CALLERS,
+    MAX_WAITING,
+    WAITING_TTL_S,
+    FramesInFlight,
+    desired_replicas,
+    frames_policy,
+)
 
 
-def _ctx(current: int, frames: dict[str, float] | None, requests: float = 0.0) -> Any:
+def _ctx(
+    current: int,
+    frames: dict[str, float] | None,
+    requests: float = 0.0,
+    waiting: dict[str, dict[str, float]] | None = None,
+) -> Any:
     config = AutoscalingConfig(
         min_replicas=1,
         max_replicas=8,
@@ -25,6 +39,9 @@ def _ctx(current: int, frames: dict[str, float] | None, requests: float = 0.0) -
     metrics = (
         None if frames is None else {FRAMES_IN_FLIGHT: {replicas[n]: v for n, v in frames.items()}}
     )
+    for caller, by_replica in (waiting or {}).items():
+        assert metrics is not None
+        metrics[FRAMES_WAITING + caller] = {replicas[n]: v for n, v in by_replica.items()}
     return AutoscalingContext(
         deployment_id=dep,
         deployment_name="Detector_x",
@@ -51,6 +68,60 @@ def test_frames_not_requests_decide() -> None:
     4 per replica) but 16 frames, so 4 replicas are wanted."""
     replicas, _ = frames_policy(_ctx(2, {"a": 8.0, "b": 8.0}, requests=2.0))
     assert replicas == pytest.approx(4.0)
+
+
+def test_frames_waiting_in_the_callers_count_once_per_caller() -> None:
+    """16 cameras on 4 actors, 2 replicas: each actor has 2 single-frame calls in the
+    replicas (8 frames) and 2 cameras waiting. Actor a's calls went to both replicas, so
+    both report it; it counts once (its largest report). Load 8 + 2 + 2 + 1 + 2 = 15
+    frames for a target of 4 per replica."""
+    waiting = {
+        "a": {"r1": 2.0, "r2": 1.0},
+        "b": {"r1": 2.0},
+        "c": {"r2": 1.0},
+        "d": {"r2": 2.0},
+    }
+    replicas, _ = frames_policy(_ctx(2, {"r1": 4.0, "r2": 4.0}, 8.0, waiting))
+    assert replicas == pytest.approx(15 / 4)
+
+
+def test_a_replica_reports_its_callers_waiting_frames_until_they_go_quiet() -> None:
+    now = [100.0]
+    frames = FramesInFlight(clock=lambda: now[0])
+    frames.note_waiting("actor-a", 3)
+    frames.note_waiting("actor-b", 1)
+    frames.note_waiting("actor-a", 5)  # the latest report of a caller wins
+    with frames.hold(2):
+        assert frames.stats() == {
+            FRAMES_IN_FLIGHT: 2.0,
+            FRAMES_WAITING + "actor-a": 5.0,
+            FRAMES_WAITING + "actor-b": 1.0,
+        }
+    now[0] += WAITING_TTL_S / 2
+    frames.note_waiting("actor-b", 0)
+    now[0] += WAITING_TTL_S / 2 + 0.1  # a has not called since: it no longer counts
+    assert frames.stats() == {FRAMES_IN_FLIGHT: 0.0, FRAMES_WAITING + "actor-b": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("caller", "waiting"),
+    [(None, 3), ("", 3), ("a b", 3), ("x" * 65, 3), ("ok", "3"), ("ok", 2.5), ("ok", True)],
+)
+def test_malformed_waiting_reports_are_ignored(caller: Any, waiting: Any) -> None:
+    frames = FramesInFlight()
+    frames.note_waiting(caller, waiting)
+    assert frames.stats() == {FRAMES_IN_FLIGHT: 0.0}
+
+
+def test_waiting_reports_are_bounded() -> None:
+    frames = FramesInFlight()
+    frames.note_waiting("huge", 10**9)
+    assert frames.stats()[FRAMES_WAITING + "huge"] == MAX_WAITING
+    for i in range(MAX_CALLERS + 5):
+        frames.note_waiting(f"c{i}", -4)
+    stats = frames.stats()
+    assert len(stats) == MAX_CALLERS + 1  # the oldest callers went first ("huge" too)
+    assert FRAMES_WAITING + "huge" not in stats and stats[FRAMES_WAITING + "c5"] == 0.0
 
 
 def test_idle_replicas_scale_down() -> None:
