@@ -137,14 +137,19 @@ class Detector:
         return await self.detect(request)
 
     async def detect_many(
-        self, requests: list[DetectRequest], caller: str | None = None, waiting: int = 0
+        self,
+        requests: list[DetectRequest],
+        caller: str | None = None,
+        waiting: int = 0,
+        seq: int = 0,
     ) -> list[DetectResult | Exception]:
         """Several frames in one call (a camera actor's dispatcher: one handle call and
         one request for all its ready subscriptions). They join the same batches as
         single requests, so frames of several callers still batch together. A frame
         that fails gets its error in its place; the others keep their results.
-        `waiting`: the frames the caller still holds back (the autoscaling signal)."""
-        self._frames.note_waiting(caller, waiting)
+        `waiting`: the frames the caller still holds back, `seq` its report's number
+        (the autoscaling signal)."""
+        self._frames.note_waiting(caller, waiting, seq)
         with self._frames.hold(len(requests)):
             return per_frame(
                 await asyncio.gather(
@@ -152,11 +157,13 @@ class Detector:
                 )
             )
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics: frames here, queued or running, and the
         frames its callers hold back. A call of a camera actor carries several frames,
         and most waiting frames never reach a replica, so requests undercount the load;
-        the policy `graph.scaling:frames_policy` scales on these instead."""
+        the policy `graph.scaling:frames_policy` scales on these instead. Async: on
+        the event loop that notes the callers' reports (Serve runs a sync one in a
+        thread)."""
         return self._frames.stats()
 
     def health(self) -> dict[str, Any]:

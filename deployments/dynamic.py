@@ -252,17 +252,21 @@ class PipelineDetector(_Multiplexed):
         return result
 
     async def detect_many(
-        self, requests: list[DetectRequest], caller: str | None = None, waiting: int = 0
+        self,
+        requests: list[DetectRequest],
+        caller: str | None = None,
+        waiting: int = 0,
+        seq: int = 0,
     ) -> list[DetectResult | Exception]:
         """Several frames of one pipeline in one call (see Detector.detect_many)."""
-        self._frames.note_waiting(caller, waiting)
+        self._frames.note_waiting(caller, waiting, seq)
         with self._frames.hold(len(requests)):
             await self._loaded()
             return per_frame(
                 await asyncio.gather(*(self._detect(r) for r in requests), return_exceptions=True)
             )
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Frames here, and held back by callers (see Detector.record_autoscaling_stats)."""
         return self._frames.stats()
 

@@ -11,10 +11,13 @@ the replicas, while the rest of its cameras wait in their mailboxes for a call.
 So the load is counted in frames, from two reports of each replica
 (`record_autoscaling_stats`):
 - `frames_in_flight`: the frames it holds, queued or running;
-- `frames_waiting:<caller>`: what each dispatcher that called it in the last
-  `WAITING_TTL_S` said it still held back (every `detect_many` call carries the
-  caller's waiting frames). A dispatcher's calls go to several replicas, so the policy
-  counts each caller once: its largest report.
+- `frames_waiting:<caller>`: what each dispatcher that called it said it still held
+  back (every `detect_many` call carries the caller's waiting frames and a sequence
+  number, reported as `frames_waiting_seq:<caller>`). A dispatcher's calls go to
+  several replicas, so the policy counts each caller once: the report of the replica
+  that heard from it last. A caller silent for `WAITING_TTL_S` (a dead actor, a
+  replaced dispatcher) is reported as 0 for `WAITING_LINGER_S` more, so that Serve's
+  look-back average decays to 0 rather than carrying its last value, and then dropped.
 The policy reads `target_ongoing_requests` as frames per replica. Until replicas
 report (just started, or an older deployment without the metric) it falls back to
 Serve's request count. Serve applies min/max replicas, the scaling factors and the
@@ -31,20 +34,26 @@ from typing import Any
 
 FRAMES_IN_FLIGHT = "frames_in_flight"
 FRAMES_WAITING = "frames_waiting:"  # + the caller's id
-WAITING_TTL_S = 10.0  # a caller that has not called for this long no longer counts
+FRAMES_WAITING_SEQ = "frames_waiting_seq:"  # + the caller's id: its report's number
+WAITING_TTL_S = 30.0  # a caller silent this long (its calls' own timeout) counts 0 ...
+WAITING_LINGER_S = 60.0  # ... for this long more (Serve's look-back), then is dropped
 MAX_CALLERS = 1024  # callers remembered per replica (the oldest go first)
 MAX_WAITING = 100_000  # frames one caller may claim to hold back
 _CALLER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def waiting_frames(metrics: Mapping[str, Mapping[Any, float]]) -> float:
-    """Frames held back in the callers: each caller once (its largest report across
-    the replicas it called), summed over callers."""
-    return sum(
-        max(by_replica.values(), default=0.0)
-        for name, by_replica in metrics.items()
-        if name.startswith(FRAMES_WAITING)
-    )
+    """Frames held back in the callers, summed over callers; each caller once: the
+    report of the replica with its latest sequence number (the largest report when
+    none has one)."""
+    total = 0.0
+    for name, by_replica in metrics.items():
+        if not name.startswith(FRAMES_WAITING) or not by_replica:
+            continue
+        seqs = metrics.get(FRAMES_WAITING_SEQ + name[len(FRAMES_WAITING) :], {})
+        latest = max(by_replica, key=lambda r: (seqs.get(r, -1.0), by_replica[r]))
+        total += by_replica[latest]
+    return total
 
 
 def desired_replicas(
@@ -88,7 +97,7 @@ class FramesInFlight:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.value = 0
         self._clock = clock
-        self._waiting: dict[str, tuple[int, float]] = {}  # caller → (frames, when)
+        self._waiting: dict[str, tuple[int, int, float]] = {}  # caller → (frames, seq, when)
 
     @contextlib.contextmanager
     def hold(self, n: int) -> Iterator[None]:
@@ -98,22 +107,27 @@ class FramesInFlight:
         finally:
             self.value -= n
 
-    def note_waiting(self, caller: object, waiting: object) -> None:
-        """A caller's report; one that is not a short id and a count is ignored (it
-        must not break the call it came with, nor the metric's names)."""
+    def note_waiting(self, caller: object, waiting: object, seq: object = 0) -> None:
+        """A caller's report; one that is not a short id and counts is ignored (it must
+        not break the call it came with, nor the metrics' names). Call and `stats` on
+        the replica's event loop: the dict is not locked."""
         if not isinstance(caller, str) or not _CALLER.fullmatch(caller):
             return
-        if not isinstance(waiting, int) or isinstance(waiting, bool):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (waiting, seq)):
             return
+        assert isinstance(waiting, int) and isinstance(seq, int)
         self._waiting.pop(caller, None)  # re-inserted last: the dict is oldest first
-        self._waiting[caller] = (min(max(waiting, 0), MAX_WAITING), self._clock())
+        self._waiting[caller] = (min(max(waiting, 0), MAX_WAITING), max(seq, 0), self._clock())
         while len(self._waiting) > MAX_CALLERS:
             del self._waiting[next(iter(self._waiting))]
 
     def stats(self) -> dict[str, float]:
         now = self._clock()
-        for caller in [c for c, (_, at) in self._waiting.items() if now - at > WAITING_TTL_S]:
-            del self._waiting[caller]
         report = {FRAMES_IN_FLIGHT: float(self.value)}
-        report.update({FRAMES_WAITING + c: float(n) for c, (n, _) in self._waiting.items()})
+        for caller, (waiting, seq, at) in list(self._waiting.items()):
+            if now - at > WAITING_TTL_S + WAITING_LINGER_S:
+                del self._waiting[caller]
+                continue
+            report[FRAMES_WAITING + caller] = float(waiting if now - at <= WAITING_TTL_S else 0)
+            report[FRAMES_WAITING_SEQ + caller] = float(seq)
         return report

@@ -6,6 +6,7 @@ registry (`registry.py`) re-sends its streams and today's context.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
@@ -135,12 +136,14 @@ class CameraActor:
         else:  # a multiplexed deployment (modelUrl pipelines), by the archive's sha256
             handle = self._mux_handle(kind, name)
 
-        caller = uuid.uuid4().hex[:16]  # this dispatcher, in the replicas' load reports
+        # This dispatcher in the replicas' load reports, and its reports' numbers (the
+        # replicas keep the last they heard; the policy takes the latest of them).
+        caller, seqs = uuid.uuid4().hex[:16], itertools.count(1)
 
         async def send(
             requests: list[DetectRequest], waiting: int
         ) -> list[DetectResult | Exception]:
-            response = handle.detect_many.remote(requests, caller, waiting)
+            response = handle.detect_many.remote(requests, caller, waiting, next(seqs))
             try:
                 results: list[DetectResult | Exception] = await response
             except BackPressureError as exc:  # the processor knows no Ray: camgraph's own

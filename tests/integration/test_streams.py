@@ -457,14 +457,25 @@ def test_sixteen_cameras_progress_fairly_with_bounded_memory(app: str, rtsp: Rts
         wait_until(lambda: all(processed(app, s) > 0 for s in subs), 120, "all cameras running")
         time.sleep(10)  # warm-up
 
-        def snapshot() -> tuple[float, dict[str, int], dict[str, Any]]:
+        def complete() -> tuple[float, dict[str, int], dict[str, Any]] | None:
             state = streams(app)
             counts = {}
             for stream in state["streams"]:
                 for s in stream["subscriptions"]:
                     if s["subscription_id"] in subs:
                         counts[s["subscription_id"]] = s["processed"]
-            return time.monotonic(), counts, state["actors"]
+            actors = state["actors"]
+            if set(counts) != set(subs) or any(
+                a.get("cpu_times_s") is None for a in actors.values()
+            ):
+                return None  # an actor missed the registry's status deadline: ask again
+            return time.monotonic(), counts, actors
+
+        def snapshot() -> tuple[float, dict[str, int], dict[str, Any]]:
+            result: tuple[float, dict[str, int], dict[str, Any]] = wait_until(
+                complete, 60, "every camera in one /streams answer"
+            )
+            return result
 
         # Until the slowest camera has FAIR_FRAMES frames, so that one frame more or less
         # (where the window cuts a camera's cycle) is ≤ 2 % of any camera's count: on a busy

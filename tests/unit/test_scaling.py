@@ -13,8 +13,10 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from graph.scaling import (
     FRAMES_IN_FLIGHT,
     FRAMES_WAITING,
+    FRAMES_WAITING_SEQ,
     MAX_CALLERS,
     MAX_WAITING,
+    WAITING_LINGER_S,
     WAITING_TTL_S,
     FramesInFlight,
     desired_replicas,
@@ -27,6 +29,7 @@ def _ctx(
     frames: dict[str, float] | None,
     requests: float = 0.0,
     waiting: dict[str, dict[str, float]] | None = None,
+    seqs: dict[str, dict[str, float]] | None = None,
 ) -> Any:
     config = AutoscalingConfig(
         min_replicas=1,
@@ -42,6 +45,9 @@ def _ctx(
     for caller, by_replica in (waiting or {}).items():
         assert metrics is not None
         metrics[FRAMES_WAITING + caller] = {replicas[n]: v for n, v in by_replica.items()}
+    for caller, by_replica in (seqs or {}).items():
+        assert metrics is not None
+        metrics[FRAMES_WAITING_SEQ + caller] = {replicas[n]: v for n, v in by_replica.items()}
     return AutoscalingContext(
         deployment_id=dep,
         deployment_name="Detector_x",
@@ -73,55 +79,83 @@ def test_frames_not_requests_decide() -> None:
 def test_frames_waiting_in_the_callers_count_once_per_caller() -> None:
     """16 cameras on 4 actors, 2 replicas: each actor has 2 single-frame calls in the
     replicas (8 frames) and 2 cameras waiting. Actor a's calls went to both replicas, so
-    both report it; it counts once (its largest report). Load 8 + 2 + 2 + 1 + 2 = 15
-    frames for a target of 4 per replica."""
+    both report it; it counts once, by the replica that heard from it last (r2: its
+    report 41 said 1 frame, r1's report 40 said 2). Load 8 + 1 + 2 + 1 + 2 = 14 frames
+    for a target of 4 per replica."""
     waiting = {
         "a": {"r1": 2.0, "r2": 1.0},
         "b": {"r1": 2.0},
         "c": {"r2": 1.0},
         "d": {"r2": 2.0},
     }
-    replicas, _ = frames_policy(_ctx(2, {"r1": 4.0, "r2": 4.0}, 8.0, waiting))
-    assert replicas == pytest.approx(15 / 4)
+    seqs = {"a": {"r1": 40.0, "r2": 41.0}, "b": {"r1": 7.0}, "c": {"r2": 3.0}, "d": {"r2": 9.0}}
+    replicas, _ = frames_policy(_ctx(2, {"r1": 4.0, "r2": 4.0}, 8.0, waiting, seqs))
+    assert replicas == pytest.approx(14 / 4)
 
 
-def test_a_replica_reports_its_callers_waiting_frames_until_they_go_quiet() -> None:
+def test_without_sequence_numbers_a_caller_counts_its_largest_report() -> None:
+    waiting = {"a": {"r1": 2.0, "r2": 5.0}}
+    replicas, _ = frames_policy(_ctx(2, {"r1": 0.0, "r2": 0.0}, 0.0, waiting))
+    assert replicas == pytest.approx(5 / 4)
+
+
+def test_a_replica_reports_its_callers_until_they_go_quiet_then_zero_then_nothing() -> None:
     now = [100.0]
     frames = FramesInFlight(clock=lambda: now[0])
-    frames.note_waiting("actor-a", 3)
-    frames.note_waiting("actor-b", 1)
-    frames.note_waiting("actor-a", 5)  # the latest report of a caller wins
+    frames.note_waiting("actor-a", 3, 1)
+    frames.note_waiting("actor-b", 1, 1)
+    frames.note_waiting("actor-a", 5, 2)  # the latest report of a caller wins
     with frames.hold(2):
         assert frames.stats() == {
             FRAMES_IN_FLIGHT: 2.0,
             FRAMES_WAITING + "actor-a": 5.0,
+            FRAMES_WAITING_SEQ + "actor-a": 2.0,
             FRAMES_WAITING + "actor-b": 1.0,
+            FRAMES_WAITING_SEQ + "actor-b": 1.0,
         }
     now[0] += WAITING_TTL_S / 2
-    frames.note_waiting("actor-b", 0)
-    now[0] += WAITING_TTL_S / 2 + 0.1  # a has not called since: it no longer counts
-    assert frames.stats() == {FRAMES_IN_FLIGHT: 0.0, FRAMES_WAITING + "actor-b": 0.0}
+    frames.note_waiting("actor-b", 4, 2)
+    # a has been silent for the TTL: it counts 0 (so Serve's look-back average decays
+    # to 0 instead of carrying 5 forward) ...
+    now[0] += WAITING_TTL_S / 2 + 0.1
+    stats = frames.stats()
+    assert stats[FRAMES_WAITING + "actor-a"] == 0.0 and stats[FRAMES_WAITING + "actor-b"] == 4.0
+    # ... and after the linger it is no longer reported at all.
+    now[0] += WAITING_LINGER_S
+    assert FRAMES_WAITING + "actor-a" not in frames.stats()
+    assert frames.stats()[FRAMES_WAITING + "actor-b"] == 0.0
 
 
 @pytest.mark.parametrize(
-    ("caller", "waiting"),
-    [(None, 3), ("", 3), ("a b", 3), ("x" * 65, 3), ("ok", "3"), ("ok", 2.5), ("ok", True)],
+    ("caller", "waiting", "seq"),
+    [
+        (None, 3, 1),
+        ("", 3, 1),
+        ("a b", 3, 1),
+        ("x" * 65, 3, 1),
+        ("ok", "3", 1),
+        ("ok", 2.5, 1),
+        ("ok", True, 1),
+        ("ok", 3, "1"),
+        ("ok", 3, None),
+    ],
 )
-def test_malformed_waiting_reports_are_ignored(caller: Any, waiting: Any) -> None:
+def test_malformed_waiting_reports_are_ignored(caller: Any, waiting: Any, seq: Any) -> None:
     frames = FramesInFlight()
-    frames.note_waiting(caller, waiting)
+    frames.note_waiting(caller, waiting, seq)
     assert frames.stats() == {FRAMES_IN_FLIGHT: 0.0}
 
 
 def test_waiting_reports_are_bounded() -> None:
     frames = FramesInFlight()
-    frames.note_waiting("huge", 10**9)
+    frames.note_waiting("huge", 10**9, 1)
     assert frames.stats()[FRAMES_WAITING + "huge"] == MAX_WAITING
     for i in range(MAX_CALLERS + 5):
-        frames.note_waiting(f"c{i}", -4)
+        frames.note_waiting(f"c{i}", -4, -1)
     stats = frames.stats()
-    assert len(stats) == MAX_CALLERS + 1  # the oldest callers went first ("huge" too)
+    assert len(stats) == 2 * MAX_CALLERS + 1  # the oldest callers went first ("huge" too)
     assert FRAMES_WAITING + "huge" not in stats and stats[FRAMES_WAITING + "c5"] == 0.0
+    assert stats[FRAMES_WAITING_SEQ + "c5"] == 0.0
 
 
 def test_idle_replicas_scale_down() -> None:
