@@ -117,6 +117,16 @@ def parse_systems(text: str) -> list[str]:
     return systems
 
 
+def _cuda_available() -> bool:
+    """Whether this node has a CUDA GPU (the seed-style target is higher there)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # no torch, or a broken CUDA runtime: the CPU targets
+        return False
+
+
 def single_inference_ms(model: Path, imgsz: int, clip: Path, runs: int = 20) -> float:
     """Median letterbox + inference + decoding of one frame on one thread, as one
     camgraph detector replica does it (the unit of the overload latency target)."""
@@ -196,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
             peer.stop()
     single = single_inference_ms(args.onnx, args.imgsz, clips[0])
     tax = per_frame_tax(phases, float(args.fps)) if args.tax else None
-    tgts = [tax_target(tax)] if args.tax else targets(phases, single, float(args.fps))
+    gpu = _cuda_available()
+    tgts = [tax_target(tax)] if args.tax else targets(phases, single, float(args.fps), gpu)
     import cv2
 
     cap = cv2.VideoCapture(str(clips[0]))

@@ -268,8 +268,12 @@ def test_targets_from_hand_made_phases() -> None:
     by_name = {t.name: t for t in targets(phases, single_inference_ms=50.0, camera_fps=10.0)}
     assert by_name["camgraph / raw limit at saturation"].measured == pytest.approx(18.2 / 20)
     assert by_name["camgraph / raw limit at saturation"].passed is True
-    assert by_name["camgraph / seed-style at 8 cameras"].measured == pytest.approx(15.5 / 8)
-    assert by_name["camgraph / seed-style at 8 cameras"].passed is True
+    seed8 = by_name["camgraph / seed-style at 8 cameras"]
+    assert seed8.measured == pytest.approx(15.5 / 8) and seed8.passed is True
+    assert by_name["camgraph / seed-style at 4 cameras"].verdict == "N/A"  # no seed run
+    # camgraph at 4 cameras realtime, 15 fps, against the raw limit (20 fps, saturation
+    # runs do not count): only realtime raw runs of 4 cameras would.
+    assert by_name["camgraph / raw limit at 4 cameras realtime"].verdict == "N/A"
     # 100 latencies: p99 rank 98.01 → 100 + 0.01 * 100 = 101 ms, over a 50 ms inference
     p99 = by_name["p99 / single inference under 2x overload"]
     assert p99.measured == pytest.approx(101 / 50) and p99.passed is True
@@ -281,7 +285,35 @@ def test_targets_from_hand_made_phases() -> None:
 
 def test_targets_without_the_runs_they_need_are_not_measured() -> None:
     tgts = targets([phase("raw", "realtime", 1, [10])], single_inference_ms=50.0, camera_fps=10)
-    assert [t.verdict for t in tgts] == ["N/A"] * 6
+    assert [t.verdict for t in tgts] == ["N/A"] * 11
+
+
+@pytest.mark.parametrize(("gpu", "passed"), [(False, True), (True, False)])
+def test_realtime_ratios_at_each_camera_count_cpu_and_gpu_seed_targets(
+    gpu: bool, passed: bool
+) -> None:
+    """camgraph against the best raw layout at 4, 8 and 16 cameras realtime, and against
+    the seed-style baseline: at least 1.0 x on a CPU, 1.5 x on a GPU."""
+    phases = []
+    for n, cg_fps, seed_fps, raw_fps in (
+        (4, 1.8, 1.5, 1.9),
+        (8, 1.2, 1.0, 2.0),
+        (16, 1.2, 1.0, 2.0),
+    ):
+        phases += [
+            phase("raw", "realtime", n, [1.0] * n, name="raw ORT 1 proc x 2 threads"),
+            phase("raw", "realtime", n, [raw_fps] * n, name="raw ORT 2 procs x 1 thread"),
+            phase("seed", "realtime", n, [seed_fps] * n),
+            phase("camgraph", "realtime", n, [cg_fps] * n),
+        ]
+    by_name = {t.name: t for t in targets(phases, 50.0, 10.0, gpu=gpu)}
+    raw4 = by_name["camgraph / raw limit at 4 cameras realtime"]
+    assert raw4.measured == pytest.approx(1.8 / 1.9) and raw4.passed is True
+    raw8 = by_name["camgraph / raw limit at 8 cameras realtime"]
+    assert raw8.measured == pytest.approx(0.6) and raw8.passed is False
+    for n in (4, 8, 16):
+        seed = by_name[f"camgraph / seed-style at {n} cameras"]
+        assert seed.measured == pytest.approx(1.2) and seed.passed is passed
 
 
 class FakeCamgraph:
