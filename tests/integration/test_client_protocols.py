@@ -363,6 +363,11 @@ def test_a_client_that_stops_reading_slows_no_one_and_its_session_ends(
     body = {"subscriptionIdentifier": sub_id, "rtspUrl": rtsp.url("scene1"), "targetFps": 5}
     assert httpx.post(f"{app}/streams", json=body, headers=AUTH, timeout=30).status_code == 201
     wait_until(lambda: fps_of(app, [sub_id]).get(sub_id, 0) > 5, 90, "the camera processing")
+    # Its rate with no client attached, on this box now: the bar for "keeps its rate"
+    # (a busy 2-core box can run one camera below its targetFps of 5).
+    base_n, base_t = fps_of(app, [sub_id])[sub_id], time.monotonic()
+    time.sleep(15)
+    base_fps = (fps_of(app, [sub_id])[sub_id] - base_n) / (time.monotonic() - base_t)
     before = replica_websockets(app)
     follow = {"type": "subscribe", "payload": body}
 
@@ -390,11 +395,14 @@ def test_a_client_that_stops_reading_slows_no_one_and_its_session_ends(
             return {"ids": ids, "ended_after_s": ended_after_s, "fps": fps}
 
     got = asyncio.run(main())
-    print(f"stalled session ended after {got['ended_after_s']} s; camera at {got['fps']:.1f} fps")
+    print(
+        f"stalled session ended after {got['ended_after_s']} s; camera at {got['fps']:.1f} "
+        f"fps ({base_fps:.1f} fps with no client)"
+    )
     assert got["ended_after_s"] is not None, "the stalled session was never ended"
     ids = got["ids"]
     assert ids == sorted(set(ids)) and len(ids) > 20, ids  # in order, none repeated
-    assert got["fps"] >= 0.8 * 5, got
+    assert got["fps"] >= 0.8 * min(5.0, base_fps), (got, base_fps)
     httpx.delete(f"{app}/streams/{sub_id}", headers=AUTH, timeout=30)
 
 
