@@ -113,9 +113,8 @@ class FramesInFlight:
         the replica's event loop: the dict is not locked."""
         if not isinstance(caller, str) or not _CALLER.fullmatch(caller):
             return
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (waiting, seq)):
+        if type(waiting) is not int or type(seq) is not int:  # bool is not a count
             return
-        assert isinstance(waiting, int) and isinstance(seq, int)
         self._waiting.pop(caller, None)  # re-inserted last: the dict is oldest first
         self._waiting[caller] = (min(max(waiting, 0), MAX_WAITING), max(seq, 0), self._clock())
         while len(self._waiting) > MAX_CALLERS:
