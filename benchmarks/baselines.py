@@ -104,7 +104,7 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
     import numpy as np
 
     from deployments.inference.engines import OnnxEngine
-    from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
+    from graph.common.vision import RECT_STRIDE, DetectParams, letterbox, unletterbox_boxes
 
     engine = OnnxEngine(Path(spec.model), spec.imgsz, intra_op_threads=spec.threads)
     params = DetectParams(conf=spec.conf, iou=spec.iou)
@@ -139,8 +139,8 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
             wake.wait(0.05)
             continue
         feed, frame = taken
-        boxed, lb = letterbox(frame.image, spec.imgsz)
-        rows = engine.detect(boxed[None], [params])[0]
+        boxed, lb = letterbox(frame.image, spec.imgsz, RECT_STRIDE)  # as camgraph's
+        rows = engine.detect(engine.batch([boxed]), [params])[0]
         unletterbox_boxes(rows[:, :4], lb)
         detected_at = time.time()
         feed.processed += 1

@@ -55,7 +55,7 @@ def raw_detect_worker(spec: RawDetectSpec, ready: Any) -> dict[str, Any]:
     import numpy as np
 
     from deployments.inference.engines import OnnxEngine
-    from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
+    from graph.common.vision import RECT_STRIDE, DetectParams, letterbox, unletterbox_boxes
 
     engine = OnnxEngine(Path(spec.model), 640, intra_op_threads=spec.threads)
     params = DetectParams()
@@ -69,8 +69,8 @@ def raw_detect_worker(spec: RawDetectSpec, ready: Any) -> dict[str, Any]:
             np.frombuffer(spec.frames[i % len(spec.frames)], np.uint8), cv2.IMREAD_COLOR
         )
         assert image is not None
-        boxed, lb = letterbox(image, 640)
-        rows = engine.detect(boxed[None], [params])[0]
+        boxed, lb = letterbox(image, 640, RECT_STRIDE)  # as the replica's
+        rows = engine.detect(engine.batch([boxed]), [params])[0]
         unletterbox_boxes(rows[:, :4], lb)
         done = time.time()
         if now >= measure_start and done < end:

@@ -134,7 +134,7 @@ def single_inference_ms(model: Path, imgsz: int, clip: Path, runs: int = 20) -> 
 
     from benchmarks.stats import percentile
     from deployments.inference.engines import OnnxEngine
-    from graph.common.vision import DetectParams, letterbox
+    from graph.common.vision import RECT_STRIDE, DetectParams, letterbox
 
     cap = cv2.VideoCapture(str(clip))
     ok, image = cap.read()
@@ -146,8 +146,8 @@ def single_inference_ms(model: Path, imgsz: int, clip: Path, runs: int = 20) -> 
     times = []
     for i in range(runs + 3):
         t0 = time.perf_counter()
-        boxed, _ = letterbox(image, imgsz)
-        engine.detect(boxed[None], params)
+        boxed, _ = letterbox(image, imgsz, RECT_STRIDE)  # as the camera actors'
+        engine.detect(engine.batch([boxed]), params)
         if i >= 3:
             times.append((time.perf_counter() - t0) * 1000)
     return percentile(times, 50)

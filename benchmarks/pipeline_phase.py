@@ -332,10 +332,12 @@ def capacity_fps(onnx: Path, imgsz: int, replicas: int) -> tuple[float, float]:
     import numpy as np
 
     from deployments.inference.engines import OnnxEngine
-    from graph.common.vision import DetectParams
+    from graph.common.vision import RECT_STRIDE, DetectParams, letterbox
 
     engine = OnnxEngine(onnx, imgsz, intra_op_threads=1)
-    image = np.full((1, imgsz, imgsz, 3), 114, np.uint8)
+    # The scenes' 1280x720 frames, letterboxed as the camera actors do it.
+    boxed, _ = letterbox(np.full((720, 1280, 3), 114, np.uint8), imgsz, RECT_STRIDE)
+    image = engine.batch([boxed])
     for _ in range(3):
         engine.detect(image, [DetectParams()])
     start, runs = time.perf_counter(), 10

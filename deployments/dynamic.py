@@ -273,7 +273,9 @@ class PipelineDetector(_Multiplexed):
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _detect(self, requests: list[DetectRequest]) -> list[DetectResult]:
         engine = held(self, serve.get_multiplexed_model_id()).engine  # one model per batch
-        results = engine.detect(np.stack([r.image for r in requests]), [r.params for r in requests])
+        results = engine.detect(
+            engine.batch([r.image for r in requests]), [r.params for r in requests]
+        )
         self._batch_sizes[len(requests)] += 1
         return [DetectResult(rows, engine.names) for rows in results]
 

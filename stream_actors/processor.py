@@ -27,7 +27,7 @@ from pydantic import Field
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import DetectorBusy
 from graph.common.schemas import StrictModel
-from graph.common.vision import DetectParams, letterbox, unletterbox_boxes
+from graph.common.vision import RECT_STRIDE, DetectParams, letterbox, unletterbox_boxes
 from graph.events.model import (
     BranchResults,
     EventSink,
@@ -218,7 +218,7 @@ class SubscriptionProcessor:
                 min(crop[3], h),
             )
             image, offset = image[y1:y2, x1:x2], (x1, y1)
-        boxed, lb = letterbox(image, self.imgsz)
+        boxed, lb = letterbox(image, self.imgsz, RECT_STRIDE)
         return boxed, lb, offset
 
     async def _produce(self) -> None:

@@ -20,7 +20,13 @@ import numpy as np
 
 from deployments.inference.pt_models import checked_yolo, pt_as_onnx
 from graph.common.errors import InferenceError, ModelLoadError, ModelNotReadyError
-from graph.common.vision import DetectParams, decode_batch, to_model_input
+from graph.common.vision import (
+    RECT_STRIDE,
+    DetectParams,
+    decode_batch,
+    stack_padded,
+    to_model_input,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,10 @@ class Engine(Protocol):
     names: dict[int, str]
     imgsz: int
     providers: list[str]
+
+    def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Letterboxed images (sizes may differ) as one batch this model takes."""
+        ...
 
     def detect(self, images: np.ndarray, params: Sequence[DetectParams]) -> list[np.ndarray]:
         """BxHxWx3 uint8 letterboxed BGR → per image (K, 6) x1 y1 x2 y2 conf cls."""
@@ -79,6 +89,27 @@ def parse_names(raw: str | None, nc: int) -> dict[int, str]:
         except (ValueError, SyntaxError):
             logger.warning("ignoring unreadable class names metadata %r", raw[:80])
     return {i: f"class{i}" for i in range(nc)}
+
+
+def parse_stride(raw: str | None) -> int:
+    """The model's largest stride from Ultralytics' ONNX metadata (32 for P5 models, 64
+    for P6), at least `RECT_STRIDE`; a dynamic input must be a multiple of it."""
+    try:
+        stride = int(raw) if raw else RECT_STRIDE
+    except ValueError:
+        logger.warning("ignoring unreadable stride metadata %r", raw[:80] if raw else raw)
+        stride = RECT_STRIDE
+    return stride if 1 <= stride <= 1024 and stride % RECT_STRIDE == 0 else RECT_STRIDE
+
+
+def fixed_input_size(
+    height: Any, width: Any, providers: Sequence[str], imgsz: int
+) -> tuple[int, int] | None:
+    """The one input size a model takes, or None when any multiple of its stride will do
+    (a dynamic export: frames come letterboxed to their own aspect ratio). TensorRT
+    keeps the square: each new shape would build (and cache) another engine."""
+    fixed = isinstance(height, int) or isinstance(width, int) or TENSORRT in providers
+    return (imgsz, imgsz) if fixed else None
 
 
 def make_session(
@@ -130,12 +161,17 @@ class OnnxEngine:
                 f"{path.name}: fixed batch size {batch_dim}; export with a dynamic batch or 1"
             )
         self._fixed_batch = batch_dim if isinstance(batch_dim, int) else None
+        self.input_hw = fixed_input_size(h, w, self.providers, imgsz)
         self._output = outputs[0].name
         nc_dim = outputs[0].shape[1] if len(outputs[0].shape) == 3 else None
         meta = self._session.get_modelmeta().custom_metadata_map
         nc = nc_dim - 4 if isinstance(nc_dim, int) else 0
         self.names = parse_names(meta.get("names"), nc)
         self.imgsz = imgsz
+        self.stride = parse_stride(meta.get("stride"))
+
+    def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return stack_padded(images, self.input_hw, self.stride)
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Raw model output (B, 4 + nc, N) for a BxHxWx3 uint8 batch."""
@@ -174,6 +210,9 @@ class UltralyticsEngine:
         self.names = {int(k): str(v) for k, v in self._model.names.items()}
         self.imgsz = imgsz
         self.providers = [f"ultralytics:{self._device}"]
+
+    def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return stack_padded(images, None, RECT_STRIDE)
 
     def detect(self, images: np.ndarray, params: Sequence[DetectParams]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(params)

@@ -21,7 +21,7 @@ from graph.common.detection import DetectRequest
 from graph.common.errors import ModelNotReadyError
 from graph.common.names import STREAMS_NAMESPACE
 from graph.common.schemas import image_detections
-from graph.common.vision import DetectParams, letterbox
+from graph.common.vision import RECT_STRIDE, DetectParams, letterbox
 from graph.events.model import HubPublisher
 
 
@@ -86,7 +86,7 @@ class MediaJobs:
         if handle is None:
             handle = serve.get_deployment_handle(self._names[model], app_name=self._app)
             self._handles[model] = handle
-        boxed, lb = await asyncio.to_thread(letterbox, image, self._sizes[model])
+        boxed, lb = await asyncio.to_thread(letterbox, image, self._sizes[model], RECT_STRIDE)
         request = DetectRequest(boxed, params)
         waiting_since: float | None = None
         while True:

@@ -16,7 +16,8 @@ from graph.common.vision import DetectParams, Letterbox
 
 @dataclass(frozen=True)
 class DetectRequest:
-    """A letterboxed uint8 BGR image at the model's input size and its decoding params."""
+    """A letterboxed uint8 BGR image, at most the model's input size in each dimension
+    (`letterbox(..., stride=RECT_STRIDE)`), and its decoding params."""
 
     image: np.ndarray
     params: DetectParams = dataclasses.field(default_factory=DetectParams)

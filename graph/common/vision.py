@@ -17,6 +17,10 @@ from graph.common.errors import BadImageError
 PAD_VALUE = 114
 CLASS_OFFSET_PX = 7680.0  # Ultralytics' max_wh: separates classes for class-aware NMS
 MAX_NMS_CANDIDATES = 30_000
+# Camera frames and uploads are letterboxed to a multiple of this, not to the full square
+# (`letterbox(..., stride=RECT_STRIDE)`); an engine pads a batch further where its model
+# needs it (`stack_padded`): a fixed input size, a stride of 64, TensorRT's one shape.
+RECT_STRIDE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,15 +45,23 @@ class DetectParams:
     max_det: int = 300
 
 
-def letterbox(image: np.ndarray, size: int | tuple[int, int] = 640) -> tuple[np.ndarray, Letterbox]:
-    """Resize keeping aspect ratio and pad to `size` (h, w) with grey, centred."""
+def letterbox(
+    image: np.ndarray, size: int | tuple[int, int] = 640, stride: int | None = None
+) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping aspect ratio and pad to `size` (h, w) with grey, centred. With
+    `stride`, pad only up to the next multiple of it (Ultralytics' `LetterBox(auto=True)`,
+    what `predict` feeds a model that takes any input size): a 16:9 frame becomes
+    640x384 instead of 640x640, 0.6 of the pixels and of the inference time."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
     new_h, new_w = (size, size) if isinstance(size, int) else size
     h, w = image.shape[:2]
     r = min(new_h / h, new_w / w)
     unpad_w, unpad_h = max(round(w * r), 1), max(round(h * r), 1)
-    dw, dh = (new_w - unpad_w) / 2, (new_h - unpad_h) / 2
+    pad_w, pad_h = new_w - unpad_w, new_h - unpad_h
+    if stride:
+        pad_w, pad_h = pad_w % stride, pad_h % stride
+    dw, dh = pad_w / 2, pad_h / 2
     if (w, h) != (unpad_w, unpad_h):
         image = cv2.resize(image, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
     top, bottom = round(dh - 0.1), round(dh + 0.1)
@@ -96,6 +108,31 @@ def crop_square(
     out = np.full((size, size, 3), PAD_VALUE, np.uint8)
     oy, ox = (size - new_h) // 2, (size - new_w) // 2
     out[oy : oy + new_h, ox : ox + new_w] = resized
+    return out
+
+
+def stack_padded(
+    images: Sequence[np.ndarray], shape: tuple[int, int] | None = None, stride: int = 1
+) -> np.ndarray:
+    """One BxHxWx3 batch of letterboxed images that may differ in size (cameras of other
+    aspect ratios in one batch): each is padded grey at its bottom and right, which
+    leaves every box coordinate as it is, to `shape` (a model's fixed input) or else to
+    the batch's largest height and width rounded up to `stride`. ValueError for an
+    image larger than `shape`."""
+    if not images:
+        raise ValueError("an empty batch")
+    if shape is None:
+        high = max(im.shape[0] for im in images)
+        wide = max(im.shape[1] for im in images)
+        shape = (-(-high // stride) * stride, -(-wide // stride) * stride)
+    if all(im.shape[:2] == shape for im in images):
+        return np.stack(images)
+    out = np.full((len(images), *shape, 3), PAD_VALUE, np.uint8)
+    for i, im in enumerate(images):
+        h, w = im.shape[:2]
+        if h > shape[0] or w > shape[1] or im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"image {im.shape} does not fit the model input {shape}")
+        out[i, :h, :w] = im
     return out
 
 
@@ -225,4 +262,4 @@ def decode_letterboxed(data: bytes, size: int, max_pixels: int) -> tuple[np.ndar
         raise BadImageError("the upload is not a decodable image")
     if image.shape[0] * image.shape[1] > max_pixels:
         raise BadImageError(f"the image has more pixels than the limit of {max_pixels}")
-    return letterbox(image, size)
+    return letterbox(image, size, RECT_STRIDE)

@@ -14,8 +14,10 @@ from deployments.inference.engines import (
     ModelSlot,
     OnnxEngine,
     choose_providers,
+    fixed_input_size,
     load_engine,
     parse_names,
+    parse_stride,
 )
 from graph.common.errors import InferenceError, ModelLoadError, ModelNotReadyError
 from graph.common.vision import DetectParams
@@ -45,6 +47,35 @@ def test_engine_loops_over_a_fixed_batch_one_model(tmp_path: Path) -> None:
     path = constant_detector(tmp_path / "b1.onnx", RAW, batch=1, size=64)
     out = OnnxEngine(path, imgsz=64).detect(batch(4), [DetectParams()] * 4)
     assert [len(o) for o in out] == [2, 2, 2, 2]
+
+
+def test_frames_letterboxed_to_their_own_shape_fit_fixed_and_dynamic_models(
+    tmp_path: Path,
+) -> None:
+    """A dynamic export takes a rectangle as it is (padded only to the batch's largest
+    and to the model's stride); a fixed-size export gets it padded to its size, at the
+    bottom right, so the boxes keep their coordinates."""
+    wide = batch(1)[0][:32]  # 32x64: a 2:1 frame letterboxed with a stride
+    dynamic = OnnxEngine(constant_detector(tmp_path / "d.onnx", RAW), imgsz=64)
+    assert dynamic.input_hw is None and dynamic.stride == 32
+    assert dynamic.batch([wide, wide]).shape == (2, 32, 64, 3)
+    assert dynamic.batch([wide, wide.transpose(1, 0, 2)]).shape == (2, 64, 64, 3)
+    fixed = OnnxEngine(constant_detector(tmp_path / "f.onnx", RAW, size=64), imgsz=64)
+    assert fixed.input_hw == (64, 64)
+    images = fixed.batch([wide])
+    assert images.shape == (1, 64, 64, 3) and (images[0, 32:] == 114).all()
+    assert [len(o) for o in fixed.detect(images, [DetectParams()])] == [2]
+
+
+def test_tensorrt_keeps_one_square_input_and_other_providers_take_rectangles() -> None:
+    assert fixed_input_size("height", "width", [TENSORRT, CUDA, CPU], 640) == (640, 640)
+    assert fixed_input_size("height", "width", [CUDA, CPU], 640) is None
+    assert fixed_input_size(640, 640, [CPU], 640) == (640, 640)
+
+
+def test_stride_metadata_is_read_and_bounded() -> None:
+    assert parse_stride("64") == 64 and parse_stride(None) == 32
+    assert parse_stride("abc") == 32 and parse_stride("48") == 32 and parse_stride("-32") == 32
 
 
 def test_a_fixed_batch_other_than_one_is_refused_at_load(tmp_path: Path) -> None:

@@ -9,12 +9,14 @@ from ultralytics.utils import nms as ul_nms
 from ultralytics.utils import ops as ul_ops
 
 from graph.common.vision import (
+    RECT_STRIDE,
     DetectParams,
     decode_batch,
     decode_yolo,
     letterbox,
     letterbox_boxes,
     nms,
+    stack_padded,
     to_model_input,
     unletterbox_boxes,
 )
@@ -30,6 +32,41 @@ def test_letterbox_is_pixel_identical_to_ultralytics(shape: tuple[int, int]) -> 
     reference = LetterBox((640, 640), auto=False, stride=32)(image=image)
     assert ours.shape == (640, 640, 3)
     np.testing.assert_array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rect_letterbox_is_pixel_identical_to_ultralytics_predict(shape: tuple[int, int]) -> None:
+    """With a stride, the minimal padding of Ultralytics' `LetterBox(auto=True)`, what
+    `predict` feeds a model that takes any input size (720x1280 → 384x640)."""
+    image = np.random.default_rng(0).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    ours, lb = letterbox(image, 640, RECT_STRIDE)
+    reference = LetterBox((640, 640), auto=True, stride=RECT_STRIDE)(image=image)
+    assert ours.shape == reference.shape
+    assert ours.shape[0] % RECT_STRIDE == 0 and ours.shape[1] % RECT_STRIDE == 0
+    assert max(ours.shape[:2]) == 640
+    np.testing.assert_array_equal(ours, reference)
+    xy = np.random.default_rng(1).uniform(0, 300, (20, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + 50], 1)
+    want = ul_ops.scale_boxes(ours.shape[:2], torch.from_numpy(boxes.copy()), shape).numpy()
+    np.testing.assert_allclose(unletterbox_boxes(boxes, lb), want, atol=1e-3)
+
+
+def test_a_mixed_batch_is_padded_at_the_bottom_right_so_boxes_keep_their_coordinates() -> None:
+    wide = np.full((384, 640, 3), 1, np.uint8)
+    tall = np.full((640, 352, 3), 2, np.uint8)
+    batch = stack_padded([wide, tall], None, 32)
+    assert batch.shape == (2, 640, 640, 3)
+    assert (batch[0, :384] == 1).all() and (batch[0, 384:] == 114).all()
+    assert (batch[1, :, :352] == 2).all() and (batch[1, :, 352:] == 114).all()
+    # Same sizes stack as they are; a stride rounds the batch's size up; a fixed input
+    # size pads to it, and an image larger than it is refused.
+    assert stack_padded([wide, wide]).shape == (2, 384, 640, 3)
+    assert stack_padded([wide[:370]], None, 64).shape == (1, 384, 640, 3)
+    assert stack_padded([wide], (640, 640)).shape == (1, 640, 640, 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        stack_padded([tall], (384, 640))
+    with pytest.raises(ValueError, match="empty"):
+        stack_padded([])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
