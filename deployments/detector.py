@@ -24,6 +24,9 @@ from graph.scaling import FramesInFlight
 logger = logging.getLogger("ray.serve")
 
 BATCH_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+# How long a request waits for the model of a replica that is still loading it (one
+# autoscaling just started): ONNX models load in about a second here.
+LOAD_WAIT_S = 15.0
 
 
 DEFAULT_BATCHING = DetectorUserConfig()
@@ -112,6 +115,7 @@ class Detector:
     async def detect(self, request: DetectRequest) -> DetectResult:
         """One letterboxed frame (media jobs; tests)."""
         with self._frames.hold(1):
+            await self._slot.wait_loaded(LOAD_WAIT_S)
             result: DetectResult = await self._detect_batch(request)
         return result
 
@@ -121,8 +125,9 @@ class Detector:
         like any frame. The bytes cross Ray's object store instead of the model-sized
         pixels, and the ingress's event loop never decodes. BadImageError: the client's
         image (HTTP 400)."""
-        self._slot.engine()  # ModelNotReadyError before any decoding
         with self._frames.hold(1):
+            await self._slot.wait_loaded(LOAD_WAIT_S)
+            self._slot.engine()  # ModelNotReadyError before any decoding
             # One decode at a time: a 50-megapixel upload takes ~0.3 GB and half a CPU
             # second, and this replica's cores belong to the cameras' frames too.
             async with self._decoding:
@@ -150,6 +155,7 @@ class Detector:
         (the autoscaling signal)."""
         self._frames.note_waiting(caller, waiting, seq)
         with self._frames.hold(len(requests)):
+            await self._slot.wait_loaded(LOAD_WAIT_S)
             return per_frame(
                 await asyncio.gather(
                     *(self._detect_batch(r) for r in requests), return_exceptions=True

@@ -6,6 +6,7 @@ load."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import dataclasses
 import enum
 import logging
@@ -333,6 +334,15 @@ class ModelSlot(Generic[E]):
     def _set(self, state: ModelState, error: str | None = None, engine: E | None = None) -> None:
         with self._lock:
             self._state, self._error, self._engine = state, error, engine
+
+    async def wait_loaded(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) while the model is plainly loading: a replica that
+        autoscaling just added takes requests before its model is in memory, and its
+        first frames should wait a second, not fail. A conversion (a `.pt` export, a
+        TensorRT build: minutes) is not waited for; `engine()` then says why."""
+        deadline = time.monotonic() + timeout_s
+        while self._state is ModelState.LOADING and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polled: no executor thread held per waiting request
 
     def _load(self, loader: Callable[[Callable[[], None]], E]) -> None:
         start = time.monotonic()

@@ -147,6 +147,51 @@ def test_slot_reports_loading_then_enabled(tmp_path: Path) -> None:
     assert len(slot.engine().detect(batch(1), [DetectParams()])[0]) == 2
 
 
+def test_requests_wait_for_a_loading_model_but_not_for_a_conversion(tmp_path: Path) -> None:
+    """A replica autoscaling just added gets frames before its model is loaded: they
+    wait for it (bounded) instead of failing. A conversion, minutes long, is not
+    waited for."""
+    import asyncio
+
+    path = constant_detector(tmp_path / "m.onnx", RAW)
+    release = threading.Event()
+
+    def loader(converting: object) -> OnnxEngine:
+        release.wait(10)
+        return OnnxEngine(path, 64)
+
+    slot: ModelSlot[OnnxEngine] = ModelSlot("demo")
+    slot.start(loader)
+
+    async def first_frame() -> int:
+        asyncio.get_running_loop().call_later(0.3, release.set)
+        await slot.wait_loaded(10)
+        return len(slot.engine().detect(batch(1), [DetectParams()])[0])
+
+    assert asyncio.run(first_frame()) == 2
+    stuck = threading.Event()
+    bounded: ModelSlot[OnnxEngine] = ModelSlot("stuck")
+    bounded.start(lambda converting: stuck.wait(10) and OnnxEngine(path, 64))  # type: ignore[func-returns-value]
+    asyncio.run(bounded.wait_loaded(0.2))
+    with pytest.raises(ModelNotReadyError, match="loading"):
+        bounded.engine()
+    stuck.set()
+
+    def converts(converting):  # type: ignore[no-untyped-def]
+        converting()
+        stuck.wait(10)
+        raise ModelLoadError("never")
+
+    stuck.clear()
+    converting: ModelSlot[OnnxEngine] = ModelSlot("trt")
+    converting.start(converts)
+    while converting.status()["state"] != "converting":
+        threading.Event().wait(0.01)
+    waited = asyncio.run(asyncio.wait_for(converting.wait_loaded(30), 2))
+    assert waited is None and converting.status()["state"] == "converting"
+    stuck.set()
+
+
 def test_slot_reports_converting_and_errors_with_their_message() -> None:
     seen = []
     release = threading.Event()
