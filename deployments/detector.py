@@ -18,7 +18,7 @@ from ray.serve import metrics
 from deployments.inference.engines import Engine, EngineOptions, ModelSlot, load_engine
 from graph.common.detection import DetectRequest, DetectResult, EncodedImage, per_frame
 from graph.common.schemas import DetectorUserConfig, ModelSpec
-from graph.common.vision import decode_letterboxed
+from graph.common.vision import check_fits, decode_letterboxed
 from graph.scaling import FramesInFlight
 
 logger = logging.getLogger("ray.serve")
@@ -115,8 +115,12 @@ class Detector:
     async def detect(self, request: DetectRequest) -> DetectResult:
         """One letterboxed frame (media jobs; tests)."""
         with self._frames.hold(1):
-            await self._slot.wait_loaded(LOAD_WAIT_S)
-            result: DetectResult = await self._detect_batch(request)
+            return await self._detect_one(request)
+
+    async def _detect_one(self, request: DetectRequest) -> DetectResult:
+        check_fits(request.image, self._spec.imgsz)
+        await self._slot.wait_loaded(LOAD_WAIT_S)
+        result: DetectResult = await self._detect_batch(request)
         return result
 
     async def detect_image(self, request: EncodedImage) -> DetectResult:
@@ -155,10 +159,9 @@ class Detector:
         (the autoscaling signal)."""
         self._frames.note_waiting(caller, waiting, seq)
         with self._frames.hold(len(requests)):
-            await self._slot.wait_loaded(LOAD_WAIT_S)
             return per_frame(
                 await asyncio.gather(
-                    *(self._detect_batch(r) for r in requests), return_exceptions=True
+                    *(self._detect_one(r) for r in requests), return_exceptions=True
                 )
             )
 

@@ -31,6 +31,7 @@ from graph.common.detection import DetectRequest, DetectResult, per_frame
 from graph.common.names import STREAMS_NAMESPACE, catalog_name
 from graph.common.redaction import redact_text
 from graph.common.schemas import BatchUserConfig, BranchModelSpec, DetectorUserConfig
+from graph.common.vision import check_fits
 from graph.pipeline.archive import ArchiveError, LoadedArchive, cached_archive, load_archive
 from graph.pipeline.catalog import PipelineLoading, PipelineUnavailable, UrlPipelinesSpec
 from graph.scaling import FramesInFlight
@@ -247,8 +248,12 @@ class PipelineDetector(_Multiplexed):
         # Loaded first, outside the batch: a pipeline loading here must not hold up the
         # batches of the pipelines already loaded.
         with self._frames.hold(1):
-            await self._loaded()
-            result: DetectResult = await self._detect(request)
+            imgsz = (await self._loaded()).engine.imgsz
+            return await self._detect_checked(request, imgsz)
+
+    async def _detect_checked(self, request: DetectRequest, imgsz: int) -> DetectResult:
+        check_fits(request.image, imgsz)  # one wrong frame must not fail its batch
+        result: DetectResult = await self._detect(request)
         return result
 
     async def detect_many(
@@ -261,9 +266,11 @@ class PipelineDetector(_Multiplexed):
         """Several frames of one pipeline in one call (see Detector.detect_many)."""
         self._frames.note_waiting(caller, waiting, seq)
         with self._frames.hold(len(requests)):
-            await self._loaded()
+            imgsz = (await self._loaded()).engine.imgsz
             return per_frame(
-                await asyncio.gather(*(self._detect(r) for r in requests), return_exceptions=True)
+                await asyncio.gather(
+                    *(self._detect_checked(r, imgsz) for r in requests), return_exceptions=True
+                )
             )
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -92,25 +92,31 @@ def parse_names(raw: str | None, nc: int) -> dict[int, str]:
     return {i: f"class{i}" for i in range(nc)}
 
 
-def parse_stride(raw: str | None) -> int:
+STRIDES = (32, 64, 128)
+
+
+def parse_stride(raw: str | None, imgsz: int = 4096) -> int:
     """The model's largest stride from Ultralytics' ONNX metadata (32 for P5 models, 64
-    for P6), at least `RECT_STRIDE`; a dynamic input must be a multiple of it."""
+    for P6), which a dynamic input's sides must be multiples of: one of `STRIDES`, at
+    most `imgsz`, else `RECT_STRIDE` (an archive's metadata is untrusted)."""
     try:
         stride = int(raw) if raw else RECT_STRIDE
     except ValueError:
         logger.warning("ignoring unreadable stride metadata %r", raw[:80] if raw else raw)
         stride = RECT_STRIDE
-    return stride if 1 <= stride <= 1024 and stride % RECT_STRIDE == 0 else RECT_STRIDE
+    return stride if stride in STRIDES and stride <= imgsz else RECT_STRIDE
 
 
 def fixed_input_size(
     height: Any, width: Any, providers: Sequence[str], imgsz: int
 ) -> tuple[int, int] | None:
     """The one input size a model takes, or None when any multiple of its stride will do
-    (a dynamic export: frames come letterboxed to their own aspect ratio). TensorRT
-    keeps the square: each new shape would build (and cache) another engine."""
-    fixed = isinstance(height, int) or isinstance(width, int) or TENSORRT in providers
-    return (imgsz, imgsz) if fixed else None
+    (a dynamic export on the CPU: frames come letterboxed to their own aspect ratio).
+    On a GPU the square stays: TensorRT would build (and cache) an engine per shape,
+    and CUDA runs cuDNN's algorithm search per new shape on the replica's event loop;
+    padding costs a GPU little. Not measured on a GPU yet."""
+    fixed = isinstance(height, int) or isinstance(width, int)
+    return (imgsz, imgsz) if fixed or TENSORRT in providers or CUDA in providers else None
 
 
 def make_session(
@@ -169,7 +175,22 @@ class OnnxEngine:
         nc = nc_dim - 4 if isinstance(nc_dim, int) else 0
         self.names = parse_names(meta.get("names"), nc)
         self.imgsz = imgsz
-        self.stride = parse_stride(meta.get("stride"))
+        self.stride = parse_stride(meta.get("stride"), imgsz)
+        if self.input_hw is None and not self._takes_rectangles(path.name):
+            self.input_hw = (imgsz, imgsz)
+
+    def _takes_rectangles(self, name: str) -> bool:
+        """One probe at a 16:9 input: a model may name its height and width without
+        taking other sizes than the square (constant anchors, a wrong stride)."""
+        high = -(-round(self.imgsz * 9 / 16) // self.stride) * self.stride
+        probe = np.full((1, min(high, self.imgsz), self.imgsz, 3), 114, np.uint8)
+        try:
+            raw = self._session.run([self._output], {self._input: to_model_input(probe)})[0]
+            decode_batch(raw, [DetectParams()])
+        except Exception as exc:  # ORT's own error types; a wrong output shape
+            logger.warning("%s takes only %dx%d inputs (%s)", name, self.imgsz, self.imgsz, exc)
+            return False
+        return True
 
     def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return stack_padded(images, self.input_hw, self.stride)
@@ -319,9 +340,11 @@ class ModelSlot(Generic[E]):
         self._engine: E | None = None
         self._thread: threading.Thread | None = None
         self._load_s: float | None = None
+        self._started_at = time.monotonic()
 
     def start(self, loader: Callable[[Callable[[], None]], E]) -> None:
         """Run `loader(mark_converting)` in a daemon thread; state follows its outcome."""
+        self._started_at = time.monotonic()
         self._thread = threading.Thread(
             target=self._load, args=(loader,), daemon=True, name=f"load-{self.model_id}"
         )
@@ -336,11 +359,12 @@ class ModelSlot(Generic[E]):
             self._state, self._error, self._engine = state, error, engine
 
     async def wait_loaded(self, timeout_s: float) -> None:
-        """Wait (at most `timeout_s`) while the model is plainly loading: a replica that
-        autoscaling just added takes requests before its model is in memory, and its
-        first frames should wait a second, not fail. A conversion (a `.pt` export, a
+        """Wait while the model is plainly loading, until `timeout_s` after the load
+        began: a replica that autoscaling just added takes requests before its model is
+        in memory, and its first frames should wait a second, not fail; a load that
+        hangs fails requests at once after that. A conversion (a `.pt` export, a
         TensorRT build: minutes) is not waited for; `engine()` then says why."""
-        deadline = time.monotonic() + timeout_s
+        deadline = self._started_at + timeout_s
         while self._state is ModelState.LOADING and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # polled: no executor thread held per waiting request
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from graph.common.errors import BadImageError
+from graph.common.errors import BadImageError, InferenceError
 
 PAD_VALUE = 114
 CLASS_OFFSET_PX = 7680.0  # Ultralytics' max_wh: separates classes for class-aware NMS
@@ -121,6 +121,9 @@ def stack_padded(
     image larger than `shape`."""
     if not images:
         raise ValueError("an empty batch")
+    for im in images:
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"expected HxWx3 uint8 images, got {im.dtype} {im.shape}")
     if shape is None:
         high = max(im.shape[0] for im in images)
         wide = max(im.shape[1] for im in images)
@@ -130,10 +133,21 @@ def stack_padded(
     out = np.full((len(images), *shape, 3), PAD_VALUE, np.uint8)
     for i, im in enumerate(images):
         h, w = im.shape[:2]
-        if h > shape[0] or w > shape[1] or im.ndim != 3 or im.shape[2] != 3:
+        if h > shape[0] or w > shape[1]:
             raise ValueError(f"image {im.shape} does not fit the model input {shape}")
         out[i, :h, :w] = im
     return out
+
+
+def check_fits(image: np.ndarray, imgsz: int) -> None:
+    """InferenceError unless `image` is a letterboxed HxWx3 uint8 frame of at most
+    `imgsz` a side: checked per frame before it joins a batch, where one wrong frame
+    would fail (or, larger, pad up) every camera's frame in it."""
+    shape: tuple[int, ...] = tuple(getattr(image, "shape", ()))
+    if getattr(image, "dtype", None) != np.uint8 or len(shape) != 3 or shape[2] != 3:
+        raise InferenceError(f"expected an HxWx3 uint8 frame, got {shape}")
+    if shape[0] > imgsz or shape[1] > imgsz:
+        raise InferenceError(f"a {shape[1]}x{shape[0]} frame is larger than the model's {imgsz}")
 
 
 def to_model_input(batch: np.ndarray) -> np.ndarray:

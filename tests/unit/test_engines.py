@@ -67,15 +67,54 @@ def test_frames_letterboxed_to_their_own_shape_fit_fixed_and_dynamic_models(
     assert [len(o) for o in fixed.detect(images, [DetectParams()])] == [2]
 
 
-def test_tensorrt_keeps_one_square_input_and_other_providers_take_rectangles() -> None:
+def test_gpus_keep_one_square_input_and_the_cpu_takes_rectangles() -> None:
     assert fixed_input_size("height", "width", [TENSORRT, CUDA, CPU], 640) == (640, 640)
-    assert fixed_input_size("height", "width", [CUDA, CPU], 640) is None
+    assert fixed_input_size("height", "width", [CUDA, CPU], 640) == (640, 640)
+    assert fixed_input_size("height", "width", [CPU], 640) is None
     assert fixed_input_size(640, 640, [CPU], 640) == (640, 640)
+
+
+def test_a_model_that_names_its_sides_but_takes_only_the_square_keeps_the_square(
+    tmp_path: Path,
+) -> None:
+    """Probed at load: a model whose height and width are named but whose graph needs
+    them equal (here: a square-only reshape) is fed the square, not refused."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    # A Sub of the images and their own transpose (B,3,W,H) fails unless H == W.
+    nodes = [
+        helper.make_node("Transpose", ["images"], ["t"], perm=[0, 1, 3, 2]),
+        helper.make_node("Sub", ["images", "t"], ["d"]),
+        helper.make_node("ReduceMean", ["d"], ["m4"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Reshape", ["m4", "shape"], ["m"]),
+        helper.make_node("Mul", ["m", "zero"], ["m0"]),
+        helper.make_node("Add", ["raw", "m0"], ["output0"]),
+    ]
+    raw = RAW[None].astype(np.float32)
+    graph = helper.make_graph(
+        nodes,
+        "square-only",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["b", *raw.shape[1:]])],
+        [
+            onnx.numpy_helper.from_array(raw, "raw"),
+            onnx.numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), "zero"),
+            onnx.numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "square.onnx")
+    engine = OnnxEngine(tmp_path / "square.onnx", imgsz=128)
+    assert engine.input_hw == (128, 128)
+    wide = batch(1, 128)[0][:64]
+    assert [len(o) for o in engine.detect(engine.batch([wide]), [DetectParams()])] == [2]
 
 
 def test_stride_metadata_is_read_and_bounded() -> None:
     assert parse_stride("64") == 64 and parse_stride(None) == 32
     assert parse_stride("abc") == 32 and parse_stride("48") == 32 and parse_stride("-32") == 32
+    assert parse_stride("1024") == 32 and parse_stride("128", imgsz=64) == 32
 
 
 def test_a_fixed_batch_other_than_one_is_refused_at_load(tmp_path: Path) -> None:
@@ -185,10 +224,12 @@ def test_requests_wait_for_a_loading_model_but_not_for_a_conversion(tmp_path: Pa
     stuck.clear()
     converting: ModelSlot[OnnxEngine] = ModelSlot("trt")
     converting.start(converts)
-    while converting.status()["state"] != "converting":
+    for _ in range(1000):
+        if converting.status()["state"] == "converting":
+            break
         threading.Event().wait(0.01)
-    waited = asyncio.run(asyncio.wait_for(converting.wait_loaded(30), 2))
-    assert waited is None and converting.status()["state"] == "converting"
+    assert converting.status()["state"] == "converting"
+    asyncio.run(asyncio.wait_for(converting.wait_loaded(30), 2))  # TimeoutError if it waits
     stuck.set()
 
 

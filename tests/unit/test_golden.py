@@ -101,6 +101,16 @@ def test_pt_model_is_exported_and_agrees_with_the_committed_onnx_export(
     assert len(from_pt) == len(from_onnx) > 0
     key_pt, key_onnx = np.lexsort(from_pt[:, :4].T), np.lexsort(from_onnx[:, :4].T)
     np.testing.assert_allclose(from_pt[key_pt, :4], from_onnx[key_onnx, :4], atol=1.0)
+    # The export has a fixed 640x640 input: a camera's 640x384 frame is padded to it at
+    # the bottom, and finds the confident boxes the dynamic export finds at 640x384.
+    assert pt_engine.input_hw == (640, 640) and engine.input_hw is None
+    rect, _ = letterbox(IMAGES["scene1"], 640, RECT_STRIDE)
+    padded = pt_engine.detect(pt_engine.batch([rect]), [DetectParams()])[0]
+    as_is = engine.detect(engine.batch([rect]), [DetectParams()])[0]
+    for mine, other in ((padded, as_is), (as_is, padded)):
+        sure = mine[mine[:, 4] >= 0.4]
+        assert len(sure) > 0
+        assert (iou_matrix(sure[:, :4], other[:, :4]).max(axis=1) > 0.9).all()
 
 
 def test_served_detector_finds_nine_in_ten_vehicles_in_unseen_frames(engine: OnnxEngine) -> None:

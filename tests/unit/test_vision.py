@@ -8,9 +8,11 @@ from ultralytics.data.augment import LetterBox
 from ultralytics.utils import nms as ul_nms
 from ultralytics.utils import ops as ul_ops
 
+from graph.common.errors import InferenceError
 from graph.common.vision import (
     RECT_STRIDE,
     DetectParams,
+    check_fits,
     decode_batch,
     decode_yolo,
     letterbox,
@@ -67,6 +69,16 @@ def test_a_mixed_batch_is_padded_at_the_bottom_right_so_boxes_keep_their_coordin
         stack_padded([tall], (384, 640))
     with pytest.raises(ValueError, match="empty"):
         stack_padded([])
+    with pytest.raises(ValueError, match="uint8"):
+        stack_padded([wide.astype(np.float32), tall])
+
+
+def test_a_frame_larger_than_the_model_is_refused_before_it_joins_a_batch() -> None:
+    check_fits(np.zeros((384, 640, 3), np.uint8), 640)
+    with pytest.raises(InferenceError, match="larger than the model's 640"):
+        check_fits(np.zeros((384, 672, 3), np.uint8), 640)
+    with pytest.raises(InferenceError, match="HxWx3 uint8"):
+        check_fits(np.zeros((384, 640), np.uint8), 640)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
