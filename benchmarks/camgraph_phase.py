@@ -30,6 +30,7 @@ from benchmarks.measure import CameraResult, PhaseResult, ProcessSampler, ray_se
 from benchmarks.peers import free_port
 from benchmarks.stats import BatchDistribution, DropAccount, percentile
 from benchmarks.workers import progress_bar
+from graph.ray_settings import LEAN_ENV
 
 DISPLAY_ID = "bench"
 
@@ -443,6 +444,8 @@ def local_camgraph(
         config["grpc_options"] = {**config["grpc_options"], "port": free_port()}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     os.environ.pop("RAY_ADDRESS", None)
+    for key, value in LEAN_ENV.items():  # as `make run` starts Ray; the workers inherit it
+        os.environ.setdefault(key, value)
     ray.init(
         address="local",
         num_cpus=cpus,

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from graph.ray_settings import LEAN_ENV
 from tests.peers import free_port
 
 # As serve_config.yaml's grpc_options (the stubs come from `make protos`).
@@ -20,6 +21,9 @@ def cluster() -> Iterator[dict[str, Any]]:
     http_port, grpc_port, dashboard_port = free_port(), free_port(), free_port()
     # Always a fresh local cluster: never attach to one left by `make run`.
     os.environ.pop("RAY_ADDRESS", None)
+    # Ray's background work turned down as `make run` does (its workers inherit these).
+    for key, value in LEAN_ENV.items():
+        os.environ.setdefault(key, value)
     # Logical CPUs above the 2 physical ones: replicas ask for fractions and mostly wait.
     # The dashboard is on because `serve deploy` (the operators' path) talks to it.
     ray.init(
