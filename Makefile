@@ -86,10 +86,11 @@ services:
 	@bash scripts/services.sh
 
 run: install ray-token models/demo-detector.onnx models/demo.mpta $(DEMO_CLIP)
-	@$(VENV)/bin/ray status >/dev/null 2>&1 || env $$($(PY) -m graph.ray_settings env) \
-		$(VENV)/bin/ray start --head --port=$(RAY_PORT) --num-cpus=$(RAY_CPUS) \
+	@$(VENV)/bin/ray status >/dev/null 2>&1 || { \
+		lean_env=$$($(PY) -m graph.ray_settings env) && lean_flags=$$($(PY) -m graph.ray_settings flags) || exit 1; \
+		env $$lean_env $(VENV)/bin/ray start --head --port=$(RAY_PORT) --num-cpus=$(RAY_CPUS) \
 		--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
-		--disable-usage-stats $$($(PY) -m graph.ray_settings flags)
+		--disable-usage-stats $$lean_flags; }
 	$(VENV)/bin/serve deploy serve_config.yaml --address http://127.0.0.1:$(DASHBOARD_PORT)
 	@$(PY) scripts/wait_ready.py --url http://127.0.0.1:$(HTTP_PORT) --timeout-s 240
 	@$(PY) scripts/demo_camera.py --url http://127.0.0.1:$(HTTP_PORT) --clip $(DEMO_CLIP)

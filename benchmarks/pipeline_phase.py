@@ -162,6 +162,7 @@ class PipelineRun:
     branch_timeouts: dict[str, int] = field(default_factory=dict)
     branch_errors: dict[str, int] = field(default_factory=dict)
     dispatch: dict[str, Any] = field(default_factory=dict)
+    cpu_pct_by_role: dict[str, float] = field(default_factory=dict)  # while the clips played
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -182,6 +183,8 @@ def run_level(
     pipeline's work settled, then score the records of this run's cameras."""
     import psycopg
 
+    from benchmarks.measure import ProcessSampler, ray_selector
+
     tag = uuid.uuid4().hex[:6]
     cams = {f"{variant}-{overload:g}x-{i}-{tag}": clip for i, clip in enumerate(clips)}
     truths = {
@@ -199,7 +202,11 @@ def run_level(
                     "fileRealtime": True,
                 }
                 client.post("/streams", json=body).raise_for_status()
-            _wait_ended(client, set(cams), timeout_s)
+            sampler = ProcessSampler(ray_selector()).start()  # where the cores went
+            try:
+                _wait_ended(client, set(cams), timeout_s)
+            finally:
+                run.cpu_pct_by_role = sampler.stop().cpu_pct_by_role
             _settle(dsn, schema, list(cams), settle_s)
             subs = _subscriptions(client, set(cams))
             _account(run, subs, client)
@@ -296,7 +303,9 @@ def _account(run: PipelineRun, subs: dict[str, Any], client: httpx.Client) -> No
 DSN_ENV = "CAMGRAPH_BENCH_PG_DSN"  # the DSN reaches Actions by environment, not in args
 
 
-def pipeline_config(base: dict[str, Any], schema: str, hold: bool) -> dict[str, Any]:
+def pipeline_config(
+    base: dict[str, Any], schema: str, hold: bool, shed: bool = True
+) -> dict[str, Any]:
     """serve_config.yaml as `make run` deploys it, with records in PostgreSQL (this
     run's schema, the DSN from DSN_ENV) and the dispatcher's branch priority on or off."""
     config = json.loads(json.dumps(base))
@@ -311,6 +320,8 @@ def pipeline_config(base: dict[str, Any], schema: str, hold: bool) -> dict[str, 
     streams = args.setdefault("streams", {})
     if not hold:
         streams["dispatch"] = {**(streams.get("dispatch") or {}), "branch_hold_s": 0}
+    if not shed:
+        streams["reader"] = {**(streams.get("reader") or {}), "shed_decode": False}
     return config
 
 
@@ -369,7 +380,20 @@ def render(runs: Sequence[PipelineRun], meta: dict[str, Any]) -> str:
             f"({s.body_type_correct}/{s.records_matched}) | {r.passes} | "
             f"{sum(r.branch_timeouts.values())} |" + (f" error: {r.error}" if r.error else "")
         )
+    sampled = [r for r in runs if r.cpu_pct_by_role]
+    if sampled:
+        lines += ["", "Where the cores went while the clips played (% of one core, top roles):", ""]
+        for r in sampled:
+            top = sorted(r.cpu_pct_by_role.items(), key=lambda kv: -kv[1])[:8]
+            total = sum(r.cpu_pct_by_role.values())
+            roles = ", ".join(f"{_short_role(k)} {v:.0f}" for k, v in top)
+            lines.append(f"- {r.variant}, {r.overload:.1f}x: all {total:.0f}; {roles}")
     return "\n".join(lines) + "\n"
+
+
+def _short_role(role: str) -> str:
+    """`ServeReplica:camgraph:Classifier_demo_plate_ocr_v1` -> `Classifier_demo_plate_ocr_v1`."""
+    return role.rsplit(":", 1)[-1] if role.startswith("ServeReplica:") else role
 
 
 def _fmt(x: float | None) -> str:
@@ -387,7 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deploy", type=Path, default=Path("serve_config.yaml"))
     parser.add_argument("--overload", default="2,4", help="offered / capacity levels")
     parser.add_argument("--frames", type=int, default=300, help="frames per clip (10 fps)")
-    parser.add_argument("--variants", default="priority,no-priority")
+    parser.add_argument(
+        "--variants",
+        default="priority,no-priority",
+        help="of priority (the default settings), no-priority (branch_hold_s: 0), "
+        "priority-noshed (priority, but all frames decoded under overload)",
+    )
     parser.add_argument(
         "--dsn",
         default=os.environ.get("CAMGRAPH_BENCH_DSN", "host=127.0.0.1 port=5432 dbname=test"),
@@ -406,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     clips = make_clips(max(counts.values()), args.frames, args.cache_dir)
     base = yaml.safe_load(args.deploy.read_text())
     runs: list[PipelineRun] = []
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - {"priority", "no-priority", "priority-noshed"}
+    if unknown:
+        parser.error(f"unknown variants: {sorted(unknown)}")
     schema = f"camgraph_bench_{uuid.uuid4().hex[:8]}"
     os.environ[DSN_ENV] = args.dsn  # the harness's Ray cluster inherits it
     env = environment()
@@ -431,8 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         return text
 
     try:
-        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-            config = pipeline_config(base, schema, hold=variant == "priority")
+        for variant in variants:
+            config = pipeline_config(
+                base, schema, hold=variant.startswith("priority"), shed=variant != "priority-noshed"
+            )
             path = args.cache_dir / f"serve_config-{variant}.yaml"
             with local_camgraph(config, path, cpus=args.ray_cpus) as url:
                 for level in levels:

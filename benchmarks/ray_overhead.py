@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import psutil
 import yaml
 
 from benchmarks.camgraph_phase import subscription_counters, wait_healthy
-from benchmarks.measure import ProcessSampler
+from benchmarks.measure import ProcessSampler, is_ray_process
 from benchmarks.peers import free_port
 from benchmarks.pipeline_phase import DSN_ENV, pipeline_config
 from graph.ray_settings import LEAN_ENV, LEAN_START_FLAGS
@@ -99,44 +100,66 @@ class Round:
 # ---- one cluster of this run's own -----------------------------------------------------
 
 
-def cluster_selector(temp_dir: str) -> Callable[[], list[psutil.Process]]:
-    """The processes of the cluster started with `temp_dir`: those that name it on their
-    command line (GCS, raylet, dashboard, agents, monitors) and all their descendants
-    (the workers: actors and replicas). Rescanned every call's 2 s."""
+def cluster_processes(temp_dir: str, client_port: int) -> list[psutil.Process]:
+    """The Ray processes of the cluster started with `temp_dir`: those that name it on
+    their command line (GCS, raylet, dashboard, agents, monitors), their descendants
+    (the workers: actors and replicas), and its Ray client server (which names only its
+    port). Only Ray's own: a shell or a `tail -f` on the cluster's logs is not one."""
+    found: dict[int, psutil.Process] = {}
+    client_arg = f"--port={client_port}"
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            name, cmdline = proc.info["name"] or "", proc.info["cmdline"] or []
+            if not is_ray_process(name, cmdline):
+                continue
+            ours = any(temp_dir in arg for arg in cmdline)
+            client = "ray.util.client.server" in cmdline and client_arg in cmdline
+            if ours or client:
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found[child.pid] = child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found.values())
+
+
+def cluster_selector(temp_dir: str, client_port: int) -> Callable[[], list[psutil.Process]]:
+    """`cluster_processes`, rescanned at most every 2 s (for the CPU sampler)."""
     cache: list[psutil.Process] = []
-    scanned = [0.0]
+    scanned = [-float("inf")]
 
     def select() -> list[psutil.Process]:
         if time.monotonic() - scanned[0] >= 2.0:
-            found: dict[int, psutil.Process] = {}
-            for proc in psutil.process_iter(["cmdline"]):
-                try:
-                    if any(temp_dir in arg for arg in proc.info["cmdline"] or []):
-                        found[proc.pid] = proc
-                        for child in proc.children(recursive=True):
-                            found[child.pid] = child
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            cache[:] = list(found.values())
+            cache[:] = cluster_processes(temp_dir, client_port)
             scanned[0] = time.monotonic()
         return [p for p in cache if p.is_running()]
 
     return select
 
 
-def stop_cluster(select: Callable[[], list[psutil.Process]], timeout_s: float = 15.0) -> int:
-    """SIGTERM, then SIGKILL, every process of the cluster; returns how many were left
-    to kill."""
-    procs = select()
+def stop_cluster(scan: Callable[[], list[psutil.Process]], timeout_s: float = 15.0) -> int:
+    """SIGTERM, then SIGKILL, every process `scan` finds (scanned afresh before each
+    signal: workers come and go); returns how many had to be killed."""
+    procs = scan()
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    psutil.wait_procs(procs, timeout=timeout_s)
+    # The first list too: a worker whose raylet is gone is nobody's descendant any more.
+    alive = list({p.pid: p for p in [*procs, *scan()] if p.is_running()}.values())
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=5)
     return len(alive)
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> None:
+    """A Ray CLI command; its own output in the error when it fails."""
+    try:
+        subprocess.run(args, env=env, check=True, timeout=120, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"{' '.join(args[:2])} failed: {exc.stderr[-2000:]}") from exc
 
 
 @contextlib.contextmanager
@@ -161,32 +184,31 @@ def ray_cluster(
         env.update(LEAN_ENV)
         flags = list(LEAN_START_FLAGS)
     bin_dir = Path(sys.executable).parent
-    select = cluster_selector(temp_dir)
-    subprocess.run(
-        [
-            str(bin_dir / "ray"),
-            "start",
-            "--head",
-            f"--port={ports['gcs']}",
-            f"--num-cpus={cpus}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={ports['dash']}",
-            f"--dashboard-agent-listen-port={ports['agent']}",
-            f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-            f"--runtime-env-agent-port={ports['renv']}",
-            f"--metrics-export-port={ports['metrics']}",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-            *flags,
-        ],
-        env=env,
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
+    client_port = free_port()
+    select = cluster_selector(temp_dir, client_port)
     try:
-        subprocess.run(
+        _run_cli(
+            [
+                str(bin_dir / "ray"),
+                "start",
+                "--head",
+                f"--port={ports['gcs']}",
+                f"--num-cpus={cpus}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={ports['dash']}",
+                f"--dashboard-agent-listen-port={ports['agent']}",
+                f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+                f"--runtime-env-agent-port={ports['renv']}",
+                f"--metrics-export-port={ports['metrics']}",
+                f"--ray-client-server-port={client_port}",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+                *flags,
+            ],
+            env,
+        )
+        _run_cli(
             [
                 str(bin_dir / "serve"),
                 "deploy",
@@ -194,18 +216,16 @@ def ray_cluster(
                 "--address",
                 f"http://127.0.0.1:{ports['dash']}",
             ],
-            env=env,
-            check=True,
-            timeout=120,
-            capture_output=True,
+            env,
         )
         url = f"http://127.0.0.1:{http_port}"
         wait_healthy(url, 300.0)
         yield url, select
-    finally:
-        left = stop_cluster(select)
-        if left:
-            print(f"{variant}: {left} processes needed SIGKILL", file=sys.stderr)
+    finally:  # also when `ray start` failed half way: what it started is stopped
+        killed = stop_cluster(lambda: cluster_processes(temp_dir, client_port))
+        if killed:
+            print(f"{variant}: {killed} processes needed SIGKILL", file=sys.stderr)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ---- one round ----------------------------------------------------------------------------
@@ -320,7 +340,8 @@ def render(rounds: list[Round], meta: dict[str, Any]) -> str:
 
 
 def rerender(path: Path) -> str:
-    """The report again from a bench-ray.json (e.g. after a change to the grouping)."""
+    """The report again from a bench-ray.json (e.g. after a change to the grouping), and
+    the file's derived fields (background_pct, cpu_ms_per_frame) recomputed with it."""
     data = json.loads(path.read_text())
     rounds = [
         Round(
@@ -331,6 +352,8 @@ def rerender(path: Path) -> str:
         )
         for r in data["rounds"]
     ]
+    data["rounds"] = [r.to_json() for r in rounds]
+    path.write_text(json.dumps(data, indent=2))
     return render(rounds, data)
 
 
@@ -356,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerender", type=Path, help="only redo the report from this JSON")
     args = parser.parse_args(argv)
     if args.rerender:
-        text = rerender(args.rerender)
+        text = rerender(args.rerender)  # and the JSON's derived fields again
         (args.out / "bench-ray.md").write_text(text)
         print(text)
         return 0
@@ -385,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[Round] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
-            for i in range(args.rounds):
-                for variant in variants:
+            for i in range(args.rounds):  # ABBA...: the box's drift falls on both
+                for variant in variants if i % 2 == 0 else variants[::-1]:
                     print(f"round {i + 1}: {variant}", flush=True)
                     rounds.append(run_round(config, variant, args, Path(tmp)))
                     print(json.dumps(rounds[-1].to_json()), flush=True)

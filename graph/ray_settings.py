@@ -6,11 +6,15 @@ What each one gives up, and why that is fine for a camgraph deployment:
 - `--include-log-monitor=false` (a `ray start` flag): the log monitor tails every worker's
   log file on the node and publishes new lines to the GCS, for a driver started with
   `log_to_driver`. A `serve deploy` cluster has no such driver; the logs stay in the
-  session's `logs/` folder and the dashboard's log viewer still reads them there.
+  session's `logs/` folder, where the dashboard's log viewer and `ray logs` read them.
+  Given up: worker output streamed to a `serve run`, `ray job submit` or `ray.init`
+  driver attached to the cluster (debugging: start Ray without the flag).
 - `RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5` (Ray: 0.1): the Serve controller's loop, which
-  reconciles replicas and takes autoscaling decisions. camgraph's autoscaling waits
-  seconds before it acts (`upscale_delay_s`), so reacting 0.4 s later changes nothing a
-  camera sees; the controller's idle CPU falls with the loop rate.
+  reconciles replicas (readiness, health-check results, replica sets sent to routers)
+  and takes autoscaling decisions. Each of those steps may come up to 0.4 s later: a
+  deploy or a failover takes a little longer; autoscaling waits seconds before it acts
+  anyway (`upscale_delay_s`, measured in wall time). The controller's idle CPU falls
+  with the loop rate.
 - `RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000` (Ray: 100): how often each router and
   replica hands its cached request metrics to Ray's metrics agent. The dashboard's and
   Prometheus' scrape interval is seconds anyway.
@@ -22,7 +26,9 @@ them for the Makefile and for scripts that run `ray start` themselves."""
 from __future__ import annotations
 
 import os
+import re
 import sys
+from collections.abc import Mapping
 
 LEAN_ENV: dict[str, str] = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
@@ -31,20 +37,30 @@ LEAN_ENV: dict[str, str] = {
 LEAN_START_FLAGS: tuple[str, ...] = ("--include-log-monitor=false",)
 
 
-def lean_env(base: dict[str, str]) -> dict[str, str]:
-    """`base` with the lean settings added; a variable the operator set wins."""
-    return {**LEAN_ENV, **base}
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9._-]+")
 
 
-def env_assignments(base: dict[str, str]) -> str:
-    """`K=V ...` for `env` in a shell: the lean settings, the operator's value where set."""
-    return " ".join(f"{k}={base.get(k, v)}" for k, v in LEAN_ENV.items())
+def env_assignments(base: Mapping[str, str]) -> str:
+    """`K=V ...` for `env` in a shell: the lean settings, the operator's value where set.
+    The words are split by the shell, so a value must be one plain word (a number): any
+    other is refused (ValueError) rather than handed to `env` as a command."""
+    pairs = [(k, base.get(k, v)) for k, v in LEAN_ENV.items()]
+    bad = [k for k, v in pairs if not _SAFE_VALUE.fullmatch(v)]
+    if bad:
+        raise ValueError(
+            f"not a plain word (a number): {', '.join(f'{k}={base[k]!r}' for k in bad)}"
+        )
+    return " ".join(f"{k}={v}" for k, v in pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
     what = (argv if argv is not None else sys.argv[1:]) or ["env"]
     if what[0] == "env":
-        print(env_assignments(dict(os.environ)))
+        try:
+            print(env_assignments(os.environ))
+        except ValueError as exc:
+            print(f"graph.ray_settings: {exc}", file=sys.stderr)
+            return 1
     elif what[0] == "flags":
         print(" ".join(LEAN_START_FLAGS))
     else:

@@ -354,6 +354,7 @@ class CameraActor:
                 self._acquire_reconnect,
                 max_retries=self._settings.max_retries,
                 on_failed=self._failure_hook(want.key),
+                shedding=self._shedding,
             )
             stream = self._streams[want.key] = _Stream(reader)
         for sub_id in [s for s in stream.subs if stream.subs[s] != wanted.get(s)]:
@@ -458,6 +459,11 @@ class CameraActor:
                     changed += runner.set_session(session["id"], session["data"])
         return changed
 
+    def _shedding(self) -> bool:
+        """Read on the reader threads: the dispatchers found branch work starved within
+        one decode window (only with the branch priority on: `branch_hold_s` > 0)."""
+        return self._branch_clock.starved_within(self._settings.reader.decode_window_s)
+
     def _failure_hook(self, key: str) -> Callable[[str], None]:
         """What a reader thread calls when its stream gives up: each subscription of the
         stream gets a `state` event (SSE, gRPC, /streams/{id}/events), on this loop."""
@@ -559,6 +565,7 @@ class CameraActor:
             "actions": {name: f.status() for name, f in self._forwarders.items()},
             "dispatch": {"/".join(target): d.status() for target, d in self._dispatchers.items()},
             "branch_passes_pending": self._branch_clock.pending,
+            "overloaded": self._shedding(),
             "branch_timeouts": self._branch_clock.timeouts,
             "events": self._publisher.status(),
         }

@@ -305,6 +305,9 @@ class BranchClock:
         self._next = 0
         self.last_timeout = -float("inf")
         self.timeouts = 0
+        # When `starved()` last found branch work starved, for the actor's reader
+        # threads (a float is read atomically; the dict above is the event loop's alone).
+        self.last_starved = -float("inf")
 
     def start(self) -> int:
         self._next += 1
@@ -326,9 +329,16 @@ class BranchClock:
 
     def starved(self, grace_s: float, window_s: float) -> bool:
         """A call has waited longer than `grace_s`, or one timed out in `window_s`."""
-        if time.monotonic() - self.last_timeout < window_s:
-            return True
-        return self.oldest_age() > grace_s
+        now = time.monotonic()
+        starved = now - self.last_timeout < window_s or self.oldest_age() > grace_s
+        if starved:
+            self.last_starved = now
+        return starved
+
+    def starved_within(self, seconds: float) -> bool:
+        """Found starved in the last `seconds` (any thread): a verdict that expires, and
+        does not flap with the hold that switches starvation on and off."""
+        return time.monotonic() - self.last_starved < seconds
 
     @property
     def pending(self) -> int:

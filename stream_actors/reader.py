@@ -70,6 +70,11 @@ class ReaderPolicy(StrictModel):
         True, description="decode key frames only while no subscriber can use more"
     )
     decode_window_s: float = Field(5.0, gt=0, le=300, description="demand is judged over this")
+    shed_decode: bool = Field(
+        True,
+        description="while the camera actor's branch work is starved, decode key frames "
+        "only as soon as they supply what the subscribers take",
+    )
     denied_networks: tuple[str, ...] = Field(
         DEFAULT_DENIED,
         description="camera URLs (RTSP, snapshots and their redirects) never go there",
@@ -125,10 +130,15 @@ class StreamReader:
         rng: random.Random | None = None,
         max_retries: int = -1,
         on_failed: Callable[[str], None] | None = None,
+        shedding: Callable[[], bool] | None = None,
     ) -> None:
         """`source_factory` defaults to `open_source` on `clock`; `rng` draws the
         backoff jitter (tests fix it). `on_failed(last_error)` is called on the reader
-        thread when the stream gives up (`max_retries`, -1: never)."""
+        thread when the stream gives up (`max_retries`, -1: never). `shedding()`, read
+        on the reader thread, says the actor is overloaded (its branch work starved):
+        the decoder then goes to key frames as soon as they would supply what the
+        subscribers take, and stays there while it lasts."""
+        self._shedding = shedding
         self.spec, self.policy = spec, policy
         self._acquire = acquire_reconnect
         self._open = source_factory or functools.partial(open_source, clock=clock)
@@ -161,6 +171,7 @@ class StreamReader:
         # Adaptive decoding: key frames only while every subscriber takes (far) fewer
         # frames per second than the key frames alone supply.
         self.keyframes_only = False
+        self.shed = False  # key frames only because the actor was overloaded
         self.decode_switches = 0
         self._key_times: deque[float] = deque(maxlen=256)
         self._demand_since = clock.monotonic()
@@ -349,26 +360,40 @@ class StreamReader:
         superseded = {n: c[1] - before.get(n, c)[1] for n, c in counts.items()}
         keys = sum(1 for t in list(self._key_times) if now - t <= window)
         self._taken_before, self._demand_since = counts, now
+        # Overloaded (the actor's branch work starved): decoding frames no subscriber
+        # gets takes the CPU the classifiers lack, so the key frames suffice as soon as
+        # they are as many as the subscribers took, at once, and for as long as it lasts.
+        shedding = self.policy.shed_decode and self._shedding is not None and self._shedding()
+        # Only where key frames come often enough: with a long GOP the stream would go
+        # quiet past the watchdog (a reconnect per GOP) and every frame would be old.
+        frequent_keys = keys > 0 and window / keys <= self.policy.watchdog_s / 2
+        shedding = shedding and frequent_keys
         if self.keyframes_only:
             self._low_demand_before = False  # after switching back, two windows again
             # Could use more: took every key frame, or nearly all of them (a burst after
             # a network hiccup can supersede one even when the subscriber keeps up).
-            want = not any(
+            more = any(
                 taken[n] > 0 and (superseded[n] == 0 or taken[n] >= 0.8 * keys) for n in counts
             )
+            want = shedding or not more
         else:
             # Low demand must last two windows in a row: a transient stall (a replica
             # restarting, a neighbour's reconnect storm) must not drop a camera to 1 fps.
             low = keys > 0 and all(taken[n] <= 0.5 * keys for n in counts)
-            want = low and self._low_demand_before
+            want = (low and self._low_demand_before) or (
+                shedding and keys > 0 and all(taken[n] <= keys for n in counts)
+            )
             self._low_demand_before = low
+        self.shed = want and shedding  # key frames because of the overload (status)
         if want != self.keyframes_only:
             self.keyframes_only = want
             self.decode_switches += 1
             logger.info(
                 "stream %s: decoding %s (frames taken per subscriber %s, key frames %d, in %.1fs)",
                 self.spec.key,
-                "key frames only" if want else "all frames",
+                ("key frames only" + (" (overloaded)" if self.shed else ""))
+                if want
+                else "all frames",
                 taken,
                 keys,
                 window,
@@ -396,5 +421,6 @@ class StreamReader:
             "outages_s": [round(s, 3) for s in self.outages_s],
             "reader_threads": self.threads_alive(),
             "decode": "keyframes" if self.keyframes_only else "all",
+            "decode_shed": self.shed,
             "decode_switches": self.decode_switches,
         }

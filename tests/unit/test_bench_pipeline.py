@@ -86,6 +86,27 @@ def test_score_matches_records_by_plate_within_their_camera() -> None:
         },
     )
     assert "| priority | 2.0x | 2 | 0 / 0 | 1.67 (5/3) | 0.50 (1/2) |" in text
+    assert "Where the cores went" not in text  # nothing sampled, nothing said
+    run = PipelineRun("priority", 2.0, 2, s)
+    run.cpu_pct_by_role = {
+        "CameraActor": 60.0,
+        "ServeReplica:camgraph:Classifier_demo_plate_ocr_v1": 30.0,
+        "raylet": 5.0,
+    }
+    text = render(
+        [run],
+        {
+            "date": "d",
+            "environment": "e",
+            "single_inference_ms": 40.0,
+            "capacity_fps": 50.0,
+            "frames": 300,
+        },
+    )
+    assert (
+        "- priority, 2.0x: all 95; CameraActor 60, Classifier_demo_plate_ocr_v1 30, raylet 5"
+        in text
+    )
 
 
 def test_a_generated_clip_has_vehicles_with_types_and_readable_plates(tmp_path: Path) -> None:
@@ -106,3 +127,5 @@ def test_the_config_is_make_runs_with_records_in_this_runs_schema() -> None:
     off = pipeline_config(base, "bench_1", hold=False)
     assert off["applications"][0]["args"]["streams"]["dispatch"]["branch_hold_s"] == 0
     assert "streams" not in base["applications"][0]["args"]  # the base is not changed
+    noshed = pipeline_config(base, "bench_1", hold=True, shed=False)["applications"][0]["args"]
+    assert noshed["streams"] == {"reader": {"shed_decode": False}}

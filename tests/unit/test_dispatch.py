@@ -527,3 +527,15 @@ async def test_a_stop_right_after_a_result_always_stops() -> None:
             for _ in range(spins):
                 await asyncio.sleep(0)
             await asyncio.wait_for(processor.stop(), 2.0)
+
+
+def test_the_branch_clock_tells_reader_threads_when_it_was_last_starved() -> None:
+    clock = BranchClock()
+    assert not clock.starved_within(5.0)
+    clock.timed_out()
+    assert clock.starved(grace_s=2.0, window_s=3.0) and clock.starved_within(5.0)
+    clock.last_timeout = -float("inf")  # the window passed: no longer starved...
+    assert not clock.starved(grace_s=2.0, window_s=3.0)
+    assert clock.starved_within(5.0)  # ...but the verdict holds for the decode window
+    clock.last_starved -= 5.0
+    assert not clock.starved_within(5.0)  # and then expires

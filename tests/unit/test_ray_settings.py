@@ -3,41 +3,45 @@ pure parts of `make bench-ray` (benchmarks/ray_overhead.py) on real processes.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-import psutil
 import pytest
 
-from benchmarks.ray_overhead import Round, Window, cluster_selector, render, stop_cluster
+from benchmarks.ray_overhead import (
+    Round,
+    Window,
+    cluster_processes,
+    cluster_selector,
+    render,
+    stop_cluster,
+)
 from graph import ray_settings
 from graph.ray_settings import LEAN_ENV, LEAN_START_FLAGS, env_assignments
 
 
-def test_every_lean_start_flag_is_an_option_of_ray_start() -> None:
+def test_every_lean_start_flag_parses_as_ray_start_reads_it() -> None:
     from ray.scripts.scripts import start
 
-    options = {opt for param in start.params for opt in param.opts}
-    for flag in LEAN_START_FLAGS:
-        assert flag.split("=", 1)[0] in options
+    ctx = start.make_context("start", ["--head", *LEAN_START_FLAGS])
+    assert ctx.params["include_log_monitor"] is False
 
 
-def test_every_lean_variable_is_read_by_ray_serve() -> None:
-    # A misspelt name would be ignored by Ray without a word: each must be one that
-    # Serve's constants read from the environment.
-    import ray.serve._private.constants as constants
-
-    source = Path(constants.__file__).read_text()
-    for name in LEAN_ENV:
-        assert f'"{name}"' in source, name
-
-
-def test_lean_values_parse_as_ray_reads_them() -> None:
-    assert float(LEAN_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]) > 0
-    assert int(LEAN_ENV["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]) > 0
+def test_serve_reads_the_lean_environment() -> None:
+    # A misspelt name would be ignored by Ray without a word: Serve's own constants,
+    # imported in a process with the lean environment, must hold the lean values.
+    code = (
+        "import ray.serve._private.constants as c; "
+        "print(c.CONTROL_LOOP_INTERVAL_S, c.RAY_SERVE_METRICS_EXPORT_INTERVAL_MS)"
+    )
+    env = {**os.environ, **LEAN_ENV}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [LEAN_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"], "1000"]
 
 
 def test_the_operators_value_wins() -> None:
@@ -46,6 +50,21 @@ def test_the_operators_value_wins() -> None:
     assert pairs["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.2"
     assert pairs["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
     assert set(pairs) == set(LEAN_ENV)
+
+
+@pytest.mark.parametrize("value", ["0.2 rm", "$(id)", "", "1;true"])
+def test_a_value_the_shell_would_split_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="RAY_SERVE_CONTROL_LOOP_INTERVAL_S"):
+        env_assignments({"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": value})
+    env = {**os.environ, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": value}
+    done = subprocess.run(
+        [sys.executable, "-m", "graph.ray_settings", "env"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and done.stdout == ""  # make run stops on it
+    assert "graph.ray_settings: not a plain word" in done.stderr
 
 
 def test_cli_prints_env_and_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -95,29 +114,34 @@ def test_render_compares_the_variants_per_role() -> None:
     assert "CameraActor" not in text  # camgraph's own, not Ray's
 
 
-def test_cluster_selector_finds_the_tree_and_stop_kills_it() -> None:
-    # A parent that names the cluster's temp dir on its command line, with a child that
-    # does not (as a raylet and its workers), and an outsider that must survive.
+def test_cluster_processes_finds_the_tree_and_stop_kills_only_it() -> None:
+    # A Ray-looking parent (a script under site-packages/ray/ would be one; here its
+    # command line names such a path) that names the cluster's temp dir, with a child
+    # that does not (as a raylet and its workers); a `tail`-like process that names the
+    # temp dir but is not Ray's, and an outsider: both must survive.
     with tempfile.TemporaryDirectory(prefix="cgray-test-") as temp_dir:
         script = "import subprocess, sys, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"
-        parent = subprocess.Popen([sys.executable, "-c", script, f"--temp-dir={temp_dir}"])
+        ray_arg = "/x/site-packages/ray/_private/fake.py"
+        parent = subprocess.Popen([sys.executable, "-c", script, ray_arg, f"--temp-dir={temp_dir}"])
+        reader = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)", f"{temp_dir}/session/logs"]
+        )
         outsider = subprocess.Popen(["sleep", "60"])
         try:
-            select = cluster_selector(temp_dir)
             deadline = time.monotonic() + 10
             while True:
-                pids = {p.pid for p in select()}
+                pids = {p.pid for p in cluster_processes(temp_dir, client_port=1)}
                 if len(pids) >= 2 or time.monotonic() > deadline:
                     break
-                time.sleep(2.1)  # the selector rescans every 2 s
-            assert parent.pid in pids and len(pids) == 2
-            assert outsider.pid not in pids
-            children = psutil.Process(parent.pid).children()
-            assert stop_cluster(select, timeout_s=5) == 0
+                time.sleep(0.1)
+            assert parent.pid in pids and len(pids) == 2  # the parent and its child
+            assert reader.pid not in pids and outsider.pid not in pids
+            assert cluster_selector(temp_dir, client_port=1)() != []
+            assert stop_cluster(lambda: cluster_processes(temp_dir, 1), timeout_s=5) == 0
             assert parent.wait(timeout=5) is not None
-            assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
-            assert outsider.poll() is None
+            assert cluster_processes(temp_dir, client_port=1) == []
+            assert reader.poll() is None and outsider.poll() is None
         finally:
-            for proc in (parent, outsider):
+            for proc in (parent, reader, outsider):
                 proc.kill()
                 proc.wait()

@@ -1,0 +1,76 @@
+"""Decode shedding (stream_actors/reader.py, `shed_decode`): an overloaded camera actor's
+streams go to key frames once those supply what the subscribers take. A real clip on
+a manual clock, no Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from demo.datasets import HELD_OUT_SEED_START, write_clip
+from stream_actors.clock import ManualClock
+from stream_actors.mailbox import LatestFrameMailbox
+from stream_actors.reader import ReaderPolicy, StreamReader
+from stream_actors.subscriptions import StreamSpec
+
+
+def _shed_run(tmp_path: Path, policy: ReaderPolicy) -> list[tuple[bool, int]]:
+    # 12 s: no loop (whose first frame is one more key frame) before the last phase.
+    clip = write_clip(HELD_OUT_SEED_START + 1, 120, tmp_path / "k.mp4", fps=10, scale=0.25)
+    spec = StreamSpec(key="k", kind="file", url=str(clip), loop=True)
+    clock = ManualClock()
+    shed = [False]
+    reader = StreamReader(spec, policy, clock=clock, shedding=lambda: shed[0])
+    mailbox = LatestFrameMailbox(clock=clock)
+    reader.attach("s", mailbox)
+
+    def take_every(step_s: float, seconds: float) -> None:
+        end = clock.monotonic() + seconds
+        while clock.monotonic() < end - 1e-9:
+            mailbox.take()
+            clock.run_until(clock.monotonic() + step_s)
+
+    reader.start()
+    try:
+        clock.run_until(0.45)
+        seen = []
+        take_every(0.5, 4.0)  # to 4.45 s: 2 frames a second, 1 key frame a second
+        seen.append((reader.keyframes_only, reader.decode_switches))
+        shed[0] = True
+        take_every(1.0, 2.0)  # to 6.45 s: 1 a second, judged with the overload on
+        seen.append((reader.keyframes_only, reader.decode_switches))
+        shed_reported = reader.status()["decode_shed"]
+        take_every(0.25, 3.0)  # every key frame taken: still overloaded, still key frames
+        seen.append((reader.keyframes_only, reader.decode_switches))
+        shed[0] = False
+        take_every(0.25, 2.0)  # the overload is over and the subscriber could use more
+        seen.append((reader.keyframes_only, reader.decode_switches))
+        assert not reader.status()["decode_shed"]
+        seen.append((shed_reported, -1))
+    finally:
+        reader.stop()
+        clock.advance(60.0)
+    assert reader.join(5)
+    return seen
+
+
+def test_an_overloaded_actor_sheds_decoding_to_key_frames(tmp_path: Path) -> None:
+    """A 10 fps camera with a key frame a second: a subscriber that takes 2 frames a
+    second is not "low demand", all frames are decoded. Once the actor is overloaded
+    (`shedding`) and the key frames supply what the subscriber takes (1 a second), the
+    next window goes to key frames, at once (not after two windows of demand under half
+    the key frames); it stays there while the overload lasts, even when the subscriber
+    takes every key frame, and decodes all frames again after it."""
+    seen = _shed_run(tmp_path, ReaderPolicy(decode_window_s=1.0))
+    assert seen == [(False, 0), (True, 1), (True, 1), (False, 2), (True, -1)]
+
+
+def test_no_shedding_when_turned_off_or_key_frames_are_far_apart(tmp_path: Path) -> None:
+    """`shed_decode: false` keeps all frames under overload; so does a GOP longer than
+    half the watchdog (here a 0.8 s watchdog against a key frame a second): key frames
+    only would go quiet past the watchdog and reconnect."""
+    # Taking every key frame while "overloaded" brings all frames back: nothing holds
+    # the key frames (1-2 a second at 1 taken a second may still look like low demand).
+    off = _shed_run(tmp_path, ReaderPolicy(decode_window_s=1.0, shed_decode=False))
+    assert off[2][0] is False and off[4] == (False, -1)
+    far = _shed_run(tmp_path, ReaderPolicy(decode_window_s=1.0, watchdog_s=0.8))
+    assert far[2][0] is False and far[4] == (False, -1)
