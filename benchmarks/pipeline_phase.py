@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from benchmarks.camgraph_phase import local_camgraph
-    from benchmarks.report import environment
+    from benchmarks.report import run_meta
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deploy", type=Path, default=Path("serve_config.yaml"))
@@ -441,14 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants: {sorted(unknown)}")
     schema = f"camgraph_bench_{uuid.uuid4().hex[:8]}"
     os.environ[DSN_ENV] = args.dsn  # the harness's Ray cluster inherits it
-    env = environment()
-    machine = env["machine"]
     meta = {
-        "date": env["date"],
-        "environment": f"{machine['cores']} cores ({machine['cpu']}), "
-        f"{machine['memory_gib']} GiB, Python {env['python']}, commit {env['commit']}"
-        + (" (dirty)" if env["dirty"] else ""),
-        "versions": env["versions"],
+        **run_meta(),
         "single_inference_ms": ms,
         "capacity_fps": capacity,
         "frames": args.frames,

@@ -360,7 +360,7 @@ def rerender(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     import psycopg
 
-    from benchmarks.report import environment
+    from benchmarks.report import run_meta
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deploy", type=Path, default=Path("serve_config.yaml"))
@@ -392,14 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     schema = f"camgraph_benchray_{uuid.uuid4().hex[:8]}"
     os.environ[DSN_ENV] = args.dsn  # the cluster's workers inherit it from `ray start`
     config = pipeline_config(yaml.safe_load(args.deploy.read_text()), schema, hold=True)
-    env = environment()
-    machine = env["machine"]
     meta = {
-        "date": env["date"],
-        "environment": f"{machine['cores']} cores ({machine['cpu']}), "
-        f"{machine['memory_gib']} GiB, Python {env['python']}, commit {env['commit']}"
-        + (" (dirty)" if env["dirty"] else ""),
-        "versions": env["versions"],
+        **run_meta(),
         "idle_s": args.idle,
         "busy_s": args.busy,
         "lean": {"env": LEAN_ENV, "flags": list(LEAN_START_FLAGS)},

@@ -281,6 +281,20 @@ def environment() -> dict[str, Any]:
     }
 
 
+def run_meta() -> dict[str, Any]:
+    """`date`, a one-line `environment` (machine, Python, commit) and `versions`: the
+    head of every benchmark's results."""
+    env = environment()
+    machine = env["machine"]
+    return {
+        "date": env["date"],
+        "environment": f"{machine['cores']} cores ({machine['cpu']}), "
+        f"{machine['memory_gib']} GiB, Python {env['python']}, commit {env['commit']}"
+        + (" (dirty)" if env["dirty"] else ""),
+        "versions": env["versions"],
+    }
+
+
 def _memory_gib() -> float | None:
     import psutil
 
