@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,12 @@ def subscription_counters(listing: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "decode": stream.get("decode"),
             }
     return out
+
+
+def missing_from(counters: dict[str, Any], subs: Iterable[str]) -> list[str]:
+    """The subscriptions a `GET /streams` listing did not report (an actor that did not
+    answer in time is left out of it)."""
+    return [s for s in subs if s not in counters]
 
 
 def window_account(
@@ -288,7 +294,13 @@ def _measure(
         while (now := time.time()) < end:
             if first is None and now >= measure_start:
                 listing = client.get("/streams").json()
-                first, first_at = subscription_counters(listing), time.time()
+                counters = subscription_counters(listing)
+                if missing_from(counters, subs) and now < measure_start + seconds / 2:
+                    # An actor that did not answer this listing: its cameras would count
+                    # from zero. The window starts once every camera is in it.
+                    time.sleep(0.2)
+                    continue
+                first, first_at = counters, time.time()
                 actors_before = actor_cpu_s(listing)
                 batch_start = replica_batch_sizes(model, app_name)
                 sampler.start()
@@ -328,7 +340,10 @@ def _measure(
         if sub_id not in last:
             phase.notes.append(f"{sub_id} missing from GET /streams at the end")
             continue
-        account = window_account(first.get(sub_id), last[sub_id], max_in_flight + 1)
+        if sub_id not in first:  # never counted at the start: its totals are no window's
+            phase.notes.append(f"{sub_id} missing from GET /streams at the window's start")
+            continue
+        account = window_account(first[sub_id], last[sub_id], max_in_flight + 1)
         phase.per_camera.append(CameraResult(camera.name, account, window_s, latencies[sub_id]))
     phase.extra.update(decode={s: last[s]["decode"] for s in subs if s in last}, poll_s=poll_s)
     if any(last[s]["pipeline"] for s in subs if s in last):

@@ -15,6 +15,7 @@ from benchmarks.baselines import Camera, best_raw, raw_layouts
 from benchmarks.camgraph_phase import (
     batch_distribution,
     bench_serve_config,
+    missing_from,
     run_camgraph,
     subscription_body,
     subscription_counters,
@@ -464,3 +465,17 @@ def test_the_near_free_detector_speaks_the_demo_detectors_format(tmp_path: Path)
     )
     assert engine.names == NAMES and len(rows) == 2
     assert [int(r[5]) for r in rows[1]] == [0, 0, 1] and rows[0][0][4] == pytest.approx(0.91)
+
+
+def test_a_camera_missing_from_a_listing_is_named() -> None:
+    # A camera actor that did not answer GET /streams in time is left out of the
+    # listing; counted from zero, its camera would get every frame since it started
+    # (one had 88 frames in an 8 s window at 10 fps): the window waits for it instead.
+    listing = {
+        "streams": [
+            {"state": "running", "subscriptions": [{"subscription_id": "a", "processed": 5}]}
+        ]
+    }
+    counters = subscription_counters(listing)
+    assert missing_from(counters, ["a", "b"]) == ["b"]
+    assert missing_from(counters, ["a"]) == []
