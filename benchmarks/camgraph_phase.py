@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -301,6 +303,9 @@ def _measure(
                     time.sleep(0.2)
                     continue
                 first, first_at = counters, time.time()
+                if foreign := sorted(set(counters) - set(subs)):
+                    # Another camera on this camgraph takes detector time and places.
+                    phase.notes.append(f"other subscriptions ran meanwhile: {foreign}")
                 actors_before = actor_cpu_s(listing)
                 batch_start = replica_batch_sizes(model, app_name)
                 sampler.start()
@@ -443,6 +448,19 @@ def bench_serve_config(
     return config
 
 
+def with_own_state(config: dict[str, Any], state_dir: Path) -> dict[str, Any]:
+    """The config with the registry's persisted subscriptions in `state_dir`, not the
+    default `data/streams.json`: that file is `make run`'s, and its registry would
+    restore `make run`'s demo camera (and any camera left by a run that was killed)
+    into the benchmark, where it takes detector time and a place on the first camera
+    actor."""
+    config = json.loads(json.dumps(config))
+    for app in config.get("applications", []):
+        streams = app.setdefault("args", {}).setdefault("streams", {})
+        streams["state_path"] = str(state_dir / f"streams-{app.get('name', 'app')}.json")
+    return config
+
+
 @contextlib.contextmanager
 def local_camgraph(
     config: dict[str, Any], config_path: Path, *, cpus: int, timeout_s: float = 240.0
@@ -454,6 +472,8 @@ def local_camgraph(
     from ray import serve
 
     http_port, dashboard_port = free_port(), free_port()
+    state_dir = Path(tempfile.mkdtemp(prefix="camgraph-bench-state-"))
+    config = with_own_state(config, state_dir)
     config = {**config, "http_options": {"host": "127.0.0.1", "port": http_port}}
     if "grpc_options" in config:  # a free port too: never 9000 of a `make run` cluster
         config["grpc_options"] = {**config["grpc_options"], "port": free_port()}
@@ -490,6 +510,7 @@ def local_camgraph(
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

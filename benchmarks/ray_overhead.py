@@ -36,7 +36,7 @@ import httpx
 import psutil
 import yaml
 
-from benchmarks.camgraph_phase import subscription_counters, wait_healthy
+from benchmarks.camgraph_phase import subscription_counters, wait_healthy, with_own_state
 from benchmarks.measure import ProcessSampler, is_ray_process
 from benchmarks.peers import free_port
 from benchmarks.pipeline_phase import DSN_ENV, pipeline_config
@@ -171,6 +171,7 @@ def ray_cluster(
     temp_dir = tempfile.mkdtemp(prefix="cgray-", dir="/tmp")  # short: Unix socket paths
     ports = {k: free_port() for k in ("gcs", "dash", "agent", "agent_grpc", "renv", "metrics")}
     http_port = free_port()
+    config = with_own_state(config, Path(temp_dir))  # not make run's data/streams.json
     config = {**config, "http_options": {"host": "127.0.0.1", "port": http_port}}
     if "grpc_options" in config:
         config["grpc_options"] = {**config["grpc_options"], "port": free_port()}

@@ -20,6 +20,7 @@ from benchmarks.camgraph_phase import (
     subscription_body,
     subscription_counters,
     window_account,
+    with_own_state,
 )
 from benchmarks.frames import ClipSpec, PacedCapture
 from benchmarks.harness import parse_counts, parse_systems
@@ -479,3 +480,15 @@ def test_a_camera_missing_from_a_listing_is_named() -> None:
     counters = subscription_counters(listing)
     assert missing_from(counters, ["a", "b"]) == ["b"]
     assert missing_from(counters, ["a"]) == []
+
+
+def test_a_benchmark_cluster_never_restores_make_runs_cameras(tmp_path: Path) -> None:
+    """The registry of a benchmark's camgraph keeps its subscriptions in a file of its
+    own: with serve_config.yaml's default (`data/streams.json`, make run's) it would
+    restore make run's demo camera into the measurement."""
+    base = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config = with_own_state(base, tmp_path)
+    for app in config["applications"]:
+        path = Path(app["args"]["streams"]["state_path"])
+        assert path.parent == tmp_path and path.name.startswith("streams-")
+    assert base == yaml.safe_load((ROOT / "serve_config.yaml").read_text())  # a copy
