@@ -5,8 +5,9 @@ Serve's default policy scales on ongoing requests per replica. A camera actor's
 dispatcher sends several frames in one request (lossless replays, and every camera
 while branch work is starved), so requests undercount the load: 4 cameras waiting on
 one replica can be 1 request, not 4. And most of the demand never reaches a replica:
-a camera actor holds at most `calls_in_flight` × `live_frames_per_call` live frames in
-the replicas, while the rest of its cameras wait in their mailboxes for a call.
+a camera actor holds at most its calls (`calls_in_flight`, or the registry's fair share
+of the cluster's calls) × `live_frames_per_call` live frames in the replicas, while the
+rest of its cameras wait in their mailboxes for a call.
 
 So the load is counted in frames, from two reports of each replica
 (`record_autoscaling_stats`):

@@ -6,12 +6,10 @@ registry (`registry.py`) re-sends its streams and today's context.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -19,11 +17,9 @@ from typing import Any
 import cv2
 import psutil
 import ray
-from ray.serve.exceptions import BackPressureError
 
 from deployments.delivery.outbox import OutboxEntry
-from graph.common.detection import DetectRequest, DetectResult
-from graph.common.errors import DetectorBusy
+from graph.common.detection import DetectResult
 from graph.common.names import (
     ACTIONS,
     PIPELINE_CLASSIFIER,
@@ -44,11 +40,13 @@ from graph.pipeline.catalog import PipelineInfo, PipelineLoading
 from graph.pipeline.plan import PipelineRuntime
 from graph.pipeline.runner import BranchResult, PipelineRunner, ResultFn
 from stream_actors.actor_metrics import CameraMetrics
-from stream_actors.dispatch import AdmitFn, BranchClock, DetectDispatcher, TakeFn
+from stream_actors.admission import TargetAdmission
+from stream_actors.dispatch import AdmitFn, BranchClock, DetectDispatcher, SendFn, TakeFn
 from stream_actors.forwarding import ActionForwarder, rerouted
 from stream_actors.processor import SubscriptionProcessor
-from stream_actors.reader import StreamReader, StreamState
+from stream_actors.reader import DOWN_STATES, StreamReader, StreamState
 from stream_actors.reconnect import TokenBucket
+from stream_actors.serve_calls import ServeHandles, detector_sender
 from stream_actors.sessions import session_digest
 from stream_actors.settings import StreamContext, context_revision
 from stream_actors.subscriptions import StreamSpec, Subscription, url_pipeline
@@ -74,12 +72,12 @@ class CameraActor:
     def __init__(self, ctx: StreamContext) -> None:
         self._ctx, self._settings = ctx, ctx.settings
         self._streams: dict[str, _Stream] = {}
-        self._handles: dict[str, Any] = {}
-        self._mux: dict[tuple[str, str], Any] = {}  # (deployment, multiplexed id) → handle
-        # One dispatcher per detector target: ("model", model id) or (deployment,
-        # multiplexed id); all the actor's subscriptions on it share its calls.
-        self._dispatchers: dict[tuple[str, str], DetectDispatcher] = {}
+        self._handles = ServeHandles(ctx.app_name)
         self._branch_clock = BranchClock()  # pending classification passes
+        # One dispatcher per detector target: ("model", model id) or (deployment,
+        # multiplexed id); all the actor's subscriptions on it share its calls, and
+        # the registry's fair share of the cluster's calls.
+        self._admission = TargetAdmission(self._settings.dispatch, self._branch_clock)
         self._catalog: Any = None
         self._url_used: dict[str, tuple[str, str]] = {}  # sub id → (sha256, modelUrl)
         self._stream_locks: dict[str, asyncio.Lock] = {}
@@ -127,44 +125,15 @@ class CameraActor:
         return admit
 
     def _dispatcher(self, target: tuple[str, str], model_id: str) -> DetectDispatcher:
-        dispatcher = self._dispatchers.get(target)
-        if dispatcher is not None:
-            return dispatcher
+        return self._admission.dispatcher(target, lambda: self._sender(target, model_id))
+
+    def _sender(self, target: tuple[str, str], model_id: str) -> SendFn:
+        """How a dispatcher's calls reach its target's replicas."""
         kind, name = target
         if kind == "model":
-            handle = self._handle(self._ctx.detector_names[name])
-        else:  # a multiplexed deployment (modelUrl pipelines), by the archive's sha256
-            handle = self._mux_handle(kind, name)
-
-        # This dispatcher in the replicas' load reports, and its reports' numbers (the
-        # replicas keep the last they heard; the policy takes the latest of them).
-        caller, seqs = uuid.uuid4().hex[:16], itertools.count(1)
-
-        async def send(
-            requests: list[DetectRequest], waiting: int
-        ) -> list[DetectResult | Exception]:
-            response = handle.detect_many.remote(requests, caller, waiting, next(seqs))
-            try:
-                results: list[DetectResult | Exception] = await response
-            except BackPressureError as exc:  # the processor knows no Ray: camgraph's own
-                raise DetectorBusy(model_id, str(exc)) from exc
-            except asyncio.CancelledError:  # timed out: the replica must not go on with it
-                response.cancel()
-                raise
-            return results
-
-        dispatcher = DetectDispatcher(send, self._settings.dispatch, self._branch_clock)
-        self._dispatchers[target] = dispatcher
-        return dispatcher
-
-    def _mux_handle(self, name: str, model_id: str) -> Any:
-        """A handle on a multiplexed deployment for one model (routed to the replicas
-        that hold it); all share the deployment's router."""
-        handle = self._mux.get((name, model_id))
-        if handle is None:
-            handle = self._handle(name).options(multiplexed_model_id=model_id)
-            self._mux[(name, model_id)] = handle
-        return handle
+            return detector_sender(self._handles.get(self._ctx.detector_names[name]), model_id)
+        # a multiplexed deployment (modelUrl pipelines), by the archive's sha256
+        return detector_sender(self._handles.mux(kind, name), model_id)
 
     # ---- modelUrl pipelines ------------------------------------------------------
     async def _catalog_handle(self) -> Any:
@@ -199,15 +168,6 @@ class CameraActor:
             self._catalog = None
             logger.warning("pipeline catalog: touch failed: %s", type(exc).__name__)
 
-    def _handle(self, name: str) -> Any:
-        handle = self._handles.get(name)
-        if handle is None:
-            from ray import serve
-
-            handle = serve.get_deployment_handle(name, app_name=self._ctx.app_name)
-            self._handles[name] = handle
-        return handle
-
     def _runner(
         self,
         sub: Subscription,
@@ -225,9 +185,9 @@ class CameraActor:
         async def classify(branch_id: str, crop: Any) -> BranchResult | None:
             name = runtime.classifier_names[branch_id]
             if url_runtime is not None:
-                handle = self._mux_handle(PIPELINE_CLASSIFIER, name)
+                handle = self._handles.mux(PIPELINE_CLASSIFIER, name)
             else:
-                handle = self._handle(name)
+                handle = self._handles.get(name)
             token = self._branch_clock.start()  # the dispatchers yield to pending passes
             response = handle.classify.remote(crop)
             try:
@@ -241,7 +201,7 @@ class CameraActor:
 
         forwarder = self._forwarders.get(runtime.actions_name)
         if forwarder is None:
-            actions = self._handle(runtime.actions_name)
+            actions = self._handles.get(runtime.actions_name)
 
             async def send(entries: list[Any]) -> int:
                 return int(await actions.submit.remote(entries))
@@ -366,6 +326,7 @@ class CameraActor:
                 processor = self._url_processor(sub, urls[sub_id])
                 if processor is None:
                     continue  # reported; the registry's repair rounds ask again
+                self._admission.attach(sub_id, (PIPELINE_DETECTOR, self._url_used[sub_id][0]))
             else:
                 model_id = sub.modelId or self._ctx.default_model
                 processor = SubscriptionProcessor(
@@ -378,6 +339,7 @@ class CameraActor:
                     admit=self._admitter(("model", model_id), model_id),
                 )
                 processor.runner = self._runner(sub, model_id, processor.on_result)
+                self._admission.attach(sub_id, ("model", model_id))
             stream.subs[sub_id], stream.processors[sub_id] = sub, processor
             stream.reader.attach(sub_id, processor.mailbox)
             processor.start()
@@ -490,9 +452,8 @@ class CameraActor:
         trackers and subscriptions go on; returns how many runners were swapped."""
         old, self._ctx = self._ctx, replace(ctx, settings=self._settings)
         self._handles.clear()  # deployments may have been replaced
-        self._mux.clear()
         # New frames go to new dispatchers; the old ones finish what they admitted.
-        self._dispatchers.clear()
+        self._admission.renew()
         swapped = 0
         for stream in self._streams.values():
             for sub_id, processor in stream.processors.items():
@@ -517,6 +478,7 @@ class CameraActor:
         stream.reader.detach(sub_id)
         stream.subs.pop(sub_id, None)
         self._url_used.pop(sub_id, None)
+        self._admission.detach(sub_id)
         processor = stream.processors.pop(sub_id, None)
         if processor is not None:
             await processor.stop()
@@ -543,7 +505,25 @@ class CameraActor:
         running = {k: sorted(s.subs) for k, s in self._streams.items()}
         displays = {sub.display_id for s in self._streams.values() for sub in s.subs.values()}
         sessions = {d: session_digest(self._session_of(d)) for d in displays}
-        return {"streams": running, "context": context_revision(self._ctx), "sessions": sessions}
+        return {
+            "streams": running,
+            "context": context_revision(self._ctx),
+            "sessions": sessions,
+            # for the registry's fair shares: live subscriptions (stream not down)
+            # per detector target, and the shares held
+            "demand": self._admission.demand(
+                sub_id
+                for s in self._streams.values()
+                if s.reader.state not in DOWN_STATES
+                for sub_id in s.processors
+            ),
+            "admission_shares": dict(self._admission.shares),
+        }
+
+    async def set_admission_shares(self, shares: dict[str, float]) -> int:
+        """The registry's fair shares of the cluster's detector calls, by target label
+        (a target it does not name uses `calls_in_flight`). Returns the dispatchers set."""
+        return self._admission.set_shares(shares)
 
     # ---- reporting -----------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
@@ -563,7 +543,7 @@ class CameraActor:
                 for key, s in self._streams.items()
             },
             "actions": {name: f.status() for name, f in self._forwarders.items()},
-            "dispatch": {"/".join(target): d.status() for target, d in self._dispatchers.items()},
+            "dispatch": self._admission.status(),
             "branch_passes_pending": self._branch_clock.pending,
             "overloaded": self._shedding(),
             "branch_timeouts": self._branch_clock.timeouts,

@@ -29,11 +29,23 @@ While they are, the dispatcher keeps one detector call outstanding at a time and
 starts calls at least `branch_hold_s` apart: under overload the frames per camera go
 down (to about 1 / branch_hold_s) before the classifiers starve, since an object
 already stable is worth more than one more frame of it. Detection never stops for it.
+
+Fair share across camera actors. Streams are packed `streams_per_actor` to an actor, so
+an actor may hold one camera while another holds four; with the same calls per actor
+the lone camera would get four times the frames of each of the others under overload
+(the replicas serve calls in turn, so an actor's frames follow its calls in flight).
+The registry therefore gives each actor a *share* of the cluster's calls, in
+proportion to its subscriptions whose cameras are up (`admission_shares` in
+reconcile.py): `calls_in_flight` per actor on average, the same total as before. A
+share is fractional: 0.8 is one call whose slot, once free, stays idle for a quarter
+of the call's duration, so that on average 0.8 calls are in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -56,6 +68,15 @@ SendFn = Callable[[list[DetectRequest], int], Awaitable[Sequence[DetectResult | 
 """`send(frames, waiting)`: one call for several frames, and how many more wait behind
 it (the autoscaling signal: most waiting frames never reach a replica). Answers a
 result, or the error of that frame alone, per frame."""
+
+
+MIN_SHARE, MAX_SHARE = 0.05, 16.0  # a dispatcher's share of the cluster's calls
+
+
+def target_label(target: tuple[str, str]) -> str:
+    """A detector target as the registry and `GET /streams` name it: "model/<model id>",
+    or "<deployment>/<archive sha256>" for modelUrl pipelines."""
+    return "/".join(target)
 
 
 class DispatcherClosed(CamgraphError):
@@ -98,6 +119,13 @@ class DispatchSettings(StrictModel):
         "at least this far apart (0: no priority for branch work)",
     )
 
+    fair_share: bool = Field(
+        True,
+        description="the registry divides the cluster's calls (calls_in_flight per camera "
+        "actor) among the actors by their live subscriptions, so every camera gets the "
+        "same share under overload wherever it was placed",
+    )
+
     @model_validator(mode="after")
     def _live_within_max(self) -> DispatchSettings:
         if self.live_frames_per_call > self.max_frames_per_call:
@@ -138,6 +166,10 @@ class DetectDispatcher:
         self._settings = settings or DispatchSettings()
         self._branches = branches  # the actor's pending and timed-out classifications
         self._last_start = 0.0
+        # The registry's share of the cluster's calls for this dispatcher (None: its
+        # own calls_in_flight), and when the fractional last slot is free again.
+        self._share: float | None = None
+        self._partial_ready = 0.0
         self._waiting: deque[_Waiter] = deque()
         self._in_flight = 0
         self._changed = asyncio.Event()
@@ -152,6 +184,38 @@ class DetectDispatcher:
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run(), name="detect-dispatch")
         return await future
+
+    def set_share(self, share: float | None) -> None:
+        """The calls this dispatcher may have in flight on average (None: its own
+        `calls_in_flight`), from the registry's fair share; clamped to 0.05–16."""
+        if share is not None and not math.isfinite(share):
+            raise ValueError(f"share must be finite, got {share!r}")
+        self._share = None if share is None else min(max(share, MIN_SHARE), MAX_SHARE)
+        self._changed.set()
+
+    @property
+    def share(self) -> float | None:
+        return self._share
+
+    def _slots(self) -> tuple[int, float]:
+        """How many calls may be in flight at once, and the duty of the last of them
+        (1.0: always usable; 0.8: idle a quarter of its call's time after each call)."""
+        if self._share is None:
+            return self._settings.calls_in_flight, 1.0
+        full = math.floor(self._share + 1e-9)
+        duty = self._share - full
+        if duty < 0.01:
+            return max(full, 1), 1.0
+        return full + 1, duty
+
+    def _free_in(self, now: float) -> float | None:
+        """Seconds until a call may start (0: now); None: when a call ends."""
+        slots, duty = self._slots()
+        if self._in_flight >= slots:
+            return None
+        if self._in_flight == slots - 1 and duty < 1.0:
+            return max(0.0, self._partial_ready - now)
+        return 0.0
 
     @property
     def waiting(self) -> int:
@@ -187,19 +251,20 @@ class DetectDispatcher:
         recent = time.monotonic() - self._last_start < self._settings.branch_hold_s
         return self._in_flight > 0 or recent
 
-    async def _wait_change(self) -> None:
+    async def _wait_change(self, timeout: float | None = None) -> None:
         self._changed.clear()
-        await self._changed.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def _run(self) -> None:
-        settings = self._settings
         while True:
             while self._waiting and self._waiting[0].future.done():
                 self._waiting.popleft()  # cancelled before its turn
             if not self._waiting:
                 return
-            if self._in_flight >= settings.calls_in_flight:
-                await self._wait_change()
+            free_in = self._free_in(time.monotonic())
+            if free_in is None or free_in > 0:
+                await self._wait_change(free_in)  # a call ends, or the last slot frees
                 continue
             if self._held():
                 # Starved branch work: one detector call at a time, branch_hold_s apart,
@@ -246,11 +311,13 @@ class DetectDispatcher:
         self._in_flight += 1
         self.stats.calls += 1
         self.stats.frames += len(batch)
-        task = asyncio.create_task(self._call(batch, self.waiting))
+        task = asyncio.create_task(self._call(batch, self.waiting, now))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
-    async def _call(self, batch: list[tuple[DetectRequest, _Waiter]], waiting: int) -> None:
+    async def _call(
+        self, batch: list[tuple[DetectRequest, _Waiter]], waiting: int, started: float
+    ) -> None:
         try:
             # Bounded: a hung replica must not hold one of the calls for ever.
             results = await asyncio.wait_for(
@@ -277,6 +344,11 @@ class DetectDispatcher:
                 else:
                     waiter.future.set_result(result)
         finally:
+            slots, duty = self._slots()
+            if self._in_flight >= slots and duty < 1.0:
+                # It frees the fractional slot: idle (1/duty - 1) × its call's time.
+                now = time.monotonic()
+                self._partial_ready = now + (now - started) * (1.0 / duty - 1.0)
             self._in_flight -= 1
             self._changed.set()
 
@@ -290,6 +362,7 @@ class DetectDispatcher:
             "admission_wait_ms_p50": round(wait[len(wait) // 2], 1) if wait else None,
             "waiting": self.waiting,
             "in_flight_calls": self._in_flight,
+            "share": self._share,
             "branch_holds": s.holds,
             "branch_held_s": round(s.held_s, 2),
         }

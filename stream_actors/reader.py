@@ -57,6 +57,12 @@ class StreamState(enum.StrEnum):
     STOPPED = "stopped"
 
 
+# States in which a stream gives no frames (not counted in the registry's fair shares).
+DOWN_STATES = frozenset(
+    {StreamState.CIRCUIT_OPEN, StreamState.ENDED, StreamState.FAILED, StreamState.STOPPED}
+)
+
+
 class ReaderPolicy(StrictModel):
     open_timeout_s: float = Field(3.0, gt=0, le=60)
     read_timeout_s: float = Field(3.0, gt=0, le=60)

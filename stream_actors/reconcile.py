@@ -109,6 +109,58 @@ def plan_actor(
     )
 
 
+# actor index → detector target ("model/<id>", or "<deployment>/<archive sha256>") →
+# its subscriptions whose streams are up (what the actor reports as its `demand`)
+Demand = Mapping[int, Mapping[str, int]]
+
+
+def admission_shares(demand: Demand, calls_in_flight: int) -> dict[int, dict[str, float]]:
+    """Each actor's share of the cluster's detector calls, per target: every live
+    subscription of a target gets the same fraction of calls, wherever it was packed.
+    The total stays `calls_in_flight` per actor that has live subscriptions of the
+    target (what the actors had before shares), so only its division changes: an actor
+    of 4 cameras and one of 1 get 3.2 and 0.8 calls instead of 2 and 2."""
+    totals: dict[str, int] = {}
+    actors: dict[str, int] = {}
+    for targets in demand.values():
+        for target, live in targets.items():
+            if live > 0:
+                totals[target] = totals.get(target, 0) + live
+                actors[target] = actors.get(target, 0) + 1
+    shares: dict[int, dict[str, float]] = {}
+    for index, targets in demand.items():
+        mine = {
+            target: round(calls_in_flight * actors[target] * live / totals[target], 3)
+            for target, live in sorted(targets.items())
+            if live > 0
+        }
+        shares[index] = mine
+    return shares
+
+
+def reported_demand(raw: Any) -> dict[str, int]:
+    """An actor's `demand` as its `streams()` reply gives it ({} when absent: an actor
+    of an older version; entries that are not a name and a count are ignored)."""
+    if not isinstance(raw, Mapping):
+        return {}
+    return {
+        str(target): int(live)
+        for target, live in raw.items()
+        if isinstance(live, int) and not isinstance(live, bool) and live >= 0
+    }
+
+
+def shares_differ(
+    held: Mapping[str, float] | None, wanted: Mapping[str, float], tolerance: float = 0.01
+) -> bool:
+    """Whether an actor's shares (as it reports them; None: it reports none, e.g. just
+    restarted) must be sent again."""
+    held = held or {}
+    if set(held) != set(wanted):
+        return True
+    return any(abs(float(held[t]) - wanted[t]) > tolerance for t in wanted)
+
+
 def failure_text(problem: str | None, exc: BaseException) -> str:
     """Why a call to an actor failed: Ray's placement problem when it has one (pending,
     dead...), else the call's own error."""

@@ -28,16 +28,20 @@ from graph.common.redaction import redact
 from stream_actors.camera_actor import CameraActor
 from stream_actors.placement import PlacementVerdict, placement_verdict
 from stream_actors.reconcile import (
+    Desired,
     LeaseBook,
     StallMeter,
     actor_payload,
     actor_summary,
     adds_stream_over_limit,
+    admission_shares,
     desired_by_actor,
     failure_text,
     plan_actor,
     plan_round,
+    reported_demand,
     round_error,
+    shares_differ,
     stale_session_streams,
     stream_state,
     unreachable_status,
@@ -118,6 +122,10 @@ class StreamRegistry:
         self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
         self._actors: dict[int, Any] = {}
         self._unplaced: set[int] = set()  # actors Ray has not placed (pending)
+        # What each actor last reported: its live subscriptions per detector target,
+        # and the fair shares it holds (see admission_shares).
+        self._demand: dict[int, dict[str, int]] = {}
+        self._held_shares: dict[int, dict[str, float] | None] = {}
         self._lock = asyncio.Lock()
         self.last_reconcile_error: str | None = None
         self._closed = False
@@ -402,12 +410,15 @@ class StreamRegistry:
                     await self._reconcile_actor(index, desired.get(index, {}))
                 except Exception as exc:
                     errors[index] = failure_text(await self._placement_problem(index), exc)
+            await self._rebalance(desired)
             if (error := round_error(errors)) is not None:
                 raise ReconcileError(error)
 
     async def _reconcile_actor(self, index: int, wanted: dict[str, list[str]]) -> None:
         actor = self._actor(index)
         reply = await asyncio.wait_for(actor.streams.remote(), ACTOR_CALL_TIMEOUT_S)
+        self._demand[index] = reported_demand(reply.get("demand"))
+        self._held_shares[index] = reply.get("admission_shares")
         plan = plan_actor(wanted, reply, context_revision(self._ctx))
         if plan.update_context:
             # Ray re-ran the actor's constructor with its first context (a restart after
@@ -426,6 +437,37 @@ class StreamRegistry:
         for key in stale_session_streams(wanted, display_of, expected, reply.get("sessions")):
             if key not in plan.push:
                 await self._push(key)
+
+    async def _rebalance(self, desired: Desired) -> None:
+        """Send each actor its fair share of the cluster's detector calls where the one
+        it holds differs (`streams.dispatch.fair_share`). An actor that does not take
+        it keeps its own `calls_in_flight` and is asked again next round."""
+        for index in [i for i in self._demand if i not in desired]:
+            self._demand.pop(index, None)  # no streams there any more
+            self._held_shares.pop(index, None)
+        dispatch = self._settings.dispatch
+        if not dispatch.fair_share:
+            return
+        shares = admission_shares(self._demand, dispatch.calls_in_flight)
+        todo = {
+            index: wanted
+            for index, wanted in shares.items()
+            if index not in self._unplaced and shares_differ(self._held_shares.get(index), wanted)
+        }
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(
+                    self._actor(i).set_admission_shares.remote(w), ACTOR_CALL_TIMEOUT_S
+                )
+                for i, w in todo.items()
+            ),
+            return_exceptions=True,
+        )
+        for (index, wanted), result in zip(todo.items(), results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("registry: camera actor %d kept its share: %r", index, result)
+            else:
+                self._held_shares[index] = wanted
 
     async def _placement_verdict(self, index: int) -> PlacementVerdict:
         """What Ray says of actor `index` (pending, dead...). Remembers unplaced actors so

@@ -1,0 +1,81 @@
+"""A camera actor's detector dispatchers, one per detector target, with the registry's
+fair shares of the cluster's calls and which subscription uses which target (pure: no
+Ray; the actor injects how a target's calls are sent).
+
+The registry asks each actor for its *demand* (live subscriptions per target: those
+whose stream is not down) and gives it back its *shares* (`admission_shares` in
+reconcile.py); see dispatch.py for what a share does to a dispatcher.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from stream_actors.dispatch import (
+    BranchClock,
+    DetectDispatcher,
+    DispatchSettings,
+    SendFn,
+    target_label,
+)
+
+Target = tuple[str, str]  # ("model", model id) or (deployment, multiplexed id)
+
+
+class TargetAdmission:
+    def __init__(self, settings: DispatchSettings, branches: BranchClock) -> None:
+        self._settings, self._branches = settings, branches
+        self.dispatchers: dict[Target, DetectDispatcher] = {}
+        self.shares: dict[str, float] = {}  # target label → share (absent: its own calls)
+        self._labels: dict[str, str] = {}  # subscription id → its target's label
+
+    def dispatcher(self, target: Target, make_send: Callable[[], SendFn]) -> DetectDispatcher:
+        """The target's dispatcher, made (with its share) on first use."""
+        dispatcher = self.dispatchers.get(target)
+        if dispatcher is None:
+            dispatcher = DetectDispatcher(make_send(), self._settings, self._branches)
+            dispatcher.set_share(self.shares.get(target_label(target)))
+            self.dispatchers[target] = dispatcher
+        return dispatcher
+
+    def attach(self, sub_id: str, target: Target) -> None:
+        self._labels[sub_id] = target_label(target)
+
+    def detach(self, sub_id: str) -> None:
+        self._labels.pop(sub_id, None)
+
+    def demand(self, live: Iterable[str]) -> dict[str, int]:
+        """Live subscriptions per target label, of the subscription ids `live` (those
+        whose stream is up)."""
+        demand: dict[str, int] = {}
+        for sub_id in live:
+            label = self._labels.get(sub_id)
+            if label is not None:
+                demand[label] = demand.get(label, 0) + 1
+        return demand
+
+    def set_shares(self, shares: Mapping[str, Any]) -> int:
+        """The registry's shares by target label; a target it does not name uses its
+        own `calls_in_flight`. All or nothing: ValueError on a share that is not a
+        positive number. Returns how many dispatchers it set."""
+        clean: dict[str, float] = {}
+        for label, value in shares.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"share of {label!r} is not a number: {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"share of {label!r} must be positive and finite: {value!r}")
+            clean[str(label)] = float(value)
+        self.shares = clean
+        for target, dispatcher in self.dispatchers.items():
+            dispatcher.set_share(clean.get(target_label(target)))
+        return len(self.dispatchers)
+
+    def renew(self) -> None:
+        """After a redeploy: new frames go to new dispatchers (made on first use); the
+        old ones finish what they admitted."""
+        self.dispatchers.clear()
+
+    def status(self) -> dict[str, Any]:
+        return {target_label(t): d.status() for t, d in self.dispatchers.items()}

@@ -1,0 +1,283 @@
+"""Fair share of the detector calls across camera actors (stream_actors/reconcile.py's
+`admission_shares`, the dispatcher's fractional `set_share`), without Ray: real asyncio
+dispatchers feeding one shared first-come-first-served "replica", as Serve's replicas
+serve calls in turn."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from graph.common.detection import DetectRequest, DetectResult
+from stream_actors.admission import TargetAdmission
+from stream_actors.dispatch import (
+    BranchClock,
+    DetectDispatcher,
+    DispatchSettings,
+    SendFn,
+    target_label,
+)
+from stream_actors.reconcile import admission_shares, reported_demand, shares_differ
+
+# ---- the registry's arithmetic --------------------------------------------------------
+
+
+def test_an_actor_of_four_cameras_and_one_of_one_get_calls_per_camera() -> None:
+    shares = admission_shares({0: {"model/m": 4}, 1: {"model/m": 1}}, calls_in_flight=2)
+    assert shares == {0: {"model/m": 3.2}, 1: {"model/m": 0.8}}
+    # the total is what the two actors had before: 2 calls each
+    assert sum(s["model/m"] for s in shares.values()) == pytest.approx(4.0)
+
+
+def test_full_actors_keep_calls_in_flight() -> None:
+    """Packed actors of equal load see no change: 4 actors × 4 cameras, 2 calls each,
+    and a single camera alone keeps both calls (it may use the whole cluster)."""
+    demand = {i: {"model/m": 4} for i in range(4)}
+    assert admission_shares(demand, 2) == {i: {"model/m": 2.0} for i in range(4)}
+    assert admission_shares({0: {"model/m": 1}}, 2) == {0: {"model/m": 2.0}}
+
+
+def test_shares_are_per_target_and_skip_actors_without_live_cameras() -> None:
+    """Each detector's calls are divided among its own subscriptions only; an actor
+    whose cameras are all down gets no share (its dispatchers keep their own
+    calls_in_flight, and it sends nothing anyway)."""
+    demand = {
+        0: {"model/a": 3, "model/b": 1},
+        1: {"model/a": 1},
+        2: {"model/b": 0},
+    }
+    shares = admission_shares(demand, calls_in_flight=2)
+    assert shares[0] == {"model/a": 3.0, "model/b": 2.0}
+    assert shares[1] == {"model/a": 1.0}
+    assert shares[2] == {}
+    assert admission_shares({}, 2) == {}
+
+
+@pytest.mark.parametrize(
+    ("held", "wanted", "differ"),
+    [
+        (None, {}, False),  # an actor that never had shares and needs none
+        (None, {"model/m": 2.0}, True),  # restarted: it lost them
+        ({"model/m": 2.0}, {"model/m": 2.004}, False),  # rounding noise
+        ({"model/m": 2.0}, {"model/m": 1.5}, True),
+        ({"model/m": 2.0}, {"model/m": 2.0, "model/n": 1.0}, True),
+        ({"model/m": 2.0}, {}, True),  # the target went away: cleared
+    ],
+)
+def test_shares_are_sent_only_when_they_changed(
+    held: dict[str, float] | None, wanted: dict[str, float], differ: bool
+) -> None:
+    assert shares_differ(held, wanted) is differ
+
+
+def test_a_malformed_demand_report_counts_nothing() -> None:
+    assert reported_demand(None) == {}
+    assert reported_demand(["model/m"]) == {}
+    assert reported_demand({"model/m": 3, "model/x": -1, "model/y": "2", "model/z": True}) == {
+        "model/m": 3
+    }
+
+
+def test_target_labels_name_the_dispatchers_as_get_streams_does() -> None:
+    assert target_label(("model", "demo")) == "model/demo"
+
+
+# ---- the camera actor's side: demand and shares per target ---------------------------
+
+
+def _sender_of(calls: list[str], name: str) -> Callable[[], SendFn]:
+    def make() -> SendFn:
+        calls.append(name)
+        return Gated().send
+
+    return make
+
+
+def test_an_actor_reports_live_subscriptions_per_target_and_applies_its_shares() -> None:
+    made: list[str] = []
+    admission = TargetAdmission(DispatchSettings(calls_in_flight=2), BranchClock())
+    admission.attach("a", ("model", "m"))
+    admission.attach("b", ("model", "m"))
+    admission.attach("c", ("PipelineDetector", "sha"))
+    # "b" is on a stream that is down: the actor does not offer it
+    assert admission.demand(["a", "c", "unknown"]) == {"model/m": 1, "PipelineDetector/sha": 1}
+    first = admission.dispatcher(("model", "m"), _sender_of(made, "m"))
+    assert admission.dispatcher(("model", "m"), _sender_of(made, "m")) is first
+    assert made == ["m"]  # one dispatcher (and one sender) per target
+    assert first.share is None  # no share yet: its own calls_in_flight
+    assert admission.set_shares({"model/m": 0.8, "PipelineDetector/sha": 3.2}) == 1
+    assert first.share == 0.8
+    later = admission.dispatcher(("PipelineDetector", "sha"), _sender_of(made, "sha"))
+    assert later.share == 3.2  # a dispatcher made later gets its share at once
+    admission.set_shares({})  # the registry names no target any more
+    assert first.share is None and later.share is None
+    admission.detach("a")
+    assert admission.demand(["a", "c"]) == {"PipelineDetector/sha": 1}
+    assert set(admission.status()) == {"model/m", "PipelineDetector/sha"}
+    admission.renew()  # a redeploy: new dispatchers on first use
+    assert admission.dispatcher(("model", "m"), _sender_of(made, "m")) is not first
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan, "2", True, None])
+def test_a_bad_share_changes_nothing(bad: object) -> None:
+    admission = TargetAdmission(DispatchSettings(), BranchClock())
+    dispatcher = admission.dispatcher(("model", "m"), lambda: Gated().send)
+    admission.set_shares({"model/m": 1.5})
+    with pytest.raises(ValueError, match="share of 'model/x'"):
+        admission.set_shares({"model/m": 0.5, "model/x": bad})
+    assert admission.shares == {"model/m": 1.5} and dispatcher.share == 1.5
+
+
+# ---- the dispatcher's fractional share -----------------------------------------------
+
+
+def _request() -> DetectRequest:
+    return DetectRequest(np.zeros((4, 4, 3), np.uint8))
+
+
+def _result() -> DetectResult:
+    return DetectResult(np.zeros((0, 6), np.float32), {})
+
+
+class Gated:
+    """A detector whose calls end when the test says, counting calls in flight."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.peak = 0
+        self.starts: list[float] = []
+        self.gate = asyncio.Event()
+
+    async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        self.starts.append(time.monotonic())
+        try:
+            await self.gate.wait()
+        finally:
+            self.in_flight -= 1
+        return [_result() for _ in requests]
+
+
+async def _settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_a_share_sets_the_calls_in_flight() -> None:
+    async def run() -> None:
+        det = Gated()
+        dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=2))
+        dispatcher.set_share(3.2)  # 3 calls always, a 4th one fifth of the time
+        tasks = [asyncio.create_task(dispatcher.admit(_request)) for _ in range(8)]
+        await _settle()
+        assert det.in_flight == 4 and dispatcher.waiting == 4
+        dispatcher.set_share(None)  # back to its own calls_in_flight: no new call
+        det.gate.set()
+        await asyncio.gather(*tasks)
+        assert dispatcher.status()["share"] is None
+
+    asyncio.run(run())
+
+
+def test_a_fractional_slot_idles_after_each_call_in_proportion() -> None:
+    """Share 0.5: one call at a time, and after a call of d seconds the slot stays idle
+    for d (duty 0.5), so on average half a call is in flight."""
+
+    async def run() -> None:
+        det = Gated()
+        dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=2))
+        dispatcher.set_share(0.5)
+        first = asyncio.create_task(dispatcher.admit(_request))
+        second = asyncio.create_task(dispatcher.admit(_request))
+        await _settle()
+        assert det.in_flight == 1
+        await asyncio.sleep(0.3)  # the first call lasts about 0.3 s
+        det.gate.set()
+        await first
+        det.gate.clear()
+        ended = time.monotonic()
+        await asyncio.sleep(0.1)
+        assert len(det.starts) == 1, "the second call started inside the idle time"
+        det.gate.set()
+        await asyncio.wait_for(second, 5.0)
+        assert det.starts[1] - ended >= 0.25
+
+    asyncio.run(run())
+
+
+def test_a_share_must_be_a_number() -> None:
+    dispatcher = DetectDispatcher(Gated().send)
+    with pytest.raises(ValueError, match="finite"):
+        dispatcher.set_share(math.nan)
+    dispatcher.set_share(1000.0)
+    assert dispatcher.share == 16.0  # clamped
+
+
+# ---- fairness through a shared replica ----------------------------------------------
+
+
+class Replica:
+    """One detector replica serving calls one at a time, first come first served (the
+    order Serve's replica queue gives them), `service_s` per frame."""
+
+    def __init__(self, service_s: float) -> None:
+        self.service_s = service_s
+        self.lock = asyncio.Lock()  # asyncio.Lock wakes waiters in FIFO order
+
+    async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
+        async with self.lock:
+            await asyncio.sleep(self.service_s * len(requests))
+        return [_result() for _ in requests]
+
+
+async def _camera(name: str, dispatcher: DetectDispatcher, counts: Counter[str]) -> None:
+    """One of a camera's `max_in_flight` slots (2 by default, so two of these run per
+    camera): its newest frame is always waiting, and it asks again once served."""
+    while True:
+        if await dispatcher.admit(_request) is not None:
+            counts[name] += 1
+
+
+async def _serve(layout: dict[int, int], fair: bool, seconds: float) -> Counter[str]:
+    replica = Replica(0.004)
+    demand = {index: {"model/m": cams} for index, cams in layout.items()}
+    shares = admission_shares(demand, calls_in_flight=2)
+    counts: Counter[str] = Counter()
+    tasks = []
+    for index, cams in layout.items():
+        dispatcher = DetectDispatcher(replica.send, DispatchSettings(calls_in_flight=2))
+        if fair:
+            dispatcher.set_share(shares[index]["model/m"])
+        for cam in range(cams):
+            for _slot in range(2):
+                tasks.append(asyncio.create_task(_camera(f"{index}.{cam}", dispatcher, counts)))
+    await asyncio.sleep(seconds)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return counts
+
+
+def _fairness(counts: Counter[str], cameras: int) -> float:
+    assert len(counts) == cameras, counts
+    return min(counts.values()) / max(counts.values())
+
+
+def test_a_camera_alone_on_its_actor_gets_no_more_than_the_packed_ones() -> None:
+    """Four cameras on one actor and one on another, all overloading one replica.
+    Without shares the lone camera gets its actor's 2 calls to itself, 4 times the
+    frames of each packed camera; with them every camera gets about the same."""
+    layout = {0: 4, 1: 1}
+    unfair = asyncio.run(_serve(layout, fair=False, seconds=1.0))
+    fair = asyncio.run(_serve(layout, fair=True, seconds=1.0))
+    assert _fairness(unfair, 5) < 0.45, unfair
+    assert _fairness(fair, 5) >= 0.7, fair
+    # the replica stays as busy: shares divide the calls, they do not withhold them
+    assert sum(fair.values()) >= 0.8 * sum(unfair.values())
