@@ -143,29 +143,29 @@ bench-detect: run
 # detector on the baselines' model), stopped at the end; a `make run` cluster is not touched.
 # Extra options: make bench BENCH_ARGS="--cameras 1,8 --seconds 20" (see --help).
 bench: install ray-token models/demo-detector.onnx peers
-	$(PY) -m benchmarks.harness --deploy serve_config.yaml $(BENCH_ARGS)
+	$(PY) -m benchmarks.harness --deploy serve_config.yaml --ray-cpus $(RAY_CPUS) $(BENCH_ARGS)
 
 # The per-frame tax (issue 19): raw ONNX Runtime and camgraph at saturation with a
 # near-free detector built here (benchmarks/tiny_detector.py): what the graph itself costs.
 bench-tax: install ray-token
-	$(PY) -m benchmarks.harness --tax --deploy serve_config.yaml $(BENCH_ARGS)
+	$(PY) -m benchmarks.harness --tax --deploy serve_config.yaml --ray-cpus $(RAY_CPUS) $(BENCH_ARGS)
 
 # The demo pipeline under 2x and 4x overload (issue 19): generated scenes with ground truth
 # played as cameras through make run's graph, records in a PostgreSQL schema of its own;
 # records per vehicle, plate recall, body type, branch timeouts, with and without the
 # dispatcher's priority for branch work (about 10 minutes).
 bench-pipeline: install ray-token models/demo.mpta services
-	$(PY) -m benchmarks.pipeline_phase --deploy serve_config.yaml $(BENCH_ARGS)
+	$(PY) -m benchmarks.pipeline_phase --deploy serve_config.yaml --ray-cpus $(RAY_CPUS) $(BENCH_ARGS)
 
 # Ray's own processes under make run's graph (issue 19): Ray's defaults against the lean
 # settings `make run` starts Ray with (graph/ray_settings.py), idle and with the demo
 # camera, clusters of the run's own stopped by PID (about 8 minutes).
 bench-ray: install ray-token models/demo.mpta $(DEMO_CLIP) services
-	$(PY) -m benchmarks.ray_overhead --deploy serve_config.yaml --clip $(DEMO_CLIP) $(BENCH_ARGS)
+	$(PY) -m benchmarks.ray_overhead --deploy serve_config.yaml --clip $(DEMO_CLIP) --ray-cpus $(RAY_CPUS) $(BENCH_ARGS)
 
 # The short run to make before stopping (about 3 minutes): 1 and 4 cameras, 8 s windows.
 bench-quick: install ray-token models/demo-detector.onnx
-	$(PY) -m benchmarks.harness --quick --deploy serve_config.yaml $(BENCH_ARGS)
+	$(PY) -m benchmarks.harness --quick --deploy serve_config.yaml --ray-cpus $(RAY_CPUS) $(BENCH_ARGS)
 
 # Trains the demo models from generated scenes (long on a CPU; see models/MODEL_CARD.md).
 demo-models: install

@@ -82,7 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "serve_config.yaml) to a local Ray cluster",
     )
     parser.add_argument(
-        "--ray-cpus", type=int, default=4, help="logical CPUs of the --deploy cluster"
+        "--ray-cpus",
+        type=int,
+        default=2,
+        help="logical CPUs of the --deploy cluster (make run's RAY_CPUS: no placement "
+        "limit a user would hit is hidden)",
     )
     parser.add_argument("--onnx", type=Path, default=Path("models/demo-detector.onnx"))
     parser.add_argument("--pt", type=Path, default=Path("models/demo-detector.pt"))

@@ -38,7 +38,10 @@ The registry therefore gives each actor a *share* of the cluster's calls, in
 proportion to its subscriptions whose cameras are up (`admission_shares` in
 reconcile.py): `calls_in_flight` per actor on average, the same total as before. A
 share is fractional: 0.8 is one call whose slot, once free, stays idle for a quarter
-of the call's duration, so that on average 0.8 calls are in flight.
+of the call's duration (at most `MAX_IDLE_S`; not after a failed call), so that on
+average 0.8 calls are in flight. A share is a cap, not a weight: it holds also while
+the replicas have room, so a camera whose actor's share is below one call is held to
+that pace even on an idle cluster (0.8 calls of 50 ms: 16 frames/s).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ result, or the error of that frame alone, per frame."""
 
 
 MIN_SHARE, MAX_SHARE = 0.05, 16.0  # a dispatcher's share of the cluster's calls
+MAX_IDLE_S = 2.0  # the longest a fractional slot idles after one call
 
 
 def target_label(target: tuple[str, str]) -> str:
@@ -87,7 +91,11 @@ class DispatchSettings(StrictModel):
     """`args.streams.dispatch`: how a camera actor's frames go to a detector."""
 
     calls_in_flight: int = Field(
-        2, ge=1, le=16, description="detector calls one camera actor has outstanding per model"
+        2,
+        ge=1,
+        le=16,
+        description="detector calls one camera actor has outstanding per model; with "
+        "fair_share, what the actors have on average (the registry divides them)",
     )
     max_frames_per_call: int = Field(
         8, ge=1, le=64, description="frames of lossless replays carried by one call"
@@ -190,7 +198,10 @@ class DetectDispatcher:
         `calls_in_flight`), from the registry's fair share; clamped to 0.05–16."""
         if share is not None and not math.isfinite(share):
             raise ValueError(f"share must be finite, got {share!r}")
-        self._share = None if share is None else min(max(share, MIN_SHARE), MAX_SHARE)
+        share = None if share is None else min(max(share, MIN_SHARE), MAX_SHARE)
+        if share != self._share:
+            self._partial_ready = 0.0  # an idle worked out for the old share ends
+        self._share = share
         self._changed.set()
 
     @property
@@ -318,6 +329,7 @@ class DetectDispatcher:
     async def _call(
         self, batch: list[tuple[DetectRequest, _Waiter]], waiting: int, started: float
     ) -> None:
+        answered = False
         try:
             # Bounded: a hung replica must not hold one of the calls for ever.
             results = await asyncio.wait_for(
@@ -336,6 +348,7 @@ class DetectDispatcher:
                 if not waiter.future.done():
                     waiter.future.set_exception(exc)
         else:
+            answered = True
             for (_, waiter), result in zip(batch, results, strict=True):
                 if waiter.future.done():
                     continue
@@ -345,10 +358,12 @@ class DetectDispatcher:
                     waiter.future.set_result(result)
         finally:
             slots, duty = self._slots()
-            if self._in_flight >= slots and duty < 1.0:
-                # It frees the fractional slot: idle (1/duty - 1) × its call's time.
+            if answered and self._in_flight >= slots and duty < 1.0:
+                # It frees the fractional slot: idle (1/duty - 1) × its call's time, at
+                # most MAX_IDLE_S (a failed or timed-out call says nothing of the pace).
                 now = time.monotonic()
-                self._partial_ready = now + (now - started) * (1.0 / duty - 1.0)
+                idle = (now - started) * (1.0 / duty - 1.0)
+                self._partial_ready = now + min(idle, MAX_IDLE_S)
             self._in_flight -= 1
             self._changed.set()
 

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from graph.common.schemas import StrictModel
+from stream_actors.dispatch import MIN_SHARE
 from stream_actors.placement import PlacementVerdict
 
 # actor index → stream key → the sorted ids of the subscriptions on that stream
@@ -130,7 +131,9 @@ def admission_shares(demand: Demand, calls_in_flight: int) -> dict[int, dict[str
     shares: dict[int, dict[str, float]] = {}
     for index, targets in demand.items():
         mine = {
-            target: round(calls_in_flight * actors[target] * live / totals[target], 3)
+            target: max(
+                MIN_SHARE, round(calls_in_flight * actors[target] * live / totals[target], 3)
+            )
             for target, live in sorted(targets.items())
             if live > 0
         }
@@ -147,6 +150,35 @@ def reported_demand(raw: Any) -> dict[str, int]:
         str(target): int(live)
         for target, live in raw.items()
         if isinstance(live, int) and not isinstance(live, bool) and live >= 0
+    }
+
+
+def reported_shares(raw: Any) -> dict[str, float] | None:
+    """The shares an actor's `streams()` reply says it holds (None when absent or not a
+    mapping of names to numbers: sent again)."""
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        return {str(t): float(v) for t, v in raw.items()}
+    except (TypeError, ValueError):
+        return None
+
+
+def shares_to_send(
+    replies: Mapping[int, Mapping[str, Any]], calls_in_flight: int, fair_share: bool
+) -> dict[int, dict[str, float]]:
+    """The shares to send this round, from the `streams()` replies of the actors that
+    answered it: only to those whose held shares differ (with `fair_share` off, those
+    holding any are cleared)."""
+    if fair_share:
+        demand = {i: reported_demand(r.get("demand")) for i, r in replies.items()}
+        shares = admission_shares(demand, calls_in_flight)
+    else:
+        shares = {i: {} for i in replies}
+    return {
+        index: wanted
+        for index, wanted in shares.items()
+        if shares_differ(reported_shares(replies[index].get("admission_shares")), wanted)
     }
 
 

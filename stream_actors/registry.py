@@ -28,20 +28,17 @@ from graph.common.redaction import redact
 from stream_actors.camera_actor import CameraActor
 from stream_actors.placement import PlacementVerdict, placement_verdict
 from stream_actors.reconcile import (
-    Desired,
     LeaseBook,
     StallMeter,
     actor_payload,
     actor_summary,
     adds_stream_over_limit,
-    admission_shares,
     desired_by_actor,
     failure_text,
     plan_actor,
     plan_round,
-    reported_demand,
     round_error,
-    shares_differ,
+    shares_to_send,
     stale_session_streams,
     stream_state,
     unreachable_status,
@@ -122,10 +119,6 @@ class StreamRegistry:
         self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
         self._actors: dict[int, Any] = {}
         self._unplaced: set[int] = set()  # actors Ray has not placed (pending)
-        # What each actor last reported: its live subscriptions per detector target,
-        # and the fair shares it holds (see admission_shares).
-        self._demand: dict[int, dict[str, int]] = {}
-        self._held_shares: dict[int, dict[str, float] | None] = {}
         self._lock = asyncio.Lock()
         self.last_reconcile_error: str | None = None
         self._closed = False
@@ -403,22 +396,27 @@ class StreamRegistry:
             unplaced = {i: await self._placement_verdict(i) for i in sorted(self._unplaced)}
             plan = plan_round(desired, known, unplaced)
             errors = dict(plan.skipped)
+            answered: dict[int, dict[str, Any]] = {}  # the replies of actors with streams
             for index in plan.visit:
                 # One actor that fails must not stop the repair of the others: each is
                 # tried, and the errors are reported.
                 try:
-                    await self._reconcile_actor(index, desired.get(index, {}))
+                    reply = await self._reconcile_actor(index, desired.get(index, {}))
+                    if index in desired:
+                        answered[index] = reply
                 except Exception as exc:
                     errors[index] = failure_text(await self._placement_problem(index), exc)
-            await self._rebalance(desired)
+            try:
+                await self._rebalance(answered)
+            except Exception as exc:  # shares are an optimisation: never the round's error
+                logger.warning("registry: fair shares not sent this round: %r", exc)
             if (error := round_error(errors)) is not None:
                 raise ReconcileError(error)
 
-    async def _reconcile_actor(self, index: int, wanted: dict[str, list[str]]) -> None:
+    async def _reconcile_actor(self, index: int, wanted: dict[str, list[str]]) -> dict[str, Any]:
+        """Repair one actor's streams; returns its `streams()` reply."""
         actor = self._actor(index)
-        reply = await asyncio.wait_for(actor.streams.remote(), ACTOR_CALL_TIMEOUT_S)
-        self._demand[index] = reported_demand(reply.get("demand"))
-        self._held_shares[index] = reply.get("admission_shares")
+        reply: dict[str, Any] = await asyncio.wait_for(actor.streams.remote(), ACTOR_CALL_TIMEOUT_S)
         plan = plan_actor(wanted, reply, context_revision(self._ctx))
         if plan.update_context:
             # Ray re-ran the actor's constructor with its first context (a restart after
@@ -437,37 +435,32 @@ class StreamRegistry:
         for key in stale_session_streams(wanted, display_of, expected, reply.get("sessions")):
             if key not in plan.push:
                 await self._push(key)
+        return reply
 
-    async def _rebalance(self, desired: Desired) -> None:
-        """Send each actor its fair share of the cluster's detector calls where the one
-        it holds differs (`streams.dispatch.fair_share`). An actor that does not take
-        it keeps its own `calls_in_flight` and is asked again next round."""
-        for index in [i for i in self._demand if i not in desired]:
-            self._demand.pop(index, None)  # no streams there any more
-            self._held_shares.pop(index, None)
+    async def _rebalance(self, replies: dict[int, dict[str, Any]]) -> None:
+        """Send each actor that answered this round (`replies`: its `streams()` reply)
+        its fair share of the cluster's detector calls where the one it holds differs
+        (`streams.dispatch.fair_share`; off: shares held are cleared). Only this round's
+        answers count: an actor that did not answer runs no camera that should take a
+        share from the others. One that does not take it keeps its own `calls_in_flight`
+        and is asked again next round."""
         dispatch = self._settings.dispatch
-        if not dispatch.fair_share:
-            return
-        shares = admission_shares(self._demand, dispatch.calls_in_flight)
+        wanted = shares_to_send(replies, dispatch.calls_in_flight, dispatch.fair_share)
         todo = {
-            index: wanted
-            for index, wanted in shares.items()
-            if index not in self._unplaced and shares_differ(self._held_shares.get(index), wanted)
+            index: (actor, shares)
+            for index, shares in wanted.items()
+            if (actor := self._actors.get(index)) is not None
         }
         results = await asyncio.gather(
             *(
-                asyncio.wait_for(
-                    self._actor(i).set_admission_shares.remote(w), ACTOR_CALL_TIMEOUT_S
-                )
-                for i, w in todo.items()
+                asyncio.wait_for(actor.set_admission_shares.remote(w), ACTOR_CALL_TIMEOUT_S)
+                for actor, w in todo.values()
             ),
             return_exceptions=True,
         )
-        for (index, wanted), result in zip(todo.items(), results, strict=True):
+        for index, result in zip(todo, results, strict=True):
             if isinstance(result, BaseException):
                 logger.warning("registry: camera actor %d kept its share: %r", index, result)
-            else:
-                self._held_shares[index] = wanted
 
     async def _placement_verdict(self, index: int) -> PlacementVerdict:
         """What Ray says of actor `index` (pending, dead...). Remembers unplaced actors so

@@ -23,7 +23,13 @@ from stream_actors.dispatch import (
     SendFn,
     target_label,
 )
-from stream_actors.reconcile import admission_shares, reported_demand, shares_differ
+from stream_actors.reconcile import (
+    admission_shares,
+    reported_demand,
+    reported_shares,
+    shares_differ,
+    shares_to_send,
+)
 
 # ---- the registry's arithmetic --------------------------------------------------------
 
@@ -82,6 +88,31 @@ def test_a_malformed_demand_report_counts_nothing() -> None:
     assert reported_demand({"model/m": 3, "model/x": -1, "model/y": "2", "model/z": True}) == {
         "model/m": 3
     }
+
+
+def test_a_malformed_shares_report_is_sent_again() -> None:
+    assert reported_shares({"model/m": 2, "model/n": 0.5}) == {"model/m": 2.0, "model/n": 0.5}
+    assert reported_shares(None) is None
+    assert reported_shares({"model/m": "x"}) is None
+    assert reported_shares([1.0]) is None
+
+
+def test_a_tiny_share_never_rounds_to_nothing() -> None:
+    demand = {0: {"model/m": 5000}, 1: {"model/m": 1}}
+    assert admission_shares(demand, 2)[1]["model/m"] == 0.05
+
+
+def test_the_registry_sends_only_changed_shares_to_actors_that_answered() -> None:
+    replies = {
+        0: {"demand": {"model/m": 4}, "admission_shares": {"model/m": 3.2}},  # has it
+        1: {"demand": {"model/m": 1}, "admission_shares": {}},  # restarted: lost it
+        2: {"streams": {}},  # an actor of an older camgraph: no demand, no shares
+    }
+    assert shares_to_send(replies, 2, fair_share=True) == {1: {"model/m": 0.8}}
+    # fair_share switched off: shares still held are cleared, the others left alone
+    assert shares_to_send(replies, 2, fair_share=False) == {0: {}}
+    # an actor that did not answer (not in replies) neither counts nor is called
+    assert shares_to_send({1: replies[1]}, 2, fair_share=True) == {1: {"model/m": 2.0}}
 
 
 def test_target_labels_name_the_dispatchers_as_get_streams_does() -> None:
@@ -152,7 +183,9 @@ class Gated:
         self.in_flight = 0
         self.peak = 0
         self.starts: list[float] = []
+        self.ends: list[float] = []
         self.gate = asyncio.Event()
+        self.fail: Exception | None = None
 
     async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
         self.in_flight += 1
@@ -162,6 +195,9 @@ class Gated:
             await self.gate.wait()
         finally:
             self.in_flight -= 1
+            self.ends.append(time.monotonic())
+        if self.fail is not None:
+            raise self.fail
         return [_result() for _ in requests]
 
 
@@ -202,12 +238,45 @@ def test_a_fractional_slot_idles_after_each_call_in_proportion() -> None:
         det.gate.set()
         await first
         det.gate.clear()
-        ended = time.monotonic()
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
         assert len(det.starts) == 1, "the second call started inside the idle time"
         det.gate.set()
         await asyncio.wait_for(second, 5.0)
-        assert det.starts[1] - ended >= 0.25
+        call = det.ends[0] - det.starts[0]
+        assert det.starts[1] - det.ends[0] >= 0.9 * call  # duty 0.5: idle as long
+
+    asyncio.run(run())
+
+
+def test_a_failed_call_leaves_no_idle_and_a_new_share_ends_one() -> None:
+    """A call that failed (a timeout, a dead replica) says nothing of the pace: the
+    slot is free at once. A share changed while the slot idles starts afresh."""
+
+    async def run() -> None:
+        det = Gated()
+        dispatcher = DetectDispatcher(det.send, DispatchSettings(calls_in_flight=2))
+        dispatcher.set_share(0.1)  # idle 9 × a call's time after each call
+        det.fail = RuntimeError("replica died")
+        first = asyncio.create_task(dispatcher.admit(_request))
+        await asyncio.sleep(0.2)
+        det.gate.set()
+        with pytest.raises(RuntimeError):
+            await first
+        det.fail = None
+        await asyncio.wait_for(dispatcher.admit(_request), 1.0)  # no 1.8 s idle
+        assert len(det.starts) == 2
+        # this one succeeded after ~0 s; make the next idle long, then change the share
+        det.gate.clear()
+        third = asyncio.create_task(dispatcher.admit(_request))
+        await _settle()
+        await asyncio.sleep(0.2)
+        det.gate.set()
+        await third  # now the slot idles about 1.8 s
+        fourth = asyncio.create_task(dispatcher.admit(_request))
+        await asyncio.sleep(0.05)
+        assert len(det.starts) == 3  # idling
+        dispatcher.set_share(2.0)  # the registry raised it: the idle ends
+        await asyncio.wait_for(fourth, 1.0)
 
     asyncio.run(run())
 
