@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 import time
@@ -29,11 +28,11 @@ from benchmarks.baselines import Camera, run_raw, run_seed, run_ultralytics_stre
 from benchmarks.frames import ClipSpec, RtspPeer, ensure_clips, rtsp_available
 from benchmarks.measure import PhaseResult, ray_selector
 from benchmarks.report import (
-    OVERLOAD_FACTOR,
     capacity_fps,
     comparisons,
     environment,
     markdown,
+    overload_run_cameras,
     per_frame_tax,
     targets,
     tax_target,
@@ -324,9 +323,9 @@ def _run_all(
         step(n, mode)
     capacity = capacity_fps(phases)
     if plan.overload and "camgraph" in plan.systems and capacity and not rtsp:
-        # The sweep may stop short of 2x capacity: one more run where it is reached.
-        want = math.ceil(OVERLOAD_FACTOR * capacity / args.fps)
-        if not any(n >= want for n in plan.counts):
+        # The sweep may have no run near 2x capacity: one more run where it is reached.
+        want = overload_run_cameras(plan.counts, capacity, float(args.fps))
+        if want is not None:
             more = ensure_clips(
                 args.cache_dir, want, ClipSpec(args.clip_frames, args.fps, args.scale)
             )

@@ -25,7 +25,13 @@ from benchmarks.camgraph_phase import (
 from benchmarks.frames import ClipSpec, PacedCapture
 from benchmarks.harness import parse_counts, parse_systems
 from benchmarks.measure import CameraResult, PhaseResult, Usage, is_ray_process
-from benchmarks.report import capacity_fps, comparisons, overload_phase, targets
+from benchmarks.report import (
+    capacity_fps,
+    comparisons,
+    overload_phase,
+    overload_run_cameras,
+    targets,
+)
 from benchmarks.stats import DropAccount
 from graph.app import Deployments, build_graph
 from graph.config import AppConfig
@@ -492,3 +498,12 @@ def test_a_benchmark_cluster_never_restores_make_runs_cameras(tmp_path: Path) ->
         path = Path(app["args"]["streams"]["state_path"])
         assert path.parent == tmp_path and path.name.startswith("streams-")
     assert base == yaml.safe_load((ROOT / "serve_config.yaml").read_text())  # a copy
+
+
+def test_the_overload_run_is_added_where_the_sweep_has_no_2x_point() -> None:
+    """2 x of 43.9 fps at 10 fps a camera is 9 cameras: the sweep's 8 (1.8 x) and 16
+    (3.6 x) are not "2 x", so the harness adds a run of 9; one of 10 would count."""
+    assert overload_run_cameras([1, 4, 8, 16], 43.9, 10.0) == 9
+    assert overload_run_cameras([1, 4, 10, 16], 43.9, 10.0) is None
+    assert overload_run_cameras([1, 4, 8, 16], 36.4, 10.0) is None  # 8 is 2.2 x
+    assert overload_run_cameras([1, 4], None, 10.0) is None  # no capacity measured
