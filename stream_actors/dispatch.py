@@ -264,8 +264,14 @@ class DetectDispatcher:
 
     async def _wait_change(self, timeout: float | None = None) -> None:
         self._changed.clear()
+        if timeout is None:
+            await self._changed.wait()
+            return
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+        # cancellation (close() cancels this task) when the event is set meanwhile.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
 
     async def _run(self) -> None:
         while True:
