@@ -481,14 +481,18 @@ def local_camgraph(
     os.environ.pop("RAY_ADDRESS", None)
     for key, value in LEAN_ENV.items():  # as `make run` starts Ray; the workers inherit it
         os.environ.setdefault(key, value)
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dashboard_port,
-        log_to_driver=False,
-    )
+    try:
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            log_to_driver=False,
+        )
+    except BaseException:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        raise
     url = f"http://127.0.0.1:{http_port}"
     try:
         serve_cli = Path(sys.executable).with_name("serve")
