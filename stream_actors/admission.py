@@ -10,6 +10,7 @@ reconcile.py); see dispatch.py for what a share does to a dispatcher.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -49,12 +50,7 @@ class TargetAdmission:
     def demand(self, live: Iterable[str]) -> dict[str, int]:
         """Live subscriptions per target label, of the subscription ids `live` (those
         whose stream is up)."""
-        demand: dict[str, int] = {}
-        for sub_id in live:
-            label = self._labels.get(sub_id)
-            if label is not None:
-                demand[label] = demand.get(label, 0) + 1
-        return demand
+        return dict(Counter(self._labels[s] for s in live if s in self._labels))
 
     def set_shares(self, shares: Mapping[str, Any]) -> int:
         """The registry's shares by target label; a target it does not name uses its

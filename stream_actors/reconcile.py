@@ -13,6 +13,7 @@ calls; this module decides them.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -121,13 +122,12 @@ def admission_shares(demand: Demand, calls_in_flight: int) -> dict[int, dict[str
     The total stays `calls_in_flight` per actor that has live subscriptions of the
     target (what the actors had before shares), so only its division changes: an actor
     of 4 cameras and one of 1 get 3.2 and 0.8 calls instead of 2 and 2."""
-    totals: dict[str, int] = {}
-    actors: dict[str, int] = {}
+    totals: Counter[str] = Counter()  # live subscriptions per target
+    actors: Counter[str] = Counter()  # actors with live subscriptions per target
     for targets in demand.values():
-        for target, live in targets.items():
-            if live > 0:
-                totals[target] = totals.get(target, 0) + live
-                actors[target] = actors.get(target, 0) + 1
+        live = {target: n for target, n in targets.items() if n > 0}
+        totals.update(live)
+        actors.update(live.keys())
     shares: dict[int, dict[str, float]] = {}
     for index, targets in demand.items():
         mine = {
