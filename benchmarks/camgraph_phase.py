@@ -471,13 +471,8 @@ def local_camgraph(
     import ray
     from ray import serve
 
-    http_port, dashboard_port = free_port(), free_port()
+    dashboard_port = free_port()
     state_dir = Path(tempfile.mkdtemp(prefix="camgraph-bench-state-"))
-    config = with_own_state(config, state_dir)
-    config = {**config, "http_options": {"host": "127.0.0.1", "port": http_port}}
-    if "grpc_options" in config:  # a free port too: never 9000 of a `make run` cluster
-        config["grpc_options"] = {**config["grpc_options"], "port": free_port()}
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     os.environ.pop("RAY_ADDRESS", None)
     for key, value in LEAN_ENV.items():  # as `make run` starts Ray; the workers inherit it
         os.environ.setdefault(key, value)
@@ -493,8 +488,15 @@ def local_camgraph(
     except BaseException:
         shutil.rmtree(state_dir, ignore_errors=True)
         raise
-    url = f"http://127.0.0.1:{http_port}"
     try:
+        # Serve's ports are taken once Ray's own (some random) are bound: none collide.
+        http_port = free_port()
+        config = with_own_state(config, state_dir)
+        config = {**config, "http_options": {"host": "127.0.0.1", "port": http_port}}
+        if "grpc_options" in config:  # a free port too: never 9000 of a `make run` cluster
+            config["grpc_options"] = {**config["grpc_options"], "port": free_port()}
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        url = f"http://127.0.0.1:{http_port}"
         serve_cli = Path(sys.executable).with_name("serve")
         subprocess.run(
             [

@@ -17,10 +17,21 @@ from graph.config import PROJECT_ROOT
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's Python has `gi`; the venv's has not
 
 
+# Ports that a local Ray node binds by default whatever else is free: the dashboard
+# agent's HTTP port (52365, inside Linux's ephemeral range, so the kernel can hand it out
+# here), the dashboard, GCS and Ray Client ports, and Serve's HTTP and gRPC defaults. A
+# port handed out here and bound by Ray a moment later fails `serve.start` or `ray.init`.
+RAY_DEFAULT_PORTS = frozenset({6379, 8000, 8265, 9000, 10001, 52365})
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that is free now and is none of Ray's defaults (`RAY_DEFAULT_PORTS`)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 class RtspServer:

@@ -18,7 +18,7 @@ def cluster() -> Iterator[dict[str, Any]]:
     import ray
     from ray import serve
 
-    http_port, grpc_port, dashboard_port = free_port(), free_port(), free_port()
+    dashboard_port = free_port()
     # Always a fresh local cluster: never attach to one left by `make run`.
     os.environ.pop("RAY_ADDRESS", None)
     # Ray's background work turned down as `make run` does (its workers inherit these).
@@ -35,6 +35,8 @@ def cluster() -> Iterator[dict[str, Any]]:
         log_to_driver=False,
         namespace="camgraph-tests",
     )
+    # Serve's ports are taken once Ray's own (some random) are bound, so none collide.
+    http_port, grpc_port = free_port(), free_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS},

@@ -507,3 +507,31 @@ def test_the_overload_run_is_added_where_the_sweep_has_no_2x_point() -> None:
     assert overload_run_cameras([1, 4, 10, 16], 43.9, 10.0) is None
     assert overload_run_cameras([1, 4, 8, 16], 36.4, 10.0) is None  # 8 is 2.2 x
     assert overload_run_cameras([1, 4], None, 10.0) is None  # no capacity measured
+
+
+def test_free_port_never_hands_out_a_port_that_ray_binds_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CI once got 52365 from the kernel for Serve's HTTP port; Ray's dashboard agent then
+    # bound it by default and `serve.start` failed. The kernel's answers, replayed.
+    from benchmarks import peers
+
+    handed_out = iter([52365, 8265, 41234])
+
+    class KernelSocket:
+        def __enter__(self) -> "KernelSocket":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def bind(self, address: tuple[str, int]) -> None:
+            assert address == ("127.0.0.1", 0)
+            self.port = next(handed_out)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(peers.socket, "socket", KernelSocket)
+    assert peers.free_port() == 41234
+    assert 52365 in peers.RAY_DEFAULT_PORTS
