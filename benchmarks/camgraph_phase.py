@@ -66,8 +66,19 @@ def subscription_counters(listing: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "pipeline": "pipeline" in sub,
                 "state": stream.get("state"),
                 "decode": stream.get("decode"),
+                "take_age_ms_p50": sub.get("take_age_ms_p50"),
             }
     return out
+
+
+def take_age_median(counters: dict[str, dict[str, Any]], subs: Iterable[str]) -> float | None:
+    """The median over the cameras of each one's median frame age when its frame was
+    taken for the detector (the part of capture → detection before the call); None
+    when no camera reports it."""
+    ages = sorted(
+        float(a) for s in subs if (a := counters.get(s, {}).get("take_age_ms_p50")) is not None
+    )
+    return ages[len(ages) // 2] if ages else None
 
 
 def missing_from(counters: dict[str, Any], subs: Iterable[str]) -> list[str]:
@@ -351,6 +362,7 @@ def _measure(
         account = window_account(first[sub_id], last[sub_id], max_in_flight + 1)
         phase.per_camera.append(CameraResult(camera.name, account, window_s, latencies[sub_id]))
     phase.extra.update(decode={s: last[s]["decode"] for s in subs if s in last}, poll_s=poll_s)
+    phase.extra["take_age_ms_p50"] = take_age_median(last, subs)
     if any(last[s]["pipeline"] for s in subs if s in last):
         phase.notes.append(f"{model} is a pipeline root: its branches and actions ran too")
     actors_after = actor_cpu_s(listing)

@@ -24,13 +24,18 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's Python has `gi`; the venv's has n
 RAY_DEFAULT_PORTS = frozenset({6379, 8000, 8265, 9000, 10001, 52365})
 
 
+_handed_out: set[int] = set()  # by this process: two callers never get the same port
+
+
 def free_port() -> int:
-    """A port that is free now and is none of Ray's defaults (`RAY_DEFAULT_PORTS`)."""
+    """A port that is free now, none of Ray's defaults (`RAY_DEFAULT_PORTS`), and not
+    handed out before by this process."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port not in RAY_DEFAULT_PORTS:
+        if port not in RAY_DEFAULT_PORTS and port not in _handed_out:
+            _handed_out.add(port)
             return port
 
 

@@ -63,10 +63,11 @@ class _Taken:
     """What a subscription's admission took: set by its take function, read by the
     consumer (None: nothing taken yet, so nothing to count as dropped)."""
 
-    __slots__ = ("claim_open", "failed", "frame", "lb", "offset")
+    __slots__ = ("at", "claim_open", "failed", "frame", "lb", "offset")
 
     def __init__(self) -> None:
         self.frame: Frame | None = None
+        self.at = 0.0  # wall clock when it was taken (sent to the detector)
         self.lb: Any = None
         self.offset = (0, 0)
         self.failed = False  # taken, but its preparation raised
@@ -142,6 +143,9 @@ class SubscriptionProcessor:
         self.processed = 0
         self.last_error: str | None = None
         self.latencies_ms: deque[float] = deque(maxlen=512)  # capture → detection
+        # capture → taken for the detector: the part of the latency that is the frame's
+        # age when its turn came (the rest is the call: queue, inference, reply)
+        self.take_ages_ms: deque[float] = deque(maxlen=512)
         self._done = RateMeter()
         self.stable_tracks = 0
         # Each live stable track's latest branch results, carried by its detections.
@@ -196,7 +200,7 @@ class SubscriptionProcessor:
             frame = self.mailbox.take()
             if frame is None:
                 return None  # too old by now (counted by the mailbox)
-            taken.frame = frame
+            taken.frame, taken.at = frame, time.time()
             try:
                 boxed, taken.lb, taken.offset = self._prepare(frame)
             except Exception:
@@ -272,7 +276,7 @@ class SubscriptionProcessor:
             if result is None or taken.frame is None:
                 continue  # its frame grew too old before its turn (counted)
             try:
-                self._handle(taken.frame, taken.lb, taken.offset, result)
+                self._handle(taken.frame, taken.lb, taken.offset, result, taken.at)
             except Exception as exc:  # a bug must not kill the camera: report it
                 self.mailbox.record_drop(DropReason.PROCESSING_ERROR)
                 logger.exception("%s: processing failed", self.sub.subscriptionIdentifier)
@@ -296,7 +300,14 @@ class SubscriptionProcessor:
             self.last_error = f"{where}: {type(exc).__name__}: {str(exc)[:300]}"
         logger.warning("%s: %s", self.sub.subscriptionIdentifier, self.last_error)
 
-    def _handle(self, frame: Frame, lb: Any, offset: tuple[int, int], result: DetectResult) -> None:
+    def _handle(
+        self,
+        frame: Frame,
+        lb: Any,
+        offset: tuple[int, int],
+        result: DetectResult,
+        taken_at: float | None = None,
+    ) -> None:
         detected_at = time.time()
         rows = np.array(result.rows, np.float32).reshape(-1, 6)  # replies are read-only
         rows[:, :4] = unletterbox_boxes(rows[:, :4], lb)
@@ -330,6 +341,8 @@ class SubscriptionProcessor:
         self.processed += 1
         self._done.mark()
         self.latencies_ms.append((detected_at - frame.captured_at) * 1000)
+        if taken_at is not None:
+            self.take_ages_ms.append((taken_at - frame.captured_at) * 1000)
         self.last_error = None
         common = {
             "subscription_id": self.sub.subscriptionIdentifier,
@@ -377,7 +390,7 @@ class SubscriptionProcessor:
         return self._done.rate(window_s)
 
     def status(self) -> dict[str, Any]:
-        lat = sorted(self.latencies_ms)
+        lat, ages = sorted(self.latencies_ms), sorted(self.take_ages_ms)
         return {
             "subscription_id": self.sub.subscriptionIdentifier,
             "camera_id": self.sub.camera_id,
@@ -387,6 +400,7 @@ class SubscriptionProcessor:
             "processed": self.processed,
             "stable_tracks": self.stable_tracks,
             "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
+            "take_age_ms_p50": round(ages[len(ages) // 2], 1) if ages else None,
             "last_error": self.last_error,
             **{k: v for k, v in self.mailbox.stats().items() if k != "pending"},
             **({"pipeline": self.runner.status()} if self.runner is not None else {}),

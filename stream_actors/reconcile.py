@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from graph.common.schemas import StrictModel
-from stream_actors.dispatch import MIN_SHARE
+from stream_actors.dispatch import MIN_SHARE, DispatchSettings
 from stream_actors.placement import PlacementVerdict
 
 # actor index → stream key → the sorted ids of the subscriptions on that stream
@@ -116,29 +116,74 @@ def plan_actor(
 Demand = Mapping[int, Mapping[str, int]]
 
 
-def admission_shares(demand: Demand, calls_in_flight: int) -> dict[int, dict[str, float]]:
+def live_totals(demand: Demand) -> Counter[str]:
+    """Live subscriptions per target, over all actors."""
+    totals: Counter[str] = Counter()
+    for targets in demand.values():
+        totals.update({target: n for target, n in targets.items() if n > 0})
+    return totals
+
+
+def admission_shares(
+    demand: Demand, calls_in_flight: int, budgets: Mapping[str, float] | None = None
+) -> dict[int, dict[str, float]]:
     """Each actor's share of the cluster's detector calls, per target: every live
     subscription of a target gets the same fraction of calls, wherever it was packed.
-    The total stays `calls_in_flight` per actor that has live subscriptions of the
-    target (what the actors had before shares), so only its division changes: an actor
-    of 4 cameras and one of 1 get 3.2 and 0.8 calls instead of 2 and 2."""
-    totals: Counter[str] = Counter()  # live subscriptions per target
+    The calls of a target are its `budgets` entry (from the replicas that run it, see
+    `target_budgets`) or, without one, `calls_in_flight` per actor that has live
+    subscriptions of the target (what the actors had before shares): an actor of 4
+    cameras and one of 1 get 3.2 and 0.8 of 4 calls instead of 2 and 2."""
+    totals = live_totals(demand)
     actors: Counter[str] = Counter()  # actors with live subscriptions per target
     for targets in demand.values():
-        live = {target: n for target, n in targets.items() if n > 0}
-        totals.update(live)
-        actors.update(live.keys())
+        actors.update(target for target, n in targets.items() if n > 0)
+    budgets = budgets or {}
+    calls = {t: budgets.get(t) or calls_in_flight * actors[t] for t in totals}
     shares: dict[int, dict[str, float]] = {}
     for index, targets in demand.items():
         mine = {
-            target: max(
-                MIN_SHARE, round(calls_in_flight * actors[target] * live / totals[target], 3)
-            )
+            target: max(MIN_SHARE, round(calls[target] * live / totals[target], 3))
             for target, live in sorted(targets.items())
             if live > 0
         }
         shares[index] = mine
     return shares
+
+
+def target_budgets(
+    totals: Mapping[str, int],
+    running: Mapping[str, int],
+    detector_names: Mapping[str, str],
+    calls_per_replica: float | None,
+) -> dict[str, float]:
+    """The cluster's detector calls per target label: `calls_per_replica` × the running
+    replicas of its deployment (`running`: deployment → replicas, as Serve says), so
+    that the frames in flight follow the replicas that run them, not the camera actors
+    that send them (with calls per actor, 16 cameras on 4 actors kept 8 calls, 4 frames
+    per CPU replica, in flight: their wait, not the inference, was the latency).
+
+    Targets of one deployment (modelUrl archives multiplexed on `PipelineDetector`)
+    divide its calls by their live subscriptions (`totals`). A deployment Serve names
+    with no replica running yet (a redeploy, scale from zero) counts as one: fewer
+    calls, not more, while it has the least room. A target whose deployment Serve does
+    not name (no answer yet, `calls_per_replica` None) gets no budget: `calls_in_flight`
+    per actor then. Labels: "model/<model id>" (its deployment from `detector_names`)
+    or "<deployment>/<archive sha256>"."""
+    if calls_per_replica is None:
+        return {}
+    by_deployment: dict[str, list[str]] = {}
+    for label in totals:
+        kind, _, name = label.partition("/")
+        deployment = detector_names.get(name) if kind == "model" else kind
+        if deployment is not None and deployment in running:
+            by_deployment.setdefault(deployment, []).append(label)
+    budgets: dict[str, float] = {}
+    for deployment, labels in by_deployment.items():
+        calls = calls_per_replica * max(running[deployment], 1)
+        live = sum(totals[label] for label in labels)
+        for label in labels:
+            budgets[label] = calls * totals[label] / live
+    return budgets
 
 
 def reported_demand(raw: Any) -> dict[str, int]:
@@ -165,14 +210,24 @@ def reported_shares(raw: Any) -> dict[str, float] | None:
 
 
 def shares_to_send(
-    replies: Mapping[int, Mapping[str, Any]], calls_in_flight: int, fair_share: bool
+    replies: Mapping[int, Mapping[str, Any]],
+    dispatch: DispatchSettings,
+    running: Mapping[str, int] | None = None,
+    detector_names: Mapping[str, str] | None = None,
 ) -> dict[int, dict[str, float]]:
     """The shares to send this round, from the `streams()` replies of the actors that
     answered it: only to those whose held shares differ (with `fair_share` off, those
-    holding any are cleared)."""
-    if fair_share:
+    holding any are cleared). `running`: replicas per deployment (`target_budgets`).
+
+    An actor that did not answer keeps the share it holds, and the ones that answered
+    divide the whole budget: until it answers again the calls in flight can exceed the
+    budget by its share."""
+    if dispatch.fair_share:
         demand = {i: reported_demand(r.get("demand")) for i, r in replies.items()}
-        shares = admission_shares(demand, calls_in_flight)
+        budgets = target_budgets(
+            live_totals(demand), running or {}, detector_names or {}, dispatch.calls_per_replica
+        )
+        shares = admission_shares(demand, dispatch.calls_in_flight, budgets)
     else:
         shares = {i: {} for i in replies}
     return {

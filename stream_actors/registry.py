@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import replace
@@ -44,6 +45,7 @@ from stream_actors.reconcile import (
     unreachable_status,
 )
 from stream_actors.reconnect import TokenBucket
+from stream_actors.serve_calls import ReplicaCounts, running_replicas
 from stream_actors.sessions import SessionBook, session_digest
 from stream_actors.settings import StreamContext, context_revision
 from stream_actors.subscriptions import (
@@ -119,6 +121,8 @@ class StreamRegistry:
         self._bucket = TokenBucket(self._settings.reconnects_per_s, self._settings.reconnect_burst)
         self._actors: dict[int, Any] = {}
         self._unplaced: set[int] = set()  # actors Ray has not placed (pending)
+        # Running detector replicas, as Serve last said: the fair shares' calls per replica
+        self._replicas = ReplicaCounts(functools.partial(running_replicas, self._app))
         self._lock = asyncio.Lock()
         self.last_reconcile_error: str | None = None
         self._closed = False
@@ -445,7 +449,9 @@ class StreamRegistry:
         share from the others. One that does not take it keeps its own `calls_in_flight`
         and is asked again next round."""
         dispatch = self._settings.dispatch
-        wanted = shares_to_send(replies, dispatch.calls_in_flight, dispatch.fair_share)
+        use_replicas = dispatch.fair_share and dispatch.calls_per_replica is not None
+        running = self._replicas.get() if use_replicas else {}  # never waits for Serve
+        wanted = shares_to_send(replies, dispatch, running, self._ctx.detector_names)
         todo = {
             index: (actor, shares)
             for index, shares in wanted.items()

@@ -5,8 +5,13 @@ sends through."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from ray.serve.exceptions import BackPressureError
@@ -14,6 +19,11 @@ from ray.serve.exceptions import BackPressureError
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import DetectorBusy
 from stream_actors.dispatch import SendFn
+
+logger = logging.getLogger("camgraph.streams")
+
+REPLICAS_REFRESH_S = 10.0  # how often the registry asks Serve for the replicas
+REPLICAS_STALE_S = 60.0  # an answer older than this is none (a controller that hangs)
 
 
 class ServeHandles:
@@ -68,3 +78,86 @@ def detector_sender(handle: Any, model_id: str) -> SendFn:
         return results
 
     return send
+
+
+def running_replicas(app_name: str) -> dict[str, int]:
+    """The running replicas of each deployment of the app, as Serve's controller says
+    (blocking, without a timeout of its own: see `ReplicaCounts`). {} when the app is
+    not deployed."""
+    from ray import serve
+
+    return running_counts(serve.status(), app_name)
+
+
+def running_counts(status: Any, app_name: str) -> dict[str, int]:
+    """`serve.status()`'s running replicas per deployment of one app (Serve keys
+    `replica_states` by the state's name)."""
+    app = status.applications.get(app_name)
+    if app is None:
+        return {}
+    return {name: int(d.replica_states.get("RUNNING", 0)) for name, d in app.deployments.items()}
+
+
+class ReplicaCounts:
+    """What `ask` (e.g. `running_replicas` of the app) last answered, asked again at
+    most every `refresh_s` in the background: `get()` never waits for Serve's controller
+    (the registry asks in its repair round, under its lock). One ask at a time, on a
+    daemon thread of its own: a controller that never answers (a blocking `ray.get`
+    without a timeout) holds that thread alone, not a pool the registry needs, and
+    no new one starts meanwhile. An answer older than `stale_s` is none ({}: the
+    callers fall back to calls per actor)."""
+
+    def __init__(
+        self,
+        ask: Callable[[], dict[str, int]],
+        refresh_s: float = REPLICAS_REFRESH_S,
+        stale_s: float = REPLICAS_STALE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ask, self._refresh_s, self._stale_s, self._clock = ask, refresh_s, stale_s, clock
+        self._counts: dict[str, int] = {}
+        self._answered = -float("inf")
+        self._asked = -float("inf")
+        self._pending: asyncio.Future[dict[str, int]] | None = None
+
+    def get(self) -> dict[str, int]:
+        """The last answer (if not stale); starts the next ask when one is due."""
+        now = self._clock()
+        if self._pending is None and now - self._asked >= self._refresh_s:
+            self._asked = now
+            self._start()
+        return dict(self._counts) if now - self._answered < self._stale_s else {}
+
+    @property
+    def asking(self) -> bool:
+        return self._pending is not None
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, int]] = loop.create_future()
+        self._pending = future
+
+        def settle(result: dict[str, int] | None, exc: BaseException | None) -> None:
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result or {})
+
+        def ask() -> None:
+            try:
+                result, exc = self._ask(), None
+            except BaseException as e:  # reported on the event loop, never lost
+                result, exc = None, e
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, result, exc)
+
+        future.add_done_callback(self._answered_with)
+        threading.Thread(target=ask, name="serve-replica-counts", daemon=True).start()
+
+    def _answered_with(self, future: asyncio.Future[dict[str, int]]) -> None:
+        self._pending = None
+        exc = future.exception()
+        if exc is not None:  # its type only: a schema error's text may quote app args
+            logger.warning("detector replicas unknown: %s", type(exc).__name__)
+            return
+        self._counts, self._answered = future.result(), self._clock()

@@ -21,6 +21,7 @@ from deployments.detector import Detector
 from deployments.ingress import Ingress
 from graph.app import Deployments, build_graph
 from graph.common.names import STREAMS_NAMESPACE, registry_name
+from stream_actors.dispatch import DispatchSettings
 from tests.integration.apps import app_config, deployed, wait_until
 from tests.peers import RtspServer, SnapshotServer
 
@@ -36,6 +37,9 @@ BREAKER_OPEN_S = 5.0
 MAX_RETRIES = 8
 FAIR_FRAMES = 50
 FAIR_WINDOW_CAP_S = 300.0
+DETECTOR_REPLICAS = 2
+# The cluster's detector calls the registry divides: calls_per_replica × running replicas
+BUDGET = (DispatchSettings().calls_per_replica or 0) * DETECTOR_REPLICAS
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,9 @@ def app(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> It
         },
     )
     detector = Detector.options(
-        num_replicas=2, max_ongoing_requests=24, ray_actor_options={"num_cpus": 0.5}
+        num_replicas=DETECTOR_REPLICAS,
+        max_ongoing_requests=24,
+        ray_actor_options={"num_cpus": 0.5},
     )
     graph = build_graph(config, Deployments(detector, Ingress.options(num_replicas=1)))
     with deployed(APP, graph):
@@ -491,8 +497,9 @@ def test_a_camera_alone_on_its_actor_gets_no_more_than_its_share(
     app: str, rtsp: RtspServer
 ) -> None:
     """Five cameras packed four to an actor: one actor holds four, the other one. The
-    registry gives them 3.2 and 0.8 of the 4 detector calls, so under overload the
-    lone camera gets about the frames each packed one gets (without shares: 3-4 times)."""
+    registry gives them 4/5 and 1/5 of the detector calls (calls_per_replica × the 2
+    replicas Serve runs), so under overload the lone camera gets about the frames each
+    packed one gets (without shares: 3-4 times)."""
     subs = [f"uneven;cam-{i}" for i in range(5)]
     for i, sub in enumerate(subs):
         subscribe(app, {"subscriptionIdentifier": sub, "rtspUrl": rtsp.url(f"scene{i}")})
@@ -514,11 +521,11 @@ def test_a_camera_alone_on_its_actor_gets_no_more_than_its_share(
                 if share is None:
                     return None
                 got[name] = float(share)
-            return got if sum(got.values()) == pytest.approx(4.0, abs=0.05) else None
+            return got if sum(got.values()) == pytest.approx(BUDGET, abs=0.05) else None
 
         got = wait_until(shares, 30, "the registry's shares on both actors")
         lone = next(name for name, v in layout.items() if len(v) == 1)
-        assert got[lone] == pytest.approx(0.8, abs=0.01), got
+        assert got[lone] == pytest.approx(BUDGET / 5, abs=0.01), got
         time.sleep(5)  # warm-up after the shares
         t0, c0, _, t1, c1, _ = fair_window(app, subs)
         fps = {s: (c1[s] - c0[s]) / (t1 - t0) for s in subs}
@@ -567,6 +574,15 @@ def test_sixteen_cameras_progress_fairly_with_bounded_memory(app: str, rtsp: Rts
                     }
         assert all(v > 0 for v in fps.values())
         assert fairness >= 0.8, json.dumps(by_actor)
+        # 4 full actors share the 2 replicas' calls (calls per actor would make it 8)
+        shares = [
+            d.get("share")
+            for name, a in actors1.items()
+            if by_actor[name]["cameras"]
+            for d in (a.get("dispatch") or {}).values()
+        ]
+        assert len(shares) == CAMERAS // 4 and None not in shares, json.dumps(by_actor)
+        assert sum(shares) == pytest.approx(BUDGET, abs=0.05), json.dumps(by_actor)
         assert rss1 <= rss0 * 1.2 + 50 * 2**20
         state = streams(app)
         drops = [

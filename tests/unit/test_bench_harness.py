@@ -19,6 +19,7 @@ from benchmarks.camgraph_phase import (
     run_camgraph,
     subscription_body,
     subscription_counters,
+    take_age_median,
     window_account,
     with_own_state,
 )
@@ -509,14 +510,15 @@ def test_the_overload_run_is_added_where_the_sweep_has_no_2x_point() -> None:
     assert overload_run_cameras([1, 4], None, 10.0) is None  # no capacity measured
 
 
-def test_free_port_never_hands_out_a_port_that_ray_binds_by_default(
+def test_free_port_never_hands_out_a_port_that_ray_binds_by_default_or_one_twice(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # CI once got 52365 from the kernel for Serve's HTTP port; Ray's dashboard agent then
     # bound it by default and `serve.start` failed. The kernel's answers, replayed.
     from benchmarks import peers
 
-    handed_out = iter([52365, 8265, 41234])
+    handed_out = iter([52365, 8265, 41234, 41234, 41235])
+    monkeypatch.setattr(peers, "_handed_out", set())
 
     class KernelSocket:
         def __enter__(self) -> "KernelSocket":
@@ -534,4 +536,16 @@ def test_free_port_never_hands_out_a_port_that_ray_binds_by_default(
 
     monkeypatch.setattr(peers.socket, "socket", KernelSocket)
     assert peers.free_port() == 41234
+    assert peers.free_port() == 41235  # never the same port twice
     assert 52365 in peers.RAY_DEFAULT_PORTS
+
+
+def test_the_take_age_is_the_median_of_the_cameras_that_report_it() -> None:
+    counters = {
+        "a": {"take_age_ms_p50": 40.0},
+        "b": {"take_age_ms_p50": 90.0},
+        "c": {"take_age_ms_p50": 60.0},
+        "d": {"take_age_ms_p50": None},  # nothing processed yet
+    }
+    assert take_age_median(counters, ["a", "b", "c", "d", "gone"]) == 60.0
+    assert take_age_median(counters, ["d"]) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -539,3 +540,28 @@ def test_the_branch_clock_tells_reader_threads_when_it_was_last_starved() -> Non
     assert clock.starved_within(5.0)  # ...but the verdict holds for the decode window
     clock.last_starved -= 5.0
     assert not clock.starved_within(5.0)  # and then expires
+
+
+def test_the_status_splits_the_latency_into_the_frames_age_when_taken_and_the_call() -> None:
+    """A frame read 100 ms before its turn, and a detector call of 50 ms: the status says
+    the frame was ≥ 100 ms old when taken, and the call added ≥ 50 ms after that."""
+
+    async def detect(model_id: str, request: DetectRequest) -> DetectResult:
+        await asyncio.sleep(0.05)
+        return DetectResult(np.zeros((0, 6), np.float32), {0: "vehicle"})
+
+    async def run() -> dict[str, object]:
+        processor = SubscriptionProcessor(
+            _sub("d;c"), "demo", 64, detect, RingBufferSink(100), ProcessingSettings()
+        )
+        processor.mailbox.put(np.zeros((48, 64, 3), np.uint8), time.time() - 0.1)
+        processor.start()
+        await _until(lambda: processor.processed == 1)
+        await processor.stop()
+        return processor.status()
+
+    status = asyncio.run(run())
+    age, latency = status["take_age_ms_p50"], status["latency_ms_p50"]
+    assert isinstance(age, float) and isinstance(latency, float)
+    assert age >= 100.0
+    assert latency - age >= 49.5  # both rounded to 0.1 ms

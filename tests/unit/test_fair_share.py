@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,7 +31,9 @@ from stream_actors.reconcile import (
     reported_shares,
     shares_differ,
     shares_to_send,
+    target_budgets,
 )
+from stream_actors.serve_calls import ReplicaCounts, running_counts
 
 # ---- the registry's arithmetic --------------------------------------------------------
 
@@ -63,6 +67,60 @@ def test_shares_are_per_target_and_skip_actors_without_live_cameras() -> None:
     assert shares[1] == {"model/a": 1.0}
     assert shares[2] == {}
     assert admission_shares({}, 2) == {}
+
+
+def test_the_calls_follow_the_replicas_not_the_actors() -> None:
+    """With calls per replica, 16 cameras on 4 actors share 2 × 2 replicas' calls (1
+    each), not 2 per actor (8 calls: 4 frames waiting per CPU replica); 9 cameras
+    (4 + 4 + 1) get 4 calls in proportion."""
+    budgets = {"model/m": 4.0}
+    sixteen = {i: {"model/m": 4} for i in range(4)}
+    assert admission_shares(sixteen, 2, budgets) == {i: {"model/m": 1.0} for i in range(4)}
+    nine = admission_shares({0: {"model/m": 4}, 1: {"model/m": 4}, 2: {"model/m": 1}}, 2, budgets)
+    assert nine == {0: {"model/m": 1.778}, 1: {"model/m": 1.778}, 2: {"model/m": 0.444}}
+    # a target without a budget keeps calls_in_flight per actor
+    both = admission_shares({0: {"model/m": 4, "model/n": 4}, 1: {"model/n": 4}}, 2, budgets)
+    assert both == {0: {"model/m": 4.0, "model/n": 2.0}, 1: {"model/n": 2.0}}
+
+
+def test_budgets_are_calls_per_replica_of_each_targets_deployment() -> None:
+    names = {"m": "detector", "n": "detector_n"}
+    running = {"detector": 2, "detector_n": 0, "PipelineDetector": 3, "Ingress": 1}
+    totals = Counter(
+        {
+            "model/m": 5,
+            "model/n": 2,
+            "PipelineDetector/ab12": 3,  # two archives multiplexed on one deployment
+            "PipelineDetector/cd34": 1,
+            "model/unknown": 1,
+            "gone/ef56": 1,
+        }
+    )
+    assert target_budgets(totals, running, names, 2.0) == {
+        "model/m": 4.0,
+        "model/n": 2.0,  # no replica running yet (a redeploy): as one, not calls per actor
+        "PipelineDetector/ab12": 4.5,  # the deployment's 6 calls, by live subscriptions
+        "PipelineDetector/cd34": 1.5,
+    }  # an unknown model or deployment: calls per actor
+    assert target_budgets(totals, running, names, None) == {}
+    assert target_budgets(totals, {}, names, 2.0) == {}  # Serve did not answer yet
+
+
+def test_the_registry_sends_shares_of_the_replicas_calls() -> None:
+    replies = {
+        0: {"demand": {"model/m": 4}, "admission_shares": {"model/m": 2.0}},
+        1: {"demand": {"model/m": 4}, "admission_shares": {"model/m": 2.0}},
+        2: {"demand": {"model/m": 4}, "admission_shares": {"model/m": 1.0}},
+    }
+    per_replica = DispatchSettings(calls_per_replica=1.0)
+    assert shares_to_send(replies, per_replica, {"det": 3}, {"m": "det"}) == {
+        0: {"model/m": 1.0},
+        1: {"model/m": 1.0},
+    }  # actor 2 holds its share already
+    # Serve not heard from, or calls per replica off: calls_in_flight (2) per actor
+    assert shares_to_send(replies, per_replica, {}, {"m": "det"}) == {2: {"model/m": 2.0}}
+    per_actor = DispatchSettings(calls_per_replica=None)
+    assert shares_to_send(replies, per_actor, {"det": 3}, {"m": "det"}) == {2: {"model/m": 2.0}}
 
 
 @pytest.mark.parametrize(
@@ -108,11 +166,12 @@ def test_the_registry_sends_only_changed_shares_to_actors_that_answered() -> Non
         1: {"demand": {"model/m": 1}, "admission_shares": {}},  # restarted: lost it
         2: {"streams": {}},  # an actor of an older camgraph: no demand, no shares
     }
-    assert shares_to_send(replies, 2, fair_share=True) == {1: {"model/m": 0.8}}
+    on, off = DispatchSettings(calls_in_flight=2), DispatchSettings(fair_share=False)
+    assert shares_to_send(replies, on) == {1: {"model/m": 0.8}}
     # fair_share switched off: shares still held are cleared, the others left alone
-    assert shares_to_send(replies, 2, fair_share=False) == {0: {}}
+    assert shares_to_send(replies, off) == {0: {}}
     # an actor that did not answer (not in replies) neither counts nor is called
-    assert shares_to_send({1: replies[1]}, 2, fair_share=True) == {1: {"model/m": 2.0}}
+    assert shares_to_send({1: replies[1]}, on) == {1: {"model/m": 2.0}}
 
 
 def test_target_labels_name_the_dispatchers_as_get_streams_does() -> None:
@@ -350,3 +409,71 @@ def test_a_camera_alone_on_its_actor_gets_no_more_than_the_packed_ones() -> None
     assert _fairness(fair, 5) >= 0.7, fair
     # the replica stays as busy: shares divide the calls, they do not withhold them
     assert sum(fair.values()) >= 0.8 * sum(unfair.values())
+
+
+# ---- the replica counts the registry asks Serve for ---------------------------------------
+
+
+def test_running_counts_read_serve_status_per_deployment() -> None:
+    app = SimpleNamespace(
+        deployments={
+            "Detector_m": SimpleNamespace(replica_states={"RUNNING": 2, "STARTING": 1}),
+            "Ingress": SimpleNamespace(replica_states={"STARTING": 1}),
+        }
+    )
+    status = SimpleNamespace(applications={"camgraph": app})
+    assert running_counts(status, "camgraph") == {"Detector_m": 2, "Ingress": 0}
+    assert running_counts(status, "other") == {}
+
+
+def test_replica_counts_never_wait_for_serve_and_ask_one_at_a_time() -> None:
+    """The registry's round reads the last answer at once; a controller that never
+    answers holds one ask, no new ones start, and its old answer goes stale."""
+
+    async def run() -> None:
+        now = [0.0]
+        answers = [{"det": 2}, {"det": 3}]
+        release = threading.Event()
+        asked = 0
+
+        def ask() -> dict[str, int]:
+            nonlocal asked
+            asked += 1
+            if asked == 3:  # the controller hangs
+                release.wait(10)
+                raise TimeoutError("controller hung")
+            if asked == 2:
+                raise RuntimeError("controller restarting")
+            return answers[0]
+
+        counts = ReplicaCounts(ask, refresh_s=10, stale_s=60, clock=lambda: now[0])
+        assert counts.get() == {}  # nothing known yet: the ask starts in the background
+        await _settled(counts)
+        assert counts.get() == {"det": 2} and asked == 1
+        now[0] = 5.0
+        assert counts.get() == {"det": 2} and asked == 1  # not due again yet
+        now[0] = 11.0
+        assert counts.get() == {"det": 2}
+        await _settled(counts)  # it failed: the last answer stands
+        assert counts.get() == {"det": 2} and asked == 2
+        now[0] = 22.0
+        counts.get()  # the third ask hangs
+        await asyncio.sleep(0.05)
+        now[0] = 40.0
+        assert counts.get() == {"det": 2} and asked == 3 and counts.asking
+        now[0] = 61.0  # a minute after the last answer: stale, no second ask meanwhile
+        assert counts.get() == {} and asked == 3
+        release.set()
+        await _settled(counts)  # the hung ask failed at last
+        assert counts.get() == {} and asked == 4  # and the next one is asked at once
+        await _settled(counts)
+        assert counts.get() == {"det": 2}  # the controller is back
+
+    asyncio.run(run())
+
+
+async def _settled(counts: ReplicaCounts, polls: int = 500) -> None:
+    for _ in range(polls):
+        if not counts.asking:
+            return
+        await asyncio.sleep(0.01)
