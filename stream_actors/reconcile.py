@@ -172,7 +172,9 @@ def target_budgets(
     if calls_per_replica is None:
         return {}
     by_deployment: dict[str, list[str]] = {}
-    for label in totals:
+    for label, live in totals.items():
+        if live <= 0:
+            continue
         kind, _, name = label.partition("/")
         deployment = detector_names.get(name) if kind == "model" else kind
         if deployment is not None and deployment in running:

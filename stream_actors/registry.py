@@ -45,7 +45,7 @@ from stream_actors.reconcile import (
     unreachable_status,
 )
 from stream_actors.reconnect import TokenBucket
-from stream_actors.serve_calls import ReplicaCounts, running_replicas
+from stream_actors.serve_calls import REPLICAS_STALE_S, ReplicaCounts, running_replicas
 from stream_actors.sessions import SessionBook, session_digest
 from stream_actors.settings import StreamContext, context_revision
 from stream_actors.subscriptions import (
@@ -122,7 +122,11 @@ class StreamRegistry:
         self._actors: dict[int, Any] = {}
         self._unplaced: set[int] = set()  # actors Ray has not placed (pending)
         # Running detector replicas, as Serve last said: the fair shares' calls per replica
-        self._replicas = ReplicaCounts(functools.partial(running_replicas, self._app))
+        # (read once per round: an answer must outlive a slow round or two)
+        self._replicas = ReplicaCounts(
+            functools.partial(running_replicas, self._app),
+            stale_s=max(REPLICAS_STALE_S, 2 * (self._settings.reconcile_s + ACTOR_CALL_TIMEOUT_S)),
+        )
         self._lock = asyncio.Lock()
         self.last_reconcile_error: str | None = None
         self._closed = False

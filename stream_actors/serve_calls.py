@@ -5,7 +5,6 @@ sends through."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
@@ -105,7 +104,7 @@ class ReplicaCounts:
     daemon thread of its own: a controller that never answers (a blocking `ray.get`
     without a timeout) holds that thread alone, not a pool the registry needs, and
     no new one starts meanwhile. An answer older than `stale_s` is none ({}: the
-    callers fall back to calls per actor)."""
+    callers fall back to calls per actor); going stale is logged once."""
 
     def __init__(
         self,
@@ -115,49 +114,52 @@ class ReplicaCounts:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ask, self._refresh_s, self._stale_s, self._clock = ask, refresh_s, stale_s, clock
+        self._lock = threading.Lock()  # the asking thread writes, get() reads
         self._counts: dict[str, int] = {}
         self._answered = -float("inf")
         self._asked = -float("inf")
-        self._pending: asyncio.Future[dict[str, int]] | None = None
+        self._asking = False
+        self._said_stale = True  # nothing to say before a first answer
 
     def get(self) -> dict[str, int]:
         """The last answer (if not stale); starts the next ask when one is due."""
         now = self._clock()
-        if self._pending is None and now - self._asked >= self._refresh_s:
-            self._asked = now
-            self._start()
-        return dict(self._counts) if now - self._answered < self._stale_s else {}
+        with self._lock:
+            start = not self._asking and now - self._asked >= self._refresh_s
+            if start:
+                self._asking, self._asked = True, now
+            fresh = now - self._answered < self._stale_s
+            counts = dict(self._counts) if fresh else {}
+            say_stale = not fresh and not self._said_stale
+            self._said_stale = self._said_stale or say_stale
+        if say_stale:
+            logger.warning(
+                "detector replicas: Serve's last answer is over %.0f s old; calls per "
+                "camera actor until it answers again",
+                self._stale_s,
+            )
+        if start:
+            try:
+                threading.Thread(target=self._run, name="serve-replicas", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: asked again when due
+                logger.warning("detector replicas not asked: %s", exc)
+                with self._lock:
+                    self._asking = False
+        return counts
 
     @property
     def asking(self) -> bool:
-        return self._pending is not None
+        with self._lock:
+            return self._asking
 
-    def _start(self) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, int]] = loop.create_future()
-        self._pending = future
-
-        def settle(result: dict[str, int] | None, exc: BaseException | None) -> None:
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(result or {})
-
-        def ask() -> None:
-            try:
-                result, exc = self._ask(), None
-            except BaseException as e:  # reported on the event loop, never lost
-                result, exc = None, e
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(settle, result, exc)
-
-        future.add_done_callback(self._answered_with)
-        threading.Thread(target=ask, name="serve-replica-counts", daemon=True).start()
-
-    def _answered_with(self, future: asyncio.Future[dict[str, int]]) -> None:
-        self._pending = None
-        exc = future.exception()
-        if exc is not None:  # its type only: a schema error's text may quote app args
+    def _run(self) -> None:
+        try:
+            counts = self._ask()
+        except BaseException as exc:  # its type only: a schema error's text may quote args
             logger.warning("detector replicas unknown: %s", type(exc).__name__)
+            with self._lock:
+                self._asking = False
             return
-        self._counts, self._answered = future.result(), self._clock()
+        with self._lock:
+            self._counts, self._answered = dict(counts), self._clock()
+            self._asking, self._said_stale = False, False

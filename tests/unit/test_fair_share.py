@@ -429,51 +429,45 @@ def test_running_counts_read_serve_status_per_deployment() -> None:
 def test_replica_counts_never_wait_for_serve_and_ask_one_at_a_time() -> None:
     """The registry's round reads the last answer at once; a controller that never
     answers holds one ask, no new ones start, and its old answer goes stale."""
+    now = [0.0]
+    release = threading.Event()
+    asked = 0
 
-    async def run() -> None:
-        now = [0.0]
-        answers = [{"det": 2}, {"det": 3}]
-        release = threading.Event()
-        asked = 0
+    def ask() -> dict[str, int]:
+        nonlocal asked
+        asked += 1
+        if asked == 3:  # the controller hangs
+            release.wait(10)
+            raise TimeoutError("controller hung")
+        if asked == 2:
+            raise RuntimeError("controller restarting")
+        return {"det": 2}
 
-        def ask() -> dict[str, int]:
-            nonlocal asked
-            asked += 1
-            if asked == 3:  # the controller hangs
-                release.wait(10)
-                raise TimeoutError("controller hung")
-            if asked == 2:
-                raise RuntimeError("controller restarting")
-            return answers[0]
-
-        counts = ReplicaCounts(ask, refresh_s=10, stale_s=60, clock=lambda: now[0])
-        assert counts.get() == {}  # nothing known yet: the ask starts in the background
-        await _settled(counts)
-        assert counts.get() == {"det": 2} and asked == 1
-        now[0] = 5.0
-        assert counts.get() == {"det": 2} and asked == 1  # not due again yet
-        now[0] = 11.0
-        assert counts.get() == {"det": 2}
-        await _settled(counts)  # it failed: the last answer stands
-        assert counts.get() == {"det": 2} and asked == 2
-        now[0] = 22.0
-        counts.get()  # the third ask hangs
-        await asyncio.sleep(0.05)
-        now[0] = 40.0
-        assert counts.get() == {"det": 2} and asked == 3 and counts.asking
-        now[0] = 61.0  # a minute after the last answer: stale, no second ask meanwhile
-        assert counts.get() == {} and asked == 3
-        release.set()
-        await _settled(counts)  # the hung ask failed at last
-        assert counts.get() == {} and asked == 4  # and the next one is asked at once
-        await _settled(counts)
-        assert counts.get() == {"det": 2}  # the controller is back
-
-    asyncio.run(run())
+    counts = ReplicaCounts(ask, refresh_s=10, stale_s=60, clock=lambda: now[0])
+    assert counts.get() == {}  # nothing known yet: the ask starts in the background
+    _settled(counts)
+    assert counts.get() == {"det": 2} and asked == 1
+    now[0] = 5.0
+    assert counts.get() == {"det": 2} and asked == 1  # not due again yet
+    now[0] = 11.0
+    assert counts.get() == {"det": 2}
+    _settled(counts)  # it failed: the last answer stands
+    assert counts.get() == {"det": 2} and asked == 2
+    now[0] = 22.0
+    counts.get()  # the third ask hangs
+    now[0] = 40.0
+    assert counts.get() == {"det": 2} and counts.asking
+    now[0] = 61.0  # a minute after the last answer: stale, no second ask meanwhile
+    assert counts.get() == {} and counts.asking and asked == 3
+    release.set()
+    _settled(counts)  # the hung ask failed at last
+    assert counts.get() == {}  # and the next one starts at once
+    _settled(counts)
+    assert asked == 4 and counts.get() == {"det": 2}  # the controller is back
 
 
-async def _settled(counts: ReplicaCounts, polls: int = 500) -> None:
-    for _ in range(polls):
-        if not counts.asking:
-            return
-        await asyncio.sleep(0.01)
+def _settled(counts: ReplicaCounts, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while counts.asking:
+        assert time.monotonic() < deadline, "the ask never ended"
+        time.sleep(0.01)
