@@ -18,7 +18,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,11 @@ from stream_actors.tracking import Tracker, TrackerConfig
 logger = logging.getLogger("camgraph.streams")
 
 DetectFn = Callable[[str, DetectRequest], Coroutine[Any, Any, DetectResult]]
+
+
+def _p50(values: Iterable[float]) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[len(ordered) // 2], 1) if ordered else None
 
 
 def direct(detect: DetectFn, model_id: str) -> AdmitFn:
@@ -306,7 +311,7 @@ class SubscriptionProcessor:
         lb: Any,
         offset: tuple[int, int],
         result: DetectResult,
-        taken_at: float | None = None,
+        taken_at: float,
     ) -> None:
         detected_at = time.time()
         rows = np.array(result.rows, np.float32).reshape(-1, 6)  # replies are read-only
@@ -341,8 +346,7 @@ class SubscriptionProcessor:
         self.processed += 1
         self._done.mark()
         self.latencies_ms.append((detected_at - frame.captured_at) * 1000)
-        if taken_at is not None:
-            self.take_ages_ms.append((taken_at - frame.captured_at) * 1000)
+        self.take_ages_ms.append((taken_at - frame.captured_at) * 1000)
         self.last_error = None
         common = {
             "subscription_id": self.sub.subscriptionIdentifier,
@@ -390,7 +394,6 @@ class SubscriptionProcessor:
         return self._done.rate(window_s)
 
     def status(self) -> dict[str, Any]:
-        lat, ages = sorted(self.latencies_ms), sorted(self.take_ages_ms)
         return {
             "subscription_id": self.sub.subscriptionIdentifier,
             "camera_id": self.sub.camera_id,
@@ -399,8 +402,8 @@ class SubscriptionProcessor:
             "fps_processed": round(self.fps(), 2),
             "processed": self.processed,
             "stable_tracks": self.stable_tracks,
-            "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
-            "take_age_ms_p50": round(ages[len(ages) // 2], 1) if ages else None,
+            "latency_ms_p50": _p50(self.latencies_ms),
+            "take_age_ms_p50": _p50(self.take_ages_ms),
             "last_error": self.last_error,
             **{k: v for k, v in self.mailbox.stats().items() if k != "pending"},
             **({"pipeline": self.runner.status()} if self.runner is not None else {}),

@@ -153,13 +153,13 @@ class ReplicaCounts:
             return self._asking
 
     def _run(self) -> None:
+        counts: dict[str, int] | None = None
         try:
-            counts = self._ask()
+            counts = dict(self._ask())
         except BaseException as exc:  # its type only: a schema error's text may quote args
             logger.warning("detector replicas unknown: %s", type(exc).__name__)
+        finally:
             with self._lock:
+                if counts is not None:
+                    self._counts, self._answered, self._said_stale = counts, self._clock(), False
                 self._asking = False
-            return
-        with self._lock:
-            self._counts, self._answered = dict(counts), self._clock()
-            self._asking, self._said_stale = False, False
