@@ -41,7 +41,14 @@ from graph.pipeline.plan import PipelineRuntime
 from graph.pipeline.runner import BranchResult, PipelineRunner, ResultFn
 from stream_actors.actor_metrics import CameraMetrics
 from stream_actors.admission import TargetAdmission
-from stream_actors.dispatch import AdmitFn, BranchClock, DetectDispatcher, SendFn, TakeFn
+from stream_actors.dispatch import (
+    AdmitFn,
+    BranchClock,
+    DetectDispatcher,
+    FrameTimingFn,
+    SendFn,
+    TakeFn,
+)
 from stream_actors.forwarding import ActionForwarder, rerouted
 from stream_actors.processor import SubscriptionProcessor
 from stream_actors.reader import DOWN_STATES, StreamReader, StreamState
@@ -119,8 +126,10 @@ class CameraActor:
         """A subscription's admission to its detector target's dispatcher (looked up per
         frame: a redeploy replaces the dispatchers, see update_context)."""
 
-        async def admit(take: TakeFn, live: bool) -> DetectResult | None:
-            return await self._dispatcher(target, model_id).admit(take, live)
+        async def admit(
+            take: TakeFn, live: bool, timing: FrameTimingFn | None
+        ) -> DetectResult | None:
+            return await self._dispatcher(target, model_id).admit(take, live, timing)
 
         return admit
 

@@ -4,8 +4,9 @@ newest frame; every frame that is never processed is counted with its reason."""
 from __future__ import annotations
 
 import enum
+import statistics
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,6 +61,8 @@ class LatestFrameMailbox:
         self._cond = threading.Condition()
         self._frame: Frame | None = None
         self._seq = 0
+        self._last_put: float | None = None
+        self._intervals: deque[float] = deque(maxlen=15)  # between recent puts (s)
         self.received = 0
         self.delivered = 0
         self.drops: Counter[DropReason] = Counter()
@@ -70,6 +73,9 @@ class LatestFrameMailbox:
             self._seq += 1
             at = captured_at if captured_at is not None else self._clock.time()
             frame = Frame(image, self._seq, at, now_mono)
+            if self._last_put is not None:
+                self._intervals.append(now_mono - self._last_put)
+            self._last_put = now_mono
             if self._frame is not None:
                 self.drops[DropReason.SUPERSEDED] += 1
             self._frame = frame
@@ -101,6 +107,16 @@ class LatestFrameMailbox:
         """Whether a frame waits to be taken (it may still be too old when taken)."""
         with self._cond:
             return self._frame is not None
+
+    def timing(self) -> tuple[float, float] | None:
+        """The waiting frame's age and the source's frame interval (the median of its
+        last 15, so one stall does not skew it), in seconds: the next frame is due in
+        about interval - age. None: no frame waits, or fewer than two have arrived."""
+        with self._cond:
+            frame, intervals = self._frame, list(self._intervals)
+        if frame is None or not intervals:
+            return None
+        return self._clock.monotonic() - frame.captured_mono, statistics.median(intervals)
 
     def wait_taken(self, timeout_s: float) -> bool:
         """Wait until the slot is empty (its frame was taken); False on timeout."""

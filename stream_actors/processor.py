@@ -37,7 +37,7 @@ from graph.events.model import (
 )
 from graph.pipeline.plan import PipelinePlan
 from graph.pipeline.runner import PipelineRunner
-from stream_actors.dispatch import AdmitFn, TakeFn
+from stream_actors.dispatch import AdmitFn, FrameTimingFn, TakeFn
 from stream_actors.mailbox import DropReason, Frame, LatestFrameMailbox
 from stream_actors.meter import RateMeter
 from stream_actors.stability import StabilityRules, StabilityValidator
@@ -57,7 +57,7 @@ def _p50(values: Iterable[float]) -> float | None:
 def direct(detect: DetectFn, model_id: str) -> AdmitFn:
     """An admission that takes the frame at once and calls `detect` with it alone."""
 
-    async def admit(take: TakeFn, live: bool) -> DetectResult | None:
+    async def admit(take: TakeFn, live: bool, timing: FrameTimingFn | None) -> DetectResult | None:
         request = take()
         return None if request is None else await detect(model_id, request)
 
@@ -132,6 +132,8 @@ class SubscriptionProcessor:
         self._live = sub.fileUrl is None or sub.fileRealtime
         max_age = settings.max_frame_age_s if self._live else None
         self.mailbox = LatestFrameMailbox(max_age, on_put=wake)
+        # A live frame's age and interval: a free call may wait for the next frame.
+        self._timing = self.mailbox.timing if self._live else None
         self._params = DetectParams(settings.conf, settings.iou, None, settings.max_det)
         self._tracker = Tracker(settings.tracker)
         self._stability = StabilityValidator(sub.stability or settings.stability)
@@ -246,7 +248,8 @@ class SubscriptionProcessor:
             # Bounded: a hung replica must not hold the subscription's only slot for ever.
             task = asyncio.ensure_future(
                 asyncio.wait_for(
-                    self._admit(self._taker(taken), self._live), self._settings.detect_timeout_s
+                    self._admit(self._taker(taken), self._live, self._timing),
+                    self._settings.detect_timeout_s,
                 )
             )
             task.add_done_callback(functools.partial(self._claim_ended, taken))

@@ -4,10 +4,8 @@ asyncio, a real mailbox and processor, and a detector that records what it was s
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -23,42 +21,13 @@ from stream_actors.dispatch import (
 )
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from stream_actors.subscriptions import Subscription
-
-
-def sync(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(test(*args, **kwargs))
-
-    return run
-
-
-def _request(value: int) -> DetectRequest:
-    return DetectRequest(np.full((4, 4, 3), value, np.uint8))
-
-
-def _result(request: DetectRequest) -> DetectResult:
-    value = float(request.image[0, 0, 0])
-    return DetectResult(np.array([[0, 0, 1, 1, value / 255, 0]], np.float32), {0: "x"})
-
-
-class Recorder:
-    """A detector whose calls end when the test says (gate), recording each call."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[int]] = []
-        self.waiting: list[int] = []  # what each call said waits behind it
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.fail: Exception | None = None
-
-    async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
-        self.calls.append([int(r.image[0, 0, 0]) for r in requests])
-        self.waiting.append(waiting)
-        await self.gate.wait()
-        if self.fail is not None:
-            raise self.fail
-        return [_result(r) for r in requests]
+from tests.unit.dispatch_fakes import Recorder, sync
+from tests.unit.dispatch_fakes import live_sub as _sub
+from tests.unit.dispatch_fakes import make_request as _request
+from tests.unit.dispatch_fakes import make_result as _result
+from tests.unit.dispatch_fakes import replay_sub as _replay
+from tests.unit.dispatch_fakes import settle as _settle
+from tests.unit.dispatch_fakes import until as _until
 
 
 @sync
@@ -395,18 +364,6 @@ async def test_close_fails_waiters_and_lets_calls_end() -> None:
 # ---- processors sharing one dispatcher -------------------------------------------------
 
 
-def _sub(sid: str) -> Subscription:
-    return Subscription(
-        subscriptionIdentifier=sid, rtspUrl="rtsp://cam.example/stream", modelId="demo"
-    )
-
-
-def _replay(sid: str) -> Subscription:
-    return Subscription(
-        subscriptionIdentifier=sid, fileUrl="/data/clip.mp4", fileRealtime=False, modelId="demo"
-    )
-
-
 @sync
 @pytest.mark.parametrize(
     ("make_sub", "calls"),
@@ -454,20 +411,6 @@ async def test_subscriptions_of_an_actor_share_calls_and_account_for_every_frame
         assert isinstance(drops, dict)
         assert s["received"] == p.processed + sum(drops.values()) + s["pending"]
     assert [p.mailbox.stats()["drops"]["superseded"] for p in procs] == [3, 3, 3]
-
-
-async def _settle(steps: int = 100) -> None:
-    """Let every ready task run (loop steps, not time: a loaded CI box cannot make it
-    flaky)."""
-    for _ in range(steps):
-        await asyncio.sleep(0)
-
-
-async def _until(predicate: Callable[[], bool], polls: int = 300) -> None:
-    for _ in range(polls):
-        if predicate():
-            return
-        await _settle()
 
 
 @sync

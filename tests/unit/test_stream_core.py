@@ -52,6 +52,27 @@ def test_mailbox_drops_frames_older_than_the_limit() -> None:
     assert stats["drops"]["too_old"] == 1 and stats["delivered"] == 1
 
 
+def test_mailbox_timing_is_the_frames_age_and_the_sources_interval() -> None:
+    """The waiting frame's age and the source's frame interval (the median of its recent
+    ones, so one stall does not skew it); None without a frame or an interval."""
+    clock = ManualClock()
+    box = LatestFrameMailbox(clock=clock)
+    assert box.timing() is None
+    box.put(IMG)
+    assert box.timing() is None  # one frame: no interval yet
+    for _ in range(5):
+        clock.advance(0.1)
+        box.put(IMG)
+    clock.advance(0.025)
+    assert box.timing() == pytest.approx((0.025, 0.1))
+    clock.advance(3.0)  # a stall: one long interval among short ones
+    box.put(IMG)
+    clock.advance(0.05)
+    assert box.timing() == pytest.approx((0.05, 0.1))
+    assert box.take() is not None
+    assert box.timing() is None  # nothing waits
+
+
 def test_the_rate_meter_counts_its_window_and_its_own_age_on_its_clock() -> None:
     clock = ManualClock()
     meter = RateMeter(clock=clock)
