@@ -32,17 +32,20 @@ already stable is worth more than one more frame of it. Detection never stops fo
 
 A frame about to be superseded waits for its successor. When a call frees, the
 longest-waiting subscription's newest frame is on average half a frame interval old (at
-10 fps, 50 ms: more than one CPU inference) and up to a whole one. If its next frame is
-due within `hold_for_next_s` (the mailbox knows the camera's frame interval), the free
-call waits for it, at most `hold_for_next_s` + `NEXT_FRAME_SLACK_S`, and sends the new
-one. The order of turns stays longest waiting first: taking fresher frames out of turn
-instead gave the cameras whose frames happened to arrive just before calls freed most
-of the frames (fairness 0.51-0.58 at 8-16 cameras, measured). Only live frames wait; a
-replay's frames have no freshness to lose. Measured at 8 and 16 cameras of 10 fps on 2
-CPU replicas (2026-12-04, 0.05 s against none): the frame's age when sent fell from
-44-52 ms to 6-8 ms at p50, capture to detection from 178-217 ms to 136-175 ms at p50
-and 323-404 ms to 273-359 ms at p99, for 1-2 % fewer frames (the replicas still have
-the other calls' frames to run while one call waits).
+10 fps, 50 ms: more than one CPU inference) and up to a whole one. If that frame is at
+least half an interval old and its successor is due within `hold_for_next_s` (the
+mailbox knows the camera's frame interval), the call waits for the successor, at most
+until `NEXT_FRAME_SLACK_S` after it is due, and sends it. Only the last free call
+waits (with two free, the frame goes at once), only calls of one live frame
+(`live_frames_per_call` 1: a batch does not wait for one camera), and never for a
+replay's frames, which have no freshness to lose. The order of turns stays longest
+waiting first: taking fresher frames out of turn instead gave the cameras whose frames
+happened to arrive just before calls freed most of the frames (fairness 0.51-0.58 at
+8-16 cameras, measured). Measured at 8 and 16 cameras of 10 fps on 2 CPU replicas
+(2026-12-04, 0.05 s against none): the frame's age when sent fell from 44-52 ms to 6-8
+ms at p50, capture to detection from 178-217 ms to 136-175 ms at p50 and 323-404 ms to
+273-359 ms at p99, for 1-2 % fewer frames (the replicas still run the frames of the
+calls in flight while the last free one waits).
 
 Fair share across camera actors. Streams are packed `streams_per_actor` to an actor, so
 an actor may hold one camera while another holds four; with the same calls per actor
@@ -79,13 +82,14 @@ from pydantic import Field, model_validator
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import CamgraphError
 from graph.common.schemas import StrictModel
+from stream_actors.mailbox import FrameTiming
 
 TakeFn = Callable[[], DetectRequest | None]
 """Takes the subscription's newest frame (prepared) at the moment it is admitted; None:
 there is none any more (e.g. it grew too old)."""
-FrameTimingFn = Callable[[], tuple[float, float] | None]
-"""The subscription's waiting frame's age and its camera's frame interval, in seconds
-(`LatestFrameMailbox.timing`); None: not known."""
+FrameTimingFn = Callable[[], FrameTiming | None]
+"""The subscription's waiting frame's age, sequence number and its camera's frame
+interval (`LatestFrameMailbox.timing`); None: not known."""
 AdmitFn = Callable[[TakeFn, bool, FrameTimingFn | None], Awaitable[DetectResult | None]]
 """`admit(take, live, timing)`: live frames (cameras) go `live_frames_per_call` to a
 call, replay frames (lossless files) `max_frames_per_call`; with `timing`, a free call
@@ -100,6 +104,7 @@ MIN_SHARE, MAX_SHARE = 0.05, 16.0  # a dispatcher's share of the cluster's calls
 MAX_IDLE_S = 2.0  # the longest a fractional slot idles after one call
 NEXT_FRAME_SLACK_S = 0.01  # how late a frame waited for may come (network jitter)
 POLL_S = 0.002  # how often a hold looks for the frame once it is due
+MIN_INTERVAL_S = 0.005  # shorter: a burst (e.g. a reconnect's buffer), not a frame rate
 
 
 def target_label(target: tuple[str, str]) -> str:
@@ -172,9 +177,9 @@ class DispatchSettings(StrictModel):
         0.05,
         ge=0,
         le=1,
-        description="a free call whose next live frame is about to be superseded (its "
-        "camera's next frame is due within this) waits for that frame, so the frame sent "
-        "is fresh; 0: it takes the waiting frame, however old",
+        description="the last free call, when the live frame in turn is at least half a "
+        "frame interval old and the camera's next one is due within this, waits for "
+        "that next frame and sends it fresh; 0: it sends the waiting frame, however old",
     )
 
     @model_validator(mode="after")
@@ -194,6 +199,14 @@ class _Waiter:
 
 
 @dataclass
+class _Hold:
+    waiter: _Waiter
+    seq: int  # its frame when the hold began
+    start: float
+    until: float  # its next frame is due, plus the slack
+
+
+@dataclass
 class DispatchStats:
     calls: int = 0
     frames: int = 0
@@ -205,7 +218,7 @@ class DispatchStats:
 
 
 class DetectDispatcher:
-    """One per (camera actor, detector target). `admit(take, live)` resolves with the
+    """One per (camera actor, detector target). `admit(take, live, timing)` resolves with the
     result of the frame `take` gave, or None when it gave none; it raises what the call raised
     (e.g. `DetectorBusy`). Cancelling `admit` (a timeout, a stopped subscription) before
     its turn means its frame is never taken."""
@@ -225,7 +238,7 @@ class DetectDispatcher:
         self._share: float | None = None
         self._partial_ready = 0.0
         self._waiting: deque[_Waiter] = deque()
-        self._hold: tuple[_Waiter, float] | None = None  # waiting for its next frame since
+        self._hold: _Hold | None = None  # the last free call waits for a waiter's next frame
         self._in_flight = 0
         self._changed = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
@@ -236,6 +249,8 @@ class DetectDispatcher:
         self, take: TakeFn, live: bool = True, timing: FrameTimingFn | None = None
     ) -> DetectResult | None:
         future: asyncio.Future[DetectResult | None] = asyncio.get_running_loop().create_future()
+        # A cancelled waiter wakes the pump (it may be holding a call for it).
+        future.add_done_callback(lambda _: self._changed.set())
         self._waiting.append(_Waiter(time.monotonic(), take, future, live, timing))
         self._changed.set()
         if self._pump is None or self._pump.done():
@@ -323,60 +338,72 @@ class DetectDispatcher:
                 await self._changed.wait()
 
     async def _run(self) -> None:
-        while True:
-            while self._waiting and self._waiting[0].future.done():
-                self._waiting.popleft()  # cancelled before its turn
-            if not self._waiting:
-                return
-            free_in = self._free_in(time.monotonic())
-            if free_in is None or free_in > 0:
-                await self._wait_change(free_in)  # a call ends, or the last slot frees
-                continue
-            if self._held():
-                # Starved branch work: one detector call at a time, branch_hold_s apart,
-                # until it catches up (never none: detection never stops).
-                start = time.monotonic()
-                while self._held():
-                    await asyncio.sleep(0.02)
-                self.stats.holds += 1
-                self.stats.held_s += time.monotonic() - start
-                continue  # waiters may have been cancelled meanwhile
-            hold_s = self._hold_for_next(time.monotonic())
-            if hold_s > 0:
-                await self._wait_change(hold_s)  # or a change: a waiter cancelled, a call
-                continue
-            self._start_call()
+        try:
+            while True:
+                while self._waiting and self._waiting[0].future.done():
+                    self._waiting.popleft()  # cancelled before its turn
+                if not self._waiting:
+                    return
+                free_in = self._free_in(time.monotonic())
+                if free_in is None or free_in > 0:
+                    self._end_hold()
+                    await self._wait_change(free_in)  # a call ends, or the last slot frees
+                    continue
+                if self._held():
+                    # Starved branch work: one detector call at a time, branch_hold_s
+                    # apart, until it catches up (never none: detection never stops).
+                    self._end_hold()
+                    start = time.monotonic()
+                    while self._held():
+                        await asyncio.sleep(0.02)
+                    self.stats.holds += 1
+                    self.stats.held_s += time.monotonic() - start
+                    continue  # waiters may have been cancelled meanwhile
+                hold_s = self._hold_for_next(time.monotonic())
+                if hold_s > 0:
+                    # Until the frame is due (its arrival wakes nobody here), a call ends
+                    # or a waiter is cancelled; then look again.
+                    await self._wait_change(hold_s)
+                    continue
+                self._start_call()
+        finally:
+            self._end_hold()
 
     def _hold_for_next(self, now: float) -> float:
-        """How long the free call still waits for the next frame of the first waiter
-        (0: send now). It waits when that waiter's frame is live and its successor is due
-        within `hold_for_next_s`, until the successor arrives or the hold runs out."""
-        waiter = self._waiting[0]  # _run has dropped the cancelled ones in front
+        """How long the last free call still waits for the first waiter's next frame (0:
+        send now). It waits when that waiter's live frame is at least half its camera's
+        frame interval old and the next one is due within `hold_for_next_s`, until the
+        next one has come or is `NEXT_FRAME_SLACK_S` overdue."""
+        waiter, hold = self._waiting[0], self._hold  # _run dropped the cancelled in front
+        last_free = self._in_flight >= self._slots()[0] - 1  # else another call would idle
+        if hold is not None and hold.waiter is waiter and last_free:
+            timing = waiter.timing() if waiter.timing is not None else None
+            if timing is None or timing.seq != hold.seq or now >= hold.until:
+                return self._end_hold()  # its next frame came, or will not: send
+            return min(hold.until - now, max(timing.interval_s - timing.age_s, 0.0) + POLL_S)
+        self._end_hold()
         limit = self._settings.hold_for_next_s
-        timing = waiter.timing() if waiter.live and waiter.timing is not None else None
-        held = self._hold
-        if timing is None or limit <= 0:
-            return self._end_hold(now)
-        age, interval = timing
-        if held is None or held[0] is not waiter:
-            self._end_hold(now)
-            due = interval - age
-            if not 0 < due <= limit:
-                return 0.0
-            self._hold = (waiter, now)
-            self.stats.next_frame_holds += 1
-            return due + POLL_S
-        start = held[1]
-        if age <= now - start:
-            return self._end_hold(now)  # its next frame came during the hold: send it
-        left = start + limit + NEXT_FRAME_SLACK_S - now
-        if left <= 0:
-            return self._end_hold(now)  # it did not come: send the one there is
-        return min(left, max(interval - age, 0.0) + POLL_S)
+        if (
+            limit <= 0
+            or not last_free
+            or not waiter.live
+            or waiter.timing is None
+            or self._settings.live_frames_per_call != 1
+        ):
+            return 0.0
+        timing = waiter.timing()
+        if timing is None or timing.interval_s < MIN_INTERVAL_S:
+            return 0.0
+        due = timing.interval_s - timing.age_s
+        if not 0 < due <= min(limit, timing.interval_s / 2):
+            return 0.0
+        self._hold = _Hold(waiter, timing.seq, now, now + due + NEXT_FRAME_SLACK_S)
+        self.stats.next_frame_holds += 1
+        return due + POLL_S
 
-    def _end_hold(self, now: float) -> float:
+    def _end_hold(self) -> float:
         if self._hold is not None:
-            self.stats.next_frame_held_s += now - self._hold[1]
+            self.stats.next_frame_held_s += time.monotonic() - self._hold.start
             self._hold = None
         return 0.0
 

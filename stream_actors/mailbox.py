@@ -9,7 +9,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -40,6 +40,12 @@ class Frame:
     def image(self) -> np.ndarray:
         payload = self.payload
         return payload if isinstance(payload, np.ndarray) else payload.image
+
+
+class FrameTiming(NamedTuple):
+    age_s: float  # of the frame waiting in the mailbox
+    interval_s: float  # between the source's recent frames
+    seq: int  # the waiting frame's: a new one has another
 
 
 class LatestFrameMailbox:
@@ -108,15 +114,16 @@ class LatestFrameMailbox:
         with self._cond:
             return self._frame is not None
 
-    def timing(self) -> tuple[float, float] | None:
-        """The waiting frame's age and the source's frame interval (the median of its
-        last 15, so one stall does not skew it), in seconds: the next frame is due in
-        about interval - age. None: no frame waits, or fewer than two have arrived."""
+    def timing(self) -> FrameTiming | None:
+        """The waiting frame's age and sequence number and the source's frame interval
+        (the median of its last 15, so one stall does not skew it): the next frame is
+        due in about interval - age. None: no frame waits, or fewer than two arrived."""
         with self._cond:
             frame, intervals = self._frame, list(self._intervals)
         if frame is None or not intervals:
             return None
-        return self._clock.monotonic() - frame.captured_mono, statistics.median(intervals)
+        age = self._clock.monotonic() - frame.captured_mono
+        return FrameTiming(age, statistics.median(intervals), frame.seq)
 
     def wait_taken(self, timeout_s: float) -> bool:
         """Wait until the slot is empty (its frame was taken); False on timeout."""

@@ -590,6 +590,9 @@ def test_sixteen_cameras_progress_fairly_with_bounded_memory(app: str, rtsp: Rts
             if s["subscription_id"] in subs
         ]
         assert sum(d["superseded"] for d in drops) > 0  # overloaded: frames are dropped
+        # Calls waited for frames about to be superseded (the actors pass frame timings).
+        dispatch = [d for n in hosts for d in (state["actors"][n].get("dispatch") or {}).values()]
+        assert sum(d.get("next_frame_holds", 0) for d in dispatch) > 0, json.dumps(by_actor)
     finally:
         for sub in subs:
             unsubscribe(app, sub)

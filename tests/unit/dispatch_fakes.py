@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from graph.common.detection import DetectRequest, DetectResult
+from stream_actors.mailbox import FrameTiming
 from stream_actors.subscriptions import Subscription
 
 
@@ -84,15 +85,16 @@ class Camera:
     def __init__(self, interval_s: float, age_s: float, value: int = 1) -> None:
         self.interval_s = interval_s
         self.value: int | None = value
+        self.seq = 1
         self.put_at = time.monotonic() - age_s
 
     def put(self, value: int) -> None:
-        self.value, self.put_at = value, time.monotonic()
+        self.value, self.put_at, self.seq = value, time.monotonic(), self.seq + 1
 
-    def timing(self) -> tuple[float, float] | None:
+    def timing(self) -> FrameTiming | None:
         if self.value is None:
             return None
-        return time.monotonic() - self.put_at, self.interval_s
+        return FrameTiming(time.monotonic() - self.put_at, self.interval_s, self.seq)
 
     def take(self) -> DetectRequest | None:
         value, self.value = self.value, None

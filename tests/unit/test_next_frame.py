@@ -13,7 +13,7 @@ import pytest
 
 from graph.common.detection import DetectResult
 from graph.events.model import RingBufferSink
-from stream_actors.dispatch import DetectDispatcher, DispatchSettings
+from stream_actors.dispatch import DetectDispatcher, DispatcherClosed, DispatchSettings
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from tests.unit.dispatch_fakes import (
     Camera,
@@ -28,12 +28,16 @@ from tests.unit.dispatch_fakes import make_request as _request
 from tests.unit.dispatch_fakes import make_result as _result
 
 
+def _one_call(hold_s: float, **settings: Any) -> DispatchSettings:
+    return DispatchSettings(calls_in_flight=1, hold_for_next_s=hold_s, **settings)
+
+
 @sync
 async def test_a_free_call_waits_for_a_frame_about_to_be_superseded() -> None:
     """The frame in turn is 0.8 s old and its successor is due in 0.2 s (a 1 fps
     camera): the call waits for the successor and sends it, not the old one."""
     det = Recorder()
-    dispatcher = DetectDispatcher(det.send, DispatchSettings(hold_for_next_s=0.5))
+    dispatcher = DetectDispatcher(det.send, _one_call(0.5))
     cam = Camera(interval_s=1.0, age_s=0.8, value=1)
     sent = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
     await asyncio.sleep(0.01)
@@ -42,37 +46,45 @@ async def test_a_free_call_waits_for_a_frame_about_to_be_superseded() -> None:
     await asyncio.wait_for(sent, 2.0)
     assert det.calls == [[2]]
     status = dispatcher.status()
-    assert status["next_frame_holds"] == 1 and status["next_frame_held_s"] > 0
+    assert status["next_frame_holds"] == 1 and 0 < status["next_frame_held_s"] < 1.0
 
 
 @sync
 async def test_a_held_call_sends_the_old_frame_when_the_next_one_does_not_come() -> None:
-    """A camera that stalls: the hold ends after hold_for_next_s plus the slack, and the
-    frame there is goes."""
+    """A camera that stalls: the hold ends once its next frame is NEXT_FRAME_SLACK_S
+    overdue, and the frame there is goes."""
     det = Recorder()
-    dispatcher = DetectDispatcher(det.send, DispatchSettings(hold_for_next_s=0.15))
-    cam = Camera(interval_s=1.0, age_s=0.9, value=1)
+    dispatcher = DetectDispatcher(det.send, _one_call(0.5))
+    cam = Camera(interval_s=1.0, age_s=0.85, value=1)  # the next one due in 0.15 s
     started = time.monotonic()
     await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 2.0)
+    elapsed = time.monotonic() - started
     assert det.calls == [[1]]
-    assert time.monotonic() - started >= 0.15
-    assert dispatcher.status()["next_frame_held_s"] >= 0.15
+    assert 0.15 <= elapsed < 0.5  # due, plus the slack, not the whole hold_for_next_s
+    assert 0.15 <= dispatcher.status()["next_frame_held_s"] < 0.5
 
 
 @sync
 @pytest.mark.parametrize(
-    ("age_s", "live", "hold_s"),
-    [(0.1, True, 0.03), (0.8, False, 0.5), (0.8, True, 0.0), (1.5, True, 0.5)],
-    ids=["next-not-due-soon", "replay", "off", "overdue"],
+    ("age_s", "interval_s", "live", "hold_s", "calls"),
+    [
+        (0.1, 1.0, True, 0.03, 1),  # the next frame is not due within the hold
+        (0.3, 1.0, True, 1.0, 1),  # the frame is under half an interval old
+        (0.8, 1.0, False, 0.5, 1),  # a replay's frame
+        (0.8, 1.0, True, 0.0, 1),  # holds off
+        (1.5, 1.0, True, 0.5, 1),  # its next frame is overdue
+        (0.0008, 0.001, True, 0.5, 1),  # a burst, not a frame rate
+        (0.8, 1.0, True, 0.5, 2),  # another call is free too
+    ],
+    ids=["not-due-soon", "fresh-enough", "replay", "off", "overdue", "burst", "two-free"],
 )
 async def test_a_free_call_sends_at_once_when_waiting_gains_nothing(
-    age_s: float, live: bool, hold_s: float
+    age_s: float, interval_s: float, live: bool, hold_s: float, calls: int
 ) -> None:
-    """No hold when the next frame is not due within hold_for_next_s, for a replay's
-    frames (no freshness to lose), with holds off, or when the next frame is overdue."""
     det = Recorder()
-    dispatcher = DetectDispatcher(det.send, DispatchSettings(hold_for_next_s=hold_s))
-    cam = Camera(interval_s=1.0, age_s=age_s, value=1)
+    settings = DispatchSettings(calls_in_flight=calls, hold_for_next_s=hold_s)
+    dispatcher = DetectDispatcher(det.send, settings)
+    cam = Camera(interval_s=interval_s, age_s=age_s, value=1)
     sent = asyncio.create_task(dispatcher.admit(cam.take, live, cam.timing))
     await settle()
     assert det.calls == [[1]]
@@ -81,13 +93,21 @@ async def test_a_free_call_sends_at_once_when_waiting_gains_nothing(
 
 
 @sync
+async def test_a_batch_of_live_frames_does_not_wait_for_one_camera() -> None:
+    det = Recorder()
+    dispatcher = DetectDispatcher(det.send, _one_call(0.5, live_frames_per_call=2))
+    cam = Camera(interval_s=1.0, age_s=0.8, value=1)
+    await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 0.1)
+    assert det.calls == [[1]]
+
+
+@sync
 async def test_a_hold_keeps_the_order_of_turns() -> None:
     """While the first waiter's call waits for its next frame, a later waiter with a
     fresh frame does not jump the queue (taking fresh frames out of turn is unfair)."""
     det = Recorder()
     det.gate.clear()
-    settings = DispatchSettings(calls_in_flight=1, hold_for_next_s=0.5)
-    dispatcher = DetectDispatcher(det.send, settings)
+    dispatcher = DetectDispatcher(det.send, _one_call(0.5))
     blocker = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
     await settle()
     stale = Camera(interval_s=1.0, age_s=0.8, value=10)
@@ -102,6 +122,42 @@ async def test_a_hold_keeps_the_order_of_turns() -> None:
     stale.put(11)
     await asyncio.wait_for(asyncio.gather(blocker, first, second), 2.0)
     assert det.calls == [[1], [11], [20]]
+
+
+@sync
+async def test_a_waiter_cancelled_during_its_hold_frees_the_call_at_once() -> None:
+    """A subscription stops while the call waits for its next frame: the next waiter
+    goes now, not when the cancelled one's frame would have come."""
+    det = Recorder()
+    dispatcher = DetectDispatcher(det.send, _one_call(0.9))
+    stale = Camera(interval_s=2.0, age_s=1.2, value=10)  # its next one due in 0.8 s
+    held = asyncio.create_task(dispatcher.admit(stale.take, True, stale.timing))
+    await asyncio.sleep(0.01)
+    other = Camera(interval_s=2.0, age_s=0.0, value=20)
+    second = asyncio.create_task(dispatcher.admit(other.take, True, other.timing))
+    await settle()
+    assert det.calls == []
+    started = time.monotonic()
+    held.cancel()
+    await asyncio.wait_for(second, 2.0)
+    assert det.calls == [[20]]
+    assert time.monotonic() - started < 0.5
+    assert dispatcher.status()["next_frame_held_s"] < 0.5
+
+
+@sync
+async def test_close_during_a_hold_fails_the_held_waiter_at_once() -> None:
+    det = Recorder()
+    dispatcher = DetectDispatcher(det.send, _one_call(0.9))
+    cam = Camera(interval_s=2.0, age_s=1.2, value=1)
+    held = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(dispatcher.close(), 0.5)
+    with pytest.raises(DispatcherClosed):
+        await held
+    assert det.calls == []
+    assert cam.value == 1  # its frame stays in the mailbox
+    assert 0 < dispatcher.status()["next_frame_held_s"] < 0.5
 
 
 @sync

@@ -53,8 +53,9 @@ def test_mailbox_drops_frames_older_than_the_limit() -> None:
 
 
 def test_mailbox_timing_is_the_frames_age_and_the_sources_interval() -> None:
-    """The waiting frame's age and the source's frame interval (the median of its recent
-    ones, so one stall does not skew it); None without a frame or an interval."""
+    """The waiting frame's age and number and the source's frame interval (the median of
+    its recent ones, so one stall does not skew it); None without a frame or an
+    interval."""
     clock = ManualClock()
     box = LatestFrameMailbox(clock=clock)
     assert box.timing() is None
@@ -64,11 +65,15 @@ def test_mailbox_timing_is_the_frames_age_and_the_sources_interval() -> None:
         clock.advance(0.1)
         box.put(IMG)
     clock.advance(0.025)
-    assert box.timing() == pytest.approx((0.025, 0.1))
+    timing = box.timing()
+    assert timing is not None and timing.seq == 6
+    assert (timing.age_s, timing.interval_s) == pytest.approx((0.025, 0.1))
     clock.advance(3.0)  # a stall: one long interval among short ones
     box.put(IMG)
     clock.advance(0.05)
-    assert box.timing() == pytest.approx((0.05, 0.1))
+    timing = box.timing()
+    assert timing is not None and timing.seq == 7  # a new frame: a new number
+    assert (timing.age_s, timing.interval_s) == pytest.approx((0.05, 0.1))
     assert box.take() is not None
     assert box.timing() is None  # nothing waits
 
