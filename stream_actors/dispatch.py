@@ -239,6 +239,7 @@ class DetectDispatcher:
         self._partial_ready = 0.0
         self._waiting: deque[_Waiter] = deque()
         self._hold: _Hold | None = None  # the last free call waits for a waiter's next frame
+        self._last_hold: tuple[int, int] | None = None  # id(waiter) and frame, last held
         self._in_flight = 0
         self._changed = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
@@ -283,12 +284,14 @@ class DetectDispatcher:
             return max(full, 1), 1.0
         return full + 1, duty
 
-    def _free_in(self, now: float) -> float | None:
-        """Seconds until a call may start (0: now); None: when a call ends."""
+    def _free_in(self, now: float, in_flight: int | None = None) -> float | None:
+        """Seconds until a call may start (0: now) with `in_flight` calls (default: those
+        in flight); None: when a call ends."""
         slots, duty = self._slots()
-        if self._in_flight >= slots:
+        in_flight = self._in_flight if in_flight is None else in_flight
+        if in_flight >= slots:
             return None
-        if self._in_flight == slots - 1 and duty < 1.0:
+        if in_flight == slots - 1 and duty < 1.0:
             return max(0.0, self._partial_ready - now)
         return 0.0
 
@@ -375,7 +378,8 @@ class DetectDispatcher:
         frame interval old and the next one is due within `hold_for_next_s`, until the
         next one has come or is `NEXT_FRAME_SLACK_S` overdue."""
         waiter, hold = self._waiting[0], self._hold  # _run dropped the cancelled in front
-        last_free = self._in_flight >= self._slots()[0] - 1  # else another call would idle
+        # Only a call that no other could start beside now waits (none idles with it).
+        last_free = self._free_in(now, self._in_flight + 1) != 0.0
         if hold is not None and hold.waiter is waiter and last_free:
             timing = waiter.timing() if waiter.timing is not None else None
             if timing is None or timing.seq != hold.seq or now >= hold.until:
@@ -389,15 +393,21 @@ class DetectDispatcher:
             or not waiter.live
             or waiter.timing is None
             or self._settings.live_frames_per_call != 1
+            or self._branch_starved()  # its calls carry many frames: none waits for one
         ):
             return 0.0
         timing = waiter.timing()
-        if timing is None or timing.interval_s < MIN_INTERVAL_S:
+        if (
+            timing is None
+            or timing.interval_s < MIN_INTERVAL_S
+            or (id(waiter), timing.seq) == self._last_hold  # held once (then interrupted)
+        ):
             return 0.0
         due = timing.interval_s - timing.age_s
         if not 0 < due <= min(limit, timing.interval_s / 2):
             return 0.0
         self._hold = _Hold(waiter, timing.seq, now, now + due + NEXT_FRAME_SLACK_S)
+        self._last_hold = (id(waiter), timing.seq)
         self.stats.next_frame_holds += 1
         return due + POLL_S
 

@@ -82,11 +82,14 @@ class Camera:
     """One subscription's newest frame, as its mailbox holds it: `put` a frame (a value)
     now; `timing` and `take` are what the processor hands the dispatcher."""
 
-    def __init__(self, interval_s: float, age_s: float, value: int = 1) -> None:
+    def __init__(
+        self, interval_s: float, age_s: float, value: int = 1, frozen: bool = False
+    ) -> None:
         self.interval_s = interval_s
         self.value: int | None = value
         self.seq = 1
         self.put_at = time.monotonic() - age_s
+        self.frozen_age = age_s if frozen else None  # an age that does not grow
 
     def put(self, value: int) -> None:
         self.value, self.put_at, self.seq = value, time.monotonic(), self.seq + 1
@@ -94,7 +97,8 @@ class Camera:
     def timing(self) -> FrameTiming | None:
         if self.value is None:
             return None
-        return FrameTiming(time.monotonic() - self.put_at, self.interval_s, self.seq)
+        age = time.monotonic() - self.put_at if self.frozen_age is None else self.frozen_age
+        return FrameTiming(age, self.interval_s, self.seq)
 
     def take(self) -> DetectRequest | None:
         value, self.value = self.value, None

@@ -13,7 +13,12 @@ import pytest
 
 from graph.common.detection import DetectResult
 from graph.events.model import RingBufferSink
-from stream_actors.dispatch import DetectDispatcher, DispatcherClosed, DispatchSettings
+from stream_actors.dispatch import (
+    BranchClock,
+    DetectDispatcher,
+    DispatcherClosed,
+    DispatchSettings,
+)
 from stream_actors.processor import ProcessingSettings, SubscriptionProcessor
 from tests.unit.dispatch_fakes import (
     Camera,
@@ -52,16 +57,87 @@ async def test_a_free_call_waits_for_a_frame_about_to_be_superseded() -> None:
 @sync
 async def test_a_held_call_sends_the_old_frame_when_the_next_one_does_not_come() -> None:
     """A camera that stalls: the hold ends once its next frame is NEXT_FRAME_SLACK_S
-    overdue, and the frame there is goes."""
+    overdue (not after the whole hold_for_next_s), and the frame there is goes."""
+    det = Recorder()
+    dispatcher = DetectDispatcher(det.send, _one_call(0.45))
+    cam = Camera(interval_s=1.0, age_s=0.7, value=1)  # the next one due in 0.3 s
+    await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 2.0)
+    sent_at = time.monotonic()
+    assert det.calls == [[1]]
+    assert sent_at >= cam.put_at + cam.interval_s  # not before the next one was due
+    assert 0.15 <= dispatcher.status()["next_frame_held_s"] < 0.45
+
+
+@sync
+async def test_a_new_frame_number_ends_the_hold() -> None:
+    """The frame came: told by its number, not its age (the mailbox's clock is not the
+    dispatcher's)."""
     det = Recorder()
     dispatcher = DetectDispatcher(det.send, _one_call(0.5))
-    cam = Camera(interval_s=1.0, age_s=0.85, value=1)  # the next one due in 0.15 s
-    started = time.monotonic()
-    await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 2.0)
-    elapsed = time.monotonic() - started
-    assert det.calls == [[1]]
-    assert 0.15 <= elapsed < 0.5  # due, plus the slack, not the whole hold_for_next_s
-    assert 0.15 <= dispatcher.status()["next_frame_held_s"] < 0.5
+    cam = Camera(interval_s=1.0, age_s=0.6, value=1, frozen=True)  # due in 0.4 s
+    sent = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
+    await asyncio.sleep(0.01)
+    assert det.calls == []
+    cam.seq, cam.value = 2, 2  # a new frame, and an age that says nothing
+    cam.frozen_age = 0.999  # a call that frees looks again at once
+    dispatcher._changed.set()
+    await asyncio.wait_for(sent, 0.3)
+    assert det.calls == [[2]]
+
+
+@sync
+async def test_with_one_of_two_calls_in_flight_the_other_waits() -> None:
+    """Two calls: while one is in flight, the free one is the last and may wait; with
+    both free, none waits (the frame goes at once)."""
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(hold_for_next_s=0.5))
+    busy = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    await settle()
+    cam = Camera(interval_s=1.0, age_s=0.8, value=10)
+    held = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
+    await asyncio.sleep(0.01)
+    assert det.calls == [[1]]  # the second call waits for the camera's next frame
+    cam.put(11)
+    await asyncio.wait_for(until(lambda: len(det.calls) == 2, polls=100_000), 2.0)
+    assert det.calls == [[1], [11]]
+    det.gate.set()
+    await asyncio.gather(busy, held)
+
+
+@sync
+async def test_a_frame_is_held_once() -> None:
+    """A hold that something else interrupts (here the registry lowering the share, so
+    no call is free until the busy one ends) is not begun again for the same frame: it
+    goes as soon as a call frees."""
+    det = Recorder()
+    det.gate.clear()
+    dispatcher = DetectDispatcher(det.send, DispatchSettings(hold_for_next_s=0.5))
+    dispatcher.set_share(2.0)
+    busy = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
+    await settle()
+    cam = Camera(interval_s=1.0, age_s=0.6, value=10, frozen=True)  # next due in 0.4 s
+    second = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
+    await asyncio.sleep(0.01)
+    assert det.calls == [[1]] and dispatcher.status()["next_frame_holds"] == 1
+    dispatcher.set_share(1.0)  # one call: none free now, the hold ends
+    await settle()
+    det.gate.set()  # the call ends: frame 10 goes at once, not after a second hold
+    await asyncio.wait_for(asyncio.gather(busy, second), 0.25)
+    assert det.calls == [[1], [10]]
+    assert dispatcher.status()["next_frame_holds"] == 1
+
+
+@sync
+async def test_starved_branch_work_never_holds_a_call() -> None:
+    det = Recorder()
+    branches = BranchClock()
+    branches.start()  # a pass that has waited longer than branch_grace_s (0)
+    settings = _one_call(0.5, branch_grace_s=0.0, branch_hold_s=0.05)
+    dispatcher = DetectDispatcher(det.send, settings, branches)
+    cam = Camera(interval_s=1.0, age_s=0.8, value=1)
+    await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 0.15)
+    assert det.calls == [[1]] and dispatcher.status()["next_frame_holds"] == 0
 
 
 @sync
@@ -73,7 +149,7 @@ async def test_a_held_call_sends_the_old_frame_when_the_next_one_does_not_come()
         (0.8, 1.0, False, 0.5, 1),  # a replay's frame
         (0.8, 1.0, True, 0.0, 1),  # holds off
         (1.5, 1.0, True, 0.5, 1),  # its next frame is overdue
-        (0.0008, 0.001, True, 0.5, 1),  # a burst, not a frame rate
+        (0.0008, 0.001, True, 0.5, 1),  # a burst, not a frame rate (age frozen below)
         (0.8, 1.0, True, 0.5, 2),  # another call is free too
     ],
     ids=["not-due-soon", "fresh-enough", "replay", "off", "overdue", "burst", "two-free"],
@@ -84,7 +160,7 @@ async def test_a_free_call_sends_at_once_when_waiting_gains_nothing(
     det = Recorder()
     settings = DispatchSettings(calls_in_flight=calls, hold_for_next_s=hold_s)
     dispatcher = DetectDispatcher(det.send, settings)
-    cam = Camera(interval_s=interval_s, age_s=age_s, value=1)
+    cam = Camera(interval_s=interval_s, age_s=age_s, value=1, frozen=True)
     sent = asyncio.create_task(dispatcher.admit(cam.take, live, cam.timing))
     await settle()
     assert det.calls == [[1]]
