@@ -41,11 +41,8 @@ waits (with two free, the frame goes at once), only calls of one live frame
 replay's frames, which have no freshness to lose. The order of turns stays longest
 waiting first: taking fresher frames out of turn instead gave the cameras whose frames
 happened to arrive just before calls freed most of the frames (fairness 0.51-0.58 at
-8-16 cameras, measured). Measured at 8 and 16 cameras of 10 fps on 2 CPU replicas
-(2026-12-04, 0.05 s against none): the frame's age when sent fell from 44-52 ms to 6-8
-ms at p50, capture to detection from 178-217 ms to 136-175 ms at p50 and 323-404 ms to
-273-359 ms at p99, for 1-2 % fewer frames (the replicas still run the frames of the
-calls in flight while the last free one waits).
+8-16 cameras, measured). What the hold gains and costs, measured: README, "A frame
+about to be superseded waits for its successor".
 
 Fair share across camera actors. Streams are packed `streams_per_actor` to an actor, so
 an actor may hold one camera while another holds four; with the same calls per actor
