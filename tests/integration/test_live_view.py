@@ -111,7 +111,14 @@ def test_live_view_draws_the_cameras_detections_and_a_stopped_camera_state(
 
         seq, drawn = wait_until(boxes_match_the_api, 90, "boxes of a frame, as the API has it")
         assert drawn > 0
-        assert int(tiles(browser)["cam-live"].get("images", 0)) > 0  # frames were drawn
+        # The boxes come on the event stream as soon as a frame is detected; the frame
+        # itself comes from the next poll of /cameras/{id}/image (every 250 ms, a JPEG
+        # encoded by the camera actor), which on a loaded box can land a while later.
+        wait_until(
+            lambda: int(tiles(browser)["cam-live"].get("images", 0)) > 0,
+            30,
+            "a camera frame drawn under the boxes",
+        )
         models = browser.execute_script(
             "return [...document.querySelectorAll('[data-model]')]"
             ".map(m => [m.dataset.model, m.dataset.state])"
