@@ -16,7 +16,13 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.inference.engines import Engine, EngineOptions, ModelSlot, load_engine
-from graph.common.detection import DetectRequest, DetectResult, EncodedImage, per_frame
+from graph.common.detection import (
+    DetectRequest,
+    DetectResult,
+    EncodedImage,
+    per_frame,
+    with_backlog,
+)
 from graph.common.schemas import DetectorUserConfig, ModelSpec
 from graph.common.vision import check_fits, decode_letterboxed
 from graph.scaling import FramesInFlight
@@ -159,11 +165,12 @@ class Detector:
         (the autoscaling signal)."""
         self._frames.note_waiting(caller, waiting, seq)
         with self._frames.hold(len(requests)):
-            return per_frame(
+            answers = per_frame(
                 await asyncio.gather(
                     *(self._detect_one(r) for r in requests), return_exceptions=True
                 )
             )
+            return with_backlog(answers, self._frames.value - len(requests))
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics: frames here, queued or running, and the

@@ -43,6 +43,10 @@ class DetectResult:
     rows: np.ndarray
     names: dict[int, str]
     letterbox: Letterbox | None = None
+    # Frames the replica still held (queued or running) for other calls when it
+    # answered; None: not said. A camera actor's dispatcher reads it: 0 means the
+    # replica had room, and a fractional call slot need not idle (dispatch.py).
+    backlog: int | None = None
 
 
 def per_frame(results: Sequence[Any]) -> list[Any]:
@@ -57,3 +61,13 @@ def per_frame(results: Sequence[Any]) -> list[Any]:
             result = InferenceError(f"{type(result).__name__}: {str(result)[:500]}")
         out.append(result)
     return out
+
+
+def with_backlog(answers: list[Any], backlog: int) -> list[Any]:
+    """One call's answers (`per_frame`), each result told the frames its replica still
+    held for other calls (`DetectResult.backlog`, at least 0); errors stay as they are."""
+    backlog = max(int(backlog), 0)
+    return [
+        dataclasses.replace(a, backlog=backlog) if isinstance(a, DetectResult) else a
+        for a in answers
+    ]

@@ -64,4 +64,5 @@ def test_replicas_follow_the_frames_waiting_in_the_callers(handle: Any) -> None:
         assert time.monotonic() < deadline, "no scale-up on the frames waiting in the caller"
         results = handle.detect_many.remote(frame, "camera-actor-a", 10).result(timeout_s=60)
         assert len(results) == 1 and not isinstance(results[0], Exception)
+        assert results[0].backlog == 0  # one frame at a time: the replica held no other
     wait_until(lambda: running_replicas() == 1, 120, "the scale-down once the caller is quiet")

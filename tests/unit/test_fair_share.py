@@ -12,11 +12,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
-from graph.common.detection import DetectRequest, DetectResult
+from graph.common.detection import DetectRequest, DetectResult, with_backlog
+from graph.common.errors import InferenceError
 from stream_actors.admission import TargetAdmission
 from stream_actors.dispatch import (
     BranchClock,
@@ -245,6 +247,8 @@ class Gated:
         self.ends: list[float] = []
         self.gate = asyncio.Event()
         self.fail: Exception | None = None
+        self.backlog: int | None = None  # what the "replica" says it still holds
+        self.error_last = False  # the call's last frame fails on its own
 
     async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
         self.in_flight += 1
@@ -257,7 +261,13 @@ class Gated:
             self.ends.append(time.monotonic())
         if self.fail is not None:
             raise self.fail
-        return [_result() for _ in requests]
+        answers: list[Any] = [
+            DetectResult(np.zeros((0, 6), np.float32), {}, backlog=self.backlog)
+            for _ in requests
+        ]
+        if self.error_last:
+            answers[-1] = InferenceError("this frame failed")
+        return answers
 
 
 async def _settle() -> None:
@@ -340,6 +350,62 @@ def test_a_failed_call_leaves_no_idle_and_a_new_share_ends_one() -> None:
     asyncio.run(run())
 
 
+def test_a_fractional_slot_does_not_idle_when_its_replica_had_no_other_frames() -> None:
+    """Share 0.1 idles 9 × a call's time after it, unless the replica said it held no
+    other frames when it answered (backlog 0): the cluster has room, and the share is a
+    cap only under contention. A backlog, an unsaid one, or the setting off: it idles."""
+
+    async def idles_after_a_call(det: Gated, settings: DispatchSettings) -> bool:
+        dispatcher = DetectDispatcher(det.send, settings)
+        dispatcher.set_share(0.1)
+        det.gate.clear()
+        first = asyncio.create_task(dispatcher.admit(_request))
+        second = asyncio.create_task(dispatcher.admit(_request))
+        await asyncio.sleep(0.1)  # the call lasts 0.1 s: the idle would be 0.9 s
+        starts = len(det.starts)
+        det.gate.set()
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        idled = len(det.starts) == starts
+        await dispatcher.close()
+        await asyncio.gather(second, return_exceptions=True)
+        status = dispatcher.status()
+        if idled:
+            assert (status["slot_idles"], status["slot_idles_skipped"]) == (1, 0)
+        else:  # the second call went at once, and may have ended as well
+            assert status["slot_idles"] == 0 and status["slot_idles_skipped"] >= 1
+        return idled
+
+    async def run() -> None:
+        on, off = DispatchSettings(fill_free_replicas=True), DispatchSettings()
+        det = Gated()
+        det.backlog = 0
+        assert not await idles_after_a_call(det, on)
+        assert await idles_after_a_call(det, off)  # the default, at 1.5 calls per replica
+        # the default at 1 call per replica (or fewer): on
+        assert not await idles_after_a_call(det, DispatchSettings(calls_per_replica=1))
+        null = DispatchSettings(calls_per_replica=None)  # calls per actor: off
+        assert await idles_after_a_call(det, null)
+        det.backlog = 1  # another call's frame waits there
+        assert await idles_after_a_call(det, on)
+        det.backlog = None  # a replica that does not say
+        assert await idles_after_a_call(det, on)
+        det.backlog, det.error_last = 0, True  # a frame failed: says nothing of room
+        det.starts.clear()
+        assert await idles_after_a_call(det, on)
+
+    asyncio.run(run())
+
+
+def test_a_replica_answer_carries_the_frames_it_still_holds() -> None:
+    ok = DetectResult(np.zeros((0, 6), np.float32), {})
+    failed = InferenceError("bad frame")
+    answers = with_backlog([ok, failed], 3)
+    assert answers[0].backlog == 3 and answers[0].rows is ok.rows and ok.backlog is None
+    assert answers[1] is failed
+    assert with_backlog([ok], -2)[0].backlog == 0  # never below none
+
+
 def test_a_share_must_be_a_number() -> None:
     dispatcher = DetectDispatcher(Gated().send)
     with pytest.raises(ValueError, match="finite"):
@@ -409,6 +475,62 @@ def test_a_camera_alone_on_its_actor_gets_no_more_than_the_packed_ones() -> None
     assert _fairness(fair, 5) >= 0.7, fair
     # the replica stays as busy: shares divide the calls, they do not withhold them
     assert sum(fair.values()) >= 0.8 * sum(unfair.values())
+
+
+class Replicas:
+    """Several replicas, each serving its calls one at a time in arrival order; a call
+    goes to the one holding the fewest frames (Serve's router compares the queues of
+    two, which for two replicas is both). Each answer says the frames its replica still
+    held for other calls, as `Detector.detect_many` does."""
+
+    def __init__(self, count: int, service_s: float) -> None:
+        self.service_s = service_s
+        self.locks = [asyncio.Lock() for _ in range(count)]
+        self.held = [0] * count
+        self.busy_s = 0.0
+
+    async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
+        index = min(range(len(self.held)), key=self.held.__getitem__)
+        self.held[index] += len(requests)
+        try:
+            async with self.locks[index]:
+                await asyncio.sleep(self.service_s * len(requests))
+                self.busy_s += self.service_s * len(requests)
+            backlog = self.held[index] - len(requests)
+        finally:
+            self.held[index] -= len(requests)
+        return with_backlog([_result() for _ in requests], backlog)
+
+
+async def _serve_replicas(actors: int, fill: bool, seconds: float) -> tuple[Counter[str], float]:
+    """One camera per actor, `actors` actors sharing 2 replicas' 2 calls (1 per replica):
+    each actor's share is 2 / actors of a call."""
+    replicas = Replicas(2, 0.005)
+    shares = admission_shares({i: {"model/m": 1} for i in range(actors)}, 2, {"model/m": 2.0})
+    counts: Counter[str] = Counter()
+    tasks = []
+    for index in range(actors):
+        settings = DispatchSettings(calls_in_flight=2, fill_free_replicas=fill)
+        dispatcher = DetectDispatcher(replicas.send, settings)
+        dispatcher.set_share(shares[index]["model/m"])
+        for _slot in range(2):
+            tasks.append(asyncio.create_task(_camera(str(index), dispatcher, counts)))
+    await asyncio.sleep(seconds)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return counts, replicas.busy_s / (2 * seconds)
+
+
+def test_actors_with_half_a_call_each_keep_the_replicas_busy() -> None:
+    """Four actors with half a call each, against 2 replicas. Each idling its slot as
+    long as its call took, on its own, leaves times when fewer than 2 calls run and
+    others when 3 or 4 queue. Not idling after an answer from a replica that held
+    nothing else keeps the replicas busier, and every camera keeps its share."""
+    off, busy_off = asyncio.run(_serve_replicas(4, fill=False, seconds=1.5))
+    on, busy_on = asyncio.run(_serve_replicas(4, fill=True, seconds=1.5))
+    assert busy_on >= 1.05 * busy_off, (busy_off, busy_on)
+    assert _fairness(on, 4) >= 0.7, on
 
 
 # ---- the replica counts the registry asks Serve for ---------------------------------------
