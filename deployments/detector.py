@@ -170,7 +170,7 @@ class Detector:
                     *(self._detect_one(r) for r in requests), return_exceptions=True
                 )
             )
-            return with_backlog(answers, self._frames.value - len(requests))
+            return with_backlog(answers, self._frames.others(len(requests)))
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics: frames here, queued or running, and the

@@ -27,7 +27,7 @@ from ray import serve
 
 from deployments.inference.classify import BranchEngine, Label
 from deployments.inference.engines import Engine, EngineOptions, load_engine
-from graph.common.detection import DetectRequest, DetectResult, per_frame
+from graph.common.detection import DetectRequest, DetectResult, per_frame, with_backlog
 from graph.common.names import STREAMS_NAMESPACE, catalog_name
 from graph.common.redaction import redact_text
 from graph.common.schemas import BatchUserConfig, BranchModelSpec, DetectorUserConfig
@@ -267,11 +267,12 @@ class PipelineDetector(_Multiplexed):
         self._frames.note_waiting(caller, waiting, seq)
         with self._frames.hold(len(requests)):
             imgsz = (await self._loaded()).engine.imgsz
-            return per_frame(
+            answers = per_frame(
                 await asyncio.gather(
                     *(self._detect_checked(r, imgsz) for r in requests), return_exceptions=True
                 )
             )
+            return with_backlog(answers, self._frames.others(len(requests)))
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Frames here, and held back by callers (see Detector.record_autoscaling_stats)."""

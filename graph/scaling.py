@@ -108,6 +108,13 @@ class FramesInFlight:
         finally:
             self.value -= n
 
+    def others(self, mine: int) -> int:
+        """The frames held here besides `mine` (which the caller holds): what a call's
+        answer reports as the replica's backlog (`DetectResult.backlog`). Frames of
+        other calls that ran in the same batch count until their calls resume, and
+        calls still on their way here do not count."""
+        return max(self.value - mine, 0)
+
     def note_waiting(self, caller: object, waiting: object, seq: object = 0) -> None:
         """A caller's report; one that is not a short id and counts is ignored (it must
         not break the call it came with, nor the metrics' names). Call and `stats` on

@@ -60,17 +60,21 @@ fractional: 0.8 is one call whose slot, once free, stays idle for a quarter
 of the call's duration (at most `MAX_IDLE_S`; not after a failed call), so that on
 average 0.8 calls are in flight. A share is a cap, not a weight: it holds also while
 the replicas have room, so a camera whose actor's share is below one call is held to
-that pace even on an idle cluster (0.8 calls of 50 ms: 16 frames/s).
+that pace even on an idle cluster (0.8 calls of 50 ms: 16 frames/s), unless
+`fill_free_replicas` is on.
 
 Each replica's answer says how many frames it still held for other calls
-(`DetectResult.backlog`). With `fill_free_replicas` (by default when
-`calls_per_replica` is at most 1), a fractional slot whose call came back from a
-replica that held none does not idle: the cluster has room now. Without it, the
-actors' fractional slots idle each on its own clock, so at times fewer calls than the
-budget run and a replica waits (16 cameras on 4 actors at 1 call per replica: 15 %
-fewer frames); the share is then a cap only under contention. Above 1 call per
-replica the budget already keeps a frame queued per replica, and filling added p99
-for no frames. Measured: README, "fractional calls".
+(`DetectResult.backlog`; frames of other calls batched with it count until those calls
+resume, calls on their way there do not). With `fill_free_replicas` (off by default),
+a fractional slot whose call came back from a replica that held none does not idle:
+the cluster has room now, and the share is a cap only under contention. Without it,
+the actors' fractional slots idle each on its own clock, so at times fewer calls than
+the budget run and a replica waits (16 cameras on 4 actors at 1 call per replica: 4-17 %
+fewer frames than with it). It is off by default because it favours the larger shares: the
+actor that answers onto a free replica goes again, while a small share's call, queued
+behind it, idles in proportion to that longer call (4 + 1 cameras on one call:
+fairness 0.60 against 0.75 without, in the unit model), and above 1 call per replica
+it adds p99 for few frames. Measured: README, "Fractional calls fill free replicas".
 """
 
 from __future__ import annotations
@@ -180,11 +184,11 @@ class DispatchSettings(StrictModel):
         "frames); null: calls_in_flight per camera actor, however many replicas run",
     )
 
-    fill_free_replicas: bool | None = Field(
-        None,
-        description="a fractional call slot does not idle after a call whose replica held "
-        "no other frames when it answered; null: on when calls_per_replica is at most 1 "
-        "(measured: it keeps their frames at 16 cameras; above 1 it adds p99 for no frames)",
+    fill_free_replicas: bool = Field(
+        False,
+        description="with fair_share, a fractional call slot does not idle after a call "
+        "whose replica held no other frames when it answered (with calls_per_replica 1 it "
+        "keeps 16 cameras' frames; it favours the larger shares of unevenly packed actors)",
     )
 
     hold_for_next_s: float = Field(
@@ -195,12 +199,6 @@ class DispatchSettings(StrictModel):
         "frame interval old and the camera's next one is due within this, waits for "
         "that next frame and sends it fresh; 0: it sends the waiting frame, however old",
     )
-
-    @property
-    def fills_free_replicas(self) -> bool:
-        if self.fill_free_replicas is not None:
-            return self.fill_free_replicas
-        return self.calls_per_replica is not None and self.calls_per_replica <= 1
 
     @model_validator(mode="after")
     def _live_within_max(self) -> DispatchSettings:
@@ -500,9 +498,7 @@ class DetectDispatcher:
                     waiter.future.set_exception(exc)
         else:
             answered = True
-            replica_free = all(
-                isinstance(r, DetectResult) and r.backlog == 0 for r in results
-            )
+            replica_free = all(isinstance(r, DetectResult) and r.backlog == 0 for r in results)
             for (_, waiter), result in zip(batch, results, strict=True):
                 if waiter.future.done():
                     continue
@@ -517,7 +513,7 @@ class DetectDispatcher:
                 # most MAX_IDLE_S (a failed or timed-out call says nothing of the pace),
                 # unless its replica had no other frames: the cluster has room now.
                 now = time.monotonic()
-                if replica_free and self._settings.fills_free_replicas:
+                if replica_free and self._settings.fill_free_replicas:
                     self._partial_ready = now
                     self.stats.idles_skipped += 1
                 else:

@@ -1,7 +1,7 @@
 """Fair share of the detector calls across camera actors (stream_actors/reconcile.py's
-`admission_shares`, the dispatcher's fractional `set_share`), without Ray: real asyncio
-dispatchers feeding one shared first-come-first-served "replica", as Serve's replicas
-serve calls in turn."""
+`admission_shares`, the dispatcher's fractional `set_share`, the replica counts the
+registry asks Serve for), without Ray. Several actors through shared replicas:
+test_shared_replicas.py."""
 
 from __future__ import annotations
 
@@ -262,8 +262,7 @@ class Gated:
         if self.fail is not None:
             raise self.fail
         answers: list[Any] = [
-            DetectResult(np.zeros((0, 6), np.float32), {}, backlog=self.backlog)
-            for _ in requests
+            DetectResult(np.zeros((0, 6), np.float32), {}, backlog=self.backlog) for _ in requests
         ]
         if self.error_last:
             answers[-1] = InferenceError("this frame failed")
@@ -381,11 +380,7 @@ def test_a_fractional_slot_does_not_idle_when_its_replica_had_no_other_frames() 
         det = Gated()
         det.backlog = 0
         assert not await idles_after_a_call(det, on)
-        assert await idles_after_a_call(det, off)  # the default, at 1.5 calls per replica
-        # the default at 1 call per replica (or fewer): on
-        assert not await idles_after_a_call(det, DispatchSettings(calls_per_replica=1))
-        null = DispatchSettings(calls_per_replica=None)  # calls per actor: off
-        assert await idles_after_a_call(det, null)
+        assert await idles_after_a_call(det, off)  # the default
         det.backlog = 1  # another call's frame waits there
         assert await idles_after_a_call(det, on)
         det.backlog = None  # a replica that does not say
@@ -412,125 +407,6 @@ def test_a_share_must_be_a_number() -> None:
         dispatcher.set_share(math.nan)
     dispatcher.set_share(1000.0)
     assert dispatcher.share == 16.0  # clamped
-
-
-# ---- fairness through a shared replica ----------------------------------------------
-
-
-class Replica:
-    """One detector replica serving calls one at a time, first come first served (the
-    order Serve's replica queue gives them), `service_s` per frame."""
-
-    def __init__(self, service_s: float) -> None:
-        self.service_s = service_s
-        self.lock = asyncio.Lock()  # asyncio.Lock wakes waiters in FIFO order
-
-    async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
-        async with self.lock:
-            await asyncio.sleep(self.service_s * len(requests))
-        return [_result() for _ in requests]
-
-
-async def _camera(name: str, dispatcher: DetectDispatcher, counts: Counter[str]) -> None:
-    """One of a camera's `max_in_flight` slots (2 by default, so two of these run per
-    camera): its newest frame is always waiting, and it asks again once served."""
-    while True:
-        if await dispatcher.admit(_request) is not None:
-            counts[name] += 1
-
-
-async def _serve(layout: dict[int, int], fair: bool, seconds: float) -> Counter[str]:
-    replica = Replica(0.004)
-    demand = {index: {"model/m": cams} for index, cams in layout.items()}
-    shares = admission_shares(demand, calls_in_flight=2)
-    counts: Counter[str] = Counter()
-    tasks = []
-    for index, cams in layout.items():
-        dispatcher = DetectDispatcher(replica.send, DispatchSettings(calls_in_flight=2))
-        if fair:
-            dispatcher.set_share(shares[index]["model/m"])
-        for cam in range(cams):
-            for _slot in range(2):
-                tasks.append(asyncio.create_task(_camera(f"{index}.{cam}", dispatcher, counts)))
-    await asyncio.sleep(seconds)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return counts
-
-
-def _fairness(counts: Counter[str], cameras: int) -> float:
-    assert len(counts) == cameras, counts
-    return min(counts.values()) / max(counts.values())
-
-
-def test_a_camera_alone_on_its_actor_gets_no_more_than_the_packed_ones() -> None:
-    """Four cameras on one actor and one on another, all overloading one replica.
-    Without shares the lone camera gets its actor's 2 calls to itself, 4 times the
-    frames of each packed camera; with them every camera gets about the same."""
-    layout = {0: 4, 1: 1}
-    unfair = asyncio.run(_serve(layout, fair=False, seconds=1.0))
-    fair = asyncio.run(_serve(layout, fair=True, seconds=1.0))
-    assert _fairness(unfair, 5) < 0.45, unfair
-    assert _fairness(fair, 5) >= 0.7, fair
-    # the replica stays as busy: shares divide the calls, they do not withhold them
-    assert sum(fair.values()) >= 0.8 * sum(unfair.values())
-
-
-class Replicas:
-    """Several replicas, each serving its calls one at a time in arrival order; a call
-    goes to the one holding the fewest frames (Serve's router compares the queues of
-    two, which for two replicas is both). Each answer says the frames its replica still
-    held for other calls, as `Detector.detect_many` does."""
-
-    def __init__(self, count: int, service_s: float) -> None:
-        self.service_s = service_s
-        self.locks = [asyncio.Lock() for _ in range(count)]
-        self.held = [0] * count
-        self.busy_s = 0.0
-
-    async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
-        index = min(range(len(self.held)), key=self.held.__getitem__)
-        self.held[index] += len(requests)
-        try:
-            async with self.locks[index]:
-                await asyncio.sleep(self.service_s * len(requests))
-                self.busy_s += self.service_s * len(requests)
-            backlog = self.held[index] - len(requests)
-        finally:
-            self.held[index] -= len(requests)
-        return with_backlog([_result() for _ in requests], backlog)
-
-
-async def _serve_replicas(actors: int, fill: bool, seconds: float) -> tuple[Counter[str], float]:
-    """One camera per actor, `actors` actors sharing 2 replicas' 2 calls (1 per replica):
-    each actor's share is 2 / actors of a call."""
-    replicas = Replicas(2, 0.005)
-    shares = admission_shares({i: {"model/m": 1} for i in range(actors)}, 2, {"model/m": 2.0})
-    counts: Counter[str] = Counter()
-    tasks = []
-    for index in range(actors):
-        settings = DispatchSettings(calls_in_flight=2, fill_free_replicas=fill)
-        dispatcher = DetectDispatcher(replicas.send, settings)
-        dispatcher.set_share(shares[index]["model/m"])
-        for _slot in range(2):
-            tasks.append(asyncio.create_task(_camera(str(index), dispatcher, counts)))
-    await asyncio.sleep(seconds)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return counts, replicas.busy_s / (2 * seconds)
-
-
-def test_actors_with_half_a_call_each_keep_the_replicas_busy() -> None:
-    """Four actors with half a call each, against 2 replicas. Each idling its slot as
-    long as its call took, on its own, leaves times when fewer than 2 calls run and
-    others when 3 or 4 queue. Not idling after an answer from a replica that held
-    nothing else keeps the replicas busier, and every camera keeps its share."""
-    off, busy_off = asyncio.run(_serve_replicas(4, fill=False, seconds=1.5))
-    on, busy_on = asyncio.run(_serve_replicas(4, fill=True, seconds=1.5))
-    assert busy_on >= 1.05 * busy_off, (busy_off, busy_on)
-    assert _fairness(on, 4) >= 0.7, on
 
 
 # ---- the replica counts the registry asks Serve for ---------------------------------------

@@ -207,3 +207,15 @@ def test_per_frame_keeps_each_frames_error_in_its_place() -> None:
     assert isinstance(out[1], InferenceError) and "KeyError" in str(out[1])
     with pytest.raises(asyncio.CancelledError):
         per_frame(["r1", asyncio.CancelledError()])
+
+
+def test_a_call_is_told_the_frames_of_the_other_calls_only() -> None:
+    """`others(mine)` is what a detector answer reports as the replica's backlog: the
+    frames held besides the caller's own, while both calls are in."""
+    frames = FramesInFlight()
+    with frames.hold(2):
+        assert frames.others(2) == 0  # alone
+        with frames.hold(3):
+            assert frames.others(3) == 2 and frames.others(2) == 3
+        assert frames.others(2) == 0  # the other call left
+    assert frames.value == 0 and frames.others(0) == 0
