@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RAY_PROCESS_MARKERS = ("raylet", "gcs_server", "ray::", "ray/dashboard", "ray/_private")
 TARGET_S = 60.0  # the target: `make run` → first detection, venv installed
-EXTRA_CAMERAS = 7  # with the demo camera: 8, two camera actors of 4 streams each
+EXTRA_CAMERAS = 7  # with the demo camera: 8, one camera actor at the default 8 streams
 
 
 def ray_processes() -> dict[int, str]:
