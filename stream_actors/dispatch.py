@@ -498,7 +498,10 @@ class DetectDispatcher:
                     waiter.future.set_exception(exc)
         else:
             answered = True
-            replica_free = all(isinstance(r, DetectResult) and r.backlog == 0 for r in results)
+            # Only read when it may skip the fractional slot's idle (below).
+            replica_free = self._settings.fill_free_replicas and all(
+                isinstance(r, DetectResult) and r.backlog == 0 for r in results
+            )
             for (_, waiter), result in zip(batch, results, strict=True):
                 if waiter.future.done():
                     continue
@@ -513,7 +516,7 @@ class DetectDispatcher:
                 # most MAX_IDLE_S (a failed or timed-out call says nothing of the pace),
                 # unless its replica had no other frames: the cluster has room now.
                 now = time.monotonic()
-                if replica_free and self._settings.fill_free_replicas:
+                if replica_free:
                     self._partial_ready = now
                     self.stats.idles_skipped += 1
                 else:

@@ -9,93 +9,22 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import numpy as np
-
 from graph.common.detection import DetectRequest, DetectResult, with_backlog
 from stream_actors.dispatch import DetectDispatcher, DispatchSettings
 from stream_actors.reconcile import admission_shares
-
-
-def _request() -> DetectRequest:
-    return DetectRequest(np.zeros((4, 4, 3), np.uint8))
-
-
-def _result() -> DetectResult:
-    return DetectResult(np.zeros((0, 6), np.float32), {})
-
-
-# ---- a lone camera and packed ones ----------------------------------------------------
-
-
-class Replica:
-    """One detector replica serving calls one at a time, first come first served (the
-    order Serve's replica queue gives them), `service_s` per frame."""
-
-    def __init__(self, service_s: float) -> None:
-        self.service_s = service_s
-        self.lock = asyncio.Lock()  # asyncio.Lock wakes waiters in FIFO order
-
-    async def send(self, requests: list[DetectRequest], waiting: int) -> list[DetectResult]:
-        async with self.lock:
-            await asyncio.sleep(self.service_s * len(requests))
-        return [_result() for _ in requests]
-
-
-async def _camera(name: str, dispatcher: DetectDispatcher, counts: Counter[str]) -> None:
-    """One of a camera's `max_in_flight` slots (2 by default, so two of these run per
-    camera): its newest frame is always waiting, and it asks again once served."""
-    while True:
-        if await dispatcher.admit(_request) is not None:
-            counts[name] += 1
-
-
-async def _serve(layout: dict[int, int], fair: bool, seconds: float) -> Counter[str]:
-    replica = Replica(0.004)
-    demand = {index: {"model/m": cams} for index, cams in layout.items()}
-    shares = admission_shares(demand, calls_in_flight=2)
-    counts: Counter[str] = Counter()
-    tasks = []
-    for index, cams in layout.items():
-        dispatcher = DetectDispatcher(replica.send, DispatchSettings(calls_in_flight=2))
-        if fair:
-            dispatcher.set_share(shares[index]["model/m"])
-        for cam in range(cams):
-            for _slot in range(2):
-                tasks.append(asyncio.create_task(_camera(f"{index}.{cam}", dispatcher, counts)))
-    await asyncio.sleep(seconds)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return counts
-
-
-def _fairness(counts: Counter[str], cameras: int) -> float:
-    assert len(counts) == cameras, counts
-    return min(counts.values()) / max(counts.values())
-
-
-def test_a_camera_alone_on_its_actor_gets_no_more_than_the_packed_ones() -> None:
-    """Four cameras on one actor and one on another, all overloading one replica.
-    Without shares the lone camera gets its actor's 2 calls to itself, 4 times the
-    frames of each packed camera; with them every camera gets about the same."""
-    layout = {0: 4, 1: 1}
-    unfair = asyncio.run(_serve(layout, fair=False, seconds=1.0))
-    fair = asyncio.run(_serve(layout, fair=True, seconds=1.0))
-    assert _fairness(unfair, 5) < 0.45, unfair
-    assert _fairness(fair, 5) >= 0.7, fair
-    # the replica stays as busy: shares divide the calls, they do not withhold them
-    assert sum(fair.values()) >= 0.8 * sum(unfair.values())
+from tests.unit.dispatch_fakes import make_request, make_result
 
 
 class Replicas:
-    """Several replicas, each serving its calls one at a time in arrival order; a call
-    goes to the one holding the fewest frames (Serve's router compares the queues of
-    two, which for two replicas is both). Each answer says the frames its replica still
-    held for other calls, as `Detector.detect_many` does."""
+    """Detector replicas, each serving its calls one at a time in arrival order (the
+    order Serve's replica queue gives them), `service_s` per frame; a call goes to the
+    one holding the fewest frames (Serve's router compares the queues of two, which for
+    two replicas is both). Each answer says the frames its replica still held for other
+    calls, as `Detector.detect_many` does."""
 
     def __init__(self, count: int, service_s: float) -> None:
         self.service_s = service_s
-        self.locks = [asyncio.Lock() for _ in range(count)]
+        self.locks = [asyncio.Lock() for _ in range(count)]  # FIFO wake-ups
         self.held = [0] * count
         self.busy_s = 0.0
 
@@ -109,22 +38,40 @@ class Replicas:
             backlog = self.held[index] - len(requests)
         finally:
             self.held[index] -= len(requests)
-        return with_backlog([_result() for _ in requests], backlog)
+        return with_backlog([make_result(r) for r in requests], backlog)
 
 
-async def _serve_replicas(
-    layout: dict[int, int], fill: bool, seconds: float, replicas: int = 2
+async def _camera(name: str, dispatcher: DetectDispatcher, counts: Counter[str]) -> None:
+    """One of a camera's `max_in_flight` slots (2 by default, so two of these run per
+    camera): its newest frame is always waiting, and it asks again once served."""
+    while True:
+        if await dispatcher.admit(lambda: make_request(0)) is not None:
+            counts[name] += 1
+
+
+async def _serve(
+    layout: dict[int, int],
+    seconds: float,
+    *,
+    fair: bool = True,
+    fill: bool = False,
+    replicas: int = 1,
+    budget: float | None = None,
+    service_s: float = 0.005,
 ) -> tuple[Counter[str], float]:
-    """Actors (index → cameras) sharing `replicas` replicas' calls, 1 per replica."""
-    served = Replicas(replicas, 0.005)
+    """Actors (index → cameras) overloading `replicas` replicas, with the registry's
+    shares of `budget` calls (None: 2 per actor) when `fair`: frames per camera, and
+    the fraction of the replicas' time they were busy."""
+    served = Replicas(replicas, service_s)
     demand = {index: {"model/m": cams} for index, cams in layout.items()}
-    shares = admission_shares(demand, 2, {"model/m": float(replicas)})
+    shares = admission_shares(demand, 2, None if budget is None else {"model/m": budget})
     counts: Counter[str] = Counter()
     tasks = []
     for index, cams in layout.items():
         settings = DispatchSettings(calls_in_flight=2, fill_free_replicas=fill)
         dispatcher = DetectDispatcher(served.send, settings)
-        dispatcher.set_share(shares[index]["model/m"])
+        if fair:
+            dispatcher.set_share(shares[index]["model/m"])
         for cam in range(cams):
             for _slot in range(2):
                 name = f"{index}.{cam}"
@@ -134,6 +81,30 @@ async def _serve_replicas(
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return counts, served.busy_s / (replicas * seconds)
+
+
+def _fairness(counts: Counter[str], cameras: int) -> float:
+    assert len(counts) == cameras, counts
+    return min(counts.values()) / max(counts.values())
+
+
+# ---- a lone camera and packed ones ----------------------------------------------------
+
+
+def test_a_camera_alone_on_its_actor_gets_no_more_than_the_packed_ones() -> None:
+    """Four cameras on one actor and one on another, all overloading one replica.
+    Without shares the lone camera gets its actor's 2 calls to itself, 4 times the
+    frames of each packed camera; with them every camera gets about the same."""
+    layout = {0: 4, 1: 1}
+    unfair, _ = asyncio.run(_serve(layout, 1.0, fair=False, service_s=0.004))
+    fair, _ = asyncio.run(_serve(layout, 1.0, service_s=0.004))
+    assert _fairness(unfair, 5) < 0.45, unfair
+    assert _fairness(fair, 5) >= 0.7, fair
+    # the replica stays as busy: shares divide the calls, they do not withhold them
+    assert sum(fair.values()) >= 0.8 * sum(unfair.values())
+
+
+# ---- filling free replicas ------------------------------------------------------------
 
 
 def test_actors_with_half_a_call_each_keep_the_replicas_busy() -> None:
@@ -146,7 +117,7 @@ def test_actors_with_half_a_call_each_keep_the_replicas_busy() -> None:
     busy: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(3):
         for fill in (False, True):
-            counts, fraction = asyncio.run(_serve_replicas(layout, fill, 1.0))
+            counts, fraction = asyncio.run(_serve(layout, 1.0, fill=fill, replicas=2, budget=2.0))
             busy[fill].append(fraction)
             if fill:
                 assert _fairness(counts, 4) >= 0.7, counts
@@ -163,6 +134,6 @@ def test_filling_never_hands_a_lone_camera_the_calls_its_share_took() -> None:
     default (README, "Fractional calls fill free replicas")."""
     assert DispatchSettings().fill_free_replicas is False
     for fill in (False, True):
-        counts, _ = asyncio.run(_serve_replicas({0: 4, 1: 1}, fill, 1.0, replicas=1))
+        counts, _ = asyncio.run(_serve({0: 4, 1: 1}, 1.0, fill=fill, budget=1.0))
         packed = min(counts[f"0.{cam}"] for cam in range(4))
         assert counts["1.0"] <= 1.5 * packed, (fill, counts)
