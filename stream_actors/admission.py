@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from stream_actors.branch_clock import BranchClock
 from stream_actors.dispatch import (
-    BranchClock,
     DetectDispatcher,
     DispatchSettings,
     SendFn,

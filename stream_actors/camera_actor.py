@@ -6,6 +6,7 @@ registry (`registry.py`) re-sends its streams and today's context.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -41,9 +42,9 @@ from graph.pipeline.plan import PipelineRuntime
 from graph.pipeline.runner import BranchResult, PipelineRunner, ResultFn
 from stream_actors.actor_metrics import CameraMetrics
 from stream_actors.admission import TargetAdmission
+from stream_actors.branch_clock import BranchClock
 from stream_actors.dispatch import (
     AdmitFn,
-    BranchClock,
     DetectDispatcher,
     FrameTimingFn,
     SendFn,
@@ -69,6 +70,22 @@ class _Stream:
         self.reader = reader
         self.processors: dict[str, SubscriptionProcessor] = {}
         self.subs: dict[str, Subscription] = {}
+
+
+def sheds_decode(clock: BranchClock, window_s: float, stream: _Stream | None) -> bool:
+    """Whether an overloaded actor's reader may decode key frames only (`shed_decode`):
+    within one decode window the dispatchers found branch work starved (only with the
+    branch priority on: `branch_hold_s` > 0), or, for a stream with a pipeline
+    subscription, a live frame waited longer than `overloaded_wait_s` for its detector.
+    A pipeline's records come first: its readers then stop decoding frames that no
+    detector call will take. Streams without a pipeline keep every frame fresh while
+    only the detector is short. Read on reader threads."""
+    if clock.starved_within(window_s):
+        return True
+    if stream is None or not clock.detector_overloaded_within(window_s):
+        return False
+    # A snapshot of the loop's dict (one C call under the GIL: no resize mid-read).
+    return any(p.runner is not None for p in tuple(stream.processors.values()))
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -323,7 +340,7 @@ class CameraActor:
                 self._acquire_reconnect,
                 max_retries=self._settings.max_retries,
                 on_failed=self._failure_hook(want.key),
-                shedding=self._shedding,
+                shedding=functools.partial(self._shedding, want.key),
             )
             stream = self._streams[want.key] = _Stream(reader)
         for sub_id in [s for s in stream.subs if stream.subs[s] != wanted.get(s)]:
@@ -430,10 +447,10 @@ class CameraActor:
                     changed += runner.set_session(session["id"], session["data"])
         return changed
 
-    def _shedding(self) -> bool:
-        """Read on the reader threads: the dispatchers found branch work starved within
-        one decode window (only with the branch priority on: `branch_hold_s` > 0)."""
-        return self._branch_clock.starved_within(self._settings.reader.decode_window_s)
+    def _shedding(self, key: str | None = None) -> bool:
+        """Read on the reader threads (see `sheds_decode`)."""
+        stream = self._streams.get(key) if key is not None else None
+        return sheds_decode(self._branch_clock, self._settings.reader.decode_window_s, stream)
 
     def _failure_hook(self, key: str) -> Callable[[str], None]:
         """What a reader thread calls when its stream gives up: each subscription of the
@@ -554,7 +571,10 @@ class CameraActor:
             "actions": {name: f.status() for name, f in self._forwarders.items()},
             "dispatch": self._admission.status(),
             "branch_passes_pending": self._branch_clock.pending,
-            "overloaded": self._shedding(),
+            "overloaded": self._shedding(),  # branch work starved
+            "detector_overloaded": self._branch_clock.detector_overloaded_within(
+                self._settings.reader.decode_window_s
+            ),
             "branch_timeouts": self._branch_clock.timeouts,
             "events": self._publisher.status(),
         }

@@ -93,6 +93,7 @@ from pydantic import Field, model_validator
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import CamgraphError
 from graph.common.schemas import StrictModel
+from stream_actors.branch_clock import BranchClock
 from stream_actors.mailbox import FrameTiming
 
 TakeFn = Callable[[], DetectRequest | None]
@@ -189,6 +190,15 @@ class DispatchSettings(StrictModel):
         description="with fair_share, a fractional call slot does not idle after a call "
         "whose replica held no other frames when it answered (with calls_per_replica 1 it "
         "keeps 16 cameras' frames; it favours the larger shares of unevenly packed actors)",
+    )
+
+    overloaded_wait_s: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="a live frame that waited longer than this for its detector call marks "
+        "the camera actor's detector overloaded: its pipeline streams may then decode key "
+        "frames only (reader.shed_decode); 0: never",
     )
 
     hold_for_next_s: float = Field(
@@ -431,6 +441,10 @@ class DetectDispatcher:
         self.stats.next_frame_holds += 1
         return due + POLL_S
 
+    def _waited_long(self, now: float, waiter: _Waiter) -> bool:
+        limit = self._settings.overloaded_wait_s
+        return limit > 0 and now - waiter.since > limit
+
     def _end_hold(self) -> float:
         if self._hold is not None:
             self.stats.next_frame_held_s += time.monotonic() - self._hold.start
@@ -463,6 +477,8 @@ class DetectDispatcher:
                 waiter.future.set_result(None)
                 continue
             self.stats.wait_ms.append((now - waiter.since) * 1000)
+            if waiter.live and self._branches is not None and self._waited_long(now, waiter):
+                self._branches.detector_waited()
             batch.append((request, waiter))
             live = live or waiter.live
         if not batch:
@@ -544,53 +560,3 @@ class DetectDispatcher:
             "branch_holds": s.holds,
             "branch_held_s": round(s.held_s, 2),
         }
-
-
-class BranchClock:
-    """A camera actor's classification calls: when each pending one started, and when
-    one last timed out. The dispatchers yield to them when they are starved (on a
-    shared CPU every detector competes with every classifier)."""
-
-    def __init__(self) -> None:
-        self._started: dict[int, float] = {}
-        self._next = 0
-        self.last_timeout = -float("inf")
-        self.timeouts = 0
-        # When `starved()` last found branch work starved, for the actor's reader
-        # threads (a float is read atomically; the dict above is the event loop's alone).
-        self.last_starved = -float("inf")
-
-    def start(self) -> int:
-        self._next += 1
-        self._started[self._next] = time.monotonic()
-        return self._next
-
-    def end(self, token: int) -> None:
-        self._started.pop(token, None)
-
-    def timed_out(self) -> None:
-        """A pass of the actor gave up on a classifier (the runner's branch timeout)."""
-        self.timeouts += 1
-        self.last_timeout = time.monotonic()
-
-    def oldest_age(self) -> float:
-        if not self._started:
-            return 0.0
-        return time.monotonic() - min(self._started.values())
-
-    def starved(self, grace_s: float, window_s: float) -> bool:
-        """A call has waited longer than `grace_s`, or one timed out in `window_s`."""
-        now = time.monotonic()
-        starved = now - self.last_timeout < window_s or self.oldest_age() > grace_s
-        if starved:
-            self.last_starved = now
-        return starved
-
-    def starved_within(self, seconds: float) -> bool:
-        """Found starved in the last `seconds` (any thread): a verdict that expires, and
-        does not flap with the hold that switches starvation on and off."""
-        return time.monotonic() - self.last_starved < seconds
-
-    @property
-    def pending(self) -> int:
-        return len(self._started)

@@ -5,6 +5,7 @@ a manual clock, no Ray."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from stream_actors.clock import ManualClock
@@ -74,3 +75,31 @@ def test_no_shedding_when_turned_off_or_key_frames_are_far_apart(tmp_path: Path)
     assert off[2][0] is False and off[4] == (False, -1)
     far = _shed_run(tmp_path, ReaderPolicy(decode_window_s=1.0, watchdog_s=0.8))
     assert far[2][0] is False and far[4] == (False, -1)
+
+
+def test_an_overloaded_detector_sheds_the_decoding_of_pipeline_streams_only() -> None:
+    """The camera actor's verdict for one stream (`sheds_decode`): starved branch work
+    sheds every stream of the actor; frames that waited long for the detector shed only
+    the streams that run a pipeline, so detector-only cameras keep every frame fresh.
+    Both verdicts expire after the decode window."""
+    from types import SimpleNamespace
+
+    from stream_actors.branch_clock import BranchClock
+    from stream_actors.camera_actor import sheds_decode
+
+    def stream(*runners: object) -> Any:
+        return SimpleNamespace(
+            processors={i: SimpleNamespace(runner=r) for i, r in enumerate(runners)}
+        )
+
+    pipeline, plain = stream(None, object()), stream(None, None)
+    clock = BranchClock()
+    assert not any(sheds_decode(clock, 5.0, s) for s in (pipeline, plain, None))
+    clock.detector_waited()
+    assert sheds_decode(clock, 5.0, pipeline)
+    assert not sheds_decode(clock, 5.0, plain) and not sheds_decode(clock, 5.0, None)
+    clock.last_detector_wait -= 5.0
+    assert not sheds_decode(clock, 5.0, pipeline)  # expired
+    clock.timed_out()
+    assert clock.starved(grace_s=2.0, window_s=3.0)
+    assert all(sheds_decode(clock, 5.0, s) for s in (pipeline, plain, None))

@@ -13,8 +13,8 @@ import pytest
 from graph.common.detection import DetectRequest, DetectResult
 from graph.common.errors import DetectorBusy
 from graph.events.model import RingBufferSink
+from stream_actors.branch_clock import BranchClock
 from stream_actors.dispatch import (
-    BranchClock,
     DetectDispatcher,
     DispatcherClosed,
     DispatchSettings,
@@ -508,3 +508,32 @@ def test_the_status_splits_the_latency_into_the_frames_age_when_taken_and_the_ca
     assert isinstance(age, float) and isinstance(latency, float)
     assert age >= 100.0
     assert latency - age >= 49.5  # both rounded to 0.1 ms
+
+
+@sync
+@pytest.mark.parametrize(
+    ("live", "limit", "marked"),
+    [(True, 0.05, True), (False, 0.05, False), (True, 0.0, False), (True, 5.0, False)],
+)
+async def test_a_live_frame_that_waited_long_for_its_call_marks_the_detector_overloaded(
+    live: bool, limit: float, marked: bool
+) -> None:
+    """The readers' decode shedding of pipeline streams reads this mark: only a live
+    frame that waited past `overloaded_wait_s` (0: never) sets it."""
+    det = Recorder()
+    det.gate.clear()
+    clock = BranchClock()
+    settings = DispatchSettings(calls_in_flight=1, overloaded_wait_s=limit)
+    dispatcher = DetectDispatcher(det.send, settings, clock)
+    first = asyncio.create_task(dispatcher.admit(lambda: _request(1), live))
+    await _settle()
+    assert not clock.detector_overloaded_within(5.0)  # the first went at once
+    second = asyncio.create_task(dispatcher.admit(lambda: _request(2), live))
+    await asyncio.sleep(0.15)  # it waits behind the first call
+    det.gate.set()
+    await asyncio.gather(first, second)
+    assert det.calls == [[1], [2]]
+    assert clock.detector_overloaded_within(5.0) is marked
+    if marked:
+        clock.last_detector_wait -= 5.0
+        assert not clock.detector_overloaded_within(5.0)  # the mark expires

@@ -20,8 +20,8 @@ import pytest
 from graph.common.detection import DetectRequest, DetectResult, with_backlog
 from graph.common.errors import InferenceError
 from stream_actors.admission import TargetAdmission
+from stream_actors.branch_clock import BranchClock
 from stream_actors.dispatch import (
-    BranchClock,
     DetectDispatcher,
     DispatchSettings,
     SendFn,

@@ -13,8 +13,8 @@ import pytest
 
 from graph.common.detection import DetectResult
 from graph.events.model import RingBufferSink
+from stream_actors.branch_clock import BranchClock
 from stream_actors.dispatch import (
-    BranchClock,
     DetectDispatcher,
     DispatcherClosed,
     DispatchSettings,
