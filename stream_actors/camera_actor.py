@@ -76,7 +76,8 @@ def sheds_decode(clock: BranchClock, window_s: float, stream: _Stream | None) ->
     """Whether an overloaded actor's reader may decode key frames only (`shed_decode`):
     within one decode window the dispatchers found branch work starved (only with the
     branch priority on: `branch_hold_s` > 0), or, for a stream with a pipeline
-    subscription, a live frame waited longer than `overloaded_wait_s` for its detector.
+    subscription, a live frame of the actor (any of its detector targets) waited longer
+    than `overloaded_wait_s` for its detector call.
     A pipeline's records come first: its readers then stop decoding frames that no
     detector call will take. Streams without a pipeline keep every frame fresh while
     only the detector is short. Read on reader threads."""
@@ -84,8 +85,11 @@ def sheds_decode(clock: BranchClock, window_s: float, stream: _Stream | None) ->
         return True
     if stream is None or not clock.detector_overloaded_within(window_s):
         return False
-    # A snapshot of the loop's dict (one C call under the GIL: no resize mid-read).
-    return any(p.runner is not None for p in tuple(stream.processors.values()))
+    try:  # a snapshot of the loop's dict: one C call under the GIL...
+        processors = tuple(stream.processors.values())
+    except RuntimeError:  # ...unless a GC pass let the loop resize it mid-copy
+        return False  # judged again at the next window
+    return any(p.runner is not None for p in processors)
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)

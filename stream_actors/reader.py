@@ -78,8 +78,8 @@ class ReaderPolicy(StrictModel):
     decode_window_s: float = Field(5.0, gt=0, le=300, description="demand is judged over this")
     shed_decode: bool = Field(
         True,
-        description="while the camera actor's branch work is starved, or its pipeline "
-        "streams' frames wait for an overloaded detector (dispatch.overloaded_wait_s), "
+        description="while the camera actor's branch work is starved, or (for its pipeline "
+        "streams) its frames wait for an overloaded detector (dispatch.overloaded_wait_s), "
         "decode key frames only as soon as they supply what the subscribers take",
     )
     denied_networks: tuple[str, ...] = Field(

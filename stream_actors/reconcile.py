@@ -40,6 +40,8 @@ ACTOR_FIELDS = (
     "dispatch",
     "branch_passes_pending",
     "branch_timeouts",
+    "overloaded",
+    "detector_overloaded",
 )
 
 

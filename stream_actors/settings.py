@@ -122,6 +122,12 @@ class StreamSettings(StrictModel):
                 f"the first reconnect delay ({base} s: reconnect_interval_sec or "
                 f"reader.backoff_base_s) exceeds reader.backoff_cap_s ({cap} s): raise the cap"
             )
+        wait, timeout = self.dispatch.overloaded_wait_s, self.processing.detect_timeout_s
+        if wait >= timeout:
+            raise ValueError(
+                f"dispatch.overloaded_wait_s ({wait} s) must be below "
+                f"processing.detect_timeout_s ({timeout} s): no frame waits that long"
+            )
         return self
 
 

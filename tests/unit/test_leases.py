@@ -249,6 +249,10 @@ def test_stream_settings_take_the_seeds_names() -> None:
         ({"max_streams": 0}, "greater than or equal to 1"),
         ({"target_fps": 500}, "less than or equal to 120"),
         ({"disconnect_grace_s": 0}, "greater than or equal to 1"),
+        (
+            {"dispatch": {"overloaded_wait_s": 5}, "processing": {"detect_timeout_s": 5}},
+            "overloaded_wait_s .* must be below",
+        ),
     ],
 )
 def test_bad_stream_settings_are_refused_with_what_is_wrong(

@@ -10,6 +10,7 @@ from stream_actors.placement import placement_verdict
 from stream_actors.reconcile import (
     ActorPlan,
     RoundPlan,
+    actor_summary,
     desired_by_actor,
     failure_text,
     first_free_actor,
@@ -137,3 +138,13 @@ def test_the_decisions_and_the_per_frame_flow_import_no_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_get_streams_shows_why_an_actor_sheds_its_decoding() -> None:
+    """`GET /streams` per actor: branch work starved (`overloaded`) and frames that
+    waited long for a detector (`detector_overloaded`), the two causes of shedding;
+    what the summary does not name stays out (e.g. the streams, shown per stream)."""
+    status = {"pid": 7, "overloaded": False, "detector_overloaded": True, "streams": {}}
+    summary = actor_summary(status)
+    assert summary["overloaded"] is False and summary["detector_overloaded"] is True
+    assert "streams" not in summary
