@@ -325,7 +325,9 @@ class SubscriptionProcessor:
         if self.runner is not None and self.runner.plan.expected_classes is not None:
             rows = rows[self._expected(rows, names, self.runner.plan)]
         tracked = self._tracker.update(rows, frame.captured_at)
-        object_events = self._stability.update([o for _, o in tracked], frame.seq)
+        object_events = self._stability.update(
+            [o for _, o in tracked], frame.seq, frame.captured_at
+        )
         stable = self._stability.stable_ids()
         self.stable_tracks = len(stable)
         lost = [e.track_id for e in object_events if e.kind == "lost"]

@@ -1,5 +1,6 @@
 """Stability of tracked objects (per camera and pipeline): a track becomes a stable object
-after N consecutive hits with confidence >= c and size jitter <= j, and is lost after M
+after N consecutive hits with confidence >= c and size jitter <= j (or, at low processed
+frame rates, after two such hits at least `min_stable_s` apart), and is lost after M
 frames without a hit. Emits object lifecycle events: new, updated (a clearly better view:
 more confident or larger), lost."""
 
@@ -18,6 +19,14 @@ class StabilityRules(StrictModel):
     min_confidence: float = Field(0.5, ge=0, le=1)
     max_size_jitter: float = Field(
         0.25, gt=0, le=10, description="max relative change of box width/height"
+    )
+    min_stable_s: float | None = Field(
+        1.0,
+        gt=0,
+        le=600,
+        description="also stable after 2 consecutive qualifying hits at least this many "
+        "seconds apart: where a camera is processed at about 1 frame/s or less (an "
+        "overloaded detector), min_hits frames take several seconds (null: min_hits only)",
     )
     max_misses: int = Field(5, ge=1, le=1000, description="frames without a hit → lost")
     better_confidence: float = Field(0.05, ge=0, le=1, description="'updated' when conf rises by")
@@ -55,6 +64,7 @@ class _Track:
     stable: bool = False
     best_confidence: float = 0.0
     best_area: float = 0.0
+    run_since: float | None = None  # when the current run of qualifying hits began
 
 
 def _size_jitter(a: Box, b: Box) -> float:
@@ -71,8 +81,19 @@ class StabilityValidator:
         self.rules = rules
         self._tracks: dict[int, _Track] = {}
 
-    def update(self, observations: list[Observation], frame_seq: int) -> list[ObjectEvent]:
-        """Feed one frame's tracker output; returns the lifecycle events it causes."""
+    def _long_enough(self, t: _Track, at: float | None) -> bool:
+        """Two or more qualifying hits in a row (this one among them) spanning
+        `min_stable_s` (capture times)."""
+        limit = self.rules.min_stable_s
+        if limit is None or at is None or t.run_since is None or t.run < 2:
+            return False
+        return at - t.run_since >= limit
+
+    def update(
+        self, observations: list[Observation], frame_seq: int, at: float | None = None
+    ) -> list[ObjectEvent]:
+        """Feed one frame's tracker output (`at`: its capture time, seconds; without it
+        only `min_hits` makes a track stable); returns the lifecycle events it causes."""
         r, events = self.rules, []
         seen = set()
         for ob in observations:
@@ -87,8 +108,10 @@ class StabilityValidator:
                 t.run = 1  # a jump in size starts a new run
             else:
                 t.run += 1
+            if t.run == 1:
+                t.run_since = at
             t.misses, t.box, t.confidence, t.cls = 0, ob.box, ob.confidence, ob.cls
-            if not t.stable and t.run >= r.min_hits:
+            if not t.stable and (t.run >= r.min_hits or self._long_enough(t, at)):
                 t.stable, t.best_confidence, t.best_area = True, ob.confidence, _area(ob.box)
                 events.append(
                     ObjectEvent("new", ob.track_id, ob.cls, ob.box, ob.confidence, frame_seq)

@@ -191,3 +191,36 @@ def test_a_clearly_better_view_emits_updated_and_unstable_tracks_vanish_silently
     assert [e.kind for e in v.update([obs(1, 2, conf=0.7)], 3)] == ["updated"]
     assert [e.kind for e in v.update([obs(1, 3, conf=0.7, w=130, h=60)], 4)] == ["updated"]
     assert [e.kind for e in v.update([], 5)] == ["lost"]  # track 2 never stable: no event
+
+
+def test_at_low_frame_rates_two_hits_min_stable_s_apart_make_a_track_stable() -> None:
+    """At 1 frame/s, min_hits 3 takes 3 s: two qualifying hits in a row at least
+    `min_stable_s` apart (capture times) suffice. At 2 and 10 frames/s min_hits still
+    decides; a hit that does not qualify, or a miss, restarts the span; with the rule
+    off, or without capture times, only min_hits counts."""
+
+    def kinds(v: StabilityValidator, o: list[Observation], seq: int, at: float | None) -> list:
+        return [e.kind for e in v.update(o, seq, at)]
+
+    v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=1.0))
+    assert kinds(v, [obs(1, 0)], 1, 100.0) == []
+    assert kinds(v, [obs(1, 5)], 2, 101.0) == ["new"]
+    for step in (0.1, 0.5):  # 10 and 2 frames/s: the third hit
+        v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=1.0))
+        assert kinds(v, [obs(2, 0)], 1, 0.0) == [] and kinds(v, [obs(2, 1)], 2, step) == []
+        assert kinds(v, [obs(2, 2)], 3, 2 * step) == ["new"]
+    v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=1.0))
+    assert kinds(v, [obs(3, 0)], 1, 0.0) == []
+    assert kinds(v, [obs(3, 1, conf=0.3)], 2, 1.0) == []  # does not qualify: run 0
+    assert kinds(v, [obs(3, 2)], 3, 2.0) == []  # a new run from 2.0 s
+    assert kinds(v, [], 4, 3.0) == []  # a miss: run 0
+    assert kinds(v, [obs(3, 3)], 5, 4.0) == []  # a new run from 4.0 s
+    assert kinds(v, [obs(3, 4)], 6, 5.0) == ["new"]
+    for rules, times in (
+        (StabilityRules(min_hits=3, min_stable_s=None), True),
+        (StabilityRules(min_hits=3), False),
+    ):
+        v = StabilityValidator(rules)
+        assert kinds(v, [obs(4, 0)], 1, 0.0 if times else None) == []
+        assert kinds(v, [obs(4, 1)], 2, 5.0 if times else None) == []
+        assert kinds(v, [obs(4, 2)], 3, 10.0 if times else None) == ["new"]
