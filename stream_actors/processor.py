@@ -96,7 +96,11 @@ class ProcessingSettings(StrictModel):
     detect_timeout_s: float = Field(
         30.0, gt=0, le=600, description="a detector call that takes longer is dropped"
     )
-    stability: StabilityRules = StabilityRules()
+    # 0.8 s: at 1 frame/s (a tenth of a 10 fps camera: an overloaded detector), two
+    # hits make a track stable, where min_hits took 3 s; at 2 frame/s and more,
+    # min_hits comes first. Rules given in full (here or per subscription) leave it
+    # out unless they name it.
+    stability: StabilityRules = StabilityRules(min_stable_s=0.8)
     tracker: TrackerConfig = TrackerConfig()
 
 

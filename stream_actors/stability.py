@@ -21,12 +21,13 @@ class StabilityRules(StrictModel):
         0.25, gt=0, le=10, description="max relative change of box width/height"
     )
     min_stable_s: float | None = Field(
-        1.0,
+        None,
         gt=0,
         le=600,
         description="also stable after 2 consecutive qualifying hits at least this many "
-        "seconds apart: where a camera is processed at about 1 frame/s or less (an "
-        "overloaded detector), min_hits frames take several seconds (null: min_hits only)",
+        "seconds apart (no gap between them over 4 times this): where a camera is "
+        "processed at about 1 frame/s or less (an overloaded detector), min_hits frames "
+        "take several seconds (null: min_hits only; the streams' default rules set 0.8)",
     )
     max_misses: int = Field(5, ge=1, le=1000, description="frames without a hit → lost")
     better_confidence: float = Field(0.05, ge=0, le=1, description="'updated' when conf rises by")
@@ -34,6 +35,7 @@ class StabilityRules(StrictModel):
 
 
 Box = tuple[float, float, float, float]
+GAP_FACTOR = 4.0  # a gap between hits longer than this × min_stable_s restarts its span
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class _Track:
     best_confidence: float = 0.0
     best_area: float = 0.0
     run_since: float | None = None  # when the current run of qualifying hits began
+    last_at: float | None = None  # the capture time of the last hit
 
 
 def _size_jitter(a: Box, b: Box) -> float:
@@ -80,6 +83,14 @@ class StabilityValidator:
     def __init__(self, rules: StabilityRules) -> None:
         self.rules = rules
         self._tracks: dict[int, _Track] = {}
+
+    def _gap_too_long(self, t: _Track, at: float | None) -> bool:
+        """A gap between two hits over 4 × `min_stable_s` (a reconnect, a stall, a
+        detector outage): no frame was judged meanwhile, so the gap is no evidence."""
+        limit = self.rules.min_stable_s
+        if limit is None or at is None or t.last_at is None:
+            return False
+        return at - t.last_at > GAP_FACTOR * limit
 
     def _long_enough(self, t: _Track, at: float | None) -> bool:
         """Two or more qualifying hits in a row (this one among them) spanning
@@ -108,8 +119,9 @@ class StabilityValidator:
                 t.run = 1  # a jump in size starts a new run
             else:
                 t.run += 1
-            if t.run == 1:
-                t.run_since = at
+            if t.run == 1 or self._gap_too_long(t, at):
+                t.run_since = at  # the time span starts again (min_hits counts on)
+            t.last_at = at
             t.misses, t.box, t.confidence, t.cls = 0, ob.box, ob.confidence, ob.cls
             if not t.stable and (t.run >= r.min_hits or self._long_enough(t, at)):
                 t.stable, t.best_confidence, t.best_area = True, ob.confidence, _area(ob.box)

@@ -202,20 +202,35 @@ def test_at_low_frame_rates_two_hits_min_stable_s_apart_make_a_track_stable() ->
     def kinds(v: StabilityValidator, o: list[Observation], seq: int, at: float | None) -> list:
         return [e.kind for e in v.update(o, seq, at)]
 
-    v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=1.0))
+    v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=0.8))
     assert kinds(v, [obs(1, 0)], 1, 100.0) == []
     assert kinds(v, [obs(1, 5)], 2, 101.0) == ["new"]
     for step in (0.1, 0.5):  # 10 and 2 frames/s: the third hit
-        v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=1.0))
+        v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=0.8))
         assert kinds(v, [obs(2, 0)], 1, 0.0) == [] and kinds(v, [obs(2, 1)], 2, step) == []
         assert kinds(v, [obs(2, 2)], 3, 2 * step) == ["new"]
-    v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=1.0))
+    v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=0.8))
     assert kinds(v, [obs(3, 0)], 1, 0.0) == []
     assert kinds(v, [obs(3, 1, conf=0.3)], 2, 1.0) == []  # does not qualify: run 0
     assert kinds(v, [obs(3, 2)], 3, 2.0) == []  # a new run from 2.0 s
     assert kinds(v, [], 4, 3.0) == []  # a miss: run 0
     assert kinds(v, [obs(3, 3)], 5, 4.0) == []  # a new run from 4.0 s
     assert kinds(v, [obs(3, 4)], 6, 5.0) == ["new"]
+    v = StabilityValidator(StabilityRules(min_hits=3, min_stable_s=0.8))
+    assert kinds(v, [obs(5, 0)], 1, 0.0) == []
+    assert kinds(v, [], 2, 0.5) == []  # a miss: the run and its span start again
+    assert kinds(v, [obs(5, 1)], 3, 1.0) == [] and kinds(v, [obs(5, 2)], 4, 1.5) == []
+    assert kinds(v, [obs(5, 3)], 5, 2.0) == ["new"]  # the third hit (min_hits)
+    v = StabilityValidator(StabilityRules(min_hits=4, min_stable_s=0.8))
+    assert kinds(v, [obs(6, 0)], 1, 0.0) == []
+    assert kinds(v, [obs(6, 1, w=200)], 2, 1.0) == []  # a size jump: a new run from 1.0
+    assert kinds(v, [obs(6, 2, w=200)], 3, 1.5) == []  # 0.5 s: not yet
+    assert kinds(v, [obs(6, 3, w=200)], 4, 1.9) == ["new"]  # 0.9 s (3 hits of 4)
+    v = StabilityValidator(StabilityRules(min_hits=5, min_stable_s=0.8))
+    assert kinds(v, [obs(7, 0)], 1, 0.0) == []
+    assert kinds(v, [obs(7, 1)], 2, 5.0) == []  # a 5 s gap (> 4 × 0.8): no evidence
+    assert kinds(v, [obs(7, 2)], 3, 5.5) == []
+    assert kinds(v, [obs(7, 3)], 4, 5.9) == ["new"]  # 0.9 s after the gap (4 hits of 5)
     for rules, times in (
         (StabilityRules(min_hits=3, min_stable_s=None), True),
         (StabilityRules(min_hits=3), False),
