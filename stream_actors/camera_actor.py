@@ -451,10 +451,10 @@ class CameraActor:
                     changed += runner.set_session(session["id"], session["data"])
         return changed
 
-    def _shedding(self, key: str | None = None) -> bool:
+    def _shedding(self, key: str) -> bool:
         """Read on the reader threads (see `sheds_decode`)."""
-        stream = self._streams.get(key) if key is not None else None
-        return sheds_decode(self._branch_clock, self._settings.reader.decode_window_s, stream)
+        window = self._settings.reader.decode_window_s
+        return sheds_decode(self._branch_clock, window, self._streams.get(key))
 
     def _failure_hook(self, key: str) -> Callable[[str], None]:
         """What a reader thread calls when its stream gives up: each subscription of the
@@ -558,6 +558,7 @@ class CameraActor:
     # ---- reporting -----------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         process = psutil.Process()
+        window = self._settings.reader.decode_window_s
         return {
             "pid": os.getpid(),
             "cpu_times_s": round(sum(process.cpu_times()[:2]), 3),
@@ -575,10 +576,8 @@ class CameraActor:
             "actions": {name: f.status() for name, f in self._forwarders.items()},
             "dispatch": self._admission.status(),
             "branch_passes_pending": self._branch_clock.pending,
-            "overloaded": self._shedding(),  # branch work starved
-            "detector_overloaded": self._branch_clock.detector_overloaded_within(
-                self._settings.reader.decode_window_s
-            ),
+            "overloaded": self._branch_clock.starved_within(window),  # branch work starved
+            "detector_overloaded": self._branch_clock.detector_overloaded_within(window),
             "branch_timeouts": self._branch_clock.timeouts,
             "events": self._publisher.status(),
         }
