@@ -63,6 +63,10 @@ DOWN_STATES = frozenset(
 )
 
 
+# Shedding is judged after this much of a decode window when the actor is overloaded.
+EARLY_SHED_S = 1.0
+
+
 class ReaderPolicy(StrictModel):
     open_timeout_s: float = Field(3.0, gt=0, le=60)
     read_timeout_s: float = Field(3.0, gt=0, le=60)
@@ -183,16 +187,22 @@ class StreamReader:
         self._key_times: deque[float] = deque(maxlen=256)
         self._demand_since = clock.monotonic()
         self._taken_before: dict[str, tuple[int, int]] = {}
+        self._attached: dict[str, tuple[int, int]] = {}
         self._low_demand_before = False  # the previous window also had low demand
+        self._early_checked_at = -float("inf")
 
     # ---- subscriptions -------------------------------------------------------------
     def attach(self, name: str, mailbox: LatestFrameMailbox) -> None:
         with self._lock:
             self._mailboxes[name] = mailbox
+            # What it had taken before (a processor re-attached): the first window's
+            # demand counts from here, not from the mailbox's creation.
+            self._attached[name] = (mailbox.delivered, mailbox.drops[DropReason.SUPERSEDED])
 
     def detach(self, name: str) -> None:
         with self._lock:
             self._mailboxes.pop(name, None)
+            self._attached.pop(name, None)
 
     # ---- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -355,26 +365,37 @@ class StreamReader:
             return False
         now = self._clock.monotonic()
         window = now - self._demand_since
-        if window < self.policy.decode_window_s:
+        early = window < self.policy.decode_window_s
+        if early and not self._early_shed_check(now, window):
             return self.keyframes_only
         with self._lock:
             counts = {
                 name: (box.delivered, box.drops[DropReason.SUPERSEDED])
                 for name, box in self._mailboxes.items()
             }
-        before = self._taken_before
-        taken = {n: c[0] - before.get(n, c)[0] for n, c in counts.items()}
-        superseded = {n: c[1] - before.get(n, c)[1] for n, c in counts.items()}
-        keys = sum(1 for t in list(self._key_times) if now - t <= window)
-        self._taken_before, self._demand_since = counts, now
+            before = {**self._attached, **self._taken_before}
+        taken = {n: c[0] - before[n][0] for n, c in counts.items()}
+        superseded = {n: c[1] - before[n][1] for n, c in counts.items()}
+        key_times = [t for t in list(self._key_times) if now - t <= window]
+        keys = len(key_times)
         # Overloaded (the actor's branch work starved): decoding frames no subscriber
         # gets takes the CPU the classifiers lack, so the key frames suffice as soon as
         # they are as many as the subscribers took, at once, and for as long as it lasts.
-        shedding = self.policy.shed_decode and self._shedding is not None and self._shedding()
+        # Within a window (`early`) the check above already found the actor overloaded.
+        shedding = early or (
+            self.policy.shed_decode and self._shedding is not None and self._shedding()
+        )
         # Only where key frames come often enough: with a long GOP the stream would go
         # quiet past the watchdog (a reconnect per GOP) and every frame would be old.
-        frequent_keys = keys > 0 and window / keys <= self.policy.watchdog_s / 2
-        shedding = shedding and frequent_keys
+        # Early, the window may be shorter than one GOP: the spacing of its key frames.
+        gop = (
+            (key_times[-1] - key_times[0]) / (keys - 1)
+            if early and keys >= 2
+            else window / keys
+            if not early and keys > 0
+            else float("inf")
+        )
+        shedding = shedding and gop <= self.policy.watchdog_s / 2
         if self.keyframes_only:
             self._low_demand_before = False  # after switching back, two windows again
             # Could use more: took every key frame, or nearly all of them (a burst after
@@ -387,10 +408,13 @@ class StreamReader:
             # Low demand must last two windows in a row: a transient stall (a replica
             # restarting, a neighbour's reconnect storm) must not drop a camera to 1 fps.
             low = keys > 0 and all(taken[n] <= 0.5 * keys for n in counts)
-            want = (low and self._low_demand_before) or (
+            want = (not early and low and self._low_demand_before) or (
                 shedding and keys > 0 and all(taken[n] <= keys for n in counts)
             )
-            self._low_demand_before = low
+            if early and not want:
+                return False  # the window goes on: low demand is judged over a whole one
+            self._low_demand_before = low and not early
+        self._taken_before, self._demand_since = counts, now
         self.shed = want and shedding  # key frames because of the overload (status)
         if want != self.keyframes_only:
             self.keyframes_only = want
@@ -406,6 +430,20 @@ class StreamReader:
                 window,
             )
         return self.keyframes_only
+
+    def _early_shed_check(self, now: float, window: float) -> bool:
+        """Whether to judge shedding before the window ends: an overload that begins
+        (a site's cameras all starting, a burst of traffic) sheds within about a second,
+        not at the end of a window that decoded every frame. Only towards key frames,
+        and at most twice a second (the actor's verdict is read from the reader thread)."""
+        if self.keyframes_only or not self.policy.shed_decode or self._shedding is None:
+            return False
+        if window < min(EARLY_SHED_S, self.policy.decode_window_s):
+            return False
+        if now - self._early_checked_at < EARLY_SHED_S / 2:
+            return False
+        self._early_checked_at = now
+        return self._shedding()
 
     # ---- reporting -----------------------------------------------------------------
     def fps(self, window_s: float = 5.0) -> float:

@@ -103,3 +103,63 @@ def test_an_overloaded_detector_sheds_the_decoding_of_pipeline_streams_only() ->
     clock.timed_out()
     assert clock.starved(grace_s=2.0, window_s=3.0)
     assert all(sheds_decode(clock, 5.0, s) for s in (pipeline, plain, None))
+
+
+def _early_run(
+    tmp_path: Path, policy: ReaderPolicy, shed: bool, step_s: float, marks: list[float]
+) -> list[tuple[bool, int]]:
+    """The clip of `_shed_run` from its start, with `shedding()` fixed to `shed`; one frame
+    taken every `step_s`; the decode state at each of `marks` (seconds)."""
+    clip = write_clip(HELD_OUT_SEED_START + 1, 120, tmp_path / "e.mp4", fps=10, scale=0.25)
+    spec = StreamSpec(key="e", kind="file", url=str(clip), loop=True)
+    clock = ManualClock()
+    calls = [0]
+
+    def shedding() -> bool:
+        calls[0] += 1
+        return shed
+
+    reader = StreamReader(spec, policy, clock=clock, shedding=shedding)
+    mailbox = LatestFrameMailbox(clock=clock)
+    reader.attach("s", mailbox)
+    seen = []
+    reader.start()
+    try:
+        next_take = step_s
+        for mark in marks:
+            while next_take <= mark:
+                clock.run_until(next_take)
+                mailbox.take()
+                next_take += step_s
+            clock.run_until(mark)
+            seen.append((reader.keyframes_only, reader.decode_switches))
+    finally:
+        reader.stop()
+        clock.advance(60.0)
+    assert reader.join(5)
+    # At most twice a second, not once a frame (10 a second), while a window runs.
+    assert calls[0] <= 2 * marks[-1] + 2
+    return seen
+
+
+def test_an_overload_that_begins_sheds_within_the_window(tmp_path: Path) -> None:
+    """With the usual 5 s window, an actor overloaded from the start (all of a site's
+    cameras starting at once) sheds once two key frames show the GOP, about 2 s in,
+    instead of decoding every frame for the whole first window; not before 1 s."""
+    seen = _early_run(tmp_path, ReaderPolicy(), True, 1.0, [0.95, 2.5, 4.9])
+    assert seen[0] == (False, 0)
+    assert seen[1] == (True, 1) and seen[2] == (True, 1)
+
+
+def test_no_early_shedding_without_cause(tmp_path: Path) -> None:
+    """No overload: nothing happens within a window, and the early checks do not cut
+    windows short: low demand (1 frame taken every 4 s against a key frame a second)
+    still needs two whole windows of 5 s. A subscriber that takes more than the key
+    frames supply is not shed early even when overloaded; a GOP over half the watchdog
+    is never shed."""
+    quiet = _early_run(tmp_path, ReaderPolicy(), False, 4.0, [4.9, 9.9, 10.3])
+    assert quiet == [(False, 0), (False, 0), (True, 1)]
+    busy = _early_run(tmp_path, ReaderPolicy(), True, 0.3, [2.5, 4.9])
+    assert busy == [(False, 0), (False, 0)]
+    long_gop = _early_run(tmp_path, ReaderPolicy(watchdog_s=1.6), True, 1.0, [2.5, 4.9])
+    assert long_gop == [(False, 0), (False, 0)]
