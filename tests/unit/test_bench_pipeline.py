@@ -129,3 +129,32 @@ def test_the_config_is_make_runs_with_records_in_this_runs_schema() -> None:
     assert "streams" not in base["applications"][0]["args"]  # the base is not changed
     noshed = pipeline_config(base, "bench_1", hold=True, shed=False)["applications"][0]["args"]
     assert noshed["streams"] == {"reader": {"shed_decode": False}}
+
+
+def test_the_stability_study_samples_in_order_and_scores_by_iou() -> None:
+    """benchmarks/stability_study.py: every Nth frame from a random phase, jittered but
+    in order and without repeats; a "new" event found when its box overlaps a counted
+    vehicle's box (IoU >= 0.5) in that frame, a second one for it a duplicate, one that
+    overlaps none unmatched."""
+    import random
+
+    import numpy as np
+
+    from benchmarks.stability_study import sampled, score_clip
+
+    assert sampled(5, 1, 0.0, random.Random(0)) == [0, 1, 2, 3, 4]
+    for seed in range(20):
+        picked = sampled(300, 10, 0.4, random.Random(seed))
+        assert picked == sorted(set(picked)) and 28 <= len(picked) <= 30
+        assert all(0 <= i < 300 for i in picked)
+        gaps = np.diff(picked)
+        assert gaps.min() >= 1 and gaps.max() <= 18
+    frames = [
+        {"index": i, "objects": [_obj(1, 0.9, 12), _obj(4, 0.3, 12)]}
+        for i in range(VEHICLE_MIN_FRAMES)
+    ]
+    box = np.array([0, 0, 100, 60], np.float32)  # _obj's box
+    shifted = np.array([70, 0, 170, 60], np.float32)  # IoU 30/170 with it
+    score = score_clip({"frames": frames}, [(2, box), (5, box + 5), (7, shifted)])
+    assert (score.vehicles, score.found, score.duplicates, score.unmatched) == (1, 1, 1, 1)
+    assert score.row()["records_per_vehicle"] == 3.0
