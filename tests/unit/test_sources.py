@@ -89,9 +89,7 @@ def test_key_frames_only_decode_when_used_and_match_the_full_decode(tmp_path: Pa
     assert at[:3] == [0.0, 0.1, 0.2]
     skipped = got[3:5]  # frames 3 and 4 came while skipping: key frames, undecoded yet
     assert all(f.key_frame and f._image is None for f in skipped)
-    assert at[3:5] == [
-        round(k.captured_at - full[0].captured_at, 3) for k in keys[1:3]
-    ]
+    assert at[3:5] == [round(k.captured_at - full[0].captured_at, 3) for k in keys[1:3]]
     # Back to all frames from the key frame after, not from the packet after the switch.
     assert got[5].key_frame and at[5] == round(keys[3].captured_at - full[0].captured_at, 3)
     assert np.diff(at[5:]).round(3).tolist() == [0.1] * (len(got) - 6)
