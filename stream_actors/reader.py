@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import logging
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import Field, field_validator
 
@@ -129,6 +130,25 @@ def open_source(
     ).frames()
 
 
+def key_gop(key_times: list[float], now: float, horizon_s: float) -> tuple[float, float]:
+    """(longest, mean) interval between the key frames of the last `horizon_s` seconds;
+    the longest counts the time since the last one. Infinite with fewer than two."""
+    recent = [t for t in key_times if now - t <= horizon_s]
+    if len(recent) < 2:
+        return float("inf"), float("inf")
+    gaps = [b - a for a, b in itertools.pairwise(recent)]
+    return max(*gaps, now - recent[-1]), (recent[-1] - recent[0]) / len(gaps)
+
+
+class _Baseline(NamedTuple):
+    """A subscriber's mailbox counts at a moment (its attach, a window's end)."""
+
+    box: LatestFrameMailbox
+    delivered: int
+    superseded: int
+    at: float
+
+
 class StreamReader:
     def __init__(
         self,
@@ -186,18 +206,24 @@ class StreamReader:
         self.decode_switches = 0
         self._key_times: deque[float] = deque(maxlen=256)
         self._demand_since = clock.monotonic()
-        self._taken_before: dict[str, tuple[int, int]] = {}
-        self._attached: dict[str, tuple[int, int]] = {}
+        self._taken_before: dict[str, _Baseline] = {}
+        self._attached: dict[str, _Baseline] = {}
         self._low_demand_before = False  # the previous window also had low demand
         self._early_checked_at = -float("inf")
+        self._early_after = -float("inf")
 
     # ---- subscriptions -------------------------------------------------------------
     def attach(self, name: str, mailbox: LatestFrameMailbox) -> None:
         with self._lock:
             self._mailboxes[name] = mailbox
-            # What it had taken before (a processor re-attached): the first window's
-            # demand counts from here, not from the mailbox's creation.
-            self._attached[name] = (mailbox.delivered, mailbox.drops[DropReason.SUPERSEDED])
+            # Its demand counts from here (a new mailbox under an old name, or one that
+            # took frames elsewhere, starts afresh), over the key frames from here.
+            self._attached[name] = _Baseline(
+                mailbox,
+                mailbox.delivered,
+                mailbox.drops[DropReason.SUPERSEDED],
+                self._clock.monotonic(),
+            )
 
     def detach(self, name: str) -> None:
         with self._lock:
@@ -356,7 +382,8 @@ class StreamReader:
                 self._last_frame_mono = self._clock.monotonic()  # waiting is not a stall
 
     def _wants_keyframes_only(self) -> bool:
-        """Polled by the source after each frame; re-judges demand once per window.
+        """Polled by the source after each frame; re-judges demand once per window, and
+        within a window while the actor is overloaded (`_early_shed_check`).
 
         Key frames only when every subscriber took at most half as many frames as the
         key frames alone would give it; all frames again as soon as a subscriber took
@@ -369,56 +396,71 @@ class StreamReader:
         if early and not self._early_shed_check(now, window):
             return self.keyframes_only
         with self._lock:
-            counts = {
-                name: (box.delivered, box.drops[DropReason.SUPERSEDED])
-                for name, box in self._mailboxes.items()
-            }
-            before = {**self._attached, **self._taken_before}
-        taken = {n: c[0] - before[n][0] for n, c in counts.items()}
-        superseded = {n: c[1] - before[n][1] for n, c in counts.items()}
-        key_times = [t for t in list(self._key_times) if now - t <= window]
-        keys = len(key_times)
-        # Overloaded (the actor's branch work starved): decoding frames no subscriber
-        # gets takes the CPU the classifiers lack, so the key frames suffice as soon as
-        # they are as many as the subscribers took, at once, and for as long as it lasts.
-        # Within a window (`early`) the check above already found the actor overloaded.
+            boxes = dict(self._mailboxes)
+            attached = dict(self._attached)
+        counts = {
+            n: _Baseline(box, box.delivered, box.drops[DropReason.SUPERSEDED], now)
+            for n, box in boxes.items()
+        }
+        before = {}
+        for n, count in counts.items():
+            prior = self._taken_before.get(n)
+            # The last window's count of this very mailbox, else the one at its attach.
+            before[n] = prior if prior is not None and prior.box is count.box else attached[n]
+        taken = {n: c.delivered - before[n].delivered for n, c in counts.items()}
+        superseded = {n: c.superseded - before[n].superseded for n, c in counts.items()}
+        since = {n: max(self._demand_since, before[n].at) for n in counts}
+        key_times = list(self._key_times)
+        keys = sum(1 for t in key_times if t >= self._demand_since)
+        keys_of = {n: sum(1 for t in key_times if t >= since[n]) for n in counts}
+        # The GOP as the recent key frames show it: the longest gap (including the time
+        # since the last one), so that one extra I-frame (a scene cut, a file's loop)
+        # does not pass a long GOP for a short one; and the mean, for the supply.
+        longest, mean = key_gop(key_times, now, max(window, self.policy.decode_window_s))
+        # Overloaded (the actor's branch work starved, or its pipeline's frames waiting
+        # for the detector): decoding frames no subscriber gets takes the CPU the
+        # detector and the classifiers lack, so the key frames suffice as soon as they
+        # supply what the subscribers took, at once, for as long as it lasts. Within a
+        # window (`early`) the check above already found the actor overloaded.
         shedding = early or (
             self.policy.shed_decode and self._shedding is not None and self._shedding()
         )
         # Only where key frames come often enough: with a long GOP the stream would go
         # quiet past the watchdog (a reconnect per GOP) and every frame would be old.
-        # Early, the window may be shorter than one GOP: the spacing of its key frames.
-        gop = (
-            (key_times[-1] - key_times[0]) / (keys - 1)
-            if early and keys >= 2
-            else window / keys
-            if not early and keys > 0
-            else float("inf")
-        )
-        shedding = shedding and gop <= self.policy.watchdog_s / 2
-        if self.keyframes_only:
+        shedding = shedding and longest <= self.policy.watchdog_s / 2
+        if early:
+            # Each subscriber over its own span (one attached a moment ago has taken
+            # little, which is no sign of low demand): wait until each has a second.
+            if any(now - since[n] < EARLY_SHED_S for n in counts):
+                return self.keyframes_only
+            supply = {n: (now - since[n]) / mean for n in counts}
+            if not (shedding and all(taken[n] <= supply[n] for n in counts)):
+                return self.keyframes_only  # the window goes on: judged whole at its end
+            want = True
+        elif self.keyframes_only:
             self._low_demand_before = False  # after switching back, two windows again
             # Could use more: took every key frame, or nearly all of them (a burst after
             # a network hiccup can supersede one even when the subscriber keeps up).
             more = any(
-                taken[n] > 0 and (superseded[n] == 0 or taken[n] >= 0.8 * keys) for n in counts
+                taken[n] > 0 and (superseded[n] == 0 or taken[n] >= 0.8 * keys_of[n])
+                for n in counts
             )
             want = shedding or not more
         else:
             # Low demand must last two windows in a row: a transient stall (a replica
             # restarting, a neighbour's reconnect storm) must not drop a camera to 1 fps.
-            low = keys > 0 and all(taken[n] <= 0.5 * keys for n in counts)
-            want = (not early and low and self._low_demand_before) or (
-                shedding and keys > 0 and all(taken[n] <= keys for n in counts)
+            low = keys > 0 and all(taken[n] <= 0.5 * keys_of[n] for n in counts)
+            want = (low and self._low_demand_before) or (
+                shedding and keys > 0 and all(taken[n] <= keys_of[n] for n in counts)
             )
-            if early and not want:
-                return False  # the window goes on: low demand is judged over a whole one
-            self._low_demand_before = low and not early
+            self._low_demand_before = low
         self._taken_before, self._demand_since = counts, now
         self.shed = want and shedding  # key frames because of the overload (status)
         if want != self.keyframes_only:
             self.keyframes_only = want
             self.decode_switches += 1
+            if not want:  # no early shedding for a window: no flapping every second
+                self._early_after = now + self.policy.decode_window_s
             logger.info(
                 "stream %s: decoding %s (frames taken per subscriber %s, key frames %d, in %.1fs)",
                 self.spec.key,
@@ -432,13 +474,14 @@ class StreamReader:
         return self.keyframes_only
 
     def _early_shed_check(self, now: float, window: float) -> bool:
-        """Whether to judge shedding before the window ends: an overload that begins
-        (a site's cameras all starting, a burst of traffic) sheds within about a second,
-        not at the end of a window that decoded every frame. Only towards key frames,
-        and at most twice a second (the actor's verdict is read from the reader thread)."""
+        """Whether to judge shedding before the window ends: an overload present at a
+        window's start (a site's cameras all starting at once) sheds after a second or
+        one GOP, not at the end of a window that decoded every frame. Only towards key
+        frames, never within a window of switching back, and at most twice a second
+        (the actor's verdict is read from the reader thread)."""
         if self.keyframes_only or not self.policy.shed_decode or self._shedding is None:
             return False
-        if window < min(EARLY_SHED_S, self.policy.decode_window_s):
+        if window < min(EARLY_SHED_S, self.policy.decode_window_s) or now < self._early_after:
             return False
         if now - self._early_checked_at < EARLY_SHED_S / 2:
             return False

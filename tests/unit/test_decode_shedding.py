@@ -4,8 +4,11 @@ a manual clock, no Ray."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from stream_actors.clock import ManualClock
@@ -106,10 +109,15 @@ def test_an_overloaded_detector_sheds_the_decoding_of_pipeline_streams_only() ->
 
 
 def _early_run(
-    tmp_path: Path, policy: ReaderPolicy, shed: bool, step_s: float, marks: list[float]
-) -> list[tuple[bool, int]]:
-    """The clip of `_shed_run` from its start, with `shedding()` fixed to `shed`; one frame
-    taken every `step_s`; the decode state at each of `marks` (seconds)."""
+    tmp_path: Path,
+    policy: ReaderPolicy,
+    shed: Callable[[float], bool],
+    step_s: float,
+    marks: list[float],
+) -> list[tuple[bool, int, int]]:
+    """The clip of `_shed_run` from its start, with `shedding()` = `shed(clock time)`;
+    one frame taken every `step_s`; (key frames only, switches, shedding() calls so
+    far) at each of `marks` (seconds)."""
     clip = write_clip(HELD_OUT_SEED_START + 1, 120, tmp_path / "e.mp4", fps=10, scale=0.25)
     spec = StreamSpec(key="e", kind="file", url=str(clip), loop=True)
     clock = ManualClock()
@@ -117,7 +125,7 @@ def _early_run(
 
     def shedding() -> bool:
         calls[0] += 1
-        return shed
+        return shed(clock.monotonic())
 
     reader = StreamReader(spec, policy, clock=clock, shedding=shedding)
     mailbox = LatestFrameMailbox(clock=clock)
@@ -132,7 +140,7 @@ def _early_run(
                 mailbox.take()
                 next_take += step_s
             clock.run_until(mark)
-            seen.append((reader.keyframes_only, reader.decode_switches))
+            seen.append((reader.keyframes_only, reader.decode_switches, calls[0]))
     finally:
         reader.stop()
         clock.advance(60.0)
@@ -142,24 +150,78 @@ def _early_run(
     return seen
 
 
+def _always(_: float) -> bool:
+    return True
+
+
+def _never(_: float) -> bool:
+    return False
+
+
 def test_an_overload_that_begins_sheds_within_the_window(tmp_path: Path) -> None:
     """With the usual 5 s window, an actor overloaded from the start (all of a site's
-    cameras starting at once) sheds once two key frames show the GOP, about 2 s in,
-    instead of decoding every frame for the whole first window; not before 1 s."""
-    seen = _early_run(tmp_path, ReaderPolicy(), True, 1.0, [0.95, 2.5, 4.9])
-    assert seen[0] == (False, 0)
-    assert seen[1] == (True, 1) and seen[2] == (True, 1)
+    cameras starting at once) sheds a second in, once two key frames show the GOP,
+    instead of decoding every frame for the whole first window; it is not asked
+    before 1 s."""
+    seen = _early_run(tmp_path, ReaderPolicy(), _always, 1.0, [0.95, 2.5, 4.9])
+    assert seen[0] == (False, 0, 0)
+    assert seen[1][:2] == (True, 1) and seen[2][:2] == (True, 1)
 
 
 def test_no_early_shedding_without_cause(tmp_path: Path) -> None:
-    """No overload: nothing happens within a window, and the early checks do not cut
-    windows short: low demand (1 frame taken every 4 s against a key frame a second)
-    still needs two whole windows of 5 s. A subscriber that takes more than the key
-    frames supply is not shed early even when overloaded; a GOP over half the watchdog
-    is never shed."""
-    quiet = _early_run(tmp_path, ReaderPolicy(), False, 4.0, [4.9, 9.9, 10.3])
-    assert quiet == [(False, 0), (False, 0), (True, 1)]
-    busy = _early_run(tmp_path, ReaderPolicy(), True, 0.3, [2.5, 4.9])
-    assert busy == [(False, 0), (False, 0)]
-    long_gop = _early_run(tmp_path, ReaderPolicy(watchdog_s=1.6), True, 1.0, [2.5, 4.9])
-    assert long_gop == [(False, 0), (False, 0)]
+    """No overload: nothing happens within a window, and low demand (1 frame taken
+    every 4 s against a key frame a second) still needs two whole windows of 5 s. A
+    subscriber that takes more than the key frames supply is not shed early even when
+    overloaded; nor is a GOP over half the watchdog, and then the early checks do not
+    cut the windows short either: low demand still switches at 10 s, not before."""
+    quiet = _early_run(tmp_path, ReaderPolicy(), _never, 4.0, [4.9, 9.9, 10.3])
+    assert [s[:2] for s in quiet] == [(False, 0), (False, 0), (True, 1)]
+    busy = _early_run(tmp_path, ReaderPolicy(), _always, 0.3, [2.5, 4.9])
+    assert [s[:2] for s in busy] == [(False, 0), (False, 0)]
+    long_gop = _early_run(
+        tmp_path, ReaderPolicy(watchdog_s=1.6), _always, 4.0, [2.5, 4.9, 9.9, 10.3]
+    )
+    assert [s[:2] for s in long_gop] == [(False, 0), (False, 0), (False, 0), (True, 1)]
+    assert long_gop[1][2] >= 6  # it was asked, and found overloaded, within the windows
+
+
+def test_early_checks_only_ever_shed(tmp_path: Path) -> None:
+    """Shed early, the stream goes back to all frames only at a window's end, once the
+    overload is over and the subscriber takes every key frame; and for a window after
+    that, no early check sheds it again (no flapping every second)."""
+    seen = _early_run(
+        tmp_path,
+        ReaderPolicy(),
+        lambda t: t < 3.0 or t >= 6.5,  # over at 3 s; back at 6.5 s
+        0.25,
+        [2.9, 5.9],
+    )
+    # Taking 4 a second: early shedding needs a subscriber that takes no more than
+    # the key frames, so nothing switches early here...
+    assert [s[:2] for s in seen] == [(False, 0), (False, 0)]
+    slow = _early_run(
+        tmp_path,
+        ReaderPolicy(),
+        lambda t: t < 3.0 or t >= 6.5,
+        1.0,
+        [2.9, 5.9, 6.4, 8.9, 10.9],
+    )
+    # ...at 1 a second it sheds at 1 s; at the window's end (from 1 s to 6 s) the
+    # overload has been over for 3 s and every key frame was taken: all frames again.
+    # The overload is back from 6.5 s, but no early check may shed before 11 s (a
+    # window after switching back, which is also this window's end): at 10.9 s still
+    # all frames.
+    assert [s[:2] for s in slow] == [(True, 1), (True, 1), (False, 2), (False, 2), (False, 2)]
+
+
+def test_the_gop_is_judged_by_its_longest_gap() -> None:
+    """An extra I-frame (a scene cut, a file's loop) right after a regular one must not
+    pass an 8 s GOP for a short one (key frames only would then go quiet past the
+    watchdog): the longest gap counts, and the time since the last key frame too."""
+    from stream_actors.reader import key_gop
+
+    assert key_gop([0.0, 8.0, 8.3], 9.0, 10.0) == (8.0, 4.15)
+    assert key_gop([5.0, 5.3], 9.0, 10.0)[0] == pytest.approx(3.7)  # since the last one
+    assert key_gop([0.0, 1.0, 2.0, 3.0], 3.5, 10.0) == (1.0, 1.0)
+    assert key_gop([0.0, 1.0, 2.0, 3.0], 3.5, 2.0) == (1.0, 1.0)  # 2.0 and 3.0 only
+    assert key_gop([3.0], 3.5, 10.0) == (float("inf"), float("inf"))
