@@ -67,36 +67,6 @@ def test_a_replay_on_the_files_clock_keeps_its_frame_spacing_and_never_goes_back
     assert (gaps > 0).all()  # across the loop as well
 
 
-def test_key_frames_only_decode_when_used_and_match_the_full_decode(tmp_path: Path) -> None:
-    """While `keyframes_only` holds, non-key packets are not decoded and a key frame is
-    decoded only when its image is used, to the same pixels as the stream's own decoder
-    gives; switching back resumes at the next key frame (no frame built on stale
-    references), with every frame from there equal to the full decode."""
-    clip = write_clip(5, n_frames=40, video_path=tmp_path / "k.mp4", fps=10, scale=0.25)
-    full = list(PyAVSource(str(clip), media_time=True).frames())
-    reference = {round(f.captured_at - full[0].captured_at, 3): f for f in full}
-    keys = [f for f in full if f.key_frame]
-    assert len(keys) >= 4 and len(full) == 40
-
-    wanted = {"keys": False}
-    source = PyAVSource(str(clip), media_time=True, keyframes_only=lambda: wanted["keys"])
-    got = []
-    for n, frame in enumerate(source.frames()):
-        got.append(frame)
-        wanted["keys"] = 2 <= n < 4  # all, then key frames for 2 frames, then all again
-    start = got[0].captured_at
-    at = [round(f.captured_at - start, 3) for f in got]
-    assert at[:3] == [0.0, 0.1, 0.2]
-    skipped = got[3:5]  # frames 3 and 4 came while skipping: key frames, undecoded yet
-    assert all(f.key_frame and f._image is None for f in skipped)
-    assert at[3:5] == [round(k.captured_at - full[0].captured_at, 3) for k in keys[1:3]]
-    # Back to all frames from the key frame after, not from the packet after the switch.
-    assert got[5].key_frame and at[5] == round(keys[3].captured_at - full[0].captured_at, 3)
-    assert np.diff(at[5:]).round(3).tolist() == [0.1] * (len(got) - 6)
-    for frame, t in zip(got, at, strict=True):
-        assert np.array_equal(frame.image, reference[t].image), t
-
-
 def test_missing_and_corrupt_files_are_connection_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceConnectionError, match=r"missing\.mp4"):
         next(PyAVSource(str(tmp_path / "missing.mp4")).frames())
