@@ -130,11 +130,13 @@ def open_source(
     ).frames()
 
 
-def key_gop(key_times: list[float], now: float, horizon_s: float) -> tuple[float, float]:
-    """(longest, mean) interval between the key frames of the last `horizon_s` seconds;
-    the longest counts the time since the last one. Infinite with fewer than two."""
-    recent = [t for t in key_times if now - t <= horizon_s]
-    if len(recent) < 2:
+def key_gop(key_times: list[float], now: float, count: int = 8) -> tuple[float, float]:
+    """(longest, mean) interval between the last `count` key frames, the longest also
+    counting the time since the last one: a GOP is judged by its longest gap, however
+    long (an extra I-frame at a scene cut must not pass an 8 s GOP for a short one).
+    Infinite with fewer than two key frames, or with no time between them."""
+    recent = key_times[-count:]
+    if len(recent) < 2 or recent[-1] <= recent[0]:
         return float("inf"), float("inf")
     gaps = [b - a for a, b in itertools.pairwise(recent)]
     return max(*gaps, now - recent[-1]), (recent[-1] - recent[0]) / len(gaps)
@@ -211,6 +213,7 @@ class StreamReader:
         self._low_demand_before = False  # the previous window also had low demand
         self._early_checked_at = -float("inf")
         self._early_after = -float("inf")
+        self._connected_at = -float("inf")  # the first frame after the last (re)connect
 
     # ---- subscriptions -------------------------------------------------------------
     def attach(self, name: str, mailbox: LatestFrameMailbox) -> None:
@@ -357,6 +360,7 @@ class StreamReader:
         now = self._clock.monotonic()
         if self.state is not StreamState.CONNECTED:
             self.state = StreamState.CONNECTED
+            self._connected_at = now  # demand is judged over frames that came
             self._breaker.record_success()
             self._backoff.reset()
             self._retries.reset()
@@ -409,14 +413,14 @@ class StreamReader:
             before[n] = prior if prior is not None and prior.box is count.box else attached[n]
         taken = {n: c.delivered - before[n].delivered for n, c in counts.items()}
         superseded = {n: c.superseded - before[n].superseded for n, c in counts.items()}
-        since = {n: max(self._demand_since, before[n].at) for n in counts}
+        since = {n: max(self._demand_since, before[n].at, self._connected_at) for n in counts}
         key_times = list(self._key_times)
         keys = sum(1 for t in key_times if t >= self._demand_since)
         keys_of = {n: sum(1 for t in key_times if t >= since[n]) for n in counts}
         # The GOP as the recent key frames show it: the longest gap (including the time
         # since the last one), so that one extra I-frame (a scene cut, a file's loop)
         # does not pass a long GOP for a short one; and the mean, for the supply.
-        longest, mean = key_gop(key_times, now, max(window, self.policy.decode_window_s))
+        longest, mean = key_gop(key_times, now)
         # Overloaded (the actor's branch work starved, or its pipeline's frames waiting
         # for the detector): decoding frames no subscriber gets takes the CPU the
         # detector and the classifiers lack, so the key frames suffice as soon as they
@@ -425,9 +429,11 @@ class StreamReader:
         shedding = early or (
             self.policy.shed_decode and self._shedding is not None and self._shedding()
         )
-        # Only where key frames come often enough: with a long GOP the stream would go
-        # quiet past the watchdog (a reconnect per GOP) and every frame would be old.
-        shedding = shedding and longest <= self.policy.watchdog_s / 2
+        # Key frames only (for low demand as for shedding) only where they come often
+        # enough: with a long GOP the stream would go quiet past the watchdog (a
+        # reconnect per GOP) and every frame would be old.
+        frequent = longest <= self.policy.watchdog_s / 2
+        shedding = shedding and frequent
         if early:
             # Each subscriber over its own span (one attached a moment ago has taken
             # little, which is no sign of low demand): wait until each has a second.
@@ -445,13 +451,14 @@ class StreamReader:
                 taken[n] > 0 and (superseded[n] == 0 or taken[n] >= 0.8 * keys_of[n])
                 for n in counts
             )
-            want = shedding or not more
+            want = frequent and (shedding or not more)
         else:
             # Low demand must last two windows in a row: a transient stall (a replica
             # restarting, a neighbour's reconnect storm) must not drop a camera to 1 fps.
             low = keys > 0 and all(taken[n] <= 0.5 * keys_of[n] for n in counts)
-            want = (low and self._low_demand_before) or (
-                shedding and keys > 0 and all(taken[n] <= keys_of[n] for n in counts)
+            want = frequent and (
+                (low and self._low_demand_before)
+                or (shedding and keys > 0 and all(taken[n] <= keys_of[n] for n in counts))
             )
             self._low_demand_before = low
         self._taken_before, self._demand_since = counts, now

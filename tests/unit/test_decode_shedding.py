@@ -114,10 +114,11 @@ def _early_run(
     shed: Callable[[float], bool],
     step_s: float,
     marks: list[float],
+    take_until: float = float("inf"),
 ) -> list[tuple[bool, int, int]]:
     """The clip of `_shed_run` from its start, with `shedding()` = `shed(clock time)`;
-    one frame taken every `step_s`; (key frames only, switches, shedding() calls so
-    far) at each of `marks` (seconds)."""
+    one frame taken every `step_s` until `take_until`; (key frames only, switches,
+    shedding() calls so far) at each of `marks` (seconds)."""
     clip = write_clip(HELD_OUT_SEED_START + 1, 120, tmp_path / "e.mp4", fps=10, scale=0.25)
     spec = StreamSpec(key="e", kind="file", url=str(clip), loop=True)
     clock = ManualClock()
@@ -137,7 +138,8 @@ def _early_run(
         for mark in marks:
             while next_take <= mark:
                 clock.run_until(next_take)
-                mailbox.take()
+                if next_take <= take_until:
+                    mailbox.take()
                 next_take += step_s
             clock.run_until(mark)
             seen.append((reader.keyframes_only, reader.decode_switches, calls[0]))
@@ -181,8 +183,17 @@ def test_no_early_shedding_without_cause(tmp_path: Path) -> None:
     long_gop = _early_run(
         tmp_path, ReaderPolicy(watchdog_s=1.6), _always, 4.0, [2.5, 4.9, 9.9, 10.3]
     )
-    assert [s[:2] for s in long_gop] == [(False, 0), (False, 0), (False, 0), (True, 1)]
+    assert [s[:2] for s in long_gop] == [(False, 0)] * 4  # nor for low demand
     assert long_gop[1][2] >= 6  # it was asked, and found overloaded, within the windows
+
+
+def test_early_checks_judge_the_whole_window_so_far(tmp_path: Path) -> None:
+    """Overloaded throughout; the subscriber takes 3 frames a second for 3 s, then
+    none. Within the first window what it took stays counted (no early check restarts
+    the window), so it does not shed before the window's end at 5 s, where it took more
+    than the key frames; in the next window it sheds a second in."""
+    seen = _early_run(tmp_path, ReaderPolicy(), _always, 1 / 3, [4.9, 6.5], take_until=3.0)
+    assert [s[:2] for s in seen] == [(False, 0), (True, 1)]
 
 
 def test_early_checks_only_ever_shed(tmp_path: Path) -> None:
@@ -220,8 +231,44 @@ def test_the_gop_is_judged_by_its_longest_gap() -> None:
     watchdog): the longest gap counts, and the time since the last key frame too."""
     from stream_actors.reader import key_gop
 
-    assert key_gop([0.0, 8.0, 8.3], 9.0, 10.0) == (8.0, 4.15)
-    assert key_gop([5.0, 5.3], 9.0, 10.0)[0] == pytest.approx(3.7)  # since the last one
-    assert key_gop([0.0, 1.0, 2.0, 3.0], 3.5, 10.0) == (1.0, 1.0)
-    assert key_gop([0.0, 1.0, 2.0, 3.0], 3.5, 2.0) == (1.0, 1.0)  # 2.0 and 3.0 only
-    assert key_gop([3.0], 3.5, 10.0) == (float("inf"), float("inf"))
+    assert key_gop([0.0, 8.0, 8.3], 9.0) == (8.0, 4.15)
+    assert key_gop([5.0, 5.3], 9.0)[0] == pytest.approx(3.7)  # since the last one
+    assert key_gop([0.0, 1.0, 2.0, 3.0], 3.5) == (1.0, 1.0)
+    assert key_gop([0.0, 9.0, 10.0, 11.0], 11.5, count=3) == (1.0, 1.0)  # the last 3
+    assert key_gop([3.0], 3.5) == key_gop([3.0, 3.0], 3.5) == (float("inf"), float("inf"))
+
+
+def test_an_eight_second_gop_is_not_shed_for_a_scene_cut(tmp_path: Path) -> None:
+    """Through the reader with its default policy: a camera with a key frame every 8 s
+    and a scene cut 0.3 s after one, overloaded, a subscriber taking nothing (low demand
+    as well). Key frames only would go quiet past the 5 s watchdog, so the stream keeps
+    all frames."""
+    import av
+    import numpy as np
+
+    clip = tmp_path / "gop8.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"bf": "0", "g": "80", "keyint_min": "80", "sc_threshold": "0"}
+        for i in range(200):
+            image = np.full((48, 64, 3), (i * 3) % 256, np.uint8)
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            if i in (80, 83):  # a key frame every 8 s, one more 0.3 s after the second
+                frame.pict_type = av.video.frame.PictureType.I
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    keys = [p.pts is not None and p.is_keyframe for p in av.open(str(clip)).demux(video=0)]
+    spec = StreamSpec(key="g", kind="file", url=str(clip), loop=False)
+    clock = ManualClock()
+    reader = StreamReader(spec, ReaderPolicy(), clock=clock, shedding=lambda: True)
+    reader.attach("s", LatestFrameMailbox(clock=clock))
+    reader.start()
+    try:
+        clock.run_until(19.5)
+        assert sum(keys) >= 3  # 0 s, 8 s, 8.3 s (and maybe 16 s)
+        assert not reader.keyframes_only and reader.decode_switches == 0
+    finally:
+        reader.stop()
+        clock.advance(60.0)
+    assert reader.join(5)

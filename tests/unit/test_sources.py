@@ -67,6 +67,33 @@ def test_a_replay_on_the_files_clock_keeps_its_frame_spacing_and_never_goes_back
     assert (gaps > 0).all()  # across the loop as well
 
 
+def test_key_frames_only_match_the_full_decode_and_so_do_the_frames_after(
+    tmp_path: Path,
+) -> None:
+    """While `keyframes_only` holds the source gives the key frames only, each the same
+    pixels as the full decode; switching back right after a key frame goes on with the
+    next frame, whose reference is that key frame: every frame equals the full decode
+    (no frame built on a skipped reference)."""
+    clip = write_clip(5, n_frames=40, video_path=tmp_path / "k.mp4", fps=10, scale=0.25)
+    full = list(PyAVSource(str(clip), media_time=True).frames())
+    reference = {round(f.captured_at - full[0].captured_at, 3): f for f in full}
+    keys = [round(f.captured_at - full[0].captured_at, 3) for f in full if f.key_frame]
+    assert len(keys) >= 4 and len(full) == 40
+
+    wanted = {"keys": False}
+    source = PyAVSource(str(clip), media_time=True, keyframes_only=lambda: wanted["keys"])
+    got = []
+    for n, frame in enumerate(source.frames()):
+        got.append(frame)
+        wanted["keys"] = 2 <= n < 4  # all, then key frames for 2 frames, then all again
+    at = [round(f.captured_at - got[0].captured_at, 3) for f in got]
+    assert at[:3] == [0.0, 0.1, 0.2]
+    assert at[3:5] == keys[1:3] and got[3].key_frame and got[4].key_frame
+    assert np.diff(at[4:]).round(3).tolist() == [0.1] * (len(got) - 5)
+    for frame, t in zip(got, at, strict=True):
+        assert np.array_equal(frame.image, reference[t].image), t
+
+
 def test_missing_and_corrupt_files_are_connection_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceConnectionError, match=r"missing\.mp4"):
         next(PyAVSource(str(tmp_path / "missing.mp4")).frames())
