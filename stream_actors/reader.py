@@ -213,7 +213,6 @@ class StreamReader:
         self._low_demand_before = False  # the previous window also had low demand
         self._early_checked_at = -float("inf")
         self._early_after = -float("inf")
-        self._connected_at = -float("inf")  # the first frame after the last (re)connect
 
     # ---- subscriptions -------------------------------------------------------------
     def attach(self, name: str, mailbox: LatestFrameMailbox) -> None:
@@ -356,11 +355,25 @@ class StreamReader:
             except Exception:  # the owner's hook must not hide the state
                 logger.exception("stream %s: the failure hook failed", self.spec.key)
 
+    def _restart_demand(self, now: float) -> None:
+        """A (re)connect: the new connection decodes every frame (`frames` starts a
+        source afresh), and demand and the GOP are judged on its frames only, from a new
+        window: the takes and key frames before an outage say nothing of it."""
+        with self._lock:
+            self._taken_before = {
+                n: _Baseline(box, box.delivered, box.drops[DropReason.SUPERSEDED], now)
+                for n, box in self._mailboxes.items()
+            }
+        self._demand_since = now
+        self._low_demand_before = False
+        self._key_times.clear()
+        self.keyframes_only = self.shed = False
+
     def _deliver(self, captured: CapturedFrame) -> None:
         now = self._clock.monotonic()
         if self.state is not StreamState.CONNECTED:
             self.state = StreamState.CONNECTED
-            self._connected_at = now  # demand is judged over frames that came
+            self._restart_demand(now)
             self._breaker.record_success()
             self._backoff.reset()
             self._retries.reset()
@@ -413,7 +426,7 @@ class StreamReader:
             before[n] = prior if prior is not None and prior.box is count.box else attached[n]
         taken = {n: c.delivered - before[n].delivered for n, c in counts.items()}
         superseded = {n: c.superseded - before[n].superseded for n, c in counts.items()}
-        since = {n: max(self._demand_since, before[n].at, self._connected_at) for n in counts}
+        since = {n: max(self._demand_since, before[n].at) for n in counts}
         key_times = list(self._key_times)
         keys = sum(1 for t in key_times if t >= self._demand_since)
         keys_of = {n: sum(1 for t in key_times if t >= since[n]) for n in counts}
@@ -432,12 +445,17 @@ class StreamReader:
         # Key frames only (for low demand as for shedding) only where they come often
         # enough: with a long GOP the stream would go quiet past the watchdog (a
         # reconnect per GOP) and every frame would be old.
-        frequent = longest <= self.policy.watchdog_s / 2
+        # (A stream already on key frames stays up to 0.6 of the watchdog: no flapping
+        # on the jitter of a GOP right at the limit.)
+        frequent = longest <= self.policy.watchdog_s * (0.6 if self.keyframes_only else 0.5)
+        # A subscriber of less than a second, or that has had no key frame yet, is no
+        # evidence of low demand nor of what the key frames would supply it.
+        young = any(now - since[n] < EARLY_SHED_S or keys_of[n] == 0 for n in counts)
         shedding = shedding and frequent
         if early:
             # Each subscriber over its own span (one attached a moment ago has taken
             # little, which is no sign of low demand): wait until each has a second.
-            if any(now - since[n] < EARLY_SHED_S for n in counts):
+            if young:
                 return self.keyframes_only
             supply = {n: (now - since[n]) / mean for n in counts}
             if not (shedding and all(taken[n] <= supply[n] for n in counts)):
@@ -455,10 +473,15 @@ class StreamReader:
         else:
             # Low demand must last two windows in a row: a transient stall (a replica
             # restarting, a neighbour's reconnect storm) must not drop a camera to 1 fps.
-            low = keys > 0 and all(taken[n] <= 0.5 * keys_of[n] for n in counts)
+            low = keys > 0 and not young and all(taken[n] <= 0.5 * keys_of[n] for n in counts)
             want = frequent and (
                 (low and self._low_demand_before)
-                or (shedding and keys > 0 and all(taken[n] <= keys_of[n] for n in counts))
+                or (
+                    shedding
+                    and keys > 0
+                    and not young
+                    and all(taken[n] <= keys_of[n] for n in counts)
+                )
             )
             self._low_demand_before = low
         self._taken_before, self._demand_since = counts, now

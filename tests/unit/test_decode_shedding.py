@@ -272,3 +272,31 @@ def test_an_eight_second_gop_is_not_shed_for_a_scene_cut(tmp_path: Path) -> None
         reader.stop()
         clock.advance(60.0)
     assert reader.join(5)
+
+
+def test_a_reconnect_decodes_all_frames_and_judges_demand_afresh(tmp_path: Path) -> None:
+    """Low demand (nothing taken) took the stream to key frames after two windows. A
+    reconnect (here the watchdog's restart) starts a source that decodes every frame:
+    the reader says so, and judges demand again from the new connection's first frame,
+    over two whole windows of it (the key frames and takes before say nothing of it)."""
+    clip = write_clip(HELD_OUT_SEED_START + 1, 120, tmp_path / "r.mp4", fps=10, scale=0.25)
+    spec = StreamSpec(key="r", kind="file", url=str(clip), loop=True)
+    clock = ManualClock()
+    reader = StreamReader(spec, ReaderPolicy(watchdog_s=2.0), clock=clock)
+    reader.attach("s", LatestFrameMailbox(clock=clock))
+    reader.start()
+    try:
+        clock.run_until(10.5)
+        assert reader.keyframes_only and reader.decode_switches == 1
+        assert reader.check_watchdog(clock.monotonic() + 10.0)  # forced: a restart
+        clock.run_until(10.55, threads=2)  # the abandoned thread, asleep; the new one
+        assert reader.state.value == "connected" and not reader.keyframes_only
+        first = reader.frames_read
+        clock.run_until(20.4)  # under two windows of the new connection: all frames
+        assert not reader.keyframes_only and reader.frames_read - first >= 95
+        clock.run_until(21.0)
+        assert reader.keyframes_only and reader.decode_switches == 2
+    finally:
+        reader.stop()
+        clock.advance(60.0)
+    assert reader.join(5)
