@@ -419,11 +419,12 @@ class StreamReader:
             n: _Baseline(box, box.delivered, box.drops[DropReason.SUPERSEDED], now)
             for n, box in boxes.items()
         }
-        before = {}
-        for n, count in counts.items():
-            prior = self._taken_before.get(n)
-            # The last window's count of this very mailbox, else the one at its attach.
-            before[n] = prior if prior is not None and prior.box is count.box else attached[n]
+        # The last window's count of this very mailbox, else the one at its attach.
+        prior = self._taken_before
+        before = {
+            n: prior[n] if n in prior and prior[n].box is c.box else attached[n]
+            for n, c in counts.items()
+        }
         taken = {n: c.delivered - before[n].delivered for n, c in counts.items()}
         superseded = {n: c.superseded - before[n].superseded for n, c in counts.items()}
         since = {n: max(self._demand_since, before[n].at) for n in counts}
@@ -511,7 +512,7 @@ class StreamReader:
         (the actor's verdict is read from the reader thread)."""
         if self.keyframes_only or not self.policy.shed_decode or self._shedding is None:
             return False
-        if window < min(EARLY_SHED_S, self.policy.decode_window_s) or now < self._early_after:
+        if window < EARLY_SHED_S or now < self._early_after:  # (window < decode_window_s)
             return False
         if now - self._early_checked_at < EARLY_SHED_S / 2:
             return False
