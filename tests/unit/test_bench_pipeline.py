@@ -14,12 +14,34 @@ from benchmarks.pipeline_phase import (
     VEHICLE_MIN_FRAMES,
     PipelineRun,
     VehicleTruth,
+    camera_counts,
     pipeline_config,
     render,
     score,
     vehicles_of,
 )
 from demo.datasets import write_clip
+
+
+META = {
+    "date": "d",
+    "environment": "e",
+    "single_inference_ms": 40.0,
+    "inference_capacity_fps": 50.0,
+    "capacity_basis": "raw",
+    "raw_capacity_fps": 40.0,
+    "raw_layout": "2 procs x 1 thread",
+    "capacity_fps": 40.0,
+    "frames": 300,
+}
+
+
+def test_camera_counts_offer_each_level_of_the_capacity_within_bounds() -> None:
+    assert camera_counts([2, 4], 45.0, 16) == {2: 9, 4: 16}  # 18 capped at 16
+    assert camera_counts([0.1, 2.5], 45.0, 32) == {0.1: 1, 2.5: 11}  # at least one
+    assert camera_counts([2], 45.0, 16, fps=5.0) == {2: 16}
+    with pytest.raises(ValueError, match="no capacity"):
+        camera_counts([2], 0.0, 16)
 
 
 def _obj(oid: int, visible: float, plate_h: int, cls: str = "vehicle") -> dict[str, object]:
@@ -75,17 +97,17 @@ def test_score_matches_records_by_plate_within_their_camera() -> None:
     assert s.records_per_vehicle == pytest.approx(5 / 3)
     assert s.plate_recall == pytest.approx(0.5)
     assert s.body_type_accuracy == pytest.approx(2 / 3)
-    text = render(
-        [PipelineRun("priority", 2.0, 2, s)],
-        {
-            "date": "d",
-            "environment": "e",
-            "single_inference_ms": 40.0,
-            "capacity_fps": 50.0,
-            "frames": 300,
-        },
+    run = PipelineRun("priority", 2.0, 2, s, overload_inference=1.25, played=600)
+    run.processed, run.offered = 150, 400
+    text = render([run], META)
+    assert "| priority | 2.0x | 1.2x | 2 | 4.0x | 150 / 400 | 1.67 (5/3) | 0.50 (1/2) |" in text
+    assert "detects 40.0 frames/s of these clips (2 procs x 1 thread, every frame)" in text
+    assert "Overload = offered / what raw ONNX Runtime decodes" in text
+    unprocessed = render(
+        [PipelineRun("priority", 2.0, 2, s)], {**META, "capacity_basis": "inference"}
     )
-    assert "| priority | 2.0x | 2 | 0 / 0 | 1.67 (5/3) | 0.50 (1/2) |" in text
+    assert "| priority | 2.0x | 0.0x | 2 | - | 0 / 0 |" in unprocessed
+    assert "Overload = offered / the detector replicas' frames/s" in unprocessed
     assert "Where the cores went" not in text  # nothing sampled, nothing said
     run = PipelineRun("priority", 2.0, 2, s)
     run.cpu_pct_by_role = {
@@ -95,13 +117,7 @@ def test_score_matches_records_by_plate_within_their_camera() -> None:
     }
     text = render(
         [run],
-        {
-            "date": "d",
-            "environment": "e",
-            "single_inference_ms": 40.0,
-            "capacity_fps": 50.0,
-            "frames": 300,
-        },
+        META,
     )
     assert (
         "- priority, 2.0x: all 95; CameraActor 60, Classifier_demo_plate_ocr_v1 30, raylet 5"
