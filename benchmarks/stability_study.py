@@ -87,8 +87,10 @@ def new_events(
     rules: StabilityRules,
     tracker: TrackerConfig,
     vehicle_cls: int,
+    bounds: tuple[float, float, float, float] | None = None,
 ) -> list[tuple[int, np.ndarray]]:
-    """(frame index, box) of every "new" event, as a processor would emit them."""
+    """(frame index, box) of every "new" event, as a processor would emit them
+    (`bounds`: the frame, for the edge rule; None: sizes always compared)."""
     track, stability = Tracker(tracker), StabilityValidator(rules)
     events = []
     for index in indices:
@@ -96,7 +98,7 @@ def new_events(
         rows = rows[rows[:, 5] == vehicle_cls]  # the pipeline's expected classes
         at = index / fps
         tracked = track.update(rows, at)
-        for event in stability.update([o for _, o in tracked], index, at):
+        for event in stability.update([o for _, o in tracked], index, at, bounds):
             if event.kind == "new":
                 events.append((index, np.array(event.box, np.float32)))
     return events
@@ -149,8 +151,10 @@ def score_clip(truth: dict[str, Any], events: Sequence[tuple[int, np.ndarray]]) 
     )
 
 
+NO_EDGE = " without the edge rule"  # sizes cut by the edge judged, as before 2026-12-05
 VARIANTS: dict[str, Callable[[], tuple[StabilityRules, TrackerConfig]]] = {
     "default": lambda: (StabilityRules(min_stable_s=0.8), TrackerConfig()),
+    "default" + NO_EDGE: lambda: (StabilityRules(min_stable_s=0.8), TrackerConfig()),
     "min_hits only": lambda: (StabilityRules(), TrackerConfig()),
     "tracker ids at once": lambda: (
         StabilityRules(min_stable_s=0.8),
@@ -184,7 +188,11 @@ def study(
                 rng = random.Random(seed)
                 for truth, rows in data:
                     indices = sampled(len(rows), step, jitter, rng)
-                    events = new_events(rows, indices, truth["fps"], rules, tracker, vehicle_cls)
+                    frame = (0.0, 0.0, float(truth["width"]), float(truth["height"]))
+                    bounds = None if name.endswith(NO_EDGE) else frame
+                    events = new_events(
+                        rows, indices, truth["fps"], rules, tracker, vehicle_cls, bounds
+                    )
                     total.add(score_clip(truth, events))
             fps = data[0][0]["fps"] / step
             results.append({"frames_per_s": fps, "variant": name, **total.row()})

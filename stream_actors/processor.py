@@ -329,8 +329,9 @@ class SubscriptionProcessor:
         if self.runner is not None and self.runner.plan.expected_classes is not None:
             rows = rows[self._expected(rows, names, self.runner.plan)]
         tracked = self._tracker.update(rows, frame.captured_at)
+        seen = (offset[0], offset[1], offset[0] + lb.orig_w, offset[1] + lb.orig_h)
         object_events = self._stability.update(
-            [o for _, o in tracked], frame.seq, frame.captured_at
+            [o for _, o in tracked], frame.seq, frame.captured_at, seen
         )
         stable = self._stability.stable_ids()
         self.stable_tracks = len(stable)
@@ -370,7 +371,7 @@ class SubscriptionProcessor:
         events += [StreamEvent(e.kind, obj=e, extra=extra, **common) for e in object_events]  # type: ignore[arg-type]
         self._sink.publish(events)
         if self.runner is not None:
-            self.runner.observe(frame.image, frame.captured_at, frame.seq, detections, lost)
+            self.runner.observe(frame.image, frame.captured_at, frame.seq, detections, lost, seen)
 
     @staticmethod
     def _expected(rows: np.ndarray, names: dict[int, str], plan: PipelinePlan) -> np.ndarray:

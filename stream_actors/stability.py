@@ -1,8 +1,9 @@
 """Stability of tracked objects (per camera and pipeline): a track becomes a stable object
 after N consecutive hits with confidence >= c and size jitter <= j (or, at low processed
 frame rates, after two such hits at least `min_stable_s` apart), and is lost after M
-frames without a hit. Emits object lifecycle events: new, updated (a clearly better view:
-more confident or larger), lost."""
+frames without a hit. A size cut by the edge of the image the detector saw (an object
+entering or leaving) may change by up to 4 j. Emits object lifecycle events: new,
+updated (a clearly better view: more confident or larger), lost."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class StabilityRules(StrictModel):
 
 Box = tuple[float, float, float, float]
 GAP_FACTOR = 4.0  # a gap between hits longer than this × min_stable_s restarts its span
+EDGE_MARGIN = 0.005  # of the image's width (height): a box this close to its edge is cut
+EDGE_JITTER_FACTOR = 4.0  # a size cut by the edge may change by this × max_size_jitter
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,26 @@ class _Track:
     last_at: float | None = None  # the capture time of the last hit
 
 
-def _size_jitter(a: Box, b: Box) -> float:
-    wa, ha, wb, hb = a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1]
-    return max(abs(wb - wa) / max(wa, 1e-6), abs(hb - ha) / max(ha, 1e-6))
+def _cut(box: Box, bounds: Box, axis: int) -> bool:
+    """Whether `box` reaches an edge of `bounds` (the image the detector saw) along
+    `axis` (0: left/right, 1: top/bottom), within EDGE_MARGIN of that image's size."""
+    margin = EDGE_MARGIN * (bounds[axis + 2] - bounds[axis])
+    return box[axis] <= bounds[axis] + margin or box[axis + 2] >= bounds[axis + 2] - margin
+
+
+def _size_jumped(a: Box, b: Box, limit: float, bounds: Box | None = None) -> bool:
+    """Whether the width or height changed by more than `limit` (relative) from `a` to
+    `b`. With `bounds`, a dimension along which either box is cut by the image's edge
+    may change by up to EDGE_JITTER_FACTOR × `limit`: an object entering or leaving the
+    view changes that size by how much of it is in view, not by detection noise (at
+    about one frame a second, 25 % and more between hits), while a jump beyond that
+    (another object taking the track over) still starts a new run."""
+    for axis in (0, 1):
+        sa, sb = a[axis + 2] - a[axis], b[axis + 2] - b[axis]
+        cut = bounds is not None and (_cut(a, bounds, axis) or _cut(b, bounds, axis))
+        if abs(sb - sa) / max(sa, 1e-6) > limit * (EDGE_JITTER_FACTOR if cut else 1.0):
+            return True
+    return False
 
 
 def _area(b: Box) -> float:
@@ -101,10 +121,16 @@ class StabilityValidator:
         return at - t.run_since >= limit
 
     def update(
-        self, observations: list[Observation], frame_seq: int, at: float | None = None
+        self,
+        observations: list[Observation],
+        frame_seq: int,
+        at: float | None = None,
+        bounds: Box | None = None,
     ) -> list[ObjectEvent]:
         """Feed one frame's tracker output (`at`: its capture time, seconds; without it
-        only `min_hits` makes a track stable); returns the lifecycle events it causes."""
+        only `min_hits` makes a track stable; `bounds`: x1 y1 x2 y2 of the image the
+        detector saw, in the boxes' coordinates: a size cut by its edge is not judged
+        for jitter); returns the lifecycle events it causes."""
         r, events = self.rules, []
         seen = set()
         for ob in observations:
@@ -115,7 +141,7 @@ class StabilityValidator:
             qualifies = ob.confidence >= r.min_confidence
             if not qualifies:
                 t.run = 0
-            elif t.run and _size_jitter(t.box, ob.box) > r.max_size_jitter:
+            elif t.run and _size_jumped(t.box, ob.box, r.max_size_jitter, bounds):
                 t.run = 1  # a jump in size starts a new run
             else:
                 t.run += 1

@@ -22,7 +22,7 @@ class CropQuality:
     area: float
     sharpness: float  # variance of the Laplacian of the grey crop
     confidence: float
-    truncated: bool  # the box touches the frame edge: part of the object is missing
+    truncated: bool  # the box touches an edge of what the detector saw: part is missing
     occluded: float = 0.0  # share of the box covered by other detections
 
     def clearly_better_than(self, old: CropQuality) -> bool:
@@ -79,16 +79,22 @@ def crop_quality(
     det: TrackedDetection,
     others: Sequence[tuple[float, ...]] = (),
     edge_px: int = 2,
+    bounds: tuple[float, float, float, float] | None = None,
 ) -> CropQuality:
+    """The crop's quality; `bounds`: the part of the image the detector saw (a
+    subscription's crop region; None: the whole image), whose edges cut a box."""
     h, w = image.shape[:2]
     x1, y1, x2, y2 = det.box
+    bx1, by1, bx2, by2 = bounds if bounds is not None else (0, 0, w, h)
     ix1, iy1, ix2, iy2 = crop_box(image.shape, det.box, 0)
     grey = cv2.cvtColor(image[iy1:iy2, ix1:ix2], cv2.COLOR_BGR2GRAY)
     if max(grey.shape) > 160:  # sharpness at a common scale, and cheap
         s = 160 / max(grey.shape)
         grey = cv2.resize(grey, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
     sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var()) if grey.size else 0.0
-    truncated = x1 <= edge_px or y1 <= edge_px or x2 >= w - edge_px or y2 >= h - edge_px
+    truncated = (
+        x1 <= bx1 + edge_px or y1 <= by1 + edge_px or x2 >= bx2 - edge_px or y2 >= by2 - edge_px
+    )
     return CropQuality(
         (x2 - x1) * (y2 - y1), sharpness, det.confidence, truncated, occlusion(det.box, others)
     )

@@ -208,7 +208,10 @@ class PipelineRunner:
         frame_seq: int,
         detections: Sequence[TrackedDetection],
         lost: Iterable[int] = (),
+        bounds: tuple[float, float, float, float] | None = None,
     ) -> None:
+        """One processed frame's tracked detections (`bounds`: the part of `image` the
+        detector saw, a subscription's crop region; None: all of it)."""
         now = time.monotonic()
         wanted: list[tuple[TrackState, TrackedDetection, CropQuality]] = []
         for det in detections:
@@ -230,7 +233,7 @@ class PipelineRunner:
             if not (due_retry or interval_over):
                 continue  # no pass could start: skip the crop's quality (per-frame cost)
             others = [d.box for d in detections if d is not det]
-            quality = crop_quality(image, det, others)
+            quality = crop_quality(image, det, others, bounds=bounds)
             better = st.quality is None or quality.clearly_better_than(st.quality)
             if due_retry or better:
                 wanted.append((st, det, quality))

@@ -308,3 +308,39 @@ def test_actions_refused_by_a_full_backlog_are_retried_when_the_track_ends_or_co
     else:
         assert submitted == [] and status["actions_lost"] == len(plan.actions)
     assert status["tracks"] == 0
+
+
+def test_a_box_cut_by_the_crop_region_is_passed_again_only_when_much_larger(
+    demo: LoadedArchive,
+) -> None:
+    """A vehicle at the left edge of a subscription's crop region (`bounds`) is still
+    entering: a view 1.5 x larger is no reason for a new pass (twice as large would
+    be). Judged against the whole frame, where the same box is not cut, it is."""
+    plan = PipelinePlan.of(demo.pipeline, "v1")
+    image = np.random.default_rng(1).integers(0, 255, (360, 640, 3), dtype=np.uint8)
+    roi = (100.0, 0.0, 640.0, 360.0)
+
+    def passes(bounds: tuple[float, float, float, float] | None) -> int:
+        calls: Counter[str] = Counter()
+
+        async def classify(branch: str, crop: np.ndarray) -> BranchResult | None:
+            calls[branch] += 1
+            return BranchResult("van" if branch == BODY else "AB123CD", 0.9)
+
+        async def submit(entries: list[OutboxEntry]) -> None:
+            pass
+
+        async def run() -> None:
+            runner = PipelineRunner(
+                plan, BASE, classify, submit, BranchSettings(min_pass_interval_s=0)
+            )
+            for seq, x2 in ((1, 200.0), (2, 250.0)):  # 100 → 150 px wide, at x 100
+                det = TrackedDetection(3, 0, "vehicle", 0.9, (100.0, 100.0, x2, 200.0), True)
+                runner.observe(image, 1e9 + seq / 10, seq, [det], bounds=bounds)
+                await runner.drain()
+
+        asyncio.run(run())
+        return calls[BODY]
+
+    assert passes(roi) == 1
+    assert passes(None) == 2

@@ -10,7 +10,7 @@ from stream_actors.clock import ManualClock
 from stream_actors.mailbox import DropReason, LatestFrameMailbox
 from stream_actors.meter import RateMeter
 from stream_actors.reconnect import Backoff, BreakerState, CircuitBreaker, TokenBucket
-from stream_actors.stability import Observation, StabilityRules, StabilityValidator
+from stream_actors.stability import Box, Observation, StabilityRules, StabilityValidator
 
 IMG = np.zeros((2, 2, 3), np.uint8)
 
@@ -182,6 +182,60 @@ def test_low_confidence_and_size_jumps_reset_the_run() -> None:
     seq = [obs(1, 0), obs(1, 1, conf=0.3), obs(1, 2), obs(1, 3, w=200), obs(1, 4, w=200)]
     assert all(v.update([o], i) == [] for i, o in enumerate(seq))
     assert [e.kind for e in v.update([obs(1, 5, w=205)], 9)] == ["new"]
+
+
+def test_a_size_cut_by_the_images_edge_may_change_up_to_four_times_the_jitter() -> None:
+    """A vehicle entering at the left edge grows 60 % wider between hits a second apart:
+    with the image's bounds its width may change by up to 4 x max_size_jitter while a
+    box touches that edge (a jump beyond that still restarts the run), its height is
+    judged as before, and so is a box clear of every edge (also against bounds offset
+    by a region of interest)."""
+    frame = (0.0, 0.0, 1280.0, 720.0)
+
+    def entering(v: StabilityValidator, bounds: Box | None, x0: float = 0) -> list:
+        kinds = []
+        for i, w in enumerate((50, 80, 128)):  # cut at x0: only its width grows
+            box = (x0, 100.0, x0 + w, 160.0)
+            kinds += [e.kind for e in v.update([Observation(1, 0, box, 0.9)], i, bounds=bounds)]
+        return kinds
+
+    rules = StabilityRules(min_hits=3, max_size_jitter=0.25)
+    assert entering(StabilityValidator(rules), frame) == ["new"]
+    assert entering(StabilityValidator(rules), None) == []  # without bounds: judged
+    roi = (200.0, 50.0, 900.0, 650.0)  # the detector saw this region only
+    assert entering(StabilityValidator(rules), roi, x0=200) == ["new"]
+    assert entering(StabilityValidator(rules), frame, x0=200) == []  # not the frame's edge
+    v = StabilityValidator(rules)  # clear of the edges: a width jump resets the run
+    for i, w in enumerate((50, 80, 128)):
+        assert v.update([Observation(1, 0, (400, 100, 400 + w, 160), 0.9)], i, bounds=frame) == []
+    v = StabilityValidator(rules)  # cut left and right: the height is still judged
+    for i, h in enumerate((60, 100, 160)):
+        assert v.update([Observation(1, 0, (0, 100, 1280, 100 + h), 0.9)], i, bounds=frame) == []
+    v = StabilityValidator(rules)  # cut on one side in the first hit only
+    assert v.update([Observation(1, 0, (1250, 100, 1280, 160), 0.9)], 0, bounds=frame) == []
+    assert v.update([Observation(1, 0, (1215, 100, 1270, 160), 0.9)], 1, bounds=frame) == []
+    kinds = [
+        e.kind for e in v.update([Observation(1, 0, (1110, 100, 1170, 160), 0.9)], 2, bounds=frame)
+    ]
+    assert kinds == ["new"]  # 30 → 55 (83 %) at the edge, 55 → 60 clear of it
+    v = StabilityValidator(rules)  # at the edge, 20 → 80 wide (300 %): a new run
+    for i, w in enumerate((20, 80, 100)):
+        assert v.update([Observation(1, 0, (0, 100, w, 160), 0.9)], i, bounds=frame) == []
+    v = StabilityValidator(rules)  # in a corner both sizes may grow 60 %, not 300 %
+    kinds = []
+    for i, s in enumerate((1.0, 1.6, 2.56)):
+        box = (0.0, 0.0, 50 * s, 40 * s)
+        kinds += [e.kind for e in v.update([Observation(1, 0, box, 0.9)], i, bounds=frame)]
+    assert kinds == ["new"]
+    v = StabilityValidator(rules)
+    for i, h in enumerate((40, 160, 200)):
+        assert v.update([Observation(1, 0, (0, 0, 50, h), 0.9)], i, bounds=frame) == []
+    v = StabilityValidator(rules)  # leaving at the right: cut in the later hits only
+    kinds = []
+    for i, x1 in enumerate((1150, 1230, 1250)):
+        box = (x1, 100, min(x1 + 80, 1280), 160)
+        kinds += [e.kind for e in v.update([Observation(1, 0, box, 0.9)], i, bounds=frame)]
+    assert kinds == ["new"]
 
 
 def test_a_clearly_better_view_emits_updated_and_unstable_tracks_vanish_silently() -> None:
