@@ -20,7 +20,7 @@ It reports, per level and variant:
   exactly in a record of their camera;
 - body type: share of records with one, and accuracy on the records whose plate
   identifies their vehicle;
-- branch passes and timeouts, frames processed and dropped.
+- branch passes and timeouts; frames played, decoded and processed.
 Results go to benchmarks/results/bench-pipeline.{json,md}.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import time
 import uuid
@@ -402,7 +403,8 @@ def render(runs: Sequence[PipelineRun], meta: dict[str, Any]) -> str:
         f"{meta['environment']}. One inference {meta['single_inference_ms']:.1f} ms: "
         f"the detector replicas alone take {meta['inference_capacity_fps']:.1f} frames/s. "
         + _raw_line(meta)
-        + f"Overload = offered / {_BASIS[meta['capacity_basis']]}. Clips of "
+        + f"Overload = offered / {_BASIS[meta['capacity_basis']]}: "
+        f"{meta['capacity_fps']:.1f} frames/s. Clips of "
         f"{meta['frames']} frames at 10 fps, 1280x720, played once in real time.",
         "",
         "| variant | overload | by one inference | cameras | played / processed | "
@@ -434,6 +436,7 @@ def render(runs: Sequence[PipelineRun], meta: dict[str, Any]) -> str:
 
 
 _BASIS = {
+    "given": "a capacity given on the command line (--capacity-fps)",
     "raw": "what raw ONNX Runtime decodes and detects of these clips",
     "inference": "the detector replicas' frames/s from one inference",
 }
@@ -476,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         "clips (default), or one inference alone",
     )
     parser.add_argument("--capacity-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--capacity-fps",
+        type=float,
+        default=None,
+        help="take this capacity instead of measuring it (A/B runs at the same cameras)",
+    )
     parser.add_argument("--frames", type=int, default=300, help="frames per clip (10 fps)")
     parser.add_argument(
         "--variants",
@@ -496,6 +505,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     levels = [float(x) for x in args.overload.split(",") if x.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - {"priority", "no-priority", "priority-noshed"}
+    if unknown:
+        parser.error(f"unknown variants: {sorted(unknown)}")
+    if args.capacity_fps is not None and not (
+        math.isfinite(args.capacity_fps) and args.capacity_fps > 0
+    ):
+        parser.error(f"--capacity-fps must be a positive number, got {args.capacity_fps}")
+    if not levels or not all(math.isfinite(lv) and lv > 0 for lv in levels):
+        parser.error(f"--overload must be positive numbers, got {args.overload!r}")
     ms, inference_fps = capacity_fps(args.onnx, 640, args.replicas)
     meta: dict[str, Any] = {
         **run_meta(),
@@ -505,7 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         "frames": args.frames,
     }
     capacity = inference_fps
-    if args.capacity == "raw":  # before any Ray process starts: the cores are its own
+    if args.capacity_fps is not None:
+        capacity = args.capacity_fps
+        meta.update(capacity_basis="given")
+    elif args.capacity == "raw":  # before any Ray process starts: the cores are its own
         sample = make_clips(4, args.frames, args.cache_dir)
         capacity, layout = raw_capacity_fps(sample, args.onnx, args.capacity_seconds)
         meta.update(raw_capacity_fps=capacity, raw_layout=layout)
@@ -515,10 +537,6 @@ def main(argv: list[str] | None = None) -> int:
     clips = make_clips(max(counts.values()), args.frames, args.cache_dir)
     base = yaml.safe_load(args.deploy.read_text())
     runs: list[PipelineRun] = []
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"priority", "no-priority", "priority-noshed"}
-    if unknown:
-        parser.error(f"unknown variants: {sorted(unknown)}")
     schema = f"camgraph_bench_{uuid.uuid4().hex[:8]}"
     os.environ[DSN_ENV] = args.dsn  # the harness's Ray cluster inherits it
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ from benchmarks.pipeline_phase import (
 )
 from demo.datasets import write_clip
 
-
 META = {
     "date": "d",
     "environment": "e",
@@ -103,6 +102,10 @@ def test_score_matches_records_by_plate_within_their_camera() -> None:
     assert "| priority | 2.0x | 1.2x | 2 | 4.0x | 150 / 400 | 1.67 (5/3) | 0.50 (1/2) |" in text
     assert "detects 40.0 frames/s of these clips (2 procs x 1 thread, every frame)" in text
     assert "Overload = offered / what raw ONNX Runtime decodes" in text
+    assert "these clips: 40.0 frames/s." in text
+    given = render([run], {**META, "capacity_basis": "given", "capacity_fps": 34.6})
+    assert "Overload = offered / a capacity given on the command line" in given
+    assert "(--capacity-fps): 34.6 frames/s." in given
     unprocessed = render(
         [PipelineRun("priority", 2.0, 2, s)], {**META, "capacity_basis": "inference"}
     )
@@ -174,3 +177,23 @@ def test_the_stability_study_samples_in_order_and_scores_by_iou() -> None:
     score = score_clip({"frames": frames}, [(2, box), (5, box + 5), (7, shifted)])
     assert (score.vehicles, score.found, score.duplicates, score.unmatched) == (1, 1, 1, 1)
     assert score.row()["records_per_vehicle"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--capacity-fps", "0"],
+        ["--capacity-fps", "nan"],
+        ["--overload", "2,-1"],
+        ["--variants", "priority,fastest"],
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_measured(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.pipeline_phase import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2  # argparse's usage error, before the first measurement
+    assert "error:" in capsys.readouterr().err
