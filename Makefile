@@ -153,7 +153,9 @@ bench-tax: install ray-token
 # The demo pipeline under 2x and 4x overload (issue 19): generated scenes with ground truth
 # played as cameras through make run's graph, records in a PostgreSQL schema of its own;
 # records per vehicle, plate recall, body type, branch timeouts, with and without the
-# dispatcher's priority for branch work (about 10 minutes).
+# dispatcher's priority for branch work (about 12 minutes). The overload counts what raw
+# ONNX Runtime decodes and detects of the same clips, measured first (--capacity raw;
+# --capacity inference: one inference alone, as before 2026-12-05).
 bench-pipeline: install ray-token models/demo.mpta services
 	$(PY) -m benchmarks.pipeline_phase --deploy serve_config.yaml --ray-cpus $(RAY_CPUS) $(BENCH_ARGS)
 

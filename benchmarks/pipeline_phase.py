@@ -478,12 +478,18 @@ def main(argv: list[str] | None = None) -> int:
         help="what the levels count against: raw ONNX Runtime decoding and detecting the "
         "clips (default), or one inference alone",
     )
-    parser.add_argument("--capacity-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--capacity-seconds",
+        type=float,
+        default=15.0,
+        help="the raw capacity's measuring window per layout (after up to 8 s of warm-up)",
+    )
     parser.add_argument(
         "--capacity-fps",
         type=float,
         default=None,
-        help="take this capacity instead of measuring it (A/B runs at the same cameras)",
+        help="take this capacity (frames/s) instead of measuring it, whatever --capacity "
+        "says (A/B runs at the same cameras)",
     )
     parser.add_argument("--frames", type=int, default=300, help="frames per clip (10 fps)")
     parser.add_argument(
@@ -504,7 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
-    levels = [float(x) for x in args.overload.split(",") if x.strip()]
+    try:
+        levels = [float(x) for x in args.overload.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--overload must be numbers separated by commas, got {args.overload!r}")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - {"priority", "no-priority", "priority-noshed"}
     if unknown:
@@ -513,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         math.isfinite(args.capacity_fps) and args.capacity_fps > 0
     ):
         parser.error(f"--capacity-fps must be a positive number, got {args.capacity_fps}")
+    if not (math.isfinite(args.capacity_seconds) and args.capacity_seconds > 0):
+        parser.error(f"--capacity-seconds must be positive, got {args.capacity_seconds}")
     if not levels or not all(math.isfinite(lv) and lv > 0 for lv in levels):
         parser.error(f"--overload must be positive numbers, got {args.overload!r}")
     ms, inference_fps = capacity_fps(args.onnx, 640, args.replicas)

@@ -129,8 +129,9 @@ class StabilityValidator:
     ) -> list[ObjectEvent]:
         """Feed one frame's tracker output (`at`: its capture time, seconds; without it
         only `min_hits` makes a track stable; `bounds`: x1 y1 x2 y2 of the image the
-        detector saw, in the boxes' coordinates: a size cut by its edge is not judged
-        for jitter); returns the lifecycle events it causes."""
+        detector saw, in the boxes' coordinates: a size cut by its edge may change by
+        up to EDGE_JITTER_FACTOR × max_size_jitter); returns the lifecycle events it
+        causes."""
         r, events = self.rules, []
         seen = set()
         for ob in observations:

@@ -185,6 +185,8 @@ def test_the_stability_study_samples_in_order_and_scores_by_iou() -> None:
         ["--capacity-fps", "0"],
         ["--capacity-fps", "nan"],
         ["--overload", "2,-1"],
+        ["--overload", "2,abc"],
+        ["--capacity-seconds", "0"],
         ["--variants", "priority,fastest"],
     ],
 )

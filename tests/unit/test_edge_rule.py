@@ -22,7 +22,7 @@ def sub(sid: str, **kw: object) -> Subscription:
     )
 
 
-async def until(predicate: Callable[[], bool], polls: int = 200) -> None:
+async def until(predicate: Callable[[], bool], polls: int = 2000) -> None:
     for _ in range(polls):
         if predicate():
             return
@@ -54,6 +54,9 @@ def test_a_vehicle_entering_at_the_edge_becomes_stable_at_one_frame_a_second(
             box = letterbox_boxes(np.array([[x1 - left, y1, x2 - left, y2]]), lb)[0]
             return DetectResult(np.array([[*box, 0.9, 0]], np.float32), {0: "vehicle"})
 
+        # a loaded machine must not age a frame out before its turn (2 s by default)
+        settings = ProcessingSettings(max_frame_age_s=60)
+
         async def go() -> list[str]:
             sink = RingBufferSink(100)
             extra = (
@@ -62,7 +65,7 @@ def test_a_vehicle_entering_at_the_edge_becomes_stable_at_one_frame_a_second(
                 else dict(zip(("cropX1", "cropY1", "cropX2", "cropY2"), crop, strict=True))
             )
             processor = SubscriptionProcessor(
-                sub("d;c", **extra), "demo", 640, detect, sink, ProcessingSettings()
+                sub("d;c", **extra), "demo", 640, detect, sink, settings
             )
             processor.start()
             for i in range(len(boxes)):
