@@ -195,12 +195,10 @@ def run_level(
 
     tag = uuid.uuid4().hex[:6]
     cams = {f"{variant}-{overload:g}x-{i}-{tag}": clip for i, clip in enumerate(clips)}
-    truths = {
-        cam: vehicles_of(json.loads(clip.with_suffix(".json").read_text()))
-        for cam, clip in cams.items()
-    }
+    ground = {cam: json.loads(clip.with_suffix(".json").read_text()) for cam, clip in cams.items()}
+    truths = {cam: vehicles_of(truth) for cam, truth in ground.items()}
     run = PipelineRun(variant, overload, len(cams), PipelineScore())
-    run.played = sum(_clip_frames(clip) for clip in clips)
+    run.played = sum(len(truth.get("frames", [])) for truth in ground.values())
     with httpx.Client(base_url=url, timeout=30) as client:
         try:
             for cam, clip in cams.items():
@@ -332,10 +330,6 @@ def pipeline_config(
     if not shed:
         streams["reader"] = {**(streams.get("reader") or {}), "shed_decode": False}
     return config
-
-
-def _clip_frames(clip: Path) -> int:
-    return len(json.loads(clip.with_suffix(".json").read_text()).get("frames", []))
 
 
 def camera_counts(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.pipeline_phase import make_clips, vehicles_of
-from graph.common.vision import iou_matrix
+from graph.common.vision import Box, iou_matrix
 from stream_actors.stability import StabilityRules, StabilityValidator
 from stream_actors.tracking import Tracker, TrackerConfig
 
@@ -87,7 +87,7 @@ def new_events(
     rules: StabilityRules,
     tracker: TrackerConfig,
     vehicle_cls: int,
-    bounds: tuple[float, float, float, float] | None = None,
+    bounds: Box | None = None,
 ) -> list[tuple[int, np.ndarray]]:
     """(frame index, box) of every "new" event, as a processor would emit them
     (`bounds`: the frame, for the edge rule; None: sizes always compared)."""

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from graph.common.schemas import StrictModel
+from graph.common.vision import Box, cut_by_edge
 
 
 class StabilityRules(StrictModel):
@@ -35,7 +36,6 @@ class StabilityRules(StrictModel):
     better_area: float = Field(0.2, ge=0, le=10, description="'updated' when area grows by")
 
 
-Box = tuple[float, float, float, float]
 GAP_FACTOR = 4.0  # a gap between hits longer than this × min_stable_s restarts its span
 EDGE_MARGIN = 0.005  # of the image's width (height): a box this close to its edge is cut
 EDGE_JITTER_FACTOR = 4.0  # a size cut by the edge may change by this × max_size_jitter
@@ -73,13 +73,6 @@ class _Track:
     last_at: float | None = None  # the capture time of the last hit
 
 
-def _cut(box: Box, bounds: Box, axis: int) -> bool:
-    """Whether `box` reaches an edge of `bounds` (the image the detector saw) along
-    `axis` (0: left/right, 1: top/bottom), within EDGE_MARGIN of that image's size."""
-    margin = EDGE_MARGIN * (bounds[axis + 2] - bounds[axis])
-    return box[axis] <= bounds[axis] + margin or box[axis + 2] >= bounds[axis + 2] - margin
-
-
 def _size_jumped(a: Box, b: Box, limit: float, bounds: Box | None = None) -> bool:
     """Whether the width or height changed by more than `limit` (relative) from `a` to
     `b`. With `bounds`, a dimension along which either box is cut by the image's edge
@@ -89,7 +82,10 @@ def _size_jumped(a: Box, b: Box, limit: float, bounds: Box | None = None) -> boo
     (another object taking the track over) still starts a new run."""
     for axis in (0, 1):
         sa, sb = a[axis + 2] - a[axis], b[axis + 2] - b[axis]
-        cut = bounds is not None and (_cut(a, bounds, axis) or _cut(b, bounds, axis))
+        cut = False
+        if bounds is not None:
+            margin = EDGE_MARGIN * (bounds[axis + 2] - bounds[axis])
+            cut = cut_by_edge(a, bounds, axis, margin) or cut_by_edge(b, bounds, axis, margin)
         if abs(sb - sa) / max(sa, 1e-6) > limit * (EDGE_JITTER_FACTOR if cut else 1.0):
             return True
     return False

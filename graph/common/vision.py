@@ -22,6 +22,15 @@ MAX_NMS_CANDIDATES = 30_000
 # needs it (`stack_padded`): a fixed input size, a stride of 64, TensorRT's one shape.
 RECT_STRIDE = 32
 
+Box = tuple[float, float, float, float]  # x1 y1 x2 y2
+
+
+def cut_by_edge(box: Box, bounds: Box, axis: int, margin: float) -> bool:
+    """Whether `box` reaches an edge of `bounds` (the image, or the part of it the
+    detector saw) along `axis` (0: left/right, 1: top/bottom), within `margin` pixels:
+    part of the object may be out of view."""
+    return box[axis] <= bounds[axis] + margin or box[axis + 2] >= bounds[axis + 2] - margin
+
 
 @dataclasses.dataclass(frozen=True)
 class Letterbox:

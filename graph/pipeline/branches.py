@@ -13,13 +13,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from graph.common.vision import Box
 from graph.events.model import TrackedDetection
 from graph.pipeline.plan import BranchPlan
 from graph.pipeline.quality import crop_box
 
 MIN_INSIDE = 0.6  # share of a detection's box inside the object's box to belong to it
-
-Box = tuple[float, float, float, float]
 
 
 def inside_share(inner: Box, outer: Box) -> float:

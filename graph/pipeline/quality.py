@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from graph.common.vision import Box, cut_by_edge
 from graph.events.model import TrackedDetection
 
 
@@ -79,22 +80,20 @@ def crop_quality(
     det: TrackedDetection,
     others: Sequence[tuple[float, ...]] = (),
     edge_px: int = 2,
-    bounds: tuple[float, float, float, float] | None = None,
+    bounds: Box | None = None,
 ) -> CropQuality:
     """The crop's quality; `bounds`: the part of the image the detector saw (a
     subscription's crop region; None: the whole image), whose edges cut a box."""
     h, w = image.shape[:2]
     x1, y1, x2, y2 = det.box
-    bx1, by1, bx2, by2 = bounds if bounds is not None else (0, 0, w, h)
+    seen = bounds if bounds is not None else (0.0, 0.0, float(w), float(h))
     ix1, iy1, ix2, iy2 = crop_box(image.shape, det.box, 0)
     grey = cv2.cvtColor(image[iy1:iy2, ix1:ix2], cv2.COLOR_BGR2GRAY)
     if max(grey.shape) > 160:  # sharpness at a common scale, and cheap
         s = 160 / max(grey.shape)
         grey = cv2.resize(grey, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
     sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var()) if grey.size else 0.0
-    truncated = (
-        x1 <= bx1 + edge_px or y1 <= by1 + edge_px or x2 >= bx2 - edge_px or y2 >= by2 - edge_px
-    )
+    truncated = cut_by_edge(det.box, seen, 0, edge_px) or cut_by_edge(det.box, seen, 1, edge_px)
     return CropQuality(
         (x2 - x1) * (y2 - y1), sharpness, det.confidence, truncated, occlusion(det.box, others)
     )

@@ -50,6 +50,7 @@ from pydantic import Field
 
 from deployments.delivery.outbox import OutboxEntry
 from graph.common.schemas import StrictModel
+from graph.common.vision import Box
 from graph.events.model import TrackedDetection
 from graph.pipeline.branches import branch_inputs
 from graph.pipeline.plan import BranchPlan, PipelinePlan
@@ -208,7 +209,7 @@ class PipelineRunner:
         frame_seq: int,
         detections: Sequence[TrackedDetection],
         lost: Iterable[int] = (),
-        bounds: tuple[float, float, float, float] | None = None,
+        bounds: Box | None = None,
     ) -> None:
         """One processed frame's tracked detections (`bounds`: the part of `image` the
         detector saw, a subscription's crop region; None: all of it)."""

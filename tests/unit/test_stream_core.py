@@ -6,11 +6,12 @@ import threading
 import numpy as np
 import pytest
 
+from graph.common.vision import Box
 from stream_actors.clock import ManualClock
 from stream_actors.mailbox import DropReason, LatestFrameMailbox
 from stream_actors.meter import RateMeter
 from stream_actors.reconnect import Backoff, BreakerState, CircuitBreaker, TokenBucket
-from stream_actors.stability import Box, Observation, StabilityRules, StabilityValidator
+from stream_actors.stability import Observation, StabilityRules, StabilityValidator
 
 IMG = np.zeros((2, 2, 3), np.uint8)
 
