@@ -3,8 +3,9 @@ fair shares of the cluster's calls and which subscription uses which target (pur
 Ray; the actor injects how a target's calls are sent).
 
 The registry asks each actor for its *demand* (live subscriptions per target: those
-whose stream is not down) and gives it back its *shares* (`admission_shares` in
-reconcile.py); see dispatch.py for what a share does to a dispatcher.
+whose stream is not down; and the frames/s they ask for, `subscription_weight`) and
+gives it back its *shares* (`admission_shares` in reconcile.py); see dispatch.py for
+what a share does to a dispatcher.
 """
 
 from __future__ import annotations
@@ -23,6 +24,26 @@ from stream_actors.dispatch import (
 )
 
 Target = tuple[str, str]  # ("model", model id) or (deployment, multiplexed id)
+
+# Frames/s a live subscription is counted for when neither its targetFps nor its
+# stream's rate is known (a stream just connected, a lossless replay read as fast as
+# it is taken): a typical camera's rate, and the weight every subscription had before.
+DEFAULT_SOURCE_FPS = 10.0
+MAX_WEIGHT_FPS = 120.0  # as targetFps's own limit (a file read unpaced counts as this)
+
+
+def subscription_weight(target_fps: float | None, source_fps: float | None) -> float:
+    """The frames/s a live subscription asks of the detector, its weight in the fair
+    shares: its `targetFps`, at most what its stream offers (`source_fps`, None or 0:
+    not known); the stream's rate without a targetFps; `DEFAULT_SOURCE_FPS` without
+    either. A 1 fps snapshot camera then takes a tenth of a 10 fps camera's calls, not
+    as many: calls it could not fill would idle while the other actors' are capped."""
+    offered = source_fps if source_fps is not None and source_fps > 0 else None
+    if target_fps is None:
+        weight = offered or DEFAULT_SOURCE_FPS
+    else:
+        weight = min(target_fps, offered) if offered is not None else target_fps
+    return min(weight, MAX_WEIGHT_FPS)
 
 
 class TargetAdmission:
@@ -51,6 +72,15 @@ class TargetAdmission:
         """Live subscriptions per target label, of the subscription ids `live` (those
         whose stream is up)."""
         return dict(Counter(self._labels[s] for s in live if s in self._labels))
+
+    def demand_fps(self, weights: Mapping[str, float]) -> dict[str, float]:
+        """The frames/s asked per target label, of `weights` (subscription id → its
+        `subscription_weight`, for those whose stream is up)."""
+        totals: dict[str, float] = {}
+        for sub_id, weight in weights.items():
+            if (label := self._labels.get(sub_id)) is not None:
+                totals[label] = round(totals.get(label, 0.0) + weight, 3)
+        return totals
 
     def set_shares(self, shares: Mapping[str, Any]) -> int:
         """The registry's shares by target label; a target it does not name uses its

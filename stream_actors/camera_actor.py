@@ -41,7 +41,7 @@ from graph.pipeline.catalog import PipelineInfo, PipelineLoading
 from graph.pipeline.plan import PipelineRuntime
 from graph.pipeline.runner import BranchResult, PipelineRunner, ResultFn
 from stream_actors.actor_metrics import CameraMetrics
-from stream_actors.admission import TargetAdmission
+from stream_actors.admission import TargetAdmission, subscription_weight
 from stream_actors.branch_clock import BranchClock
 from stream_actors.dispatch import (
     AdmitFn,
@@ -535,18 +535,20 @@ class CameraActor:
         running = {k: sorted(s.subs) for k, s in self._streams.items()}
         displays = {sub.display_id for s in self._streams.values() for sub in s.subs.values()}
         sessions = {d: session_digest(self._session_of(d)) for d in displays}
+        live = {
+            sub_id: subscription_weight(p.sub.targetFps, s.reader.offered_fps())
+            for s in self._streams.values()
+            if s.reader.state not in DOWN_STATES
+            for sub_id, p in s.processors.items()
+        }
         return {
             "streams": running,
             "context": context_revision(self._ctx),
             "sessions": sessions,
             # for the registry's fair shares: live subscriptions (stream not down)
-            # per detector target, and the shares held
-            "demand": self._admission.demand(
-                sub_id
-                for s in self._streams.values()
-                if s.reader.state not in DOWN_STATES
-                for sub_id in s.processors
-            ),
+            # per detector target, the frames/s they ask, and the shares held
+            "demand": self._admission.demand(live),
+            "demand_fps": self._admission.demand_fps(live),
             "admission_shares": dict(self._admission.shares),
         }
 

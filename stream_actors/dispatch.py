@@ -49,8 +49,10 @@ an actor may hold one camera while another holds four; with the same calls per a
 the lone camera would get four times the frames of each of the others under overload
 (the replicas serve calls in turn, so an actor's frames follow its calls in flight).
 The registry therefore gives each actor a *share* of the cluster's calls, in
-proportion to its subscriptions whose cameras are up (`admission_shares` in
-reconcile.py). The cluster's calls per detector are `calls_per_replica` per running
+proportion to the frames/s its subscriptions whose cameras are up ask (each its
+targetFps, at most its stream's rate: `subscription_weight` in admission.py;
+`admission_shares` in reconcile.py), so that a 1 fps camera does not hold the calls
+of a 10 fps one. The cluster's calls per detector are `calls_per_replica` per running
 replica of it (Serve's controller says how many run): the frames in flight follow the
 replicas that run them, not the actors that send them, so more cameras add no wait in
 the replicas (with `calls_in_flight` per actor, 16 cameras on 4 actors kept 8 calls, 4
@@ -172,8 +174,9 @@ class DispatchSettings(StrictModel):
     fair_share: bool = Field(
         True,
         description="the registry divides the cluster's calls (calls_per_replica per "
-        "running detector replica) among the actors by their live subscriptions, so every "
-        "camera gets the same share under overload wherever it was placed",
+        "running detector replica) among the actors by the frames/s their live "
+        "subscriptions ask (targetFps, at most the stream's rate), so every camera gets "
+        "the same fraction of what it asks under overload wherever it was placed",
     )
     calls_per_replica: float | None = Field(
         1.5,

@@ -201,6 +201,8 @@ class StreamReader:
         self._down_since: float | None = None
         self._last_frame_mono: float | None = None
         self._reads = RateMeter(clock=clock)
+        self._offered_fps: float | None = None  # see offered_fps
+        self._all_frames_since = clock.monotonic()  # decoding every frame since
         # Adaptive decoding: key frames only while every subscriber takes (far) fewer
         # frames per second than the key frames alone supply.
         self.keyframes_only = False
@@ -368,6 +370,7 @@ class StreamReader:
         self._low_demand_before = False
         self._key_times.clear()
         self.keyframes_only = self.shed = False
+        self._all_frames_since = now
 
     def _deliver(self, captured: CapturedFrame) -> None:
         now = self._clock.monotonic()
@@ -492,6 +495,7 @@ class StreamReader:
             self.decode_switches += 1
             if not want:  # no early shedding for a window: no flapping every second
                 self._early_after = now + self.policy.decode_window_s
+                self._all_frames_since = now
             logger.info(
                 "stream %s: decoding %s (frames taken per subscriber %s, key frames %d, in %.1fs)",
                 self.spec.key,
@@ -522,6 +526,20 @@ class StreamReader:
     # ---- reporting -----------------------------------------------------------------
     def fps(self, window_s: float = 5.0) -> float:
         return self._reads.rate(window_s)
+
+    def offered_fps(self, window_s: float = 5.0) -> float | None:
+        """The frames/s the source offers (a subscription's weight in the fair shares):
+        the rate read over the last `window_s` once every frame was decoded for that
+        long (after a connect or the end of key-frames-only decoding), else the last
+        such rate: shedding under overload must not lower a camera's weight. None for
+        a lossless replay (read only as fast as its frames are taken) or before any."""
+        if self.spec.lossless:
+            return None
+        now = self._clock.monotonic()
+        connected = self.state is StreamState.CONNECTED and not self.keyframes_only
+        if connected and now - self._all_frames_since >= window_s:
+            self._offered_fps = round(self.fps(window_s), 3) or self._offered_fps
+        return self._offered_fps
 
     def status(self) -> dict[str, Any]:
         latest = self.latest

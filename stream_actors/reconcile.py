@@ -13,6 +13,7 @@ calls; this module decides them.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from graph.common.schemas import StrictModel
+from stream_actors.admission import DEFAULT_SOURCE_FPS
 from stream_actors.dispatch import MIN_SHARE, DispatchSettings
 from stream_actors.placement import PlacementVerdict
 
@@ -115,45 +117,51 @@ def plan_actor(
 
 # actor index → detector target ("model/<id>", or "<deployment>/<archive sha256>") →
 # its subscriptions whose streams are up (what the actor reports as its `demand`)
-Demand = Mapping[int, Mapping[str, int]]
+# actor index → target label → the frames/s its live subscriptions ask (their weights)
+Demand = Mapping[int, Mapping[str, float]]
 
 
-def live_totals(demand: Demand) -> Counter[str]:
-    """Live subscriptions per target, over all actors."""
-    totals: Counter[str] = Counter()
+def live_totals(demand: Demand) -> dict[str, float]:
+    """The frames/s asked per target, over all actors."""
+    totals: dict[str, float] = {}
     for targets in demand.values():
-        totals.update({target: n for target, n in targets.items() if n > 0})
+        for target, asked in targets.items():
+            if asked > 0:
+                totals[target] = totals.get(target, 0.0) + asked
     return totals
 
 
 def admission_shares(
     demand: Demand, calls_in_flight: int, budgets: Mapping[str, float] | None = None
 ) -> dict[int, dict[str, float]]:
-    """Each actor's share of the cluster's detector calls, per target: every live
-    subscription of a target gets the same fraction of calls, wherever it was packed.
-    The calls of a target are its `budgets` entry (from the replicas that run it, see
-    `target_budgets`) or, without one, `calls_in_flight` per actor that has live
-    subscriptions of the target (what the actors had before shares): an actor of 4
-    cameras and one of 1 get 3.2 and 0.8 of 4 calls instead of 2 and 2."""
+    """Each actor's share of the cluster's detector calls, per target, in proportion to
+    the frames/s its live subscriptions ask (`subscription_weight`: targetFps, at most
+    the stream's rate), wherever they were packed: under overload every camera gets
+    the same fraction of what it asks, and no actor holds calls it cannot fill while
+    another's are capped. The calls of a target are its `budgets` entry (from the
+    replicas that run it, see `target_budgets`) or, without one, `calls_in_flight` per
+    actor that has live subscriptions of the target (what the actors had before
+    shares): an actor of 4 cameras and one of 1, all at 10 fps, get 3.2 and 0.8 of 4
+    calls instead of 2 and 2."""
     totals = live_totals(demand)
     actors: Counter[str] = Counter()  # actors with live subscriptions per target
     for targets in demand.values():
-        actors.update(target for target, n in targets.items() if n > 0)
+        actors.update(target for target, asked in targets.items() if asked > 0)
     budgets = budgets or {}
     calls = {t: budgets.get(t) or calls_in_flight * actors[t] for t in totals}
     shares: dict[int, dict[str, float]] = {}
     for index, targets in demand.items():
         mine = {
-            target: max(MIN_SHARE, round(calls[target] * live / totals[target], 3))
-            for target, live in sorted(targets.items())
-            if live > 0
+            target: max(MIN_SHARE, round(calls[target] * asked / totals[target], 3))
+            for target, asked in sorted(targets.items())
+            if asked > 0
         }
         shares[index] = mine
     return shares
 
 
 def target_budgets(
-    totals: Mapping[str, int],
+    totals: Mapping[str, float],
     running: Mapping[str, int],
     detector_names: Mapping[str, str],
     calls_per_replica: float | None,
@@ -165,12 +173,12 @@ def target_budgets(
     per CPU replica, in flight: their wait, not the inference, was the latency).
 
     Targets of one deployment (modelUrl archives multiplexed on `PipelineDetector`)
-    divide its calls by their live subscriptions (`totals`). A deployment Serve names
-    with no replica running yet (a redeploy, scale from zero) counts as one: fewer
-    calls, not more, while it has the least room. A target whose deployment Serve does
-    not name (no answer yet, `calls_per_replica` None) gets no budget: `calls_in_flight`
-    per actor then. Labels: "model/<model id>" (its deployment from `detector_names`)
-    or "<deployment>/<archive sha256>"."""
+    divide its calls by the frames/s their live subscriptions ask (`totals`). A
+    deployment Serve names with no replica running yet (a redeploy, scale from zero)
+    counts as one: fewer calls, not more, while it has the least room. A target whose
+    deployment Serve does not name (no answer yet, `calls_per_replica` None) gets no
+    budget: `calls_in_flight` per actor then. Labels: "model/<model id>" (its
+    deployment from `detector_names`) or "<deployment>/<archive sha256>"."""
     if calls_per_replica is None:
         return {}
     by_deployment: dict[str, list[str]] = {}
@@ -190,15 +198,23 @@ def target_budgets(
     return budgets
 
 
-def reported_demand(raw: Any) -> dict[str, int]:
-    """An actor's `demand` as its `streams()` reply gives it ({} when absent: an actor
-    of an older version; entries that are not a name and a count are ignored)."""
+def reported_demand(reply: Mapping[str, Any]) -> dict[str, float]:
+    """The frames/s an actor's live subscriptions ask per target, from its `streams()`
+    reply: its `demand_fps`; from an actor of an older version, which reports only
+    `demand` (live subscriptions per target), `DEFAULT_SOURCE_FPS` each; {} when it
+    reports neither. Entries that are not a name and a finite number ≥ 0 are ignored."""
+    raw, scale = reply.get("demand_fps"), 1.0
+    if not isinstance(raw, Mapping):
+        raw, scale = reply.get("demand"), DEFAULT_SOURCE_FPS
     if not isinstance(raw, Mapping):
         return {}
     return {
-        str(target): int(live)
-        for target, live in raw.items()
-        if isinstance(live, int) and not isinstance(live, bool) and live >= 0
+        str(target): float(asked) * scale
+        for target, asked in raw.items()
+        if isinstance(asked, int | float)
+        and not isinstance(asked, bool)
+        and math.isfinite(asked)
+        and asked >= 0
     }
 
 
@@ -227,7 +243,7 @@ def shares_to_send(
     divide the whole budget: until it answers again the calls in flight can exceed the
     budget by its share."""
     if dispatch.fair_share:
-        demand = {i: reported_demand(r.get("demand")) for i, r in replies.items()}
+        demand = {i: reported_demand(r) for i, r in replies.items()}
         budgets = target_budgets(
             live_totals(demand), running or {}, detector_names or {}, dispatch.calls_per_replica
         )

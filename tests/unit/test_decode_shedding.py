@@ -300,3 +300,31 @@ def test_a_reconnect_decodes_all_frames_and_judges_demand_afresh(tmp_path: Path)
         reader.stop()
         clock.advance(60.0)
     assert reader.join(5)
+
+
+def test_the_rate_a_source_offers_survives_key_frame_decoding(tmp_path: Path) -> None:
+    """`offered_fps` (a subscription's weight in the fair shares) is the rate read once
+    every frame was decoded for a whole window: none before, the clip's 10 fps after,
+    and still 10 while low demand has the stream on key frames (1 a second), so that
+    shedding never lowers a camera's weight. A lossless replay, read only as fast as
+    it is taken, offers no rate of its own."""
+    clip = write_clip(HELD_OUT_SEED_START + 1, 120, tmp_path / "o.mp4", fps=10, scale=0.25)
+    spec = StreamSpec(key="o", kind="file", url=str(clip), loop=True)
+    clock = ManualClock()
+    reader = StreamReader(spec, ReaderPolicy(), clock=clock)
+    reader.attach("s", LatestFrameMailbox(clock=clock))
+    reader.start()
+    try:
+        clock.run_until(3.0)
+        assert reader.offered_fps() is None  # under a window of frames: not judged yet
+        clock.run_until(6.0)
+        assert reader.offered_fps() == pytest.approx(10.0, abs=0.5)
+        clock.run_until(17.0)
+        assert reader.keyframes_only and reader.fps() < 3.0
+        assert reader.offered_fps() == pytest.approx(10.0, abs=0.5)
+    finally:
+        reader.stop()
+        clock.advance(60.0)
+    assert reader.join(5)
+    lossless = StreamReader(spec.model_copy(update={"lossless": True}), ReaderPolicy())
+    assert lossless.offered_fps() is None

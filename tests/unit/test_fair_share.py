@@ -19,7 +19,7 @@ import pytest
 
 from graph.common.detection import DetectRequest, DetectResult, with_backlog
 from graph.common.errors import InferenceError
-from stream_actors.admission import TargetAdmission
+from stream_actors.admission import DEFAULT_SOURCE_FPS, TargetAdmission, subscription_weight
 from stream_actors.branch_clock import BranchClock
 from stream_actors.dispatch import (
     DetectDispatcher,
@@ -143,11 +143,55 @@ def test_shares_are_sent_only_when_they_changed(
 
 
 def test_a_malformed_demand_report_counts_nothing() -> None:
-    assert reported_demand(None) == {}
-    assert reported_demand(["model/m"]) == {}
-    assert reported_demand({"model/m": 3, "model/x": -1, "model/y": "2", "model/z": True}) == {
-        "model/m": 3
+    assert reported_demand({}) == {}
+    assert reported_demand({"demand_fps": ["model/m"], "demand": None}) == {}
+    fps = {"model/m": 12.5, "model/x": -1, "model/y": "2", "model/z": True, "model/w": math.nan}
+    assert reported_demand({"demand_fps": fps, "demand": {"model/m": 3}}) == {"model/m": 12.5}
+
+
+def test_an_actor_without_frames_asked_counts_ten_per_live_subscription() -> None:
+    """An actor of an older camgraph reports live subscriptions only: each counts as a
+    10 fps camera (what every subscription weighed before), so its neighbours'
+    weights stay comparable."""
+    assert reported_demand({"demand": {"model/m": 3, "model/n": "2"}}) == {"model/m": 30.0}
+    assert DEFAULT_SOURCE_FPS == 10.0
+
+
+@pytest.mark.parametrize(
+    ("target_fps", "source_fps", "weight"),
+    [
+        (None, None, 10.0),  # nothing known yet (just connected, a lossless replay)
+        (None, 25.0, 25.0),  # as many as the detector takes: what the stream offers
+        (2.0, 25.0, 2.0),  # a targetFps below the stream's rate
+        (15.0, 1.0, 1.0),  # a 1 fps snapshot camera asks no more than 1
+        (5.0, None, 5.0),
+        (5.0, 0.0, 5.0),  # a rate of 0 is not known
+        (None, 900.0, 120.0),  # a file read unpaced: capped as targetFps is
+    ],
+)
+def test_a_subscription_weighs_the_frames_it_can_use(
+    target_fps: float | None, source_fps: float | None, weight: float
+) -> None:
+    assert subscription_weight(target_fps, source_fps) == weight
+
+
+def test_shares_follow_the_frames_asked_not_the_cameras() -> None:
+    """Eight 1 fps cameras on one actor and eight 10 fps ones on another: the same
+    cameras, but the slow actor asks a tenth of the frames and gets a tenth of the
+    calls. Counted as cameras each would get half, and the slow actor's calls would
+    idle while the other's cap holds."""
+    shares = admission_shares({0: {"model/m": 8.0}, 1: {"model/m": 80.0}}, 2, {"model/m": 3.0})
+    assert shares == {0: {"model/m": 0.273}, 1: {"model/m": 2.727}}
+    replies = {
+        0: {"demand": {"model/m": 8}, "demand_fps": {"model/m": 8.0}},
+        1: {"demand": {"model/m": 8}, "demand_fps": {"model/m": 80.0}},
     }
+    settings = DispatchSettings(calls_per_replica=1.5)
+    assert shares_to_send(replies, settings, {"det": 2}, {"m": "det"}) == shares
+    # modelUrl archives multiplexed on one deployment divide it by frames asked too
+    totals = {"PipelineDetector/a": 30.0, "PipelineDetector/b": 10.0}
+    budgets = target_budgets(totals, {"PipelineDetector": 2}, {}, 2.0)
+    assert budgets == {"PipelineDetector/a": 3.0, "PipelineDetector/b": 1.0}
 
 
 def test_a_malformed_shares_report_is_sent_again() -> None:
@@ -199,6 +243,8 @@ def test_an_actor_reports_live_subscriptions_per_target_and_applies_its_shares()
     admission.attach("c", ("PipelineDetector", "sha"))
     # "b" is on a stream that is down: the actor does not offer it
     assert admission.demand(["a", "c", "unknown"]) == {"model/m": 1, "PipelineDetector/sha": 1}
+    asked = admission.demand_fps({"a": 2.5, "c": 10.0, "unknown": 7.0})
+    assert asked == {"model/m": 2.5, "PipelineDetector/sha": 10.0}
     first = admission.dispatcher(("model", "m"), _sender_of(made, "m"))
     assert admission.dispatcher(("model", "m"), _sender_of(made, "m")) is first
     assert made == ["m"]  # one dispatcher (and one sender) per target

@@ -41,12 +41,19 @@ class Replicas:
         return with_backlog([make_result(r) for r in requests], backlog)
 
 
-async def _camera(name: str, dispatcher: DetectDispatcher, counts: Counter[str]) -> None:
+async def _camera(
+    name: str, dispatcher: DetectDispatcher, counts: Counter[str], period_s: float = 0.0
+) -> None:
     """One of a camera's `max_in_flight` slots (2 by default, so two of these run per
-    camera): its newest frame is always waiting, and it asks again once served."""
+    camera): its newest frame is always waiting, and it asks again once served; with a
+    `period_s` (a camera whose targetFps or source is slow), at most one frame that
+    often."""
     while True:
+        due = asyncio.get_running_loop().time() + period_s
         if await dispatcher.admit(lambda: make_request(0)) is not None:
             counts[name] += 1
+        if period_s:
+            await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
 
 
 async def _serve(
@@ -58,12 +65,17 @@ async def _serve(
     replicas: int = 1,
     budget: float | None = None,
     service_s: float = 0.005,
+    periods: dict[int, float] | None = None,
+    weights: dict[int, float] | None = None,
 ) -> tuple[Counter[str], float]:
     """Actors (index → cameras) overloading `replicas` replicas, with the registry's
     shares of `budget` calls (None: 2 per actor) when `fair`: frames per camera, and
-    the fraction of the replicas' time they were busy."""
+    the fraction of the replicas' time they were busy. `periods`: an actor's cameras
+    offer a frame only that often (one slot each); `weights`: the frames/s each of an
+    actor's cameras asks, as `subscription_weight` reports it (else 10 each)."""
     served = Replicas(replicas, service_s)
-    demand = {index: {"model/m": cams} for index, cams in layout.items()}
+    periods, weights = periods or {}, weights or {}
+    demand = {index: {"model/m": cams * weights.get(index, 10.0)} for index, cams in layout.items()}
     shares = admission_shares(demand, 2, None if budget is None else {"model/m": budget})
     counts: Counter[str] = Counter()
     tasks = []
@@ -72,10 +84,12 @@ async def _serve(
         dispatcher = DetectDispatcher(served.send, settings)
         if fair:
             dispatcher.set_share(shares[index]["model/m"])
+        period = periods.get(index, 0.0)
         for cam in range(cams):
-            for _slot in range(2):
+            for _slot in range(1 if period else 2):
                 name = f"{index}.{cam}"
-                tasks.append(asyncio.create_task(_camera(name, dispatcher, counts)))
+                task = _camera(name, dispatcher, counts, period)
+                tasks.append(asyncio.create_task(task))
     await asyncio.sleep(seconds)
     for task in tasks:
         task.cancel()
@@ -137,3 +151,33 @@ def test_filling_never_hands_a_lone_camera_the_calls_its_share_took() -> None:
         counts, _ = asyncio.run(_serve({0: 4, 1: 1}, 1.0, fill=fill, budget=1.0))
         packed = min(counts[f"0.{cam}"] for cam in range(4))
         assert counts["1.0"] <= 1.5 * packed, (fill, counts)
+
+
+# ---- cameras that ask for fewer frames -------------------------------------------------
+
+
+def test_shares_weighted_by_frames_asked_keep_the_replicas_busy() -> None:
+    """Four slow cameras (a frame every 200 ms each: 20 frames/s, 5 % of what the two
+    replicas detect) on one actor, four that always have a frame on another, 1.5 calls
+    per replica. Counting cameras alone gives each actor half the calls: the slow
+    actor's stay mostly empty while the other's cap holds, and the replicas idle.
+    Weighted by the frames each camera asks (5 against 200 frames/s), the busy actor
+    gets the calls the slow one cannot fill: the replicas stay busier and the busy
+    cameras get more frames, while every camera gets about the same fraction of what
+    it asks. Medians of 3 interleaved pairs (the box is noisy)."""
+    layout, periods = {0: 4, 1: 4}, {0: 0.2}
+    busy: dict[str, list[float]] = {"counted": [], "weighted": []}
+    fast: dict[str, list[int]] = {"counted": [], "weighted": []}
+    for _ in range(3):
+        for kind, weights in (("counted", {0: 10.0, 1: 10.0}), ("weighted", {0: 5.0, 1: 200.0})):
+            counts, fraction = asyncio.run(
+                _serve(layout, 1.0, replicas=2, budget=3.0, periods=periods, weights=weights)
+            )
+            busy[kind].append(fraction)
+            fast[kind].append(sum(counts[f"1.{cam}"] for cam in range(4)))
+            if kind == "weighted":  # the fraction of what they ask, slow against busy
+                slow = sum(counts[f"0.{cam}"] for cam in range(4)) / (4 * 5.0)
+                assert slow >= 0.7 * fast[kind][-1] / (4 * 200.0), counts
+    counted, weighted = sorted(busy["counted"])[1], sorted(busy["weighted"])[1]
+    assert weighted >= 1.1 * counted, busy
+    assert sorted(fast["weighted"])[1] >= 1.1 * sorted(fast["counted"])[1], fast
