@@ -2,15 +2,16 @@
 fair shares of the cluster's calls and which subscription uses which target (pure: no
 Ray; the actor injects how a target's calls are sent).
 
-The registry asks each actor for its *demand* (live subscriptions per target: those
-whose stream is not down; and the frames/s they ask for, `subscription_weight`) and
-gives it back its *shares* (`admission_shares` in reconcile.py); see dispatch.py for
-what a share does to a dispatcher.
+The registry asks each actor for its *demand* (per target, the frames/s each live
+subscription asks, `subscription_weight`: those whose stream is not down) and the
+frames it sent (`detected`), and gives it back its *shares* (`admission_shares` in
+shares.py); see dispatch.py for what a share does to a dispatcher.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -30,6 +31,7 @@ Target = tuple[str, str]  # ("model", model id) or (deployment, multiplexed id)
 # it is taken): a typical camera's rate, and the weight every subscription had before.
 DEFAULT_SOURCE_FPS = 10.0
 MAX_WEIGHT_FPS = 120.0  # as targetFps's own limit (a file read unpaced counts as this)
+MIN_WEIGHT_FPS = 0.001  # a tiny targetFps still asks something (else it had no share)
 
 
 def subscription_weight(target_fps: float | None, source_fps: float | None) -> float:
@@ -43,7 +45,7 @@ def subscription_weight(target_fps: float | None, source_fps: float | None) -> f
         weight = offered or DEFAULT_SOURCE_FPS
     else:
         weight = min(target_fps, offered) if offered is not None else target_fps
-    return min(weight, MAX_WEIGHT_FPS)
+    return min(max(weight, MIN_WEIGHT_FPS), MAX_WEIGHT_FPS)
 
 
 class TargetAdmission:
@@ -52,6 +54,7 @@ class TargetAdmission:
         self.dispatchers: dict[Target, DetectDispatcher] = {}
         self.shares: dict[str, float] = {}  # target label → share (absent: its own calls)
         self._labels: dict[str, str] = {}  # subscription id → its target's label
+        self._answered_before: Counter[str] = Counter()  # of dispatchers replaced
 
     def dispatcher(self, target: Target, make_send: Callable[[], SendFn]) -> DetectDispatcher:
         """The target's dispatcher, made (with its share) on first use."""
@@ -73,14 +76,37 @@ class TargetAdmission:
         whose stream is up)."""
         return dict(Counter(self._labels[s] for s in live if s in self._labels))
 
-    def demand_fps(self, weights: Mapping[str, float]) -> dict[str, float]:
-        """The frames/s asked per target label, of `weights` (subscription id → its
-        `subscription_weight`, for those whose stream is up)."""
-        totals: dict[str, float] = {}
+    def demand_fps(self, weights: Mapping[str, float]) -> dict[str, list[float]]:
+        """The frames/s each live subscription asks, per target label (sorted), of
+        `weights` (subscription id → its `subscription_weight`, for those whose stream
+        is up)."""
+        asked: dict[str, list[float]] = {}
         for sub_id, weight in weights.items():
             if (label := self._labels.get(sub_id)) is not None:
-                totals[label] = round(totals.get(label, 0.0) + weight, 3)
-        return totals
+                asked.setdefault(label, []).append(round(weight, 3))
+        return {label: sorted(values) for label, values in asked.items()}
+
+    def detected(self) -> dict[str, int]:
+        """Frames each target answered since the actor started (those of dispatchers a
+        redeploy replaced included): the registry's measure of what the detectors take."""
+        answered = Counter(self._answered_before)
+        for target, dispatcher in self.dispatchers.items():
+            answered[target_label(target)] += dispatcher.stats.answered
+        return dict(answered)
+
+    def report(self, weights: Mapping[str, float]) -> dict[str, Any]:
+        """What the registry's fair shares need of this actor, for its `streams()` reply:
+        `demand` (live subscriptions per target; what older registries read),
+        `demand_fps`, `detected` with the actor's own clock (`detected_at`: the
+        registry times each actor's counts by it), and the shares it holds. `weights`:
+        subscription id → `subscription_weight`, of those whose stream is up."""
+        return {
+            "demand": self.demand(weights),
+            "demand_fps": self.demand_fps(weights),
+            "detected": self.detected(),
+            "detected_at": time.monotonic(),
+            "admission_shares": dict(self.shares),
+        }
 
     def set_shares(self, shares: Mapping[str, Any]) -> int:
         """The registry's shares by target label; a target it does not name uses its
@@ -101,6 +127,8 @@ class TargetAdmission:
     def renew(self) -> None:
         """After a redeploy: new frames go to new dispatchers (made on first use); the
         old ones finish what they admitted."""
+        for target, dispatcher in self.dispatchers.items():
+            self._answered_before[target_label(target)] += dispatcher.stats.answered
         self.dispatchers.clear()
 
     def status(self) -> dict[str, Any]:

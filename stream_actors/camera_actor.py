@@ -531,7 +531,8 @@ class CameraActor:
 
     async def streams(self) -> dict[str, Any]:
         """`streams`: stream key → subscription ids, as running here, and `context`: the
-        revision of the context in use (the registry reconciles both)."""
+        revision of the context in use (the registry reconciles both); and what its fair
+        shares need (`TargetAdmission.report`)."""
         running = {k: sorted(s.subs) for k, s in self._streams.items()}
         displays = {sub.display_id for s in self._streams.values() for sub in s.subs.values()}
         sessions = {d: session_digest(self._session_of(d)) for d in displays}
@@ -545,11 +546,7 @@ class CameraActor:
             "streams": running,
             "context": context_revision(self._ctx),
             "sessions": sessions,
-            # for the registry's fair shares: live subscriptions (stream not down)
-            # per detector target, the frames/s they ask, and the shares held
-            "demand": self._admission.demand(live),
-            "demand_fps": self._admission.demand_fps(live),
-            "admission_shares": dict(self._admission.shares),
+            **self._admission.report(live),  # live: subscriptions whose stream is up
         }
 
     async def set_admission_shares(self, shares: dict[str, float]) -> int:

@@ -49,10 +49,12 @@ an actor may hold one camera while another holds four; with the same calls per a
 the lone camera would get four times the frames of each of the others under overload
 (the replicas serve calls in turn, so an actor's frames follow its calls in flight).
 The registry therefore gives each actor a *share* of the cluster's calls, in
-proportion to the frames/s its subscriptions whose cameras are up ask (each its
-targetFps, at most its stream's rate: `subscription_weight` in admission.py;
-`admission_shares` in reconcile.py), so that a 1 fps camera does not hold the calls
-of a 10 fps one. The cluster's calls per detector are `calls_per_replica` per running
+proportion to the frames/s its subscriptions whose cameras are up should get: each
+asks its targetFps, at most its stream's rate (`subscription_weight` in
+admission.py), and when the detectors took fewer frames/s lately than all ask, the
+frames are divided max-min fair (`admission_shares` in shares.py): a 1 fps camera
+keeps its frame a second and holds no calls it cannot fill, and the 10 fps cameras
+divide the rest. The cluster's calls per detector are `calls_per_replica` per running
 replica of it (Serve's controller says how many run): the frames in flight follow the
 replicas that run them, not the actors that send them, so more cameras add no wait in
 the replicas (with `calls_in_flight` per actor, 16 cameras on 4 actors kept 8 calls, 4
@@ -175,8 +177,9 @@ class DispatchSettings(StrictModel):
         True,
         description="the registry divides the cluster's calls (calls_per_replica per "
         "running detector replica) among the actors by the frames/s their live "
-        "subscriptions ask (targetFps, at most the stream's rate), so every camera gets "
-        "the same fraction of what it asks under overload wherever it was placed",
+        "subscriptions ask (targetFps, at most the stream's rate), max-min fair under "
+        "overload (a camera asking less than an equal part gets all it asks, the others "
+        "divide the rest equally), wherever it was placed",
     )
     calls_per_replica: float | None = Field(
         1.5,
@@ -241,6 +244,7 @@ class _Hold:
 class DispatchStats:
     calls: int = 0
     frames: int = 0
+    answered: int = 0  # frames of calls that came back with results
     held_s: float = 0.0  # detector time given to branch work
     holds: int = 0
     next_frame_holds: int = 0  # free calls that waited for a waiter's next frame
@@ -517,6 +521,7 @@ class DetectDispatcher:
                     waiter.future.set_exception(exc)
         else:
             answered = True
+            self.stats.answered += len(batch)
             # Only read when it may skip the fractional slot's idle (below).
             replica_free = self._settings.fill_free_replicas and all(
                 isinstance(r, DetectResult) and r.backlog == 0 for r in results

@@ -201,7 +201,8 @@ class StreamReader:
         self._down_since: float | None = None
         self._last_frame_mono: float | None = None
         self._reads = RateMeter(clock=clock)
-        self._offered_fps: float | None = None  # see offered_fps
+        self._nominal_fps: float | None = None  # the stream's own rate (its container's)
+        self._offered_fps: float | None = None  # measured, where it gives none
         self._all_frames_since = clock.monotonic()  # decoding every frame since
         # Adaptive decoding: key frames only while every subscriber takes (far) fewer
         # frames per second than the key frames alone supply.
@@ -369,12 +370,15 @@ class StreamReader:
         self._demand_since = now
         self._low_demand_before = False
         self._key_times.clear()
+        self._all_frames_since = now  # (before the flags: offered_fps reads both)
         self.keyframes_only = self.shed = False
-        self._all_frames_since = now
 
     def _deliver(self, captured: CapturedFrame) -> None:
         now = self._clock.monotonic()
+        if captured.source_fps:
+            self._nominal_fps = captured.source_fps
         if self.state is not StreamState.CONNECTED:
+            self._all_frames_since = now  # (before the state: offered_fps reads both)
             self.state = StreamState.CONNECTED
             self._restart_demand(now)
             self._breaker.record_success()
@@ -491,11 +495,11 @@ class StreamReader:
         self._taken_before, self._demand_since = counts, now
         self.shed = want and shedding  # key frames because of the overload (status)
         if want != self.keyframes_only:
-            self.keyframes_only = want
-            self.decode_switches += 1
             if not want:  # no early shedding for a window: no flapping every second
                 self._early_after = now + self.policy.decode_window_s
                 self._all_frames_since = now
+            self.keyframes_only = want
+            self.decode_switches += 1
             logger.info(
                 "stream %s: decoding %s (frames taken per subscriber %s, key frames %d, in %.1fs)",
                 self.spec.key,
@@ -529,12 +533,18 @@ class StreamReader:
 
     def offered_fps(self, window_s: float = 5.0) -> float | None:
         """The frames/s the source offers (a subscription's weight in the fair shares):
-        the rate read over the last `window_s` once every frame was decoded for that
-        long (after a connect or the end of key-frames-only decoding), else the last
-        such rate: shedding under overload must not lower a camera's weight. None for
-        a lossless replay (read only as fast as its frames are taken) or before any."""
+        a snapshot URL's polling rate; a stream's own rate (its container's, whatever
+        it decodes now); where it gives none, the rate read over the last `window_s`
+        once every frame was decoded for that long (after a connect or the end of
+        key-frames-only decoding), else the last such rate, so that shedding under
+        overload never lowers a camera's weight. None for a lossless replay (read only
+        as fast as its frames are taken) or before any."""
         if self.spec.lossless:
             return None
+        if self.spec.kind == "snapshot":
+            return 1.0 / self.spec.snapshot_interval_s
+        if self._nominal_fps:
+            return self._nominal_fps
         now = self._clock.monotonic()
         connected = self.state is StreamState.CONNECTED and not self.keyframes_only
         if connected and now - self._all_frames_since >= window_s:

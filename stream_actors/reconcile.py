@@ -13,8 +13,6 @@ calls; this module decides them.
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,8 +21,6 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from graph.common.schemas import StrictModel
-from stream_actors.admission import DEFAULT_SOURCE_FPS
-from stream_actors.dispatch import MIN_SHARE, DispatchSettings
 from stream_actors.placement import PlacementVerdict
 
 # actor index → stream key → the sorted ids of the subscriptions on that stream
@@ -113,159 +109,6 @@ def plan_actor(
         stop=tuple(sorted(set(running) - set(wanted))),
         push=tuple(key for key, subs in wanted.items() if running.get(key) != list(subs)),
     )
-
-
-# actor index → detector target ("model/<id>", or "<deployment>/<archive sha256>") →
-# its subscriptions whose streams are up (what the actor reports as its `demand`)
-# actor index → target label → the frames/s its live subscriptions ask (their weights)
-Demand = Mapping[int, Mapping[str, float]]
-
-
-def live_totals(demand: Demand) -> dict[str, float]:
-    """The frames/s asked per target, over all actors."""
-    totals: dict[str, float] = {}
-    for targets in demand.values():
-        for target, asked in targets.items():
-            if asked > 0:
-                totals[target] = totals.get(target, 0.0) + asked
-    return totals
-
-
-def admission_shares(
-    demand: Demand, calls_in_flight: int, budgets: Mapping[str, float] | None = None
-) -> dict[int, dict[str, float]]:
-    """Each actor's share of the cluster's detector calls, per target, in proportion to
-    the frames/s its live subscriptions ask (`subscription_weight`: targetFps, at most
-    the stream's rate), wherever they were packed: under overload every camera gets
-    the same fraction of what it asks, and no actor holds calls it cannot fill while
-    another's are capped. The calls of a target are its `budgets` entry (from the
-    replicas that run it, see `target_budgets`) or, without one, `calls_in_flight` per
-    actor that has live subscriptions of the target (what the actors had before
-    shares): an actor of 4 cameras and one of 1, all at 10 fps, get 3.2 and 0.8 of 4
-    calls instead of 2 and 2."""
-    totals = live_totals(demand)
-    actors: Counter[str] = Counter()  # actors with live subscriptions per target
-    for targets in demand.values():
-        actors.update(target for target, asked in targets.items() if asked > 0)
-    budgets = budgets or {}
-    calls = {t: budgets.get(t) or calls_in_flight * actors[t] for t in totals}
-    shares: dict[int, dict[str, float]] = {}
-    for index, targets in demand.items():
-        mine = {
-            target: max(MIN_SHARE, round(calls[target] * asked / totals[target], 3))
-            for target, asked in sorted(targets.items())
-            if asked > 0
-        }
-        shares[index] = mine
-    return shares
-
-
-def target_budgets(
-    totals: Mapping[str, float],
-    running: Mapping[str, int],
-    detector_names: Mapping[str, str],
-    calls_per_replica: float | None,
-) -> dict[str, float]:
-    """The cluster's detector calls per target label: `calls_per_replica` × the running
-    replicas of its deployment (`running`: deployment → replicas, as Serve says), so
-    that the frames in flight follow the replicas that run them, not the camera actors
-    that send them (with calls per actor, 16 cameras on 4 actors kept 8 calls, 4 frames
-    per CPU replica, in flight: their wait, not the inference, was the latency).
-
-    Targets of one deployment (modelUrl archives multiplexed on `PipelineDetector`)
-    divide its calls by the frames/s their live subscriptions ask (`totals`). A
-    deployment Serve names with no replica running yet (a redeploy, scale from zero)
-    counts as one: fewer calls, not more, while it has the least room. A target whose
-    deployment Serve does not name (no answer yet, `calls_per_replica` None) gets no
-    budget: `calls_in_flight` per actor then. Labels: "model/<model id>" (its
-    deployment from `detector_names`) or "<deployment>/<archive sha256>"."""
-    if calls_per_replica is None:
-        return {}
-    by_deployment: dict[str, list[str]] = {}
-    for label, live in totals.items():
-        if live <= 0:
-            continue
-        kind, _, name = label.partition("/")
-        deployment = detector_names.get(name) if kind == "model" else kind
-        if deployment is not None and deployment in running:
-            by_deployment.setdefault(deployment, []).append(label)
-    budgets: dict[str, float] = {}
-    for deployment, labels in by_deployment.items():
-        calls = calls_per_replica * max(running[deployment], 1)
-        live = sum(totals[label] for label in labels)
-        for label in labels:
-            budgets[label] = calls * totals[label] / live
-    return budgets
-
-
-def reported_demand(reply: Mapping[str, Any]) -> dict[str, float]:
-    """The frames/s an actor's live subscriptions ask per target, from its `streams()`
-    reply: its `demand_fps`; from an actor of an older version, which reports only
-    `demand` (live subscriptions per target), `DEFAULT_SOURCE_FPS` each; {} when it
-    reports neither. Entries that are not a name and a finite number ≥ 0 are ignored."""
-    raw, scale = reply.get("demand_fps"), 1.0
-    if not isinstance(raw, Mapping):
-        raw, scale = reply.get("demand"), DEFAULT_SOURCE_FPS
-    if not isinstance(raw, Mapping):
-        return {}
-    return {
-        str(target): float(asked) * scale
-        for target, asked in raw.items()
-        if isinstance(asked, int | float)
-        and not isinstance(asked, bool)
-        and math.isfinite(asked)
-        and asked >= 0
-    }
-
-
-def reported_shares(raw: Any) -> dict[str, float] | None:
-    """The shares an actor's `streams()` reply says it holds (None when absent or not a
-    mapping of names to numbers: sent again)."""
-    if not isinstance(raw, Mapping):
-        return None
-    try:
-        return {str(t): float(v) for t, v in raw.items()}
-    except (TypeError, ValueError):
-        return None
-
-
-def shares_to_send(
-    replies: Mapping[int, Mapping[str, Any]],
-    dispatch: DispatchSettings,
-    running: Mapping[str, int] | None = None,
-    detector_names: Mapping[str, str] | None = None,
-) -> dict[int, dict[str, float]]:
-    """The shares to send this round, from the `streams()` replies of the actors that
-    answered it: only to those whose held shares differ (with `fair_share` off, those
-    holding any are cleared). `running`: replicas per deployment (`target_budgets`).
-
-    An actor that did not answer keeps the share it holds, and the ones that answered
-    divide the whole budget: until it answers again the calls in flight can exceed the
-    budget by its share."""
-    if dispatch.fair_share:
-        demand = {i: reported_demand(r) for i, r in replies.items()}
-        budgets = target_budgets(
-            live_totals(demand), running or {}, detector_names or {}, dispatch.calls_per_replica
-        )
-        shares = admission_shares(demand, dispatch.calls_in_flight, budgets)
-    else:
-        shares = {i: {} for i in replies}
-    return {
-        index: wanted
-        for index, wanted in shares.items()
-        if shares_differ(reported_shares(replies[index].get("admission_shares")), wanted)
-    }
-
-
-def shares_differ(
-    held: Mapping[str, float] | None, wanted: Mapping[str, float], tolerance: float = 0.01
-) -> bool:
-    """Whether an actor's shares (as it reports them; None: it reports none, e.g. just
-    restarted) must be sent again."""
-    held = held or {}
-    if set(held) != set(wanted):
-        return True
-    return any(abs(float(held[t]) - wanted[t]) > tolerance for t in wanted)
 
 
 def failure_text(problem: str | None, exc: BaseException) -> str:

@@ -5,7 +5,8 @@ desired state and fixes the difference, so a restarted camera actor or registry 
 without a caller. It also ends the WebSocket subscriptions whose connections have left
 (leases renewed by each session, `streams.disconnect_grace_s`) and refuses streams over
 `streams.max_streams`, and keeps the displays' sessions (`sessions.py`), which it sends
-to the camera actors of their subscriptions. What to do is decided in `reconcile.py`
+to the camera actors of their subscriptions, and divides the detector calls among the
+camera actors (fair shares). What to do is decided in `reconcile.py` and `shares.py`
 (pure); this module calls.
 """
 
@@ -39,7 +40,6 @@ from stream_actors.reconcile import (
     plan_actor,
     plan_round,
     round_error,
-    shares_to_send,
     stale_session_streams,
     stream_state,
     unreachable_status,
@@ -48,6 +48,7 @@ from stream_actors.reconnect import TokenBucket
 from stream_actors.serve_calls import REPLICAS_STALE_S, ReplicaCounts, running_replicas
 from stream_actors.sessions import SessionBook, session_digest
 from stream_actors.settings import StreamContext, context_revision
+from stream_actors.shares import DetectedMeter, shares_to_send
 from stream_actors.subscriptions import (
     Subscription,
     SubscriptionRefused,
@@ -127,6 +128,7 @@ class StreamRegistry:
             functools.partial(running_replicas, self._app),
             stale_s=max(REPLICAS_STALE_S, 2 * (self._settings.reconcile_s + ACTOR_CALL_TIMEOUT_S)),
         )
+        self._detected = DetectedMeter()  # frames/s the detectors took: max-min shares
         self._lock = asyncio.Lock()
         self.last_reconcile_error: str | None = None
         self._closed = False
@@ -455,7 +457,8 @@ class StreamRegistry:
         dispatch = self._settings.dispatch
         use_replicas = dispatch.fair_share and dispatch.calls_per_replica is not None
         running = self._replicas.get() if use_replicas else {}  # never waits for Serve
-        wanted = shares_to_send(replies, dispatch, running, self._ctx.detector_names)
+        capacity = self._detected.update(replies, time.monotonic())
+        wanted = shares_to_send(replies, dispatch, running, self._ctx.detector_names, capacity)
         todo = {
             index: (actor, shares)
             for index, shares in wanted.items()

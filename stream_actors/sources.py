@@ -53,7 +53,7 @@ class CapturedFrame:
     most frames are superseded before anyone looks at them, and the colour conversion
     costs about as much as decoding (measured: ~0.5-2 ms vs ~3 ms for 640x360)."""
 
-    __slots__ = ("_convert", "_image", "captured_at", "key_frame")
+    __slots__ = ("_convert", "_image", "captured_at", "key_frame", "source_fps")
 
     def __init__(
         self,
@@ -61,11 +61,13 @@ class CapturedFrame:
         captured_at: float,
         convert: Callable[[], np.ndarray] | None = None,
         key_frame: bool = False,
+        source_fps: float | None = None,
     ) -> None:
         if image is None and convert is None:
             raise ValueError("an image or a conversion is required")
         self._image, self._convert, self.captured_at = image, convert, captured_at
         self.key_frame = key_frame
+        self.source_fps = source_fps  # the stream's own frame rate, where it gives one
 
     @property
     def image(self) -> np.ndarray:
@@ -152,6 +154,7 @@ class PyAVSource:
                         last,
                         functools.partial(frame.to_ndarray, format="bgr24"),
                         key_frame=bool(frame.key_frame),
+                        source_fps=rate,
                     )
                     if self._keyframes_only is not None and self._keyframes_only() != skipping:
                         skipping = not skipping

@@ -1,5 +1,6 @@
 """What the dispatcher tests share: a detector that records its calls, a camera's
-newest frame as a mailbox holds it, and loop-step waits (no Ray, no sockets)."""
+newest frame as a mailbox holds it, loop-step waits, and the registry's fair shares of
+a demand written short (no Ray, no sockets)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from graph.common.detection import DetectRequest, DetectResult
 from stream_actors.mailbox import FrameTiming
+from stream_actors.shares import admission_shares, water_levels
 from stream_actors.subscriptions import Subscription
 
 
@@ -103,3 +105,23 @@ class Camera:
     def take(self) -> DetectRequest | None:
         value, self.value = self.value, None
         return None if value is None else make_request(value)
+
+
+def shares_of(
+    demand: dict[int, dict[str, Any]],
+    calls_in_flight: int,
+    budgets: dict[str, float] | None = None,
+    capacity: dict[str, float] | None = None,
+) -> dict[int, dict[str, float]]:
+    """`admission_shares` of a demand given as cameras at 10 fps (a count) or as the
+    frames/s each camera asks (a list)."""
+    asked = {
+        index: {t: [10.0] * v if isinstance(v, int) else v for t, v in targets.items()}
+        for index, targets in demand.items()
+    }
+    pooled: dict[str, list[float]] = {}
+    for targets in asked.values():
+        for target, values in targets.items():
+            pooled.setdefault(target, []).extend(values)
+    levels = water_levels(pooled, capacity or {}, {})
+    return admission_shares(asked, calls_in_flight, budgets, levels)

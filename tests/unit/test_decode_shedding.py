@@ -13,7 +13,7 @@ import pytest
 from demo.datasets import HELD_OUT_SEED_START, write_clip
 from stream_actors.clock import ManualClock
 from stream_actors.mailbox import LatestFrameMailbox
-from stream_actors.reader import ReaderPolicy, StreamReader
+from stream_actors.reader import ReaderPolicy, StreamReader, open_source
 from stream_actors.subscriptions import StreamSpec
 
 
@@ -302,29 +302,51 @@ def test_a_reconnect_decodes_all_frames_and_judges_demand_afresh(tmp_path: Path)
     assert reader.join(5)
 
 
-def test_the_rate_a_source_offers_survives_key_frame_decoding(tmp_path: Path) -> None:
-    """`offered_fps` (a subscription's weight in the fair shares) is the rate read once
-    every frame was decoded for a whole window: none before, the clip's 10 fps after,
-    and still 10 while low demand has the stream on key frames (1 a second), so that
-    shedding never lowers a camera's weight. A lossless replay, read only as fast as
-    it is taken, offers no rate of its own."""
+def _offered_run(tmp_path: Path, strip_rate: bool) -> list[float | None]:
+    """`offered_fps` of a 10 fps clip nobody takes from, at 0.5, 3, 6 and 17 s (by 17 s
+    low demand has had it on key frames, 1 a second, for some seconds)."""
     clip = write_clip(HELD_OUT_SEED_START + 1, 120, tmp_path / "o.mp4", fps=10, scale=0.25)
     spec = StreamSpec(key="o", kind="file", url=str(clip), loop=True)
     clock = ManualClock()
-    reader = StreamReader(spec, ReaderPolicy(), clock=clock)
+
+    def source(*args: Any, **kwargs: Any) -> Any:
+        for frame in open_source(*args, clock=clock, **kwargs):
+            if strip_rate:  # a stream that says nothing of its rate (some RTSP cameras)
+                frame.source_fps = None
+            yield frame
+
+    reader = StreamReader(spec, ReaderPolicy(), source_factory=source, clock=clock)
     reader.attach("s", LatestFrameMailbox(clock=clock))
+    seen: list[float | None] = []
     reader.start()
     try:
-        clock.run_until(3.0)
-        assert reader.offered_fps() is None  # under a window of frames: not judged yet
-        clock.run_until(6.0)
-        assert reader.offered_fps() == pytest.approx(10.0, abs=0.5)
-        clock.run_until(17.0)
+        for at in (0.5, 3.0, 6.0, 17.0):
+            clock.run_until(at)
+            seen.append(reader.offered_fps())
         assert reader.keyframes_only and reader.fps() < 3.0
-        assert reader.offered_fps() == pytest.approx(10.0, abs=0.5)
     finally:
         reader.stop()
         clock.advance(60.0)
     assert reader.join(5)
-    lossless = StreamReader(spec.model_copy(update={"lossless": True}), ReaderPolicy())
-    assert lossless.offered_fps() is None
+    return seen
+
+
+def test_the_rate_a_source_offers_survives_key_frame_decoding(tmp_path: Path) -> None:
+    """`offered_fps` (a subscription's weight in the fair shares) is the stream's own
+    rate, from its first frame, whatever it decodes. Where the stream gives none, it
+    is the rate read once every frame was decoded for a whole window: none before, the
+    clip's 10 fps after, and still 10 while low demand has the stream on key frames,
+    so that shedding never lowers a camera's weight."""
+    assert _offered_run(tmp_path, strip_rate=False) == [10.0] * 4
+    measured = _offered_run(tmp_path, strip_rate=True)
+    assert measured[:2] == [None, None]  # under a window of frames: not judged yet
+    assert measured[2:] == [pytest.approx(10.0, abs=0.5)] * 2
+
+
+def test_a_snapshot_or_a_lossless_replay_offers_no_measured_rate() -> None:
+    """A snapshot URL offers its polling rate; a lossless replay, read only as fast as
+    it is taken, none of its own (it weighs the default)."""
+    snapshot = StreamSpec(key="s", kind="snapshot", url="http://h/x.jpg", snapshot_interval_s=2)
+    assert StreamReader(snapshot, ReaderPolicy()).offered_fps() == 0.5
+    replay = StreamSpec(key="l", kind="file", url="/x.mp4", lossless=True)
+    assert StreamReader(replay, ReaderPolicy()).offered_fps() is None

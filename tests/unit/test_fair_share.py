@@ -1,4 +1,4 @@
-"""Fair share of the detector calls across camera actors (stream_actors/reconcile.py's
+"""Fair share of the detector calls across camera actors (stream_actors/shares.py's
 `admission_shares`, the dispatcher's fractional `set_share`, the replica counts the
 registry asks Serve for), without Ray. Several actors through shared replicas:
 test_shared_replicas.py."""
@@ -19,7 +19,7 @@ import pytest
 
 from graph.common.detection import DetectRequest, DetectResult, with_backlog
 from graph.common.errors import InferenceError
-from stream_actors.admission import DEFAULT_SOURCE_FPS, TargetAdmission, subscription_weight
+from stream_actors.admission import TargetAdmission
 from stream_actors.branch_clock import BranchClock
 from stream_actors.dispatch import (
     DetectDispatcher,
@@ -27,21 +27,20 @@ from stream_actors.dispatch import (
     SendFn,
     target_label,
 )
-from stream_actors.reconcile import (
-    admission_shares,
-    reported_demand,
+from stream_actors.serve_calls import ReplicaCounts, running_counts
+from stream_actors.shares import (
     reported_shares,
     shares_differ,
     shares_to_send,
     target_budgets,
 )
-from stream_actors.serve_calls import ReplicaCounts, running_counts
+from tests.unit.dispatch_fakes import shares_of
 
 # ---- the registry's arithmetic --------------------------------------------------------
 
 
 def test_an_actor_of_four_cameras_and_one_of_one_get_calls_per_camera() -> None:
-    shares = admission_shares({0: {"model/m": 4}, 1: {"model/m": 1}}, calls_in_flight=2)
+    shares = shares_of({0: {"model/m": 4}, 1: {"model/m": 1}}, calls_in_flight=2)
     assert shares == {0: {"model/m": 3.2}, 1: {"model/m": 0.8}}
     # the total is what the two actors had before: 2 calls each
     assert sum(s["model/m"] for s in shares.values()) == pytest.approx(4.0)
@@ -51,8 +50,8 @@ def test_full_actors_keep_calls_in_flight() -> None:
     """Packed actors of equal load see no change: 4 actors × 4 cameras, 2 calls each,
     and a single camera alone keeps both calls (it may use the whole cluster)."""
     demand = {i: {"model/m": 4} for i in range(4)}
-    assert admission_shares(demand, 2) == {i: {"model/m": 2.0} for i in range(4)}
-    assert admission_shares({0: {"model/m": 1}}, 2) == {0: {"model/m": 2.0}}
+    assert shares_of(demand, 2) == {i: {"model/m": 2.0} for i in range(4)}
+    assert shares_of({0: {"model/m": 1}}, 2) == {0: {"model/m": 2.0}}
 
 
 def test_shares_are_per_target_and_skip_actors_without_live_cameras() -> None:
@@ -64,11 +63,11 @@ def test_shares_are_per_target_and_skip_actors_without_live_cameras() -> None:
         1: {"model/a": 1},
         2: {"model/b": 0},
     }
-    shares = admission_shares(demand, calls_in_flight=2)
+    shares = shares_of(demand, calls_in_flight=2)
     assert shares[0] == {"model/a": 3.0, "model/b": 2.0}
     assert shares[1] == {"model/a": 1.0}
     assert shares[2] == {}
-    assert admission_shares({}, 2) == {}
+    assert shares_of({}, 2) == {}
 
 
 def test_the_calls_follow_the_replicas_not_the_actors() -> None:
@@ -77,11 +76,11 @@ def test_the_calls_follow_the_replicas_not_the_actors() -> None:
     (4 + 4 + 1) get 4 calls in proportion."""
     budgets = {"model/m": 4.0}
     sixteen = {i: {"model/m": 4} for i in range(4)}
-    assert admission_shares(sixteen, 2, budgets) == {i: {"model/m": 1.0} for i in range(4)}
-    nine = admission_shares({0: {"model/m": 4}, 1: {"model/m": 4}, 2: {"model/m": 1}}, 2, budgets)
+    assert shares_of(sixteen, 2, budgets) == {i: {"model/m": 1.0} for i in range(4)}
+    nine = shares_of({0: {"model/m": 4}, 1: {"model/m": 4}, 2: {"model/m": 1}}, 2, budgets)
     assert nine == {0: {"model/m": 1.778}, 1: {"model/m": 1.778}, 2: {"model/m": 0.444}}
     # a target without a budget keeps calls_in_flight per actor
-    both = admission_shares({0: {"model/m": 4, "model/n": 4}, 1: {"model/n": 4}}, 2, budgets)
+    both = shares_of({0: {"model/m": 4, "model/n": 4}, 1: {"model/n": 4}}, 2, budgets)
     assert both == {0: {"model/m": 4.0, "model/n": 2.0}, 1: {"model/n": 2.0}}
 
 
@@ -142,58 +141,6 @@ def test_shares_are_sent_only_when_they_changed(
     assert shares_differ(held, wanted) is differ
 
 
-def test_a_malformed_demand_report_counts_nothing() -> None:
-    assert reported_demand({}) == {}
-    assert reported_demand({"demand_fps": ["model/m"], "demand": None}) == {}
-    fps = {"model/m": 12.5, "model/x": -1, "model/y": "2", "model/z": True, "model/w": math.nan}
-    assert reported_demand({"demand_fps": fps, "demand": {"model/m": 3}}) == {"model/m": 12.5}
-
-
-def test_an_actor_without_frames_asked_counts_ten_per_live_subscription() -> None:
-    """An actor of an older camgraph reports live subscriptions only: each counts as a
-    10 fps camera (what every subscription weighed before), so its neighbours'
-    weights stay comparable."""
-    assert reported_demand({"demand": {"model/m": 3, "model/n": "2"}}) == {"model/m": 30.0}
-    assert DEFAULT_SOURCE_FPS == 10.0
-
-
-@pytest.mark.parametrize(
-    ("target_fps", "source_fps", "weight"),
-    [
-        (None, None, 10.0),  # nothing known yet (just connected, a lossless replay)
-        (None, 25.0, 25.0),  # as many as the detector takes: what the stream offers
-        (2.0, 25.0, 2.0),  # a targetFps below the stream's rate
-        (15.0, 1.0, 1.0),  # a 1 fps snapshot camera asks no more than 1
-        (5.0, None, 5.0),
-        (5.0, 0.0, 5.0),  # a rate of 0 is not known
-        (None, 900.0, 120.0),  # a file read unpaced: capped as targetFps is
-    ],
-)
-def test_a_subscription_weighs_the_frames_it_can_use(
-    target_fps: float | None, source_fps: float | None, weight: float
-) -> None:
-    assert subscription_weight(target_fps, source_fps) == weight
-
-
-def test_shares_follow_the_frames_asked_not_the_cameras() -> None:
-    """Eight 1 fps cameras on one actor and eight 10 fps ones on another: the same
-    cameras, but the slow actor asks a tenth of the frames and gets a tenth of the
-    calls. Counted as cameras each would get half, and the slow actor's calls would
-    idle while the other's cap holds."""
-    shares = admission_shares({0: {"model/m": 8.0}, 1: {"model/m": 80.0}}, 2, {"model/m": 3.0})
-    assert shares == {0: {"model/m": 0.273}, 1: {"model/m": 2.727}}
-    replies = {
-        0: {"demand": {"model/m": 8}, "demand_fps": {"model/m": 8.0}},
-        1: {"demand": {"model/m": 8}, "demand_fps": {"model/m": 80.0}},
-    }
-    settings = DispatchSettings(calls_per_replica=1.5)
-    assert shares_to_send(replies, settings, {"det": 2}, {"m": "det"}) == shares
-    # modelUrl archives multiplexed on one deployment divide it by frames asked too
-    totals = {"PipelineDetector/a": 30.0, "PipelineDetector/b": 10.0}
-    budgets = target_budgets(totals, {"PipelineDetector": 2}, {}, 2.0)
-    assert budgets == {"PipelineDetector/a": 3.0, "PipelineDetector/b": 1.0}
-
-
 def test_a_malformed_shares_report_is_sent_again() -> None:
     assert reported_shares({"model/m": 2, "model/n": 0.5}) == {"model/m": 2.0, "model/n": 0.5}
     assert reported_shares(None) is None
@@ -203,7 +150,7 @@ def test_a_malformed_shares_report_is_sent_again() -> None:
 
 def test_a_tiny_share_never_rounds_to_nothing() -> None:
     demand = {0: {"model/m": 5000}, 1: {"model/m": 1}}
-    assert admission_shares(demand, 2)[1]["model/m"] == 0.05
+    assert shares_of(demand, 2)[1]["model/m"] == 0.05
 
 
 def test_the_registry_sends_only_changed_shares_to_actors_that_answered() -> None:
@@ -243,8 +190,8 @@ def test_an_actor_reports_live_subscriptions_per_target_and_applies_its_shares()
     admission.attach("c", ("PipelineDetector", "sha"))
     # "b" is on a stream that is down: the actor does not offer it
     assert admission.demand(["a", "c", "unknown"]) == {"model/m": 1, "PipelineDetector/sha": 1}
-    asked = admission.demand_fps({"a": 2.5, "c": 10.0, "unknown": 7.0})
-    assert asked == {"model/m": 2.5, "PipelineDetector/sha": 10.0}
+    asked = admission.demand_fps({"a": 2.5, "b": 1.0, "c": 10.0, "unknown": 7.0})
+    assert asked == {"model/m": [1.0, 2.5], "PipelineDetector/sha": [10.0]}
     first = admission.dispatcher(("model", "m"), _sender_of(made, "m"))
     assert admission.dispatcher(("model", "m"), _sender_of(made, "m")) is first
     assert made == ["m"]  # one dispatcher (and one sender) per target
@@ -257,8 +204,14 @@ def test_an_actor_reports_live_subscriptions_per_target_and_applies_its_shares()
     assert first.share is None and later.share is None
     admission.detach("a")
     assert admission.demand(["a", "c"]) == {"PipelineDetector/sha": 1}
+    first.stats.answered, later.stats.answered = 5, 7
+    assert admission.detected() == {"model/m": 5, "PipelineDetector/sha": 7}
     assert set(admission.status()) == {"model/m", "PipelineDetector/sha"}
     admission.renew()  # a redeploy: new dispatchers on first use
+    assert admission.detected() == {"model/m": 5, "PipelineDetector/sha": 7}  # kept
+    report = admission.report({"c": 2.0})
+    assert report["demand_fps"] == {"PipelineDetector/sha": [2.0]}
+    assert report["detected"] == {"model/m": 5, "PipelineDetector/sha": 7}
     assert admission.dispatcher(("model", "m"), _sender_of(made, "m")) is not first
 
 
