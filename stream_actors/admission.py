@@ -4,14 +4,16 @@ Ray; the actor injects how a target's calls are sent).
 
 The registry asks each actor for its *demand* (per target, the frames/s each live
 subscription asks, `subscription_weight`: those whose stream is not down) and the
-frames it sent (`detected`), and gives it back its *shares* (`admission_shares` in
-shares.py); see dispatch.py for what a share does to a dispatcher.
+frames its calls got answers for (`detected`), and gives it back its *shares*
+(`admission_shares` in shares.py); see dispatch.py for what a share does to a
+dispatcher.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -30,7 +32,7 @@ Target = tuple[str, str]  # ("model", model id) or (deployment, multiplexed id)
 # stream's rate is known (a stream just connected, a lossless replay read as fast as
 # it is taken): a typical camera's rate, and the weight every subscription had before.
 DEFAULT_SOURCE_FPS = 10.0
-MAX_WEIGHT_FPS = 120.0  # as targetFps's own limit (a file read unpaced counts as this)
+MAX_WEIGHT_FPS = 120.0  # as targetFps's own limit
 MIN_WEIGHT_FPS = 0.001  # a tiny targetFps still asks something (else it had no share)
 
 
@@ -55,6 +57,7 @@ class TargetAdmission:
         self.shares: dict[str, float] = {}  # target label → share (absent: its own calls)
         self._labels: dict[str, str] = {}  # subscription id → its target's label
         self._answered_before: Counter[str] = Counter()  # of dispatchers replaced
+        self._run = uuid.uuid4().hex  # this process's counts: a restart begins anew
 
     def dispatcher(self, target: Target, make_send: Callable[[], SendFn]) -> DetectDispatcher:
         """The target's dispatcher, made (with its share) on first use."""
@@ -98,13 +101,15 @@ class TargetAdmission:
         """What the registry's fair shares need of this actor, for its `streams()` reply:
         `demand` (live subscriptions per target; what older registries read),
         `demand_fps`, `detected` with the actor's own clock (`detected_at`: the
-        registry times each actor's counts by it), and the shares it holds. `weights`:
+        registry times each actor's counts by it) and run id (`detected_run`: new
+        counts after a restart), and the shares it holds. `weights`:
         subscription id → `subscription_weight`, of those whose stream is up."""
         return {
             "demand": self.demand(weights),
             "demand_fps": self.demand_fps(weights),
             "detected": self.detected(),
             "detected_at": time.monotonic(),
+            "detected_run": self._run,
             "admission_shares": dict(self.shares),
         }
 

@@ -521,7 +521,7 @@ class DetectDispatcher:
                     waiter.future.set_exception(exc)
         else:
             answered = True
-            self.stats.answered += len(batch)
+            self.stats.answered += sum(not isinstance(r, Exception) for r in results)
             # Only read when it may skip the fractional slot's idle (below).
             replica_free = self._settings.fill_free_replicas and all(
                 isinstance(r, DetectResult) and r.backlog == 0 for r in results

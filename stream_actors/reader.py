@@ -533,23 +533,25 @@ class StreamReader:
 
     def offered_fps(self, window_s: float = 5.0) -> float | None:
         """The frames/s the source offers (a subscription's weight in the fair shares):
-        a snapshot URL's polling rate; a stream's own rate (its container's, whatever
-        it decodes now); where it gives none, the rate read over the last `window_s`
-        once every frame was decoded for that long (after a connect or the end of
-        key-frames-only decoding), else the last such rate, so that shedding under
-        overload never lowers a camera's weight. None for a lossless replay (read only
-        as fast as its frames are taken) or before any."""
+        a snapshot URL's polling rate; else the rate read over the last `window_s`
+        once every frame was decoded for two windows (after a connect or the end of
+        key-frames-only decoding, whose first frames may wait for a key frame), kept
+        while the stream decodes key frames only, so that shedding under overload never
+        lowers a camera's weight; at most the stream's own rate (its container's or
+        RTSP session's, ignored above `60 frames/s: a clock rate, not a frame
+        rate), which alone counts until a rate was read. None for a lossless replay
+        (read only as fast as its frames are taken) or before any."""
         if self.spec.lossless:
             return None
         if self.spec.kind == "snapshot":
             return 1.0 / self.spec.snapshot_interval_s
-        if self._nominal_fps:
-            return self._nominal_fps
         now = self._clock.monotonic()
         connected = self.state is StreamState.CONNECTED and not self.keyframes_only
-        if connected and now - self._all_frames_since >= window_s:
+        if connected and now - self._all_frames_since >= 2 * window_s:
             self._offered_fps = round(self.fps(window_s), 3) or self._offered_fps
-        return self._offered_fps
+        nominal = self._nominal_fps if self._nominal_fps and self._nominal_fps <= 60 else None
+        rates = [r for r in (nominal, self._offered_fps) if r]
+        return min(rates) if rates else None
 
     def status(self) -> dict[str, Any]:
         latest = self.latest
@@ -557,6 +559,7 @@ class StreamReader:
             "state": str(self.state),
             "last_error": self.last_error,
             "fps_in": round(self.fps(), 2),
+            "offered_fps": self.offered_fps(),  # its weight in the fair shares
             "frames_read": self.frames_read,
             "last_frame_age_s": (
                 round(self._clock.time() - latest.captured_at, 3) if latest is not None else None

@@ -555,6 +555,8 @@ class StreamRegistry:
             "reconcile_error": self.last_reconcile_error,
             # how long the registry's loop could not run, in all (holds were extended so)
             "registry_stalled_s": round(self._stalls.total_s, 2),
+            # frames/s the detectors answered lately, per target: the fair shares' level
+            "detected_fps": {t: round(r, 2) for t, r in (self._detected.rates or {}).items()},
         }
 
     def _key_of_camera(self, camera_id: str) -> str | None:

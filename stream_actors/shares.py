@@ -2,10 +2,10 @@
 
 Every round the registry asks each camera actor for its *demand* (per detector target,
 the frames/s each live subscription asks: `subscription_weight` in admission.py) and
-its cumulative frames sent (`detected`), and gives it back its *share* of the target's
+its cumulative frames answered (`detected`), and gives it back its *share* of the target's
 calls (`shares_to_send`): the cluster's calls per target (`target_budgets`: calls per
 running replica) divided in proportion to what each actor's subscriptions should get,
-max-min fair against the frames/s the detectors took lately (`DetectedMeter`). See
+max-min fair against the frames/s the detectors answered lately (`DetectedMeter`). See
 dispatch.py for what a share does to a dispatcher.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from stream_actors.admission import DEFAULT_SOURCE_FPS, MAX_WEIGHT_FPS
 from stream_actors.dispatch import MIN_SHARE, DispatchSettings
@@ -116,43 +116,78 @@ def _given(asked: Sequence[float], level: float | None) -> float:
     return sum(asked) if level is None else sum(min(v, level) for v in asked)
 
 
+class Counted(NamedTuple):
+    """An actor's cumulative answered frames as the registry last saw them."""
+
+    run: Any  # the actor's run id: a restart begins its counts again
+    at: float  # the actor's clock (`detected_at`)
+    counts: dict[str, int]
+    targets: frozenset[str]  # what it asked for or counted: incomplete while unseen
+    seen_at: float  # the registry's clock
+
+
+MIN_SPAN_S = 0.25  # counts closer in time than this say nothing of a rate
+FORGET_S = 30.0  # an actor unseen this long is forgotten (its cameras went elsewhere)
+
+
 def detected_rates(
-    before: Mapping[int, tuple[float, Mapping[str, int]]],
-    replies: Mapping[int, Mapping[str, Any]],
-    now: float,
-) -> tuple[dict[str, float] | None, dict[int, tuple[float, dict[str, int]]], set[str]]:
+    before: Mapping[int, Counted], replies: Mapping[int, Mapping[str, Any]], now: float
+) -> tuple[dict[str, float] | None, dict[int, Counted], set[str]]:
     """The frames/s the detectors answered per target since the last round, from the
-    actors' cumulative `detected` counts, each timed by the actor's own clock
-    (`detected_at`; `now` for an actor that gives none): `before` holds each actor's
-    time and counts at the last round. Returns the rates (None when no actor answered
-    both rounds), this round's counts to keep, and the targets whose rate is
-    incomplete: an actor asking for them is new, restarted (its counts went down) or
-    reports no counts, so its frames are missing from the sum."""
-    current: dict[int, tuple[float, dict[str, int]]] = {}
+    actors' cumulative `detected` counts, each actor's timed by its own clock
+    (`detected_at`; the registry's `now` where it gives none). `before`: what each
+    actor reported last. Returns the rates (None when no actor could be compared),
+    what to keep for the next round, and the targets whose rate is incomplete: an
+    actor that asks for or counted them is new, restarted (another `detected_run`, or
+    counts that went down), reports no counts, or did not answer this round (kept
+    `FORGET_S`), so its frames are missing from the sum."""
+    current = {i: c for i, c in before.items() if i not in replies and now - c.seen_at < FORGET_S}
+    incomplete = {t for c in current.values() for t in c.targets}
     rates: dict[str, float] = {}
-    incomplete: set[str] = set()
     compared = False
     for index, reply in replies.items():
-        raw, at = reply.get("detected"), reply.get("detected_at", now)
-        if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
-            at = now
-        if not isinstance(raw, Mapping):
-            incomplete.update(reported_demand(reply))
+        counts = _counts(reply.get("detected"))
+        targets = frozenset(reported_demand(reply)) | frozenset(counts or ())
+        if counts is None:
+            incomplete |= targets
+            if index in before:  # compared when it counts again
+                current[index] = before[index]
             continue
-        counts = {
-            str(t): n
-            for t, n in raw.items()
-            if isinstance(n, int) and not isinstance(n, bool) and n >= 0
-        }
-        current[index] = (float(at), counts)
-        then, old = before.get(index, (at, {}))
-        if index not in before or at <= then or any(counts.get(t, 0) < n for t, n in old.items()):
-            incomplete.update(reported_demand(reply))  # new or restarted: nothing to compare
+        at = _clock(reply.get("detected_at"), now)
+        seen = current[index] = Counted(reply.get("detected_run"), at, counts, targets, now)
+        old = before.get(index)
+        if (
+            old is None
+            or old.run != seen.run
+            or at - old.at < MIN_SPAN_S
+            or any(counts.get(t, 0) < n for t, n in old.counts.items())
+        ):
+            incomplete |= targets | (old.targets if old is not None else frozenset())
             continue
         compared = True
         for target, n in counts.items():
-            rates[target] = rates.get(target, 0.0) + (n - old.get(target, 0)) / (at - then)
+            rates[target] = rates.get(target, 0.0) + (n - old.counts.get(target, 0)) / (at - old.at)
     return (rates if compared else None), current, incomplete
+
+
+def _counts(raw: Any) -> dict[str, int] | None:
+    """An actor's `detected` counts (None: it reports none, or not as counts)."""
+    if not isinstance(raw, Mapping):
+        return None
+    return {
+        str(t): n
+        for t, n in raw.items()
+        if isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**53
+    }
+
+
+def _clock(raw: Any, default: float) -> float:
+    """An actor's `detected_at` (a monotonic clock's seconds), else `default`."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and abs(raw) < 1e12:
+        value = float(raw)
+        if math.isfinite(value):
+            return value
+    return default
 
 
 def target_budgets(
@@ -195,25 +230,26 @@ def target_budgets(
 class DetectedMeter:
     """The frames/s the detectors answered per target lately (the max-min levels'
     capacity), from the actors' cumulative counts round after round
-    (`detected_rates`), each round's rate averaged with the value before so that one
-    round's noise does not move every share. A target whose rate this round is
-    incomplete keeps its value before; none until two rounds compared."""
+    (`detected_rates`): each round's rate counts for half, the value before for the
+    other half, so that one round's noise does not move every share. A target whose
+    rate is incomplete this round, or a round where no actor could be compared, keeps
+    the value before; none until two rounds compared."""
 
     def __init__(self) -> None:
-        self._before: dict[int, tuple[float, dict[str, int]]] = {}
+        self._before: dict[int, Counted] = {}
         self.rates: dict[str, float] | None = None
 
     def update(
         self, replies: Mapping[int, Mapping[str, Any]], now: float
     ) -> dict[str, float] | None:
         rates, self._before, incomplete = detected_rates(self._before, replies, now)
-        old = self.rates or {}
         if rates is None:
-            self.rates = None
-            return None
+            return self.rates
+        old = self.rates or {}
         fresh = {t: r for t, r in rates.items() if t not in incomplete}
+        kept = {t: old[t] for t in incomplete if t in old}
         self.rates = {t: r if t not in old else (old[t] + r) / 2 for t, r in fresh.items()}
-        self.rates.update({t: old[t] for t in incomplete if t in old})
+        self.rates.update(kept)
         return self.rates
 
 

@@ -512,8 +512,8 @@ def test_a_camera_alone_on_its_actor_gets_no_more_than_its_share(
 ) -> None:
     """Five cameras packed four to an actor: one actor holds four, the other one. The
     registry gives them 4/5 and 1/5 of the detector calls (calls_per_replica × the 2
-    replicas Serve runs), so under overload the lone camera gets about the frames each
-    packed one gets (without shares: 3-4 times)."""
+    replicas Serve runs; each camera weighs 10 fps), so under overload the lone camera
+    gets about the frames each packed one gets (without shares: 3-4 times)."""
     subs = [f"uneven;cam-{i}" for i in range(5)]
     for i, sub in enumerate(subs):
         subscribe(app, {"subscriptionIdentifier": sub, "rtspUrl": rtsp.url(f"scene{i}")})
@@ -525,10 +525,12 @@ def test_a_camera_alone_on_its_actor_gets_no_more_than_its_share(
                 if sub in subs:
                     layout.setdefault(stream["actor"], []).append(sub)
         assert sorted(len(v) for v in layout.values()) == [1, 4], layout
-
         got = wait_until(lambda: budget_shares(app, layout), 30, "the shares on both actors")
         lone = next(name for name, v in layout.items() if len(v) == 1)
         assert got[lone] == pytest.approx(BUDGET / 5, abs=0.01), got
+        assert 0 < sum(wait_until(lambda: streams(app)["detected_fps"], 30).values()) < 55
+        offered = [s["offered_fps"] for s in streams(app)["streams"] if s["actor"] in layout]
+        assert offered == pytest.approx([10] * 5, abs=1), offered
         time.sleep(5)  # warm-up after the shares
         t0, c0, _, t1, c1, _ = fair_window(app, subs)
         fps = {s: (c1[s] - c0[s]) / (t1 - t0) for s in subs}

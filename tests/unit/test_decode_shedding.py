@@ -303,8 +303,9 @@ def test_a_reconnect_decodes_all_frames_and_judges_demand_afresh(tmp_path: Path)
 
 
 def _offered_run(tmp_path: Path, strip_rate: bool) -> list[float | None]:
-    """`offered_fps` of a 10 fps clip nobody takes from, at 0.5, 3, 6 and 17 s (by 17 s
-    low demand has had it on key frames, 1 a second, for some seconds)."""
+    """`offered_fps` of a 10 fps clip at 0.5, 3, 11 and 32 s: its subscriber takes every
+    frame for 12 s, then none, so that by 32 s low demand has had the stream on key
+    frames (1 a second) for some seconds."""
     clip = write_clip(HELD_OUT_SEED_START + 1, 120, tmp_path / "o.mp4", fps=10, scale=0.25)
     spec = StreamSpec(key="o", kind="file", url=str(clip), loop=True)
     clock = ManualClock()
@@ -316,12 +317,16 @@ def _offered_run(tmp_path: Path, strip_rate: bool) -> list[float | None]:
             yield frame
 
     reader = StreamReader(spec, ReaderPolicy(), source_factory=source, clock=clock)
-    reader.attach("s", LatestFrameMailbox(clock=clock))
+    mailbox = LatestFrameMailbox(clock=clock)
+    reader.attach("s", mailbox)
     seen: list[float | None] = []
     reader.start()
     try:
-        for at in (0.5, 3.0, 6.0, 17.0):
-            clock.run_until(at)
+        for at in (0.5, 3.0, 11.0, 32.0):
+            while clock.monotonic() < at - 1e-9:
+                if clock.monotonic() < 12.0:
+                    mailbox.take()
+                clock.run_until(min(at, clock.monotonic() + 0.1))
             seen.append(reader.offered_fps())
         assert reader.keyframes_only and reader.fps() < 3.0
     finally:
@@ -333,13 +338,13 @@ def _offered_run(tmp_path: Path, strip_rate: bool) -> list[float | None]:
 
 def test_the_rate_a_source_offers_survives_key_frame_decoding(tmp_path: Path) -> None:
     """`offered_fps` (a subscription's weight in the fair shares) is the stream's own
-    rate, from its first frame, whatever it decodes. Where the stream gives none, it
-    is the rate read once every frame was decoded for a whole window: none before, the
-    clip's 10 fps after, and still 10 while low demand has the stream on key frames,
-    so that shedding never lowers a camera's weight."""
-    assert _offered_run(tmp_path, strip_rate=False) == [10.0] * 4
+    rate from its first frame, and the rate read once every frame was decoded for two
+    windows where that is lower. Where the stream gives no rate, only the rate read:
+    none before, the clip's 10 fps after, and still 10 while low demand has the
+    stream on key frames, so that shedding never lowers a camera's weight."""
+    assert _offered_run(tmp_path, strip_rate=False) == [10.0, 10.0, 10.0, 10.0]
     measured = _offered_run(tmp_path, strip_rate=True)
-    assert measured[:2] == [None, None]  # under a window of frames: not judged yet
+    assert measured[:2] == [None, None]  # under two windows of frames: not judged yet
     assert measured[2:] == [pytest.approx(10.0, abs=0.5)] * 2
 
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from graph.common.errors import InferenceError
 from stream_actors.admission import DEFAULT_SOURCE_FPS, subscription_weight
-from stream_actors.dispatch import DispatchSettings
+from stream_actors.dispatch import DetectDispatcher, DispatchSettings
 from stream_actors.shares import (
+    FORGET_S,
     DetectedMeter,
     detected_rates,
     reported_demand,
@@ -19,7 +21,7 @@ from stream_actors.shares import (
     target_budgets,
     water_level,
 )
-from tests.unit.dispatch_fakes import shares_of
+from tests.unit.dispatch_fakes import Recorder, make_request, shares_of, sync
 
 
 def test_a_malformed_demand_report_counts_nothing() -> None:
@@ -116,42 +118,75 @@ def test_under_overload_a_camera_that_asks_little_keeps_it() -> None:
     assert sent == shares
 
 
+def _reply(count: int, at: float | None = None, run: str = "r0", **extra: Any) -> dict[str, Any]:
+    """A camera actor's `streams()` reply as the meter reads it: model/m's answered
+    frames, its clock and run id, and what it asks."""
+    reply: dict[str, Any] = {"detected": {"model/m": count}, "detected_run": run, **extra}
+    if at is not None:
+        reply["detected_at"] = at
+    return reply
+
+
 def test_the_detectors_rate_comes_from_the_actors_counts() -> None:
     """Frames/s answered per target, from each actor's cumulative counts two rounds
-    apart, timed by the actor's own clock (`detected_at`); an actor that is new or
-    restarted (its counts went down) counts nothing that round, and leaves the
-    targets it asks for incomplete."""
-    first = {
-        0: {"detected": {"model/m": 100}, "detected_at": 50.0},
-        1: {"detected": {"model/m": 50}},  # no clock of its own: the registry's
-    }
+    apart, each timed by the actor's own clock (`detected_at`; the registry's where
+    it gives none)."""
+    first = {0: _reply(100, at=50.0), 1: _reply(50)}
     rates, before, incomplete = detected_rates({}, first, 10.0)
-    assert rates is None and before == {0: (50.0, {"model/m": 100}), 1: (10.0, {"model/m": 50})}
+    assert rates is None and incomplete == {"model/m"}  # nothing to compare yet
     second = {
-        0: {"detected": {"model/m": 140, "model/n": 10}, "detected_at": 54.0},  # 4 s
-        1: {"detected": {"model/m": 60, "model/x": -5}},  # the registry's 2 s
-        2: {"detected": {"model/m": 500}, "demand": {"model/p": 1}},  # new
+        0: {**_reply(140, at=54.0), "detected": {"model/m": 140, "model/n": 10}},  # 4 s
+        1: {**_reply(60), "detected": {"model/m": 60, "model/x": -5}},  # the registry's 2 s
     }
     rates, before, incomplete = detected_rates(before, second, 12.0)
-    assert rates == {"model/m": 15.0, "model/n": 2.5} and incomplete == {"model/p"}
-    restarted = {0: {"detected": {"model/m": 3}, "detected_at": 2.0, "demand": {"model/m": 1}}}
-    rates, _, incomplete = detected_rates(before, restarted, 14.0)
-    assert rates is None and incomplete == {"model/m"}
+    assert rates == {"model/m": 15.0, "model/n": 2.5} and incomplete == set()
 
 
-def test_the_meter_averages_rounds_and_keeps_incomplete_targets() -> None:
+@pytest.mark.parametrize(
+    ("later", "why"),
+    [
+        (_reply(160, at=52.0, run="r1"), "another run: restarted, whatever its counts"),
+        (_reply(90, at=52.0), "counts went down: restarted"),
+        (_reply(160, at=50.1), "too close in time to say anything"),
+        ({"streams": {}, "demand": {"model/m": 1}}, "no counts"),
+        (None, "did not answer this round"),
+    ],
+)
+def test_an_actor_that_cannot_be_compared_leaves_its_targets_incomplete(
+    later: dict[str, Any] | None, why: str
+) -> None:
+    """Actor 0 answered 100 frames at its 50 s; actor 1 keeps its 10 frames/s. When
+    actor 0 cannot be compared, its frames are missing from this round's sum: model/m
+    is incomplete (the meter keeps its rate before), and only actor 1 counts."""
+    before = detected_rates({}, {0: _reply(100, at=50.0), 1: _reply(0, at=0.0)}, 10.0)[1]
+    replies = {1: _reply(20, at=2.0)} | ({} if later is None else {0: later})
+    rates, kept, incomplete = detected_rates(before, replies, 12.0)
+    assert rates == {"model/m": 10.0} and incomplete == {"model/m"}, why
+    assert 0 in kept  # compared against next round (an actor unseen is kept a while)
+    # an actor unseen for FORGET_S is forgotten: its targets count as complete again
+    _, kept, incomplete = detected_rates(before, {1: _reply(20, at=2.0)}, 10.0 + FORGET_S)
+    assert 0 not in kept and incomplete == set()
+
+
+def test_huge_or_malformed_counts_never_stop_the_shares() -> None:
+    before = detected_rates({}, {0: _reply(100, at=0.0)}, 0.0)[1]
+    bad = {0: {"detected": {"model/m": 10**400}, "detected_at": 10**400, "detected_run": "r0"}}
+    rates, _, incomplete = detected_rates(before, bad, 2.0)
+    assert rates is None and incomplete == {"model/m"}  # as if it had restarted
+
+
+def test_the_meter_averages_rounds_and_keeps_what_it_cannot_measure() -> None:
     meter = DetectedMeter()
-    assert meter.update({0: {"detected": {"model/m": 100}, "detected_at": 0.0}}, 0.0) is None
-    assert meter.update({0: {"detected": {"model/m": 140}, "detected_at": 2.0}}, 2.0) == {
-        "model/m": 20.0
-    }
-    both = {
-        0: {"detected": {"model/m": 200}, "detected_at": 4.0},
-        1: {"detected": {"model/m": 7}, "demand_fps": {"model/m": [10.0]}},  # new
-    }
-    # actor 1's frames are missing from this round's sum: the value before is kept
-    assert meter.update(both, 4.0) == {"model/m": 20.0}
-    assert meter.update({0: {"streams": {}}}, 6.0) is None  # no counts: not known
+    assert meter.update({0: _reply(100, at=0.0)}, 0.0) is None
+    assert meter.update({0: _reply(140, at=2.0)}, 2.0) == {"model/m": 20.0}
+    # the next round's 40 frames/s count for half
+    assert meter.update({0: _reply(220, at=4.0)}, 4.0) == {"model/m": 30.0}
+    # a new actor's frames are missing from this round's sum: the value before stays
+    both = {0: _reply(300, at=6.0), 1: _reply(7, demand_fps={"model/m": [10.0]})}
+    assert meter.update(both, 6.0) == {"model/m": 30.0}
+    # a round where no actor can be compared (all restarted) keeps it too
+    restarted = {0: _reply(1, at=0.5, run="r1"), 1: _reply(1, at=0.5, run="r1")}
+    assert meter.update(restarted, 8.0) == {"model/m": 30.0}
 
 
 def test_no_frames_detected_lately_leaves_the_shares_in_proportion() -> None:
@@ -178,3 +213,17 @@ def test_archives_sharing_a_deployment_share_one_water_level() -> None:
     # without a measured rate for one of them: in proportion to what they ask
     sent = shares_to_send(replies, settings, {"PipelineDetector": 2}, {}, {"x/y": 1.0})
     assert sent == {0: {"PipelineDetector/a": 1.8}, 1: {"PipelineDetector/b": 1.2}}
+
+
+@sync
+async def test_only_answered_frames_count_as_detected() -> None:
+    """The meter's capacity is what the detectors answered: frames of a failed call
+    (a busy or dead replica) are not counted, those of a call that came back are."""
+    detector = Recorder()
+    dispatcher = DetectDispatcher(detector.send, DispatchSettings())
+    assert await dispatcher.admit(lambda: make_request(1)) is not None
+    assert (dispatcher.stats.frames, dispatcher.stats.answered) == (1, 1)
+    detector.fail = InferenceError("replica gone")
+    with pytest.raises(InferenceError):
+        await dispatcher.admit(lambda: make_request(2))
+    assert (dispatcher.stats.frames, dispatcher.stats.answered) == (2, 1)
