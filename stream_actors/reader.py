@@ -130,6 +130,11 @@ def open_source(
     ).frames()
 
 
+# A stream's own rate above this is a clock rate (RTSP's 90 kHz time base, a container's
+# tick), not its frame rate: offered_fps ignores it.
+MAX_NOMINAL_FPS = 60.0
+
+
 def key_gop(key_times: list[float], now: float, count: int = 8) -> tuple[float, float]:
     """(longest, mean) interval between the last `count` key frames, the longest also
     counting the time since the last one: a GOP is judged by its longest gap, however
@@ -538,8 +543,8 @@ class StreamReader:
         key-frames-only decoding, whose first frames may wait for a key frame), kept
         while the stream decodes key frames only, so that shedding under overload never
         lowers a camera's weight; at most the stream's own rate (its container's or
-        RTSP session's, ignored above `60 frames/s: a clock rate, not a frame
-        rate), which alone counts until a rate was read. None for a lossless replay
+        RTSP session's; above `MAX_NOMINAL_FPS` a clock rate, not a frame rate, and
+        ignored), which alone counts until a rate was read. None for a lossless replay
         (read only as fast as its frames are taken) or before any."""
         if self.spec.lossless:
             return None
@@ -549,7 +554,9 @@ class StreamReader:
         connected = self.state is StreamState.CONNECTED and not self.keyframes_only
         if connected and now - self._all_frames_since >= 2 * window_s:
             self._offered_fps = round(self.fps(window_s), 3) or self._offered_fps
-        nominal = self._nominal_fps if self._nominal_fps and self._nominal_fps <= 60 else None
+        nominal = self._nominal_fps
+        if nominal is not None and nominal > MAX_NOMINAL_FPS:
+            nominal = None
         rates = [r for r in (nominal, self._offered_fps) if r]
         return min(rates) if rates else None
 

@@ -23,6 +23,15 @@ from stream_actors.dispatch import MIN_SHARE, DispatchSettings
 Demand = Mapping[int, Mapping[str, Sequence[float]]]
 
 
+def pooled(demand: Demand) -> dict[str, list[float]]:
+    """The frames/s every live subscription asks, per target, over all actors."""
+    asked: dict[str, list[float]] = {}
+    for targets in demand.values():
+        for target, values in targets.items():
+            asked.setdefault(target, []).extend(values)
+    return asked
+
+
 def water_level(asked: Sequence[float], capacity: float | None) -> float | None:
     """Max-min fairness: the frames/s level L at which the subscriptions' min(asked, L)
     add up to `capacity` (frames/s the target's replicas detect), so that a camera that
@@ -181,13 +190,22 @@ def _counts(raw: Any) -> dict[str, int] | None:
     }
 
 
+def _number(raw: Any, limit: float = 1e12) -> float | None:
+    """`raw` as a finite number of magnitude below `limit`, else None (an actor's reply
+    is data: a bool, a string or a huge integer is not a number here)."""
+    if not isinstance(raw, int | float) or isinstance(raw, bool):
+        return None
+    try:
+        value = float(raw)
+    except OverflowError:  # an integer past any float
+        return None
+    return value if math.isfinite(value) and abs(value) < limit else None
+
+
 def _clock(raw: Any, default: float) -> float:
     """An actor's `detected_at` (a monotonic clock's seconds), else `default`."""
-    if isinstance(raw, int | float) and not isinstance(raw, bool) and abs(raw) < 1e12:
-        value = float(raw)
-        if math.isfinite(value):
-            return value
-    return default
+    value = _number(raw)
+    return default if value is None else value
 
 
 def target_budgets(
@@ -260,18 +278,14 @@ def reported_demand(reply: Mapping[str, Any]) -> dict[str, list[float]]:
     {} when it reports neither. Values that are not a finite number ≥ 0 are ignored, and
     none counts for more than `MAX_WEIGHT_FPS`."""
 
-    def fps(value: Any) -> bool:
-        return (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and value >= 0
-        )
-
     raw = reply.get("demand_fps")
     if isinstance(raw, Mapping):
         return {
-            str(target): [min(float(v), MAX_WEIGHT_FPS) for v in values if fps(v)]
+            str(target): [
+                min(v, MAX_WEIGHT_FPS)
+                for v in (_number(value, math.inf) for value in values)
+                if v is not None and v >= 0
+            ]
             for target, values in raw.items()
             if isinstance(values, list | tuple)
         }
@@ -314,10 +328,7 @@ def shares_to_send(
     if dispatch.fair_share:
         names = detector_names or {}
         demand = {i: reported_demand(r) for i, r in replies.items()}
-        asked: dict[str, list[float]] = {}
-        for targets in demand.values():
-            for target, values in targets.items():
-                asked.setdefault(target, []).extend(values)
+        asked = pooled(demand)
         levels = water_levels(asked, capacity or {}, names)
         totals = {t: _given(v, levels[t]) for t, v in asked.items()}
         budgets = target_budgets(totals, running or {}, names, dispatch.calls_per_replica)

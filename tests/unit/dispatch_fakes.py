@@ -14,7 +14,7 @@ import numpy as np
 
 from graph.common.detection import DetectRequest, DetectResult
 from stream_actors.mailbox import FrameTiming
-from stream_actors.shares import admission_shares, water_levels
+from stream_actors.shares import admission_shares, pooled, water_levels
 from stream_actors.subscriptions import Subscription
 
 
@@ -119,9 +119,5 @@ def shares_of(
         index: {t: [10.0] * v if isinstance(v, int) else v for t, v in targets.items()}
         for index, targets in demand.items()
     }
-    pooled: dict[str, list[float]] = {}
-    for targets in asked.values():
-        for target, values in targets.items():
-            pooled.setdefault(target, []).extend(values)
-    levels = water_levels(pooled, capacity or {}, {})
+    levels = water_levels(pooled(asked), capacity or {}, {})
     return admission_shares(asked, calls_in_flight, budgets, levels)
