@@ -278,7 +278,10 @@ class PipelineDetector(_Multiplexed):
         """Frames here, and held back by callers (see Detector.record_autoscaling_stats)."""
         return self._frames.stats()
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
+    @serve.batch(
+        max_batch_size=DetectorUserConfig().max_batch_size,
+        batch_wait_timeout_s=DetectorUserConfig().batch_wait_timeout_s,
+    )
     async def _detect(self, requests: list[DetectRequest]) -> list[DetectResult]:
         engine = held(self, serve.get_multiplexed_model_id()).engine  # one model per batch
         results = engine.detect(
