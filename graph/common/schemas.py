@@ -80,9 +80,9 @@ class DetectorUserConfig(StrictModel):
     max_batch_size: int = Field(4, ge=1, le=256)
     # 0: a batch is what is queued when the engine frees (frames that arrived during
     # the last inference), and a frame never waits for partners. On a CPU replica a
-    # batch costs its frames' sum anyway, and the 5 ms that used to be waited was 10 %
-    # of the replica's time at 4 cameras realtime (README, "Batches take what is
-    # queued"). A GPU node with sparse arrivals may set 0.002-0.005.
+    # batch costs its frames' sum anyway, and waiting the 5 ms it used to left the
+    # replicas idle about 7 % more of the time at 4 cameras realtime (README, "Batches
+    # take what is queued"). A GPU node with sparse arrivals may set 0.002-0.005.
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
 
 
