@@ -41,6 +41,7 @@ logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 4  # pipelines a detector replica holds (LRU beyond: Serve evicts)
 BRANCHES_PER_REPLICA = 16  # branch models a classifier replica holds
 MULTIPLEX_ATTR = "__serve_multiplex_wrapper"  # where Serve keeps a replica's models
+DETECTOR_BATCHING = DetectorUserConfig()  # batching until user_config says otherwise
 
 
 class _Archives:
@@ -200,7 +201,7 @@ class _Multiplexed:
     ray_actor_options={"num_cpus": 0.5},
     max_ongoing_requests=16,
     max_queued_requests=64,
-    user_config=DetectorUserConfig().model_dump(),
+    user_config=DETECTOR_BATCHING.model_dump(),
 )
 class PipelineDetector(_Multiplexed):
     """The root models of URL pipelines, one multiplexed model per archive."""
@@ -279,8 +280,8 @@ class PipelineDetector(_Multiplexed):
         return self._frames.stats()
 
     @serve.batch(
-        max_batch_size=DetectorUserConfig().max_batch_size,
-        batch_wait_timeout_s=DetectorUserConfig().batch_wait_timeout_s,
+        max_batch_size=DETECTOR_BATCHING.max_batch_size,
+        batch_wait_timeout_s=DETECTOR_BATCHING.batch_wait_timeout_s,
     )
     async def _detect(self, requests: list[DetectRequest]) -> list[DetectResult]:
         engine = held(self, serve.get_multiplexed_model_id()).engine  # one model per batch
