@@ -64,6 +64,33 @@ def pool() -> Any:
     )
 
 
+def subscribed(client: redis.Redis, channel: str) -> Any:
+    """A pubsub on `channel`, once Redis confirmed the subscription (10 s at most)."""
+    pubsub = client.pubsub()
+    pubsub.subscribe(channel)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=1)
+        if msg is not None and msg["type"] == "subscribe":
+            return pubsub
+    raise AssertionError(f"no subscribe confirmation for {channel} within 10 s")
+
+
+def published(pubsub: Any, expected: int) -> list[bytes]:
+    """The messages received: until `expected` came (10 s at most), then any more that
+    arrive within half a second (a duplicate would)."""
+    received: list[bytes] = []
+    deadline = time.monotonic() + 10
+    while len(received) < expected and time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=0.5)
+        if msg is not None and msg["type"] == "message":
+            received.append(msg["data"])
+    while (msg := pubsub.get_message(timeout=0.5)) is not None:
+        if msg["type"] == "message":
+            received.append(msg["data"])
+    return received
+
+
 def upsert(table: str, key: str, **fields: str | None) -> dict[str, Any]:
     return {"type": "upsert", "table": table, "object_key": key, "fields": fields}
 
@@ -154,9 +181,7 @@ def test_an_expired_lease_makes_an_entry_due_again(tmp_path: Path) -> None:
 
 def test_redis_sink_saves_images_with_ttl_and_publishes_each_entry_once(prefix: str) -> None:
     client = redis.Redis.from_url(REDIS_URL)
-    pubsub = client.pubsub()
-    pubsub.subscribe(f"{prefix}events")
-    pubsub.get_message(timeout=1)  # the subscribe confirmation
+    pubsub = subscribed(client, f"{prefix}events")
 
     async def run() -> None:
         sink = RedisSink(REDIS_URL)
@@ -178,10 +203,7 @@ def test_redis_sink_saves_images_with_ttl_and_publishes_each_entry_once(prefix: 
 
     asyncio.run(run())
     assert client.get(f"{prefix}img") == b"jpeg" and 590 <= client.ttl(f"{prefix}img") <= 600
-    received = []
-    while (msg := pubsub.get_message(timeout=0.5)) is not None:
-        received.append(msg["data"])
-    assert received == [b"hi"]
+    assert published(pubsub, 1) == [b"hi"]
 
 
 def test_postgres_sink_upserts_one_row_per_object_and_composes_identifiers(schema: str) -> None:
@@ -263,9 +285,7 @@ def test_delivery_retries_a_sink_that_is_down_without_losing_or_duplicating(
     until the outbox is drained, every record and message is there exactly once."""
     channel = f"{prefix}events"
     client = redis.Redis.from_url(REDIS_URL)
-    pubsub = client.pubsub()
-    pubsub.subscribe(channel)
-    pubsub.get_message(timeout=1)  # the subscribe confirmation
+    pubsub = subscribed(client, channel)
     messages = [f"{prefix}m{i}" for i in range(3)]
 
     async def run() -> tuple[list[DeliveryReport], dict[str, Any]]:
@@ -303,9 +323,7 @@ def test_delivery_retries_a_sink_that_is_down_without_losing_or_duplicating(
     assert [(r["camgraph_key"], r["v"]) for r in rows(schema, "t")] == [
         (f"o{i}", str(i)) for i in range(5)
     ]
-    received = []
-    while (msg := pubsub.get_message(timeout=0.5)) is not None:
-        received.append(msg["data"].decode())
+    received = [m.decode() for m in published(pubsub, len(messages))]
     assert received == messages  # each once, in order, though applied twice
     assert client.exists(*(f"camgraph:published:{key}" for key in messages)) == 3
 
@@ -332,13 +350,19 @@ def test_a_silent_connection_is_an_outage_after_the_timeout_not_a_hang(
             kwargs={"autocommit": True, "connect_timeout": 1},  # as ActionService sets it
         )
         await p.open()
+        # Short timeouts only for the calls made during the partition; before and after
+        # it, the same pool and proxies with the default timeouts, so that a loaded
+        # machine (first connection, DDL) is not mistaken for an outage.
         outbox = PostgresOutbox(p, schema, timeout_s=1.0)
         sink = PostgresSink(p, schema, timeout_s=1.0)
         redis_sink = RedisSink(f"redis://127.0.0.1:{rd.port}/0", timeout_s=1.0)
+        patient_outbox, patient_sink = PostgresOutbox(p, schema), PostgresSink(p, schema)
+        patient_redis = RedisSink(f"redis://127.0.0.1:{rd.port}/0")
         image = {"type": "redis_save_image", "key": f"{prefix}img", "ttl_s": 60}
-        assert await outbox.add([OutboxEntry("a", "postgres", upsert("t", "o1", v="1"))]) == 1
-        await sink.apply(OutboxEntry("a", "postgres", upsert("t", "o1", v="1")))
-        await redis_sink.apply(OutboxEntry("i", "redis", image, b"jpeg"))
+        entry_a = OutboxEntry("a", "postgres", upsert("t", "o1", v="1"))
+        assert await patient_outbox.add([entry_a]) == 1
+        await patient_sink.apply(entry_a)
+        await patient_redis.apply(OutboxEntry("i", "redis", image, b"jpeg"))
         pg.silence()
         rd.silence()
         started = time.monotonic()
@@ -357,17 +381,18 @@ def test_a_silent_connection_is_an_outage_after_the_timeout_not_a_hang(
         # A try that timed out on a loaded machine may still have committed: the retry
         # then adds nothing (0), as a caller retrying after "no answer" must see.
         added: list[int] = []
-        for _ in range(20):  # the pool reconnects in the background
+        deadline = time.monotonic() + 60
+        while not added and time.monotonic() < deadline:  # the pool reconnects meanwhile
             try:
                 added.append(await outbox.add([OutboxEntry("b", "postgres", upsert("t", "o2"))]))
-                break
             except OutboxUnavailable:
                 await asyncio.sleep(0.5)
         assert added in ([1], [0]), added
-        await sink.apply(OutboxEntry("b", "postgres", upsert("t", "o2", v="2")))
-        await redis_sink.apply(OutboxEntry("j", "redis", image, b"jpeg"))
-        assert (await outbox.stats())["depth"] == 2
+        await patient_sink.apply(OutboxEntry("b", "postgres", upsert("t", "o2", v="2")))
+        await patient_redis.apply(OutboxEntry("j", "redis", image, b"jpeg"))
+        assert (await patient_outbox.stats())["depth"] == 2
         await redis_sink.close()
+        await patient_redis.close()
         await p.close()
 
     try:
