@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,14 +132,16 @@ def test_a_bad_section_of_an_opted_in_archive_fails_the_deploy_naming_it(tmp_pat
         bound_app(tmp_path, archive, "use")
 
 
-async def drained(service: ActionService, rounds: int) -> dict[str, Any]:
-    """The service's health once its outbox is empty, or after `rounds` polls."""
-    for _ in range(rounds):
+async def drained(service: ActionService, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The service's health once its outbox is empty (AssertionError after `timeout_s`:
+    a retry backs off up to 10 s, so a loaded machine may need several)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
         health = await service.health()
         if health["outbox"][0]["depth"] == 0:
-            break
+            return health
+        assert time.monotonic() < deadline, f"outbox not drained in {timeout_s} s: {health}"
         await asyncio.sleep(0.05)
-    return health
 
 
 @pytest.fixture
@@ -196,14 +199,13 @@ def test_routed_entries_reach_the_archives_servers_and_unknown_routes_wait(
         await service.submit(
             [OutboxEntry("l1", late.name, {**image, "key": f"{prefix}:late"}, b"y")]
         )
-        for _ in range(100):  # until the known routes delivered; the late one waits
-            health = await service.health()
-            if health["delivered"] == 3:
-                break
+        deadline = time.monotonic() + 60  # until the known routes delivered; the late one waits
+        while (health := await service.health())["delivered"] < 3:
+            assert time.monotonic() < deadline, health
             await asyncio.sleep(0.05)
         assert health["outbox"][0]["depth"] == 1 and health["dead"] == 0, health
         catalog[late.name] = late  # the catalog learns it (e.g. the pipeline loaded again)
-        health = await drained(service, rounds=200)
+        health = await drained(service)
         await service.close()
         return health
 
@@ -236,7 +238,7 @@ def test_with_connections_ignored_a_routes_waiting_entries_go_to_the_deployments
         settings = ActionsSettings(redis_url="redis://127.0.0.1:6379/0", data_dir=Path("a"))
         service = ActionService(settings, tmp_path, environ={})
         await service.submit([OutboxEntry("r1", route.name, image, b"jpeg")])
-        health = await drained(service, rounds=100)
+        health = await drained(service)
         await service.close()
         return health
 

@@ -33,17 +33,25 @@ from tests.unit.dispatch_fakes import make_request as _request
 from tests.unit.dispatch_fakes import make_result as _result
 
 
+def _held(hold_s: float, **settings: Any) -> DispatchSettings:
+    """Settings with a hold of `hold_s`, which may exceed the configuration's 1 s bound:
+    the tests' cameras run at one frame per seconds, so that what must not end a hold
+    (or must not begin one) is seconds away, beyond a loaded machine's stalls."""
+    return DispatchSettings(**settings).model_copy(update={"hold_for_next_s": hold_s})
+
+
 def _one_call(hold_s: float, **settings: Any) -> DispatchSettings:
-    return DispatchSettings(calls_in_flight=1, hold_for_next_s=hold_s, **settings)
+    return _held(hold_s, calls_in_flight=1, **settings)
 
 
 @sync
 async def test_a_free_call_waits_for_a_frame_about_to_be_superseded() -> None:
-    """The frame in turn is 0.8 s old and its successor is due in 0.2 s (a 1 fps
-    camera): the call waits for the successor and sends it, not the old one."""
+    """The frame in turn is 1.5 s old and its successor is due in 0.5 s (a camera at
+    one frame per 2 s): the call waits for the successor and sends it, not the old one.
+    The hold looks for it when it is due (its arrival wakes nobody)."""
     det = Recorder()
-    dispatcher = DetectDispatcher(det.send, _one_call(0.5))
-    cam = Camera(interval_s=1.0, age_s=0.8, value=1)
+    dispatcher = DetectDispatcher(det.send, _one_call(1.0))
+    cam = Camera(interval_s=2.0, age_s=1.5, value=1)
     sent = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
     await asyncio.sleep(0.01)
     assert det.calls == []  # held
@@ -59,13 +67,13 @@ async def test_a_held_call_sends_the_old_frame_when_the_next_one_does_not_come()
     """A camera that stalls: the hold ends once its next frame is NEXT_FRAME_SLACK_S
     overdue (not after the whole hold_for_next_s), and the frame there is goes."""
     det = Recorder()
-    dispatcher = DetectDispatcher(det.send, _one_call(0.45))
-    cam = Camera(interval_s=1.0, age_s=0.7, value=1)  # the next one due in 0.3 s
+    dispatcher = DetectDispatcher(det.send, _one_call(1.9))
+    cam = Camera(interval_s=4.0, age_s=2.8, value=1)  # the next one due in 1.2 s
     await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 2.0)
     sent_at = time.monotonic()
     assert det.calls == [[1]]
     assert sent_at >= cam.put_at + cam.interval_s  # not before the next one was due
-    assert 0.15 <= dispatcher.status()["next_frame_held_s"] < 0.45
+    assert 1.0 <= dispatcher.status()["next_frame_held_s"] < 1.8  # not the whole 1.9 s
 
 
 @sync
@@ -73,15 +81,15 @@ async def test_a_new_frame_number_ends_the_hold() -> None:
     """The frame came: told by its number, not its age (the mailbox's clock is not the
     dispatcher's)."""
     det = Recorder()
-    dispatcher = DetectDispatcher(det.send, _one_call(0.5))
-    cam = Camera(interval_s=1.0, age_s=0.6, value=1, frozen=True)  # due in 0.4 s
+    dispatcher = DetectDispatcher(det.send, _one_call(5.0))
+    cam = Camera(interval_s=10.0, age_s=6.0, value=1, frozen=True)  # due in 4 s
     sent = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
     await asyncio.sleep(0.01)
     assert det.calls == []
     cam.seq, cam.value = 2, 2  # a new frame, and an age that says nothing
-    cam.frozen_age = 0.999  # a call that frees looks again at once
+    cam.frozen_age = 9.99  # a call that frees looks again at once
     dispatcher._changed.set()
-    await asyncio.wait_for(sent, 0.3)
+    await asyncio.wait_for(sent, 2.0)  # not the 4 s until the frame was due
     assert det.calls == [[2]]
 
 
@@ -91,10 +99,10 @@ async def test_with_one_of_two_calls_in_flight_the_other_waits() -> None:
     both free, none waits (the frame goes at once)."""
     det = Recorder()
     det.gate.clear()
-    dispatcher = DetectDispatcher(det.send, DispatchSettings(hold_for_next_s=0.5))
+    dispatcher = DetectDispatcher(det.send, _held(5.0))
     busy = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
     await settle()
-    cam = Camera(interval_s=1.0, age_s=0.8, value=10)
+    cam = Camera(interval_s=10.0, age_s=8.0, value=10)
     held = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
     await asyncio.sleep(0.01)
     assert det.calls == [[1]]  # the second call waits for the camera's next frame
@@ -112,18 +120,18 @@ async def test_a_frame_is_held_once() -> None:
     goes as soon as a call frees."""
     det = Recorder()
     det.gate.clear()
-    dispatcher = DetectDispatcher(det.send, DispatchSettings(hold_for_next_s=0.5))
+    dispatcher = DetectDispatcher(det.send, _held(5.0))
     dispatcher.set_share(2.0)
     busy = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
     await settle()
-    cam = Camera(interval_s=1.0, age_s=0.6, value=10, frozen=True)  # next due in 0.4 s
+    cam = Camera(interval_s=10.0, age_s=6.0, value=10, frozen=True)  # next due in 4 s
     second = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
     await asyncio.sleep(0.01)
     assert det.calls == [[1]] and dispatcher.status()["next_frame_holds"] == 1
     dispatcher.set_share(1.0)  # one call: none free now, the hold ends
     await settle()
     det.gate.set()  # the call ends: frame 10 goes at once, not after a second hold
-    await asyncio.wait_for(asyncio.gather(busy, second), 0.25)
+    await asyncio.wait_for(asyncio.gather(busy, second), 2.0)  # a second hold: 4 s
     assert det.calls == [[1], [10]]
     assert dispatcher.status()["next_frame_holds"] == 1
 
@@ -133,10 +141,10 @@ async def test_starved_branch_work_never_holds_a_call() -> None:
     det = Recorder()
     branches = BranchClock()
     branches.start()  # a pass that has waited longer than branch_grace_s (0)
-    settings = _one_call(0.5, branch_grace_s=0.0, branch_hold_s=0.05)
+    settings = _one_call(5.0, branch_grace_s=0.0, branch_hold_s=0.05)
     dispatcher = DetectDispatcher(det.send, settings, branches)
-    cam = Camera(interval_s=1.0, age_s=0.8, value=1)
-    await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 0.15)
+    cam = Camera(interval_s=10.0, age_s=6.0, value=1)  # a hold would be 4 s
+    await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 2.0)
     assert det.calls == [[1]] and dispatcher.status()["next_frame_holds"] == 0
 
 
@@ -171,10 +179,10 @@ async def test_a_free_call_sends_at_once_when_waiting_gains_nothing(
 @sync
 async def test_a_batch_of_live_frames_does_not_wait_for_one_camera() -> None:
     det = Recorder()
-    dispatcher = DetectDispatcher(det.send, _one_call(0.5, live_frames_per_call=2))
-    cam = Camera(interval_s=1.0, age_s=0.8, value=1)
-    await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 0.1)
-    assert det.calls == [[1]]
+    dispatcher = DetectDispatcher(det.send, _one_call(5.0, live_frames_per_call=2))
+    cam = Camera(interval_s=10.0, age_s=6.0, value=1)  # a hold would be 4 s
+    await asyncio.wait_for(dispatcher.admit(cam.take, True, cam.timing), 2.0)
+    assert det.calls == [[1]] and dispatcher.status()["next_frame_holds"] == 0
 
 
 @sync
@@ -183,15 +191,15 @@ async def test_a_hold_keeps_the_order_of_turns() -> None:
     fresh frame does not jump the queue (taking fresh frames out of turn is unfair)."""
     det = Recorder()
     det.gate.clear()
-    dispatcher = DetectDispatcher(det.send, _one_call(0.5))
+    dispatcher = DetectDispatcher(det.send, _one_call(5.0))
     blocker = asyncio.create_task(dispatcher.admit(lambda: _request(1)))
     await settle()
-    stale = Camera(interval_s=1.0, age_s=0.8, value=10)
-    fresh = Camera(interval_s=1.0, age_s=0.0, value=20)
+    stale = Camera(interval_s=10.0, age_s=8.0, value=10)
+    fresh = Camera(interval_s=10.0, age_s=0.0, value=20)
     first = asyncio.create_task(dispatcher.admit(stale.take, True, stale.timing))
     second = asyncio.create_task(dispatcher.admit(fresh.take, True, fresh.timing))
     await settle()
-    stale.put_at = time.monotonic() - 0.8  # as old as that when the call frees
+    stale.put_at = time.monotonic() - 8.0  # as old as that when the call frees
     det.gate.set()
     await asyncio.sleep(0.01)
     assert det.calls == [[1]]  # held for the first waiter, the second one waits
@@ -205,11 +213,11 @@ async def test_a_waiter_cancelled_during_its_hold_frees_the_call_at_once() -> No
     """A subscription stops while the call waits for its next frame: the next waiter
     goes now, not when the cancelled one's frame would have come."""
     det = Recorder()
-    dispatcher = DetectDispatcher(det.send, _one_call(0.9))
-    stale = Camera(interval_s=2.0, age_s=1.2, value=10)  # its next one due in 0.8 s
+    dispatcher = DetectDispatcher(det.send, _one_call(9.0))
+    stale = Camera(interval_s=20.0, age_s=12.0, value=10)  # its next one due in 8 s
     held = asyncio.create_task(dispatcher.admit(stale.take, True, stale.timing))
     await asyncio.sleep(0.01)
-    other = Camera(interval_s=2.0, age_s=0.0, value=20)
+    other = Camera(interval_s=20.0, age_s=0.0, value=20)
     second = asyncio.create_task(dispatcher.admit(other.take, True, other.timing))
     await settle()
     assert det.calls == []
@@ -217,23 +225,23 @@ async def test_a_waiter_cancelled_during_its_hold_frees_the_call_at_once() -> No
     held.cancel()
     await asyncio.wait_for(second, 2.0)
     assert det.calls == [[20]]
-    assert time.monotonic() - started < 0.5
-    assert dispatcher.status()["next_frame_held_s"] < 0.5
+    assert time.monotonic() - started < 3.0
+    assert dispatcher.status()["next_frame_held_s"] < 3.0
 
 
 @sync
 async def test_close_during_a_hold_fails_the_held_waiter_at_once() -> None:
     det = Recorder()
-    dispatcher = DetectDispatcher(det.send, _one_call(0.9))
-    cam = Camera(interval_s=2.0, age_s=1.2, value=1)
+    dispatcher = DetectDispatcher(det.send, _one_call(9.0))
+    cam = Camera(interval_s=20.0, age_s=12.0, value=1)  # its next one due in 8 s
     held = asyncio.create_task(dispatcher.admit(cam.take, True, cam.timing))
     await asyncio.sleep(0.01)
-    await asyncio.wait_for(dispatcher.close(), 0.5)
+    await asyncio.wait_for(dispatcher.close(), 3.0)
     with pytest.raises(DispatcherClosed):
         await held
     assert det.calls == []
     assert cam.value == 1  # its frame stays in the mailbox
-    assert 0 < dispatcher.status()["next_frame_held_s"] < 0.5
+    assert 0 < dispatcher.status()["next_frame_held_s"] < 3.0
 
 
 @sync

@@ -412,10 +412,9 @@ def test_action_service_reports_sinks_without_secrets_and_uses_the_local_store(
     async def run() -> dict[str, Any]:
         service = ActionService(ActionsSettings(data_dir=Path("actions")), tmp_path, environ={})
         await service.submit([OutboxEntry("k", "postgres", upsert("t", "o", a="1"))])
-        for _ in range(50):
-            health = await service.health()
-            if health["outbox"][0]["depth"] == 0:
-                break
+        deadline = time.monotonic() + 60
+        while (health := await service.health())["outbox"][0]["depth"] > 0:
+            assert time.monotonic() < deadline, health
             await asyncio.sleep(0.05)
         await service.close()
         return health
@@ -436,9 +435,8 @@ def test_the_last_delivered_entries_are_listed_newest_first_without_images(
         await service.submit([OutboxEntry("k1", "postgres", upsert("cars", "o1", plate="AB1"))])
         image = {"type": "redis_save_image", "key": "cam:1.jpg", "ttl_s": 60}
         await service.submit([OutboxEntry("k2", "redis", image, b"\xff\xd8jpeg")])
-        for _ in range(100):
-            if len(service.recent()) == 2:
-                break
+        deadline = time.monotonic() + 60
+        while len(service.recent()) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await service.close()
         return before, service.recent()
