@@ -52,6 +52,9 @@ def graph(tmp: Path, user_config: dict[str, Any]) -> Application:
             "max_upload_bytes": UPLOAD_LIMIT,
             "max_image_pixels": PIXEL_LIMIT,
             "default_model": "demo",
+            # A replica converting the .pt model (torch, on the same 2 cores) may answer
+            # late: a slow answer, not a health error, on a loaded CI machine.
+            "health_timeout_s": 15,
         },
     )
     detector = Detector.options(

@@ -42,10 +42,11 @@ def test_an_unplaceable_camera_actor_is_reported_pending_not_as_a_timeout(app: s
     body = {"subscriptionIdentifier": "d;cam-pending", "fileUrl": str(clip)}
     started = time.monotonic()
     first = httpx.post(f"{app}/streams", json=body, timeout=60)
+    first_s = time.monotonic() - started
     assert first.status_code == 201, first.text
     # The first call learns it the hard way (one call timeout, then Ray's state) ...
     assert first.json()["pending_error"].startswith("pending: not enough CPU"), first.json()
-    assert time.monotonic() - started < 30
+    assert first_s < 30
 
     def listed() -> dict[str, Any] | None:
         streams = httpx.get(f"{app}/streams", timeout=30).json()["streams"]
@@ -60,8 +61,10 @@ def test_an_unplaceable_camera_actor_is_reported_pending_not_as_a_timeout(app: s
     body["subscriptionIdentifier"] = "d2;cam-pending"
     started = time.monotonic()
     again = httpx.post(f"{app}/streams", json=body, timeout=60)
+    again_s = time.monotonic() - started
     assert again.json()["pending_error"].startswith("pending: not enough CPU")
-    assert time.monotonic() - started < 5
+    # No call timeout this time: well under the first call's (a loaded box slows both).
+    assert again_s < max(5.0, first_s / 2), (again_s, first_s)
     for sub in ("d;cam-pending", "d2;cam-pending"):
         assert httpx.delete(f"{app}/streams/{sub}", timeout=60).status_code == 204
 
