@@ -4,10 +4,12 @@ pure parts of `make bench-ray` (benchmarks/ray_overhead.py) on real processes.""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +44,20 @@ def test_serve_reads_the_lean_environment() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == [LEAN_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"], "1000"]
+
+
+def test_ray_core_defines_each_lean_core_setting() -> None:
+    # Ray's core reads RAY_<name> for each entry of its RayConfig (ray_config_def.h);
+    # a misspelt name would be ignored without a word. Python cannot read these values
+    # back, so the names are checked against the RayConfig Ray's bindings declare.
+    import ray
+
+    declared = (Path(ray.__file__).parent / "includes" / "ray_config.pxd").read_text()
+    core = [k[len("RAY_") :] for k in LEAN_ENV if not k.startswith("RAY_SERVE_")]
+    assert core == ["max_direct_call_object_size"]
+    for name in core:
+        assert re.search(rf"\b{name}\(\) const", declared), name
+    assert int(LEAN_ENV["RAY_max_direct_call_object_size"]) >= 2 * 640 * 640 * 3  # frames
 
 
 def test_the_operators_value_wins() -> None:
