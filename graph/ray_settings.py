@@ -20,17 +20,22 @@ What each one gives up, and why that is fine for a camgraph deployment:
   replica hands its cached request metrics to Ray's metrics agent. The dashboard's and
   Prometheus' scrape interval is seconds anyway.
 
-- `RAY_max_direct_call_object_size=8388608` (Ray: 102400, 100 KiB): a task's arguments
-  and results up to 8 MiB travel inline in the call's RPC, straight to the process that
-  runs it, instead of through the node's object store (a create, a seal and a get at
-  the raylet, and a release, for each one). A live frame call carries one letterboxed
-  frame (0.7 MB at 640×384) and a replay's up to 8. Measured here (README, "Frames
-  inline in the call"): a Serve call with one such frame costs 3.5-3.7 CPU-ms on the
-  box instead of 4.8-5.0, and the raylet's CPU at saturation fell from 11 % of a core
-  to under 1 %. Given up: such objects are not spilled to disk and count in
-  the processes' memory while the call is in flight, not in the object store (camgraph
-  bounds its calls in flight; a large `/detect` upload, above 8 MiB, still goes
-  through the store). Every node's `ray start` needs it: each node's workers read it.
+- `RAY_max_direct_call_object_size=2097152` (Ray: 102400, 100 KiB): a task's arguments
+  and results up to 2 MiB travel inline in the call's RPC, straight to the process that
+  runs it, instead of through the node's object store (for each one the raylet
+  creates, seals, pins, serves and frees an object). A live frame call carries one
+  letterboxed frame (0.7 MB at 640×384, 1.2 MB square), a `/detect` call one upload
+  (a 1280×720 JPEG is about 150 KB). Measured here (README, "Frames inline in the
+  call"): a Serve call with one such frame costs 3.5-3.7 CPU-ms on the box instead of
+  4.8-5.0, and the raylet's CPU at 8 cameras realtime fell from 4.3 % of a core to
+  0.3 %. Given up: such objects are not spilled to disk and sit in the processes'
+  memory, not in the object store (or its metrics), while a call holds them and, for
+  a result, as long as its caller keeps it; camgraph bounds its calls in flight, and
+  2 MiB rather than 8 (which also inlined a replay's 8-frame calls, the raylet's last
+  5 % of a core at saturation) keeps each call's heap copy small. The setting is the
+  whole cluster's, for every job on it. Every node's `ray start` needs it: each
+  node's processes read their own environment, and a node started without it uses
+  Ray's 100 KiB (nothing breaks, its calls go through the store).
 
 The dashboard and its agent stay on: the Serve view, replicas and scaling on the Ray
 dashboard are part of what operators get. `python -m graph.ray_settings env|flags` prints
@@ -46,7 +51,7 @@ from collections.abc import Mapping
 LEAN_ENV: dict[str, str] = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
-    "RAY_max_direct_call_object_size": "8388608",
+    "RAY_max_direct_call_object_size": "2097152",
 }
 LEAN_START_FLAGS: tuple[str, ...] = ("--include-log-monitor=false",)
 

@@ -54,7 +54,7 @@ def graph(tmp: Path, user_config: dict[str, Any]) -> Application:
             "default_model": "demo",
             # A replica converting the .pt model (torch, on the same 2 cores) may answer
             # late: a slow answer, not a health error, on a loaded CI machine.
-            "health_timeout_s": 15,
+            "health_timeout_s": 8,
         },
     )
     detector = Detector.options(
@@ -99,7 +99,7 @@ def test_health_answers_while_models_load_and_reports_every_model(client: httpx.
     seen: set[str] = set()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        pt = client.get("/health", timeout=10).json()["models"]["pt"]
+        pt = client.get("/health", timeout=30).json()["models"]["pt"]  # > health_timeout_s
         state = pt["state"]
         seen.add(state)
         # a real "loading" comes from the replica itself, not from a health timeout

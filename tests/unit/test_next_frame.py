@@ -40,6 +40,14 @@ def _held(hold_s: float, **settings: Any) -> DispatchSettings:
     return DispatchSettings(**settings).model_copy(update={"hold_for_next_s": hold_s})
 
 
+def test_the_configured_hold_is_bounded() -> None:
+    """What the tests use beyond it is not a setting an operator can choose."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="hold_for_next_s"):
+        DispatchSettings(hold_for_next_s=1.5)
+
+
 def _one_call(hold_s: float, **settings: Any) -> DispatchSettings:
     return _held(hold_s, calls_in_flight=1, **settings)
 

@@ -381,13 +381,16 @@ def test_a_silent_connection_is_an_outage_after_the_timeout_not_a_hang(
         # A try that timed out on a loaded machine may still have committed: the retry
         # then adds nothing (0), as a caller retrying after "no answer" must see.
         added: list[int] = []
+        failed = 0
         deadline = time.monotonic() + 60
         while not added and time.monotonic() < deadline:  # the pool reconnects meanwhile
             try:
                 added.append(await outbox.add([OutboxEntry("b", "postgres", upsert("t", "o2"))]))
             except OutboxUnavailable:
+                failed += 1
                 await asyncio.sleep(0.5)
-        assert added in ([1], [0]), added
+        # 0 only where a try after the restore failed (and may have committed).
+        assert added == [1] or (added == [0] and failed > 0), (added, failed)
         await patient_sink.apply(OutboxEntry("b", "postgres", upsert("t", "o2", v="2")))
         await patient_redis.apply(OutboxEntry("j", "redis", image, b"jpeg"))
         assert (await patient_outbox.stats())["depth"] == 2
