@@ -119,13 +119,14 @@ def overload_run_cameras(
 ) -> int | None:
     """The cameras of the extra camgraph run at 2 x capacity, or None when the sweep has
     a run offering 2 to 2.5 x (a faster host moves capacity: with 44 fps, 8 cameras are
-    1.8 x and 16 are 3.6 x, neither of them "2 x")."""
+    1.8 x and 16 are 3.6 x, neither of them "2 x"). Judged by the frames offered, not
+    by the cameras rounded up: with 61.7 fps, 16 cameras are 2.6 x."""
     if not capacity or camera_fps <= 0:
         return None
-    want = math.ceil(OVERLOAD_FACTOR * capacity / camera_fps)
-    if any(want <= n <= OVERLOAD_SPAN * want for n in counts):
+    low = OVERLOAD_FACTOR * capacity
+    if any(low <= n * camera_fps <= OVERLOAD_SPAN * low for n in counts):
         return None
-    return want
+    return math.ceil(low / camera_fps)
 
 
 def overload_phase(

@@ -507,6 +507,9 @@ def test_the_overload_run_is_added_where_the_sweep_has_no_2x_point() -> None:
     assert overload_run_cameras([1, 4, 8, 16], 43.9, 10.0) == 9
     assert overload_run_cameras([1, 4, 10, 16], 43.9, 10.0) is None
     assert overload_run_cameras([1, 4, 8, 16], 36.4, 10.0) is None  # 8 is 2.2 x
+    # 16 cameras offer 2.6 x of 61.7 fps (2026-12-05): not "2 x", though 16 <= 1.25 x 13.
+    assert overload_run_cameras([1, 4, 8, 16], 61.7, 10.0) == 13
+    assert overload_run_cameras([1, 4, 8, 15], 61.7, 10.0) is None  # 2.4 x
     assert overload_run_cameras([1, 4], None, 10.0) is None  # no capacity measured
 
 
