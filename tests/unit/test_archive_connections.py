@@ -33,6 +33,7 @@ from graph.pipeline.connections import (
     route_names,
 )
 from stream_actors.forwarding import rerouted
+from tests.unit.delivery_waits import drained
 from tests.unit.test_graph import RecordingDeployment
 
 PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
@@ -130,18 +131,6 @@ def test_a_bad_section_of_an_opted_in_archive_fails_the_deploy_naming_it(tmp_pat
     archive = seed_archive(tmp_path, {"postgresql": {"host": "db", "password": "pw"}})
     with pytest.raises(ValueError, match=r"postgresql.database: Field required"):
         bound_app(tmp_path, archive, "use")
-
-
-async def drained(service: ActionService, timeout_s: float = 60.0) -> dict[str, Any]:
-    """The service's health once its outbox is empty (AssertionError after `timeout_s`:
-    a retry backs off up to 10 s, so a loaded machine may need several)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        health = await service.health()
-        if health["outbox"][0]["depth"] == 0:
-            return health
-        assert time.monotonic() < deadline, f"outbox not drained in {timeout_s} s: {health}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

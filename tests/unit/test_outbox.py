@@ -31,6 +31,7 @@ from deployments.delivery.outbox import (
 from deployments.delivery.service import ActionService, redact_dsn
 from deployments.delivery.sinks import LocalStoreSink, PostgresSink, RedisSink
 from graph.common.schemas import ActionsSettings
+from tests.unit.delivery_waits import drained, published, subscribed
 
 PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -62,33 +63,6 @@ def pool() -> Any:
     return AsyncConnectionPool(
         PG_DSN, min_size=1, max_size=2, open=False, timeout=5, kwargs={"autocommit": True}
     )
-
-
-def subscribed(client: redis.Redis, channel: str) -> Any:
-    """A pubsub on `channel`, once Redis confirmed the subscription (10 s at most)."""
-    pubsub = client.pubsub()
-    pubsub.subscribe(channel)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        msg = pubsub.get_message(timeout=1)
-        if msg is not None and msg["type"] == "subscribe":
-            return pubsub
-    raise AssertionError(f"no subscribe confirmation for {channel} within 10 s")
-
-
-def published(pubsub: Any, expected: int) -> list[bytes]:
-    """The messages received: until `expected` came (10 s at most), then any more that
-    arrive within half a second (a duplicate would)."""
-    received: list[bytes] = []
-    deadline = time.monotonic() + 10
-    while len(received) < expected and time.monotonic() < deadline:
-        msg = pubsub.get_message(timeout=0.5)
-        if msg is not None and msg["type"] == "message":
-            received.append(msg["data"])
-    while (msg := pubsub.get_message(timeout=0.5)) is not None:
-        if msg["type"] == "message":
-            received.append(msg["data"])
-    return received
 
 
 def upsert(table: str, key: str, **fields: str | None) -> dict[str, Any]:
@@ -380,17 +354,17 @@ def test_a_silent_connection_is_an_outage_after_the_timeout_not_a_hang(
         # New connections are fine again: the silent ones were dropped, nothing was lost.
         # A try that timed out on a loaded machine may still have committed: the retry
         # then adds nothing (0), as a caller retrying after "no answer" must see.
-        added: list[int] = []
+        added: int | None = None
         failed = 0
         deadline = time.monotonic() + 60
-        while not added and time.monotonic() < deadline:  # the pool reconnects meanwhile
+        while added is None and time.monotonic() < deadline:  # the pool reconnects meanwhile
             try:
-                added.append(await outbox.add([OutboxEntry("b", "postgres", upsert("t", "o2"))]))
+                added = await outbox.add([OutboxEntry("b", "postgres", upsert("t", "o2"))])
             except OutboxUnavailable:
                 failed += 1
                 await asyncio.sleep(0.5)
         # 0 only where a try after the restore failed (and may have committed).
-        assert added == [1] or (added == [0] and failed > 0), (added, failed)
+        assert added == 1 or (added == 0 and failed > 0), (added, failed)
         await patient_sink.apply(OutboxEntry("b", "postgres", upsert("t", "o2", v="2")))
         await patient_redis.apply(OutboxEntry("j", "redis", image, b"jpeg"))
         assert (await patient_outbox.stats())["depth"] == 2
@@ -415,10 +389,7 @@ def test_action_service_reports_sinks_without_secrets_and_uses_the_local_store(
     async def run() -> dict[str, Any]:
         service = ActionService(ActionsSettings(data_dir=Path("actions")), tmp_path, environ={})
         await service.submit([OutboxEntry("k", "postgres", upsert("t", "o", a="1"))])
-        deadline = time.monotonic() + 60
-        while (health := await service.health())["outbox"][0]["depth"] > 0:
-            assert time.monotonic() < deadline, health
-            await asyncio.sleep(0.05)
+        health = await drained(service)
         await service.close()
         return health
 
