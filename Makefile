@@ -15,7 +15,7 @@ RAY_CPUS ?= 2
 RAY_PORT ?= 6380
 
 help:
-	@echo "make run | stop | status | test | check-run | lint | bench-quick | bench | bench-tax | bench-pipeline | bench-ray | bench-detect | evaluate | demo-models"
+	@echo "make run | stop | status | test | check-run | lint | bench-quick | bench | bench-tax | bench-pipeline | bench-ray | bench-detect | bench-gpu | evaluate | demo-models"
 	@echo "README.md explains each; 'make run' and 'make test' are the two that matter."
 
 # Evaluate the committed demo models against their quality bars (held-out scenes);
@@ -25,7 +25,7 @@ evaluate: install
 	$(PY) -m demo.evaluate --out data/evaluation.json
 
 .DEFAULT_GOAL := help
-.PHONY: help peers services ray-token evaluate install protos run stop status test test-unit test-integration check-run lint format bench bench-quick bench-tax bench-pipeline bench-ray bench-detect demo-models clean
+.PHONY: help peers services ray-token evaluate install protos run stop status test test-unit test-integration check-run lint format bench bench-quick bench-tax bench-pipeline bench-ray bench-detect bench-gpu demo-models clean
 
 install: $(STAMP) protos
 
@@ -164,6 +164,12 @@ bench-pipeline: install ray-token models/demo.mpta services
 # camera, clusters of the run's own stopped by PID (about 8 minutes).
 bench-ray: install ray-token models/demo.mpta $(DEMO_CLIP) services
 	$(PY) -m benchmarks.ray_overhead --deploy serve_config.yaml --clip $(DEMO_CLIP) --ray-cpus $(RAY_CPUS) $(BENCH_ARGS)
+
+# Detector throughput against batch size 1-32 per ONNX Runtime provider (CPU, CUDA,
+# TensorRT FP32 and FP16 with its engine cache), camgraph's engine against the bare
+# session (issue 19's GPU table; on a machine without a GPU: BENCH_ARGS="--configs cpu").
+bench-gpu: install models/demo-detector.onnx
+	$(PY) -m benchmarks.gpu_batch --out benchmarks/results/gpu-batch.json $(BENCH_ARGS)
 
 # The short run to make before stopping (about 3 minutes): 1 and 4 cameras, 8 s windows.
 bench-quick: install ray-token models/demo-detector.onnx

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -56,10 +56,15 @@ def gpu_present() -> bool:
 
 
 def choose_providers(
-    available: Sequence[str], gpu: bool, trt_cache_dir: Path | None, fp16: bool = True
+    available: Sequence[str],
+    gpu: bool,
+    trt_cache_dir: Path | None,
+    fp16: bool = True,
+    trt_profile: Mapping[str, str] | None = None,
 ) -> list[str | tuple[str, dict[str, Any]]]:
-    """TensorRT (engine cache) → CUDA → CPU, keeping only what is present; GPU providers
-    only when a GPU is (onnxruntime-gpu lists them on CPU-only machines too)."""
+    """TensorRT (engine cache; `trt_profile`: its optimization profile, see
+    `trt_profile_shapes`) → CUDA → CPU, keeping only what is present; GPU providers only
+    when a GPU is (onnxruntime-gpu lists them on CPU-only machines too)."""
     chosen: list[str | tuple[str, dict[str, Any]]] = []
     if gpu and TENSORRT in available and trt_cache_dir is not None:
         chosen.append(
@@ -71,6 +76,7 @@ def choose_providers(
                     "trt_timing_cache_enable": True,
                     "trt_timing_cache_path": str(trt_cache_dir),
                     "trt_fp16_enable": fp16,
+                    **(trt_profile or {}),
                 },
             )
         )
@@ -78,6 +84,65 @@ def choose_providers(
         chosen.append(CUDA)
     chosen.append(CPU)
     return chosen
+
+
+# The largest batch a TensorRT engine is built for; larger batches run in parts of it.
+TRT_MAX_BATCH = 32
+
+
+def input_signature(path: Path) -> tuple[str, list[int | str]]:
+    """A model's image input, read from its ONNX graph without a session: the name and
+    the dims (an int where fixed, else the dim's name)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: not an ONNX file
+        raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+    initialized = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name not in initialized:
+            dims = value.type.tensor_type.shape.dim
+            return value.name, [
+                d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims
+            ]
+    raise ModelLoadError(f"{path.name}: the graph has no input")
+
+
+def trt_profile_shapes(
+    name: str, dims: Sequence[int | str], imgsz: int, max_batch: int = TRT_MAX_BATCH
+) -> dict[str, str]:
+    """TensorRT's optimization profile for a detector input with a dynamic batch: batches
+    1 to `max_batch`, tuned for half of it, at the model's own sides or the square
+    `imgsz` (what GPU replicas are fed). Without one, ONNX Runtime's TensorRT provider
+    sizes the profile by the shapes seen so far and builds the engine again, minutes on
+    the replica's event loop, each time a larger batch comes. Empty where no profile is
+    needed (every dim fixed) or none can be written (the option's syntax has no quoting
+    for an input name with ',' or ':')."""
+    if len(dims) != 4 or all(isinstance(d, int) and d > 0 for d in dims):
+        return {}
+    if "," in name or ":" in name or not name:
+        logger.warning("input %r: no TensorRT profile (its name cannot be written)", name[:80])
+        return {}
+
+    def fixed(dim: int | str, default: int) -> int:
+        return dim if isinstance(dim, int) and dim > 0 else default
+
+    batch, channels, height, width = dims
+    c, h, w = fixed(channels, 3), fixed(height, imgsz), fixed(width, imgsz)
+    if isinstance(batch, int) and batch > 0:
+        low = opt = high = batch
+    else:
+        low, opt, high = 1, max(1, max_batch // 2), max(1, max_batch)
+
+    def shape(n: int) -> str:
+        return f"{name}:{n}x{c}x{h}x{w}"
+
+    return {
+        "trt_profile_min_shapes": shape(low),
+        "trt_profile_opt_shapes": shape(opt),
+        "trt_profile_max_shapes": shape(high),
+    }
 
 
 def parse_names(raw: str | None, nc: int) -> dict[int, str]:
@@ -135,10 +200,59 @@ def make_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if providers is None:
         providers = choose_providers(ort.get_available_providers(), gpu_present(), None)
+    wanted = [p if isinstance(p, str) else p[0] for p in providers]
+    if CUDA in wanted or TENSORRT in wanted:
+        preload_gpu_libraries()
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers))
+        session = ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
         raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+    missing = [p for p in wanted if p not in session.get_providers()]
+    if missing:
+        # ORT falls back with a note on stderr only; /health lists the providers too.
+        logger.warning(
+            "%s: %s did not load (libraries missing, see the README's GPU notes); running on %s",
+            path.name,
+            ", ".join(missing),
+            ", ".join(session.get_providers()),
+        )
+    return session
+
+
+_preloaded = False
+
+
+def preload_gpu_libraries() -> None:
+    """Load CUDA and cuDNN from the `nvidia-*` wheels (torch's CUDA build brings them)
+    and TensorRT from `tensorrt-cu13-libs` where installed, so that ORT's CUDA and
+    TensorRT providers find them without a system CUDA toolkit. ORT looks for them only
+    on the library path, or finds them loaded when torch was imported first, which a
+    replica serving an ONNX model never does: without this its CUDA provider fails to
+    load (`libcublasLt.so.13`) and the model runs on the CPU. Once per process; a
+    library that is not there is ORT's warning at session creation, not an error here."""
+    global _preloaded
+    if _preloaded:
+        return
+    _preloaded = True
+    import ctypes
+    import importlib.util
+
+    import onnxruntime as ort
+
+    try:
+        if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21
+            ort.preload_dlls(directory="")  # nvidia site packages, then the default paths
+    except Exception as exc:  # it raises only for a bad directory; never fatal here
+        logger.warning("CUDA libraries not preloaded: %s", exc)
+    spec = importlib.util.find_spec("tensorrt_libs")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        libs = sorted(Path(folder).glob("libnvinfer*.so.*"))
+        for lib in libs + sorted(Path(folder).glob("libnvonnxparser*.so.*")):
+            try:
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+            except OSError as exc:
+                logger.warning("TensorRT library %s not loaded: %s", lib.name, exc)
 
 
 class OnnxEngine:
@@ -150,7 +264,10 @@ class OnnxEngine:
         imgsz: int,
         intra_op_threads: int = 1,
         providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+        max_batch: int | None = None,
     ) -> None:
+        """`max_batch`: the most images one session run takes (a TensorRT profile's
+        ceiling); larger batches run in parts."""
         self._session = make_session(path, intra_op_threads, providers)
         self.providers = self._session.get_providers()
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
@@ -167,7 +284,8 @@ class OnnxEngine:
             raise ModelLoadError(
                 f"{path.name}: fixed batch size {batch_dim}; export with a dynamic batch or 1"
             )
-        self._fixed_batch = batch_dim if isinstance(batch_dim, int) else None
+        # A fixed batch is 1 here (others are refused above).
+        self.max_batch = 1 if isinstance(batch_dim, int) else max_batch
         self.input_hw = fixed_input_size(h, w, self.providers, imgsz)
         self._output = outputs[0].name
         nc_dim = outputs[0].shape[1] if len(outputs[0].shape) == 3 else None
@@ -198,13 +316,16 @@ class OnnxEngine:
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Raw model output (B, 4 + nc, N) for a BxHxWx3 uint8 batch."""
         tensor = to_model_input(images)
-        if self._fixed_batch is not None and tensor.shape[0] != self._fixed_batch:
-            parts = [
-                self._session.run([self._output], {self._input: tensor[i : i + 1]})[0]
-                for i in range(tensor.shape[0])
-            ]
+        step = self.max_batch
+        if step is not None and tensor.shape[0] > step:
+            parts = [self.run(tensor[i : i + step]) for i in range(0, tensor.shape[0], step)]
             return np.concatenate(parts, axis=0)
-        return self._session.run([self._output], {self._input: tensor})[0]
+        return self.run(tensor)
+
+    def run(self, tensor: np.ndarray) -> np.ndarray:
+        """The session alone on a prepared float NCHW tensor (at most `max_batch`)."""
+        out: np.ndarray = self._session.run([self._output], {self._input: tensor})[0]
+        return out
 
     def detect(self, images: np.ndarray, params: Sequence[DetectParams]) -> list[np.ndarray]:
         raw = self.infer(images)
@@ -267,6 +388,7 @@ class EngineOptions:
     fp16: bool = True
     gpu: bool | None = None  # None: any GPU present; replicas pass what Ray assigned them
     onnx_cache_dir: Path | None = None  # `.pt` exports; None: a temporary one per load
+    trt_max_batch: int = TRT_MAX_BATCH  # TensorRT's profile ceiling (larger: in parts)
 
 
 def trt_engine_cached(trt_cache_dir: Path | None) -> bool:
@@ -292,18 +414,30 @@ def load_engine(
         raise ModelLoadError(f"unsupported model format {path.suffix!r} (use .onnx or .pt)")
     import onnxruntime as ort
 
-    providers = choose_providers(
-        ort.get_available_providers(),
-        gpu_present() if options.gpu is None else options.gpu,
-        options.trt_cache_dir,
-        options.fp16,
-    )
+    available = ort.get_available_providers()
+    gpu = gpu_present() if options.gpu is None else options.gpu
+    providers = choose_providers(available, gpu, options.trt_cache_dir, options.fp16)
     uses_trt = any(isinstance(p, tuple) and p[0] == TENSORRT for p in providers)
-    if uses_trt and options.trt_cache_dir is not None:
+    if not uses_trt:
+        return OnnxEngine(path, options.imgsz, options.intra_op_threads, providers)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    name, dims = input_signature(path)
+    profile = trt_profile_shapes(name, dims, options.imgsz, options.trt_max_batch)
+    providers = choose_providers(
+        available, gpu, options.trt_cache_dir, options.fp16, trt_profile=profile
+    )
+    if options.trt_cache_dir is not None:
         options.trt_cache_dir.mkdir(parents=True, exist_ok=True)
         if not trt_engine_cached(options.trt_cache_dir) and on_converting:
             on_converting()
-    return OnnxEngine(path, options.imgsz, options.intra_op_threads, providers)
+    return OnnxEngine(
+        path,
+        options.imgsz,
+        options.intra_op_threads,
+        providers,
+        max_batch=options.trt_max_batch if profile else None,
+    )
 
 
 class ModelState(enum.StrEnum):
