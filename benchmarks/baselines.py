@@ -57,6 +57,7 @@ class RawSpec:
     iou: float = 0.7
     max_frame_age_s: float = 2.0  # camgraph's default freshness limit
     adaptive_decode: bool = True  # camgraph's reader default (key frames when overloaded)
+    batch: int = 1  # frames of different cameras per session run (a GPU's best is > 1)
 
 
 class _Feed:
@@ -100,7 +101,8 @@ def _delta(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
 
 
 def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
-    """One raw ONNX Runtime process over its share of the cameras (round-robin)."""
+    """One raw ONNX Runtime process over its share of the cameras (round-robin): each
+    run takes the newest frame of up to `spec.batch` cameras that have one."""
     import numpy as np
 
     from deployments.inference.engines import OnnxEngine
@@ -120,7 +122,7 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
     keep_latency = spec.mode == "realtime"  # lossless replays carry the file's clock
     first: list[dict[str, Any]] | None = None
     first_at = 0.0
-    turn = 0
+    turn = runs = 0
     while True:
         now = time.time()
         if first is None and now >= measure_start:
@@ -128,24 +130,28 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
         if now >= end:
             break
         wake.clear()
-        taken = None
+        taken = []
         for k in range(len(feeds)):
             i = (turn + k) % len(feeds)
             frame = feeds[i].mailbox.take()
             if frame is not None:
-                taken, turn = (feeds[i], frame), i + 1
-                break
-        if taken is None:
+                taken.append((feeds[i], frame))
+                if len(taken) == spec.batch:
+                    break
+        if not taken:
             wake.wait(0.05)
             continue
-        feed, frame = taken
-        boxed, lb = letterbox(frame.image, spec.imgsz, RECT_STRIDE)  # as camgraph's
-        rows = engine.detect(engine.batch([boxed]), [params])[0]
-        unletterbox_boxes(rows[:, :4], lb)
+        turn = feeds.index(taken[-1][0]) + 1
+        boxed = [letterbox(frame.image, spec.imgsz, RECT_STRIDE) for _, frame in taken]
+        results = engine.detect(engine.batch([b for b, _ in boxed]), [params] * len(taken))
+        for rows, (_, lb) in zip(results, boxed, strict=True):
+            unletterbox_boxes(rows[:, :4], lb)
         detected_at = time.time()
-        feed.processed += 1
-        if keep_latency and measure_start <= detected_at < end:
-            feed.latencies_ms.append((detected_at - frame.captured_at) * 1000)
+        runs += 1
+        for feed, frame in taken:
+            feed.processed += 1
+            if keep_latency and measure_start <= detected_at < end:
+                feed.latencies_ms.append((detected_at - frame.captured_at) * 1000)
     last, last_at = [f.snapshot() for f in feeds], time.time()
     for feed in feeds:
         feed.reader.stop()
@@ -154,6 +160,7 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "providers": list(engine.providers),
+        "runs": runs,  # session runs, warm-up included
         "decode": {f.name: f.reader.status()["decode"] for f in feeds},
         "cameras": [
             {
@@ -176,6 +183,21 @@ def raw_layouts(cameras: Sequence[Camera], cores: int) -> dict[str, list[list[Ca
     return layouts
 
 
+def raw_variants(
+    cameras: Sequence[Camera], cores: int, batches: Sequence[int] = ()
+) -> list[tuple[str, list[list[Camera]], int, int]]:
+    """(name, camera shares per process, intra-op threads, batch) of each raw run: the
+    two layouts one frame at a time, and one process per batch size in `batches` (a
+    GPU's layout: the newest frames of up to that many cameras per run)."""
+    variants = [
+        (layout, shares, cores if len(shares) == 1 else 1, 1)
+        for layout, shares in raw_layouts(cameras, cores).items()
+    ]
+    for batch in sorted({b for b in batches if b > 1}):
+        variants.append((f"1 proc, batches of {batch}", [list(cameras)], cores, batch))
+    return variants
+
+
 def run_raw(
     cameras: Sequence[Camera],
     mode: Mode,
@@ -185,14 +207,15 @@ def run_raw(
     imgsz: int = 640,
     background: Selector | None = None,
     progress: bool = True,
+    batches: Sequence[int] = (),
 ) -> list[PhaseResult]:
-    """Both layouts of the raw baseline, one after the other; `best_raw` picks one."""
+    """Every raw variant (`raw_variants`), one after the other; `best_raw` picks one."""
     cores = cpu_count()
     phases = []
-    for layout, shares in raw_layouts(cameras, cores).items():
-        threads = cores if len(shares) == 1 else 1
+    for layout, shares, threads, batch in raw_variants(cameras, cores, batches):
         specs = [
-            RawSpec(str(model), imgsz, threads, tuple(s), mode, warmup_s, seconds) for s in shares
+            RawSpec(str(model), imgsz, threads, tuple(s), mode, warmup_s, seconds, batch=batch)
+            for s in shares
         ]
         name = f"raw ORT {layout}"
         outcome = run_workers(
@@ -202,7 +225,9 @@ def run_raw(
         for result in _take(phase, outcome):
             phase.extra.setdefault("providers", result["providers"])
             phase.extra.setdefault("decode", {}).update(result["decode"])
-        phase.extra.update(layout=layout, processes=len(shares), intra_op_threads=threads)
+        phase.extra.update(
+            layout=layout, processes=len(shares), intra_op_threads=threads, batch=batch
+        )
         if mode == "saturation":
             phase.notes.append("lossless replay: latency not comparable, not reported")
         phases.append(phase)

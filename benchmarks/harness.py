@@ -101,6 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the per-frame tax phase: raw and camgraph at saturation with a near-free "
         "detector (benchmarks/tiny_detector.py) instead of --onnx",
     )
+    parser.add_argument(
+        "--raw-batches",
+        default=None,
+        help="raw ORT also runs one process with batches of the newest frames of this many "
+        "cameras, e.g. 8,32 (default: 8,32 where a CUDA GPU is, none on CPUs, where a batch "
+        "costs as much per frame)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -110,6 +117,16 @@ def parse_counts(text: str) -> list[int]:
     if not counts or counts[0] < 1:
         raise ValueError(f"camera counts must be positive integers: {text!r}")
     return counts
+
+
+def parse_batches(text: str | None, gpu: bool) -> list[int]:
+    """`--raw-batches`: sizes above 1 (1 is always run); None: 8 and 32 on a GPU."""
+    if text is None:
+        return [8, 32] if gpu else []
+    batches = sorted({int(x) for x in text.split(",") if x.strip()})
+    if batches and batches[0] < 1:
+        raise ValueError(f"batch sizes must be positive integers: {text!r}")
+    return [b for b in batches if b > 1]
 
 
 def parse_systems(text: str) -> list[str]:
@@ -173,6 +190,9 @@ class Plan:
             args.seconds, args.warmup_s = QUICK["seconds"], QUICK["warmup_s"]
         self.counts = parse_counts(str(args.cameras))
         self.systems = parse_systems(str(args.systems))
+        from deployments.inference.engines import gpu_present
+
+        args.raw_batch_sizes = parse_batches(args.raw_batches, gpu_present())
         self.saturation = args.saturation_cameras
         self.overload = not args.no_overload and not args.quick
         self.realtime = not args.tax  # the tax phase compares saturation runs only
@@ -275,7 +295,16 @@ def _run_all(
         common: dict[str, Any] = {"background": background, "progress": progress}
         if "raw" in plan.systems:
             phases.extend(
-                run_raw(cams, mode, args.seconds, args.warmup_s, args.onnx, args.imgsz, **common)
+                run_raw(
+                    cams,
+                    mode,
+                    args.seconds,
+                    args.warmup_s,
+                    args.onnx,
+                    args.imgsz,
+                    batches=args.raw_batch_sizes,
+                    **common,
+                )
             )
         if "seed" in plan.systems:
             phases.append(

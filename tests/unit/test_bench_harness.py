@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.baselines import Camera, best_raw, raw_layouts
+from benchmarks.baselines import Camera, best_raw, raw_layouts, raw_variants
 from benchmarks.camgraph_phase import (
     batch_distribution,
     bench_serve_config,
@@ -24,7 +24,7 @@ from benchmarks.camgraph_phase import (
     with_own_state,
 )
 from benchmarks.frames import ClipSpec, PacedCapture
-from benchmarks.harness import parse_counts, parse_systems
+from benchmarks.harness import parse_batches, parse_counts, parse_systems
 from benchmarks.measure import CameraResult, PhaseResult, Usage, is_ray_process
 from benchmarks.report import (
     capacity_fps,
@@ -552,3 +552,40 @@ def test_the_take_age_is_the_median_of_the_cameras_that_report_it() -> None:
     }
     assert take_age_median(counters, ["a", "b", "c", "d", "gone"]) == 60.0
     assert take_age_median(counters, ["d"]) is None
+
+
+def test_raw_variants_add_one_batched_process_per_batch_size() -> None:
+    cams = [Camera(f"cam{i}", f"/c{i}.mp4") for i in range(4)]
+    variants = raw_variants(cams, cores=2, batches=[32, 1, 8, 8])
+    assert [(name, len(shares), threads, batch) for name, shares, threads, batch in variants] == [
+        ("1 proc x 2 threads", 1, 2, 1),
+        ("2 procs x 1 thread", 2, 1, 1),
+        ("1 proc, batches of 8", 1, 2, 8),
+        ("1 proc, batches of 32", 1, 2, 32),
+    ]
+    assert parse_batches(None, gpu=True) == [8, 32] and parse_batches(None, gpu=False) == []
+    assert parse_batches("1,4", gpu=True) == [4] and parse_batches("", gpu=True) == []
+    with pytest.raises(ValueError, match="positive"):
+        parse_batches("0,8", gpu=False)
+
+
+def test_a_batched_raw_process_takes_one_frame_of_each_camera_per_run(tmp_path: Path) -> None:
+    """Three cameras replayed losslessly, batches of 3: every frame is accounted for, and
+    round-robin batches keep the cameras within a batch of each other."""
+    from benchmarks.baselines import RawSpec, raw_worker
+    from benchmarks.frames import ClipSpec, ensure_clips
+    from benchmarks.tiny_detector import build
+
+    clips = ensure_clips(tmp_path / "clips", 3, ClipSpec(n_frames=12, fps=10, scale=0.25), 1)
+    cams = tuple(Camera(f"cam{i}", str(p)) for i, p in enumerate(clips))
+    model = build(tmp_path / "tiny.onnx")
+    spec = RawSpec(str(model), 640, 1, cams, "saturation", 0.5, 1.5, batch=3)
+    result = raw_worker(spec, time.time)
+    processed = [c["processed"] for c in result["cameras"]]
+    assert min(processed) > 10  # a near-free detector replays far more than 12 frames
+    assert max(processed) - min(processed) <= 1
+    # Runs of one frame would give at most 1 (the window's frames over every run).
+    assert sum(processed) / result["runs"] >= 1.5
+    for camera in result["cameras"]:
+        assert camera["drops"] == {}  # lossless
+        assert camera["offered"] == camera["processed"] + camera["in_flight"]
