@@ -17,10 +17,10 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks.frames import cpu_count
 from benchmarks.measure import CameraResult, PhaseResult
@@ -100,6 +100,26 @@ def _delta(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+T = TypeVar("T")
+
+
+def take_round_robin(
+    takers: Sequence[Callable[[], T | None]], turn: int, batch: int
+) -> tuple[list[tuple[int, T]], int]:
+    """The next run's frames: from camera `turn` on, in a circle, the newest frame of each
+    camera that has one, at most `batch`; and the camera to start from next time (the
+    one after the last taken), so that no camera waits more than one pass."""
+    taken: list[tuple[int, T]] = []
+    for k in range(len(takers)):
+        i = (turn + k) % len(takers)
+        item = takers[i]()
+        if item is not None:
+            taken.append((i, item))
+            if len(taken) == batch:
+                break
+    return taken, (taken[-1][0] + 1 if taken else turn)
+
+
 def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
     """One raw ONNX Runtime process over its share of the cameras (round-robin): each
     run takes the newest frame of up to `spec.batch` cameras that have one."""
@@ -110,9 +130,9 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
 
     engine = OnnxEngine(Path(spec.model), spec.imgsz, intra_op_threads=spec.threads)
     params = DetectParams(conf=spec.conf, iou=spec.iou)
-    blank = np.full((1, spec.imgsz, spec.imgsz, 3), 114, np.uint8)
-    for _ in range(2):
-        engine.detect(blank, [params])
+    blank = np.full((spec.batch, spec.imgsz, spec.imgsz, 3), 114, np.uint8)
+    for _ in range(2):  # at the batch size it will run (a GPU tunes per shape)
+        engine.detect(blank, [params] * spec.batch)
     wake = threading.Event()
     feeds = [_Feed(c, spec, wake) for c in spec.cameras]
     t0 = ready()
@@ -122,7 +142,8 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
     keep_latency = spec.mode == "realtime"  # lossless replays carry the file's clock
     first: list[dict[str, Any]] | None = None
     first_at = 0.0
-    turn = runs = 0
+    takers = [feed.mailbox.take for feed in feeds]
+    turn = runs = largest = 0
     while True:
         now = time.time()
         if first is None and now >= measure_start:
@@ -130,18 +151,12 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
         if now >= end:
             break
         wake.clear()
-        taken = []
-        for k in range(len(feeds)):
-            i = (turn + k) % len(feeds)
-            frame = feeds[i].mailbox.take()
-            if frame is not None:
-                taken.append((feeds[i], frame))
-                if len(taken) == spec.batch:
-                    break
-        if not taken:
+        picked, turn = take_round_robin(takers, turn, spec.batch)
+        if not picked:
             wake.wait(0.05)
             continue
-        turn = feeds.index(taken[-1][0]) + 1
+        taken = [(feeds[i], frame) for i, frame in picked]
+        largest = max(largest, len(taken))
         boxed = [letterbox(frame.image, spec.imgsz, RECT_STRIDE) for _, frame in taken]
         results = engine.detect(engine.batch([b for b, _ in boxed]), [params] * len(taken))
         for rows, (_, lb) in zip(results, boxed, strict=True):
@@ -161,6 +176,7 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         "providers": list(engine.providers),
         "runs": runs,  # session runs, warm-up included
+        "largest_batch": largest,
         "decode": {f.name: f.reader.status()["decode"] for f in feeds},
         "cameras": [
             {
@@ -193,7 +209,8 @@ def raw_variants(
         (layout, shares, cores if len(shares) == 1 else 1, 1)
         for layout, shares in raw_layouts(cameras, cores).items()
     ]
-    for batch in sorted({b for b in batches if b > 1}):
+    # A batch holds one frame per camera: larger sizes than the cameras are the same run.
+    for batch in sorted({min(b, len(cameras)) for b in batches} - {0, 1}):
         variants.append((f"1 proc, batches of {batch}", [list(cameras)], cores, batch))
     return variants
 

@@ -27,14 +27,16 @@ import numpy as np
 
 from demo.datasets import HELD_OUT_SEED_START
 from demo.scenes import Scene
-from deployments.inference.engines import (
+from deployments.inference.engines import OnnxEngine
+from deployments.inference.gpu import (
     CPU,
     CUDA,
     TENSORRT,
     TRT_MAX_BATCH,
-    OnnxEngine,
     choose_providers,
-    input_signature,
+    model_digest,
+    model_inputs,
+    preload_gpu_libraries,
     trt_profile_shapes,
 )
 from graph.common.vision import DetectParams, letterbox, to_model_input
@@ -60,13 +62,18 @@ def providers_for(config: str, onnx: Path, cache_dir: Path) -> list[Any]:
     if config == "cuda":
         return [CUDA, CPU]
     fp16 = config == "trt-fp16"
-    name, dims = input_signature(onnx)
+    preload_gpu_libraries(tensorrt=True)  # as load_engine does; unavailable if it fails
+    ((name, dims),) = model_inputs(onnx)
+    options = {
+        **trt_profile_shapes(name, dims, IMGSZ, TRT_MAX_BATCH),
+        "trt_engine_cache_prefix": model_digest(onnx),
+    }
     return choose_providers(
         [TENSORRT, CUDA, CPU],
         gpu=True,
         trt_cache_dir=cache_dir / config,
         fp16=fp16,
-        trt_profile=trt_profile_shapes(name, dims, IMGSZ, TRT_MAX_BATCH),
+        trt_options=options,
     )
 
 
@@ -164,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
     batches = [int(b) for b in args.batches.split(",")]
-    if not batches or min(batches) < 1:
-        parser.error("--batches: positive integers")
+    if not batches or min(batches) < 1 or max(batches) > TRT_MAX_BATCH:
+        parser.error(f"--batches: integers from 1 to {TRT_MAX_BATCH} (TensorRT's profile)")
     report: dict[str, Any] = {
         "ort_version": ort.__version__,
         "ort_providers": ort.get_available_providers(),

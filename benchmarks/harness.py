@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import sys
 import time
@@ -105,8 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--raw-batches",
         default=None,
         help="raw ORT also runs one process with batches of the newest frames of this many "
-        "cameras, e.g. 8,32 (default: 8,32 where a CUDA GPU is, none on CPUs, where a batch "
-        "costs as much per frame)",
+        "cameras, e.g. 8,32 (default: 8,32 where an NVIDIA GPU is, none on CPUs, where a "
+        "batch costs as much per frame)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     parser.add_argument("--no-progress", action="store_true")
@@ -190,7 +191,7 @@ class Plan:
             args.seconds, args.warmup_s = QUICK["seconds"], QUICK["warmup_s"]
         self.counts = parse_counts(str(args.cameras))
         self.systems = parse_systems(str(args.systems))
-        from deployments.inference.engines import gpu_present
+        from deployments.inference.gpu import gpu_present
 
         args.raw_batch_sizes = parse_batches(args.raw_batches, gpu_present())
         self.saturation = args.saturation_cameras
@@ -427,7 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        Plan(copy.copy(args))  # counts, systems and batch sizes: a usage error, not a trace
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 from ray.serve import metrics
 
@@ -30,7 +31,8 @@ class Classifier:
     def __init__(self, spec: dict[str, Any]) -> None:
         self._spec = BranchModelSpec.model_validate(spec)
         self._slot: ModelSlot[BranchEngine] = ModelSlot(self._spec.id)
-        self._slot.start(lambda converting: BranchEngine(self._spec, converting))
+        gpu = bool(ray.get_gpu_ids())  # CUDA only where Ray assigned this replica a GPU
+        self._slot.start(lambda converting: BranchEngine(self._spec, converting, gpu))
         self._batch_sizes: Counter[int] = Counter()
         self._m_batch = metrics.Histogram(
             "camgraph_classifier_batch_size",

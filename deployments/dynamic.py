@@ -323,7 +323,9 @@ class PipelineClassifier(_Multiplexed):
                 intra_op_threads=archives.spec.settings.intra_op_threads,
                 onnx_cache_dir=archives.spec.onnx_cache_dir,
             )
-            engine = await asyncio.to_thread(BranchEngine, spec, archives.converting(key))
+            engine = await asyncio.to_thread(
+                BranchEngine, spec, archives.converting(key), bool(ray.get_gpu_ids())
+            )
         except Exception as exc:
             archives.record_failure(model_id, exc)
             raise

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from deployments.inference.engines import make_session, parse_names
+from deployments.inference.gpu import choose_providers
 from deployments.inference.pt_models import pt_as_onnx
 from graph.common.errors import InferenceError, ModelLoadError
 from graph.common.schemas import BranchModelSpec
@@ -30,8 +31,14 @@ class Label:
 class ClassifierEngine:
     """YOLO-cls ONNX model: square BGR crops (see vision.crop_square) in, top-1 out."""
 
-    def __init__(self, path: Path, intra_op_threads: int = 1) -> None:
-        self._session = make_session(path, intra_op_threads)
+    def __init__(self, path: Path, intra_op_threads: int = 1, gpu: bool = False) -> None:
+        """`gpu`: CUDA when Ray assigned the replica a GPU; never by the device's mere
+        presence (a replica without a share must not run on GPU 0 outside Ray's
+        accounting)."""
+        import onnxruntime as ort
+
+        providers = choose_providers(ort.get_available_providers(), gpu, None)
+        self._session = make_session(path, intra_op_threads, providers)
         (inp,) = self._session.get_inputs()
         self._input = inp.name
         meta = self._session.get_modelmeta().custom_metadata_map
@@ -56,20 +63,20 @@ class ClassifierEngine:
 
 
 def load_classifier(
-    spec: BranchModelSpec, on_converting: Callable[[], None] | None = None
+    spec: BranchModelSpec, on_converting: Callable[[], None] | None = None, gpu: bool = False
 ) -> ClassifierEngine:
     """A branch's `.onnx` classifier, or its `.pt` one exported to ONNX (at the size it
     was trained at; `on_converting` while that runs), served the same way."""
     assert spec.path is not None
     if spec.path.suffix == ".onnx":
-        return ClassifierEngine(spec.path, spec.intra_op_threads)
+        return ClassifierEngine(spec.path, spec.intra_op_threads, gpu)
     if spec.path.suffix != ".pt":
         raise ModelLoadError(f"branch {spec.id}: classifiers are .onnx or .pt files")
     with pt_as_onnx(spec.path, "classify", spec.onnx_cache_dir, None, on_converting) as (
         onnx_path,
         names,
     ):
-        engine = ClassifierEngine(onnx_path, spec.intra_op_threads)
+        engine = ClassifierEngine(onnx_path, spec.intra_op_threads, gpu)
     if engine.names != names:
         raise ModelLoadError(f"{spec.path.name}: its ONNX export names other classes than it")
     return engine
@@ -124,7 +131,10 @@ class BranchEngine:
     camera), one Label or None (nothing readable) out per crop."""
 
     def __init__(
-        self, spec: BranchModelSpec, on_converting: Callable[[], None] | None = None
+        self,
+        spec: BranchModelSpec,
+        on_converting: Callable[[], None] | None = None,
+        gpu: bool = False,
     ) -> None:
         self.kind = spec.kind
         if spec.kind == "ocr":
@@ -135,7 +145,7 @@ class BranchEngine:
             if spec.path is None:
                 raise ModelLoadError(f"branch {spec.id}: a classifier needs a model file")
             self._plates = None
-            self._classifier = load_classifier(spec, on_converting)
+            self._classifier = load_classifier(spec, on_converting, gpu)
             inner = self._classifier
         self.providers, self.imgsz, self.names = inner.providers, inner.imgsz, inner.names
 

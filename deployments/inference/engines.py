@@ -10,15 +10,27 @@ import asyncio
 import dataclasses
 import enum
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from deployments.inference.gpu import (
+    CUDA,
+    TENSORRT,
+    TRT_MAX_BATCH,
+    choose_providers,
+    gpu_present,
+    model_digest,
+    model_inputs,
+    preload_gpu_libraries,
+    profile_max_batch,
+    trt_engine_cached,
+    trt_profile_shapes,
+)
 from deployments.inference.pt_models import checked_yolo, pt_as_onnx
 from graph.common.errors import InferenceError, ModelLoadError, ModelNotReadyError
 from graph.common.vision import (
@@ -30,10 +42,6 @@ from graph.common.vision import (
 )
 
 logger = logging.getLogger(__name__)
-
-TENSORRT = "TensorrtExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 
 
 class Engine(Protocol):
@@ -48,101 +56,6 @@ class Engine(Protocol):
     def detect(self, images: np.ndarray, params: Sequence[DetectParams]) -> list[np.ndarray]:
         """BxHxWx3 uint8 letterboxed BGR → per image (K, 6) x1 y1 x2 y2 conf cls."""
         ...
-
-
-def gpu_present() -> bool:
-    """True when an NVIDIA device node exists (cheap; no CUDA initialisation)."""
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
-
-
-def choose_providers(
-    available: Sequence[str],
-    gpu: bool,
-    trt_cache_dir: Path | None,
-    fp16: bool = True,
-    trt_profile: Mapping[str, str] | None = None,
-) -> list[str | tuple[str, dict[str, Any]]]:
-    """TensorRT (engine cache; `trt_profile`: its optimization profile, see
-    `trt_profile_shapes`) → CUDA → CPU, keeping only what is present; GPU providers only
-    when a GPU is (onnxruntime-gpu lists them on CPU-only machines too)."""
-    chosen: list[str | tuple[str, dict[str, Any]]] = []
-    if gpu and TENSORRT in available and trt_cache_dir is not None:
-        chosen.append(
-            (
-                TENSORRT,
-                {
-                    "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": str(trt_cache_dir),
-                    "trt_timing_cache_enable": True,
-                    "trt_timing_cache_path": str(trt_cache_dir),
-                    "trt_fp16_enable": fp16,
-                    **(trt_profile or {}),
-                },
-            )
-        )
-    if gpu and CUDA in available:
-        chosen.append(CUDA)
-    chosen.append(CPU)
-    return chosen
-
-
-# The largest batch a TensorRT engine is built for; larger batches run in parts of it.
-TRT_MAX_BATCH = 32
-
-
-def input_signature(path: Path) -> tuple[str, list[int | str]]:
-    """A model's image input, read from its ONNX graph without a session: the name and
-    the dims (an int where fixed, else the dim's name)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError and friends: not an ONNX file
-        raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
-    initialized = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name not in initialized:
-            dims = value.type.tensor_type.shape.dim
-            return value.name, [
-                d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims
-            ]
-    raise ModelLoadError(f"{path.name}: the graph has no input")
-
-
-def trt_profile_shapes(
-    name: str, dims: Sequence[int | str], imgsz: int, max_batch: int = TRT_MAX_BATCH
-) -> dict[str, str]:
-    """TensorRT's optimization profile for a detector input with a dynamic batch: batches
-    1 to `max_batch`, tuned for half of it, at the model's own sides or the square
-    `imgsz` (what GPU replicas are fed). Without one, ONNX Runtime's TensorRT provider
-    sizes the profile by the shapes seen so far and builds the engine again, minutes on
-    the replica's event loop, each time a larger batch comes. Empty where no profile is
-    needed (every dim fixed) or none can be written (the option's syntax has no quoting
-    for an input name with ',' or ':')."""
-    if len(dims) != 4 or all(isinstance(d, int) and d > 0 for d in dims):
-        return {}
-    if "," in name or ":" in name or not name:
-        logger.warning("input %r: no TensorRT profile (its name cannot be written)", name[:80])
-        return {}
-
-    def fixed(dim: int | str, default: int) -> int:
-        return dim if isinstance(dim, int) and dim > 0 else default
-
-    batch, channels, height, width = dims
-    c, h, w = fixed(channels, 3), fixed(height, imgsz), fixed(width, imgsz)
-    if isinstance(batch, int) and batch > 0:
-        low = opt = high = batch
-    else:
-        low, opt, high = 1, max(1, max_batch // 2), max(1, max_batch)
-
-    def shape(n: int) -> str:
-        return f"{name}:{n}x{c}x{h}x{w}"
-
-    return {
-        "trt_profile_min_shapes": shape(low),
-        "trt_profile_opt_shapes": shape(opt),
-        "trt_profile_max_shapes": shape(high),
-    }
 
 
 def parse_names(raw: str | None, nc: int) -> dict[int, str]:
@@ -184,6 +97,24 @@ def fixed_input_size(
     return (imgsz, imgsz) if fixed or TENSORRT in providers or CUDA in providers else None
 
 
+def check_image_input(name: str, shapes: Sequence[Sequence[Any]], imgsz: int) -> None:
+    """ModelLoadError unless a detector's inputs are one NCHW image: 3 channels where
+    fixed, fixed sides equal to `imgsz`, a fixed batch only of 1. `shapes`: each input's
+    dims (ints where fixed)."""
+    if len(shapes) != 1 or len(shapes[0]) != 4:
+        raise ModelLoadError(f"{name}: expected one NCHW image input")
+    batch_dim, channels, h, w = shapes[0]
+    if channels not in (3, "3") and isinstance(channels, int):
+        raise ModelLoadError(f"{name}: expected 3 input channels, got {channels}")
+    for dim in (h, w):
+        if isinstance(dim, int) and dim != imgsz:
+            raise ModelLoadError(f"{name}: input is {h}x{w}, configured imgsz {imgsz}")
+    if isinstance(batch_dim, int) and batch_dim != 1:
+        raise ModelLoadError(
+            f"{name}: fixed batch size {batch_dim}; export with a dynamic batch or 1"
+        )
+
+
 def make_session(
     path: Path,
     intra_op_threads: int,
@@ -211,48 +142,12 @@ def make_session(
     if missing:
         # ORT falls back with a note on stderr only; /health lists the providers too.
         logger.warning(
-            "%s: %s did not load (libraries missing, see the README's GPU notes); running on %s",
+            "%s: %s did not load or initialise (see the README's GPU notes); running on %s",
             path.name,
             ", ".join(missing),
             ", ".join(session.get_providers()),
         )
     return session
-
-
-_preloaded = False
-
-
-def preload_gpu_libraries() -> None:
-    """Load CUDA and cuDNN from the `nvidia-*` wheels (torch's CUDA build brings them)
-    and TensorRT from `tensorrt-cu13-libs` where installed, so that ORT's CUDA and
-    TensorRT providers find them without a system CUDA toolkit. ORT looks for them only
-    on the library path, or finds them loaded when torch was imported first, which a
-    replica serving an ONNX model never does: without this its CUDA provider fails to
-    load (`libcublasLt.so.13`) and the model runs on the CPU. Once per process; a
-    library that is not there is ORT's warning at session creation, not an error here."""
-    global _preloaded
-    if _preloaded:
-        return
-    _preloaded = True
-    import ctypes
-    import importlib.util
-
-    import onnxruntime as ort
-
-    try:
-        if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21
-            ort.preload_dlls(directory="")  # nvidia site packages, then the default paths
-    except Exception as exc:  # it raises only for a bad directory; never fatal here
-        logger.warning("CUDA libraries not preloaded: %s", exc)
-    spec = importlib.util.find_spec("tensorrt_libs")
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in folders:
-        libs = sorted(Path(folder).glob("libnvinfer*.so.*"))
-        for lib in libs + sorted(Path(folder).glob("libnvonnxparser*.so.*")):
-            try:
-                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-            except OSError as exc:
-                logger.warning("TensorRT library %s not loaded: %s", lib.name, exc)
 
 
 class OnnxEngine:
@@ -271,19 +166,9 @@ class OnnxEngine:
         self._session = make_session(path, intra_op_threads, providers)
         self.providers = self._session.get_providers()
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise ModelLoadError(f"{path.name}: expected one NCHW image input")
+        check_image_input(path.name, [i.shape for i in inputs], imgsz)
         self._input = inputs[0].name
-        batch_dim, channels, h, w = inputs[0].shape
-        if channels not in (3, "3") and isinstance(channels, int):
-            raise ModelLoadError(f"{path.name}: expected 3 input channels, got {channels}")
-        for dim in (h, w):
-            if isinstance(dim, int) and dim != imgsz:
-                raise ModelLoadError(f"{path.name}: input is {h}x{w}, configured imgsz {imgsz}")
-        if isinstance(batch_dim, int) and batch_dim != 1:
-            raise ModelLoadError(
-                f"{path.name}: fixed batch size {batch_dim}; export with a dynamic batch or 1"
-            )
+        batch_dim, _, h, w = inputs[0].shape
         # A fixed batch is 1 here (others are refused above).
         self.max_batch = 1 if isinstance(batch_dim, int) else max_batch
         self.input_hw = fixed_input_size(h, w, self.providers, imgsz)
@@ -390,9 +275,9 @@ class EngineOptions:
     onnx_cache_dir: Path | None = None  # `.pt` exports; None: a temporary one per load
     trt_max_batch: int = TRT_MAX_BATCH  # TensorRT's profile ceiling (larger: in parts)
 
-
-def trt_engine_cached(trt_cache_dir: Path | None) -> bool:
-    return trt_cache_dir is not None and any(trt_cache_dir.glob("*.engine"))
+    def __post_init__(self) -> None:
+        if self.trt_max_batch < 1:
+            raise ValueError("trt_max_batch must be >= 1")
 
 
 def load_engine(
@@ -416,28 +301,53 @@ def load_engine(
 
     available = ort.get_available_providers()
     gpu = gpu_present() if options.gpu is None else options.gpu
-    providers = choose_providers(available, gpu, options.trt_cache_dir, options.fp16)
-    uses_trt = any(isinstance(p, tuple) and p[0] == TENSORRT for p in providers)
-    if not uses_trt:
-        return OnnxEngine(path, options.imgsz, options.intra_op_threads, providers)
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
-    name, dims = input_signature(path)
-    profile = trt_profile_shapes(name, dims, options.imgsz, options.trt_max_batch)
+    trt_options: dict[str, str] | None = None
+    if gpu and TENSORRT in available and options.trt_cache_dir is not None:
+        trt_options = tensorrt_options(path, options)
     providers = choose_providers(
-        available, gpu, options.trt_cache_dir, options.fp16, trt_profile=profile
+        available,
+        gpu,
+        options.trt_cache_dir if trt_options is not None else None,
+        options.fp16,
+        trt_options,
     )
-    if options.trt_cache_dir is not None:
+    if trt_options is not None and options.trt_cache_dir is not None:
         options.trt_cache_dir.mkdir(parents=True, exist_ok=True)
-        if not trt_engine_cached(options.trt_cache_dir) and on_converting:
+        prefix = trt_options["trt_engine_cache_prefix"]
+        if not trt_engine_cached(options.trt_cache_dir, prefix) and on_converting:
             on_converting()
     return OnnxEngine(
         path,
         options.imgsz,
         options.intra_op_threads,
         providers,
-        max_batch=options.trt_max_batch if profile else None,
+        max_batch=profile_max_batch(trt_options or {}),
     )
+
+
+def tensorrt_options(path: Path, options: EngineOptions) -> dict[str, str] | None:
+    """TensorRT's options for a detector model (its profile, and its engines' cache key),
+    or None where TensorRT is left to CUDA: its library did not load, or the batch is
+    dynamic and the input's name cannot be written into a profile (TensorRT would then
+    rebuild its engine at each larger batch). The input is checked first: a model
+    `OnnxEngine` refuses must not cost an engine build."""
+    if not preload_gpu_libraries(tensorrt=True):
+        return None
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    inputs = model_inputs(path)
+    check_image_input(path.name, [dims for _, dims in inputs], options.imgsz)
+    name, dims = inputs[0]
+    profile = trt_profile_shapes(name, dims, options.imgsz, options.trt_max_batch)
+    dynamic = not all(isinstance(d, int) and d > 0 for d in dims)
+    if dynamic and not profile:
+        logger.warning(
+            "%s: input %r cannot be written into a TensorRT profile: CUDA serves it",
+            path.name,
+            name[:80],
+        )
+        return None
+    return {**profile, "trt_engine_cache_prefix": model_digest(path)}
 
 
 class ModelState(enum.StrEnum):

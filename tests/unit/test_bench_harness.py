@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.baselines import Camera, best_raw, raw_layouts, raw_variants
+from benchmarks.baselines import Camera, best_raw, raw_layouts, raw_variants, take_round_robin
 from benchmarks.camgraph_phase import (
     batch_distribution,
     bench_serve_config,
@@ -556,12 +556,12 @@ def test_the_take_age_is_the_median_of_the_cameras_that_report_it() -> None:
 
 def test_raw_variants_add_one_batched_process_per_batch_size() -> None:
     cams = [Camera(f"cam{i}", f"/c{i}.mp4") for i in range(4)]
-    variants = raw_variants(cams, cores=2, batches=[32, 1, 8, 8])
+    variants = raw_variants(cams, cores=2, batches=[32, 1, 2, 8, 8])
     assert [(name, len(shares), threads, batch) for name, shares, threads, batch in variants] == [
         ("1 proc x 2 threads", 1, 2, 1),
         ("2 procs x 1 thread", 2, 1, 1),
-        ("1 proc, batches of 8", 1, 2, 8),
-        ("1 proc, batches of 32", 1, 2, 32),
+        ("1 proc, batches of 2", 1, 2, 2),
+        ("1 proc, batches of 4", 1, 2, 4),  # 8 and 32 of 4 cameras: one run of 4
     ]
     assert parse_batches(None, gpu=True) == [8, 32] and parse_batches(None, gpu=False) == []
     assert parse_batches("1,4", gpu=True) == [4] and parse_batches("", gpu=True) == []
@@ -569,9 +569,19 @@ def test_raw_variants_add_one_batched_process_per_batch_size() -> None:
         parse_batches("0,8", gpu=False)
 
 
-def test_a_batched_raw_process_takes_one_frame_of_each_camera_per_run(tmp_path: Path) -> None:
-    """Three cameras replayed losslessly, batches of 3: every frame is accounted for, and
-    round-robin batches keep the cameras within a batch of each other."""
+def test_round_robin_batches_take_each_ready_camera_once_and_go_on_after_the_last() -> None:
+    ready = {0: ["a0"], 1: [], 2: ["c0", "c1"], 3: ["d0"], 4: ["e0"]}
+    takers = [lambda k=k: ready[k].pop(0) if ready[k] else None for k in range(5)]
+    assert take_round_robin(takers, 0, 2) == ([(0, "a0"), (2, "c0")], 3)
+    assert take_round_robin(takers, 3, 2) == ([(3, "d0"), (4, "e0")], 5)
+    # From 5 (= 0 in the circle): camera 2's next frame, then nothing else is ready.
+    assert take_round_robin(takers, 5, 2) == ([(2, "c1")], 3)
+    assert take_round_robin(takers, 3, 2) == ([], 3)  # none ready: the turn stays
+
+
+def test_a_batched_raw_process_accounts_for_every_frame(tmp_path: Path) -> None:
+    """Three cameras replayed losslessly, batches of up to 3 through a real session:
+    every frame is accounted for, and runs did carry several cameras' frames."""
     from benchmarks.baselines import RawSpec, raw_worker
     from benchmarks.frames import ClipSpec, ensure_clips
     from benchmarks.tiny_detector import build
@@ -581,11 +591,8 @@ def test_a_batched_raw_process_takes_one_frame_of_each_camera_per_run(tmp_path: 
     model = build(tmp_path / "tiny.onnx")
     spec = RawSpec(str(model), 640, 1, cams, "saturation", 0.5, 1.5, batch=3)
     result = raw_worker(spec, time.time)
-    processed = [c["processed"] for c in result["cameras"]]
-    assert min(processed) > 10  # a near-free detector replays far more than 12 frames
-    assert max(processed) - min(processed) <= 1
-    # Runs of one frame would give at most 1 (the window's frames over every run).
-    assert sum(processed) / result["runs"] >= 1.5
+    assert all(c["processed"] > 0 for c in result["cameras"])
     for camera in result["cameras"]:
         assert camera["drops"] == {}  # lossless
         assert camera["offered"] == camera["processed"] + camera["in_flight"]
+    assert 2 <= result["largest_batch"] <= 3

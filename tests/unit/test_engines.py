@@ -7,22 +7,15 @@ import numpy as np
 import pytest
 
 from deployments.inference.engines import (
-    CPU,
-    CUDA,
-    TENSORRT,
     EngineOptions,
     ModelSlot,
     OnnxEngine,
-    choose_providers,
     fixed_input_size,
-    gpu_present,
-    input_signature,
     load_engine,
-    make_session,
     parse_names,
     parse_stride,
-    trt_profile_shapes,
 )
+from deployments.inference.gpu import CPU, CUDA, TENSORRT
 from graph.common.errors import InferenceError, ModelLoadError, ModelNotReadyError
 from graph.common.vision import DetectParams
 from tests.onnx_models import constant_detector, faulty_detector, yolo_raw
@@ -159,48 +152,6 @@ def test_unusable_output_is_an_inference_error(tmp_path: Path) -> None:
         engine.detect(batch(2), [DetectParams()] * 2)
 
 
-def test_providers_prefer_tensorrt_then_cuda_only_with_a_gpu(tmp_path: Path) -> None:
-    everything = [TENSORRT, CUDA, CPU]
-    assert choose_providers(everything, gpu=False, trt_cache_dir=tmp_path) == [CPU]
-    with_gpu = choose_providers(everything, gpu=True, trt_cache_dir=tmp_path)
-    assert [p if isinstance(p, str) else p[0] for p in with_gpu] == everything
-    assert with_gpu[0][1]["trt_engine_cache_path"] == str(tmp_path)  # type: ignore[index]
-    assert choose_providers(everything, gpu=True, trt_cache_dir=None) == [CUDA, CPU]
-    assert choose_providers([CPU], gpu=True, trt_cache_dir=tmp_path) == [CPU]
-
-
-def test_tensorrt_gets_one_profile_for_every_batch_up_to_its_ceiling(tmp_path: Path) -> None:
-    """ORT's TensorRT provider otherwise sizes its profile by the batches seen so far and
-    rebuilds the engine each time a larger one comes (its docs: 'Explicit range of
-    dynamic input shape')."""
-    name, dims = input_signature(constant_detector(tmp_path / "m.onnx", RAW))
-    assert (name, dims) == ("images", ["batch", 3, "size", "size"])
-    assert trt_profile_shapes(name, dims, 640) == {
-        "trt_profile_min_shapes": "images:1x3x640x640",
-        "trt_profile_opt_shapes": "images:16x3x640x640",
-        "trt_profile_max_shapes": "images:32x3x640x640",
-    }
-    # Fixed sides are kept; a fixed batch of 1 is a profile of one shape.
-    fixed = trt_profile_shapes("x", [1, 3, "h", 320], 640, max_batch=8)
-    assert set(fixed.values()) == {"x:1x3x640x320"}
-    assert (
-        trt_profile_shapes("x", ["b", 3, 640, 640], 640, max_batch=8)["trt_profile_max_shapes"]
-        == "x:8x3x640x640"
-    )
-    # Nothing to profile, or no way to write it: none (TensorRT then sizes it itself).
-    assert trt_profile_shapes("x", [1, 3, 640, 640], 640) == {}
-    assert trt_profile_shapes("a,b:c", ["b", 3, 640, 640], 640) == {}
-    assert trt_profile_shapes("x", ["b", 640], 640) == {}
-    with_gpu = choose_providers(
-        [TENSORRT, CUDA, CPU], gpu=True, trt_cache_dir=tmp_path, trt_profile={"k": "v"}
-    )
-    assert with_gpu[0][1]["k"] == "v" and with_gpu[0][1]["trt_fp16_enable"] is True  # type: ignore[index]
-    bad = tmp_path / "bad.onnx"
-    bad.write_bytes(b"\x00not onnx")
-    with pytest.raises(ModelLoadError, match=r"cannot load bad\.onnx"):
-        input_signature(bad)
-
-
 def test_batches_above_the_engines_ceiling_run_in_parts_with_the_same_results() -> None:
     from demo.datasets import HELD_OUT_SEED_START
     from demo.scenes import Scene
@@ -330,58 +281,3 @@ def test_not_ready_error_survives_pickling() -> None:
 
     err = pickle.loads(pickle.dumps(ModelNotReadyError("m", "error", "boom")))
     assert (err.model_id, err.state, err.message) == ("m", "error", "boom")
-
-
-PRELOAD_PROBE = """
-import sys
-from pathlib import Path
-from deployments.inference.engines import CPU, make_session, preload_gpu_libraries
-if sys.argv[1] == "gpu":
-    preload_gpu_libraries()
-else:
-    make_session(Path(sys.argv[2]), 1, [CPU])
-print("libcublasLt.so.13" in open("/proc/self/maps").read())
-"""
-
-
-def test_gpu_providers_get_the_cuda_wheels_libraries_and_cpu_sessions_do_not(
-    tmp_path: Path,
-) -> None:
-    """ORT's CUDA provider looks for CUDA only on the library path; the `nvidia-*`
-    wheels torch brings are not on it, so a replica serving an ONNX model ran on the CPU
-    of a GPU node. A CPU session must not map those libraries (hundreds of MB)."""
-    import subprocess
-    import sys
-    from importlib.util import find_spec
-
-    spec = find_spec("nvidia")
-    roots = list(spec.submodule_search_locations or []) if spec else []
-    if not any(Path(root).rglob("libcublasLt.so.13") for root in roots):
-        pytest.skip("no CUDA 13 cuBLAS wheel installed here")
-    model = str(constant_detector(tmp_path / "m.onnx", RAW))
-    root = Path(__file__).resolve().parents[2]
-
-    def probe(mode: str) -> str:
-        run = subprocess.run(
-            [sys.executable, "-c", PRELOAD_PROBE, mode, model],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert run.returncode == 0, run.stderr[-2000:]
-        return run.stdout.strip().splitlines()[-1]
-
-    assert probe("gpu") == "True"
-    assert probe("cpu") == "False"
-
-
-def test_a_gpu_provider_that_does_not_load_is_a_warning_not_silence(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    if gpu_present():
-        pytest.skip("a GPU is present: CUDA loads here")
-    with caplog.at_level("WARNING", logger="deployments.inference.engines"):
-        session = make_session(constant_detector(tmp_path / "m.onnx", RAW), 1, [CUDA, CPU])
-    assert session.get_providers() == [CPU]
-    assert "CUDAExecutionProvider did not load" in caplog.text

@@ -18,7 +18,8 @@ from ultralytics import YOLO
 from ultralytics.engine.exporter import Exporter
 
 from deployments.inference.classify import BranchEngine
-from deployments.inference.engines import CPU, EngineOptions, ModelSlot, load_engine
+from deployments.inference.engines import EngineOptions, ModelSlot, load_engine
+from deployments.inference.gpu import CPU
 from deployments.inference.pt_models import export_onnx
 from graph.common.errors import ModelLoadError
 from graph.common.schemas import BranchModelSpec
