@@ -131,8 +131,9 @@ def raw_worker(spec: RawSpec, ready: Any) -> dict[str, Any]:
     engine = OnnxEngine(Path(spec.model), spec.imgsz, intra_op_threads=spec.threads)
     params = DetectParams(conf=spec.conf, iou=spec.iou)
     blank = np.full((spec.batch, spec.imgsz, spec.imgsz, 3), 114, np.uint8)
-    for _ in range(2):  # at the batch size it will run (a GPU tunes per shape)
-        engine.detect(blank, [params] * spec.batch)
+    for size in range(1, spec.batch + 1):  # every size it may run (a GPU tunes per shape)
+        for _ in range(2 if size in (1, spec.batch) else 1):
+            engine.detect(blank[:size], [params] * size)
     wake = threading.Event()
     feeds = [_Feed(c, spec, wake) for c in spec.cameras]
     t0 = ready()

@@ -64,10 +64,9 @@ def providers_for(config: str, onnx: Path, cache_dir: Path) -> list[Any]:
     fp16 = config == "trt-fp16"
     preload_gpu_libraries(tensorrt=True)  # as load_engine does; unavailable if it fails
     ((name, dims),) = model_inputs(onnx)
-    options = {
-        **trt_profile_shapes(name, dims, IMGSZ, TRT_MAX_BATCH),
-        "trt_engine_cache_prefix": model_digest(onnx),
-    }
+    profile = trt_profile_shapes(name, dims, IMGSZ, TRT_MAX_BATCH)
+    build = [*sorted(profile.values()), f"fp16={fp16}"]
+    options = {**profile, "trt_engine_cache_prefix": model_digest(onnx, *build)}
     return choose_providers(
         [TENSORRT, CUDA, CPU],
         gpu=True,

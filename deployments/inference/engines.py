@@ -347,7 +347,8 @@ def tensorrt_options(path: Path, options: EngineOptions) -> dict[str, str] | Non
             name[:80],
         )
         return None
-    return {**profile, "trt_engine_cache_prefix": model_digest(path)}
+    build = [*sorted(profile.values()), f"fp16={options.fp16}"]
+    return {**profile, "trt_engine_cache_prefix": model_digest(path, *build)}
 
 
 class ModelState(enum.StrEnum):

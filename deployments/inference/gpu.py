@@ -24,12 +24,13 @@ CPU = "CPUExecutionProvider"
 
 # A TensorRT engine is built for batches up to this many 640×640 images (fewer of larger
 # ones: TensorRT sizes its memory for the profile's largest shape); larger batches run
-# in parts. Tuned for TRT_OPT_BATCH, the batches a GPU replica's defaults give.
+# in parts. Tuned for TRT_OPT_BATCH: the README's `max_batch_size` for GPU nodes is 8-16.
 TRT_MAX_BATCH = 32
 TRT_MAX_PIXELS = TRT_MAX_BATCH * 640 * 640
 TRT_OPT_BATCH = 8
 # ONNX Runtime 1.31's TensorRT provider links TensorRT 10 (CUDA 13 build).
 NVINFER = "libnvinfer.so.10"
+NVONNXPARSER = "libnvonnxparser.so.10"
 TENSORRT_WHEEL = "tensorrt-cu13-libs"
 
 
@@ -130,15 +131,19 @@ def model_inputs(path: Path) -> list[tuple[str, list[int | str]]]:
                         if item == GRAPH_INPUT:
                             inputs.append(ValueInfoProto.FromString(bytes(buf[s:e])))
                         elif item == GRAPH_INITIALIZER:
-                            initialized.update(
-                                bytes(buf[a:b]).decode()
-                                for n, a, b in _fields(buf, s, e)
-                                if n == TENSOR_NAME
+                            # Its name only: the weights' fields are not read past it.
+                            name = next(
+                                (f for f in _fields(buf, s, e) if f[0] == TENSOR_NAME), None
                             )
+                            if name is not None:
+                                raw = bytes(buf[name[1] : name[2]])
+                                initialized.add(raw.decode(errors="surrogateescape"))
             finally:
                 buf.release()
     except Exception as exc:  # OSError, ValueError (an empty file too), protobuf's errors
         raise ModelLoadError(f"cannot load {path.name}: {exc}") from exc
+    if any(not isinstance(value.name, str) for value in inputs):
+        raise ModelLoadError(f"{path.name}: an input's name is not UTF-8")
     return [
         (
             value.name,
@@ -203,14 +208,18 @@ def profile_max_batch(profile: Mapping[str, str]) -> int | None:
     return int(shape.rsplit(":", 1)[1].split("x", 1)[0]) if shape else None
 
 
-def model_digest(path: Path) -> str:
-    """The engine cache's key for a model: ORT names cached engines by the graph's file
-    name and structure, not its weights, so two archives' same-named exports of one
-    architecture would share an engine (one of them running the other's weights)."""
+def model_digest(path: Path, *build: str) -> str:
+    """The engine cache's key for a model and what its engine is built with (`build`:
+    the profile, the precision): ORT names cached engines by the graph's file name and
+    structure, not its weights, so two archives' same-named exports of one architecture
+    would share an engine (one of them running the other's weights), and one model at
+    two profiles would rebuild over each other's engine at every load."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
+    for part in build:
+        digest.update(b"\x00" + part.encode())
     return "m" + digest.hexdigest()[:24]
 
 
@@ -252,11 +261,8 @@ def preload_gpu_libraries(tensorrt: bool = False) -> bool:
 def _load_tensorrt() -> bool:
     """TensorRT 10 from the library path, else from the `tensorrt-cu13-libs` wheel (only
     that one: the CUDA 12 wheel ships the same module for another CUDA)."""
-    try:
-        ctypes.CDLL(NVINFER, mode=ctypes.RTLD_GLOBAL)
+    if _sonames_load():
         return True
-    except OSError:
-        pass
     import importlib.metadata
     import importlib.util
 
@@ -268,15 +274,25 @@ def _load_tensorrt() -> bool:
     spec = importlib.util.find_spec("tensorrt_libs")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in map(Path, folders):
-        for stem in ("libnvinfer.so", "libnvinfer_plugin.so", "libnvonnxparser.so"):
+        # The builder opens its resource library by name when it builds an engine.
+        stems = ("libnvinfer.so", "libnvinfer_builder_resource.so", "libnvinfer_plugin.so")
+        for stem in (*stems, "libnvonnxparser.so"):
             for lib in sorted(folder.glob(f"{stem}.*")):
                 try:
                     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
                 except OSError as exc:
                     logger.warning("TensorRT library %s not loaded: %s", lib.name, exc)
-    try:
-        ctypes.CDLL(NVINFER, mode=ctypes.RTLD_GLOBAL)  # found now by its soname
+    if _sonames_load():  # found now by their sonames
         return True
-    except OSError as exc:
-        logger.warning("TensorRT not loaded: %s", exc)
+    logger.warning("TensorRT not loaded from %s", TENSORRT_WHEEL)
+    return False
+
+
+def _sonames_load() -> bool:
+    """Whether TensorRT and its ONNX parser (both linked by ORT's provider) load."""
+    try:
+        for soname in (NVINFER, NVONNXPARSER):
+            ctypes.CDLL(soname, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
         return False
+    return True

@@ -20,6 +20,7 @@ from deployments.inference.gpu import (
     CUDA,
     TENSORRT,
     choose_providers,
+    gpu_present,
     model_digest,
     model_inputs,
     profile_max_batch,
@@ -81,13 +82,21 @@ def test_the_input_is_read_as_onnx_reads_it_without_the_weights(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"\x00not an onnx model", b"\x3a\xff\xff\xff\xff\x0f", b"\x0f"],
-    ids=["empty", "garbage", "length-past-the-end", "group-wire-type"],
+    [b"", b"\x00not an onnx model", b"\x3a\xff\xff\xff\xff\x0f", b"\x0b", b"\x0f"],
+    ids=["empty", "garbage", "length-past-the-end", "group-wire-type", "wire-type-7"],
 )
 def test_a_file_that_is_not_onnx_is_a_model_load_error(tmp_path: Path, content: bytes) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(content)
     with pytest.raises(ModelLoadError, match=r"cannot load bad\.onnx"):
+        model_inputs(bad)
+
+
+def test_an_input_name_that_is_not_utf8_is_a_model_load_error(tmp_path: Path) -> None:
+    data = constant_detector(tmp_path / "m.onnx", RAW).read_bytes()
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(data.replace(b"images", b"\xffmages"))  # same length: still well-formed
+    with pytest.raises(ModelLoadError, match="not UTF-8"):
         model_inputs(bad)
 
 
@@ -147,6 +156,7 @@ def tensorrt_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engines, "preload_gpu_libraries", lambda tensorrt=False: True)
 
 
+@pytest.mark.skipif(gpu_present(), reason="a GPU is present: CUDA loads here")
 def test_load_engine_gives_tensorrt_its_profile_cache_key_and_batch_ceiling(
     tmp_path: Path, tensorrt_loads: None, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -159,7 +169,16 @@ def test_load_engine_gives_tensorrt_its_profile_cache_key_and_batch_ceiling(
     plan = engines.tensorrt_options(model, options)
     assert plan is not None
     assert plan["trt_profile_max_shapes"] == "images:4x3x64x64"
-    assert plan["trt_engine_cache_prefix"] == model_digest(model)
+    assert plan["trt_engine_cache_prefix"].startswith("m")
+    # Another precision or profile is another engine, under another key.
+    for other in (
+        EngineOptions(imgsz=64, gpu=True, trt_cache_dir=tmp_path, trt_max_batch=4, fp16=False),
+        EngineOptions(imgsz=64, gpu=True, trt_cache_dir=tmp_path, trt_max_batch=8),
+    ):
+        again = engines.tensorrt_options(model, other)
+        assert again is not None
+        assert again["trt_engine_cache_prefix"] != plan["trt_engine_cache_prefix"]
+    assert engines.tensorrt_options(model, options) == plan  # and the same build, the same
     converting: list[bool] = []
     with caplog.at_level(logging.WARNING, logger="deployments.inference.engines"):
         engine = load_engine(model, options, lambda: converting.append(True))
@@ -242,12 +261,14 @@ def test_gpu_sessions_get_the_cuda_wheels_libraries_and_cpu_sessions_do_not(
     assert probe("cpu") == "False"
 
 
+@pytest.mark.skipif(gpu_present(), reason="a GPU is present: CUDA loads here")
 def test_classifiers_use_cuda_only_where_ray_assigned_a_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A classifier replica without a GPU share must not open a CUDA context on GPU 0
     because the device exists; with one, CUDA is asked for (and here falls back)."""
     monkeypatch.setattr(gpu, "gpu_present", lambda: True)
+    monkeypatch.setattr(engines, "gpu_present", lambda: True)  # make_session's own default
     monkeypatch.setattr(engines, "preload_gpu_libraries", lambda tensorrt=False: True)
     model = ROOT / "models" / "body-type.onnx"
     with caplog.at_level(logging.WARNING, logger="deployments.inference.engines"):
@@ -258,6 +279,7 @@ def test_classifiers_use_cuda_only_where_ray_assigned_a_gpu(
     assert "CUDAExecutionProvider did not load" in caplog.text
 
 
+@pytest.mark.skipif(gpu_present(), reason="a GPU is present: CUDA loads here")
 def test_a_session_without_its_gpu_provider_says_so(
     tmp_path: Path, tensorrt_loads: None, caplog: pytest.LogCaptureFixture
 ) -> None:
