@@ -1,4 +1,5 @@
-"""`camgraph` command line: `camgraph mpta validate|inspect|pack` and `camgraph bench`."""
+"""`camgraph` command line: `camgraph mpta validate|inspect|pack`, `camgraph gpu-config`
+and `camgraph bench`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from graph.gpu_config import GpuSettings, gpu_variant
 from graph.pipeline.archive import (
     ArchiveError,
     ArchiveLimits,
@@ -47,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     pack.add_argument("pipeline_json", type=Path)
     pack.add_argument("--out", type=Path, required=True)
     pack.add_argument("--models-dir", type=Path, default=None)
+    gpu = commands.add_parser(
+        "gpu-config", help="a GPU node's variant of a serve config, printed as YAML"
+    )
+    gpu.add_argument("config", type=Path, help="e.g. serve_config.yaml")
+    for name, field in GpuSettings.model_fields.items():
+        gpu.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=field.annotation,  # type: ignore[arg-type]
+            default=field.default,
+            help=f"{field.description} (default: %(default)s)",
+        )
     bench = commands.add_parser("bench", help="camgraph side by side with its baselines")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark (and what it imports) only when asked for
@@ -56,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.group == "bench":
         return harness.run(args)
+    if args.group == "gpu-config":
+        return _gpu_config(args)
 
     limits = ArchiveLimits()
     try:
@@ -82,6 +97,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(_tree(pipeline.pipeline)))
     else:
         print(f"ok: {args.archive}")
+    return 0
+
+
+def _gpu_config(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        settings = GpuSettings.model_validate(
+            {name: getattr(args, name) for name in GpuSettings.model_fields}
+        )
+        config = yaml.safe_load(args.config.read_text())
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        print(f"camgraph gpu-config: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(config, dict) or not isinstance(config.get("applications"), list):
+        print(f"camgraph gpu-config: {args.config} has no applications", file=sys.stderr)
+        return 2
+    print(f"# camgraph gpu-config of {args.config.name}: detectors on GPUs (README)")
+    print(yaml.safe_dump(gpu_variant(config, settings), sort_keys=False), end="")
     return 0
 
 
