@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     gpu.add_argument("config", type=Path, help="e.g. serve_config.yaml")
     for name, field in GpuSettings.model_fields.items():
-        gpu.add_argument(
+        gpu.add_argument(  # strings: GpuSettings converts and checks them
             f"--{name.replace('_', '-')}",
-            type=field.annotation,  # type: ignore[arg-type]
             default=field.default,
             help=f"{field.description} (default: %(default)s)",
         )
@@ -102,21 +101,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def _gpu_config(args: argparse.Namespace) -> int:
     import yaml
-    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    def fail(message: str) -> int:
+        print(f"camgraph gpu-config: {message}", file=sys.stderr)
+        return 2
 
     try:
         settings = GpuSettings.model_validate(
             {name: getattr(args, name) for name in GpuSettings.model_fields}
         )
-        config = yaml.safe_load(args.config.read_text())
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
-        print(f"camgraph gpu-config: {exc}", file=sys.stderr)
-        return 2
-    if not isinstance(config, dict) or not isinstance(config.get("applications"), list):
-        print(f"camgraph gpu-config: {args.config} has no applications", file=sys.stderr)
-        return 2
+        config = yaml.safe_load(args.config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:
+        return fail(str(exc))
+    try:
+        ServeDeploySchema.model_validate(config)  # what `serve deploy` would refuse
+        variant, notes = gpu_variant(config, settings)
+        ServeDeploySchema.model_validate(variant)
+    except (ValueError, TypeError, AttributeError) as exc:  # Ray's own schema raises
+        return fail(f"{args.config}: {exc}")  # AttributeError on some malformed input
+    for note in notes:
+        print(f"camgraph gpu-config: {note}", file=sys.stderr)
     print(f"# camgraph gpu-config of {args.config.name}: detectors on GPUs (README)")
-    print(yaml.safe_dump(gpu_variant(config, settings), sort_keys=False), end="")
+    print(yaml.safe_dump(variant, sort_keys=False), end="")
     return 0
 
 
