@@ -90,6 +90,23 @@ def test_bench_help(outside: Path) -> None:
     assert "--cameras" in shown.stdout
 
 
+def test_gpu_config_writes_a_config_serve_accepts(outside: Path) -> None:
+    documented(".venv/bin/camgraph gpu-config serve_config.yaml > serve_config.gpu.yaml")
+    made = run(
+        [str(BIN / "camgraph"), "gpu-config", str(PROJECT_ROOT / "serve_config.yaml")], outside
+    )
+    assert made.returncode == 0, made.stderr
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    variant = yaml.safe_load(made.stdout)
+    ServeDeploySchema.model_validate(variant)
+    (app,) = variant["applications"]
+    detector = next(d for d in app["deployments"] if d["name"].startswith("Detector_"))
+    assert detector["ray_actor_options"]["num_gpus"] == 1.0
+    assert "GPUs" in made.stderr  # how many the replicas take
+
+
 def test_make_help_from_outside(outside: Path) -> None:
     shown = run(["make", "-s", "-C", str(PROJECT_ROOT), "help"], outside)
     assert shown.returncode == 0, shown.stderr
