@@ -27,18 +27,8 @@ import numpy as np
 
 from demo.datasets import HELD_OUT_SEED_START
 from demo.scenes import Scene
-from deployments.inference.engines import OnnxEngine
-from deployments.inference.gpu import (
-    CPU,
-    CUDA,
-    TENSORRT,
-    TRT_MAX_BATCH,
-    choose_providers,
-    model_digest,
-    model_inputs,
-    preload_gpu_libraries,
-    trt_profile_shapes,
-)
+from deployments.inference.engines import EngineOptions, OnnxEngine, tensorrt_options
+from deployments.inference.gpu import CPU, CUDA, TENSORRT, TRT_MAX_BATCH, choose_providers
 from graph.common.vision import DetectParams, letterbox, to_model_input
 
 CONFIGS = ("cpu", "cuda", "trt-fp32", "trt-fp16")
@@ -61,19 +51,14 @@ def providers_for(config: str, onnx: Path, cache_dir: Path) -> list[Any]:
         return [CPU]
     if config == "cuda":
         return [CUDA, CPU]
+    # What load_engine gives a replica: its profile and cache key, or no TensorRT where
+    # its libraries did not load (the configuration is then reported unavailable).
     fp16 = config == "trt-fp16"
-    preload_gpu_libraries(tensorrt=True)  # as load_engine does; unavailable if it fails
-    ((name, dims),) = model_inputs(onnx)
-    profile = trt_profile_shapes(name, dims, IMGSZ, TRT_MAX_BATCH)
-    build = [*sorted(profile.values()), f"fp16={fp16}"]
-    options = {**profile, "trt_engine_cache_prefix": model_digest(onnx, *build)}
-    return choose_providers(
-        [TENSORRT, CUDA, CPU],
-        gpu=True,
-        trt_cache_dir=cache_dir / config,
-        fp16=fp16,
-        trt_options=options,
-    )
+    options = EngineOptions(IMGSZ, gpu=True, trt_cache_dir=cache_dir / config, fp16=fp16)
+    trt = tensorrt_options(onnx, options)
+    if trt is None:
+        return [CUDA, CPU]
+    return choose_providers([TENSORRT, CUDA, CPU], True, options.trt_cache_dir, fp16, trt)
 
 
 MAIN_PROVIDER = {"cpu": CPU, "cuda": CUDA, "trt-fp32": TENSORRT, "trt-fp16": TENSORRT}

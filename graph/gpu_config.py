@@ -52,12 +52,11 @@ class GpuSettings(StrictModel):
 
 
 def detector_deployments(
-    args: dict[str, Any], inspect: Callable[[Path], str] | None = None
+    config: AppConfig, inspect: Callable[[Path], str] | None = None
 ) -> tuple[list[str], list[str]]:
-    """The detector deployments a camgraph application's `args` make, and warnings for
-    those that cannot be named here (a pipeline archive behind a URL, or unreadable).
+    """The detector deployments a camgraph application makes, and warnings for those
+    that cannot be named here (a pipeline archive behind a URL, or unreadable).
     `inspect`: an archive's path → its root modelId (default: the archive's own check)."""
-    config = AppConfig.model_validate(args)
     names = [detector_name(m.id) for m in config.models]
     warnings: list[str] = []
     for ref in config.pipelines:
@@ -103,11 +102,11 @@ def gpu_variant(
             notes.append(f"application {name!r}: not camgraph's, left as it is")
             continue
         args = app.get("args") or {}
-        names, warnings = detector_deployments(args, inspect)
+        parsed = AppConfig.model_validate(args)
+        names, warnings = detector_deployments(parsed, inspect)
         notes += warnings
-        streams = args.setdefault("streams", {})
-        per_actor = AppConfig.model_validate(args).streams.streams_per_actor
-        _dispatch(streams.setdefault("dispatch", {}), s, per_actor)
+        dispatch = args.setdefault("streams", {}).setdefault("dispatch", {})
+        _dispatch(dispatch, s, parsed.streams.streams_per_actor)
         app["args"] = args
         deployments = app.get("deployments") or []
         listed = {d.get("name") for d in deployments}
